@@ -1,0 +1,441 @@
+//! The commands: each turns parsed arguments into calls on the library and prints the result.
+//! Data goes to stdout (JSON with `--json`); progress and logs go to stderr.
+
+use crate::cli::{Cli, Command, RunArgs};
+use crate::db::Target;
+use crate::error::{exit, Error, Result};
+use crate::executor::{self, Outcome, RunOptions};
+use crate::job::{self, JobSpec};
+use crate::keyset::show_key;
+use crate::signals::Shutdown;
+use crate::store::{self, Checkpoint, Store};
+use crate::telemetry::Progress;
+use std::path::Path;
+
+/// Runs one command; returns the exit code for outcomes that are not errors.
+pub async fn execute(cli: Cli) -> Result<u8> {
+    let g = &cli.global;
+    let store = Store::new(&g.schema);
+    let target = || Target::resolve(g.database_url.as_deref());
+    match cli.command {
+        Command::Run(args) => run(&target()?, &store, &g.jobs, &args).await,
+        Command::Status { name, json } => {
+            status(&target()?, &store, &g.jobs, name.as_deref(), json).await
+        }
+        Command::List { json } => list(g.database_url.as_deref(), &store, &g.jobs, json).await,
+        Command::Check { name } => check(&g.jobs, name.as_deref()),
+        Command::Gate {
+            name,
+            json,
+            verify_timeout,
+        } => {
+            let job = job::load(&g.jobs, &name)?;
+            let client = target()?.connect().await?;
+            let report = crate::migrator::gate(&client, &store, &job, verify_timeout).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("serializable")
+                );
+            } else {
+                println!("{}", report.reason);
+            }
+            Ok(if report.passed {
+                exit::SUCCESS
+            } else {
+                exit::NOT_SATISFIED
+            })
+        }
+        Command::Reset { name, yes } => reset(&target()?, &store, &g.jobs, &name, yes).await,
+        Command::Init { grant_to } => init(&target()?, &store, &grant_to).await,
+        Command::Demo { rows } => {
+            crate::demo::run(g.database_url.as_deref(), &store, &g.jobs, rows).await
+        }
+    }
+}
+
+async fn run(target: &Target, store: &Store, jobs: &Path, args: &RunArgs) -> Result<u8> {
+    let job = job::load(jobs, &args.name)?;
+    let progress = std::sync::Arc::new(Progress::new(&job.name));
+    let p = progress.clone();
+    let shutdown = Shutdown::install(move |line| p.log(line))
+        .map_err(|e| Error::Runtime(format!("cannot install signal handlers: {e}")))?;
+    let opts = RunOptions {
+        allow_changed_definition: args.allow_changed_definition,
+        lock_timeout: args.lock_timeout,
+        statement_timeout: args.statement_timeout,
+        chunk_rows: args.chunk_rows,
+        max_attempts: args.max_attempts,
+        verify_timeout: args.verify_timeout,
+    };
+    progress.log(&format!(
+        "{}: running on {} ({})",
+        job.name,
+        target.describe(),
+        job.table
+    ));
+    let report = executor::run(target, store, &job, &opts, &shutdown, &progress).await?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("serializable")
+        );
+    }
+    let rate = report.rows as f64 / report.elapsed_seconds.max(0.001);
+    let cursor = report
+        .cursor
+        .as_deref()
+        .map(show_key)
+        .unwrap_or_else(|| "none".into());
+    let summary = format!(
+        "{} rows in {} chunks in {:.1}s ({rate:.0} rows/s, {} rows changed); {} rows done in all",
+        report.rows,
+        report.chunks,
+        report.elapsed_seconds,
+        report.rows_affected,
+        report.rows_done_total
+    );
+    let name = &job.name;
+    match report.outcome {
+        Outcome::Done { verify_remaining } => {
+            let verified = match verify_remaining {
+                Some(_) => "verify returned 0",
+                None => "no verify query",
+            };
+            eprintln!("{name}: done: {summary}; {verified}");
+            Ok(exit::SUCCESS)
+        }
+        Outcome::AlreadyDone => {
+            eprintln!("{name}: already done ({} rows); nothing to do. `backfill gate {name}` re-checks it; `backfill reset {name} --yes` starts over", report.rows_done_total);
+            Ok(exit::SUCCESS)
+        }
+        Outcome::Incomplete { verify_remaining } => Err(Error::Runtime(format!(
+            "job {name}: every key up to the bound was processed ({summary}), but verify still counts {verify_remaining} rows to do — probably rows written behind the cursor by code that does not fill the new column yet; fix the writers, then `backfill reset {name} --yes` and run again (the statement's guard makes the second pass cheap)"
+        ))),
+        Outcome::Stopped => Err(Error::Interrupted(format!(
+            "{name}: stopped: {summary}; progress is saved — `backfill run {name}` resumes after key {cursor}"
+        ))),
+    }
+}
+
+fn job_names(jobs: &Path, checkpoints: &[Checkpoint]) -> Vec<String> {
+    let mut names = job::list_names(jobs).unwrap_or_default();
+    for c in checkpoints {
+        if !names.contains(&c.job) {
+            names.push(c.job.clone());
+        }
+    }
+    names.sort();
+    names
+}
+
+async fn status(
+    target: &Target,
+    store: &Store,
+    jobs: &Path,
+    name: Option<&str>,
+    json: bool,
+) -> Result<u8> {
+    let client = target.connect().await?;
+    match name {
+        Some(name) => {
+            let c = store.load(&client, name).await?;
+            let spec = job::load(jobs, name).ok();
+            if c.is_none() && spec.is_none() {
+                return Err(Error::Usage(format!(
+                    "job `{name}`: no checkpoint in schema {} and no file {}",
+                    store.schema(),
+                    job::path_for(jobs, name).display()
+                )));
+            }
+            if json {
+                let v = serde_json::json!({ "job": name, "state": state_of(c.as_ref()), "checkpoint": c });
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&v).expect("serializable")
+                );
+            } else {
+                print_status(name, spec.as_ref(), c.as_ref());
+            }
+        }
+        None => {
+            let all = store.load_all(&client).await?;
+            let names = job_names(jobs, &all);
+            if json {
+                let v: Vec<_> = names
+                    .iter()
+                    .map(|n| {
+                        let c = all.iter().find(|c| &c.job == n);
+                        serde_json::json!({ "job": n, "state": state_of(c), "checkpoint": c })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&v).expect("serializable")
+                );
+            } else {
+                println!(
+                    "{:<24} {:<12} {:>24} {:>9} {:>12}  UPDATED",
+                    "JOB", "STATE", "ROWS DONE", "CHUNKS", "ROWS/S"
+                );
+                for n in &names {
+                    let c = all.iter().find(|c| &c.job == n);
+                    println!(
+                        "{:<24} {:<12} {:>24} {:>9} {:>12}  {}",
+                        n,
+                        state_of(c),
+                        c.map(progress_text).unwrap_or_else(|| "-".into()),
+                        c.map(|c| c.chunks_done.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        c.and_then(|c| c.rate_rows_per_second)
+                            .map(|r| format!("{r:.0}"))
+                            .unwrap_or_else(|| "-".into()),
+                        c.map(|c| c.updated_at.as_str()).unwrap_or("-"),
+                    );
+                }
+            }
+        }
+    }
+    Ok(exit::SUCCESS)
+}
+
+fn state_of(c: Option<&Checkpoint>) -> &str {
+    c.map(|c| c.state.as_str()).unwrap_or("new")
+}
+
+fn progress_text(c: &Checkpoint) -> String {
+    match c.total_estimate {
+        Some(t) if t > 0 => {
+            let pct = (100.0 * c.rows_done as f64 / t.max(c.rows_done) as f64).min(100.0);
+            format!("{}/~{} {pct:.1}%", c.rows_done, t.max(c.rows_done))
+        }
+        _ => c.rows_done.to_string(),
+    }
+}
+
+fn print_status(name: &str, spec: Option<&JobSpec>, c: Option<&Checkpoint>) {
+    let line = |k: &str, v: &str| println!("{k:<18} {v}");
+    line("job", name);
+    if let Some(d) = spec.and_then(|s| s.description.as_deref()) {
+        line("description", d);
+    }
+    line("state", state_of(c));
+    let Some(c) = c else {
+        line("progress", "never run");
+        return;
+    };
+    line(
+        "table",
+        &format!("{} key ({})", c.table, c.key_columns.join(", ")),
+    );
+    line("rows done", &progress_text(c));
+    line("rows changed", &c.rows_affected.to_string());
+    line("chunks done", &c.chunks_done.to_string());
+    line(
+        "cursor",
+        &c.cursor
+            .as_deref()
+            .map(show_key)
+            .unwrap_or_else(|| "none (not started)".into()),
+    );
+    line(
+        "upper bound",
+        &match (&c.upper_bound, c.bound_taken) {
+            (Some(u), _) => show_key(u),
+            (None, true) => "none (table was empty)".into(),
+            (None, false) => "not yet taken".into(),
+        },
+    );
+    if let Some(r) = c.rate_rows_per_second {
+        line("rate", &format!("{r:.0} rows/s (last run)"));
+    }
+    if let Some(v) = c.verify_remaining {
+        line(
+            "verify",
+            &format!(
+                "{v} rows to do at {}",
+                c.verified_at.as_deref().unwrap_or("?")
+            ),
+        );
+    }
+    line("created", &c.created_at);
+    line("started", c.started_at.as_deref().unwrap_or("-"));
+    line("updated", &c.updated_at);
+    if let Some(f) = &c.finished_at {
+        line("finished", f);
+    }
+    if let Some(o) = &c.owner {
+        line(
+            "runner",
+            &format!(
+                "{} pid {} run {} ({})",
+                o.host,
+                o.pid,
+                o.run_id,
+                if o.alive { "alive" } else { "gone" }
+            ),
+        );
+    }
+    if let Some(e) = &c.last_error {
+        line("last error", e);
+    }
+    if let Some(s) = spec {
+        if s.fingerprint != c.fingerprint {
+            line(
+                "warning",
+                &format!(
+                    "{} changed since progress was saved (fingerprint {} vs {})",
+                    s.path.display(),
+                    s.fingerprint,
+                    c.fingerprint
+                ),
+            );
+        }
+    }
+}
+
+async fn list(url: Option<&str>, store: &Store, jobs: &Path, json: bool) -> Result<u8> {
+    let specs = job::load_all(jobs)?;
+    let checkpoints = match Target::resolve(url) {
+        Ok(t) => match t.connect().await {
+            Ok(client) => store.load_all(&client).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = &checkpoints {
+        eprintln!("warning: states unknown: {e}");
+    }
+    let all = checkpoints.as_deref().unwrap_or_default();
+    let state = |n: &str| match &checkpoints {
+        Ok(_) => state_of(all.iter().find(|c| c.job == n)).to_string(),
+        Err(_) => "unknown".into(),
+    };
+    if json {
+        let v: Vec<_> = specs
+            .iter()
+            .map(|(n, s)| {
+                serde_json::json!({
+                    "job": n,
+                    "state": state(n),
+                    "valid": s.is_ok(),
+                    "error": s.as_ref().err().map(|e| e.to_string()),
+                    "table": s.as_ref().ok().map(|s| s.table.to_string()),
+                    "description": s.as_ref().ok().and_then(|s| s.description.clone()),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).expect("serializable")
+        );
+    } else {
+        for (n, s) in &specs {
+            let what = match s {
+                Ok(s) => format!("{}  {}", s.table, s.description.as_deref().unwrap_or("")),
+                Err(e) => format!("INVALID: {e}"),
+            };
+            println!("{n:<24} {:<12} {what}", state(n));
+        }
+    }
+    Ok(exit::SUCCESS)
+}
+
+fn check(jobs: &Path, name: Option<&str>) -> Result<u8> {
+    let results = match name {
+        Some(n) => vec![(n.to_string(), job::load(jobs, n))],
+        None => job::load_all(jobs)?,
+    };
+    if results.is_empty() {
+        return Err(Error::Usage(format!(
+            "no job files (*.toml) in {}",
+            jobs.display()
+        )));
+    }
+    let mut bad = 0;
+    for (n, r) in &results {
+        match r {
+            Ok(j) => println!(
+                "ok       {n} ({}; table {}, key ({}), chunk_rows {})",
+                j.path.display(),
+                j.table,
+                j.key.join(", "),
+                j.chunk_rows
+            ),
+            Err(e) => {
+                bad += 1;
+                println!("invalid  {n}: {e}");
+            }
+        }
+    }
+    if bad > 0 {
+        return Err(Error::Usage(format!(
+            "{bad} of {} job files are invalid",
+            results.len()
+        )));
+    }
+    Ok(exit::SUCCESS)
+}
+
+async fn reset(target: &Target, store: &Store, jobs: &Path, name: &str, yes: bool) -> Result<u8> {
+    let mut client = target.connect().await?;
+    if !yes {
+        let c = store.load(&client, name).await?;
+        let what = c
+            .map(|c| {
+                format!(
+                    "{} rows done, cursor {}",
+                    c.rows_done,
+                    c.cursor
+                        .as_deref()
+                        .map(show_key)
+                        .unwrap_or_else(|| "none".into())
+                )
+            })
+            .unwrap_or_else(|| "no progress saved".into());
+        return Err(Error::Usage(format!(
+            "refusing to reset job {name} without --yes (it has {what}); `backfill reset {name} --yes` forgets the progress so the next run starts from the first key"
+        )));
+    }
+    let _ = jobs;
+    match store.reset(&mut client, name).await? {
+        Some(c) => println!("job {name}: progress forgotten ({} rows done, state {}); the next run starts from the first key", c.rows_done, c.state),
+        None => println!("job {name}: had no progress saved; nothing to reset"),
+    }
+    Ok(exit::SUCCESS)
+}
+
+async fn init(target: &Target, store: &Store, grant_to: &[String]) -> Result<u8> {
+    let mut client = target.connect().await?;
+    let (before, after) = store::migrate(&mut client, store.schema()).await?;
+    match before {
+        None => println!(
+            "created schema {} (version {after}) on {}",
+            store.schema(),
+            target.describe()
+        ),
+        Some(v) if v == after => {
+            println!("schema {} is up to date (version {after})", store.schema())
+        }
+        Some(v) => println!(
+            "upgraded schema {} from version {v} to {after}",
+            store.schema()
+        ),
+    }
+    for role in grant_to {
+        client
+            .batch_execute(&store::grants(store.schema(), role))
+            .await
+            .map_err(|e| {
+                crate::db::error(
+                    e,
+                    format!("granting role {role} access to schema {}", store.schema()),
+                )
+            })?;
+        println!(
+            "granted role {role} what a run needs on schema {}",
+            store.schema()
+        );
+    }
+    Ok(exit::SUCCESS)
+}

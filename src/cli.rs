@@ -1,0 +1,121 @@
+//! Command-line types (clap) only: commands, their flags, and the connection options every
+//! command shares. Behaviour lives in `app`.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "backfill",
+    version,
+    about = "Safe, resumable, exactly-once data backfills on live PostgreSQL"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct Global {
+    /// PostgreSQL URL or key=value string; else DATABASE_URL; else the libpq variables
+    /// (PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE, PGSSLMODE, PGSSLROOTCERT).
+    #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Directory holding the job files (<name>.toml).
+    #[arg(long, global = true, default_value = "jobs", env = "BACKFILL_JOBS")]
+    pub jobs: PathBuf,
+    /// Schema holding the engine's own tables.
+    #[arg(
+        long,
+        global = true,
+        default_value = "backfill",
+        env = "BACKFILL_SCHEMA"
+    )]
+    pub schema: String,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    crate::job::parse_duration(s)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a job, or resume it where it stopped.
+    Run(RunArgs),
+    /// Show progress: state, rows and chunks done, cursor, rate, timestamps, last error.
+    Status {
+        /// One job (default: every job with a checkpoint or a file).
+        name: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the jobs under --jobs with their state.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate job files without touching a database.
+    Check {
+        /// One job (default: all).
+        name: Option<String>,
+    },
+    /// Exit 0 only when the job is done and its verify query returns 0 now; else exit 3.
+    Gate {
+        name: String,
+        #[arg(long)]
+        json: bool,
+        /// Longest the verify query may run.
+        #[arg(long, value_parser = duration, default_value = "5m")]
+        verify_timeout: Duration,
+    },
+    /// Forget a job's progress so the next run starts over (history is kept).
+    Reset {
+        name: String,
+        /// Required: confirms that progress is to be forgotten.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Create or upgrade the engine's schema, so runs need only ordinary privileges.
+    Init {
+        /// Also grant ROLE what a run needs on the engine's schema.
+        #[arg(long, value_name = "ROLE")]
+        grant_to: Vec<String>,
+    },
+    /// Run the sample job on a throwaway local PostgreSQL (or the given database).
+    Demo {
+        /// Rows in the demo's orders table.
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: u64,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Job name: the file stem of jobs/<name>.toml.
+    pub name: String,
+    /// Resume even though the job's table, key or sql changed since progress was saved.
+    #[arg(long)]
+    pub allow_changed_definition: bool,
+    /// Override the job's lock_timeout (e.g. 500ms).
+    #[arg(long, value_parser = duration)]
+    pub lock_timeout: Option<Duration>,
+    /// Override the job's statement_timeout (e.g. 30s).
+    #[arg(long, value_parser = duration)]
+    pub statement_timeout: Option<Duration>,
+    /// Override the job's chunk_rows.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub chunk_rows: Option<u32>,
+    /// Attempts per chunk on transient errors (lock timeout, deadlock, lost connection…).
+    #[arg(long, default_value_t = crate::executor::DEFAULT_MAX_ATTEMPTS, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_attempts: u32,
+    /// Longest the final verify query may run.
+    #[arg(long, value_parser = duration, default_value = "5m")]
+    pub verify_timeout: Duration,
+    /// Print the final report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,188 @@
+//! Connections: where to connect (URL or libpq variables, `.pgpass`), TLS, the pool with its
+//! timeouts, SQLSTATE classification and query cancellation.
+//!
+//! Every session the engine opens gets the same settings (UTC, ISO dates, exact float text) so that
+//! key values written as text by one session read back identically in another.
+
+mod target;
+mod tls;
+
+pub use target::{SslMode, Target};
+
+use crate::error::Error;
+use std::time::Duration;
+use tokio_postgres::error::SqlState;
+
+/// How long the pool waits for a free connection before failing.
+const POOL_WAIT: Duration = Duration::from_secs(30);
+
+pub type Pool = deadpool_postgres::Pool;
+
+/// The SQLSTATE of a server error, if the error came from the server.
+pub fn sqlstate(e: &tokio_postgres::Error) -> Option<&str> {
+    e.code().map(SqlState::code)
+}
+
+/// Whether retrying the same chunk may succeed: the failure came from contention, a timeout or the
+/// connection, not from the statement or the data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Lock or statement timeout, deadlock, serialization failure, server shutting down,
+    /// too many connections, or the connection itself.
+    Transient,
+    /// Anything else: the statement or the data is wrong; retrying will fail the same way.
+    Permanent,
+}
+
+pub fn classify(e: &tokio_postgres::Error) -> ErrorClass {
+    match sqlstate(e) {
+        None => ErrorClass::Transient, // closed connection, I/O error, timeout talking to the server
+        Some(code) => match code {
+            "40001" | "40P01" | "55P03" | "57014" | "57P01" | "57P02" | "57P03" | "53300" => {
+                ErrorClass::Transient
+            }
+            c if c.starts_with("08") => ErrorClass::Transient,
+            _ => ErrorClass::Permanent,
+        },
+    }
+}
+
+/// A one-line description of a database error: SQLSTATE, message, and the server's detail and hint.
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = format!("SQLSTATE {}: {}", db.code().code(), db.message());
+            if let Some(d) = db.detail() {
+                s.push_str(&format!(" (detail: {d})"));
+            }
+            if let Some(h) = db.hint() {
+                s.push_str(&format!(" (hint: {h})"));
+            }
+            if let Some(w) = db.where_() {
+                s.push_str(&format!(" (where: {})", w.replace('\n', " / ")));
+            }
+            s
+        }
+        None => {
+            let mut s = e.to_string();
+            let mut src = std::error::Error::source(e);
+            while let Some(inner) = src {
+                let t = inner.to_string();
+                if !s.contains(&t) {
+                    s.push_str(&format!(": {t}"));
+                }
+                src = inner.source();
+            }
+            if e.is_closed() {
+                s.push_str(" (the connection to the server was lost)");
+            }
+            s
+        }
+    }
+}
+
+/// Wraps a database error as a runtime error with context.
+pub fn error(e: tokio_postgres::Error, context: impl std::fmt::Display) -> Error {
+    Error::Runtime(format!("{context}: {}", describe(&e)))
+}
+
+/// Formats a duration as whole milliseconds for `SET`, which takes no bind parameters.
+pub fn millis(d: Duration) -> u128 {
+    d.as_millis().max(1)
+}
+
+/// Server-side settings applied to every new session after it connects.
+async fn prepare_session(client: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await?
+        .get(0);
+    if version >= 140000 {
+        // Lets the server notice within seconds that a killed runner is gone, so a zombie
+        // statement does not keep its row locks until it finishes on its own.
+        client
+            .batch_execute("SET client_connection_check_interval = '2s'")
+            .await?;
+    }
+    Ok(())
+}
+
+impl Target {
+    fn connect_error(&self, e: &tokio_postgres::Error) -> Error {
+        Error::Runtime(format!(
+            "cannot connect to {}: {}; check --database-url / DATABASE_URL or the PG* variables, and that the server is up",
+            self.describe(),
+            describe(e)
+        ))
+    }
+
+    /// One dedicated connection (not from the pool), for session-scoped work such as the lease.
+    pub async fn connect(&self) -> Result<tokio_postgres::Client, Error> {
+        let limit = self.connect_timeout() * 2;
+        let attempt = self.config.connect(self.tls.clone());
+        let (client, connection) = match tokio::time::timeout(limit, attempt).await {
+            Ok(r) => r.map_err(|e| self.connect_error(&e))?,
+            Err(_) => {
+                return Err(Error::Runtime(format!(
+                    "cannot connect to {}: no answer within {}s; check the host, port and network",
+                    self.describe(),
+                    limit.as_secs()
+                )))
+            }
+        };
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        prepare_session(&client)
+            .await
+            .map_err(|e| self.connect_error(&e))?;
+        Ok(client)
+    }
+
+    /// A pool of up to `size` connections with bounded waits everywhere. Creating a pool never
+    /// connects, so callers check it once with [`check_pool`].
+    pub fn pool(&self, size: usize) -> Result<Pool, Error> {
+        use deadpool_postgres::{
+            Hook, HookError, Manager, ManagerConfig, RecyclingMethod, Runtime,
+        };
+        let manager = Manager::from_config(
+            self.config.clone(),
+            self.tls.clone(),
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Verified,
+            },
+        );
+        deadpool_postgres::Pool::builder(manager)
+            .max_size(size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(self.connect_timeout() * 2))
+            .recycle_timeout(Some(Duration::from_secs(5)))
+            .post_create(Hook::async_fn(|client, _| {
+                Box::pin(async move { prepare_session(client).await.map_err(HookError::Backend) })
+            }))
+            .build()
+            .map_err(|e| Error::Runtime(format!("cannot create the connection pool: {e}")))
+    }
+
+    /// Takes a connection from the pool, with an operator-readable error.
+    pub async fn get(&self, pool: &Pool) -> Result<deadpool_postgres::Object, Error> {
+        pool.get().await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(e) => self.connect_error(&e),
+            deadpool_postgres::PoolError::PostCreateHook(
+                deadpool_postgres::HookError::Backend(e),
+            ) => self.connect_error(&e),
+            other => Error::Runtime(format!(
+                "cannot get a connection to {}: {other}",
+                self.describe()
+            )),
+        })
+    }
+
+    /// Asks the server to cancel whatever the session behind `token` is running. Best effort,
+    /// bounded: the caller keeps awaiting its query, which then fails with SQLSTATE 57014.
+    pub async fn cancel(&self, token: &tokio_postgres::CancelToken) {
+        let _ = tokio::time::timeout(self.connect_timeout(), token.cancel_query(self.tls.clone()))
+            .await;
+    }
+}

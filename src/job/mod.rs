@@ -1,0 +1,73 @@
+//! Job definitions: `jobs/<name>.toml` files, parsed into a [`raw::RawJob`] and validated into a
+//! [`JobSpec`]. Everything here works offline; checks that need the database (does the key column
+//! exist, is it backed by a unique index) live in `keyset`.
+
+pub mod raw;
+mod spec;
+
+pub use spec::{
+    parse_duration, quote_ident, JobSpec, TableName, DEFAULT_CHUNK_ROWS, DEFAULT_LOCK_TIMEOUT,
+    DEFAULT_STATEMENT_TIMEOUT,
+};
+
+use crate::error::{Error, Result};
+use std::path::{Path, PathBuf};
+
+/// The job file for `name` under `dir`.
+pub fn path_for(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.toml"))
+}
+
+/// Loads and validates one job by name.
+pub fn load(dir: &Path, name: &str) -> Result<JobSpec> {
+    if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+        return Err(Error::Usage(format!(
+            "invalid job name `{name}`: give the file stem of a job under {}",
+            dir.display()
+        )));
+    }
+    let path = path_for(dir, name);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            let known = list_names(dir).unwrap_or_default();
+            let hint = if known.is_empty() {
+                format!("no job files in {}", dir.display())
+            } else {
+                format!("jobs in {}: {}", dir.display(), known.join(", "))
+            };
+            Error::Usage(format!("job `{name}` not found: no file {} ({hint}); pass --jobs DIR if the jobs live elsewhere", path.display()))
+        } else {
+            Error::Usage(format!("cannot read job file {}: {e}", path.display()))
+        }
+    })?;
+    JobSpec::parse(name, &path, &text)
+}
+
+/// Job names (file stems of `*.toml`) under `dir`, sorted.
+pub fn list_names(dir: &Path) -> Result<Vec<String>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        Error::Usage(format!(
+            "cannot read jobs directory {}: {e} (pass --jobs DIR)",
+            dir.display()
+        ))
+    })?;
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Loads every job under `dir`, returning each name with its result.
+pub fn load_all(dir: &Path) -> Result<Vec<(String, Result<JobSpec>)>> {
+    Ok(list_names(dir)?
+        .into_iter()
+        .map(|n| {
+            let r = load(dir, &n);
+            (n, r)
+        })
+        .collect())
+}

@@ -1,0 +1,411 @@
+//! Validation of a raw job into a typed [`JobSpec`], with errors that name file, line and key.
+
+use super::raw::RawJob;
+use crate::error::{Error, Result};
+use crate::keyset::SqlTemplate;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use toml::Spanned;
+
+pub const DEFAULT_CHUNK_ROWS: u32 = 1000;
+/// A chunk waits at most this long for a lock held by the application, then gives up (and is
+/// retried), so that application sessions queued behind it are not stalled.
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(1);
+/// No chunk statement may run longer than this: it bounds how long the chunk's row locks are held.
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_CHUNK_ROWS: i64 = 10_000_000;
+
+/// A table name as PostgreSQL resolves it: optional schema, unquoted parts folded to lower case.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableName {
+    pub schema: Option<String>,
+    pub name: String,
+}
+
+impl TableName {
+    /// Parses `orders`, `app.orders`, `"Odd Name"`, `app."Orders"`.
+    pub fn parse(text: &str) -> std::result::Result<TableName, String> {
+        let mut parts = Vec::new();
+        let mut chars = text.trim().chars().peekable();
+        loop {
+            let mut part = String::new();
+            if chars.peek() == Some(&'"') {
+                chars.next();
+                loop {
+                    match chars.next() {
+                        Some('"') if chars.peek() == Some(&'"') => {
+                            chars.next();
+                            part.push('"');
+                        }
+                        Some('"') => break,
+                        Some(c) => part.push(c),
+                        None => return Err("unterminated quoted identifier".into()),
+                    }
+                }
+            } else {
+                while let Some(&c) = chars.peek() {
+                    if c.is_alphanumeric() || c == '_' || c == '$' {
+                        part.push(c.to_ascii_lowercase());
+                        chars.next();
+                    } else {
+                        break;
+                    }
+                }
+                if part.is_empty() || part.starts_with(|c: char| c.is_ascii_digit() || c == '$') {
+                    return Err("expected an identifier such as `orders` or `app.orders`".into());
+                }
+            }
+            parts.push(part);
+            match chars.next() {
+                None => break,
+                Some('.') => continue,
+                Some(c) => return Err(format!("unexpected character `{c}`")),
+            }
+        }
+        match parts.len() {
+            1 => Ok(TableName {
+                schema: None,
+                name: parts.remove(0),
+            }),
+            2 => {
+                let name = parts.remove(1);
+                Ok(TableName {
+                    schema: Some(parts.remove(0)),
+                    name,
+                })
+            }
+            _ => Err("expected `table` or `schema.table`".into()),
+        }
+    }
+
+    /// The name quoted for use in SQL.
+    pub fn quoted(&self) -> String {
+        match &self.schema {
+            Some(s) => format!("{}.{}", quote_ident(s), quote_ident(&self.name)),
+            None => quote_ident(&self.name),
+        }
+    }
+}
+
+impl std::fmt::Display for TableName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.schema {
+            Some(s) => write!(f, "{s}.{}", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
+pub fn quote_ident(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+/// A validated job definition.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    pub name: String,
+    pub path: PathBuf,
+    pub description: Option<String>,
+    pub table: TableName,
+    pub key: Vec<String>,
+    pub sql: SqlTemplate,
+    pub chunk_rows: u32,
+    pub verify: Option<String>,
+    pub lock_timeout: Duration,
+    pub statement_timeout: Duration,
+    /// Stable hash of what the job does to the data (table, key, sql). Progress made under one
+    /// fingerprint is not resumed under another without `--allow-changed-definition`.
+    pub fingerprint: String,
+}
+
+/// Builds "file:line: key `k`: message" errors from spans.
+struct Locator<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Locator<'_> {
+    fn err<T>(&self, key: &str, span: &Spanned<T>, msg: impl std::fmt::Display) -> Error {
+        let line = self.text[..span.span().start.min(self.text.len())]
+            .matches('\n')
+            .count()
+            + 1;
+        Error::Usage(format!(
+            "invalid job file {}:{line}: key `{key}`: {msg}",
+            self.path.display()
+        ))
+    }
+}
+
+impl JobSpec {
+    pub fn parse(name: &str, path: &Path, text: &str) -> Result<JobSpec> {
+        let raw: RawJob = toml::from_str(text).map_err(|e| {
+            let msg = e.message().trim_end().to_string();
+            let Some(span) = e.span() else {
+                return Error::Usage(format!("invalid job file {}: {msg}", path.display()));
+            };
+            let start = span.start.min(text.len());
+            let line = text[..start].matches('\n').count() + 1;
+            // Type errors point at the value; name the key written before it on that line.
+            let line_start = text[..start].rfind('\n').map(|i| i + 1).unwrap_or(0);
+            let key = text[line_start..start]
+                .split_once('=')
+                .map(|(k, _)| k.trim().trim_matches('"'))
+                .filter(|k| !k.is_empty() && !msg.contains(&format!("`{k}`")));
+            match key {
+                Some(k) => Error::Usage(format!(
+                    "invalid job file {}:{line}: key `{k}`: {msg}",
+                    path.display()
+                )),
+                None => Error::Usage(format!("invalid job file {}:{line}: {msg}", path.display())),
+            }
+        })?;
+        let at = Locator { path, text };
+
+        let table = TableName::parse(raw.table.get_ref()).map_err(|m| {
+            at.err(
+                "table",
+                &raw.table,
+                format!("`{}`: {m}", raw.table.get_ref()),
+            )
+        })?;
+
+        if raw.key.get_ref().is_empty() {
+            return Err(at.err(
+                "key",
+                &raw.key,
+                "the key list is empty: name the primary key column(s), e.g. key = [\"id\"]",
+            ));
+        }
+        let mut key = Vec::new();
+        for col in raw.key.get_ref() {
+            let c = col.get_ref().trim();
+            if c.is_empty() {
+                return Err(at.err("key", col, "empty column name"));
+            }
+            if key.iter().any(|k: &String| k == c) {
+                return Err(at.err("key", col, format!("column `{c}` is listed twice")));
+            }
+            key.push(c.to_string());
+        }
+
+        let sql = SqlTemplate::parse(raw.sql.get_ref()).map_err(|m| at.err("sql", &raw.sql, m))?;
+
+        let chunk_rows = match &raw.chunk_rows {
+            None => DEFAULT_CHUNK_ROWS,
+            Some(n) => {
+                let v = *n.get_ref();
+                if !(1..=MAX_CHUNK_ROWS).contains(&v) {
+                    return Err(at.err(
+                        "chunk_rows",
+                        n,
+                        format!("{v} is out of range: use 1 to {MAX_CHUNK_ROWS}"),
+                    ));
+                }
+                v as u32
+            }
+        };
+
+        let verify = match &raw.verify {
+            None => None,
+            Some(v) => {
+                let q = v.get_ref().trim();
+                if q.is_empty() {
+                    return Err(at.err("verify", v, "empty query: give a query returning the number of rows still to do, or remove the key"));
+                }
+                if SqlTemplate::mentions_placeholder(q) {
+                    return Err(at.err(
+                        "verify",
+                        v,
+                        "`verify` runs over the whole table and takes no :start/:end placeholders",
+                    ));
+                }
+                Some(q.trim_end_matches(';').to_string())
+            }
+        };
+
+        let lock_timeout = parse_timeout(
+            &at,
+            "lock_timeout",
+            raw.lock_timeout.as_ref(),
+            DEFAULT_LOCK_TIMEOUT,
+        )?;
+        let statement_timeout = parse_timeout(
+            &at,
+            "statement_timeout",
+            raw.statement_timeout.as_ref(),
+            DEFAULT_STATEMENT_TIMEOUT,
+        )?;
+
+        let fingerprint = fingerprint(&table, &key, raw.sql.get_ref());
+        Ok(JobSpec {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            description: raw.description.map(|d| d.into_inner()),
+            table,
+            key,
+            sql,
+            chunk_rows,
+            verify,
+            lock_timeout,
+            statement_timeout,
+            fingerprint,
+        })
+    }
+}
+
+fn parse_timeout(
+    at: &Locator<'_>,
+    key: &str,
+    value: Option<&Spanned<String>>,
+    default: Duration,
+) -> Result<Duration> {
+    let Some(v) = value else { return Ok(default) };
+    let d = parse_duration(v.get_ref()).map_err(|m| at.err(key, v, m))?;
+    Ok(d)
+}
+
+/// Parses a human duration (`500ms`, `2s`, `1m 30s`) that must be at least 1 ms.
+pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
+    let d = humantime::parse_duration(text.trim()).map_err(|e| {
+        format!("`{text}` is not a duration ({e}); write e.g. \"500ms\", \"2s\" or \"1m\"")
+    })?;
+    if d < Duration::from_millis(1) {
+        return Err(format!("`{text}` is too short: use at least 1ms"));
+    }
+    Ok(d)
+}
+
+/// The fingerprint covers what the job does to the data; chunk size, timeouts, description and
+/// verify may change between runs without invalidating progress.
+fn fingerprint(table: &TableName, key: &[String], sql: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(b"backfill-job-v1\0");
+    h.update(table.to_string().as_bytes());
+    h.update(b"\0");
+    h.update(key.join("\u{1f}").as_bytes());
+    h.update(b"\0");
+    h.update(sql.trim().as_bytes());
+    let digest = h.finalize();
+    digest[..12].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<JobSpec> {
+        JobSpec::parse("t", Path::new("jobs/t.toml"), text)
+    }
+
+    const OK: &str = r#"
+table = "orders"
+key = ["id"]
+sql = "UPDATE orders SET n = n + 1 WHERE id BETWEEN :start AND :end"
+"#;
+
+    #[test]
+    fn minimal_job_gets_defaults() {
+        let j = parse(OK).unwrap();
+        assert_eq!(j.chunk_rows, DEFAULT_CHUNK_ROWS);
+        assert_eq!(j.lock_timeout, DEFAULT_LOCK_TIMEOUT);
+        assert_eq!(
+            j.table,
+            TableName {
+                schema: None,
+                name: "orders".into()
+            }
+        );
+        assert_eq!(j.fingerprint.len(), 24);
+    }
+
+    #[test]
+    fn sample_job_file_parses() {
+        let text = include_str!("../../jobs/orders_status.toml");
+        let j =
+            JobSpec::parse("orders_status", Path::new("jobs/orders_status.toml"), text).unwrap();
+        assert_eq!(j.table.to_string(), "orders");
+        assert_eq!(j.key, vec!["id".to_string()]);
+        assert!(j.verify.is_some());
+        assert!(j.description.is_some());
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let e = parse(&format!("{OK}colour = 1\n")).unwrap_err();
+        let m = e.to_string();
+        assert!(m.contains("jobs/t.toml:5"), "{m}");
+        assert!(m.contains("colour"), "{m}");
+        assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
+    fn missing_key_is_named() {
+        let m = parse("table = \"t\"\nkey = [\"id\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("sql"), "{m}");
+    }
+
+    #[test]
+    fn wrong_type_is_reported() {
+        let m = parse(&OK.replace("key = [\"id\"]", "key = \"id\""))
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains(":3"), "{m}");
+    }
+
+    #[test]
+    fn sql_needs_both_placeholders() {
+        let m = parse(&OK.replace("AND :end", "AND 10"))
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("key `sql`") && m.contains(":end"), "{m}");
+    }
+
+    #[test]
+    fn empty_key_rejected() {
+        let m = parse(&OK.replace("[\"id\"]", "[]"))
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("empty"), "{m}");
+    }
+
+    #[test]
+    fn chunk_rows_range_and_durations() {
+        assert!(parse(&format!("{OK}chunk_rows = 0\n")).is_err());
+        assert!(parse(&format!("{OK}lock_timeout = \"soon\"\n")).is_err());
+        let j = parse(&format!(
+            "{OK}lock_timeout = \"250ms\"\nstatement_timeout = \"1m\"\n"
+        ))
+        .unwrap();
+        assert_eq!(j.lock_timeout, Duration::from_millis(250));
+        assert_eq!(j.statement_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn fingerprint_tracks_data_changes_only() {
+        let a = parse(OK).unwrap().fingerprint;
+        let b = parse(&format!("{OK}chunk_rows = 7\n")).unwrap().fingerprint;
+        let c = parse(&OK.replace("n + 1", "n + 2")).unwrap().fingerprint;
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn table_names() {
+        assert_eq!(
+            TableName::parse("App.Orders").unwrap().to_string(),
+            "app.orders"
+        );
+        assert_eq!(
+            TableName::parse("\"Odd \"\"x\"\"\"").unwrap().name,
+            "Odd \"x\""
+        );
+        assert_eq!(TableName::parse("a.\"B\"").unwrap().quoted(), "\"a\".\"B\"");
+        assert!(TableName::parse("a.b.c").is_err());
+        assert!(TableName::parse("drop table x").is_err());
+        assert!(TableName::parse("").is_err());
+    }
+}

@@ -1,0 +1,526 @@
+//! Keys and the SQL built around them: the `:start`/`:end` placeholders in a job's statement, the
+//! catalog checks that a key is usable, and the index walk that finds each chunk's bounds.
+//!
+//! Key values travel as their PostgreSQL text form and are bound as text parameters cast back to the
+//! column's own type (`$1::text::bigint`), so every comparison happens in SQL, in the column's type
+//! and collation, and uses the key's index; nothing is ever spliced into SQL and no key arithmetic
+//! happens in Rust. One mechanism serves every key type (integers, text, uuid, timestamps, numeric).
+
+use crate::db;
+use crate::error::{Error, Result};
+use crate::job::{JobSpec, TableName};
+use tokio_postgres::GenericClient;
+
+/// A key value: one text-form value per key column, in key order.
+pub type KeyValue = Vec<String>;
+
+/// Renders a key value for messages: `42` or `(7, 42)`.
+pub fn show_key(key: &[String]) -> String {
+    if key.len() == 1 {
+        key[0].clone()
+    } else {
+        format!("({})", key.join(", "))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    Text(String),
+    Start,
+    End,
+}
+
+/// A job statement split at its `:start` and `:end` placeholders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqlTemplate {
+    pieces: Vec<Piece>,
+}
+
+impl SqlTemplate {
+    /// Finds the placeholders, skipping string literals (incl. `E''` and dollar quoting), quoted
+    /// identifiers, comments and `::type` casts. Errors are plain sentences for the caller to locate.
+    pub fn parse(sql: &str) -> std::result::Result<SqlTemplate, String> {
+        let pieces = scan(sql)?;
+        let has = |p: &Piece| pieces.iter().any(|x| x == p);
+        match (has(&Piece::Start), has(&Piece::End)) {
+            (true, true) => Ok(SqlTemplate { pieces }),
+            (false, false) => Err("the statement uses neither :start nor :end; restrict it to the chunk, e.g. `WHERE id BETWEEN :start AND :end`".into()),
+            (false, true) => Err("the statement has no :start placeholder (the chunk's first key)".into()),
+            (true, false) => Err("the statement has no :end placeholder (the chunk's last key)".into()),
+        }
+    }
+
+    /// True when `sql` contains `:start` or `:end` outside literals and comments.
+    pub fn mentions_placeholder(sql: &str) -> bool {
+        scan(sql)
+            .map(|p| p.iter().any(|x| !matches!(x, Piece::Text(_))))
+            .unwrap_or(false)
+    }
+
+    /// The statement with placeholders replaced by parameter expressions: `:start` binds
+    /// parameters 1..=n, `:end` n+1..=2n, each cast to its key column's type.
+    pub fn render(&self, keyset: &Keyset) -> String {
+        let n = keyset.columns.len();
+        let mut out = String::new();
+        for p in &self.pieces {
+            match p {
+                Piece::Text(t) => out.push_str(t),
+                Piece::Start => out.push_str(&keyset.bind_expr(1)),
+                Piece::End => out.push_str(&keyset.bind_expr(n + 1)),
+            }
+        }
+        out
+    }
+
+    /// The statement as written.
+    pub fn source(&self) -> String {
+        self.pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Text(t) => t.as_str(),
+                Piece::Start => ":start",
+                Piece::End => ":end",
+            })
+            .collect()
+    }
+}
+
+fn is_ident_char(c: char) -> bool {
+    c.is_alphanumeric() || c == '_' || c == '$'
+}
+
+fn scan(sql: &str) -> std::result::Result<Vec<Piece>, String> {
+    let chars: Vec<char> = sql.chars().collect();
+    let mut pieces = Vec::new();
+    let mut text = String::new();
+    let mut i = 0;
+    let prev_is_ident = |i: usize| i > 0 && is_ident_char(chars[i - 1]);
+    while i < chars.len() {
+        let c = chars[i];
+        let next = chars.get(i + 1).copied();
+        match c {
+            '\'' => {
+                // E'...' strings take backslash escapes.
+                let escapes = i > 0
+                    && matches!(chars[i - 1], 'e' | 'E')
+                    && !(i > 1 && is_ident_char(chars[i - 2]));
+                let start = i;
+                i += 1;
+                loop {
+                    match chars.get(i) {
+                        None => return Err("unterminated string literal".into()),
+                        Some('\\') if escapes => i += 2,
+                        Some('\'') if chars.get(i + 1) == Some(&'\'') => i += 2,
+                        Some('\'') => {
+                            i += 1;
+                            break;
+                        }
+                        Some(_) => i += 1,
+                    }
+                }
+                text.extend(&chars[start..i.min(chars.len())]);
+            }
+            '"' => {
+                let start = i;
+                i += 1;
+                loop {
+                    match chars.get(i) {
+                        None => return Err("unterminated quoted identifier".into()),
+                        Some('"') if chars.get(i + 1) == Some(&'"') => i += 2,
+                        Some('"') => {
+                            i += 1;
+                            break;
+                        }
+                        Some(_) => i += 1,
+                    }
+                }
+                text.extend(&chars[start..i]);
+            }
+            '-' if next == Some('-') => {
+                let start = i;
+                while i < chars.len() && chars[i] != '\n' {
+                    i += 1;
+                }
+                text.extend(&chars[start..i]);
+            }
+            '/' if next == Some('*') => {
+                let start = i;
+                let mut depth = 0;
+                loop {
+                    match (chars.get(i), chars.get(i + 1)) {
+                        (None, _) => return Err("unterminated /* comment".into()),
+                        (Some('/'), Some('*')) => {
+                            depth += 1;
+                            i += 2;
+                        }
+                        (Some('*'), Some('/')) => {
+                            depth -= 1;
+                            i += 2;
+                            if depth == 0 {
+                                break;
+                            }
+                        }
+                        _ => i += 1,
+                    }
+                }
+                text.extend(&chars[start..i]);
+            }
+            '$' if !prev_is_ident(i) => {
+                // $1 is a positional parameter; $tag$ or $$ opens a dollar-quoted string.
+                if next.is_some_and(|d| d.is_ascii_digit()) {
+                    return Err("positional parameters ($1, $2, …) are not allowed: use :start and :end, the engine binds them".into());
+                }
+                let mut j = i + 1;
+                while j < chars.len() && (chars[j].is_alphanumeric() || chars[j] == '_') {
+                    j += 1;
+                }
+                if chars.get(j) == Some(&'$') {
+                    let tag: String = chars[i..=j].iter().collect();
+                    let start = i;
+                    i = j + 1;
+                    let tag_chars: Vec<char> = tag.chars().collect();
+                    loop {
+                        if i >= chars.len() {
+                            return Err(format!("unterminated dollar-quoted string {tag}"));
+                        }
+                        if chars[i..].starts_with(&tag_chars) {
+                            i += tag_chars.len();
+                            break;
+                        }
+                        i += 1;
+                    }
+                    text.extend(&chars[start..i]);
+                } else {
+                    text.push(c);
+                    i += 1;
+                }
+            }
+            ':' if next == Some(':') => {
+                text.push_str("::");
+                i += 2;
+            }
+            ':' => {
+                let mut j = i + 1;
+                while j < chars.len() && is_ident_char(chars[j]) {
+                    j += 1;
+                }
+                let word: String = chars[i + 1..j].iter().collect();
+                let piece = match word.as_str() {
+                    "start" => Some(Piece::Start),
+                    "end" => Some(Piece::End),
+                    _ => None,
+                };
+                match piece {
+                    Some(p) => {
+                        if !text.is_empty() {
+                            pieces.push(Piece::Text(std::mem::take(&mut text)));
+                        }
+                        pieces.push(p);
+                        i = j;
+                    }
+                    None => {
+                        text.push(c);
+                        i += 1;
+                    }
+                }
+            }
+            _ => {
+                text.push(c);
+                i += 1;
+            }
+        }
+    }
+    if !text.is_empty() {
+        pieces.push(Piece::Text(text));
+    }
+    Ok(pieces)
+}
+
+/// One key column and its SQL type (as `format_type` names it, without modifiers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyColumn {
+    pub name: String,
+    pub sql_type: String,
+}
+
+/// A job's key, checked against the catalog: the columns, their types and the unique index that
+/// backs the walk.
+#[derive(Debug, Clone)]
+pub struct Keyset {
+    pub table: TableName,
+    pub columns: Vec<KeyColumn>,
+    pub index: String,
+}
+
+impl Keyset {
+    /// Checks that the table exists and that the key columns exist, are NOT NULL, and are exactly
+    /// the columns of a valid unique index, in order. Definition problems are usage errors (exit 2).
+    pub async fn resolve(client: &impl GenericClient, job: &JobSpec) -> Result<Keyset> {
+        let table = &job.table;
+        let row = client
+            .query_one("SELECT to_regclass($1)::oid", &[&table.quoted()])
+            .await
+            .map_err(|e| db::error(e, format!("job {}: looking up table {table}", job.name)))?;
+        let oid: Option<u32> = row.get(0);
+        let Some(oid) = oid else {
+            return Err(Error::Usage(format!(
+                "job {}: table `{table}` does not exist (or is not visible on the search_path of this connection); check `table` in {}",
+                job.name,
+                job.path.display()
+            )));
+        };
+        let rows = client
+            .query(
+                "SELECT a.attname::text, format_type(a.atttypid, NULL), a.attnotnull, a.attnum::int
+                   FROM pg_attribute a
+                  WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
+                &[&oid],
+            )
+            .await
+            .map_err(|e| db::error(e, format!("job {}: reading columns of {table}", job.name)))?;
+        let mut columns = Vec::new();
+        let mut attnums = Vec::new();
+        for k in &job.key {
+            let Some(r) = rows.iter().find(|r| r.get::<_, String>(0) == *k) else {
+                let similar = rows
+                    .iter()
+                    .map(|r| r.get::<_, String>(0))
+                    .find(|n| n.eq_ignore_ascii_case(k));
+                let hint = similar
+                    .map(|s| format!(" (did you mean `{s}`?)"))
+                    .unwrap_or_default();
+                return Err(Error::Usage(format!(
+                    "job {}: key column `{k}` does not exist in table {table}{hint}; check `key` in {}",
+                    job.name,
+                    job.path.display()
+                )));
+            };
+            if !r.get::<_, bool>(2) {
+                return Err(Error::Usage(format!(
+                    "job {}: key column `{k}` of {table} is nullable; the key must be NOT NULL and unique (a primary key or a unique index on NOT NULL columns)",
+                    job.name
+                )));
+            }
+            columns.push(KeyColumn {
+                name: k.clone(),
+                sql_type: r.get(1),
+            });
+            attnums.push(r.get::<_, i32>(3) as i16);
+        }
+        let idx = client
+            .query(
+                "SELECT i.indexrelid::regclass::text, i.indkey::int2[]
+                   FROM pg_index i
+                  WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid AND i.indisready
+                    AND i.indpred IS NULL AND i.indexprs IS NULL
+                  ORDER BY i.indisprimary DESC, i.indexrelid",
+                &[&oid],
+            )
+            .await
+            .map_err(|e| db::error(e, format!("job {}: reading indexes of {table}", job.name)))?;
+        let exact = idx.iter().find(|r| r.get::<_, Vec<i16>>(1) == attnums);
+        let Some(exact) = exact else {
+            let mut wanted = attnums.clone();
+            wanted.sort();
+            let reordered = idx.iter().find(|r| {
+                let mut cols: Vec<i16> = r.get(1);
+                cols.sort();
+                cols == wanted
+            });
+            let hint = match reordered {
+                Some(r) => format!(
+                    "; the unique index {} has these columns in another order: list `key` in the index's order",
+                    r.get::<_, String>(0)
+                ),
+                None => format!(
+                    "; create one (CREATE UNIQUE INDEX CONCURRENTLY … ON {table} ({})) or choose the primary key",
+                    job.key.join(", ")
+                ),
+            };
+            return Err(Error::Usage(format!(
+                "job {}: key ({}) of {table} is not backed by a unique index: chunks are found by walking such an index, so that each key is visited once and no chunk scans the table{hint}",
+                job.name,
+                job.key.join(", ")
+            )));
+        };
+        Ok(Keyset {
+            table: table.clone(),
+            columns,
+            index: exact.get(0),
+        })
+    }
+
+    fn cols(&self, suffix: &str) -> String {
+        self.columns
+            .iter()
+            .map(|c| format!("{}{suffix}", crate::job::quote_ident(&c.name)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn row(&self) -> String {
+        if self.columns.len() == 1 {
+            self.cols("")
+        } else {
+            format!("({})", self.cols(""))
+        }
+    }
+
+    fn text_array(&self) -> String {
+        format!("ARRAY[{}]", self.cols("::text"))
+    }
+
+    /// The parameter expression for a key value starting at parameter `first`: `$1::text::bigint`
+    /// or `($1::text::int, $2::text::bigint)`.
+    pub fn bind_expr(&self, first: usize) -> String {
+        let parts: Vec<String> = self
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("${}::text::{}", first + i, c.sql_type))
+            .collect();
+        if parts.len() == 1 {
+            parts[0].clone()
+        } else {
+            format!("({})", parts.join(", "))
+        }
+    }
+
+    /// Query returning the greatest key now in the table (as a text array), or no row.
+    pub fn last_key_sql(&self) -> String {
+        format!(
+            "SELECT {} FROM {} ORDER BY {} LIMIT 1",
+            self.text_array(),
+            self.table.quoted(),
+            self.cols(" DESC")
+        )
+    }
+
+    /// Query for the next chunk after a cursor: returns (key count, first key, last key) of the
+    /// next `limit` keys in index order that are greater than the cursor and at most the upper
+    /// bound. Parameters: [cursor…,] upper…, limit.
+    pub fn next_chunk_sql(&self, after_cursor: bool) -> String {
+        let n = self.columns.len();
+        let (lower, upper_at) = if after_cursor {
+            (
+                format!("{} > {} AND ", self.row(), self.bind_expr(1)),
+                n + 1,
+            )
+        } else {
+            (String::new(), 1)
+        };
+        let limit_at = upper_at + n;
+        format!(
+            "WITH chunk AS MATERIALIZED (
+               SELECT {cols} FROM {table}
+                WHERE {lower}{row} <= {upper}
+                ORDER BY {cols} LIMIT ${limit_at}::bigint)
+             SELECT (SELECT count(*) FROM chunk),
+                    (SELECT {arr} FROM chunk ORDER BY {cols} LIMIT 1),
+                    (SELECT {arr} FROM chunk ORDER BY {desc} LIMIT 1)",
+            cols = self.cols(""),
+            table = self.table.quoted(),
+            row = self.row(),
+            upper = self.bind_expr(upper_at),
+            arr = self.text_array(),
+            desc = self.cols(" DESC"),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keyset(types: &[&str]) -> Keyset {
+        Keyset {
+            table: TableName {
+                schema: None,
+                name: "t".into(),
+            },
+            columns: types
+                .iter()
+                .enumerate()
+                .map(|(i, t)| KeyColumn {
+                    name: format!("k{i}"),
+                    sql_type: t.to_string(),
+                })
+                .collect(),
+            index: "t_pkey".into(),
+        }
+    }
+
+    #[test]
+    fn placeholders_render_as_typed_binds() {
+        let t =
+            SqlTemplate::parse("UPDATE t SET n = n + 1 WHERE id BETWEEN :start AND :end").unwrap();
+        assert_eq!(
+            t.render(&keyset(&["bigint"])),
+            "UPDATE t SET n = n + 1 WHERE id BETWEEN $1::text::bigint AND $2::text::bigint"
+        );
+        let c = SqlTemplate::parse("WHERE (a, b) BETWEEN :start AND :end").unwrap();
+        assert_eq!(
+            c.render(&keyset(&["integer", "uuid"])),
+            "WHERE (a, b) BETWEEN ($1::text::integer, $2::text::uuid) AND ($3::text::integer, $4::text::uuid)"
+        );
+    }
+
+    #[test]
+    fn placeholders_inside_literals_comments_and_casts_are_text() {
+        let sql = "UPDATE t SET s = ':start', d = $$ :end $$, e = E'\\' :end', \"x:start\" = 1 -- :end\n /* :start /* :end */ */ WHERE v::start = 1 AND id BETWEEN :start AND :end";
+        let t = SqlTemplate::parse(sql).unwrap();
+        let r = t.render(&keyset(&["int"]));
+        assert!(
+            r.contains("':start'") && r.contains("$$ :end $$") && r.contains("-- :end"),
+            "{r}"
+        );
+        assert!(r.contains("v::start"), "{r}");
+        assert_eq!(r.matches("$1::text::int").count(), 1, "{r}");
+        assert_eq!(t.source(), sql);
+        assert!(SqlTemplate::parse("SELECT ':start', ':end'").is_err());
+        assert!(SqlTemplate::parse("SELECT x::end FROM t WHERE id > :start").is_err());
+    }
+
+    #[test]
+    fn words_that_merely_start_with_placeholder_names_are_not_placeholders() {
+        assert!(SqlTemplate::parse("WHERE id BETWEEN :starting AND :end").is_err());
+        assert!(SqlTemplate::parse("WHERE id BETWEEN :start AND :endpoint").is_err());
+    }
+
+    #[test]
+    fn positional_parameters_and_unterminated_literals_are_rejected() {
+        assert!(
+            SqlTemplate::parse("WHERE id BETWEEN $1 AND :end AND :start")
+                .unwrap_err()
+                .contains("positional")
+        );
+        assert!(
+            SqlTemplate::parse("WHERE id BETWEEN :start AND :end AND s = 'x")
+                .unwrap_err()
+                .contains("unterminated")
+        );
+        // `a$1` is an identifier, not a parameter.
+        assert!(SqlTemplate::parse("WHERE a$1 = 0 AND id BETWEEN :start AND :end").is_ok());
+    }
+
+    #[test]
+    fn chunk_sql_binds_cursor_upper_and_limit_in_order() {
+        let k = keyset(&["integer", "bigint"]);
+        let s = k.next_chunk_sql(true);
+        assert!(
+            s.contains("(\"k0\", \"k1\") > ($1::text::integer, $2::text::bigint)"),
+            "{s}"
+        );
+        assert!(
+            s.contains("<= ($3::text::integer, $4::text::bigint)"),
+            "{s}"
+        );
+        assert!(s.contains("LIMIT $5::bigint"), "{s}");
+        let first = keyset(&["bigint"]).next_chunk_sql(false);
+        assert!(
+            first.contains("WHERE \"k0\" <= $1::text::bigint"),
+            "{first}"
+        );
+        assert!(first.contains("LIMIT $2::bigint"), "{first}");
+    }
+}

@@ -1,0 +1,28 @@
+//! `backfill`: safe, resumable, exactly-once data backfills on live PostgreSQL.
+//!
+//! A job (`jobs/<name>.toml`) names a table, its key and a statement over one key range
+//! (`:start`..`:end`). The engine walks the key's index in chunks; each chunk is one short
+//! transaction that runs the statement and advances the job's checkpoint, so a committed chunk is
+//! never re-applied and an interrupted run resumes exactly where it stopped.
+//!
+//! One chunk's path, top to bottom: [`job`] (file → spec) → [`keyset`] (key checked against the
+//! catalog; bounds SQL) → [`executor`] (claim, chunk loop, verify) → [`store`] (checkpoint,
+//! history, lease). [`db`] owns connections and error classification; [`signals`] the clean stop;
+//! [`telemetry`] what the operator sees; [`migrator`] the gate; [`pgtemp`] throwaway servers for
+//! the demo, the tests and the benchmarks.
+
+pub mod app;
+pub mod cli;
+pub mod db;
+pub mod demo;
+pub mod error;
+pub mod executor;
+pub mod job;
+pub mod keyset;
+pub mod migrator;
+pub mod pgtemp;
+pub mod signals;
+pub mod store;
+pub mod telemetry;
+
+pub use error::{Error, Result};

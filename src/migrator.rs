@@ -1,0 +1,144 @@
+//! Coordination with the schema migrator. For now: the gate — a job is complete only when its run
+//! finished every key and its `verify` query returns 0 *when the gate asks*, so a contract migration
+//! gated on it cannot drop what the application still needs.
+
+use crate::db;
+use crate::error::{Error, Result};
+use crate::job::JobSpec;
+use crate::store::Store;
+use std::time::Duration;
+
+/// Runs the job's `verify` query (under a statement timeout) and returns its count.
+pub async fn verify(
+    client: &tokio_postgres::Client,
+    job: &JobSpec,
+    timeout: Duration,
+) -> Result<i64> {
+    let Some(q) = &job.verify else {
+        return Err(Error::Usage(format!(
+            "job {} has no `verify` query",
+            job.name
+        )));
+    };
+    let name = &job.name;
+    let err = |e: tokio_postgres::Error| {
+        let why = if db::sqlstate(&e) == Some("57014") {
+            format!(
+                "it did not finish within {}s (raise --verify-timeout)",
+                timeout.as_secs()
+            )
+        } else {
+            db::describe(&e)
+        };
+        Error::Runtime(format!(
+            "job {name}: the verify query failed: {why}; check `verify` in {}",
+            job.path.display()
+        ))
+    };
+    client
+        .batch_execute(&format!(
+            "BEGIN READ ONLY; SET LOCAL statement_timeout = {}",
+            db::millis(timeout)
+        ))
+        .await
+        .map_err(err)?;
+    let result = client
+        .query_one(&format!("SELECT ({q})::bigint"), &[])
+        .await;
+    let _ = client.batch_execute("ROLLBACK").await;
+    let n: Option<i64> = result.map_err(err)?.get(0);
+    n.ok_or_else(|| {
+        Error::Usage(format!(
+            "job {name}: the verify query returned NULL; it must return one number, the rows still to do (e.g. SELECT count(*) FROM … WHERE new_col IS NULL)"
+        ))
+    })
+}
+
+/// What the gate found.
+#[derive(Debug, serde::Serialize)]
+pub struct GateReport {
+    pub job: String,
+    pub passed: bool,
+    pub state: String,
+    pub verify_remaining: Option<i64>,
+    pub reason: String,
+}
+
+/// Passes only when the job is done and its verify query returns 0 now.
+pub async fn gate(
+    client: &tokio_postgres::Client,
+    store: &Store,
+    job: &JobSpec,
+    timeout: Duration,
+) -> Result<GateReport> {
+    let name = &job.name;
+    let checkpoint = store.load(client, name).await?;
+    let state = checkpoint
+        .as_ref()
+        .map(|c| c.state.clone())
+        .unwrap_or_else(|| "new".into());
+    let fail = |reason: String, remaining| GateReport {
+        job: name.clone(),
+        passed: false,
+        state: state.clone(),
+        verify_remaining: remaining,
+        reason,
+    };
+    let Some(c) = checkpoint else {
+        return Ok(fail(
+            format!("job {name} has never run: run `backfill run {name}` first"),
+            None,
+        ));
+    };
+    if c.fingerprint != job.fingerprint {
+        return Ok(fail(
+            format!("job {name} was completed under a different definition than {} now holds (fingerprint {} vs {}); run it again with the current definition", job.path.display(), c.fingerprint, job.fingerprint),
+            None,
+        ));
+    }
+    if c.state != "done" {
+        let detail = match c.state.as_str() {
+            "running" => format!("it is running ({} rows done)", c.rows_done),
+            "incomplete" => format!(
+                "verify counted {} rows still to do when the run ended",
+                c.verify_remaining.unwrap_or(-1)
+            ),
+            s => format!(
+                "its state is {s} ({} rows done{})",
+                c.rows_done,
+                c.last_error
+                    .as_deref()
+                    .map(|e| format!("; last error: {e}"))
+                    .unwrap_or_default()
+            ),
+        };
+        return Ok(fail(
+            format!("job {name} is not complete: {detail}; run `backfill run {name}` to finish it"),
+            None,
+        ));
+    }
+    if job.verify.is_none() {
+        return Ok(GateReport {
+            job: name.clone(),
+            passed: true,
+            state: c.state,
+            verify_remaining: None,
+            reason: format!("job {name} is complete ({} rows); it has no verify query, so completion was not re-checked", c.rows_done),
+        });
+    }
+    let remaining = verify(client, job, timeout).await?;
+    store.record_verify(client, name, remaining).await?;
+    if remaining > 0 {
+        return Ok(fail(
+            format!("job {name} finished its pass, but verify now counts {remaining} rows still to do (written after the cursor passed them?); reset and run again, or fix the application's writes"),
+            Some(remaining),
+        ));
+    }
+    Ok(GateReport {
+        job: name.clone(),
+        passed: true,
+        state: c.state,
+        verify_remaining: Some(0),
+        reason: format!("job {name} is complete and verified: verify returned 0 just now"),
+    })
+}

@@ -1,0 +1,167 @@
+//! The engine's own schema, versioned: each migration runs once, in order, in one transaction
+//! serialised by an advisory lock, so concurrent first runs cannot race. Application tables are
+//! never touched here.
+
+use crate::db;
+use crate::error::{Error, Result};
+
+/// Migrations of the engine's schema. `{s}` is replaced by the quoted schema name. Append only.
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    r#"
+CREATE TABLE {s}.checkpoints (
+    job                 text PRIMARY KEY,
+    state               text NOT NULL DEFAULT 'new'
+                        CHECK (state IN ('new', 'running', 'stopped', 'failed', 'done', 'incomplete')),
+    fingerprint         text NOT NULL,
+    table_name          text NOT NULL,
+    key_columns         text[] NOT NULL,
+    cursor              text[],
+    upper_bound         text[],
+    bound_taken         boolean NOT NULL DEFAULT false,
+    rows_done           bigint NOT NULL DEFAULT 0,
+    rows_affected       bigint NOT NULL DEFAULT 0,
+    chunks_done         bigint NOT NULL DEFAULT 0,
+    total_estimate      bigint,
+    verify_remaining    bigint,
+    verified_at         timestamptz,
+    created_at          timestamptz NOT NULL DEFAULT now(),
+    started_at          timestamptz,
+    updated_at          timestamptz NOT NULL DEFAULT now(),
+    finished_at         timestamptz,
+    last_error          text,
+    owner_run           bigint,
+    owner_host          text,
+    owner_pid           integer,
+    owner_backend_pid   integer,
+    owner_backend_start timestamptz,
+    heartbeat_at        timestamptz
+);
+CREATE TABLE {s}.runs (
+    id              bigserial PRIMARY KEY,
+    job             text NOT NULL,
+    host            text NOT NULL,
+    pid             integer NOT NULL,
+    engine_version  text NOT NULL,
+    started_at      timestamptz NOT NULL DEFAULT now(),
+    ended_at        timestamptz,
+    start_rows      bigint NOT NULL DEFAULT 0,
+    start_chunks    bigint NOT NULL DEFAULT 0,
+    start_cursor    text[],
+    rows_done       bigint NOT NULL DEFAULT 0,
+    chunks_done     bigint NOT NULL DEFAULT 0,
+    end_cursor      text[],
+    outcome         text,
+    last_error      text
+);
+CREATE INDEX runs_job_idx ON {s}.runs (job, id);
+"#,
+)];
+
+pub const LATEST: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
+
+/// The schema version installed, or None when the engine's schema does not exist yet.
+pub async fn installed_version(
+    client: &impl tokio_postgres::GenericClient,
+    schema: &str,
+) -> Result<Option<i32>> {
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass(format('%I.schema_version', $1::text)) IS NOT NULL",
+            &[&schema],
+        )
+        .await
+        .map_err(|e| db::error(e, "reading the engine's schema version"))?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    let sql = format!(
+        "SELECT max(version) FROM {}.schema_version",
+        crate::job::quote_ident(schema)
+    );
+    let v: Option<i32> = client
+        .query_one(&sql, &[])
+        .await
+        .map_err(|e| db::error(e, "reading the engine's schema version"))?
+        .get(0);
+    Ok(Some(v.unwrap_or(0)))
+}
+
+/// Creates or upgrades the engine's schema. Returns (version before, version after).
+pub async fn migrate(
+    client: &mut tokio_postgres::Client,
+    schema: &str,
+) -> Result<(Option<i32>, i32)> {
+    let quoted = crate::job::quote_ident(schema);
+    let fail = |e: tokio_postgres::Error| {
+        if db::sqlstate(&e) == Some("42501") {
+            Error::Runtime(format!(
+                "cannot create or upgrade the engine's schema `{schema}`: {}; run `backfill init` once as a role that may create schemas in this database (for example the database owner), and grant this role access (see `backfill init --grant-to ROLE`)",
+                db::describe(&e)
+            ))
+        } else {
+            db::error(
+                e,
+                format!("creating or upgrading the engine's schema `{schema}`"),
+            )
+        }
+    };
+    let tx = client.transaction().await.map_err(fail)?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('backfill schema ' || $1::text))",
+        &[&schema],
+    )
+    .await
+    .map_err(fail)?;
+    let before = installed_version(&tx, schema).await?;
+    if let Some(v) = before {
+        if v > LATEST {
+            return Err(Error::Runtime(format!(
+                "the engine's schema `{schema}` is at version {v}, newer than this backfill ({}) understands (version {LATEST}); upgrade the backfill binary",
+                env!("CARGO_PKG_VERSION")
+            )));
+        }
+        if v == LATEST {
+            return Ok((before, v));
+        }
+    } else {
+        tx.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {quoted};
+             CREATE TABLE {quoted}.schema_version (
+                 version        integer PRIMARY KEY,
+                 applied_at     timestamptz NOT NULL DEFAULT now(),
+                 engine_version text NOT NULL)"
+        ))
+        .await
+        .map_err(fail)?;
+    }
+    let from = before.unwrap_or(0);
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > from) {
+        tx.batch_execute(&sql.replace("{s}", &quoted))
+            .await
+            .map_err(fail)?;
+        tx.execute(
+            &format!(
+                "INSERT INTO {quoted}.schema_version (version, engine_version) VALUES ($1, $2)"
+            ),
+            &[version, &env!("CARGO_PKG_VERSION")],
+        )
+        .await
+        .map_err(fail)?;
+    }
+    tx.commit().await.map_err(fail)?;
+    Ok((before, LATEST))
+}
+
+/// The statements that give `role` what a run needs, and nothing more.
+pub fn grants(schema: &str, role: &str) -> String {
+    let s = crate::job::quote_ident(schema);
+    let r = crate::job::quote_ident(role);
+    format!(
+        "GRANT USAGE ON SCHEMA {s} TO {r};
+         GRANT SELECT ON {s}.schema_version TO {r};
+         GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.checkpoints, {s}.runs TO {r};
+         GRANT USAGE ON SEQUENCE {s}.runs_id_seq TO {r};"
+    )
+}

@@ -1,0 +1,190 @@
+//! Bad job files and bad keys: exit 2 with the file, line, key and what to do.
+
+use crate::support::*;
+
+const GOOD: &str = "table = \"t\"\nkey = [\"id\"]\nsql = \"UPDATE t SET n = n + 1 WHERE id BETWEEN :start AND :end\"\n";
+
+#[test]
+fn bad_job_files_are_rejected_offline_with_file_line_and_key() {
+    let db = TestDb::new();
+    let cases: &[(&str, String, &[&str])] = &[
+        (
+            "unknown_key",
+            format!("{GOOD}colour = \"red\"\n"),
+            &[":4", "colour"],
+        ),
+        (
+            "missing_sql",
+            "table = \"t\"\nkey = [\"id\"]\n".into(),
+            &["sql"],
+        ),
+        (
+            "missing_table",
+            "key = [\"id\"]\nsql = \"x :start :end\"\n".into(),
+            &["table"],
+        ),
+        (
+            "wrong_type",
+            GOOD.replace("[\"id\"]", "\"id\""),
+            &[":2", "key"],
+        ),
+        (
+            "no_placeholders",
+            GOOD.replace(":start AND :end", "1 AND 2"),
+            &[":3", "key `sql`", ":start"],
+        ),
+        (
+            "only_start",
+            GOOD.replace(":end", "10"),
+            &["key `sql`", ":end"],
+        ),
+        (
+            "quoted_placeholder",
+            GOOD.replace(":end", "':end'"),
+            &["key `sql`", ":end"],
+        ),
+        (
+            "empty_key",
+            GOOD.replace("[\"id\"]", "[]"),
+            &[":2", "empty"],
+        ),
+        (
+            "bad_timeout",
+            format!("{GOOD}lock_timeout = \"soonish\"\n"),
+            &[":4", "lock_timeout"],
+        ),
+        (
+            "bad_chunk",
+            format!("{GOOD}chunk_rows = -5\n"),
+            &[":4", "chunk_rows"],
+        ),
+        ("not_toml", "table = \n".into(), &["invalid job file"]),
+    ];
+    for (name, text, needles) in cases {
+        db.write_job(name, text);
+        for args in [vec!["check", name], vec!["run", name]] {
+            let out = db.run(&args);
+            assert_eq!(out.code, 2, "{name} {args:?}: {out:?}");
+            let all = format!("{}{}", out.stdout, out.stderr);
+            assert!(
+                all.contains(&format!("{name}.toml")),
+                "{name}: file not named: {out:?}"
+            );
+            for n in *needles {
+                assert!(all.contains(n), "{name}: `{n}` missing: {out:?}");
+            }
+        }
+    }
+    // `check` with no name reports every file and fails as a whole.
+    db.write_job("fine", GOOD);
+    let out = db.run(&["check"]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stdout.contains("ok       fine"), "{out:?}");
+    assert!(
+        out.stderr.contains(&format!(
+            "{} of {} job files are invalid",
+            cases.len(),
+            cases.len() + 1
+        )),
+        "{out:?}"
+    );
+    db.run(&["check", "fine"]).expect(0);
+    // An unknown job names the directory's jobs.
+    let out = db.run(&["run", "nope"]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(
+        out.stderr.contains("job `nope` not found") && out.stderr.contains("fine"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn keys_the_database_cannot_walk_are_rejected_before_any_work() {
+    let db = TestDb::new();
+    db.exec(
+        "CREATE TABLE nokey (id bigint NOT NULL, n int NOT NULL DEFAULT 0);
+         CREATE TABLE nullable (id bigint, n int NOT NULL DEFAULT 0);
+         CREATE UNIQUE INDEX ON nullable (id);
+         CREATE TABLE comp (a int NOT NULL, b int NOT NULL, n int NOT NULL DEFAULT 0, PRIMARY KEY (a, b));
+         INSERT INTO nokey (id) VALUES (1); INSERT INTO nullable (id) VALUES (1);",
+    );
+    let job = |table: &str, key: &str| {
+        format!("table = \"{table}\"\nkey = {key}\nsql = \"UPDATE {table} SET n = 1 WHERE true AND :start IS NOT NULL AND :end IS NOT NULL\"\n")
+    };
+    let cases = [
+        ("missing_table", job("nosuch", "[\"id\"]"), "does not exist"),
+        (
+            "missing_column",
+            job("nokey", "[\"ID\"]"),
+            "did you mean `id`",
+        ),
+        (
+            "not_unique",
+            job("nokey", "[\"id\"]"),
+            "not backed by a unique index",
+        ),
+        ("nullable", job("nullable", "[\"id\"]"), "nullable"),
+        (
+            "wrong_order",
+            job("comp", "[\"b\", \"a\"]"),
+            "in another order",
+        ),
+    ];
+    for (name, text, needle) in &cases {
+        db.write_job(name, text);
+        let out = db.run(&["run", name]);
+        assert_eq!(out.code, 2, "{name}: {out:?}");
+        assert!(out.stderr.contains(needle), "{name}: {out:?}");
+        assert!(
+            out.stderr.contains(&format!("job {name}")),
+            "{name}: {out:?}"
+        );
+    }
+    assert_eq!(db.i64("SELECT count(*) FROM nokey WHERE n <> 0"), 0);
+}
+
+#[test]
+fn a_changed_definition_is_refused_unless_allowed() {
+    let db = TestDb::new();
+    counter_table(&db, 1000);
+    // Fails permanently at one key: division by zero in the chunk that holds id 601.
+    let failing = "table = \"t\"\nkey = [\"id\"]\nchunk_rows = 100\n\
+        sql = \"UPDATE t SET n = n + 1 / (CASE WHEN id = 601 THEN 0 ELSE 1 END) WHERE id BETWEEN :start AND :end\"\n";
+    db.write_job("c", failing);
+    let out = db.run(&["run", "c"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("SQLSTATE 22012"), "{out:?}");
+    assert!(
+        out.stderr.contains("keys ") && out.stderr.contains("resumes after key"),
+        "{out:?}"
+    );
+    let done = db.i64("SELECT count(*) FROM t WHERE n = 1");
+    assert!(done > 0 && done < 1000, "{done}");
+    assert_eq!(
+        db.text("SELECT state FROM backfill.checkpoints WHERE job = 'c'")
+            .as_deref(),
+        Some("failed")
+    );
+
+    db.write_job("c", &counter_job(""));
+    let out = db.run(&["run", "c"]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(
+        out.stderr.contains("changed since progress was saved")
+            && out.stderr.contains("--allow-changed-definition"),
+        "{out:?}"
+    );
+    assert_eq!(
+        db.i64("SELECT count(*) FROM t WHERE n = 1"),
+        done,
+        "a refused run must not touch rows"
+    );
+
+    db.run(&["run", "c", "--allow-changed-definition"])
+        .expect(0);
+    assert_eq!(
+        db.i64("SELECT count(*) FROM t WHERE n <> 1"),
+        0,
+        "every row exactly once"
+    );
+}

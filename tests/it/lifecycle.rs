@@ -1,0 +1,235 @@
+//! The operator's path: run, status, list, gate, reset, init for a least-privilege role, the demo.
+
+use crate::support::*;
+use std::time::Duration;
+
+#[test]
+fn run_status_gate_and_reset() {
+    let db = TestDb::new();
+    counter_table(&db, 1000);
+    db.write_job(
+        "j",
+        &format!("description = \"count up\"\n{}", counter_job("")),
+    );
+
+    let out = db.run(&["gate", "j"]);
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(out.stdout.contains("never run"), "{out:?}");
+
+    let out = db.run(&["run", "j", "--json"]);
+    out.expect(0);
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(report["outcome"], "done");
+    assert_eq!(report["rows"], 1000);
+    assert_eq!(report["chunks"], 10);
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+
+    // Running a done job again does nothing.
+    let out = db.run(&["run", "j"]);
+    out.expect(0);
+    assert!(out.stderr.contains("already done"), "{out:?}");
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+
+    let out = db.run(&["status", "j", "--json"]);
+    out.expect(0);
+    let s: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(s["state"], "done");
+    assert_eq!(
+        s["checkpoint"]["rows_done"],
+        db.i64("SELECT rows_done FROM backfill.checkpoints WHERE job = 'j'")
+    );
+    assert_eq!(s["checkpoint"]["chunks_done"], 10);
+    assert_eq!(s["checkpoint"]["verify_remaining"], 0);
+    let max_id = db.text("SELECT max(id)::text FROM t").unwrap();
+    assert_eq!(s["checkpoint"]["cursor"][0], max_id.as_str());
+    let out = db.run(&["status"]);
+    out.expect(0);
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with("j ") && l.contains("done")),
+        "{out:?}"
+    );
+    let out = db.run(&["status", "j"]);
+    assert!(
+        out.stdout.contains("count up")
+            && out.stdout.contains(&format!("cursor             {max_id}")),
+        "{out:?}"
+    );
+    let out = db.run(&["list", "--json"]);
+    let l: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(l[0]["job"], "j");
+    assert_eq!(l[0]["state"], "done");
+    assert_eq!(l[0]["valid"], true);
+
+    db.run(&["gate", "j"]).expect(0);
+    // A row the pass did not fix (written behind the cursor) fails the gate again.
+    db.exec("INSERT INTO t (id, n) VALUES (-5, 0)");
+    let out = db.run(&["gate", "j", "--json"]);
+    assert_eq!(out.code, 3, "{out:?}");
+    let g: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(g["verify_remaining"], 1);
+    assert_eq!(g["passed"], false);
+
+    let out = db.run(&["reset", "j"]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("--yes"), "{out:?}");
+    assert_eq!(db.i64("SELECT count(*) FROM backfill.checkpoints"), 1);
+    db.run(&["reset", "j", "--yes"]).expect(0);
+    assert_eq!(db.i64("SELECT count(*) FROM backfill.checkpoints"), 0);
+    db.run(&["run", "j"]).expect(0);
+    assert_eq!(
+        db.i64("SELECT count(*) FROM t WHERE n <> 2 AND id > 0"),
+        0,
+        "a reset job runs from the start"
+    );
+    assert_eq!(
+        db.i64("SELECT count(*) FROM backfill.runs WHERE job = 'j'"),
+        2,
+        "history is kept across resets"
+    );
+}
+
+#[test]
+fn a_least_privilege_role_can_run_after_init() {
+    let db = TestDb::new();
+    counter_table(&db, 300);
+    db.exec("CREATE ROLE bf_app_role LOGIN; GRANT SELECT, UPDATE ON t TO bf_app_role;");
+    db.write_job("j", &counter_job(""));
+    let app_url = db.url_as("bf_app_role");
+    let as_app = |args: &[&str]| Out::from(db.cmd_at(&app_url, args).output().unwrap());
+    // Without the engine's schema, the role cannot create it: the error says what to do.
+    db.exec(&format!(
+        "REVOKE CREATE ON DATABASE {} FROM PUBLIC",
+        db.name
+    ));
+    let out = as_app(&["run", "j"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("backfill init"), "{out:?}");
+    db.run(&["init", "--grant-to", "bf_app_role"]).expect(0);
+    as_app(&["run", "j"]).expect(0);
+    as_app(&["status", "j"]).expect(0);
+    as_app(&["gate", "j"]).expect(0);
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+    db.exec("DROP OWNED BY bf_app_role; DROP ROLE bf_app_role");
+}
+
+#[test]
+fn passwords_never_appear_in_output() {
+    let db = TestDb::new();
+    db.write_job("j", &counter_job(""));
+    for url in [
+        "postgresql://app:s3cr3t-pw@127.0.0.1:1/app?connect_timeout=2",
+        "postgresql://app:s3cr3t-pw@127.0.0.1:notaport/app",
+        "host=127.0.0.1 port=1 user=app password=s3cr3t-pw connect_timeout=2",
+    ] {
+        for args in [
+            vec!["run", "j"],
+            vec!["status"],
+            vec!["gate", "j"],
+            vec!["list"],
+        ] {
+            let out = Out::from(db.cmd_at(url, &args).output().unwrap());
+            assert!(
+                !out.stdout.contains("s3cr3t") && !out.stderr.contains("s3cr3t"),
+                "{args:?}: {out:?}"
+            );
+            if args[0] != "list" {
+                assert_ne!(out.code, 0, "{out:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn terminates_under_constant_inserts() {
+    let db = TestDb::new();
+    counter_table(&db, 3000);
+    db.write_job(
+        "j",
+        &counter_job("").replace("chunk_rows = 100", "chunk_rows = 50"),
+    );
+    let writer = db.session();
+    let child = db.spawn(&["run", "j"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    let handle = std::thread::spawn(move || {
+        let mut inserted = 0;
+        while !s.load(std::sync::atomic::Ordering::SeqCst) {
+            writer.exec("INSERT INTO t (id) SELECT coalesce(max(id), 0) + 1 FROM t");
+            inserted += 1;
+        }
+        inserted
+    });
+    let out = wait_out(child, Duration::from_secs(120));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let inserted = handle.join().unwrap();
+    // Rows beyond the bound taken at the start are left to the application, and verify sees them.
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("verify still counts"), "{out:?}");
+    assert!(inserted > 0);
+    let upper = db
+        .text("SELECT upper_bound[1] FROM backfill.checkpoints WHERE job = 'j'")
+        .unwrap();
+    assert_eq!(
+        db.i64(&format!(
+            "SELECT count(*) FROM t WHERE id <= {upper} AND n <> 1"
+        )),
+        0
+    );
+    assert_eq!(
+        db.i64(&format!(
+            "SELECT count(*) FROM t WHERE id > {upper} AND n <> 0"
+        )),
+        0
+    );
+    assert_eq!(
+        db.text("SELECT state FROM backfill.checkpoints WHERE job = 'j'")
+            .as_deref(),
+        Some("incomplete")
+    );
+    assert_eq!(db.run(&["gate", "j"]).code, 3);
+}
+
+#[test]
+fn demo_runs_on_its_own_throwaway_server_and_cleans_up() {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_backfill"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PG") || k == "DATABASE_URL" || k.starts_with("BACKFILL_") {
+            c.env_remove(k);
+        }
+    }
+    let out = Out::from(
+        c.args(["--jobs", "/nonexistent-jobs", "demo", "--rows", "20000"])
+            .output()
+            .unwrap(),
+    );
+    out.expect(0);
+    assert!(
+        out.stdout.contains("state done, 20000 rows done"),
+        "{out:?}"
+    );
+    let dir = out
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("demo: PostgreSQL running in "))
+        .and_then(|l| l.split(' ').next())
+        .expect("demo names its server directory");
+    assert!(!std::path::Path::new(dir).exists(), "{dir} left behind");
+}
+
+#[test]
+fn demo_uses_a_given_database() {
+    let db = TestDb::new();
+    let out = db.run(&["demo", "--rows", "5000"]);
+    out.expect(0);
+    assert!(out.stderr.contains("creating table orders"), "{out:?}");
+    assert_eq!(
+        db.i64("SELECT count(*) FROM orders WHERE status IS NULL"),
+        0
+    );
+    assert_eq!(db.i64("SELECT count(*) FROM orders"), 5000);
+    let out = db.run(&["demo", "--rows", "5000"]);
+    out.expect(0);
+    assert!(out.stderr.contains("already exists"), "{out:?}");
+}

@@ -1,0 +1,8 @@
+//! All integration tests in one binary (one throwaway PostgreSQL for all of them).
+
+mod support;
+
+mod definitions;
+mod keys;
+mod lifecycle;
+mod resilience;

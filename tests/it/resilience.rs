@@ -1,0 +1,215 @@
+//! Guarantees under interruption: SIGKILL at random moments, SIGINT (once and twice), a long
+//! statement cancelled on stop, a second runner, a runner killed and taken over, a held lock.
+//! Every job here is non-idempotent (n = n + 1), so a chunk applied twice or skipped shows.
+
+use crate::support::*;
+use std::time::{Duration, Instant};
+
+/// Each chunk sleeps a little on the server, so kills land inside transactions too.
+fn slow_counter_job(sleep: &str, chunk: u32) -> String {
+    format!(
+        "table = \"t\"\nkey = [\"id\"]\nchunk_rows = {chunk}\n\
+         sql = \"UPDATE t SET n = n + 1 FROM (SELECT pg_sleep({sleep})) s WHERE id BETWEEN :start AND :end\"\n\
+         verify = \"SELECT count(*) FROM t WHERE n = 0\"\n"
+    )
+}
+
+#[test]
+fn sigkill_at_random_moments_then_resume_applies_every_row_exactly_once() {
+    let db = TestDb::new();
+    counter_table(&db, 6000);
+    db.write_job("k", &slow_counter_job("0.005", 20));
+    let mut kills = 0;
+    let mut mid_chunk = 0;
+    for round in 0..200 {
+        let child = db.spawn(&["run", "k"]);
+        let wait = Duration::from_millis(fastrand::u64(30..250));
+        let t = Instant::now();
+        let mut child = child;
+        let mut finished = None;
+        while t.elapsed() < wait {
+            if let Some(status) = child.try_wait().unwrap() {
+                finished = Some(status);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        match finished {
+            Some(_) => {
+                let out = wait_out(child, Duration::from_secs(5));
+                // A run started right after a kill must take over, never refuse.
+                assert_eq!(out.code, 0, "round {round}: {out:?}");
+                break;
+            }
+            None => {
+                // Is a chunk transaction open right now?
+                if db.i64("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'backfill' AND state = 'active' AND query LIKE 'UPDATE t SET%'") > 0 {
+                    mid_chunk += 1;
+                }
+                signal(&child, libc::SIGKILL);
+                let _ = child.wait();
+                kills += 1;
+            }
+        }
+        assert!(round < 199, "the job never finished");
+    }
+    assert!(
+        kills >= 5,
+        "only {kills} kills landed; the test proves little"
+    );
+    assert!(mid_chunk >= 1, "no kill landed inside a chunk");
+    assert_eq!(
+        db.i64("SELECT count(*) FROM t WHERE n <> 1"),
+        0,
+        "after {kills} kills every row must be applied exactly once"
+    );
+    assert_eq!(
+        db.i64("SELECT rows_done FROM backfill.checkpoints WHERE job = 'k'"),
+        6000
+    );
+    assert_eq!(
+        db.i64("SELECT count(*) FROM backfill.runs WHERE job = 'k' AND outcome = 'abandoned'"),
+        kills
+    );
+    db.run(&["gate", "k"]).expect(0);
+    eprintln!("sigkill test: {kills} kills, {mid_chunk} inside a chunk");
+}
+
+#[test]
+fn sigint_stops_with_130_and_the_next_run_resumes() {
+    let db = TestDb::new();
+    counter_table(&db, 2000);
+    db.write_job("s", &slow_counter_job("0.02", 20));
+    let child = db.spawn(&["run", "s"]);
+    db.wait_for("SELECT coalesce((SELECT rows_done >= 200 FROM backfill.checkpoints WHERE job = 's'), false)", Duration::from_secs(30));
+    signal(&child, libc::SIGINT);
+    let out = wait_out(child, Duration::from_secs(10));
+    assert_eq!(out.code, 130, "{out:?}");
+    assert!(
+        out.stderr.contains("progress is saved") && out.stderr.contains("resumes after key"),
+        "{out:?}"
+    );
+    assert_eq!(
+        db.text("SELECT state FROM backfill.checkpoints WHERE job = 's'")
+            .as_deref(),
+        Some("stopped")
+    );
+    let done = db.i64("SELECT rows_done FROM backfill.checkpoints WHERE job = 's'");
+    assert!(done < 2000);
+    assert_eq!(
+        db.i64("SELECT count(*) FROM t WHERE n = 1"),
+        done,
+        "the checkpoint matches the data"
+    );
+    let out = db.run(&["run", "s", "--chunk-rows", "500"]);
+    out.expect(0);
+    assert!(out.stderr.contains("resuming after key"), "{out:?}");
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+    assert_eq!(
+        db.text("SELECT string_agg(outcome, ',' ORDER BY id) FROM backfill.runs WHERE job = 's'")
+            .as_deref(),
+        Some("stopped,done")
+    );
+}
+
+#[test]
+fn a_long_statement_is_cancelled_on_stop_and_rolled_back() {
+    let db = TestDb::new();
+    counter_table(&db, 500);
+    // The third chunk would run for a minute.
+    db.write_job(
+        "l",
+        "table = \"t\"\nkey = [\"id\"]\nchunk_rows = 100\nstatement_timeout = \"5m\"\n\
+         sql = \"UPDATE t SET n = n + 1 FROM (SELECT CASE WHEN :start::bigint > 300 THEN pg_sleep(60) END) s WHERE id BETWEEN :start AND :end\"\n",
+    );
+    // Once: the chunk is cancelled after the grace period.
+    let child = db.spawn(&["run", "l"]);
+    db.wait_for("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = 'backfill' AND wait_event = 'PgSleep')", Duration::from_secs(30));
+    let t = Instant::now();
+    signal(&child, libc::SIGINT);
+    let out = wait_out(child, Duration::from_secs(30));
+    assert_eq!(out.code, 130, "{out:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "stop took {:?}",
+        t.elapsed()
+    );
+    let done = db.i64("SELECT rows_done FROM backfill.checkpoints WHERE job = 'l'");
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n = 1"), done);
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n > 1"), 0);
+    // Twice: out at once, still consistent.
+    let child = db.spawn(&["run", "l"]);
+    db.wait_for("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = 'backfill' AND wait_event = 'PgSleep')", Duration::from_secs(30));
+    let t = Instant::now();
+    signal(&child, libc::SIGINT);
+    std::thread::sleep(Duration::from_millis(200));
+    signal(&child, libc::SIGINT);
+    let out = wait_out(child, Duration::from_secs(10));
+    assert_eq!(out.code, 130, "{out:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "second Ctrl-C took {:?}",
+        t.elapsed()
+    );
+    db.wait_for(
+        "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event = 'PgSleep')",
+        Duration::from_secs(10),
+    );
+    assert_eq!(
+        db.i64("SELECT count(*) FROM t WHERE n = 1"),
+        db.i64("SELECT rows_done FROM backfill.checkpoints WHERE job = 'l'")
+    );
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n > 1"), 0);
+}
+
+#[test]
+fn a_second_runner_is_refused_and_a_killed_runner_is_taken_over_at_once() {
+    let db = TestDb::new();
+    counter_table(&db, 3000);
+    db.write_job("o", &slow_counter_job("0.02", 20));
+    let first = db.spawn(&["run", "o"]);
+    db.wait_for(
+        "SELECT coalesce((SELECT rows_done > 0 FROM backfill.checkpoints WHERE job = 'o'), false)",
+        Duration::from_secs(30),
+    );
+    let out = db.run(&["run", "o"]);
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(
+        out.stderr.contains("already running on host")
+            && out.stderr.contains(&format!("pid {}", first.id())),
+        "{out:?}"
+    );
+    signal(&first, libc::SIGKILL);
+    let mut first = first;
+    let _ = first.wait();
+    let t = Instant::now();
+    let out = db.run(&["run", "o", "--chunk-rows", "1000"]);
+    out.expect(0);
+    assert!(t.elapsed() < Duration::from_secs(30));
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+    let status = db.run(&["status", "o", "--json"]);
+    let s: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(s["state"], "done");
+}
+
+#[test]
+fn a_held_row_lock_makes_the_chunk_retry_without_stalling_the_application() {
+    let db = TestDb::new();
+    counter_table(&db, 1000);
+    db.write_job("h", &counter_job("lock_timeout = \"100ms\"\n"));
+    let holder = db.session();
+    holder.exec("BEGIN; SELECT * FROM t WHERE id = 700 FOR UPDATE;");
+    let child = db.spawn(&["run", "h", "--max-attempts", "50"]);
+    // The engine gives up its lock wait after 100 ms each time; an application session touching
+    // a row of the chunk is therefore never queued behind the engine for long.
+    db.wait_for("SELECT coalesce((SELECT rows_done >= 400 FROM backfill.checkpoints WHERE job = 'h'), false)", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(800));
+    holder.exec("COMMIT");
+    let out = wait_out(child, Duration::from_secs(60));
+    out.expect(0);
+    assert!(
+        out.stderr.contains("SQLSTATE 55P03") && out.stderr.contains("retrying"),
+        "{out:?}"
+    );
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+}
