@@ -63,30 +63,37 @@ pub struct TempCluster {
 /// The directory holding `initdb` and `postgres`: `BACKFILL_PG_BIN`, else a PATH entry that has
 /// both (symlinks resolved), else the newest `/usr/lib/postgresql/*/bin`.
 pub fn find_bin_dir() -> Result<PathBuf, TempClusterError> {
+    search_bin_dir(
+        std::env::var_os("BACKFILL_PG_BIN").map(PathBuf::from),
+        std::env::var_os("PATH"),
+        Path::new("/usr/lib/postgresql"),
+    )
+}
+
+fn search_bin_dir(
+    explicit: Option<PathBuf>,
+    path: Option<std::ffi::OsString>,
+    versions_root: &Path,
+) -> Result<PathBuf, TempClusterError> {
     let usable = |d: &Path| d.join("initdb").is_file() && d.join("postgres").is_file();
-    if let Some(dir) = std::env::var_os("BACKFILL_PG_BIN") {
-        let dir = PathBuf::from(dir);
+    if let Some(dir) = explicit {
         return if usable(&dir) {
             Ok(dir)
         } else {
             Err(TempClusterError::NoBinaries)
         };
     }
-    if let Some(path) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&path) {
-            if usable(&dir) {
-                if let Some(real) = fs::canonicalize(dir.join("postgres"))
-                    .ok()
-                    .and_then(|p| p.parent().map(Path::to_path_buf))
-                {
-                    if usable(&real) {
-                        return Ok(real);
-                    }
-                }
+    for dir in path.iter().flat_map(std::env::split_paths) {
+        if usable(&dir) {
+            let real = fs::canonicalize(dir.join("postgres"))
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_path_buf));
+            if let Some(real) = real.filter(|r| usable(r)) {
+                return Ok(real);
             }
         }
     }
-    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir(versions_root)
         .into_iter()
         .flatten()
         .filter_map(|e| e.ok())
@@ -472,6 +479,31 @@ mod tests {
                     .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
             })
             .unwrap_or(false)
+    }
+
+    #[test]
+    fn missing_binaries_say_what_to_install() {
+        let empty = std::env::temp_dir().join(format!("bf-nobin-{}", std::process::id()));
+        fs::create_dir_all(&empty).unwrap();
+        let e = search_bin_dir(None, Some(empty.clone().into_os_string()), &empty).unwrap_err();
+        let m = e.to_string();
+        assert!(
+            m.contains("apt-get install postgresql") && m.contains("BACKFILL_PG_BIN"),
+            "{m}"
+        );
+        assert!(search_bin_dir(Some(empty.clone()), None, &empty).is_err());
+        // The newest version directory wins.
+        for v in ["9", "15", "13"] {
+            let bin = empty.join(v).join("bin");
+            fs::create_dir_all(&bin).unwrap();
+            fs::write(bin.join("initdb"), "").unwrap();
+            fs::write(bin.join("postgres"), "").unwrap();
+        }
+        assert_eq!(
+            search_bin_dir(None, None, &empty).unwrap(),
+            empty.join("15/bin")
+        );
+        fs::remove_dir_all(&empty).unwrap();
     }
 
     #[test]

@@ -6,3 +6,4 @@ mod definitions;
 mod keys;
 mod lifecycle;
 mod resilience;
+mod tls;

@@ -36,6 +36,14 @@ fn server() -> &'static Server {
     })
 }
 
+/// The throwaway cluster, when the tests run on one (not with BACKFILL_TEST_DATABASE_URL).
+pub fn temp_cluster() -> Option<&'static TempCluster> {
+    match server() {
+        Server::Temp(c) => Some(c),
+        Server::External(_) => None,
+    }
+}
+
 /// The URL of database `db` on the test server.
 pub fn url_for(db: &str) -> String {
     match server() {
