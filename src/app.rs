@@ -46,6 +46,10 @@ pub async fn execute(cli: Cli) -> Result<u8> {
                 exit::NOT_SATISFIED
             })
         }
+        Command::Failures { name, all, json } => {
+            failures(&target()?, &store, &name, all, json).await
+        }
+        Command::RetryFailures { name } => retry_failures(&target()?, &store, &g.jobs, &name).await,
         Command::Reset { name, yes } => reset(&target()?, &store, &g.jobs, &name, yes).await,
         Command::Init { grant_to } => init(&target()?, &store, &grant_to).await,
         Command::Demo { rows } => {
@@ -67,6 +71,7 @@ async fn run(target: &Target, store: &Store, jobs: &Path, args: &RunArgs) -> Res
         chunk_rows: args.chunk_rows,
         max_attempts: args.max_attempts,
         verify_timeout: args.verify_timeout,
+        reconnect_for: args.reconnect_for,
     };
     progress.log(&format!(
         "{}: running on {} ({})",
@@ -87,8 +92,15 @@ async fn run(target: &Target, store: &Store, jobs: &Path, args: &RunArgs) -> Res
         .as_deref()
         .map(show_key)
         .unwrap_or_else(|| "none".into());
+    let skipped = match report.skipped {
+        0 => String::new(),
+        n => format!(
+            ", {n} failing keys skipped (see `backfill failures {}`)",
+            job.name
+        ),
+    };
     let summary = format!(
-        "{} rows in {} chunks in {:.1}s ({rate:.0} rows/s, {} rows changed); {} rows done in all",
+        "{} rows in {} chunks in {:.1}s ({rate:.0} rows/s, {} rows changed{skipped}); {} rows done in all",
         report.rows,
         report.chunks,
         report.elapsed_seconds,
@@ -276,6 +288,12 @@ fn print_status(name: &str, spec: Option<&JobSpec>, c: Option<&Checkpoint>) {
             ),
         );
     }
+    if c.failed_keys > 0 {
+        line(
+            "failed keys",
+            &format!("{} unresolved (`backfill failures {name}`)", c.failed_keys),
+        );
+    }
     if let Some(e) = &c.last_error {
         line("last error", e);
     }
@@ -372,6 +390,53 @@ fn check(jobs: &Path, name: Option<&str>) -> Result<u8> {
         return Err(Error::Usage(format!(
             "{bad} of {} job files are invalid",
             results.len()
+        )));
+    }
+    Ok(exit::SUCCESS)
+}
+
+async fn failures(target: &Target, store: &Store, name: &str, all: bool, json: bool) -> Result<u8> {
+    let client = target.connect().await?;
+    let list = store.failures(&client, name, all).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&list).expect("serializable")
+        );
+        return Ok(exit::SUCCESS);
+    }
+    if list.is_empty() {
+        println!(
+            "job {name}: no {}failing keys",
+            if all { "" } else { "unresolved " }
+        );
+    }
+    for f in &list {
+        println!(
+            "{:<24} {:<8} attempts {:<3} last {}{}  {}",
+            show_key(&f.key),
+            f.sqlstate.as_deref().unwrap_or("-"),
+            f.attempts,
+            f.last_seen,
+            f.resolved_at
+                .as_deref()
+                .map(|r| format!(" resolved {r}"))
+                .unwrap_or_default(),
+            f.message
+        );
+    }
+    Ok(exit::SUCCESS)
+}
+
+async fn retry_failures(target: &Target, store: &Store, jobs: &Path, name: &str) -> Result<u8> {
+    let job = job::load(jobs, name)?;
+    let progress = Progress::new(name);
+    let (fixed, still) =
+        executor::retry_failures(target, store, &job, &RunOptions::default(), &progress).await?;
+    println!("job {name}: {fixed} failing keys now succeed, {still} still fail");
+    if still > 0 {
+        return Err(Error::Runtime(format!(
+            "job {name}: {still} keys still fail; `backfill failures {name}` shows why"
         )));
     }
     Ok(exit::SUCCESS)

@@ -72,6 +72,17 @@ pub enum Command {
         #[arg(long, value_parser = duration, default_value = "5m")]
         verify_timeout: Duration,
     },
+    /// List the keys a job recorded as failing (on_error = "skip", or the key a run stopped at).
+    Failures {
+        name: String,
+        /// Include resolved failures.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-run the job's statement for its failing keys only; exit 0 when all now succeed.
+    RetryFailures { name: String },
     /// Forget a job's progress so the next run starts over (history is kept).
     Reset {
         name: String,
@@ -115,6 +126,9 @@ pub struct RunArgs {
     /// Longest the final verify query may run.
     #[arg(long, value_parser = duration, default_value = "5m")]
     pub verify_timeout: Duration,
+    /// How long to keep waiting for a database that went away (restart, failover, network).
+    #[arg(long, value_parser = duration, default_value = "5m")]
+    pub reconnect_for: Duration,
     /// Print the final report as JSON on stdout.
     #[arg(long)]
     pub json: bool,

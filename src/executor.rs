@@ -4,18 +4,30 @@
 //!
 //! Exactly-once comes from the single transaction: the statement and the checkpoint advance commit
 //! together or not at all, and the advance is guarded by the run id and the previous cursor, so a
-//! chunk can never be applied twice, whatever crashes, kills or retries happen around it.
-//! Errors are classified by SQLSTATE (`db::classify`): transient ones are retried from the committed
-//! cursor with jittered exponential backoff; permanent ones stop the run with the key range named.
+//! chunk can never be applied twice, whatever crashes, kills or retries happen around it. After any
+//! failure the loop continues from the cursor *as committed* (a COMMIT whose answer was lost may
+//! still have happened).
+//!
+//! What a failure does depends on its class (`db::classify`, by SQLSTATE):
+//! - contention (lock timeout, deadlock, serialization): retry the chunk after a jittered backoff,
+//!   at most `max_attempts` times in a row;
+//! - connection lost or server restarting: wait for the database ("waiting for database") and go
+//!   on, for up to `reconnect_for`;
+//! - statement timeout or a data error in a chunk of several keys: halve the chunk and go on; the
+//!   halves that succeed commit, so the failure narrows to the smallest failing range. Once past
+//!   the range that failed, the chunk size returns to the configured one;
+//! - a data error at a single key (a poison row): `on_error = "stop"` records it and stops;
+//!   `"skip"` records it and moves the cursor past it, in one transaction;
+//! - anything else (read-only server, permission denied, table dropped, disk full): stop with the
+//!   reason; progress is kept.
 
 use crate::db::{self, ErrorClass, Target};
 use crate::error::{Error, Result};
-use crate::job::JobSpec;
+use crate::job::{JobSpec, OnError};
 use crate::keyset::{show_key, KeyValue, Keyset};
 use crate::signals::Shutdown;
-use crate::store::{self, Claim, Runner, Store};
+use crate::store::{self, Claim, LeaseState, Poison, Runner, Store};
 use crate::telemetry::Progress;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_postgres::types::ToSql;
@@ -27,9 +39,11 @@ pub struct RunOptions {
     pub lock_timeout: Option<Duration>,
     pub statement_timeout: Option<Duration>,
     pub chunk_rows: Option<u32>,
-    /// Attempts per chunk for transient errors before the run fails.
+    /// Attempts per chunk for contention errors before the run fails.
     pub max_attempts: u32,
     pub verify_timeout: Duration,
+    /// How long to keep waiting for a database that went away.
+    pub reconnect_for: Duration,
 }
 
 impl Default for RunOptions {
@@ -41,14 +55,17 @@ impl Default for RunOptions {
             chunk_rows: None,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             verify_timeout: DEFAULT_VERIFY_TIMEOUT,
+            reconnect_for: DEFAULT_RECONNECT_FOR,
         }
     }
 }
 
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 pub const DEFAULT_VERIFY_TIMEOUT: Duration = Duration::from_secs(300);
+pub const DEFAULT_RECONNECT_FOR: Duration = Duration::from_secs(300);
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+const RECONNECT_POLL_MAX: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case", tag = "outcome")]
@@ -73,52 +90,12 @@ pub struct Report {
     /// Rows the statement reported changing in this run.
     pub rows_affected: i64,
     pub chunks: i64,
+    /// Poison keys this run skipped (`on_error = "skip"`).
+    pub skipped: i64,
     pub elapsed_seconds: f64,
     /// Keys processed by all runs of the job.
     pub rows_done_total: i64,
     pub cursor: Option<KeyValue>,
-}
-
-/// What stays fixed for every chunk of a run.
-struct ChunkPlan<'a> {
-    job: &'a str,
-    run_id: i64,
-    store: &'a Store,
-    first_bounds_sql: String,
-    next_bounds_sql: String,
-    statement_sql: String,
-    set_local: String,
-    upper: KeyValue,
-    limit: i64,
-}
-
-struct ChunkDone {
-    last: KeyValue,
-    keys: i64,
-    affected: i64,
-}
-
-enum ChunkError {
-    Db {
-        stage: &'static str,
-        range: Option<(KeyValue, KeyValue)>,
-        source: tokio_postgres::Error,
-    },
-    Lost,
-}
-
-enum LoopEnd {
-    Finished,
-    Stopped,
-}
-
-#[derive(Default)]
-struct Tally {
-    rows: i64,
-    affected: i64,
-    chunks: i64,
-    cursor: Option<KeyValue>,
-    rows_done_total: i64,
 }
 
 /// Runs (or resumes) a job to completion, a stop, or a failure.
@@ -135,10 +112,11 @@ pub async fn run(
     store.ensure(&mut lease).await?;
     let keyset = Keyset::resolve(&lease, job).await?;
     let runner = Runner::this_process();
-    let (run_id, checkpoint) = match store
+    let claim = store
         .claim(&mut lease, job, &runner, opts.allow_changed_definition)
-        .await?
-    {
+        .await?;
+    let (run_id, checkpoint) = match claim {
+        Claim::Owned { run_id, checkpoint } => (run_id, checkpoint),
         Claim::AlreadyDone(c) => {
             return Ok(Report {
                 job: job.name.clone(),
@@ -146,98 +124,104 @@ pub async fn run(
                 rows: 0,
                 rows_affected: 0,
                 chunks: 0,
+                skipped: 0,
                 elapsed_seconds: started.elapsed().as_secs_f64(),
                 rows_done_total: c.rows_done,
                 cursor: c.cursor,
             })
         }
-        Claim::Owned { run_id, checkpoint } => (run_id, checkpoint),
     };
-    let lease = Arc::new(lease);
-    let lost = Arc::new(AtomicBool::new(false));
-    let heartbeat = tokio::spawn(keep_lease(
-        lease.clone(),
-        store.clone(),
+    let lease_state = Arc::new(LeaseState::default());
+    let heartbeat = tokio::spawn(store.clone().keep_lease(
+        target.clone(),
+        lease,
         job.name.clone(),
         run_id,
-        lost.clone(),
+        opts.reconnect_for,
+        lease_state.clone(),
     ));
 
-    let mut tally = Tally {
-        cursor: checkpoint.cursor.clone(),
-        rows_done_total: checkpoint.rows_done,
-        ..Tally::default()
-    };
-    let result = drive(
+    let pool = target.pool(2)?;
+    let mut walk = Walk {
         target,
         store,
         job,
         opts,
-        &keyset,
         run_id,
-        &checkpoint,
         shutdown,
         progress,
-        &lost,
-        &mut tally,
-    )
-    .await;
+        lease: &lease_state,
+        pool,
+        conn: None,
+        cursor: checkpoint.cursor.clone(),
+        resync: false,
+        limit: opts.chunk_rows.unwrap_or(job.chunk_rows) as i64,
+        narrow_left: 0,
+        attempt: 0,
+        outage: None,
+        tally: Tally {
+            rows_done_total: checkpoint.rows_done,
+            ..Tally::default()
+        },
+    };
+    let result = walk.drive(&keyset, &checkpoint).await;
     heartbeat.abort();
     progress.finish();
+    let tally = walk.tally;
+    let cursor = walk.cursor;
+    let conn = walk.conn.take();
+    drop(conn);
 
-    // The lease session may be gone (server restart); record the end on a fresh one if so.
-    let fresh;
-    let finisher: &tokio_postgres::Client = if lease.is_closed() {
-        fresh = target.connect().await?;
-        &fresh
-    } else {
-        &lease
-    };
     let report = |outcome| Report {
         job: job.name.clone(),
         outcome,
         rows: tally.rows,
         rows_affected: tally.affected,
         chunks: tally.chunks,
+        skipped: tally.skipped,
         elapsed_seconds: started.elapsed().as_secs_f64(),
         rows_done_total: tally.rows_done_total,
-        cursor: tally.cursor.clone(),
+        cursor: cursor.clone(),
     };
+    // Record the end on a fresh session: the lease session belongs to the (aborted) heartbeat,
+    // and the database may just be coming back.
+    let finisher = connect_patiently(target, opts.reconnect_for, progress).await?;
+    let name = job.name.as_str();
     match result {
         Ok(LoopEnd::Stopped) => {
             store
-                .finish(finisher, &job.name, run_id, "stopped", None, None)
+                .finish(&finisher, name, run_id, "stopped", None, None)
                 .await?;
             Ok(report(Outcome::Stopped))
         }
         Ok(LoopEnd::Finished) => {
             let remaining = match &job.verify {
                 None => None,
-                Some(_) => {
-                    match crate::migrator::verify(finisher, job, opts.verify_timeout).await {
-                        Ok(n) => Some(n),
-                        Err(e) => {
-                            let msg = e.to_string();
-                            store
-                                .finish(finisher, &job.name, run_id, "failed", Some(&msg), None)
-                                .await?;
-                            return Err(e);
-                        }
+                Some(_) => match crate::migrator::verify(&finisher, job, opts.verify_timeout).await
+                {
+                    Ok(n) => Some(n),
+                    Err(e) => {
+                        store
+                            .finish(
+                                &finisher,
+                                name,
+                                run_id,
+                                "failed",
+                                Some(&e.to_string()),
+                                None,
+                            )
+                            .await?;
+                        return Err(e);
                     }
-                }
+                },
             };
             match remaining {
                 Some(n) if n > 0 => {
-                    let msg = format!("every key up to the bound was processed, but verify still counts {n} rows to do");
+                    let msg = format!(
+                        "every key up to the bound was processed, but verify still counts {n} rows to do"
+                    );
                     store
-                        .finish(
-                            finisher,
-                            &job.name,
-                            run_id,
-                            "incomplete",
-                            Some(&msg),
-                            Some(n),
-                        )
+                        .finish(&finisher, name, run_id, "incomplete", Some(&msg), Some(n))
                         .await?;
                     Ok(report(Outcome::Incomplete {
                         verify_remaining: n,
@@ -245,7 +229,7 @@ pub async fn run(
                 }
                 _ => {
                     store
-                        .finish(finisher, &job.name, run_id, "done", None, remaining)
+                        .finish(&finisher, name, run_id, "done", None, remaining)
                         .await?;
                     Ok(report(Outcome::Done {
                         verify_remaining: remaining,
@@ -254,9 +238,15 @@ pub async fn run(
             }
         }
         Err(e) => {
-            let msg = e.to_string();
             if let Err(save) = store
-                .finish(finisher, &job.name, run_id, "failed", Some(&msg), None)
+                .finish(
+                    &finisher,
+                    name,
+                    run_id,
+                    "failed",
+                    Some(&e.to_string()),
+                    None,
+                )
                 .await
             {
                 progress.log(&format!("warning: {save}"));
@@ -266,47 +256,192 @@ pub async fn run(
     }
 }
 
-/// Renews the lease until aborted; flags `lost` if the job was taken over or the session died.
-async fn keep_lease(
-    lease: Arc<tokio_postgres::Client>,
-    store: Store,
-    job: String,
-    run_id: i64,
-    lost: Arc<AtomicBool>,
-) {
+/// Connects, retrying for up to `patience` while the database is unreachable.
+async fn connect_patiently(
+    target: &Target,
+    patience: Duration,
+    progress: &Progress,
+) -> Result<tokio_postgres::Client> {
+    let since = Instant::now();
     loop {
-        tokio::time::sleep(store::HEARTBEAT_EVERY).await;
-        match store.heartbeat(&*lease, &job, run_id).await {
-            Ok(true) => {}
-            Ok(false) | Err(_) => {
-                lost.store(true, Ordering::SeqCst);
-                return;
+        match target.connect().await {
+            Ok(c) => return Ok(c),
+            Err(e) if since.elapsed() >= patience => return Err(e),
+            Err(_) => {
+                progress.message("waiting for database");
+                tokio::time::sleep(RECONNECT_POLL_MAX).await;
             }
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn drive(
-    target: &Target,
-    store: &Store,
-    job: &JobSpec,
-    opts: &RunOptions,
-    keyset: &Keyset,
+enum LoopEnd {
+    Finished,
+    Stopped,
+}
+
+#[derive(Default)]
+struct Tally {
+    rows: i64,
+    affected: i64,
+    chunks: i64,
+    skipped: i64,
+    rows_done_total: i64,
+}
+
+/// What stays fixed for every chunk of a run.
+struct ChunkSql {
+    first_bounds: String,
+    next_bounds: String,
+    statement: String,
+    set_local: String,
+    upper: KeyValue,
+}
+
+struct ChunkDone {
+    last: KeyValue,
+    keys: i64,
+    affected: i64,
+}
+
+/// A failed attempt at a chunk, with what is known of where it failed.
+struct Failure {
+    class: ErrorClass,
+    sqlstate: Option<String>,
+    text: String,
+    stage: &'static str,
+    range: Option<(KeyValue, KeyValue)>,
+    keys: Option<i64>,
+}
+
+enum ChunkError {
+    Failed(Failure),
+    /// The checkpoint advance matched no row: another runner owns the job now.
+    Lost,
+}
+
+/// Turns a database error at `stage` of a chunk into a [`ChunkError`] naming the key range.
+fn failed(
+    stage: &'static str,
+    chunk: Option<&(KeyValue, KeyValue, i64)>,
+) -> impl FnOnce(tokio_postgres::Error) -> ChunkError {
+    let chunk = chunk.cloned();
+    move |e| {
+        ChunkError::Failed(Failure {
+            class: db::classify(&e),
+            sqlstate: db::sqlstate(&e).map(str::to_string),
+            text: db::describe(&e),
+            stage,
+            keys: chunk.as_ref().map(|c| c.2),
+            range: chunk.map(|(a, b, _)| (a, b)),
+        })
+    }
+}
+
+/// The state of one run's walk over the key range.
+struct Walk<'a> {
+    target: &'a Target,
+    store: &'a Store,
+    job: &'a JobSpec,
+    opts: &'a RunOptions,
     run_id: i64,
-    checkpoint: &store::Checkpoint,
-    shutdown: &Shutdown,
-    progress: &Progress,
-    lost: &AtomicBool,
-    tally: &mut Tally,
-) -> Result<LoopEnd> {
-    let name = job.name.as_str();
-    // The lease session is shared with the heartbeat task: all other work uses the pool.
-    let pool = target.pool(2)?;
-    let mut conn = target.get(&pool).await?;
-    let (upper, total) = if checkpoint.bound_taken {
-        (checkpoint.upper_bound.clone(), checkpoint.total_estimate)
-    } else {
+    shutdown: &'a Shutdown,
+    progress: &'a Progress,
+    lease: &'a LeaseState,
+    pool: db::Pool,
+    conn: Option<deadpool_postgres::Object>,
+    /// The last key committed (None: before the first key).
+    cursor: Option<KeyValue>,
+    /// After a failure: re-read the cursor from the checkpoint before the next chunk.
+    resync: bool,
+    /// Keys per chunk now.
+    limit: i64,
+    /// Keys still inside a range that failed at a larger size; the size is restored after them.
+    narrow_left: i64,
+    /// Consecutive failed attempts at the same chunk.
+    attempt: u32,
+    /// When the database became unreachable, while it is.
+    outage: Option<Instant>,
+    tally: Tally,
+}
+
+impl Walk<'_> {
+    fn name(&self) -> &str {
+        &self.job.name
+    }
+
+    fn configured_limit(&self) -> i64 {
+        self.opts.chunk_rows.unwrap_or(self.job.chunk_rows) as i64
+    }
+
+    async fn drive(&mut self, keyset: &Keyset, checkpoint: &store::Checkpoint) -> Result<LoopEnd> {
+        let Some((upper, total)) = self.key_range(keyset, checkpoint).await? else {
+            return Ok(LoopEnd::Finished);
+        };
+        let name = self.name().to_string();
+        self.progress.start(
+            checkpoint.rows_done.max(0) as u64,
+            total.map(|t| t.max(0) as u64),
+        );
+        if let Some(c) = &checkpoint.cursor {
+            self.progress.log(&format!(
+                "{name}: resuming after key {} ({} rows already done)",
+                show_key(c),
+                checkpoint.rows_done
+            ));
+        }
+        let lock_timeout = self.opts.lock_timeout.unwrap_or(self.job.lock_timeout);
+        let statement_timeout = self
+            .opts
+            .statement_timeout
+            .unwrap_or(self.job.statement_timeout);
+        let sql = ChunkSql {
+            first_bounds: keyset.next_chunk_sql(false),
+            next_bounds: keyset.next_chunk_sql(true),
+            statement: self.job.sql.render(keyset),
+            set_local: format!(
+                "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}",
+                db::millis(lock_timeout),
+                db::millis(statement_timeout)
+            ),
+            upper,
+        };
+        loop {
+            if self.shutdown.stop_requested() {
+                return Ok(LoopEnd::Stopped);
+            }
+            if self.lease.is_lost() {
+                return Err(store::lost(&name));
+            }
+            match self.step(&sql).await {
+                Ok(Some(done)) => self.committed(done),
+                Ok(None) => return Ok(LoopEnd::Finished),
+                Err(ChunkError::Lost) => return Err(store::lost(&name)),
+                Err(ChunkError::Failed(f)) => {
+                    if self.shutdown.cancel_requested() && f.sqlstate.as_deref() == Some("57014") {
+                        return Ok(LoopEnd::Stopped);
+                    }
+                    self.recover(f, &sql).await?;
+                }
+            }
+        }
+    }
+
+    /// The upper bound and the row estimate, taken on the first run and kept in the checkpoint.
+    /// None when the table was empty at the start.
+    async fn key_range(
+        &mut self,
+        keyset: &Keyset,
+        checkpoint: &store::Checkpoint,
+    ) -> Result<Option<(KeyValue, Option<i64>)>> {
+        let name = self.name().to_string();
+        if checkpoint.bound_taken {
+            return Ok(checkpoint
+                .upper_bound
+                .clone()
+                .map(|u| (u, checkpoint.total_estimate)));
+        }
+        let conn = self.target.get(&self.pool).await?;
         // Rows inserted after this moment, beyond the bound, are left to the application (which
         // writes new rows correctly once the expand step is deployed) and to `verify`.
         let upper: Option<KeyValue> = conn
@@ -315,194 +450,288 @@ async fn drive(
             .map_err(|e| {
                 db::error(
                     e,
-                    format!("job {name}: finding the last key of {}", job.table),
+                    format!("job {name}: finding the last key of {}", self.job.table),
                 )
             })?
             .map(|r| r.get(0));
-        let total = estimate_rows(&conn, job).await;
-        store
-            .set_bound(&**conn, name, run_id, upper.as_ref(), total)
+        let total = estimate_rows(&conn, self.job).await;
+        self.store
+            .set_bound(&**conn, &name, self.run_id, upper.as_ref(), total)
             .await?;
-        if let Some(u) = &upper {
-            progress.log(&format!(
+        match &upper {
+            Some(u) => self.progress.log(&format!(
                 "{name}: processing keys up to {} (~{} rows)",
                 show_key(u),
                 total.map(|t| t.to_string()).unwrap_or_else(|| "?".into())
-            ));
+            )),
+            None => self.progress.log(&format!(
+                "{name}: table {} was empty when the job started; nothing to do",
+                self.job.table
+            )),
         }
-        (upper, total)
-    };
-    let Some(upper) = upper else {
-        progress.log(&format!(
-            "{name}: table {} was empty when the job started; nothing to do",
-            job.table
-        ));
-        return Ok(LoopEnd::Finished);
-    };
-    progress.start(
-        checkpoint.rows_done.max(0) as u64,
-        total.map(|t| t.max(0) as u64),
-    );
-    if let Some(c) = &checkpoint.cursor {
-        progress.log(&format!(
-            "{name}: resuming after key {} ({} rows already done)",
-            show_key(c),
-            checkpoint.rows_done
-        ));
+        self.conn = Some(conn);
+        Ok(upper.map(|u| (u, total)))
     }
 
-    let lock_timeout = opts.lock_timeout.unwrap_or(job.lock_timeout);
-    let statement_timeout = opts.statement_timeout.unwrap_or(job.statement_timeout);
-    let plan = ChunkPlan {
-        job: name,
-        run_id,
-        store,
-        first_bounds_sql: keyset.next_chunk_sql(false),
-        next_bounds_sql: keyset.next_chunk_sql(true),
-        statement_sql: job.sql.render(keyset),
-        set_local: format!(
-            "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}",
-            db::millis(lock_timeout),
-            db::millis(statement_timeout)
-        ),
-        upper,
-        limit: opts.chunk_rows.unwrap_or(job.chunk_rows) as i64,
-    };
-
-    let mut attempt = 0u32;
-    loop {
-        if shutdown.stop_requested() {
-            return Ok(LoopEnd::Stopped);
+    /// One attempt: a connection, the committed cursor if in doubt, then one chunk.
+    async fn step(&mut self, sql: &ChunkSql) -> Result<Option<ChunkDone>, ChunkError> {
+        if self.conn.as_ref().is_none_or(|c| c.is_closed()) {
+            self.conn = None;
+            let conn = self.pool.get().await.map_err(|e| {
+                ChunkError::Failed(Failure {
+                    class: ErrorClass::Connection,
+                    sqlstate: match &e {
+                        deadpool_postgres::PoolError::Backend(e) => {
+                            db::sqlstate(e).map(str::to_string)
+                        }
+                        _ => None,
+                    },
+                    text: match &e {
+                        deadpool_postgres::PoolError::Backend(e) => db::describe(e),
+                        other => other.to_string(),
+                    },
+                    stage: "connecting",
+                    range: None,
+                    keys: None,
+                })
+            })?;
+            self.conn = Some(conn);
         }
-        if lost.load(Ordering::SeqCst) {
-            return Err(store::lost(name));
+        let conn = self.conn.as_mut().expect("connected above");
+        if self.resync {
+            // The failure may have hit after COMMIT reached the server: go on from what was committed.
+            let (cursor, owned) = self
+                .store
+                .committed_cursor(&***conn, &self.job.name, self.run_id)
+                .await
+                .map_err(failed("re-reading the checkpoint", None))?;
+            if !owned {
+                return Err(ChunkError::Lost);
+            }
+            self.cursor = cursor;
+            self.resync = false;
         }
         let token = conn.cancel_token();
-        let result = cancellable(
-            run_chunk(&mut conn, &plan, tally.cursor.as_ref()),
-            &token,
-            target,
-            shutdown,
-        )
-        .await;
-        let failure = match result {
-            Ok(Some(done)) => {
-                attempt = 0;
-                tally.rows += done.keys;
-                tally.affected += done.affected;
-                tally.chunks += 1;
-                tally.rows_done_total += done.keys;
-                tally.cursor = Some(done.last);
-                progress.advance(done.keys as u64);
-                progress.message("");
-                continue;
-            }
-            Ok(None) => return Ok(LoopEnd::Finished),
-            Err(ChunkError::Lost) => return Err(store::lost(name)),
-            Err(ChunkError::Db {
-                stage,
-                range,
-                source,
-            }) => (stage, range, source),
-        };
-        let (stage, range, source) = failure;
-        if shutdown.cancel_requested() && db::sqlstate(&source) == Some("57014") {
-            return Ok(LoopEnd::Stopped);
+        let chunk = run_chunk(
+            conn,
+            self.store,
+            &self.job.name,
+            self.run_id,
+            sql,
+            self.cursor.as_ref(),
+            self.limit,
+        );
+        cancellable(chunk, &token, self.target, self.shutdown).await
+    }
+
+    fn committed(&mut self, done: ChunkDone) {
+        self.attempt = 0;
+        if self.outage.take().is_some() {
+            self.progress
+                .log(&format!("{}: database is back; continuing", self.name()));
         }
-        let resume_at = tally
+        self.tally.rows += done.keys;
+        self.tally.affected += done.affected;
+        self.tally.chunks += 1;
+        self.tally.rows_done_total += done.keys;
+        self.cursor = Some(done.last);
+        self.passed(done.keys);
+        self.progress.advance(done.keys as u64);
+        self.progress.message("");
+    }
+
+    /// Counts keys passed inside a narrowed range; past it, the configured size returns.
+    fn passed(&mut self, keys: i64) {
+        if self.narrow_left > 0 {
+            self.narrow_left -= keys;
+            if self.narrow_left <= 0 {
+                self.narrow_left = 0;
+                self.limit = self.configured_limit();
+            }
+        }
+    }
+
+    /// Decides what a failed attempt means; Ok to try again, Err to stop the run.
+    async fn recover(&mut self, f: Failure, sql: &ChunkSql) -> Result<()> {
+        let name = self.name().to_string();
+        self.resync = true;
+        let resume_at = self
             .cursor
             .as_deref()
             .map(|c| format!("after key {}", show_key(c)))
             .unwrap_or_else(|| "at the first key".into());
-        let range_text = range
-            .as_ref()
-            .map(|(a, b)| format!("keys {}..={}", show_key(a), show_key(b)))
-            .unwrap_or_else(|| format!("the chunk {resume_at}"));
-        attempt += 1;
-        if db::classify(&source) == ErrorClass::Permanent || attempt >= opts.max_attempts {
-            let why =
-                if attempt >= opts.max_attempts && db::classify(&source) == ErrorClass::Transient {
-                    format!(" (gave up after {attempt} attempts)")
-                } else {
-                    String::new()
-                };
-            return Err(Error::Runtime(format!(
-                "job {name}: chunk {range_text} failed while {stage}{why}: {}; nothing of this chunk was committed; fix the cause and run `backfill run {name}` again: it resumes {resume_at}",
-                db::describe(&source)
-            )));
+        let where_ = match &f.range {
+            Some((a, b)) if a == b => format!("key {}", show_key(a)),
+            Some((a, b)) => format!("keys {}..={}", show_key(a), show_key(b)),
+            None => format!("the chunk {resume_at}"),
+        };
+        let keys = f.keys.unwrap_or(0);
+        match f.class {
+            ErrorClass::Connection => {
+                let first = self.outage.is_none();
+                let since = *self.outage.get_or_insert_with(Instant::now);
+                if since.elapsed() >= self.opts.reconnect_for {
+                    return Err(Error::Runtime(format!(
+                        "job {name}: the database has been unreachable for {}s (last error while {}: {}); gave up (--reconnect-for); nothing uncommitted was kept; run `backfill run {name}` again when it is back: it resumes {resume_at}",
+                        since.elapsed().as_secs(),
+                        f.stage,
+                        f.text
+                    )));
+                }
+                if first {
+                    self.progress.log(&format!("{name}: lost the database while {} ({}); waiting for it to come back (up to {}s)", f.stage, f.text, self.opts.reconnect_for.as_secs()));
+                }
+                self.progress.message("waiting for database");
+                self.conn = None;
+                // Poll quickly at first (a terminated session reconnects at once), then every 2 s.
+                let pause = (since.elapsed() / 2).clamp(BACKOFF_BASE, RECONNECT_POLL_MAX);
+                self.shutdown.sleep(pause).await;
+                Ok(())
+            }
+            ErrorClass::Timeout | ErrorClass::Data if keys > 1 => {
+                self.limit = (keys / 2).max(1);
+                self.narrow_left = self.narrow_left.max(keys);
+                self.progress.log(&format!(
+                    "{name}: {where_} failed while {} ({}); retrying in chunks of {} to narrow it down",
+                    f.stage, f.text, self.limit
+                ));
+                Ok(())
+            }
+            ErrorClass::Data if keys == 1 => {
+                let (key, _) = f.range.clone().expect("a chunk of one key has a range");
+                self.poison(&key, &f, sql).await
+            }
+            ErrorClass::Contention | ErrorClass::Timeout => {
+                self.attempt += 1;
+                if self.attempt >= self.opts.max_attempts {
+                    return Err(Error::Runtime(format!(
+                        "job {name}: {where_} failed while {} (gave up after {} attempts): {}; nothing of this chunk was committed; run `backfill run {name}` again (perhaps with a longer --lock-timeout or --statement-timeout): it resumes {resume_at}",
+                        f.stage, self.attempt, f.text
+                    )));
+                }
+                let delay = backoff(self.attempt);
+                self.progress.log(&format!(
+                    "{name}: {where_} failed while {}: {}; retrying in {} ms (attempt {}/{})",
+                    f.stage,
+                    f.text,
+                    delay.as_millis(),
+                    self.attempt + 1,
+                    self.opts.max_attempts
+                ));
+                self.progress.message("retrying");
+                self.shutdown.sleep(delay).await;
+                Ok(())
+            }
+            ErrorClass::Data | ErrorClass::Fatal => Err(Error::Runtime(format!(
+                "job {name}: {where_} failed while {}: {}; {}; nothing of this chunk was committed: `backfill run {name}` resumes {resume_at}",
+                f.stage,
+                f.text,
+                db::advice(f.sqlstate.as_deref())
+            ))),
         }
-        let delay = backoff(attempt);
-        progress.log(&format!(
-            "{name}: chunk {range_text} failed while {stage}: {}; retrying in {} ms (attempt {}/{})",
-            db::describe(&source),
-            delay.as_millis(),
-            attempt + 1,
-            opts.max_attempts
-        ));
-        progress.message("retrying");
-        shutdown.sleep(delay).await;
-        if conn.is_closed() {
-            drop(conn);
-            conn = target.get(&pool).await?;
-        }
-        // The failure may have hit after COMMIT reached the server: continue from what was committed.
-        match store.committed_cursor(&**conn, name, run_id).await {
-            Ok((cursor, true)) => tally.cursor = cursor,
-            Ok((_, false)) => return Err(store::lost(name)),
-            Err(e) => {
-                return Err(db::error(
-                    e,
-                    format!("job {name}: re-reading the checkpoint"),
-                ))
+    }
+
+    /// A data error at one key: stop there, or record it and move past it.
+    async fn poison(&mut self, key: &KeyValue, f: &Failure, sql: &ChunkSql) -> Result<()> {
+        let name = self.name().to_string();
+        match self.job.on_error {
+            // The key and the error go to the checkpoint's last_error and the run's history;
+            // the failures table holds only skipped keys, which nothing else would revisit.
+            OnError::Stop => Err(Error::Runtime(format!(
+                "job {name}: key {} makes the statement fail: {}; every key before it is done (on_error = \"stop\"); fix the row or the statement and run again — it resumes at this key — or set on_error = \"skip\" to record such keys and go on",
+                show_key(key),
+                f.text
+            ))),
+            OnError::Skip => {
+                let save = |e| db::error(e, format!("job {name}: recording the failure at key {}", show_key(key)));
+                let poison = Poison { key, sqlstate: f.sqlstate.as_deref(), message: &f.text };
+                if self.conn.as_ref().is_none_or(|c| c.is_closed()) {
+                    self.conn = Some(self.target.get(&self.pool).await?);
+                }
+                let conn = self.conn.as_mut().expect("connected above");
+                let tx = conn.transaction().await.map_err(save)?;
+                tx.batch_execute(&sql.set_local).await.map_err(save)?;
+                let (cursor, owned) = self
+                    .store
+                    .committed_cursor(&*tx, &name, self.run_id)
+                    .await
+                    .map_err(save)?;
+                if !owned {
+                    return Err(store::lost(&name));
+                }
+                if self
+                    .store
+                    .skip_key(&*tx, &name, self.run_id, cursor.as_ref(), &poison)
+                    .await
+                    .map_err(save)?
+                    != 1
+                {
+                    return Err(store::lost(&name));
+                }
+                tx.commit().await.map_err(save)?;
+                self.progress.log(&format!(
+                    "{name}: skipped key {} ({}); recorded in the failures table — `backfill failures {name}` lists it, `backfill retry-failures {name}` retries it",
+                    show_key(key),
+                    f.text
+                ));
+                self.cursor = Some(key.clone());
+                self.resync = false;
+                self.tally.skipped += 1;
+                self.tally.rows_done_total += 1;
+                self.passed(1);
+                self.progress.advance(1);
+                Ok(())
             }
         }
     }
 }
 
-/// Runs one chunk in one transaction. `Ok(None)`: no keys left up to the bound.
+/// Runs one chunk of at most `limit` keys in one transaction. `Ok(None)`: no keys left.
 async fn run_chunk(
     conn: &mut deadpool_postgres::Object,
-    plan: &ChunkPlan<'_>,
+    store: &Store,
+    job: &str,
+    run_id: i64,
+    sql: &ChunkSql,
     cursor: Option<&KeyValue>,
+    limit: i64,
 ) -> Result<Option<ChunkDone>, ChunkError> {
     let tx = conn
         .transaction()
         .await
-        .map_err(db("starting the transaction", None))?;
-    tx.batch_execute(&plan.set_local)
+        .map_err(failed("starting the transaction", None))?;
+    tx.batch_execute(&sql.set_local)
         .await
-        .map_err(db("setting timeouts", None))?;
+        .map_err(failed("setting timeouts", None))?;
 
     let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
     let bounds_sql = match cursor {
         Some(c) => {
             params.extend(c.iter().map(|v| v as &(dyn ToSql + Sync)));
-            &plan.next_bounds_sql
+            &sql.next_bounds
         }
-        None => &plan.first_bounds_sql,
+        None => &sql.first_bounds,
     };
-    params.extend(plan.upper.iter().map(|v| v as &(dyn ToSql + Sync)));
-    params.push(&plan.limit);
+    params.extend(sql.upper.iter().map(|v| v as &(dyn ToSql + Sync)));
+    params.push(&limit);
     let stmt = tx
         .prepare_cached(bounds_sql)
         .await
-        .map_err(db("finding the chunk bounds", None))?;
+        .map_err(failed("finding the chunk bounds", None))?;
     let row = tx
         .query_one(&stmt, &params)
         .await
-        .map_err(db("finding the chunk bounds", None))?;
+        .map_err(failed("finding the chunk bounds", None))?;
     let keys: i64 = row.get(0);
     if keys == 0 {
         tx.rollback()
             .await
-            .map_err(db("ending the transaction", None))?;
+            .map_err(failed("ending the transaction", None))?;
         return Ok(None);
     }
-    let first: KeyValue = row.get(1);
-    let last: KeyValue = row.get(2);
-    let bounds = (first, last);
-    let range = Some(&bounds);
-    let (first, last) = &bounds;
+    let chunk: (KeyValue, KeyValue, i64) = (row.get(1), row.get(2), keys);
+    let at = Some(&chunk);
+    let (first, last, _) = &chunk;
 
     let args: Vec<&(dyn ToSql + Sync)> = first
         .iter()
@@ -510,52 +739,34 @@ async fn run_chunk(
         .map(|v| v as &(dyn ToSql + Sync))
         .collect();
     let stmt = tx
-        .prepare_cached(&plan.statement_sql)
+        .prepare_cached(&sql.statement)
         .await
-        .map_err(db("preparing the job's statement", range))?;
+        .map_err(failed("preparing the job's statement", at))?;
     let affected = tx
         .execute(&stmt, &args)
         .await
-        .map_err(db("running the job's statement", range))?;
+        .map_err(failed("running the job's statement", at))? as i64;
 
-    let advanced = plan
-        .store
-        .advance(
-            &*tx,
-            plan.job,
-            plan.run_id,
-            store::Advance {
-                previous: cursor,
-                last,
-                keys,
-                affected: affected as i64,
-            },
-        )
+    let step = store::Advance {
+        previous: cursor,
+        last,
+        keys,
+        affected,
+    };
+    let advanced = store
+        .advance(&*tx, job, run_id, step)
         .await
-        .map_err(db("saving the checkpoint", range))?;
+        .map_err(failed("saving the checkpoint", at))?;
     if advanced != 1 {
         let _ = tx.rollback().await;
         return Err(ChunkError::Lost);
     }
-    tx.commit().await.map_err(db("committing", range))?;
+    tx.commit().await.map_err(failed("committing", at))?;
     Ok(Some(ChunkDone {
-        last: bounds.1,
+        last: chunk.1,
         keys,
-        affected: affected as i64,
+        affected,
     }))
-}
-
-/// Turns a database error at `stage` of a chunk into a [`ChunkError`] naming the key range.
-fn db(
-    stage: &'static str,
-    range: Option<&(KeyValue, KeyValue)>,
-) -> impl FnOnce(tokio_postgres::Error) -> ChunkError {
-    let range = range.cloned();
-    move |source| ChunkError::Db {
-        stage,
-        range,
-        source,
-    }
 }
 
 /// Awaits `fut`; if a cancel is requested meanwhile, asks the server to cancel the session's
@@ -576,7 +787,7 @@ async fn cancellable<T>(
     fut.await
 }
 
-/// Full-jitter exponential backoff: random in [base·2^(n-1) / 2, base·2^(n-1)], capped.
+/// Jittered exponential backoff: random in [d/2, d] for d = base·2^(n-1), capped.
 fn backoff(attempt: u32) -> Duration {
     let exp = BACKOFF_BASE
         .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
@@ -610,6 +821,77 @@ async fn estimate_rows(client: &tokio_postgres::Client, job: &JobSpec) -> Option
         .ok()
         .map(|r| r.get::<_, i64>(0))
         .filter(|n| *n >= 0)
+}
+
+/// Re-runs only the keys a job recorded as failing; each success is marked resolved in the same
+/// transaction as the statement, so a key is retried to success exactly once.
+pub async fn retry_failures(
+    target: &Target,
+    store: &Store,
+    job: &JobSpec,
+    opts: &RunOptions,
+    progress: &Progress,
+) -> Result<(usize, usize)> {
+    let name = &job.name;
+    let mut client = target.connect().await?;
+    store.ensure(&mut client).await?;
+    let keyset = Keyset::resolve(&client, job).await?;
+    let statement = job.sql.render(&keyset);
+    let set_local = format!(
+        "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}",
+        db::millis(opts.lock_timeout.unwrap_or(job.lock_timeout)),
+        db::millis(opts.statement_timeout.unwrap_or(job.statement_timeout))
+    );
+    let failures = store.failures(&client, name, false).await?;
+    let (mut fixed, mut still) = (0, 0);
+    for f in &failures {
+        let err = |e| db::error(e, format!("job {name}: retrying key {}", show_key(&f.key)));
+        let tx = client.transaction().await.map_err(err)?;
+        if !store.lock_failure(&tx, f.id).await.map_err(err)? {
+            continue; // resolved meanwhile, or another retrier has it
+        }
+        tx.batch_execute(&set_local).await.map_err(err)?;
+        tx.batch_execute("SAVEPOINT retry").await.map_err(err)?;
+        let args: Vec<&(dyn ToSql + Sync)> = f
+            .key
+            .iter()
+            .chain(f.key.iter())
+            .map(|v| v as &(dyn ToSql + Sync))
+            .collect();
+        match tx.execute(&statement, &args).await {
+            Ok(_) => {
+                store.resolve_failure(&tx, f.id).await.map_err(err)?;
+                tx.commit().await.map_err(err)?;
+                fixed += 1;
+                progress.log(&format!(
+                    "{name}: key {} now succeeds; resolved",
+                    show_key(&f.key)
+                ));
+            }
+            Err(e) => {
+                tx.batch_execute("ROLLBACK TO SAVEPOINT retry")
+                    .await
+                    .map_err(err)?;
+                let text = db::describe(&e);
+                let poison = Poison {
+                    key: &f.key,
+                    sqlstate: db::sqlstate(&e),
+                    message: &text,
+                };
+                store
+                    .record_failure(&tx, name, None, &poison)
+                    .await
+                    .map_err(err)?;
+                tx.commit().await.map_err(err)?;
+                still += 1;
+                progress.log(&format!(
+                    "{name}: key {} still fails: {text}",
+                    show_key(&f.key)
+                ));
+            }
+        }
+    }
+    Ok((fixed, still))
 }
 
 #[cfg(test)]

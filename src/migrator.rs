@@ -117,6 +117,12 @@ pub async fn gate(
             None,
         ));
     }
+    if c.failed_keys > 0 {
+        return Ok(fail(
+            format!("job {name} skipped {} keys whose rows made its statement fail; `backfill failures {name}` lists them, `backfill retry-failures {name}` retries them once fixed", c.failed_keys),
+            None,
+        ));
+    }
     if job.verify.is_none() {
         return Ok(GateReport {
             job: name.clone(),

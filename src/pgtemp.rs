@@ -283,7 +283,11 @@ impl TempCluster {
 
     fn spawn_postmaster(&mut self) -> Result<(), TempClusterError> {
         let log_path = self.root.join("server.log");
-        let log = fs::File::create(&log_path).map_err(io("create the server log"))?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io("open the server log"))?;
         chown(&log_path, self.run_as)?;
         let log2 = log.try_clone().map_err(io("open the server log"))?;
         let settings = [
@@ -429,8 +433,16 @@ impl TempCluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Fast shutdown, then removes the directory. Idempotent.
-    pub fn stop(&mut self) -> Result<(), TempClusterError> {
+    /// Stops the server (fast shutdown: sessions are terminated, as in a failover or a restart by
+    /// an operator), keeps it down for `down`, then starts it again on the same socket and port.
+    pub fn restart(&mut self, down: Duration) -> Result<(), TempClusterError> {
+        self.shutdown_postmaster();
+        std::thread::sleep(down);
+        self.spawn_postmaster()?;
+        self.wait_ready()
+    }
+
+    fn shutdown_postmaster(&mut self) {
         if let Some(mut pm) = self.postmaster.take() {
             // SAFETY: signalling our own child.
             unsafe {
@@ -446,6 +458,11 @@ impl TempCluster {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+    }
+
+    /// Fast shutdown, then removes the directory. Idempotent.
+    pub fn stop(&mut self) -> Result<(), TempClusterError> {
+        self.shutdown_postmaster();
         let removed = match fs::remove_dir_all(&self.root) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 Err(io(format!("remove {}", self.root.display()))(e))

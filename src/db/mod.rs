@@ -23,27 +23,58 @@ pub fn sqlstate(e: &tokio_postgres::Error) -> Option<&str> {
     e.code().map(SqlState::code)
 }
 
-/// Whether retrying the same chunk may succeed: the failure came from contention, a timeout or the
-/// connection, not from the statement or the data.
+/// What a failure means for the chunk that hit it, decided by SQLSTATE only (servers are
+/// localised, so message text is never looked at).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
-    /// Lock or statement timeout, deadlock, serialization failure, server shutting down,
-    /// too many connections, or the connection itself.
-    Transient,
-    /// Anything else: the statement or the data is wrong; retrying will fail the same way.
-    Permanent,
+    /// Contention with other sessions (40001 serialization, 40P01 deadlock, 55P03 lock timeout):
+    /// the same chunk is retried after a jittered backoff.
+    Contention,
+    /// 57014 from `statement_timeout`: the chunk is too big for the time allowed; it is halved.
+    Timeout,
+    /// The connection or the server went away (08xxx, 57P01–57P03 shutdown, 53300 too many
+    /// connections, a closed socket): reconnect and retry while `--reconnect-for` allows.
+    Connection,
+    /// The data of some row made the statement fail (22xxx data exception, 23xxx constraint,
+    /// P0001 raised by a trigger or function, 2F/38/39 function errors, 44 check option): the
+    /// chunk is halved down to the failing key, which `on_error` then stops at or skips.
+    Data,
+    /// Anything else — read-only server, permission denied, missing table, disk full, bad SQL:
+    /// retrying cannot help; the run stops with the reason and keeps its progress.
+    Fatal,
 }
 
 pub fn classify(e: &tokio_postgres::Error) -> ErrorClass {
-    match sqlstate(e) {
-        None => ErrorClass::Transient, // closed connection, I/O error, timeout talking to the server
-        Some(code) => match code {
-            "40001" | "40P01" | "55P03" | "57014" | "57P01" | "57P02" | "57P03" | "53300" => {
-                ErrorClass::Transient
-            }
-            c if c.starts_with("08") => ErrorClass::Transient,
-            _ => ErrorClass::Permanent,
-        },
+    let Some(code) = sqlstate(e) else {
+        return ErrorClass::Connection; // closed connection, I/O error, timeout talking to the server
+    };
+    match code {
+        "40001" | "40P01" | "55P03" => ErrorClass::Contention,
+        "57014" => ErrorClass::Timeout,
+        "57P01" | "57P02" | "57P03" | "53300" => ErrorClass::Connection,
+        c if c.starts_with("08") => ErrorClass::Connection,
+        "P0001" => ErrorClass::Data,
+        c if ["22", "23", "2F", "38", "39", "44"]
+            .iter()
+            .any(|class| c.starts_with(class)) =>
+        {
+            ErrorClass::Data
+        }
+        _ => ErrorClass::Fatal,
+    }
+}
+
+/// What an operator should do about a failure that retrying cannot fix.
+pub fn advice(code: Option<&str>) -> &'static str {
+    match code {
+        Some("25006") => "the server is read-only: a standby, or the old primary after a failover; point --database-url at the primary",
+        Some("42501") => "permission denied: grant the running role what the job's statement needs on the table (see `backfill init --grant-to` for the engine's own schema)",
+        Some("42P01") => "a table is missing: was it dropped or renamed while the job ran? check `table` and `sql` in the job file",
+        Some("42703") => "a column is missing: is the expand migration applied? check the job's `sql`",
+        Some("53100") => "the server's disk is full: free space (or grow the volume), then run again",
+        Some("53200") => "the server ran out of memory: retry with a smaller --chunk-rows",
+        Some(c) if c.starts_with("42") => "the job's SQL is invalid for this database: fix `sql` in the job file (`backfill check` validates the file offline)",
+        _ => "fix the cause, then run again",
     }
 }
 
@@ -83,7 +114,11 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
 
 /// Wraps a database error as a runtime error with context.
 pub fn error(e: tokio_postgres::Error, context: impl std::fmt::Display) -> Error {
-    Error::Runtime(format!("{context}: {}", describe(&e)))
+    let advice = match classify(&e) {
+        ErrorClass::Fatal => format!("; {}", advice(sqlstate(&e))),
+        _ => String::new(),
+    };
+    Error::Runtime(format!("{context}: {}{advice}", describe(&e)))
 }
 
 /// Formats a duration as whole milliseconds for `SET`, which takes no bind parameters.

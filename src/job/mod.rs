@@ -6,8 +6,8 @@ pub mod raw;
 mod spec;
 
 pub use spec::{
-    parse_duration, quote_ident, JobSpec, TableName, DEFAULT_CHUNK_ROWS, DEFAULT_LOCK_TIMEOUT,
-    DEFAULT_STATEMENT_TIMEOUT,
+    parse_duration, quote_ident, JobSpec, OnError, TableName, DEFAULT_CHUNK_ROWS,
+    DEFAULT_LOCK_TIMEOUT, DEFAULT_STATEMENT_TIMEOUT,
 };
 
 use crate::error::{Error, Result};

@@ -15,4 +15,5 @@ pub struct RawJob {
     pub verify: Option<Spanned<String>>,
     pub lock_timeout: Option<Spanned<String>>,
     pub statement_timeout: Option<Spanned<String>>,
+    pub on_error: Option<Spanned<String>>,
 }

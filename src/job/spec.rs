@@ -101,6 +101,16 @@ pub fn quote_ident(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
+/// What a run does with a key whose row makes the statement fail (a "poison row").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Record the failure and stop (exit 1); the next run retries from that key.
+    Stop,
+    /// Record the key in the failures table and go on; the gate fails while any remain.
+    Skip,
+}
+
 /// A validated job definition.
 #[derive(Debug, Clone)]
 pub struct JobSpec {
@@ -114,6 +124,7 @@ pub struct JobSpec {
     pub verify: Option<String>,
     pub lock_timeout: Duration,
     pub statement_timeout: Duration,
+    pub on_error: OnError,
     /// Stable hash of what the job does to the data (table, key, sql). Progress made under one
     /// fingerprint is not resumed under another without `--allow-changed-definition`.
     pub fingerprint: String,
@@ -238,6 +249,21 @@ impl JobSpec {
             DEFAULT_STATEMENT_TIMEOUT,
         )?;
 
+        let on_error = match raw.on_error.as_ref() {
+            None => OnError::Stop,
+            Some(v) => match v.get_ref().as_str() {
+                "stop" => OnError::Stop,
+                "skip" => OnError::Skip,
+                other => {
+                    return Err(at.err(
+                        "on_error",
+                        v,
+                        format!("`{other}` is not one of \"stop\", \"skip\""),
+                    ))
+                }
+            },
+        };
+
         let fingerprint = fingerprint(&table, &key, raw.sql.get_ref());
         Ok(JobSpec {
             name: name.to_string(),
@@ -250,6 +276,7 @@ impl JobSpec {
             verify,
             lock_timeout,
             statement_timeout,
+            on_error,
             fingerprint,
         })
     }
@@ -382,6 +409,21 @@ sql = "UPDATE orders SET n = n + 1 WHERE id BETWEEN :start AND :end"
         .unwrap();
         assert_eq!(j.lock_timeout, Duration::from_millis(250));
         assert_eq!(j.statement_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn on_error_modes() {
+        assert_eq!(parse(OK).unwrap().on_error, OnError::Stop);
+        assert_eq!(
+            parse(&format!("{OK}on_error = \"skip\"\n"))
+                .unwrap()
+                .on_error,
+            OnError::Skip
+        );
+        let m = parse(&format!("{OK}on_error = \"ignore\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains(":5") && m.contains("on_error"), "{m}");
     }
 
     #[test]

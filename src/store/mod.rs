@@ -8,8 +8,12 @@
 //! Every chunk's checkpoint advance is guarded by the run id and the previous cursor, so even a
 //! runner that lost its lease cannot commit a chunk twice.
 
+mod failures;
+mod lease;
 mod schema;
 
+pub use failures::{FailedKey, Poison};
+pub use lease::LeaseState;
 pub use schema::{grants, installed_version, migrate, LATEST as SCHEMA_VERSION};
 
 use crate::db;
@@ -55,6 +59,8 @@ pub struct Checkpoint {
     pub owner: Option<Owner>,
     /// Rows per second of the current (or last) run, from its history row.
     pub rate_rows_per_second: Option<f64>,
+    /// Keys recorded as failing and not yet resolved (`backfill failures`).
+    pub failed_keys: i64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -107,7 +113,7 @@ pub struct Advance<'a> {
     pub affected: i64,
 }
 
-fn ts(col: &str) -> String {
+pub(crate) fn ts(col: &str) -> String {
     format!("to_char({col} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')")
 }
 
@@ -138,6 +144,19 @@ impl Store {
         }
     }
 
+    /// False when the engine's schema does not exist yet (nothing ever ran); an error when it is
+    /// older than this engine reads and only `init` (or a run) may upgrade it.
+    async fn readable(&self, client: &impl GenericClient) -> Result<bool> {
+        match installed_version(client, &self.schema).await? {
+            None => Ok(false),
+            Some(v) if v < SCHEMA_VERSION => Err(Error::Runtime(format!(
+                "the engine's schema `{}` is at version {v}; this backfill needs version {SCHEMA_VERSION}: run `backfill init` (or any `backfill run`) to upgrade it",
+                self.schema
+            ))),
+            Some(_) => Ok(true),
+        }
+    }
+
     /// The liveness test of a checkpoint row's owner, as a SQL expression.
     fn owner_alive_sql(&self) -> String {
         format!(
@@ -158,7 +177,8 @@ impl Store {
                     c.last_error, c.owner_run, c.owner_host, c.owner_pid, {heartbeat}, {alive},
                     (SELECT (c.rows_done - r.start_rows)::float8
                             / NULLIF(extract(epoch FROM (coalesce(r.ended_at, c.updated_at) - r.started_at)), 0)::float8
-                       FROM {s}.runs r WHERE r.job = c.job ORDER BY r.id DESC LIMIT 1)
+                       FROM {s}.runs r WHERE r.job = c.job ORDER BY r.id DESC LIMIT 1),
+                    (SELECT count(*) FROM {s}.failures f WHERE f.job = c.job AND f.resolved_at IS NULL)
                FROM {s}.checkpoints c",
             verified = ts("c.verified_at"),
             created = ts("c.created_at"),
@@ -206,12 +226,13 @@ impl Store {
                 heartbeat_at: r.get(22),
             }),
             rate_rows_per_second: r.get(24),
+            failed_keys: r.get(25),
         }
     }
 
     /// The checkpoint of one job, if it ever ran. None also when the engine's schema is absent.
     pub async fn load(&self, client: &impl GenericClient, job: &str) -> Result<Option<Checkpoint>> {
-        if installed_version(client, &self.schema).await?.is_none() {
+        if !self.readable(client).await? {
             return Ok(None);
         }
         let sql = format!("{} WHERE c.job = $1", self.select_sql());
@@ -224,7 +245,7 @@ impl Store {
 
     /// Every checkpoint, by job name.
     pub async fn load_all(&self, client: &impl GenericClient) -> Result<Vec<Checkpoint>> {
-        if installed_version(client, &self.schema).await?.is_none() {
+        if !self.readable(client).await? {
             return Ok(Vec::new());
         }
         let sql = format!("{} ORDER BY c.job", self.select_sql());

@@ -6,9 +6,10 @@ use crate::db;
 use crate::error::{Error, Result};
 
 /// Migrations of the engine's schema. `{s}` is replaced by the quoted schema name. Append only.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    r#"
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE {s}.checkpoints (
     job                 text PRIMARY KEY,
     state               text NOT NULL DEFAULT 'new'
@@ -56,7 +57,26 @@ CREATE TABLE {s}.runs (
 );
 CREATE INDEX runs_job_idx ON {s}.runs (job, id);
 "#,
-)];
+    ),
+    (
+        2,
+        r#"
+CREATE TABLE {s}.failures (
+    id          bigserial PRIMARY KEY,
+    job         text NOT NULL,
+    key         text[] NOT NULL,
+    sqlstate    text,
+    message     text NOT NULL,
+    run_id      bigint,
+    attempts    integer NOT NULL DEFAULT 1,
+    first_seen  timestamptz NOT NULL DEFAULT now(),
+    last_seen   timestamptz NOT NULL DEFAULT now(),
+    resolved_at timestamptz,
+    UNIQUE (job, key)
+);
+"#,
+    ),
+];
 
 pub const LATEST: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
@@ -161,7 +181,7 @@ pub fn grants(schema: &str, role: &str) -> String {
     format!(
         "GRANT USAGE ON SCHEMA {s} TO {r};
          GRANT SELECT ON {s}.schema_version TO {r};
-         GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.checkpoints, {s}.runs TO {r};
-         GRANT USAGE ON SEQUENCE {s}.runs_id_seq TO {r};"
+         GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.checkpoints, {s}.runs, {s}.failures TO {r};
+         GRANT USAGE ON SEQUENCE {s}.runs_id_seq, {s}.failures_id_seq TO {r};"
     )
 }

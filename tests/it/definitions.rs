@@ -154,12 +154,23 @@ fn a_changed_definition_is_refused_unless_allowed() {
     let out = db.run(&["run", "c"]);
     assert_eq!(out.code, 1, "{out:?}");
     assert!(out.stderr.contains("SQLSTATE 22012"), "{out:?}");
+    // The failing chunk is narrowed down to the exact key; every key before it is committed.
     assert!(
-        out.stderr.contains("keys ") && out.stderr.contains("resumes after key"),
+        out.stderr.contains("key 601 makes the statement fail")
+            && out.stderr.contains("resumes at this key"),
         "{out:?}"
     );
     let done = db.i64("SELECT count(*) FROM t WHERE n = 1");
-    assert!(done > 0 && done < 1000, "{done}");
+    assert_eq!(done, db.i64("SELECT count(*) FROM t WHERE id < 601"));
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n > 1"), 0);
+    let out = db.run(&["status", "c", "--json"]);
+    let st: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let last_error = st["checkpoint"]["last_error"].as_str().unwrap();
+    assert!(
+        last_error.contains("key 601") && last_error.contains("22012"),
+        "{out:?}"
+    );
+    assert_eq!(st["state"], "failed");
     assert_eq!(
         db.text("SELECT state FROM backfill.checkpoints WHERE job = 'c'")
             .as_deref(),

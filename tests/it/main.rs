@@ -3,6 +3,7 @@
 mod support;
 
 mod definitions;
+mod faults;
 mod keys;
 mod lifecycle;
 mod resilience;

@@ -1,0 +1,146 @@
+//! Poison keys: keys whose row made the job's statement fail with a data error. With
+//! `on_error = "skip"` a run records them here and goes on; `retry-failures` re-runs just those
+//! keys; the gate fails while any is unresolved.
+
+use super::{Advance, Store};
+use crate::db;
+use crate::error::Result;
+use crate::keyset::KeyValue;
+use tokio_postgres::GenericClient;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FailedKey {
+    pub id: i64,
+    pub key: KeyValue,
+    pub sqlstate: Option<String>,
+    pub message: String,
+    pub attempts: i32,
+    pub first_seen: String,
+    pub last_seen: String,
+    pub resolved_at: Option<String>,
+}
+
+/// A data error at one key.
+pub struct Poison<'a> {
+    pub key: &'a KeyValue,
+    pub sqlstate: Option<&'a str>,
+    pub message: &'a str,
+}
+
+impl Store {
+    /// Records (or re-records) a failing key as unresolved.
+    pub async fn record_failure(
+        &self,
+        client: &impl GenericClient,
+        job: &str,
+        run_id: Option<i64>,
+        poison: &Poison<'_>,
+    ) -> Result<(), tokio_postgres::Error> {
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO {s}.failures (job, key, sqlstate, message, run_id) VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (job, key) DO UPDATE SET sqlstate = EXCLUDED.sqlstate, message = EXCLUDED.message,
+                         run_id = EXCLUDED.run_id, attempts = {s}.failures.attempts + 1,
+                         last_seen = now(), resolved_at = NULL",
+                    s = self.q
+                ),
+                &[&job, poison.key, &poison.sqlstate, &poison.message, &run_id],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Skips a poison key: records it and moves the cursor past it, in the caller's transaction,
+    /// so the skip happens exactly once. Returns the rows the advance updated (see `advance`).
+    pub async fn skip_key(
+        &self,
+        tx: &impl GenericClient,
+        job: &str,
+        run_id: i64,
+        previous: Option<&KeyValue>,
+        poison: &Poison<'_>,
+    ) -> Result<u64, tokio_postgres::Error> {
+        self.record_failure(tx, job, Some(run_id), poison).await?;
+        let step = Advance {
+            previous,
+            last: poison.key,
+            keys: 1,
+            affected: 0,
+        };
+        self.advance(tx, job, run_id, step).await
+    }
+
+    /// The job's failing keys (unresolved only, unless `all`), oldest first.
+    pub async fn failures(
+        &self,
+        client: &impl GenericClient,
+        job: &str,
+        all: bool,
+    ) -> Result<Vec<FailedKey>> {
+        if !self.readable(client).await? {
+            return Ok(Vec::new());
+        }
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT id, key, sqlstate, message, attempts, {first}, {last}, {resolved}
+                       FROM {s}.failures WHERE job = $1 AND ($2 OR resolved_at IS NULL) ORDER BY id",
+                    first = super::ts("first_seen"),
+                    last = super::ts("last_seen"),
+                    resolved = super::ts("resolved_at"),
+                    s = self.q
+                ),
+                &[&job, &all],
+            )
+            .await
+            .map_err(|e| db::error(e, format!("job {job}: reading its failed keys")))?;
+        Ok(rows
+            .iter()
+            .map(|r| FailedKey {
+                id: r.get(0),
+                key: r.get(1),
+                sqlstate: r.get(2),
+                message: r.get(3),
+                attempts: r.get(4),
+                first_seen: r.get(5),
+                last_seen: r.get(6),
+                resolved_at: r.get(7),
+            })
+            .collect())
+    }
+
+    /// Locks one unresolved failure for a retry (skipping one another retrier holds).
+    pub async fn lock_failure(
+        &self,
+        tx: &impl GenericClient,
+        id: i64,
+    ) -> Result<bool, tokio_postgres::Error> {
+        let row = tx
+            .query_opt(
+                &format!(
+                    "SELECT 1 FROM {s}.failures WHERE id = $1 AND resolved_at IS NULL FOR UPDATE SKIP LOCKED",
+                    s = self.q
+                ),
+                &[&id],
+            )
+            .await?;
+        Ok(row.is_some())
+    }
+
+    pub async fn resolve_failure(
+        &self,
+        tx: &impl GenericClient,
+        id: i64,
+    ) -> Result<(), tokio_postgres::Error> {
+        tx.execute(
+            &format!(
+                "UPDATE {s}.failures SET resolved_at = now(), last_seen = now() WHERE id = $1",
+                s = self.q
+            ),
+            &[&id],
+        )
+        .await?;
+        Ok(())
+    }
+}
