@@ -1,7 +1,7 @@
 //! The commands: each turns parsed arguments into calls on the library and prints the result.
 //! Data goes to stdout (JSON with `--json`); progress and logs go to stderr.
 
-use crate::cli::{Cli, Command, RunArgs};
+use crate::cli::{Cli, Command, LogFormat, RunArgs};
 use crate::db::Target;
 use crate::error::{exit, Error, Result};
 use crate::executor::{self, Outcome, RunOptions};
@@ -9,7 +9,7 @@ use crate::job::{self, JobSpec};
 use crate::keyset::show_key;
 use crate::signals::Shutdown;
 use crate::store::{self, Checkpoint, Store};
-use crate::telemetry::Progress;
+use crate::telemetry::{Progress, ProgressOptions};
 use std::path::Path;
 
 /// Runs one command; returns the exit code for outcomes that are not errors.
@@ -18,7 +18,16 @@ pub async fn execute(cli: Cli) -> Result<u8> {
     let store = Store::new(&g.schema);
     let target = || Target::resolve(g.database_url.as_deref());
     match cli.command {
-        Command::Run(args) => run(&target()?, &store, &g.jobs, &args).await,
+        Command::Run(args) => {
+            run(
+                &target()?,
+                &store,
+                &g.jobs,
+                &args,
+                g.log_format == LogFormat::Json,
+            )
+            .await
+        }
         Command::Status { name, json } => {
             status(&target()?, &store, &g.jobs, name.as_deref(), json).await
         }
@@ -58,9 +67,29 @@ pub async fn execute(cli: Cli) -> Result<u8> {
     }
 }
 
-async fn run(target: &Target, store: &Store, jobs: &Path, args: &RunArgs) -> Result<u8> {
+async fn run(
+    target: &Target,
+    store: &Store,
+    jobs: &Path,
+    args: &RunArgs,
+    log_json: bool,
+) -> Result<u8> {
     let job = job::load(jobs, &args.name)?;
-    let progress = std::sync::Arc::new(Progress::new(&job.name));
+    let metrics = match &args.metrics_addr {
+        Some(addr) => Some(crate::telemetry::serve_metrics(addr).map_err(Error::Usage)?),
+        None => None,
+    };
+    let popts = ProgressOptions {
+        interval: args.progress_interval,
+        json: log_json,
+    };
+    let progress = std::sync::Arc::new(Progress::new(&job.name, popts));
+    if let Some(a) = metrics {
+        progress.log(&format!(
+            "{}: serving metrics on http://{a}/metrics",
+            job.name
+        ));
+    }
     let p = progress.clone();
     let shutdown = Shutdown::install(move |line| p.log(line))
         .map_err(|e| Error::Runtime(format!("cannot install signal handlers: {e}")))?;
@@ -79,7 +108,16 @@ async fn run(target: &Target, store: &Store, jobs: &Path, args: &RunArgs) -> Res
         target.describe(),
         job.table
     ));
-    let report = executor::run(target, store, &job, &opts, &shutdown, &progress).await?;
+    let result = executor::run(target, store, &job, &opts, &shutdown, &progress).await;
+    if metrics.is_some() && !args.metrics_linger.is_zero() {
+        progress.log(&format!(
+            "{}: keeping the metrics endpoint up for {}s",
+            job.name,
+            args.metrics_linger.as_secs()
+        ));
+        shutdown.sleep(args.metrics_linger).await;
+    }
+    let report = result?;
     if args.json {
         println!(
             "{}",
@@ -430,7 +468,7 @@ async fn failures(target: &Target, store: &Store, name: &str, all: bool, json: b
 
 async fn retry_failures(target: &Target, store: &Store, jobs: &Path, name: &str) -> Result<u8> {
     let job = job::load(jobs, name)?;
-    let progress = Progress::new(name);
+    let progress = Progress::new(name, ProgressOptions::default());
     let (fixed, still) =
         executor::retry_failures(target, store, &job, &RunOptions::default(), &progress).await?;
     println!("job {name}: {fixed} failing keys now succeed, {still} still fail");

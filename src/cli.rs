@@ -35,10 +35,23 @@ pub struct Global {
         env = "BACKFILL_SCHEMA"
     )]
     pub schema: String,
+    /// Log lines (and the non-terminal progress line) as text or JSON objects.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
     crate::job::parse_duration(s)
+}
+
+fn duration_or_zero(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. \"0s\", \"15s\""))
 }
 
 #[derive(Debug, Subcommand)]
@@ -126,6 +139,15 @@ pub struct RunArgs {
     /// Longest the final verify query may run.
     #[arg(long, value_parser = duration, default_value = "5m")]
     pub verify_timeout: Duration,
+    /// Serve Prometheus metrics on this address (a bare port binds 127.0.0.1); off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
+    /// Keep the metrics endpoint up this long after the run ends, for a last scrape.
+    #[arg(long, value_parser = duration_or_zero, default_value = "0s", requires = "metrics_addr")]
+    pub metrics_linger: Duration,
+    /// How often the progress line is printed when stderr is not a terminal.
+    #[arg(long, value_parser = duration, default_value = "10s")]
+    pub progress_interval: Duration,
     /// How long to keep waiting for a database that went away (restart, failover, network).
     #[arg(long, value_parser = duration, default_value = "5m")]
     pub reconnect_for: Duration,

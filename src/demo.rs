@@ -99,7 +99,7 @@ async fn demo(target: &Target, store: &Store, job: &JobSpec, rows: u64) -> Resul
     }
     drop(client);
 
-    let progress = Arc::new(Progress::new(&job.name));
+    let progress = Arc::new(Progress::new(&job.name, Default::default()));
     let p = progress.clone();
     let shutdown = Shutdown::install(move |l| p.log(l))
         .map_err(|e| Error::Runtime(format!("cannot install signal handlers: {e}")))?;

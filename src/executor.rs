@@ -166,7 +166,6 @@ pub async fn run(
     };
     let result = walk.drive(&keyset, &checkpoint).await;
     heartbeat.abort();
-    progress.finish();
     let tally = walk.tally;
     let cursor = walk.cursor;
     let conn = walk.conn.take();
@@ -189,6 +188,7 @@ pub async fn run(
     let name = job.name.as_str();
     match result {
         Ok(LoopEnd::Stopped) => {
+            progress.finish("stopped");
             store
                 .finish(&finisher, name, run_id, "stopped", None, None)
                 .await?;
@@ -201,6 +201,7 @@ pub async fn run(
                 {
                     Ok(n) => Some(n),
                     Err(e) => {
+                        progress.finish("failed");
                         store
                             .finish(
                                 &finisher,
@@ -220,6 +221,7 @@ pub async fn run(
                     let msg = format!(
                         "every key up to the bound was processed, but verify still counts {n} rows to do"
                     );
+                    progress.finish("incomplete");
                     store
                         .finish(&finisher, name, run_id, "incomplete", Some(&msg), Some(n))
                         .await?;
@@ -228,6 +230,7 @@ pub async fn run(
                     }))
                 }
                 _ => {
+                    progress.finish("done");
                     store
                         .finish(&finisher, name, run_id, "done", None, remaining)
                         .await?;
@@ -238,6 +241,7 @@ pub async fn run(
             }
         }
         Err(e) => {
+            progress.finish("failed");
             if let Err(save) = store
                 .finish(
                     &finisher,
@@ -268,8 +272,9 @@ async fn connect_patiently(
             Ok(c) => return Ok(c),
             Err(e) if since.elapsed() >= patience => return Err(e),
             Err(_) => {
-                progress.message("waiting for database");
+                progress.set_held(Some("waiting for database"));
                 tokio::time::sleep(RECONNECT_POLL_MAX).await;
+                progress.held("database_unavailable", RECONNECT_POLL_MAX);
             }
         }
     }
@@ -302,6 +307,7 @@ struct ChunkDone {
     last: KeyValue,
     keys: i64,
     affected: i64,
+    took: Duration,
 }
 
 /// A failed attempt at a chunk, with what is known of where it failed.
@@ -382,6 +388,7 @@ impl Walk<'_> {
         self.progress.start(
             checkpoint.rows_done.max(0) as u64,
             total.map(|t| t.max(0) as u64),
+            self.limit as u64,
         );
         if let Some(c) = &checkpoint.cursor {
             self.progress.log(&format!(
@@ -536,8 +543,8 @@ impl Walk<'_> {
         self.tally.rows_done_total += done.keys;
         self.cursor = Some(done.last);
         self.passed(done.keys);
-        self.progress.advance(done.keys as u64);
-        self.progress.message("");
+        self.progress
+            .chunk_committed(done.keys as u64, done.affected.max(0) as u64, done.took);
     }
 
     /// Counts keys passed inside a narrowed range; past it, the configured size returns.
@@ -547,6 +554,7 @@ impl Walk<'_> {
             if self.narrow_left <= 0 {
                 self.narrow_left = 0;
                 self.limit = self.configured_limit();
+                self.progress.set_chunk_size(self.limit as u64);
             }
         }
     }
@@ -566,6 +574,9 @@ impl Walk<'_> {
             None => format!("the chunk {resume_at}"),
         };
         let keys = f.keys.unwrap_or(0);
+        if f.class != ErrorClass::Fatal {
+            self.progress.chunk_failed(f.class.label());
+        }
         match f.class {
             ErrorClass::Connection => {
                 let first = self.outage.is_none();
@@ -581,16 +592,18 @@ impl Walk<'_> {
                 if first {
                     self.progress.log(&format!("{name}: lost the database while {} ({}); waiting for it to come back (up to {}s)", f.stage, f.text, self.opts.reconnect_for.as_secs()));
                 }
-                self.progress.message("waiting for database");
+                self.progress.set_held(Some("waiting for database"));
                 self.conn = None;
                 // Poll quickly at first (a terminated session reconnects at once), then every 2 s.
                 let pause = (since.elapsed() / 2).clamp(BACKOFF_BASE, RECONNECT_POLL_MAX);
                 self.shutdown.sleep(pause).await;
+                self.progress.held("database_unavailable", pause);
                 Ok(())
             }
             ErrorClass::Timeout | ErrorClass::Data if keys > 1 => {
                 self.limit = (keys / 2).max(1);
                 self.narrow_left = self.narrow_left.max(keys);
+                self.progress.set_chunk_size(self.limit as u64);
                 self.progress.log(&format!(
                     "{name}: {where_} failed while {} ({}); retrying in chunks of {} to narrow it down",
                     f.stage, f.text, self.limit
@@ -618,8 +631,9 @@ impl Walk<'_> {
                     self.attempt + 1,
                     self.opts.max_attempts
                 ));
-                self.progress.message("retrying");
+                self.progress.set_held(Some("retrying after contention"));
                 self.shutdown.sleep(delay).await;
+                self.progress.held("retry_backoff", delay);
                 Ok(())
             }
             ErrorClass::Data | ErrorClass::Fatal => Err(Error::Runtime(format!(
@@ -679,7 +693,7 @@ impl Walk<'_> {
                 self.tally.skipped += 1;
                 self.tally.rows_done_total += 1;
                 self.passed(1);
-                self.progress.advance(1);
+                self.progress.key_skipped();
                 Ok(())
             }
         }
@@ -696,6 +710,7 @@ async fn run_chunk(
     cursor: Option<&KeyValue>,
     limit: i64,
 ) -> Result<Option<ChunkDone>, ChunkError> {
+    let started = Instant::now();
     let tx = conn
         .transaction()
         .await
@@ -766,6 +781,7 @@ async fn run_chunk(
         last: chunk.1,
         keys,
         affected,
+        took: started.elapsed(),
     }))
 }
 

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json = cli.global.log_format == backfill::cli::LogFormat::Json;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -11,7 +12,14 @@ fn main() -> ExitCode {
     match runtime.block_on(app::execute(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e}");
+            if json {
+                eprintln!(
+                    "{}",
+                    serde_json::json!({ "level": "error", "msg": e.to_string(), "exit_code": e.exit_code() })
+                );
+            } else {
+                eprintln!("error: {e}");
+            }
             e.process_exit_code()
         }
     }

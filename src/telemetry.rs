@@ -1,32 +1,196 @@
-//! What the operator sees while a job runs: a progress bar on a terminal, a plain progress line
-//! every few seconds otherwise, and log lines that never break the bar (all on stderr).
+//! What the operator sees while a job runs, and what Prometheus scrapes.
+//!
+//! On a terminal: a progress bar on stderr (rows of the estimated total, percent, rate, ETA, chunk
+//! size, workers, and why the run is held, if it is). Otherwise: one plain line every
+//! `--progress-interval`, as text or JSON (`--log-format json`). Log lines go through the bar's
+//! `suspend`, so they never break it. Metrics use the `metrics` facade; the exporter is installed
+//! (by [`serve_metrics`]) before any handle is created, or the handles would stay no-ops.
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-/// How often the plain (non-terminal) progress line is printed.
-pub const PLAIN_EVERY: Duration = Duration::from_secs(10);
+/// Default interval of the plain (non-terminal) progress line.
+pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 
-pub struct Progress {
-    job: String,
-    bar: Option<ProgressBar>,
-    plain: Mutex<PlainState>,
-    quiet: bool,
+/// Buckets of the chunk duration histogram, in seconds (a chunk aims well under a second).
+pub const CHUNK_DURATION_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Every metric the engine exports: name, type, help. The README's metric table lists the same.
+pub const METRICS: &[(&str, &str, &str)] = &[
+    (
+        "backfill_rows_processed_total",
+        "counter",
+        "Keys processed (committed chunks, and skipped poison keys)",
+    ),
+    (
+        "backfill_rows_changed_total",
+        "counter",
+        "Rows the job's statement reported changing",
+    ),
+    (
+        "backfill_chunks_total",
+        "counter",
+        "Chunk attempts by outcome: committed, failed, skipped",
+    ),
+    (
+        "backfill_chunk_duration_seconds",
+        "histogram",
+        "Duration of committed chunks",
+    ),
+    (
+        "backfill_chunk_size_rows",
+        "gauge",
+        "Keys per chunk right now",
+    ),
+    (
+        "backfill_rate_limit_rows_per_second",
+        "gauge",
+        "Rate ceiling in force (0: none)",
+    ),
+    (
+        "backfill_held_seconds_total",
+        "counter",
+        "Seconds the run was held, by reason",
+    ),
+    (
+        "backfill_retries_total",
+        "counter",
+        "Chunk retries by error class",
+    ),
+    (
+        "backfill_replication_lag_seconds",
+        "gauge",
+        "Largest replay lag of the streaming standbys (0 without standbys)",
+    ),
+    (
+        "backfill_progress_ratio",
+        "gauge",
+        "Keys done over the estimated total, 0..1",
+    ),
+    (
+        "backfill_eta_seconds",
+        "gauge",
+        "Estimated seconds to completion at this run's rate",
+    ),
+    (
+        "backfill_rows_done",
+        "gauge",
+        "Keys done by all runs of the job",
+    ),
+    (
+        "backfill_rows_total_estimate",
+        "gauge",
+        "Estimated keys in the job's range",
+    ),
+    (
+        "backfill_active_workers",
+        "gauge",
+        "Workers running chunks of the job",
+    ),
+    (
+        "backfill_state",
+        "gauge",
+        "1 for the job's current state, 0 for the others",
+    ),
+];
+
+pub const HOLD_REASONS: &[&str] = &["database_unavailable", "retry_backoff"];
+pub const ERROR_CLASSES: &[&str] = &["contention", "timeout", "connection", "data"];
+pub const CHUNK_OUTCOMES: &[&str] = &["committed", "failed", "skipped"];
+pub const STATES: &[&str] = &["running", "stopped", "failed", "done", "incomplete"];
+
+/// Serves Prometheus metrics on `addr` until the process exits. Call before creating a
+/// [`Progress`]. A bare port binds 127.0.0.1.
+pub fn serve_metrics(addr: &str) -> Result<SocketAddr, String> {
+    let addr = parse_metrics_addr(addr)?;
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full("backfill_chunk_duration_seconds".into()),
+            CHUNK_DURATION_BUCKETS,
+        )
+        .map_err(|e| e.to_string())?
+        .install()
+        .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+    for (name, kind, help) in METRICS {
+        match *kind {
+            "counter" => metrics::describe_counter!(*name, *help),
+            "histogram" => metrics::describe_histogram!(*name, metrics::Unit::Seconds, *help),
+            _ => metrics::describe_gauge!(*name, *help),
+        }
+    }
+    Ok(addr)
 }
 
-struct PlainState {
-    last: Instant,
+/// `9187` → 127.0.0.1:9187; `HOST:PORT` as given.
+pub fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse().map_err(|_| {
+        format!("invalid --metrics-addr `{s}`: give a port (binds 127.0.0.1) or HOST:PORT")
+    })
+}
+
+/// How progress is shown when stderr is not a terminal, and how log lines are written.
+#[derive(Debug, Clone, Copy)]
+pub struct ProgressOptions {
+    pub interval: Duration,
+    pub json: bool,
+}
+
+impl Default for ProgressOptions {
+    fn default() -> Self {
+        ProgressOptions {
+            interval: DEFAULT_PROGRESS_INTERVAL,
+            json: false,
+        }
+    }
+}
+
+struct Handles {
+    rows: Counter,
+    changed: Counter,
+    duration: Histogram,
+    chunk_size: Gauge,
+    ratio: Gauge,
+    eta: Gauge,
+    rows_done: Gauge,
+    total: Gauge,
+    workers: Gauge,
+    lag: Gauge,
+}
+
+struct State {
+    last_line: Instant,
     started: Instant,
     start_rows: u64,
     rows: u64,
     total: Option<u64>,
+    chunk_size: u64,
+    held: Option<String>,
+    held_carry: [f64; 2],
+}
+
+/// The run's reporter: progress display, log lines and metrics for one job.
+pub struct Progress {
+    job: String,
+    bar: Option<ProgressBar>,
+    opts: ProgressOptions,
+    quiet: bool,
+    state: Mutex<State>,
+    m: Handles,
 }
 
 impl Progress {
     /// A bar when stderr is a terminal, plain lines otherwise.
-    pub fn new(job: &str) -> Progress {
+    pub fn new(job: &str, opts: ProgressOptions) -> Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
             bar.set_style(
@@ -38,32 +202,62 @@ impl Progress {
             bar.set_prefix(job.to_string());
             bar
         });
+        let j = job.to_string();
+        let m = Handles {
+            rows: counter!("backfill_rows_processed_total", "job" => j.clone()),
+            changed: counter!("backfill_rows_changed_total", "job" => j.clone()),
+            duration: histogram!("backfill_chunk_duration_seconds", "job" => j.clone()),
+            chunk_size: gauge!("backfill_chunk_size_rows", "job" => j.clone()),
+            ratio: gauge!("backfill_progress_ratio", "job" => j.clone()),
+            eta: gauge!("backfill_eta_seconds", "job" => j.clone()),
+            rows_done: gauge!("backfill_rows_done", "job" => j.clone()),
+            total: gauge!("backfill_rows_total_estimate", "job" => j.clone()),
+            workers: gauge!("backfill_active_workers", "job" => j.clone()),
+            lag: gauge!("backfill_replication_lag_seconds", "job" => j.clone()),
+        };
+        // Register every labelled series at zero, so dashboards and alerts see 0, not "no data".
+        for o in CHUNK_OUTCOMES {
+            counter!("backfill_chunks_total", "job" => j.clone(), "outcome" => *o).increment(0);
+        }
+        for r in HOLD_REASONS {
+            counter!("backfill_held_seconds_total", "job" => j.clone(), "reason" => *r)
+                .increment(0);
+        }
+        for c in ERROR_CLASSES {
+            counter!("backfill_retries_total", "job" => j.clone(), "class" => *c).increment(0);
+        }
+        gauge!("backfill_rate_limit_rows_per_second", "job" => j.clone()).set(0.0);
         Progress {
-            job: job.to_string(),
+            job: j,
             bar,
-            plain: Mutex::new(PlainState {
-                last: Instant::now(),
+            opts,
+            quiet: false,
+            state: Mutex::new(State {
+                last_line: Instant::now(),
                 started: Instant::now(),
                 start_rows: 0,
                 rows: 0,
                 total: None,
+                chunk_size: 0,
+                held: None,
+                held_carry: [0.0; 2],
             }),
-            quiet: false,
+            m,
         }
     }
 
-    /// No output at all (library callers, tests).
+    /// No output at all (library callers); metrics still count.
     pub fn hidden(job: &str) -> Progress {
         Progress {
             quiet: true,
             bar: None,
-            ..Progress::new(job)
+            ..Progress::new(job, ProgressOptions::default())
         }
     }
 
-    /// Starts (or resumes) at `done` rows of an estimated `total`. Restored rows are not counted
-    /// as progress of this run, so rate and ETA stay honest after a resume.
-    pub fn start(&self, done: u64, total: Option<u64>) {
+    /// Starts (or resumes) at `done` keys of an estimated `total`. Restored keys are not counted
+    /// as this run's progress, so rate and ETA stay honest after a resume.
+    pub fn start(&self, done: u64, total: Option<u64>, chunk_size: u64) {
         let total = total.map(|t| t.max(done));
         if let Some(bar) = &self.bar {
             if let Some(t) = total {
@@ -72,41 +266,167 @@ impl Progress {
             bar.set_position(done);
             bar.reset_eta();
         }
-        let mut p = self.plain.lock().unwrap();
-        p.start_rows = done;
-        p.rows = done;
-        p.total = total;
-        p.started = Instant::now();
-        p.last = Instant::now();
+        {
+            let mut s = self.state.lock().unwrap();
+            s.start_rows = done;
+            s.rows = done;
+            s.total = total;
+            s.started = Instant::now();
+            s.last_line = Instant::now();
+        }
+        self.set_state("running");
+        self.m.workers.set(1.0);
+        self.m.total.set(total.unwrap_or(0) as f64);
+        self.m.rows_done.set(done as f64);
+        self.set_chunk_size(chunk_size);
+        self.update(0);
     }
 
-    /// Records rows finished.
-    pub fn advance(&self, rows: u64) {
+    /// A chunk committed: `keys` processed, `changed` rows changed, in `took`.
+    pub fn chunk_committed(&self, keys: u64, changed: u64, took: Duration) {
+        counter!("backfill_chunks_total", "job" => self.job.clone(), "outcome" => "committed")
+            .increment(1);
+        self.m.changed.increment(changed);
+        self.m.duration.record(took.as_secs_f64());
+        self.set_held(None);
+        self.update(keys);
+    }
+
+    /// A poison key was recorded and passed (`on_error = "skip"`).
+    pub fn key_skipped(&self) {
+        counter!("backfill_chunks_total", "job" => self.job.clone(), "outcome" => "skipped")
+            .increment(1);
+        self.update(1);
+    }
+
+    /// A chunk attempt failed with an error of `class` and will be retried (or narrowed).
+    pub fn chunk_failed(&self, class: &'static str) {
+        counter!("backfill_chunks_total", "job" => self.job.clone(), "outcome" => "failed")
+            .increment(1);
+        counter!("backfill_retries_total", "job" => self.job.clone(), "class" => class)
+            .increment(1);
+    }
+
+    /// The run was held for `d` for `reason` (one of [`HOLD_REASONS`]). Prometheus counters are
+    /// integers here, so whole seconds are exported and the remainder is carried to the next hold.
+    pub fn held(&self, reason: &'static str, d: Duration) {
+        let i = HOLD_REASONS.iter().position(|r| *r == reason).unwrap_or(0);
+        let whole = {
+            let mut s = self.state.lock().unwrap();
+            s.held_carry[i] += d.as_secs_f64();
+            let whole = s.held_carry[i].floor();
+            s.held_carry[i] -= whole;
+            whole as u64
+        };
+        if whole > 0 {
+            counter!("backfill_held_seconds_total", "job" => self.job.clone(), "reason" => reason)
+                .increment(whole);
+        }
+    }
+
+    /// Shows why the run is not making progress right now (None: it is).
+    pub fn set_held(&self, reason: Option<&str>) {
+        let mut s = self.state.lock().unwrap();
+        s.held = reason.map(str::to_string);
+        let msg = self.bar_message(&s);
+        drop(s);
         if let Some(bar) = &self.bar {
-            bar.inc(rows);
+            bar.set_message(msg);
+        }
+    }
+
+    pub fn set_chunk_size(&self, rows: u64) {
+        self.m.chunk_size.set(rows as f64);
+        let mut s = self.state.lock().unwrap();
+        s.chunk_size = rows;
+        let msg = self.bar_message(&s);
+        drop(s);
+        if let Some(bar) = &self.bar {
+            bar.set_message(msg);
+        }
+    }
+
+    pub fn replication_lag(&self, seconds: f64) {
+        self.m.lag.set(seconds);
+    }
+
+    fn set_state(&self, state: &str) {
+        for s in STATES {
+            gauge!("backfill_state", "job" => self.job.clone(), "state" => *s)
+                .set(if *s == state { 1.0 } else { 0.0 });
+        }
+    }
+
+    fn bar_message(&self, s: &State) -> String {
+        let held = s
+            .held
+            .as_deref()
+            .map(|h| format!(" · held: {h}"))
+            .unwrap_or_default();
+        format!("chunk {} · 1 worker{held}", s.chunk_size)
+    }
+
+    fn update(&self, keys: u64) {
+        self.m.rows.increment(keys);
+        let mut s = self.state.lock().unwrap();
+        s.rows += keys;
+        if let Some(t) = s.total {
+            s.total = Some(t.max(s.rows));
+        }
+        let (ratio, eta, _) = figures(&s);
+        self.m.rows_done.set(s.rows as f64);
+        self.m.ratio.set(ratio.unwrap_or(0.0));
+        self.m.eta.set(eta.unwrap_or(0.0));
+        if let Some(bar) = &self.bar {
+            bar.inc(keys);
             if bar.length().is_some_and(|l| bar.position() > l) {
                 bar.set_length(bar.position());
             }
             return;
         }
-        let mut p = self.plain.lock().unwrap();
-        p.rows += rows;
-        if let Some(t) = p.total {
-            p.total = Some(t.max(p.rows));
-        }
-        if p.last.elapsed() >= PLAIN_EVERY && !self.quiet {
-            p.last = Instant::now();
-            let line = plain_line(&self.job, &p);
-            drop(p);
+        if !self.quiet && keys > 0 && s.last_line.elapsed() >= self.opts.interval {
+            s.last_line = Instant::now();
+            let line = self.progress_line(&s);
+            drop(s);
             eprintln!("{line}");
         }
     }
 
-    /// A short status after the bar (e.g. "retrying after lock timeout").
-    pub fn message(&self, msg: &str) {
-        if let Some(bar) = &self.bar {
-            bar.set_message(msg.to_string());
+    fn progress_line(&self, s: &State) -> String {
+        let (ratio, eta, rate) = figures(s);
+        if self.opts.json {
+            return serde_json::json!({
+                "ts": now(),
+                "level": "info",
+                "job": self.job,
+                "event": "progress",
+                "rows_done": s.rows,
+                "rows_total_estimate": s.total,
+                "percent": ratio.map(|r| (r * 1000.0).round() / 10.0),
+                "rows_per_second": rate.round(),
+                "eta_seconds": eta.map(f64::round),
+                "chunk_rows": s.chunk_size,
+                "workers": 1,
+                "held": s.held,
+            })
+            .to_string();
         }
+        let of = s.total.map(|t| format!(" of ~{t}")).unwrap_or_default();
+        let pct = ratio
+            .map(|r| format!(" ({:.1}%)", r * 100.0))
+            .unwrap_or_default();
+        let eta = eta
+            .map(|e| format!("{}s", e.round() as u64))
+            .unwrap_or_else(|| "unknown".into());
+        let held = s
+            .held
+            .as_deref()
+            .map(|h| format!(", held: {h}"))
+            .unwrap_or_default();
+        format!(
+            "{}: {}{of} rows{pct}, {rate:.0} rows/s, eta {eta}, chunk {} rows, 1 worker{held}",
+            self.job, s.rows, s.chunk_size
+        )
     }
 
     /// A log line on stderr that does not break the bar.
@@ -114,35 +434,87 @@ impl Progress {
         if self.quiet {
             return;
         }
+        let line = if self.opts.json {
+            let level = if line.starts_with("warning") {
+                "warn"
+            } else {
+                "info"
+            };
+            serde_json::json!({ "ts": now(), "level": level, "job": self.job, "msg": line })
+                .to_string()
+        } else {
+            line.to_string()
+        };
         match &self.bar {
             Some(bar) => bar.suspend(|| eprintln!("{line}")),
             None => eprintln!("{line}"),
         }
     }
 
-    pub fn finish(&self) {
+    /// Ends the display and records the final state.
+    pub fn finish(&self, state: &str) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
+        }
+        self.set_state(state);
+        self.m.workers.set(0.0);
+        if state == "done" {
+            self.m.eta.set(0.0);
         }
     }
 }
 
-fn plain_line(job: &str, p: &PlainState) -> String {
-    let secs = p.started.elapsed().as_secs_f64().max(0.001);
-    let rate = (p.rows - p.start_rows) as f64 / secs;
-    match p.total {
-        Some(t) if t > 0 => {
-            let pct = 100.0 * p.rows as f64 / t as f64;
-            let eta = if rate > 0.0 {
-                format!("{}s", ((t - p.rows) as f64 / rate).round() as u64)
-            } else {
-                "unknown".into()
-            };
-            format!(
-                "{job}: {} of ~{t} rows ({pct:.1}%), {rate:.0} rows/s, eta {eta}",
-                p.rows
-            )
-        }
-        _ => format!("{job}: {} rows, {rate:.0} rows/s", p.rows),
+/// Progress ratio, ETA seconds and this run's rate.
+fn figures(s: &State) -> (Option<f64>, Option<f64>, f64) {
+    let secs = s.started.elapsed().as_secs_f64().max(0.001);
+    let rate = (s.rows - s.start_rows) as f64 / secs;
+    let ratio = s
+        .total
+        .filter(|t| *t > 0)
+        .map(|t| (s.rows as f64 / t as f64).min(1.0));
+    let eta = s
+        .total
+        .filter(|_| rate > 0.0)
+        .map(|t| t.saturating_sub(s.rows) as f64 / rate);
+    (ratio, eta, rate)
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_addr_binds_loopback_for_a_bare_port() {
+        assert_eq!(
+            parse_metrics_addr("9187").unwrap().to_string(),
+            "127.0.0.1:9187"
+        );
+        assert_eq!(
+            parse_metrics_addr("0.0.0.0:9187").unwrap().to_string(),
+            "0.0.0.0:9187"
+        );
+        assert!(parse_metrics_addr("localhost").is_err());
+    }
+
+    #[test]
+    fn figures_never_exceed_one_and_ignore_restored_rows() {
+        let s = State {
+            last_line: Instant::now(),
+            started: Instant::now() - Duration::from_secs(10),
+            start_rows: 900,
+            rows: 1000,
+            total: Some(950),
+            chunk_size: 10,
+            held: None,
+            held_carry: [0.0; 2],
+        };
+        let (ratio, eta, rate) = figures(&s);
+        assert_eq!(ratio, Some(1.0));
+        assert_eq!(eta, Some(0.0));
+        assert!((rate - 10.0).abs() < 0.5, "{rate}");
     }
 }

@@ -44,6 +44,19 @@ pub enum ErrorClass {
     Fatal,
 }
 
+impl ErrorClass {
+    /// The metric label of the class.
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorClass::Contention => "contention",
+            ErrorClass::Timeout => "timeout",
+            ErrorClass::Connection => "connection",
+            ErrorClass::Data => "data",
+            ErrorClass::Fatal => "fatal",
+        }
+    }
+}
+
 pub fn classify(e: &tokio_postgres::Error) -> ErrorClass {
     let Some(code) = sqlstate(e) else {
         return ErrorClass::Connection; // closed connection, I/O error, timeout talking to the server
