@@ -55,6 +55,7 @@ pub async fn execute(cli: Cli) -> Result<u8> {
                 exit::NOT_SATISFIED
             })
         }
+        Command::History { name, json } => history(&target()?, &store, &name, json).await,
         Command::Failures { name, all, json } => {
             failures(&target()?, &store, &name, all, json).await
         }
@@ -152,11 +153,11 @@ async fn run(
                 Some(_) => "verify returned 0",
                 None => "no verify query",
             };
-            eprintln!("{name}: done: {summary}; {verified}");
+            progress.log(&format!("{name}: done: {summary}; {verified}"));
             Ok(exit::SUCCESS)
         }
         Outcome::AlreadyDone => {
-            eprintln!("{name}: already done ({} rows); nothing to do. `backfill gate {name}` re-checks it; `backfill reset {name} --yes` starts over", report.rows_done_total);
+            progress.log(&format!("{name}: already done ({} rows); nothing to do. `backfill gate {name}` re-checks it; `backfill reset {name} --yes` starts over", report.rows_done_total));
             Ok(exit::SUCCESS)
         }
         Outcome::Incomplete { verify_remaining } => Err(Error::Runtime(format!(
@@ -256,8 +257,10 @@ fn state_of(c: Option<&Checkpoint>) -> &str {
 fn progress_text(c: &Checkpoint) -> String {
     match c.total_estimate {
         Some(t) if t > 0 => {
-            let pct = (100.0 * c.rows_done as f64 / t.max(c.rows_done) as f64).min(100.0);
-            format!("{}/~{} {pct:.1}%", c.rows_done, t.max(c.rows_done))
+            let t = t.max(c.rows_done);
+            let pct = (100.0 * c.rows_done as f64 / t as f64).min(100.0);
+            let approx = if c.total_exact { "" } else { "~" };
+            format!("{}/{approx}{t} {pct:.1}%", c.rows_done)
         }
         _ => c.rows_done.to_string(),
     }
@@ -278,7 +281,12 @@ fn print_status(name: &str, spec: Option<&JobSpec>, c: Option<&Checkpoint>) {
         "table",
         &format!("{} key ({})", c.table, c.key_columns.join(", ")),
     );
-    line("rows done", &progress_text(c));
+    let kind = match (c.total_estimate, c.total_exact) {
+        (None, _) => "",
+        (Some(_), true) => " (exact count)",
+        (Some(_), false) => " (planner's estimate)",
+    };
+    line("rows done", &format!("{}{kind}", progress_text(c)));
     line("rows changed", &c.rows_affected.to_string());
     line("chunks done", &c.chunks_done.to_string());
     line(
@@ -429,6 +437,44 @@ fn check(jobs: &Path, name: Option<&str>) -> Result<u8> {
             "{bad} of {} job files are invalid",
             results.len()
         )));
+    }
+    Ok(exit::SUCCESS)
+}
+
+async fn history(target: &Target, store: &Store, name: &str, json: bool) -> Result<u8> {
+    let client = target.connect().await?;
+    let runs = store.history(&client, name).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&runs).expect("serializable")
+        );
+        return Ok(exit::SUCCESS);
+    }
+    if runs.is_empty() {
+        println!("job {name}: no runs");
+        return Ok(exit::SUCCESS);
+    }
+    println!(
+        "{:>5}  {:<20}  {:<20}  {:<24} {:>7} {:>10} {:>8}  OUTCOME",
+        "RUN", "STARTED", "ENDED", "HOST", "PID", "ROWS", "CHUNKS"
+    );
+    for r in &runs {
+        println!(
+            "{:>5}  {:<20}  {:<20}  {:<24} {:>7} {:>10} {:>8}  {}{}",
+            r.id,
+            r.started_at,
+            r.ended_at.as_deref().unwrap_or("-"),
+            r.host,
+            r.pid,
+            r.rows_done,
+            r.chunks_done,
+            r.outcome.as_deref().unwrap_or("running"),
+            r.last_error
+                .as_deref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        );
     }
     Ok(exit::SUCCESS)
 }

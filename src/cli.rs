@@ -51,7 +51,8 @@ fn duration(s: &str) -> Result<Duration, String> {
 }
 
 fn duration_or_zero(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim()).map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. \"0s\", \"15s\""))
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. \"0s\", \"15s\""))
 }
 
 #[derive(Debug, Subcommand)]
@@ -84,6 +85,12 @@ pub enum Command {
         /// Longest the verify query may run.
         #[arg(long, value_parser = duration, default_value = "5m")]
         verify_timeout: Duration,
+    },
+    /// List a job's runs: host, pid, engine version, start and end, rows, outcome.
+    History {
+        name: String,
+        #[arg(long)]
+        json: bool,
     },
     /// List the keys a job recorded as failing (on_error = "skip", or the key a run stopped at).
     Failures {

@@ -66,6 +66,7 @@ pub const DEFAULT_RECONNECT_FOR: Duration = Duration::from_secs(300);
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const RECONNECT_POLL_MAX: Duration = Duration::from_secs(2);
+const LAG_SAMPLE_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case", tag = "outcome")]
@@ -159,6 +160,7 @@ pub async fn run(
         narrow_left: 0,
         attempt: 0,
         outage: None,
+        lag_sampled: None,
         tally: Tally {
             rows_done_total: checkpoint.rows_done,
             ..Tally::default()
@@ -368,6 +370,8 @@ struct Walk<'a> {
     attempt: u32,
     /// When the database became unreachable, while it is.
     outage: Option<Instant>,
+    /// When replication lag was last sampled.
+    lag_sampled: Option<Instant>,
     tally: Tally,
 }
 
@@ -420,6 +424,7 @@ impl Walk<'_> {
             if self.lease.is_lost() {
                 return Err(store::lost(&name));
             }
+            self.sample_replication_lag().await;
             match self.step(&sql).await {
                 Ok(Some(done)) => self.committed(done),
                 Ok(None) => return Ok(LoopEnd::Finished),
@@ -461,9 +466,9 @@ impl Walk<'_> {
                 )
             })?
             .map(|r| r.get(0));
-        let total = estimate_rows(&conn, self.job).await;
+        let (total, exact) = estimate_rows(&conn, self.job).await;
         self.store
-            .set_bound(&**conn, &name, self.run_id, upper.as_ref(), total)
+            .set_bound(&**conn, &name, self.run_id, upper.as_ref(), total, exact)
             .await?;
         match &upper {
             Some(u) => self.progress.log(&format!(
@@ -529,6 +534,25 @@ impl Walk<'_> {
             self.limit,
         );
         cancellable(chunk, &token, self.target, self.shutdown).await
+    }
+
+    /// Every few seconds, the largest replay lag of the streaming standbys, for the metrics.
+    /// (Unreadable without pg_monitor's rights on other roles' senders; then not reported.)
+    async fn sample_replication_lag(&mut self) {
+        if self
+            .lag_sampled
+            .is_some_and(|t| t.elapsed() < LAG_SAMPLE_EVERY)
+        {
+            return;
+        }
+        self.lag_sampled = Some(Instant::now());
+        let Some(conn) = self.conn.as_ref().filter(|c| !c.is_closed()) else {
+            return;
+        };
+        let sql = "SELECT coalesce(max(extract(epoch FROM replay_lag)), 0)::float8 FROM pg_stat_replication";
+        if let Ok(row) = conn.query_one(sql, &[]).await {
+            self.progress.replication_lag(row.get(0));
+        }
     }
 
     fn committed(&mut self, done: ChunkDone) {
@@ -812,8 +836,9 @@ fn backoff(attempt: u32) -> Duration {
     half + Duration::from_millis(fastrand::u64(0..=half.as_millis() as u64))
 }
 
-/// The number of rows to process, for progress: exact when counting is quick, else the planner's.
-async fn estimate_rows(client: &tokio_postgres::Client, job: &JobSpec) -> Option<i64> {
+/// The number of rows to process, for progress, and whether it is exact: a count when counting
+/// is quick (3 s at most), else the planner's estimate.
+async fn estimate_rows(client: &tokio_postgres::Client, job: &JobSpec) -> (Option<i64>, bool) {
     let table = job.table.quoted();
     let exact = async {
         client
@@ -826,9 +851,9 @@ async fn estimate_rows(client: &tokio_postgres::Client, job: &JobSpec) -> Option
         r.map(|row| row.get::<_, i64>(0))
     };
     if let Ok(n) = exact.await {
-        return Some(n);
+        return (Some(n), true);
     }
-    client
+    let planner = client
         .query_one(
             "SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass($1)",
             &[&table],
@@ -836,7 +861,8 @@ async fn estimate_rows(client: &tokio_postgres::Client, job: &JobSpec) -> Option
         .await
         .ok()
         .map(|r| r.get::<_, i64>(0))
-        .filter(|n| *n >= 0)
+        .filter(|n| *n >= 0);
+    (planner, false)
 }
 
 /// Re-runs only the keys a job recorded as failing; each success is marked resolved in the same

@@ -49,6 +49,9 @@ pub struct Checkpoint {
     pub rows_affected: i64,
     pub chunks_done: i64,
     pub total_estimate: Option<i64>,
+    /// Whether `total_estimate` is an exact count (of the key range at the start, or of a
+    /// finished job) rather than the planner's estimate.
+    pub total_exact: bool,
     pub verify_remaining: Option<i64>,
     pub verified_at: Option<String>,
     pub created_at: String,
@@ -178,7 +181,8 @@ impl Store {
                     (SELECT (c.rows_done - r.start_rows)::float8
                             / NULLIF(extract(epoch FROM (coalesce(r.ended_at, c.updated_at) - r.started_at)), 0)::float8
                        FROM {s}.runs r WHERE r.job = c.job ORDER BY r.id DESC LIMIT 1),
-                    (SELECT count(*) FROM {s}.failures f WHERE f.job = c.job AND f.resolved_at IS NULL)
+                    (SELECT count(*) FROM {s}.failures f WHERE f.job = c.job AND f.resolved_at IS NULL),
+                    c.total_exact
                FROM {s}.checkpoints c",
             verified = ts("c.verified_at"),
             created = ts("c.created_at"),
@@ -227,6 +231,7 @@ impl Store {
             }),
             rate_rows_per_second: r.get(24),
             failed_keys: r.get(25),
+            total_exact: r.get(26),
         }
     }
 
@@ -415,15 +420,17 @@ impl Store {
         run_id: i64,
         upper: Option<&KeyValue>,
         total_estimate: Option<i64>,
+        total_exact: bool,
     ) -> Result<()> {
         let n = client
             .execute(
                 &format!(
-                    "UPDATE {s}.checkpoints SET upper_bound = $3, total_estimate = $4, bound_taken = true, updated_at = now()
+                    "UPDATE {s}.checkpoints SET upper_bound = $3, total_estimate = $4, total_exact = $5,
+                            bound_taken = true, updated_at = now()
                       WHERE job = $1 AND owner_run = $2",
                     s = self.q
                 ),
-                &[&job, &run_id, &upper, &total_estimate],
+                &[&job, &run_id, &upper, &total_estimate, &total_exact],
             )
             .await
             .map_err(|e| db::error(e, format!("job {job}: saving the key range")))?;
@@ -490,6 +497,8 @@ impl Store {
                                finished_at = CASE WHEN $3 IN ('done', 'incomplete') THEN now() ELSE finished_at END,
                                verify_remaining = CASE WHEN $3 IN ('done', 'incomplete') THEN $5 ELSE verify_remaining END,
                                verified_at = CASE WHEN $5::bigint IS NOT NULL THEN now() ELSE verified_at END,
+                               total_estimate = CASE WHEN $3 IN ('done', 'incomplete') THEN rows_done ELSE total_estimate END,
+                               total_exact = total_exact OR $3 IN ('done', 'incomplete'),
                                owner_run = NULL, owner_host = NULL, owner_pid = NULL,
                                owner_backend_pid = NULL, owner_backend_start = NULL, heartbeat_at = NULL
                          WHERE job = $1 AND owner_run = $2
@@ -558,6 +567,59 @@ impl Store {
         .map_err(err)?;
         tx.commit().await.map_err(err)?;
         Ok(Some(checkpoint))
+    }
+}
+
+/// One row of a job's run history.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunRecord {
+    pub id: i64,
+    pub host: String,
+    pub pid: i32,
+    pub engine_version: String,
+    pub started_at: String,
+    pub ended_at: Option<String>,
+    pub rows_done: i64,
+    pub chunks_done: i64,
+    /// done, incomplete, stopped, failed, abandoned — or null while running.
+    pub outcome: Option<String>,
+    pub last_error: Option<String>,
+}
+
+impl Store {
+    /// The runs of a job, oldest first.
+    pub async fn history(&self, client: &impl GenericClient, job: &str) -> Result<Vec<RunRecord>> {
+        if !self.readable(client).await? {
+            return Ok(Vec::new());
+        }
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT id, host, pid, engine_version, {started}, {ended}, rows_done, chunks_done, outcome, last_error
+                       FROM {s}.runs WHERE job = $1 ORDER BY id",
+                    started = ts("started_at"),
+                    ended = ts("ended_at"),
+                    s = self.q
+                ),
+                &[&job],
+            )
+            .await
+            .map_err(|e| db::error(e, format!("job {job}: reading its run history")))?;
+        Ok(rows
+            .iter()
+            .map(|r| RunRecord {
+                id: r.get(0),
+                host: r.get(1),
+                pid: r.get(2),
+                engine_version: r.get(3),
+                started_at: r.get(4),
+                ended_at: r.get(5),
+                rows_done: r.get(6),
+                chunks_done: r.get(7),
+                outcome: r.get(8),
+                last_error: r.get(9),
+            })
+            .collect())
     }
 }
 

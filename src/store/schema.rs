@@ -76,6 +76,12 @@ CREATE TABLE {s}.failures (
 );
 "#,
     ),
+    (
+        3,
+        r#"
+ALTER TABLE {s}.checkpoints ADD COLUMN total_exact boolean NOT NULL DEFAULT false;
+"#,
+    ),
 ];
 
 pub const LATEST: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;

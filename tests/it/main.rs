@@ -6,5 +6,6 @@ mod definitions;
 mod faults;
 mod keys;
 mod lifecycle;
+mod observability;
 mod resilience;
 mod tls;

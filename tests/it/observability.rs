@@ -1,0 +1,370 @@
+//! What operators watch: the metrics endpoint (every metric the README names, histograms with
+//! buckets), a real Prometheus scraping a real run with every dashboard query returning data, the
+//! non-terminal progress lines, status --json and history against the database.
+
+use crate::support::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A plain HTTP GET on loopback; returns the body, or None if nothing answers.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.").then(|| body.to_string())
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Metric names in the README's metric table.
+fn readme_metrics() -> Vec<String> {
+    let readme = include_str!("../../README.md");
+    let section = readme
+        .split("## Metrics")
+        .nth(1)
+        .expect("README has a Metrics section");
+    let section = section.split("\n## ").next().unwrap();
+    section
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `backfill_"))
+        .map(|rest| format!("backfill_{}", rest.split('`').next().unwrap()))
+        .collect()
+}
+
+fn dashboard_queries() -> Vec<String> {
+    let d: serde_json::Value =
+        serde_json::from_str(include_str!("../../grafana/backfill.json")).unwrap();
+    let vars: Vec<&str> = d["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        vars.contains(&"datasource") && vars.contains(&"job"),
+        "dashboard variables: {vars:?}"
+    );
+    d["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| {
+            p["targets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["expr"].as_str().unwrap().to_string())
+        })
+        .collect()
+}
+
+struct Prometheus {
+    child: Child,
+    dir: std::path::PathBuf,
+    port: u16,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn start_prometheus(target_port: u16) -> Prometheus {
+    let port = free_port();
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("prom-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: backfill\n    honor_labels: true\n    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n"
+        ),
+    )
+    .unwrap();
+    let child = Command::new("prometheus")
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the prometheus binary (Debian/Ubuntu: apt-get install prometheus)");
+    let p = Prometheus { child, dir, port };
+    let t = Instant::now();
+    while http_get(port, "/-/ready").is_none_or(|b| !b.contains("Ready")) {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "prometheus did not become ready"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    p
+}
+
+fn prom_query(p: &Prometheus, expr: &str) -> serde_json::Value {
+    let body = http_get(p.port, &format!("/api/v1/query?query={}", url_encode(expr)))
+        .expect("prometheus answers");
+    let v: serde_json::Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(v["status"], "success", "{expr}: {v}");
+    v["data"]["result"].clone()
+}
+
+#[test]
+fn prometheus_scrapes_a_real_run_and_every_dashboard_query_returns_data() {
+    let db = TestDb::new();
+    counter_table(&db, 3000);
+    db.write_job(
+        "obs",
+        "table = \"t\"\nkey = [\"id\"]\nchunk_rows = 25\nlock_timeout = \"100ms\"\n\
+         sql = \"UPDATE t SET n = n + 1 FROM (SELECT pg_sleep(0.02)) s WHERE id BETWEEN :start AND :end\"\n\
+         verify = \"SELECT count(*) FROM t WHERE n = 0\"\n",
+    );
+    let mport = free_port();
+    let prom = start_prometheus(mport);
+    // A held row lock makes some chunk retry, so the retry series carry real counts.
+    let app = db.session();
+    app.exec("BEGIN; SELECT * FROM t WHERE id = 1200 FOR UPDATE");
+    let child = db.spawn(&[
+        "run",
+        "obs",
+        "--metrics-addr",
+        &mport.to_string(),
+        "--metrics-linger",
+        "6s",
+        "--max-attempts",
+        "100",
+    ]);
+    // Hold the run there until Prometheus scrapes it, so the series cover the whole run.
+    let t = Instant::now();
+    while prom_query(&prom, "backfill_rows_done{job=\"obs\"}")
+        .as_array()
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "prometheus never scraped the run"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    app.exec("COMMIT");
+
+    // The endpoint renders every metric of the README's table, and the histogram has buckets.
+    db.wait_for("SELECT coalesce((SELECT state = 'done' FROM backfill.checkpoints WHERE job = 'obs'), false)", Duration::from_secs(60));
+    let rendered = http_get(mport, "/metrics").expect("metrics endpoint lingers after the run");
+    let names = readme_metrics();
+    assert!(names.len() >= 15, "{names:?}");
+    let exported: Vec<&str> = backfill::telemetry::METRICS.iter().map(|m| m.0).collect();
+    assert_eq!(
+        names, exported,
+        "README metric table and exported metrics differ"
+    );
+    for n in &names {
+        assert!(
+            rendered.contains(&format!("# TYPE {n} ")),
+            "{n} missing from /metrics:\n{rendered}"
+        );
+    }
+    assert!(
+        rendered.contains("# TYPE backfill_chunk_duration_seconds histogram"),
+        "{rendered}"
+    );
+    assert!(
+        rendered.contains("backfill_chunk_duration_seconds_bucket{job=\"obs\",le=\"0.05\"}"),
+        "{rendered}"
+    );
+    assert!(
+        rendered.contains("backfill_state{job=\"obs\",state=\"done\"} 1"),
+        "{rendered}"
+    );
+    let retries: f64 = rendered
+        .lines()
+        .find(|l| l.starts_with("backfill_retries_total{job=\"obs\",class=\"contention\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap();
+    assert!(retries >= 1.0, "{rendered}");
+    assert!(
+        rendered.contains("backfill_rows_processed_total{job=\"obs\"} 3000"),
+        "{rendered}"
+    );
+
+    // Prometheus saw the final values, and every dashboard query has data.
+    let t = Instant::now();
+    while prom_query(&prom, "backfill_state{job=\"obs\",state=\"done\"} == 1")
+        .as_array()
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "prometheus never scraped the final state"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let queries = dashboard_queries();
+    assert!(queries.len() >= 12);
+    for q in &queries {
+        let expr = q.replace("$job", "obs").replace("$__rate_interval", "1m");
+        let result = prom_query(&prom, &expr);
+        let raw = prom_query(&prom, "{__name__=~\"backfill_rows.*\"}[1m]");
+        assert!(
+            !result.as_array().unwrap().is_empty(),
+            "no data for dashboard query {expr}; raw: {raw}"
+        );
+    }
+    let out = wait_out(child, Duration::from_secs(60));
+    out.expect(0);
+    assert!(
+        out.stderr.contains("serving metrics on http://127.0.0.1:"),
+        "{out:?}"
+    );
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+}
+
+#[test]
+fn progress_lines_when_stderr_is_not_a_terminal() {
+    let db = TestDb::new();
+    counter_table(&db, 600);
+    db.write_job(
+        "p",
+        &counter_job("").replace("chunk_rows = 100", "chunk_rows = 50"),
+    );
+    let out = db.run(&["run", "p", "--progress-interval", "1ms"]);
+    out.expect(0);
+    let lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("p: ") && l.contains(" of ~"))
+        .collect();
+    assert!(lines.len() >= 5, "{out:?}");
+    for l in &lines {
+        // p: 150 of ~600 rows (25.0%), 5000 rows/s, eta 0s, chunk 50 rows, 1 worker
+        let rest = l.strip_prefix("p: ").unwrap();
+        let (done, rest) = rest
+            .split_once(" of ~600 rows (")
+            .unwrap_or_else(|| panic!("{l}"));
+        done.parse::<u64>().unwrap();
+        let (pct, rest) = rest.split_once("%), ").unwrap();
+        assert!(pct.parse::<f64>().unwrap() <= 100.0, "{l}");
+        assert!(
+            rest.contains(" rows/s, eta ") && rest.ends_with(", chunk 50 rows, 1 worker"),
+            "{l}"
+        );
+    }
+
+    db.exec("UPDATE t SET n = 0");
+    db.run(&["reset", "p", "--yes"]).expect(0);
+    let out = db.run(&[
+        "--log-format",
+        "json",
+        "run",
+        "p",
+        "--progress-interval",
+        "1ms",
+    ]);
+    out.expect(0);
+    let mut progress = 0;
+    for l in out.stderr.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert_eq!(v["job"], "p");
+        assert!(v["ts"].is_string(), "{l}");
+        if v["event"] == "progress" {
+            progress += 1;
+            assert!(v["rows_done"].as_u64().unwrap() <= 600);
+            assert_eq!(v["chunk_rows"], 50);
+            assert_eq!(v["rows_total_estimate"], 600);
+        }
+    }
+    assert!(progress >= 5, "{out:?}");
+}
+
+#[test]
+fn status_json_and_history_match_the_database() {
+    let db = TestDb::new();
+    counter_table(&db, 400);
+    db.write_job("h", &counter_job(""));
+    db.run(&["run", "h"]).expect(0);
+    db.exec("UPDATE t SET n = 0");
+    db.run(&["reset", "h", "--yes"]).expect(0);
+    db.run(&["run", "h", "--chunk-rows", "50"]).expect(0);
+    let s: serde_json::Value =
+        serde_json::from_str(&db.run(&["status", "h", "--json"]).stdout).unwrap();
+    let c = &s["checkpoint"];
+    for (field, sql) in [
+        (
+            "rows_done",
+            "SELECT rows_done FROM backfill.checkpoints WHERE job = 'h'",
+        ),
+        (
+            "chunks_done",
+            "SELECT chunks_done FROM backfill.checkpoints WHERE job = 'h'",
+        ),
+        (
+            "rows_affected",
+            "SELECT rows_affected FROM backfill.checkpoints WHERE job = 'h'",
+        ),
+        (
+            "total_estimate",
+            "SELECT total_estimate FROM backfill.checkpoints WHERE job = 'h'",
+        ),
+    ] {
+        assert_eq!(c[field], db.i64(sql), "{field}");
+    }
+    assert_eq!(c["chunks_done"], 8);
+    assert_eq!(c["total_exact"], true);
+    assert_eq!(
+        c["cursor"][0],
+        db.text("SELECT max(id)::text FROM t").unwrap().as_str()
+    );
+    let out = db.run(&["history", "h", "--json"]);
+    let h: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let runs = h.as_array().unwrap();
+    assert_eq!(runs.len(), 2, "{out:?}");
+    assert_eq!(runs[0]["outcome"], "done");
+    assert_eq!(runs[1]["chunks_done"], 8);
+    assert_eq!(runs[1]["rows_done"], 400);
+    assert_eq!(runs[1]["engine_version"], env!("CARGO_PKG_VERSION"));
+    let out = db.run(&["history", "h"]);
+    assert!(
+        out.stdout.lines().count() == 3 && out.stdout.contains("done"),
+        "{out:?}"
+    );
+}
