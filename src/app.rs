@@ -8,7 +8,7 @@ use crate::executor::{self, Outcome, RunOptions};
 use crate::job::{self, JobSpec};
 use crate::keyset::show_key;
 use crate::signals::Shutdown;
-use crate::store::{self, Checkpoint, Store};
+use crate::store::{self, Checkpoint, ControlChange, Store};
 use crate::telemetry::{Progress, ProgressOptions};
 use std::path::Path;
 
@@ -54,6 +54,33 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             } else {
                 exit::NOT_SATISFIED
             })
+        }
+        Command::Pause { name } => control(&target()?, &store, &name, Control::Pause).await,
+        Command::Resume { name } => control(&target()?, &store, &name, Control::Resume).await,
+        Command::Cancel { name } => control(&target()?, &store, &name, Control::Cancel).await,
+        Command::Set(args) => {
+            let change = if args.clear {
+                ControlChange {
+                    rows_per_second: Some(None),
+                    target_chunk_time: Some(None),
+                    pause: Some(None),
+                    ..ControlChange::default()
+                }
+            } else {
+                if args.rows_per_second.is_none()
+                    && args.target_chunk_time.is_none()
+                    && args.pause.is_none()
+                {
+                    return Err(Error::Usage("nothing to set: give --rows-per-second, --target-chunk-time, --pause, or --clear".into()));
+                }
+                ControlChange {
+                    rows_per_second: args.rows_per_second.map(Some),
+                    target_chunk_time: args.target_chunk_time.map(Some),
+                    pause: args.pause.map(Some),
+                    ..ControlChange::default()
+                }
+            };
+            control(&target()?, &store, &args.name, Control::Set(change)).await
         }
         Command::History { name, json } => history(&target()?, &store, &name, json).await,
         Command::Failures { name, all, json } => {
@@ -102,6 +129,9 @@ async fn run(
         max_attempts: args.max_attempts,
         verify_timeout: args.verify_timeout,
         reconnect_for: args.reconnect_for,
+        rows_per_second: args.rows_per_second,
+        target_chunk_time: args.target_chunk_time,
+        pause: args.pause,
     };
     progress.log(&format!(
         "{}: running on {} ({})",
@@ -162,6 +192,9 @@ async fn run(
         }
         Outcome::Incomplete { verify_remaining } => Err(Error::Runtime(format!(
             "job {name}: every key up to the bound was processed ({summary}), but verify still counts {verify_remaining} rows to do — probably rows written behind the cursor by code that does not fill the new column yet; fix the writers, then `backfill reset {name} --yes` and run again (the statement's guard makes the second pass cheap)"
+        ))),
+        Outcome::Cancelled => Err(Error::Interrupted(format!(
+            "{name}: cancelled by `backfill cancel`: {summary}; progress is saved — `backfill run {name}` resumes after key {cursor}"
         ))),
         Outcome::Stopped => Err(Error::Interrupted(format!(
             "{name}: stopped: {summary}; progress is saved — `backfill run {name}` resumes after key {cursor}"
@@ -437,6 +470,71 @@ fn check(jobs: &Path, name: Option<&str>) -> Result<u8> {
             "{bad} of {} job files are invalid",
             results.len()
         )));
+    }
+    Ok(exit::SUCCESS)
+}
+
+enum Control {
+    Pause,
+    Resume,
+    Cancel,
+    Set(ControlChange),
+}
+
+async fn control(target: &Target, store: &Store, name: &str, what: Control) -> Result<u8> {
+    let mut client = target.connect().await?;
+    store.ensure(&mut client).await?;
+    let running = store
+        .load(&client, name)
+        .await?
+        .and_then(|c| c.owner)
+        .filter(|o| o.alive);
+    let runner = running
+        .as_ref()
+        .map(|o| format!("the runner on host {} (pid {})", o.host, o.pid));
+    let (change, done) = match what {
+        Control::Pause => (
+            ControlChange { paused: Some(true), ..ControlChange::default() },
+            match &runner {
+                Some(r) => format!("job {name}: paused; {r} holds before its next chunk. `backfill resume {name}` lets it go on"),
+                None => format!("job {name}: paused; no runner is active, so the next `backfill run {name}` will start held until `backfill resume {name}`"),
+            },
+        ),
+        Control::Resume => (ControlChange { paused: Some(false), ..ControlChange::default() }, match &runner {
+            Some(r) => format!("job {name}: resumed; {r} goes on"),
+            None => String::new(),
+        }),
+        Control::Cancel => {
+            let Some(r) = &runner else {
+                return Err(Error::NotSatisfied(format!("job {name} is not running; nothing to cancel")));
+            };
+            (
+                ControlChange { cancel: Some(true), ..ControlChange::default() },
+                format!("job {name}: cancel requested; {r} stops after its current chunk (progress kept; `backfill run {name}` resumes)"),
+            )
+        }
+        Control::Set(change) => (change, String::new()),
+    };
+    let controls = store.change_controls(&client, name, &change).await?;
+    if done.is_empty() {
+        // resume without a runner, or set
+        if change.paused == Some(false) {
+            return Err(Error::NotSatisfied(format!(
+                "job {name}: no runner is active (the pause flag is cleared); start it with `backfill run {name}`"
+            )));
+        }
+        let applies = match &runner {
+            Some(r) => format!("{r} applies them before its next chunk"),
+            None => "they apply when the job next runs".into(),
+        };
+        println!(
+            "job {name}: overrides now rows_per_second {}, target_chunk_time {}, pause {}; {applies}",
+            controls.rows_per_second.map(|r| r.to_string()).unwrap_or_else(|| "(job's)".into()),
+            controls.target_chunk_time.map(|d| humantime::format_duration(d).to_string()).unwrap_or_else(|| "(job's)".into()),
+            controls.pause.map(|d| humantime::format_duration(d).to_string()).unwrap_or_else(|| "(job's)".into()),
+        );
+    } else {
+        println!("{done}");
     }
     Ok(exit::SUCCESS)
 }

@@ -86,6 +86,14 @@ pub enum Command {
         #[arg(long, value_parser = duration, default_value = "5m")]
         verify_timeout: Duration,
     },
+    /// Hold a running job before its next chunk (from any host); `resume` lets it go on.
+    Pause { name: String },
+    /// Let a paused job go on.
+    Resume { name: String },
+    /// Stop a running job after its current chunk; state `cancelled`, progress kept.
+    Cancel { name: String },
+    /// Change a job's throttle while it runs (kept for its later runs until --clear).
+    Set(SetArgs),
     /// List a job's runs: host, pid, engine version, start and end, rows, outcome.
     History {
         name: String,
@@ -146,6 +154,15 @@ pub struct RunArgs {
     /// Longest the final verify query may run.
     #[arg(long, value_parser = duration, default_value = "5m")]
     pub verify_timeout: Duration,
+    /// Rate ceiling in keys per second (overrides the job's throttle.rows_per_second).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rows_per_second: Option<u32>,
+    /// Chunk time the chunk size adapts toward (e.g. 50ms); 0s keeps chunk_rows fixed.
+    #[arg(long, value_parser = duration_or_zero)]
+    pub target_chunk_time: Option<Duration>,
+    /// Fixed pause between chunks (overrides throttle.pause).
+    #[arg(long, value_parser = duration_or_zero)]
+    pub pause: Option<Duration>,
     /// Serve Prometheus metrics on this address (a bare port binds 127.0.0.1); off by default.
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<String>,
@@ -161,4 +178,21 @@ pub struct RunArgs {
     /// Print the final report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SetArgs {
+    pub name: String,
+    /// Rate ceiling in keys per second.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rows_per_second: Option<u32>,
+    /// Chunk time the chunk size adapts toward (e.g. 50ms).
+    #[arg(long, value_parser = duration)]
+    pub target_chunk_time: Option<Duration>,
+    /// Fixed pause between chunks (0s for none).
+    #[arg(long, value_parser = duration_or_zero)]
+    pub pause: Option<Duration>,
+    /// Drop every override: the job file and run flags apply again.
+    #[arg(long, conflicts_with_all = ["rows_per_second", "target_chunk_time", "pause"])]
+    pub clear: bool,
 }

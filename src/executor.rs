@@ -23,11 +23,13 @@
 
 use crate::db::{self, ErrorClass, Target};
 use crate::error::{Error, Result};
+use crate::job::ThrottleSpec;
 use crate::job::{JobSpec, OnError};
 use crate::keyset::{show_key, KeyValue, Keyset};
 use crate::signals::Shutdown;
 use crate::store::{self, Claim, LeaseState, Poison, Runner, Store};
 use crate::telemetry::Progress;
+use crate::throttle::{Hold, Throttle};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_postgres::types::ToSql;
@@ -44,6 +46,11 @@ pub struct RunOptions {
     pub verify_timeout: Duration,
     /// How long to keep waiting for a database that went away.
     pub reconnect_for: Duration,
+    /// Overrides of the job's `[throttle]` settings.
+    pub rows_per_second: Option<u32>,
+    /// Zero turns adaptation off.
+    pub target_chunk_time: Option<Duration>,
+    pub pause: Option<Duration>,
 }
 
 impl Default for RunOptions {
@@ -56,6 +63,9 @@ impl Default for RunOptions {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             verify_timeout: DEFAULT_VERIFY_TIMEOUT,
             reconnect_for: DEFAULT_RECONNECT_FOR,
+            rows_per_second: None,
+            target_chunk_time: None,
+            pause: None,
         }
     }
 }
@@ -67,6 +77,12 @@ const BACKOFF_BASE: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const RECONNECT_POLL_MAX: Duration = Duration::from_secs(2);
 const LAG_SAMPLE_EVERY: Duration = Duration::from_secs(5);
+/// How often a running job reads its controls (pause, cancel, new settings).
+const CONTROLS_EVERY: Duration = Duration::from_millis(200);
+/// Sessions waiting for a lock that this session holds.
+const BLOCKED_SQL: &str = "SELECT count(*) FROM pg_stat_activity
+     WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()
+       AND pg_backend_pid() = ANY (pg_blocking_pids(pid))";
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case", tag = "outcome")]
@@ -79,6 +95,8 @@ pub enum Outcome {
     Incomplete { verify_remaining: i64 },
     /// Stopped by a signal; the next run resumes from the cursor.
     Stopped,
+    /// Stopped by `backfill cancel`; the next run resumes from the cursor.
+    Cancelled,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -161,6 +179,23 @@ pub async fn run(
         attempt: 0,
         outage: None,
         lag_sampled: None,
+        throttle: Throttle::new(
+            ThrottleSpec {
+                rows_per_second: opts.rows_per_second.or(job.throttle.rows_per_second),
+                target_chunk_time: match opts.target_chunk_time {
+                    Some(d) if d.is_zero() => None,
+                    Some(d) => Some(d),
+                    None => job.throttle.target_chunk_time,
+                },
+                pause: opts.pause.unwrap_or(job.throttle.pause),
+                ..job.throttle.clone()
+            },
+            opts.chunk_rows.unwrap_or(job.chunk_rows),
+            job.table.quoted(),
+        ),
+        controls_read: None,
+        controls: store::Controls::default(),
+        holding: None,
         tally: Tally {
             rows_done_total: checkpoint.rows_done,
             ..Tally::default()
@@ -189,6 +224,13 @@ pub async fn run(
     let finisher = connect_patiently(target, opts.reconnect_for, progress).await?;
     let name = job.name.as_str();
     match result {
+        Ok(LoopEnd::Cancelled) => {
+            progress.finish("cancelled");
+            store
+                .finish(&finisher, name, run_id, "cancelled", None, None)
+                .await?;
+            Ok(report(Outcome::Cancelled))
+        }
         Ok(LoopEnd::Stopped) => {
             progress.finish("stopped");
             store
@@ -285,6 +327,8 @@ async fn connect_patiently(
 enum LoopEnd {
     Finished,
     Stopped,
+    /// `backfill cancel`.
+    Cancelled,
 }
 
 #[derive(Default)]
@@ -310,6 +354,10 @@ struct ChunkDone {
     keys: i64,
     affected: i64,
     took: Duration,
+    /// The chunk size asked for.
+    asked: i64,
+    /// Sessions that were waiting on this chunk's locks just before it committed.
+    blocked: i64,
 }
 
 /// A failed attempt at a chunk, with what is known of where it failed.
@@ -372,6 +420,12 @@ struct Walk<'a> {
     outage: Option<Instant>,
     /// When replication lag was last sampled.
     lag_sampled: Option<Instant>,
+    throttle: Throttle,
+    /// When the controls were last read.
+    controls_read: Option<Instant>,
+    controls: store::Controls,
+    /// The hold reason last written to the checkpoint.
+    holding: Option<String>,
     tally: Tally,
 }
 
@@ -381,7 +435,7 @@ impl Walk<'_> {
     }
 
     fn configured_limit(&self) -> i64 {
-        self.opts.chunk_rows.unwrap_or(self.job.chunk_rows) as i64
+        self.throttle.chunk_rows()
     }
 
     async fn drive(&mut self, keyset: &Keyset, checkpoint: &store::Checkpoint) -> Result<LoopEnd> {
@@ -424,9 +478,32 @@ impl Walk<'_> {
             if self.lease.is_lost() {
                 return Err(store::lost(&name));
             }
+            if self.read_controls().await {
+                return Ok(LoopEnd::Cancelled);
+            }
+            if self.tally.chunks == 0 {
+                self.progress
+                    .set_rate_limit(self.throttle.spec().rows_per_second);
+            }
+            if self.hold_while_unhealthy().await? {
+                continue;
+            }
             self.sample_replication_lag().await;
+            if self.narrow_left == 0 {
+                self.limit = self.configured_limit();
+            }
+            let waited = self.throttle.admit(self.limit).await;
+            self.progress.held("rate_limit", waited);
             match self.step(&sql).await {
-                Ok(Some(done)) => self.committed(done),
+                Ok(Some(done)) => {
+                    let took = done.took;
+                    self.committed(done);
+                    let rest = self.throttle.rest(took);
+                    if !rest.is_zero() {
+                        self.shutdown.sleep(rest).await;
+                        self.progress.held("pause", rest);
+                    }
+                }
                 Ok(None) => return Ok(LoopEnd::Finished),
                 Err(ChunkError::Lost) => return Err(store::lost(&name)),
                 Err(ChunkError::Failed(f)) => {
@@ -555,6 +632,86 @@ impl Walk<'_> {
         }
     }
 
+    /// Reads the job's controls (at most every 0.2 s) and applies new settings. True: cancel.
+    async fn read_controls(&mut self) -> bool {
+        if self
+            .controls_read
+            .is_some_and(|t| t.elapsed() < CONTROLS_EVERY)
+        {
+            return self.controls.cancel;
+        }
+        let Some(conn) = self.conn.as_ref().filter(|c| !c.is_closed()) else {
+            return false;
+        };
+        self.controls_read = Some(Instant::now());
+        if let Ok(c) = self.store.controls(&***conn, &self.job.name).await {
+            if c != self.controls {
+                self.throttle.apply(&c);
+                self.progress
+                    .set_chunk_size(self.throttle.chunk_rows() as u64);
+                self.progress
+                    .set_rate_limit(self.throttle.spec().rows_per_second);
+                if c.rows_per_second != self.controls.rows_per_second
+                    || c.target_chunk_time != self.controls.target_chunk_time
+                    || c.pause != self.controls.pause
+                {
+                    self.progress.log(&format!(
+                        "{}: new settings from `backfill set`: {}",
+                        self.name(),
+                        describe_controls(&c)
+                    ));
+                }
+                self.controls = c;
+            }
+        }
+        self.controls.cancel
+    }
+
+    /// Holds while paused or while a health signal says so. True when it held (the caller
+    /// re-checks stop, cancel and ownership before going on).
+    async fn hold_while_unhealthy(&mut self) -> Result<bool> {
+        let hold = if self.controls.paused {
+            Some(Hold {
+                reason: "paused",
+                detail: format!(
+                    "paused by `backfill pause` (resume with `backfill resume {}`)",
+                    self.name()
+                ),
+            })
+        } else {
+            match self.conn.as_ref().filter(|c| !c.is_closed()) {
+                Some(conn) => self.throttle.check(conn).await,
+                None => None,
+            }
+        };
+        let detail = hold.as_ref().map(|h| h.detail.clone());
+        if detail != self.holding {
+            if let Some(conn) = self.conn.as_ref().filter(|c| !c.is_closed()) {
+                let _ = self
+                    .store
+                    .set_hold(&***conn, &self.job.name, self.run_id, detail.as_deref())
+                    .await;
+            }
+            match &detail {
+                Some(d) => self.progress.log(&format!("{}: holding: {d}", self.name())),
+                None => self
+                    .progress
+                    .log(&format!("{}: no longer held; continuing", self.name())),
+            }
+            self.progress.set_held(detail.as_deref());
+            self.holding = detail;
+        }
+        let Some(hold) = hold else { return Ok(false) };
+        let nap = self
+            .throttle
+            .spec()
+            .check_interval
+            .min(Duration::from_millis(500));
+        self.shutdown.sleep(nap).await;
+        self.progress.held(hold.reason, nap);
+        Ok(true)
+    }
+
     fn committed(&mut self, done: ChunkDone) {
         self.attempt = 0;
         if self.outage.take().is_some() {
@@ -566,6 +723,16 @@ impl Walk<'_> {
         self.tally.chunks += 1;
         self.tally.rows_done_total += done.keys;
         self.cursor = Some(done.last);
+        if done.blocked > 0 {
+            let size = self.throttle.shrink();
+            self.progress.log(&format!(
+                "{}: {} application session(s) waited on this chunk's locks; chunks shrink to {size} keys",
+                self.name(),
+                done.blocked
+            ));
+        } else if self.narrow_left == 0 {
+            self.throttle.adapt(done.keys, done.asked, done.took);
+        }
         self.passed(done.keys);
         self.progress
             .chunk_committed(done.keys as u64, done.affected.max(0) as u64, done.took);
@@ -786,11 +953,19 @@ async fn run_chunk(
         .await
         .map_err(failed("running the job's statement", at))? as i64;
 
+    // Application sessions queued behind this chunk's row locks: commit now (which releases
+    // them) and tell the caller, which yields by shrinking the next chunks.
+    let blocked: i64 = tx
+        .query_one(BLOCKED_SQL, &[])
+        .await
+        .map_err(failed("looking for blocked sessions", at))?
+        .get(0);
     let step = store::Advance {
         previous: cursor,
         last,
         keys,
         affected,
+        chunk_rows: limit.min(i32::MAX as i64) as i32,
     };
     let advanced = store
         .advance(&*tx, job, run_id, step)
@@ -806,6 +981,8 @@ async fn run_chunk(
         keys,
         affected,
         took: started.elapsed(),
+        asked: limit,
+        blocked,
     }))
 }
 
@@ -934,6 +1111,21 @@ pub async fn retry_failures(
         }
     }
     Ok((fixed, still))
+}
+
+fn describe_controls(c: &store::Controls) -> String {
+    format!(
+        "rows_per_second {}, target_chunk_time {}, pause {}",
+        c.rows_per_second
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "(job's)".into()),
+        c.target_chunk_time
+            .map(|d| humantime::format_duration(d).to_string())
+            .unwrap_or_else(|| "(job's)".into()),
+        c.pause
+            .map(|d| humantime::format_duration(d).to_string())
+            .unwrap_or_else(|| "(job's)".into()),
+    )
 }
 
 #[cfg(test)]

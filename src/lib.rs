@@ -24,5 +24,6 @@ pub mod pgtemp;
 pub mod signals;
 pub mod store;
 pub mod telemetry;
+pub mod throttle;
 
 pub use error::{Error, Result};

@@ -100,10 +100,28 @@ pub const METRICS: &[(&str, &str, &str)] = &[
     ),
 ];
 
-pub const HOLD_REASONS: &[&str] = &["database_unavailable", "retry_backoff"];
+pub const HOLD_REASONS: &[&str] = &[
+    "database_unavailable",
+    "retry_backoff",
+    "rate_limit",
+    "pause",
+    "paused",
+    "replication_lag",
+    "wal_rate",
+    "autovacuum",
+    "throttle_sql",
+    "signal_error",
+];
 pub const ERROR_CLASSES: &[&str] = &["contention", "timeout", "connection", "data"];
 pub const CHUNK_OUTCOMES: &[&str] = &["committed", "failed", "skipped"];
-pub const STATES: &[&str] = &["running", "stopped", "failed", "done", "incomplete"];
+pub const STATES: &[&str] = &[
+    "running",
+    "stopped",
+    "cancelled",
+    "failed",
+    "done",
+    "incomplete",
+];
 
 /// Serves Prometheus metrics on `addr` until the process exits. Call before creating a
 /// [`Progress`]. A bare port binds 127.0.0.1.
@@ -175,7 +193,7 @@ struct State {
     total: Option<u64>,
     chunk_size: u64,
     held: Option<String>,
-    held_carry: [f64; 2],
+    held_carry: [f64; HOLD_REASONS.len()],
 }
 
 /// The run's reporter: progress display, log lines and metrics for one job.
@@ -240,7 +258,7 @@ impl Progress {
                 total: None,
                 chunk_size: 0,
                 held: None,
-                held_carry: [0.0; 2],
+                held_carry: [0.0; HOLD_REASONS.len()],
             }),
             m,
         }
@@ -344,6 +362,12 @@ impl Progress {
         if let Some(bar) = &self.bar {
             bar.set_message(msg);
         }
+    }
+
+    /// The rate ceiling in force (None: none).
+    pub fn set_rate_limit(&self, rows_per_second: Option<u32>) {
+        gauge!("backfill_rate_limit_rows_per_second", "job" => self.job.clone())
+            .set(rows_per_second.unwrap_or(0) as f64);
     }
 
     pub fn replication_lag(&self, seconds: f64) {
@@ -510,7 +534,7 @@ mod tests {
             total: Some(950),
             chunk_size: 10,
             held: None,
-            held_carry: [0.0; 2],
+            held_carry: [0.0; HOLD_REASONS.len()],
         };
         let (ratio, eta, rate) = figures(&s);
         assert_eq!(ratio, Some(1.0));

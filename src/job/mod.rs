@@ -4,6 +4,9 @@
 
 pub mod raw;
 mod spec;
+mod throttle;
+
+pub use throttle::{parse_bytes, OnSignalError, ThrottleSpec};
 
 pub use spec::{
     parse_duration, quote_ident, JobSpec, OnError, TableName, DEFAULT_CHUNK_ROWS,

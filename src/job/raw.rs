@@ -16,4 +16,23 @@ pub struct RawJob {
     pub lock_timeout: Option<Spanned<String>>,
     pub statement_timeout: Option<Spanned<String>>,
     pub on_error: Option<Spanned<String>>,
+    pub throttle: Option<Spanned<RawThrottle>>,
+}
+
+/// The `[throttle]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawThrottle {
+    pub rows_per_second: Option<Spanned<i64>>,
+    pub target_chunk_time: Option<Spanned<String>>,
+    pub min_chunk_rows: Option<Spanned<i64>>,
+    pub max_chunk_rows: Option<Spanned<i64>>,
+    pub pause: Option<Spanned<String>>,
+    pub nice_ratio: Option<Spanned<f64>>,
+    pub max_replication_lag: Option<Spanned<String>>,
+    pub max_wal_rate: Option<Spanned<String>>,
+    pub hold_during_autovacuum: Option<Spanned<bool>>,
+    pub throttle_sql: Option<Spanned<String>>,
+    pub on_signal_error: Option<Spanned<String>>,
+    pub check_interval: Option<Spanned<String>>,
 }

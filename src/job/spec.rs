@@ -125,19 +125,25 @@ pub struct JobSpec {
     pub lock_timeout: Duration,
     pub statement_timeout: Duration,
     pub on_error: OnError,
+    pub throttle: super::ThrottleSpec,
     /// Stable hash of what the job does to the data (table, key, sql). Progress made under one
     /// fingerprint is not resumed under another without `--allow-changed-definition`.
     pub fingerprint: String,
 }
 
 /// Builds "file:line: key `k`: message" errors from spans.
-struct Locator<'a> {
+pub(super) struct Locator<'a> {
     path: &'a Path,
     text: &'a str,
 }
 
 impl Locator<'_> {
-    fn err<T>(&self, key: &str, span: &Spanned<T>, msg: impl std::fmt::Display) -> Error {
+    pub(super) fn err<T>(
+        &self,
+        key: &str,
+        span: &Spanned<T>,
+        msg: impl std::fmt::Display,
+    ) -> Error {
         let line = self.text[..span.span().start.min(self.text.len())]
             .matches('\n')
             .count()
@@ -264,6 +270,7 @@ impl JobSpec {
             },
         };
 
+        let throttle = super::ThrottleSpec::parse(&at, raw.throttle.as_ref())?;
         let fingerprint = fingerprint(&table, &key, raw.sql.get_ref());
         Ok(JobSpec {
             name: name.to_string(),
@@ -277,6 +284,7 @@ impl JobSpec {
             lock_timeout,
             statement_timeout,
             on_error,
+            throttle,
             fingerprint,
         })
     }
@@ -409,6 +417,35 @@ sql = "UPDATE orders SET n = n + 1 WHERE id BETWEEN :start AND :end"
         .unwrap();
         assert_eq!(j.lock_timeout, Duration::from_millis(250));
         assert_eq!(j.statement_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn throttle_table() {
+        let j = parse(&format!("{OK}[throttle]\nrows_per_second = 500\ntarget_chunk_time = \"200ms\"\nmax_wal_rate = \"8MB\"\non_signal_error = \"ignore\"\n")).unwrap();
+        assert_eq!(j.throttle.rows_per_second, Some(500));
+        assert_eq!(
+            j.throttle.target_chunk_time,
+            Some(Duration::from_millis(200))
+        );
+        assert_eq!(j.throttle.max_wal_rate, Some(8_000_000));
+        assert_eq!(
+            j.throttle.on_signal_error,
+            super::super::OnSignalError::Ignore
+        );
+        let m = parse(&format!("{OK}[throttle]\nrows_per_sec = 5\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains(":6") && m.contains("rows_per_sec"), "{m}");
+        let m = parse(&format!(
+            "{OK}[throttle]\nmin_chunk_rows = 500\nmax_chunk_rows = 100\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(m.contains("above max_chunk_rows"), "{m}");
+        assert_eq!(
+            parse(OK).unwrap().throttle,
+            super::super::ThrottleSpec::default()
+        );
     }
 
     #[test]

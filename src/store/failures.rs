@@ -63,6 +63,7 @@ impl Store {
     ) -> Result<u64, tokio_postgres::Error> {
         self.record_failure(tx, job, Some(run_id), poison).await?;
         let step = Advance {
+            chunk_rows: 1,
             previous,
             last: poison.key,
             keys: 1,

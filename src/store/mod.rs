@@ -8,10 +8,12 @@
 //! Every chunk's checkpoint advance is guarded by the run id and the previous cursor, so even a
 //! runner that lost its lease cannot commit a chunk twice.
 
+mod control;
 mod failures;
 mod lease;
 mod schema;
 
+pub use control::{ControlChange, Controls};
 pub use failures::{FailedKey, Poison};
 pub use lease::LeaseState;
 pub use schema::{grants, installed_version, migrate, LATEST as SCHEMA_VERSION};
@@ -64,6 +66,11 @@ pub struct Checkpoint {
     pub rate_rows_per_second: Option<f64>,
     /// Keys recorded as failing and not yet resolved (`backfill failures`).
     pub failed_keys: i64,
+    /// Keys per chunk of the last committed chunk.
+    pub chunk_rows_now: Option<i32>,
+    /// Why the running job is held right now, with the value seen and the threshold.
+    pub hold_reason: Option<String>,
+    pub held_since: Option<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -114,6 +121,8 @@ pub struct Advance<'a> {
     pub last: &'a KeyValue,
     pub keys: i64,
     pub affected: i64,
+    /// The chunk size in force (for `status`).
+    pub chunk_rows: i32,
 }
 
 pub(crate) fn ts(col: &str) -> String {
@@ -182,7 +191,7 @@ impl Store {
                             / NULLIF(extract(epoch FROM (coalesce(r.ended_at, c.updated_at) - r.started_at)), 0)::float8
                        FROM {s}.runs r WHERE r.job = c.job ORDER BY r.id DESC LIMIT 1),
                     (SELECT count(*) FROM {s}.failures f WHERE f.job = c.job AND f.resolved_at IS NULL),
-                    c.total_exact
+                    c.total_exact, c.chunk_rows_now, c.hold_reason, {held_since}
                FROM {s}.checkpoints c",
             verified = ts("c.verified_at"),
             created = ts("c.created_at"),
@@ -190,6 +199,7 @@ impl Store {
             updated = ts("c.updated_at"),
             finished = ts("c.finished_at"),
             heartbeat = ts("c.heartbeat_at"),
+            held_since = ts("c.held_since"),
             alive = self.owner_alive_sql(),
             s = self.q,
         )
@@ -232,6 +242,9 @@ impl Store {
             rate_rows_per_second: r.get(24),
             failed_keys: r.get(25),
             total_exact: r.get(26),
+            chunk_rows_now: r.get(27),
+            hold_reason: if alive { r.get(28) } else { None },
+            held_since: if alive { r.get(29) } else { None },
         }
     }
 
@@ -379,7 +392,7 @@ impl Store {
                      owner_run = $2, owner_host = $4, owner_pid = $5,
                      owner_backend_pid = pg_backend_pid(),
                      owner_backend_start = (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()),
-                     heartbeat_at = now()
+                     heartbeat_at = now(), hold_reason = NULL, held_since = NULL
                   WHERE job = $1",
                 s = self.q
             ),
@@ -387,6 +400,16 @@ impl Store {
         )
         .await
         .map_err(err)?;
+            // A cancel was for the run it stopped; this run starts fresh.
+            tx.execute(
+                &format!(
+                    "UPDATE {s}.controls SET cancel = false WHERE job = $1",
+                    s = self.q
+                ),
+                &[&name],
+            )
+            .await
+            .map_err(err)?;
             tx.commit().await.map_err(err)?;
             return Ok(Claim::Owned { run_id, checkpoint });
         }
@@ -453,11 +476,12 @@ impl Store {
         tx.execute(
             &format!(
                 "UPDATE {s}.checkpoints SET cursor = $4, rows_done = rows_done + $5,
-                        rows_affected = rows_affected + $6, chunks_done = chunks_done + 1, updated_at = now()
+                        rows_affected = rows_affected + $6, chunks_done = chunks_done + 1, updated_at = now(),
+                        chunk_rows_now = $7
                   WHERE job = $1 AND owner_run = $2 AND cursor IS NOT DISTINCT FROM $3",
                 s = self.q
             ),
-            &[&job, &run_id, &step.previous, step.last, &step.keys, &step.affected],
+            &[&job, &run_id, &step.previous, step.last, &step.keys, &step.affected, &step.chunk_rows],
         )
         .await
     }
@@ -499,6 +523,7 @@ impl Store {
                                verified_at = CASE WHEN $5::bigint IS NOT NULL THEN now() ELSE verified_at END,
                                total_estimate = CASE WHEN $3 IN ('done', 'incomplete') THEN rows_done ELSE total_estimate END,
                                total_exact = total_exact OR $3 IN ('done', 'incomplete'),
+                               hold_reason = NULL, held_since = NULL,
                                owner_run = NULL, owner_host = NULL, owner_pid = NULL,
                                owner_backend_pid = NULL, owner_backend_start = NULL, heartbeat_at = NULL
                          WHERE job = $1 AND owner_run = $2

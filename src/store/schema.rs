@@ -82,6 +82,26 @@ CREATE TABLE {s}.failures (
 ALTER TABLE {s}.checkpoints ADD COLUMN total_exact boolean NOT NULL DEFAULT false;
 "#,
     ),
+    (
+        4,
+        r#"
+ALTER TABLE {s}.checkpoints DROP CONSTRAINT checkpoints_state_check;
+ALTER TABLE {s}.checkpoints ADD CONSTRAINT checkpoints_state_check
+    CHECK (state IN ('new', 'running', 'stopped', 'cancelled', 'failed', 'done', 'incomplete'));
+ALTER TABLE {s}.checkpoints ADD COLUMN chunk_rows_now integer;
+ALTER TABLE {s}.checkpoints ADD COLUMN hold_reason text;
+ALTER TABLE {s}.checkpoints ADD COLUMN held_since timestamptz;
+CREATE TABLE {s}.controls (
+    job                  text PRIMARY KEY,
+    paused               boolean NOT NULL DEFAULT false,
+    cancel               boolean NOT NULL DEFAULT false,
+    rows_per_second      bigint,
+    target_chunk_time_ms bigint,
+    pause_ms             bigint,
+    updated_at           timestamptz NOT NULL DEFAULT now()
+);
+"#,
+    ),
 ];
 
 pub const LATEST: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -187,7 +207,7 @@ pub fn grants(schema: &str, role: &str) -> String {
     format!(
         "GRANT USAGE ON SCHEMA {s} TO {r};
          GRANT SELECT ON {s}.schema_version TO {r};
-         GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.checkpoints, {s}.runs, {s}.failures TO {r};
+         GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.checkpoints, {s}.runs, {s}.failures, {s}.controls TO {r};
          GRANT USAGE ON SEQUENCE {s}.runs_id_seq, {s}.failures_id_seq TO {r};"
     )
 }

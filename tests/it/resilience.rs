@@ -10,7 +10,8 @@ fn slow_counter_job(sleep: &str, chunk: u32) -> String {
     format!(
         "table = \"t\"\nkey = [\"id\"]\nchunk_rows = {chunk}\n\
          sql = \"UPDATE t SET n = n + 1 FROM (SELECT pg_sleep({sleep})) s WHERE id BETWEEN :start AND :end\"\n\
-         verify = \"SELECT count(*) FROM t WHERE n = 0\"\n"
+         verify = \"SELECT count(*) FROM t WHERE n = 0\"\n\
+         throttle = {{ target_chunk_time = \"0s\" }}\n"
     )
 }
 

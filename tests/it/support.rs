@@ -336,7 +336,8 @@ pub fn counter_job(extra: &str) -> String {
     format!(
         "table = \"t\"\nkey = [\"id\"]\nchunk_rows = 100\n\
          sql = \"UPDATE t SET n = n + 1 WHERE id BETWEEN :start AND :end\"\n\
-         verify = \"SELECT count(*) FROM t WHERE n = 0\"\n{extra}"
+         verify = \"SELECT count(*) FROM t WHERE n = 0\"\n\
+         throttle = {{ target_chunk_time = \"0s\" }}\n{extra}"
     )
 }
 

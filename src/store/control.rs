@@ -1,0 +1,121 @@
+//! Live control of a running job from any host, through the engine's schema: pause, resume,
+//! cancel, and new throttle values. The running process reads its row before its next chunk and
+//! writes back what it is doing (chunk size, hold reason) for `status`.
+
+use super::Store;
+use crate::db;
+use crate::error::Result;
+use std::time::Duration;
+use tokio_postgres::GenericClient;
+
+/// What an operator asked of a job (`backfill pause|resume|cancel|set`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Controls {
+    pub paused: bool,
+    pub cancel: bool,
+    pub rows_per_second: Option<u32>,
+    pub target_chunk_time: Option<Duration>,
+    pub pause: Option<Duration>,
+}
+
+/// A change to a job's controls; None leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct ControlChange {
+    pub paused: Option<bool>,
+    pub cancel: Option<bool>,
+    /// Some(None) clears an override.
+    pub rows_per_second: Option<Option<u32>>,
+    pub target_chunk_time: Option<Option<Duration>>,
+    pub pause: Option<Option<Duration>>,
+}
+
+impl Store {
+    pub async fn controls(
+        &self,
+        client: &impl GenericClient,
+        job: &str,
+    ) -> Result<Controls, tokio_postgres::Error> {
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT paused, cancel, rows_per_second, target_chunk_time_ms, pause_ms FROM {s}.controls WHERE job = $1",
+                    s = self.q
+                ),
+                &[&job],
+            )
+            .await?;
+        Ok(row
+            .map(|r| Controls {
+                paused: r.get(0),
+                cancel: r.get(1),
+                rows_per_second: r.get::<_, Option<i64>>(2).map(|n| n as u32),
+                target_chunk_time: r
+                    .get::<_, Option<i64>>(3)
+                    .map(|ms| Duration::from_millis(ms as u64)),
+                pause: r
+                    .get::<_, Option<i64>>(4)
+                    .map(|ms| Duration::from_millis(ms as u64)),
+            })
+            .unwrap_or_default())
+    }
+
+    pub async fn change_controls(
+        &self,
+        client: &impl GenericClient,
+        job: &str,
+        c: &ControlChange,
+    ) -> Result<Controls> {
+        let ms = |d: Option<Option<Duration>>| d.map(|o| o.map(|d| d.as_millis() as i64));
+        let (set_rate, rate) = (
+            c.rows_per_second.is_some(),
+            c.rows_per_second.flatten().map(i64::from),
+        );
+        let (set_target, target) = (
+            c.target_chunk_time.is_some(),
+            ms(c.target_chunk_time).flatten(),
+        );
+        let (set_pause, pause) = (c.pause.is_some(), ms(c.pause).flatten());
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO {s}.controls AS c (job, paused, cancel, rows_per_second, target_chunk_time_ms, pause_ms)
+                     VALUES ($1, coalesce($2, false), coalesce($3, false), $5, $7, $9)
+                     ON CONFLICT (job) DO UPDATE SET
+                         paused = coalesce($2, c.paused), cancel = coalesce($3, c.cancel),
+                         rows_per_second = CASE WHEN $4 THEN $5 ELSE c.rows_per_second END,
+                         target_chunk_time_ms = CASE WHEN $6 THEN $7 ELSE c.target_chunk_time_ms END,
+                         pause_ms = CASE WHEN $8 THEN $9 ELSE c.pause_ms END,
+                         updated_at = now()",
+                    s = self.q
+                ),
+                &[&job, &c.paused, &c.cancel, &set_rate, &rate, &set_target, &target, &set_pause, &pause],
+            )
+            .await
+            .map_err(|e| db::error(e, format!("job {job}: saving the control change")))?;
+        self.controls(client, job)
+            .await
+            .map_err(|e| db::error(e, format!("job {job}: reading its controls")))
+    }
+
+    /// Records why the run is held (None: it is not), for `status`.
+    pub async fn set_hold(
+        &self,
+        client: &impl GenericClient,
+        job: &str,
+        run_id: i64,
+        reason: Option<&str>,
+    ) -> Result<(), tokio_postgres::Error> {
+        client
+            .execute(
+                &format!(
+                    "UPDATE {s}.checkpoints SET hold_reason = $3,
+                            held_since = CASE WHEN $3::text IS NULL THEN NULL ELSE coalesce(held_since, now()) END
+                      WHERE job = $1 AND owner_run = $2",
+                    s = self.q
+                ),
+                &[&job, &run_id, &reason],
+            )
+            .await?;
+        Ok(())
+    }
+}

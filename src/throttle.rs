@@ -1,0 +1,410 @@
+//! How fast a run may go: the rate ceiling (governor), the chunk size adapted toward a target
+//! chunk time, the pauses between chunks, and the health signals that hold the run.
+//!
+//! **Rate ceiling.** A token bucket of `rows_per_second` cells with a burst of one second's worth,
+//! charged *before* each chunk with the chunk's size (the most keys it can take). Because the
+//! burst is one second of rows and a chunk may not exceed it, no 10-second window can see more
+//! than 1.1 × the ceiling. (governor refuses a charge larger than the burst at once; the chunk
+//! size is capped so that never happens, and the refusal is still handled, never ignored.)
+//!
+//! **Adaptive chunk size**, toward `target_chunk_time` (T), from the time t of each full chunk:
+//! t > 2T → shrink to max(0.1, T/t) × size (a hard cut); t < 0.8T → grow by min(1.5, T/t);
+//! otherwise keep. Always within `min_chunk_rows..=max_chunk_rows`, and never above the rate
+//! ceiling's burst. Application sessions found waiting on the chunk's locks halve it.
+//!
+//! **Health signals**, read at most every `check_interval`, each holding the run while it is
+//! over its threshold, with the reason, the value seen and the threshold: replication lag of any
+//! streaming standby, the server's WAL rate, a vacuum running on the table, and a custom
+//! `throttle_sql`. A signal that cannot be read holds the run (`on_signal_error = "hold"`, the
+//! default: fail closed) or is ignored (`"ignore"`), and the reason says which.
+
+use crate::job::{OnSignalError, ThrottleSpec};
+use crate::store::Controls;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::time::{Duration, Instant};
+
+/// Why a run is held, for the metrics label and for people.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hold {
+    /// One of the `telemetry::HOLD_REASONS`.
+    pub reason: &'static str,
+    /// The value seen and the threshold, e.g. "replication lag 3.2s > max_replication_lag 1s".
+    pub detail: String,
+}
+
+pub struct Throttle {
+    base: ThrottleSpec,
+    spec: ThrottleSpec,
+    table: String,
+    limiter: Option<(u32, DefaultDirectRateLimiter)>,
+    size: i64,
+    last_check: Option<Instant>,
+    verdict: Option<Hold>,
+    wal: Option<(Instant, i64)>,
+    /// Per standby: the replay position last seen and since when it has not moved.
+    replay: HashMap<String, (String, Instant)>,
+}
+
+impl Throttle {
+    /// `table` is the quoted name of the job's table (for the vacuum signal).
+    pub fn new(spec: ThrottleSpec, chunk_rows: u32, table: String) -> Throttle {
+        let mut t = Throttle {
+            base: spec.clone(),
+            spec,
+            table,
+            limiter: None,
+            size: chunk_rows as i64,
+            last_check: None,
+            verdict: None,
+            wal: None,
+            replay: HashMap::new(),
+        };
+        t.reset_limiter();
+        t
+    }
+
+    pub fn spec(&self) -> &ThrottleSpec {
+        &self.spec
+    }
+
+    /// Applies live overrides (`backfill set`) on top of the job's and the run's settings.
+    pub fn apply(&mut self, c: &Controls) {
+        let mut spec = self.base.clone();
+        if let Some(r) = c.rows_per_second {
+            spec.rows_per_second = Some(r);
+        }
+        if let Some(t) = c.target_chunk_time {
+            spec.target_chunk_time = Some(t);
+        }
+        if let Some(p) = c.pause {
+            spec.pause = p;
+        }
+        if spec != self.spec {
+            self.spec = spec;
+            self.reset_limiter();
+        }
+    }
+
+    /// A quota cannot be changed in place: a new ceiling gets a new limiter.
+    fn reset_limiter(&mut self) {
+        let rate = self.spec.rows_per_second.and_then(NonZeroU32::new);
+        if self.limiter.as_ref().map(|l| l.0) != rate.map(NonZeroU32::get) {
+            self.limiter = rate.map(|r| (r.get(), RateLimiter::direct(Quota::per_second(r))));
+        }
+    }
+
+    /// Keys for the next chunk.
+    pub fn chunk_rows(&self) -> i64 {
+        let ceiling = self
+            .limiter
+            .as_ref()
+            .map(|l| l.0 as i64)
+            .unwrap_or(i64::MAX);
+        self.size.min(ceiling).max(1)
+    }
+
+    fn clamp(&self, n: i64) -> i64 {
+        n.clamp(
+            self.spec.min_chunk_rows as i64,
+            self.spec.max_chunk_rows as i64,
+        )
+    }
+
+    /// Adapts the chunk size after a committed chunk of `keys` keys that took `took`, asked for
+    /// `asked`. Returns the new size when it changed.
+    pub fn adapt(&mut self, keys: i64, asked: i64, took: Duration) -> Option<i64> {
+        let target = self.spec.target_chunk_time?;
+        let ratio = target.as_secs_f64() / took.as_secs_f64().max(1e-6);
+        let size = self.size;
+        let next = if took > target * 2 {
+            self.clamp((size as f64 * ratio.max(0.1)).floor() as i64)
+        } else if took.as_secs_f64() < target.as_secs_f64() * 0.8 && keys >= asked {
+            self.clamp((size as f64 * ratio.min(1.5)).ceil() as i64)
+                .max(size)
+        } else {
+            size
+        };
+        self.size = next;
+        (next != size).then_some(next)
+    }
+
+    /// Sessions were waiting on the chunk's locks: yield by halving.
+    pub fn shrink(&mut self) -> i64 {
+        self.size = self.clamp(self.size / 2);
+        self.size
+    }
+
+    /// Waits until the rate ceiling admits `rows` more keys; returns how long it waited.
+    pub async fn admit(&self, rows: i64) -> Duration {
+        let Some((rate, limiter)) = &self.limiter else {
+            return Duration::ZERO;
+        };
+        let started = Instant::now();
+        let n = NonZeroU32::new(rows.clamp(1, *rate as i64) as u32).expect("at least one");
+        if limiter.until_n_ready(n).await.is_err() {
+            // Cannot happen (n ≤ burst); if it did, wait a full second per burst rather than
+            // letting the chunk through unthrottled.
+            tokio::time::sleep(Duration::from_secs_f64(rows as f64 / *rate as f64)).await;
+        }
+        started.elapsed()
+    }
+
+    /// The pause after a chunk that took `took`.
+    pub fn rest(&self, took: Duration) -> Duration {
+        self.spec.pause + took.mul_f64(self.spec.nice_ratio)
+    }
+
+    /// Whether the run must hold now. Reads the signals at most every `check_interval`; between
+    /// reads, the last verdict stands.
+    pub async fn check(&mut self, client: &tokio_postgres::Client) -> Option<Hold> {
+        if self
+            .last_check
+            .is_some_and(|t| t.elapsed() < self.spec.check_interval)
+        {
+            return self.verdict.clone();
+        }
+        self.last_check = Some(Instant::now());
+        self.verdict = self.read_signals(client).await;
+        self.verdict.clone()
+    }
+
+    async fn read_signals(&mut self, client: &tokio_postgres::Client) -> Option<Hold> {
+        if let Some(max) = self.spec.max_replication_lag {
+            match self.replication_lag(client).await {
+                Ok((lag, standby)) if lag > max.as_secs_f64() => {
+                    return Some(Hold {
+                        reason: "replication_lag",
+                        detail: format!(
+                        "replication lag {lag:.1}s on standby {standby} > max_replication_lag {}",
+                        humantime::format_duration(max)
+                    ),
+                    })
+                }
+                Ok(_) => {}
+                Err(e) => return self.unreadable("replication lag", e),
+            }
+        }
+        if let Some(max) = self.spec.max_wal_rate {
+            match self.wal_rate(client).await {
+                Ok(Some(rate)) if rate > max as f64 => {
+                    return Some(Hold {
+                        reason: "wal_rate",
+                        detail: format!(
+                            "WAL rate {:.1} MB/s > max_wal_rate {:.1} MB/s",
+                            rate / 1e6,
+                            max as f64 / 1e6
+                        ),
+                    })
+                }
+                Ok(_) => {}
+                Err(e) => return self.unreadable("WAL rate", e),
+            }
+        }
+        if self.spec.hold_during_autovacuum {
+            let q = "SELECT count(*) FROM pg_stat_progress_vacuum WHERE relid = to_regclass($1)";
+            match client.query_one(q, &[&self.table]).await {
+                Ok(r) if r.get::<_, i64>(0) > 0 => {
+                    return Some(Hold {
+                        reason: "autovacuum",
+                        detail: format!(
+                            "a vacuum is running on {} (hold_during_autovacuum)",
+                            self.table
+                        ),
+                    })
+                }
+                Ok(_) => {}
+                Err(e) => return self.unreadable("vacuum progress", crate::db::describe(&e)),
+            }
+        }
+        if let Some(sql) = &self.spec.throttle_sql {
+            let q = format!("SELECT ({sql})::boolean");
+            match client.query_one(&q, &[]).await {
+                Ok(r) => match r.get::<_, Option<bool>>(0) {
+                    Some(true) => {
+                        return Some(Hold {
+                            reason: "throttle_sql",
+                            detail: "throttle_sql returned true".into(),
+                        })
+                    }
+                    Some(false) => {}
+                    None => return self.unreadable("throttle_sql", "it returned NULL".into()),
+                },
+                Err(e) => return self.unreadable("throttle_sql", crate::db::describe(&e)),
+            }
+        }
+        None
+    }
+
+    fn unreadable(&self, what: &str, why: String) -> Option<Hold> {
+        match self.spec.on_signal_error {
+            OnSignalError::Hold => Some(Hold {
+                reason: "signal_error",
+                detail: format!(
+                    "cannot read {what} ({why}); holding because on_signal_error = \"hold\""
+                ),
+            }),
+            OnSignalError::Ignore => None,
+        }
+    }
+
+    /// The largest lag over the streaming standbys, in seconds, and which standby. A standby
+    /// whose replay position has not moved while it is behind counts as lagging for as long as
+    /// it has not moved (its `replay_lag` stops being updated when replay is stuck).
+    async fn replication_lag(
+        &mut self,
+        client: &tokio_postgres::Client,
+    ) -> Result<(f64, String), String> {
+        let rows = client
+            .query(
+                "SELECT coalesce(application_name, '') || ' (pid ' || pid || ')', replay_lsn::text,
+                        pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::float8,
+                        coalesce(extract(epoch FROM replay_lag), 0)::float8
+                   FROM pg_stat_replication",
+                &[],
+            )
+            .await
+            .map_err(|e| crate::db::describe(&e))?;
+        let mut worst = (0.0, String::from("none"));
+        let now = Instant::now();
+        let mut seen = HashMap::new();
+        for r in &rows {
+            let name: String = r.get(0);
+            let Some(lsn) = r.get::<_, Option<String>>(1) else {
+                return Err(format!(
+                    "replay position of {name} is hidden (grant pg_monitor)"
+                ));
+            };
+            let behind: f64 = r.get::<_, Option<f64>>(2).unwrap_or(0.0);
+            let reported: f64 = r.get(3);
+            let since = match self.replay.get(&name) {
+                Some((prev, since)) if *prev == lsn => *since,
+                _ => now,
+            };
+            seen.insert(name.clone(), (lsn, since));
+            let stalled = if behind > 0.0 {
+                now.duration_since(since).as_secs_f64()
+            } else {
+                0.0
+            };
+            let lag = reported.max(stalled);
+            if lag > worst.0 {
+                worst = (lag, name);
+            }
+        }
+        self.replay = seen;
+        Ok(worst)
+    }
+
+    /// Bytes of WAL per second since the previous reading (None on the first).
+    async fn wal_rate(&mut self, client: &tokio_postgres::Client) -> Result<Option<f64>, String> {
+        let row = client
+            .query_one(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint",
+                &[],
+            )
+            .await
+            .map_err(|e| crate::db::describe(&e))?;
+        let now = (Instant::now(), row.get::<_, i64>(0));
+        let rate = self
+            .wal
+            .map(|(t, b)| (now.1 - b) as f64 / now.0.duration_since(t).as_secs_f64().max(0.001));
+        self.wal = Some(now);
+        Ok(rate)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn throttle(target_ms: u64) -> Throttle {
+        let spec = ThrottleSpec {
+            target_chunk_time: Some(Duration::from_millis(target_ms)),
+            min_chunk_rows: 10,
+            max_chunk_rows: 10_000,
+            ..ThrottleSpec::default()
+        };
+        Throttle::new(spec, 1000, "t".into())
+    }
+
+    #[test]
+    fn grows_gently_and_shrinks_hard() {
+        let mut t = throttle(100);
+        assert_eq!(
+            t.adapt(1000, 1000, Duration::from_millis(10)),
+            Some(1500),
+            "at most 1.5x a step"
+        );
+        assert_eq!(
+            t.adapt(1500, 1500, Duration::from_millis(90)),
+            None,
+            "inside the band"
+        );
+        assert_eq!(
+            t.adapt(1500, 1500, Duration::from_millis(1000)),
+            Some(150),
+            "a chunk 10x too slow cuts 10x"
+        );
+        assert_eq!(
+            t.adapt(150, 150, Duration::from_millis(100_000)),
+            Some(15),
+            "never below a tenth per step"
+        );
+        assert_eq!(
+            t.adapt(15, 15, Duration::from_secs(100)),
+            Some(10),
+            "clamped to min"
+        );
+        assert_eq!(
+            t.adapt(5, 10, Duration::from_millis(1)),
+            None,
+            "a partial chunk does not grow it"
+        );
+        for _ in 0..40 {
+            t.adapt(t.chunk_rows(), t.chunk_rows(), Duration::from_millis(1));
+        }
+        assert_eq!(t.chunk_rows(), 10_000, "clamped to max");
+    }
+
+    #[test]
+    fn the_rate_ceiling_caps_the_chunk_and_can_change_live() {
+        let mut t = throttle(100);
+        t.apply(&Controls {
+            rows_per_second: Some(300),
+            ..Controls::default()
+        });
+        assert_eq!(t.chunk_rows(), 300);
+        t.apply(&Controls::default());
+        assert_eq!(t.chunk_rows(), 1000);
+        assert!(t.limiter.is_none());
+    }
+
+    #[tokio::test]
+    async fn admit_waits_for_the_ceiling() {
+        let mut t = throttle(100);
+        t.apply(&Controls {
+            rows_per_second: Some(1000),
+            ..Controls::default()
+        });
+        assert!(
+            t.admit(1000).await < Duration::from_millis(50),
+            "the first second's burst is free"
+        );
+        let waited = t.admit(500).await;
+        assert!(waited >= Duration::from_millis(400), "{waited:?}");
+    }
+
+    #[test]
+    fn rest_is_pause_plus_nice_ratio() {
+        let mut t = throttle(100);
+        t.base.pause = Duration::from_millis(20);
+        t.base.nice_ratio = 0.5;
+        t.apply(&Controls::default());
+        assert_eq!(
+            t.rest(Duration::from_millis(100)),
+            Duration::from_millis(70)
+        );
+    }
+}
