@@ -8,7 +8,7 @@ use crate::executor::{self, Outcome, RunOptions};
 use crate::job::{self, JobSpec};
 use crate::keyset::show_key;
 use crate::signals::Shutdown;
-use crate::store::{self, Checkpoint, ControlChange, Store};
+use crate::store::{self, Checkpoint, ControlChange, Controls, Store};
 use crate::telemetry::{Progress, ProgressOptions};
 use std::path::Path;
 
@@ -224,6 +224,7 @@ async fn status(
     match name {
         Some(name) => {
             let c = store.load(&client, name).await?;
+            let controls = store.controls_for_status(&client, name).await?;
             let spec = job::load(jobs, name).ok();
             if c.is_none() && spec.is_none() {
                 return Err(Error::Usage(format!(
@@ -233,13 +234,13 @@ async fn status(
                 )));
             }
             if json {
-                let v = serde_json::json!({ "job": name, "state": state_of(c.as_ref()), "checkpoint": c });
+                let v = serde_json::json!({ "job": name, "state": state_of(c.as_ref()), "checkpoint": c, "controls": controls });
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&v).expect("serializable")
                 );
             } else {
-                print_status(name, spec.as_ref(), c.as_ref());
+                print_status(name, spec.as_ref(), c.as_ref(), &controls);
             }
         }
         None => {
@@ -299,13 +300,14 @@ fn progress_text(c: &Checkpoint) -> String {
     }
 }
 
-fn print_status(name: &str, spec: Option<&JobSpec>, c: Option<&Checkpoint>) {
+fn print_status(name: &str, spec: Option<&JobSpec>, c: Option<&Checkpoint>, controls: &Controls) {
     let line = |k: &str, v: &str| println!("{k:<18} {v}");
     line("job", name);
     if let Some(d) = spec.and_then(|s| s.description.as_deref()) {
         line("description", d);
     }
     line("state", state_of(c));
+    print_controls(name, controls, &line);
     let Some(c) = c else {
         line("progress", "never run");
         return;
@@ -339,6 +341,18 @@ fn print_status(name: &str, spec: Option<&JobSpec>, c: Option<&Checkpoint>) {
     );
     if let Some(r) = c.rate_rows_per_second {
         line("rate", &format!("{r:.0} rows/s (last run)"));
+    }
+    if let Some(n) = c.chunk_rows_now {
+        line("chunk size", &format!("{n} keys (last chunk)"));
+    }
+    if let Some(reason) = &c.hold_reason {
+        line(
+            "held",
+            &format!(
+                "{reason} (since {})",
+                c.held_since.as_deref().unwrap_or("?")
+            ),
+        );
     }
     if let Some(v) = c.verify_remaining {
         line(
@@ -388,6 +402,44 @@ fn print_status(name: &str, spec: Option<&JobSpec>, c: Option<&Checkpoint>) {
                 ),
             );
         }
+    }
+}
+
+/// Operator overrides from `backfill pause|set|cancel`, shown only when any is in force.
+fn print_controls(name: &str, c: &Controls, line: &impl Fn(&str, &str)) {
+    if c.paused {
+        line(
+            "paused",
+            &format!("yes (`backfill resume {name}` lets it go on)"),
+        );
+    }
+    if c.cancel {
+        line(
+            "cancel",
+            "requested; the runner stops before its next chunk",
+        );
+    }
+    let mut set = Vec::new();
+    if let Some(r) = c.rows_per_second {
+        set.push(format!("rows_per_second = {r}"));
+    }
+    if let Some(d) = c.target_chunk_time {
+        set.push(format!(
+            "target_chunk_time = {}",
+            humantime::format_duration(d)
+        ));
+    }
+    if let Some(d) = c.pause {
+        set.push(format!("pause = {}", humantime::format_duration(d)));
+    }
+    if !set.is_empty() {
+        line(
+            "overrides",
+            &format!(
+                "{} (`backfill set {name} --clear` drops them)",
+                set.join(", ")
+            ),
+        );
     }
 }
 

@@ -159,6 +159,40 @@ fn percent_encode_path(p: &Path) -> String {
 impl TempCluster {
     /// Initialises and starts a fresh cluster, waiting until it accepts connections.
     pub fn start() -> Result<TempCluster, TempClusterError> {
+        let mut cluster = TempCluster::prepare()?;
+        cluster.initdb()?;
+        cluster.port = free_loopback_port()?;
+        cluster.spawn_postmaster()?;
+        cluster.wait_ready()?;
+        Ok(cluster)
+    }
+
+    /// A streaming hot standby of this cluster (pg_basebackup -R), started and accepting reads.
+    pub fn start_standby(&self) -> Result<TempCluster, TempClusterError> {
+        let mut standby = TempCluster::prepare()?;
+        let out = standby
+            .command("pg_basebackup")
+            .args(["-D", "data", "-R", "-X", "stream", "-U", "postgres", "-p"])
+            .arg(self.port.to_string())
+            .arg("-h")
+            .arg(&self.root)
+            .output()
+            .map_err(io("run pg_basebackup"))?;
+        if !out.status.success() {
+            return Err(TempClusterError::Command {
+                what: "pg_basebackup".into(),
+                status: out.status.to_string(),
+                output: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        standby.port = free_loopback_port()?;
+        standby.spawn_postmaster()?;
+        standby.wait_ready()?;
+        Ok(standby)
+    }
+
+    /// A directory with its watchdog, owned by the server user; no cluster in it yet.
+    fn prepare() -> Result<TempCluster, TempClusterError> {
         let bin = find_bin_dir()?;
         // SAFETY: geteuid has no preconditions.
         let run_as = if unsafe { libc::geteuid() } == 0 {
@@ -195,10 +229,6 @@ impl TempCluster {
             .map_err(io("set permissions"))?;
         chown(&cluster.root, run_as)?;
         cluster.spawn_watchdog()?;
-        cluster.initdb()?;
-        cluster.port = free_loopback_port()?;
-        cluster.spawn_postmaster()?;
-        cluster.wait_ready()?;
         Ok(cluster)
     }
 
@@ -345,7 +375,11 @@ impl TempCluster {
             }
             // The 8th line of postmaster.pid says "ready" once connections are accepted.
             let ready = fs::read_to_string(&pid_file)
-                .map(|s| s.lines().nth(7).is_some_and(|l| l.trim() == "ready"))
+                .map(|s| {
+                    s.lines()
+                        .nth(7)
+                        .is_some_and(|l| matches!(l.trim(), "ready" | "standby"))
+                })
                 .unwrap_or(false);
             if ready && std::os::unix::net::UnixStream::connect(self.socket_file()).is_ok() {
                 return Ok(());

@@ -364,6 +364,14 @@ sql = "UPDATE orders SET n = n + 1 WHERE id BETWEEN :start AND :end"
         assert_eq!(j.key, vec!["id".to_string()]);
         assert!(j.verify.is_some());
         assert!(j.description.is_some());
+        assert_eq!(
+            j.throttle.max_replication_lag,
+            Some(std::time::Duration::from_secs(10))
+        );
+        assert_eq!(
+            j.throttle.target_chunk_time,
+            Some(std::time::Duration::from_millis(50))
+        );
     }
 
     #[test]

@@ -14,8 +14,17 @@ pub struct Controls {
     pub paused: bool,
     pub cancel: bool,
     pub rows_per_second: Option<u32>,
+    #[serde(rename = "target_chunk_time_ms", serialize_with = "as_millis")]
     pub target_chunk_time: Option<Duration>,
+    #[serde(rename = "pause_ms", serialize_with = "as_millis")]
     pub pause: Option<Duration>,
+}
+
+fn as_millis<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_some(&(d.as_millis() as u64)),
+        None => s.serialize_none(),
+    }
 }
 
 /// A change to a job's controls; None leaves a field as it is.
@@ -57,6 +66,20 @@ impl Store {
                     .map(|ms| Duration::from_millis(ms as u64)),
             })
             .unwrap_or_default())
+    }
+
+    /// The job's controls for `status`: defaults when the engine's schema is not installed yet.
+    pub async fn controls_for_status(
+        &self,
+        client: &impl GenericClient,
+        job: &str,
+    ) -> Result<Controls> {
+        if !self.readable(client).await? {
+            return Ok(Controls::default());
+        }
+        self.controls(client, job)
+            .await
+            .map_err(|e| db::error(e, format!("job {job}: reading its controls")))
     }
 
     pub async fn change_controls(

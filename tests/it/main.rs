@@ -8,4 +8,5 @@ mod keys;
 mod lifecycle;
 mod observability;
 mod resilience;
+mod throttling;
 mod tls;

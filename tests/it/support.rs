@@ -110,7 +110,21 @@ impl TestDb {
                 .await
                 .unwrap();
         });
-        let url = url_for(&name);
+        TestDb::at(&url_for(&name), &name, rt)
+    }
+
+    /// An existing database at `url` (e.g. on a test's private cluster), with its own jobs
+    /// directory named after `name`.
+    pub fn on(url: &str, name: &str) -> TestDb {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        TestDb::at(url, &format!("{name}_{}", std::process::id()), rt)
+    }
+
+    fn at(url: &str, name: &str, rt: tokio::runtime::Runtime) -> TestDb {
+        let (url, name) = (url.to_string(), name.to_string());
         let client = rt.block_on(async {
             Target::resolve(Some(&url))
                 .unwrap()
