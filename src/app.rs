@@ -33,6 +33,32 @@ pub async fn execute(cli: Cli) -> Result<u8> {
         }
         Command::List { json } => list(g.database_url.as_deref(), &store, &g.jobs, json).await,
         Command::Check { name } => check(&g.jobs, name.as_deref()),
+        Command::Plan {
+            name,
+            json,
+            verify_timeout,
+            long_transaction,
+        } => {
+            let job = job::load(&g.jobs, &name)?;
+            let opts = crate::plan::PlanOptions {
+                verify_timeout,
+                long_transaction,
+            };
+            let plan = crate::plan::plan(&target()?, &store, &job, &opts).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&plan).expect("serializable")
+                );
+            } else {
+                crate::plan::print_text(&plan);
+            }
+            Ok(if plan.has_errors() {
+                exit::USAGE
+            } else {
+                exit::SUCCESS
+            })
+        }
         Command::Gate {
             name,
             json,

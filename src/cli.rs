@@ -86,6 +86,19 @@ pub enum Command {
         #[arg(long, value_parser = duration, default_value = "5m")]
         verify_timeout: Duration,
     },
+    /// Review a job before it runs: the first chunk's SQL, estimates, and findings (EXPLAIN,
+    /// idempotency, indexes, triggers, long transactions). Rolls back everything; exit 2 on errors.
+    Plan {
+        name: String,
+        #[arg(long)]
+        json: bool,
+        /// Longest the verify query may run for the estimate of rows to do.
+        #[arg(long, value_parser = duration, default_value = "5s")]
+        verify_timeout: Duration,
+        /// Report transactions open longer than this.
+        #[arg(long, value_parser = duration, default_value = "5m")]
+        long_transaction: Duration,
+    },
     /// Hold a running job before its next chunk (from any host); `resume` lets it go on.
     Pause { name: String },
     /// Let a paused job go on.

@@ -61,6 +61,29 @@ pub async fn run(url: Option<&str>, store: &Store, jobs: &Path, rows: u64) -> Re
     result
 }
 
+/// The demo's `orders` table: `rows` rows with gaps in the ids, `status` NULL, analyzed.
+pub async fn create_orders(client: &tokio_postgres::Client, rows: u64) -> Result<()> {
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE orders (
+                 id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                 customer_id   bigint NOT NULL,
+                 amount_cents  bigint NOT NULL,
+                 legacy_status char(1) NOT NULL,
+                 status        text,
+                 created_at    timestamptz NOT NULL DEFAULT now());
+             INSERT INTO orders (id, customer_id, amount_cents, legacy_status, created_at)
+             OVERRIDING SYSTEM VALUE
+             SELECT g + (g / 1000) * 1000, (g * 7919) % 100000, (g * 104729) % 100000,
+                    (ARRAY['P','S','D','C'])[1 + g % 4], now() - g * interval '1 second'
+               FROM generate_series(1::bigint, {rows}) g;
+             SELECT setval(pg_get_serial_sequence('orders', 'id'), (SELECT coalesce(max(id), 0) + 1 FROM orders));
+             ANALYZE orders;"
+        ))
+        .await
+        .map_err(|e| crate::db::error(e, "demo: creating table orders"))
+}
+
 async fn demo(target: &Target, store: &Store, job: &JobSpec, rows: u64) -> Result<u8> {
     let client = target.connect().await?;
     let exists: bool = client
@@ -76,25 +99,7 @@ async fn demo(target: &Target, store: &Store, job: &JobSpec, rows: u64) -> Resul
     } else {
         eprintln!("demo: creating table orders with {rows} rows (ids with gaps, status NULL)…");
         let t = Instant::now();
-        client
-            .batch_execute(&format!(
-                "CREATE TABLE orders (
-                     id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-                     customer_id   bigint NOT NULL,
-                     amount_cents  bigint NOT NULL,
-                     legacy_status char(1) NOT NULL,
-                     status        text,
-                     created_at    timestamptz NOT NULL DEFAULT now());
-                 INSERT INTO orders (id, customer_id, amount_cents, legacy_status, created_at)
-                 OVERRIDING SYSTEM VALUE
-                 SELECT g + (g / 1000) * 1000, (g * 7919) % 100000, (g * 104729) % 100000,
-                        (ARRAY['P','S','D','C'])[1 + g % 4], now() - g * interval '1 second'
-                   FROM generate_series(1::bigint, {rows}) g;
-                 SELECT setval(pg_get_serial_sequence('orders', 'id'), (SELECT coalesce(max(id), 0) + 1 FROM orders));
-                 ANALYZE orders;"
-            ))
-            .await
-            .map_err(|e| crate::db::error(e, "demo: creating table orders"))?;
+        create_orders(&client, rows).await?;
         eprintln!("demo: table ready in {:.1}s", t.elapsed().as_secs_f64());
     }
     drop(client);

@@ -72,6 +72,20 @@ impl SqlTemplate {
         out
     }
 
+    /// The statement with the bounds written as typed literals, for an operator to read and run
+    /// by hand (`backfill plan`). Runs never use this: they bind parameters.
+    pub fn render_with(&self, keyset: &Keyset, start: &[String], end: &[String]) -> String {
+        let mut out = String::new();
+        for p in &self.pieces {
+            match p {
+                Piece::Text(t) => out.push_str(t),
+                Piece::Start => out.push_str(&keyset.literal(start)),
+                Piece::End => out.push_str(&keyset.literal(end)),
+            }
+        }
+        out
+    }
+
     /// The statement as written.
     pub fn source(&self) -> String {
         self.pieces
@@ -386,6 +400,36 @@ impl Keyset {
         }
     }
 
+    /// A key value as SQL text: `'42'::bigint` or `('7'::int, '42'::bigint)`.
+    pub fn literal(&self, key: &[String]) -> String {
+        let parts: Vec<String> = self
+            .columns
+            .iter()
+            .zip(key)
+            .map(|(c, v)| format!("'{}'::{}", v.replace('\'', "''"), c.sql_type))
+            .collect();
+        if parts.len() == 1 {
+            parts[0].clone()
+        } else {
+            format!("({})", parts.join(", "))
+        }
+    }
+
+    /// Query returning each row of a key range as (key as a text array, the row as JSON text).
+    /// Parameters: first key…, last key….
+    pub fn rows_between_sql(&self) -> String {
+        let n = self.columns.len();
+        format!(
+            "SELECT {arr}, to_jsonb(bf_row)::text FROM {table} AS bf_row
+              WHERE {row} >= {lo} AND {row} <= {hi}",
+            arr = self.text_array(),
+            table = self.table.quoted(),
+            row = self.row(),
+            lo = self.bind_expr(1),
+            hi = self.bind_expr(n + 1),
+        )
+    }
+
     /// Query returning the greatest key now in the table (as a text array), or no row.
     pub fn last_key_sql(&self) -> String {
         format!(
@@ -448,6 +492,17 @@ mod tests {
                 .collect(),
             index: "t_pkey".into(),
         }
+    }
+
+    #[test]
+    fn bounds_render_as_typed_literals_for_reading() {
+        let t =
+            SqlTemplate::parse("UPDATE t SET n = 1 WHERE (a, b) BETWEEN :start AND :end").unwrap();
+        let k = keyset(&["int", "text"]);
+        assert_eq!(
+            t.render_with(&k, &["1".into(), "o'k".into()], &["2".into(), "z".into()]),
+            "UPDATE t SET n = 1 WHERE (a, b) BETWEEN ('1'::int, 'o''k'::text) AND ('2'::int, 'z'::text)"
+        );
     }
 
     #[test]

@@ -8,8 +8,9 @@
 //! One chunk's path, top to bottom: [`job`] (file → spec) → [`keyset`] (key checked against the
 //! catalog; bounds SQL) → [`executor`] (claim, chunk loop, verify) → [`store`] (checkpoint,
 //! history, lease). [`db`] owns connections and error classification; [`signals`] the clean stop;
-//! [`telemetry`] what the operator sees; [`migrator`] the gate; [`pgtemp`] throwaway servers for
-//! the demo, the tests and the benchmarks.
+//! [`telemetry`] what the operator sees; [`throttle`] how fast a run may go; [`migrator`] the gate;
+//! [`plan`] the review before a run; [`pgtemp`] throwaway servers for the demo, the tests and the
+//! benchmarks.
 
 pub mod app;
 pub mod cli;
@@ -21,6 +22,7 @@ pub mod job;
 pub mod keyset;
 pub mod migrator;
 pub mod pgtemp;
+pub mod plan;
 pub mod signals;
 pub mod store;
 pub mod telemetry;

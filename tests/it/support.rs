@@ -281,6 +281,13 @@ impl Session {
             .block_on(self.client.batch_execute(sql))
             .unwrap_or_else(|e| panic!("{sql}: {}", backfill::db::describe(&e)));
     }
+
+    pub fn i64(&self, sql: &str) -> i64 {
+        self.rt
+            .block_on(self.client.query_one(sql, &[]))
+            .unwrap_or_else(|e| panic!("{sql}: {}", backfill::db::describe(&e)))
+            .get(0)
+    }
 }
 
 /// A finished command: exit code and output as text.

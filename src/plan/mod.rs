@@ -1,0 +1,176 @@
+//! `backfill plan`: what a job will do, reviewed before it touches production. Everything happens
+//! in one transaction that is always rolled back: the first chunk is found as a run would find it,
+//! its statement is EXPLAINed, then executed twice (timed, and to see whether a second execution
+//! changes rows again), and the rows of the chunk are compared before and after each execution.
+//! The findings come from what PostgreSQL did, not from reading the SQL text.
+//!
+//! The probe holds the first chunk's row locks for as long as the two executions take (about
+//! two chunks' time, under the job's lock_timeout and statement_timeout), then rolls back.
+
+pub mod explain;
+mod probe;
+mod render;
+
+use crate::db::Target;
+use crate::error::{Error, Result};
+use crate::job::JobSpec;
+use crate::keyset::KeyValue;
+use crate::store::Store;
+use std::time::Duration;
+
+pub use render::print_text;
+
+/// Tables with at least this many rows (planner's estimate) should have a rate ceiling or a
+/// health signal.
+pub const LARGE_TABLE_ROWS: i64 = 1_000_000;
+
+#[derive(Debug, Clone)]
+pub struct PlanOptions {
+    /// Longest the `verify` estimate may run before it is reported as unknown.
+    pub verify_timeout: Duration,
+    /// A transaction open longer than this is reported.
+    pub long_transaction: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Finding {
+    pub severity: Severity,
+    /// Stable identifier for scripts: `full_scan`, `writes_indexed_column`, `not_idempotent`,
+    /// `row_triggers`, `foreign_keys`, `long_transaction`, `unthrottled_large_table`,
+    /// `statement_fails`, `planner_prefers_full_scan`.
+    pub code: &'static str,
+    pub message: String,
+    pub fix: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FirstChunk {
+    pub start: KeyValue,
+    pub end: KeyValue,
+    pub keys: i64,
+    /// The statement with the chunk's bounds as literals.
+    pub sql: String,
+    /// True when the run would resume after a saved cursor rather than start at the first key.
+    pub resumes: bool,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Estimates {
+    /// The planner's row count for the table (None: never analyzed).
+    pub table_rows: Option<i64>,
+    /// What `verify` returned now (None: no verify, it failed, or it timed out).
+    pub rows_to_do: Option<i64>,
+    /// Why `rows_to_do` is unknown, when it is.
+    pub rows_to_do_note: Option<String>,
+    /// Chunks at the starting chunk size.
+    pub chunks: Option<i64>,
+    /// How long the first chunk's statement took (inside the rolled-back transaction).
+    pub sample_chunk_ms: Option<f64>,
+    /// Expected duration of the run at the starting chunk size and the rate ceiling.
+    pub expected_seconds: Option<f64>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Plan {
+    pub job: String,
+    pub file: String,
+    pub table: String,
+    pub key: Vec<String>,
+    pub index: String,
+    pub chunk_rows: u32,
+    pub lock_timeout_ms: u64,
+    pub statement_timeout_ms: u64,
+    /// The throttle as `key = value` lines.
+    pub throttle: Vec<String>,
+    pub first_chunk: Option<FirstChunk>,
+    pub estimates: Estimates,
+    pub findings: Vec<Finding>,
+}
+
+impl Plan {
+    pub fn has_errors(&self) -> bool {
+        self.findings.iter().any(|f| f.severity == Severity::Error)
+    }
+}
+
+/// Connects, probes the job inside a transaction that is always rolled back, and reports.
+pub async fn plan(
+    target: &Target,
+    store: &Store,
+    job: &JobSpec,
+    opts: &PlanOptions,
+) -> Result<Plan> {
+    let mut client = target.connect().await?;
+    let checkpoint = store.load(&client, &job.name).await?;
+    let tx = client.transaction().await.map_err(|e| {
+        crate::db::error(
+            e,
+            format!("job {}: starting the plan's transaction", job.name),
+        )
+    })?;
+    let result = probe::run(&tx, job, checkpoint.as_ref(), opts).await;
+    // Whatever happened, nothing the probe did may stay.
+    let _ = tx.rollback().await;
+    result.map_err(|e| match e {
+        Error::Runtime(m) => {
+            Error::Runtime(format!("{m} (the plan rolled back everything it did)"))
+        }
+        other => other,
+    })
+}
+
+fn throttle_lines(job: &JobSpec) -> Vec<String> {
+    let t = &job.throttle;
+    let d = |d: Duration| humantime::format_duration(d).to_string();
+    let mut v = vec![
+        match t.target_chunk_time {
+            Some(target) => format!(
+                "target_chunk_time = {} (chunk size adapts within {}..{})",
+                d(target),
+                t.min_chunk_rows,
+                t.max_chunk_rows
+            ),
+            None => "target_chunk_time = off (chunk size fixed)".into(),
+        },
+        match t.rows_per_second {
+            Some(r) => format!("rows_per_second = {r}"),
+            None => "rows_per_second = none (no rate ceiling)".into(),
+        },
+    ];
+    if !t.pause.is_zero() {
+        v.push(format!("pause = {}", d(t.pause)));
+    }
+    if t.nice_ratio > 0.0 {
+        v.push(format!("nice_ratio = {}", t.nice_ratio));
+    }
+    if let Some(l) = t.max_replication_lag {
+        v.push(format!("max_replication_lag = {}", d(l)));
+    }
+    if let Some(w) = t.max_wal_rate {
+        v.push(format!("max_wal_rate = {w} bytes/s"));
+    }
+    if t.hold_during_autovacuum {
+        v.push("hold_during_autovacuum = true".into());
+    }
+    if let Some(q) = &t.throttle_sql {
+        v.push(format!("throttle_sql = {q}"));
+    }
+    v
+}
+
+/// True when the job has something that slows it down when the database is busy.
+fn has_brakes(job: &JobSpec) -> bool {
+    let t = &job.throttle;
+    t.rows_per_second.is_some()
+        || t.max_replication_lag.is_some()
+        || t.max_wal_rate.is_some()
+        || t.throttle_sql.is_some()
+        || t.hold_during_autovacuum
+}

@@ -1,0 +1,598 @@
+//! The probe behind `backfill plan`, inside the caller's transaction (which it never commits):
+//! find the first chunk, EXPLAIN its statement, execute it twice and compare the chunk's rows
+//! before and after each execution, then read the catalog for what the changes will cost.
+
+use super::explain::{self, JsonText, Rel};
+use super::{Estimates, Finding, FirstChunk, Plan, PlanOptions, Severity, LARGE_TABLE_ROWS};
+use crate::db;
+use crate::error::{Error, Result};
+use crate::job::JobSpec;
+use crate::keyset::{show_key, KeyValue, Keyset};
+use crate::store::Checkpoint;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{GenericClient, Transaction};
+
+/// The chunk's rows, by key (text form), as JSON objects of column → value.
+type Rows = BTreeMap<Vec<String>, serde_json::Map<String, serde_json::Value>>;
+
+pub(super) async fn run(
+    tx: &Transaction<'_>,
+    job: &JobSpec,
+    checkpoint: Option<&Checkpoint>,
+    opts: &PlanOptions,
+) -> Result<Plan> {
+    let name = &job.name;
+    let fail = |what: &'static str| {
+        move |e: tokio_postgres::Error| db::error(e, format!("job {name}: {what}"))
+    };
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}",
+        db::millis(job.lock_timeout),
+        db::millis(job.statement_timeout)
+    ))
+    .await
+    .map_err(fail("setting timeouts"))?;
+    let keyset = Keyset::resolve(tx, job).await?;
+    let oid: u32 = tx
+        .query_one("SELECT to_regclass($1)::oid", &[&job.table.quoted()])
+        .await
+        .map_err(fail("looking up the table"))?
+        .get(0);
+    let mut findings = Vec::new();
+    let mut estimates = Estimates {
+        table_rows: tx
+            .query_one(
+                "SELECT reltuples::bigint FROM pg_class WHERE oid = $1",
+                &[&oid],
+            )
+            .await
+            .map_err(fail("reading the table's statistics"))?
+            .get::<_, Option<i64>>(0)
+            .filter(|n| *n >= 0),
+        ..Estimates::default()
+    };
+    verify_estimate(tx, job, opts, &mut estimates).await?;
+
+    let first = first_chunk(tx, job, &keyset, checkpoint).await?;
+    if let Some(chunk) = &first {
+        let bounds: Vec<&(dyn ToSql + Sync)> = chunk
+            .start
+            .iter()
+            .chain(chunk.end.iter())
+            .map(|v| v as &(dyn ToSql + Sync))
+            .collect();
+        let statement = job.sql.render(&keyset);
+        let small = estimates.table_rows.unwrap_or(0) < 10 * job.chunk_rows as i64;
+        if let Some(written) =
+            check_plan(tx, job, &statement, &bounds, small, &mut findings).await?
+        {
+            probe_statement(
+                tx,
+                job,
+                &keyset,
+                oid,
+                &statement,
+                &bounds,
+                &written,
+                &mut estimates,
+                &mut findings,
+            )
+            .await?;
+        }
+    }
+    long_transactions(tx, opts, &mut findings).await?;
+    if estimates.table_rows.unwrap_or(0) >= LARGE_TABLE_ROWS && !super::has_brakes(job) {
+        findings.push(Finding {
+            severity: Severity::Warning,
+            code: "unthrottled_large_table",
+            message: format!(
+                "{} has ~{} rows and the job sets neither a rate ceiling nor a health signal: it will write as fast as the server allows, replicas and WAL archiving included",
+                job.table,
+                estimates.table_rows.unwrap_or(0)
+            ),
+            fix: "set [throttle] max_replication_lag (and/or rows_per_second, max_wal_rate, throttle_sql)".into(),
+        });
+    }
+    let to_do = estimates
+        .rows_to_do
+        .or(estimates.table_rows)
+        .map(|n| n.max(0));
+    estimates.chunks = to_do.map(|n| (n + job.chunk_rows as i64 - 1) / job.chunk_rows as i64);
+    if let (Some(chunks), Some(ms)) = (estimates.chunks, estimates.sample_chunk_ms) {
+        let by_chunks = chunks as f64 * ms / 1000.0;
+        let by_ceiling = match (job.throttle.rows_per_second, to_do) {
+            (Some(r), Some(n)) => n as f64 / r as f64,
+            _ => 0.0,
+        };
+        estimates.expected_seconds = Some(by_chunks.max(by_ceiling));
+    }
+    Ok(Plan {
+        job: job.name.clone(),
+        file: job.path.display().to_string(),
+        table: job.table.to_string(),
+        key: job.key.clone(),
+        index: keyset.index.clone(),
+        chunk_rows: job.chunk_rows,
+        lock_timeout_ms: job.lock_timeout.as_millis() as u64,
+        statement_timeout_ms: job.statement_timeout.as_millis() as u64,
+        throttle: super::throttle_lines(job),
+        first_chunk: first,
+        estimates,
+        findings,
+    })
+}
+
+/// Runs `verify` under a short statement_timeout, inside a savepoint so a timeout leaves the
+/// transaction usable.
+async fn verify_estimate(
+    tx: &Transaction<'_>,
+    job: &JobSpec,
+    opts: &PlanOptions,
+    estimates: &mut Estimates,
+) -> Result<()> {
+    let Some(verify) = &job.verify else {
+        estimates.rows_to_do_note = Some("no verify query in the job".into());
+        return Ok(());
+    };
+    let name = &job.name;
+    let sql = |q: &'static str| async move {
+        tx.batch_execute(q)
+            .await
+            .map_err(|e| db::error(e, format!("job {name}: around the verify estimate")))
+    };
+    sql("SAVEPOINT bf_verify").await?;
+    let counted = async {
+        tx.batch_execute(&format!(
+            "SET LOCAL statement_timeout = {}",
+            db::millis(opts.verify_timeout)
+        ))
+        .await?;
+        tx.query_one(verify.as_str(), &[]).await
+    }
+    .await;
+    // Rolling back to the savepoint also restores the job's statement_timeout.
+    sql("ROLLBACK TO SAVEPOINT bf_verify").await?;
+    match counted {
+        Ok(row) => {
+            estimates.rows_to_do = row.try_get::<_, i64>(0).ok();
+            if estimates.rows_to_do.is_none() {
+                estimates.rows_to_do_note = Some("verify did not return a bigint count".into());
+            }
+        }
+        Err(e) => {
+            estimates.rows_to_do_note = Some(if db::sqlstate(&e) == Some("57014") {
+                format!(
+                    "unknown: verify ran longer than {}",
+                    humantime::format_duration(opts.verify_timeout)
+                )
+            } else {
+                format!("unknown: verify failed: {}", db::describe(&e))
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The chunk a run would process next: after the saved cursor if any, else the first keys.
+async fn first_chunk(
+    tx: &Transaction<'_>,
+    job: &JobSpec,
+    keyset: &Keyset,
+    checkpoint: Option<&Checkpoint>,
+) -> Result<Option<FirstChunk>> {
+    let name = &job.name;
+    let cursor = checkpoint.and_then(|c| c.cursor.clone());
+    let upper: Option<KeyValue> = match checkpoint.and_then(|c| c.upper_bound.clone()) {
+        Some(u) => Some(u),
+        None => tx
+            .query_opt(&keyset.last_key_sql(), &[])
+            .await
+            .map_err(|e| db::error(e, format!("job {name}: finding the last key")))?
+            .map(|r| r.get(0)),
+    };
+    let Some(upper) = upper else {
+        return Ok(None);
+    };
+    let limit = job.chunk_rows as i64;
+    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
+    if let Some(c) = &cursor {
+        params.extend(c.iter().map(|v| v as &(dyn ToSql + Sync)));
+    }
+    params.extend(upper.iter().map(|v| v as &(dyn ToSql + Sync)));
+    params.push(&limit);
+    let row = tx
+        .query_one(&keyset.next_chunk_sql(cursor.is_some()), &params)
+        .await
+        .map_err(|e| db::error(e, format!("job {name}: finding the first chunk")))?;
+    let keys: i64 = row.get(0);
+    if keys == 0 {
+        return Ok(None);
+    }
+    let (start, end): (KeyValue, KeyValue) = (row.get(1), row.get(2));
+    Ok(Some(FirstChunk {
+        sql: job.sql.render_with(keyset, &start, &end),
+        start,
+        end,
+        keys,
+        resumes: cursor.is_some(),
+    }))
+}
+
+/// EXPLAINs the statement for the chunk; a full scan of the job's table is an error when the
+/// planner cannot avoid it (it can, with enable_seqscan off, when the statement is merely cheap
+/// to scan at today's table size: then a warning, and nothing on a table of under ten chunks).
+/// Returns the relations the statement writes, or None when it cannot even be planned.
+async fn check_plan(
+    tx: &Transaction<'_>,
+    job: &JobSpec,
+    statement: &str,
+    bounds: &[&(dyn ToSql + Sync)],
+    small_table: bool,
+    findings: &mut Vec<Finding>,
+) -> Result<Option<Vec<Rel>>> {
+    let table = table_rel(tx, job).await?;
+    let text = match guarded(tx, explain_json(tx, statement, bounds)).await? {
+        Ok(t) => t,
+        Err(e) => {
+            findings.push(Finding {
+                severity: Severity::Error,
+                code: "statement_fails",
+                message: format!("the statement cannot be planned: {}", db::describe(&e)),
+                fix: format!("fix `sql` in {}", job.path.display()),
+            });
+            return Ok(None);
+        }
+    };
+    let analysis = explain::analyse(&text).map_err(Error::Runtime)?;
+    let full: Vec<_> = analysis
+        .full_scans_of(std::slice::from_ref(&table))
+        .cloned()
+        .collect();
+    if let Some(scan) = full.first() {
+        let step = |e| db::error(e, "EXPLAIN without sequential scans");
+        tx.batch_execute("SAVEPOINT bf_explain; SET LOCAL enable_seqscan = off")
+            .await
+            .map_err(step)?;
+        let forced = explain_json(tx, statement, bounds).await;
+        tx.batch_execute("ROLLBACK TO SAVEPOINT bf_explain")
+            .await
+            .map_err(step)?;
+        let forced = forced.map_err(step)?;
+        let unavoidable = explain::analyse(&forced)
+            .map_err(Error::Runtime)?
+            .full_scans_of(std::slice::from_ref(&table))
+            .next()
+            .is_some();
+        if unavoidable {
+            findings.push(Finding {
+                severity: Severity::Error,
+                code: "full_scan",
+                message: format!(
+                    "the statement reads all of {table} for every chunk ({}): the run would be quadratic in the table's size",
+                    scan.node
+                ),
+                fix: format!(
+                    "restrict the statement to the chunk on the key, e.g. `WHERE ({}) BETWEEN :start AND :end`, so the key's index is used",
+                    job.key.join(", ")
+                ),
+            });
+        } else if !small_table {
+            findings.push(Finding {
+                severity: Severity::Warning,
+                code: "planner_prefers_full_scan",
+                message: format!(
+                    "the planner reads all of {table} for this chunk ({}) although an index path exists; fine on a small table, slow on a large one",
+                    scan.node
+                ),
+                fix: format!("ANALYZE {}; check the plan again on production-sized data", job.table),
+            });
+        }
+    }
+    Ok(Some(analysis.written))
+}
+
+/// Runs `op` inside a savepoint, so that its failure leaves the transaction usable. The outer
+/// Result is the savepoint's own, the inner one the operation's.
+async fn guarded<T>(
+    tx: &Transaction<'_>,
+    op: impl std::future::Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+) -> Result<std::result::Result<T, tokio_postgres::Error>> {
+    let step = |e| db::error(e, "a savepoint of the plan's transaction");
+    tx.batch_execute("SAVEPOINT bf_step").await.map_err(step)?;
+    let r = op.await;
+    let end = if r.is_ok() {
+        "RELEASE SAVEPOINT bf_step"
+    } else {
+        "ROLLBACK TO SAVEPOINT bf_step"
+    };
+    tx.batch_execute(end).await.map_err(step)?;
+    Ok(r)
+}
+
+async fn explain_json(
+    client: &impl GenericClient,
+    statement: &str,
+    bounds: &[&(dyn ToSql + Sync)],
+) -> std::result::Result<String, tokio_postgres::Error> {
+    let sql = format!("EXPLAIN (VERBOSE, FORMAT JSON) {statement}");
+    let row = client.query_one(&sql, bounds).await?;
+    Ok(row.get::<_, JsonText>(0).0)
+}
+
+/// The job's table as EXPLAIN VERBOSE names it (schema and relation name).
+async fn table_rel(tx: &Transaction<'_>, job: &JobSpec) -> Result<Rel> {
+    let row = tx
+        .query_one(
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.oid = to_regclass($1)",
+            &[&job.table.quoted()],
+        )
+        .await
+        .map_err(|e| db::error(e, format!("job {}: naming the table", job.name)))?;
+    Ok(Rel {
+        schema: row.get(0),
+        name: row.get(1),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn probe_statement(
+    tx: &Transaction<'_>,
+    job: &JobSpec,
+    keyset: &Keyset,
+    oid: u32,
+    statement: &str,
+    bounds: &[&(dyn ToSql + Sync)],
+    written: &[Rel],
+    estimates: &mut Estimates,
+    findings: &mut Vec<Finding>,
+) -> Result<()> {
+    let name = &job.name;
+    let rows_sql = keyset.rows_between_sql();
+    let snapshot = || async {
+        let rows = tx
+            .query(&rows_sql, bounds)
+            .await
+            .map_err(|e| db::error(e, format!("job {name}: reading the chunk's rows")))?;
+        let mut out = Rows::new();
+        for r in rows {
+            let key: Vec<String> = r.get(0);
+            let json: String = r.get(1);
+            if let Ok(serde_json::Value::Object(m)) = serde_json::from_str(&json) {
+                out.insert(key, m);
+            }
+        }
+        Ok::<_, Error>(out)
+    };
+    let execute = || async {
+        let t = Instant::now();
+        guarded(tx, tx.execute(statement, bounds))
+            .await
+            .map(|r| r.map(|n| (n, t.elapsed())))
+    };
+    let before = snapshot().await?;
+    let (_, took) = match execute().await? {
+        Ok(r) => r,
+        Err(e) => {
+            findings.push(Finding {
+                severity: Severity::Error,
+                code: "statement_fails",
+                message: format!(
+                    "the statement fails on the first chunk: {}",
+                    db::describe(&e)
+                ),
+                fix: format!("{} (or fix `sql`)", db::advice(db::sqlstate(&e))),
+            });
+            return Ok(());
+        }
+    };
+    estimates.sample_chunk_ms = Some(took.as_secs_f64() * 1000.0);
+    let once = snapshot().await?;
+    let again = match execute().await? {
+        Ok((n, _)) => n,
+        Err(e) => {
+            findings.push(Finding {
+                severity: Severity::Error,
+                code: "statement_fails",
+                message: format!(
+                    "the statement succeeds once but fails when run again on the same chunk: {}",
+                    db::describe(&e)
+                ),
+                fix: "make the statement idempotent (a guard such as `AND new_col IS NULL`)".into(),
+            });
+            return Ok(());
+        }
+    };
+    let twice = snapshot().await?;
+
+    let changed = changed_columns(&before, &once);
+    let rechanged = changed_rows(&once, &twice);
+    let table_written = written.iter().any(|r| r.name == job.table.name);
+    if rechanged > 0 {
+        findings.push(Finding {
+            severity: Severity::Warning,
+            code: "not_idempotent",
+            message: format!(
+                "executed twice on the first chunk, the statement changed {rechanged} of its rows again: a chunk applied twice (by hand, or by a tool without exactly-once checkpoints) corrupts data"
+            ),
+            fix: "compute the new value from other columns only, and guard it (e.g. `AND new_col IS DISTINCT FROM <value>`)".into(),
+        });
+    } else if !table_written && again > 0 {
+        findings.push(Finding {
+            severity: Severity::Warning,
+            code: "not_idempotent",
+            message: format!(
+                "executed twice on the first chunk, the second execution affected {again} rows of {} again",
+                written.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            ),
+            fix: "make a second execution a no-op (e.g. `ON CONFLICT DO NOTHING`, or a NOT EXISTS guard)".into(),
+        });
+    }
+    catalog_findings(tx, job, oid, &changed, table_written, findings).await
+}
+
+/// Columns whose value differs between two snapshots, with the number of rows each changed in.
+fn changed_columns(a: &Rows, b: &Rows) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for (key, row) in b {
+        let old = a.get(key);
+        for (col, v) in row {
+            if old.and_then(|o| o.get(col)) != Some(v) {
+                *out.entry(col.clone()).or_insert(0) += 1;
+            }
+        }
+    }
+    out
+}
+
+/// Rows that differ (or appeared, or vanished) between two snapshots.
+fn changed_rows(a: &Rows, b: &Rows) -> usize {
+    let keys: BTreeSet<_> = a.keys().chain(b.keys()).collect();
+    keys.into_iter().filter(|k| a.get(*k) != b.get(*k)).count()
+}
+
+/// What the changed columns cost: indexes (no HOT updates), foreign keys checked, row triggers.
+async fn catalog_findings(
+    tx: &Transaction<'_>,
+    job: &JobSpec,
+    oid: u32,
+    changed: &BTreeMap<String, usize>,
+    table_written: bool,
+    findings: &mut Vec<Finding>,
+) -> Result<()> {
+    let name = &job.name;
+    let cols: Vec<String> = changed.keys().cloned().collect();
+    if !cols.is_empty() {
+        // Plain index columns are in indkey; columns used by expressions and predicates are
+        // recorded in pg_depend.
+        let indexed = tx
+            .query(
+                "SELECT a.attname::text, string_agg(DISTINCT i.indexrelid::regclass::text, ', ')
+                   FROM pg_index i
+                   JOIN pg_attribute a ON a.attrelid = i.indrelid
+                  WHERE i.indrelid = $1 AND a.attname = ANY ($2)
+                    AND (a.attnum = ANY (i.indkey::int2[])
+                         OR EXISTS (SELECT 1 FROM pg_depend d
+                                     WHERE d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid
+                                       AND d.refclassid = 'pg_class'::regclass AND d.refobjid = i.indrelid
+                                       AND d.refobjsubid = a.attnum))
+                  GROUP BY a.attname ORDER BY a.attname",
+                &[&oid, &cols],
+            )
+            .await
+            .map_err(|e| db::error(e, format!("job {name}: reading the table's indexes")))?;
+        if !indexed.is_empty() {
+            let list: Vec<String> = indexed
+                .iter()
+                .map(|r| format!("{} (in {})", r.get::<_, String>(0), r.get::<_, String>(1)))
+                .collect();
+            findings.push(Finding {
+                severity: Severity::Warning,
+                code: "writes_indexed_column",
+                message: format!(
+                    "the statement changes indexed column(s) {}: no update can be HOT, every row gets new index entries and the table and its indexes bloat",
+                    list.join(", ")
+                ),
+                fix: "if the index exists only for the new column, create it after the backfill (CREATE INDEX CONCURRENTLY)".into(),
+            });
+        }
+        let fks = tx
+            .query(
+                "SELECT c.conname::text, c.confrelid::regclass::text
+                   FROM pg_constraint c
+                  WHERE c.conrelid = $1 AND c.contype = 'f'
+                    AND EXISTS (SELECT 1 FROM pg_attribute a
+                                 WHERE a.attrelid = c.conrelid AND a.attnum = ANY (c.conkey)
+                                   AND a.attname = ANY ($2))
+                  ORDER BY 1",
+                &[&oid, &cols],
+            )
+            .await
+            .map_err(|e| db::error(e, format!("job {name}: reading foreign keys")))?;
+        if !fks.is_empty() {
+            let list: Vec<String> = fks
+                .iter()
+                .map(|r| format!("{} → {}", r.get::<_, String>(0), r.get::<_, String>(1)))
+                .collect();
+            findings.push(Finding {
+                severity: Severity::Warning,
+                code: "foreign_keys",
+                message: format!(
+                    "the statement changes columns of foreign key(s) {}: each changed row is checked against the referenced table (a lookup and a share lock per row)",
+                    list.join(", ")
+                ),
+                fix: "expected for a new reference column; make sure the referenced key is indexed, or add the constraint NOT VALID and VALIDATE it after the backfill".into(),
+            });
+        }
+    }
+    if table_written {
+        let triggers = tx
+            .query(
+                "SELECT tgname::text FROM pg_trigger
+                  WHERE tgrelid = $1 AND NOT tgisinternal AND tgenabled <> 'D' AND (tgtype & 1) = 1
+                  ORDER BY 1",
+                &[&oid],
+            )
+            .await
+            .map_err(|e| db::error(e, format!("job {name}: reading triggers")))?;
+        if !triggers.is_empty() {
+            let list: Vec<String> = triggers.iter().map(|r| r.get(0)).collect();
+            findings.push(Finding {
+                severity: Severity::Warning,
+                code: "row_triggers",
+                message: format!(
+                    "row trigger(s) {} on {} fire for every row the statement writes",
+                    list.join(", "),
+                    job.table
+                ),
+                fix: "check they are meant to fire for a backfill (audit rows, notifications, denormalised copies); their cost is in the sample chunk's time".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Transactions open for longer than the threshold hold back vacuum of every row version the
+/// backfill leaves behind.
+async fn long_transactions(
+    tx: &Transaction<'_>,
+    opts: &PlanOptions,
+    findings: &mut Vec<Finding>,
+) -> Result<()> {
+    let rows = tx
+        .query(
+            "SELECT pid, coalesce(usename::text, '?'), coalesce(application_name, ''), coalesce(state, '?'),
+                    extract(epoch FROM now() - xact_start)::float8
+               FROM pg_stat_activity
+              WHERE xact_start < now() - make_interval(secs => $1)
+                AND pid <> pg_backend_pid()
+                -- other databases' transactions do not hold back this database's vacuum
+                AND coalesce(datname = current_database(), true)
+                AND (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL)
+              ORDER BY xact_start",
+            &[&opts.long_transaction.as_secs_f64()],
+        )
+        .await
+        .map_err(|e| db::error(e, "reading pg_stat_activity"))?;
+    for r in rows {
+        let (pid, user, app, state, age): (i32, String, String, String, f64) =
+            (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+        findings.push(Finding {
+            severity: Severity::Warning,
+            code: "long_transaction",
+            message: format!(
+                "a transaction has been open for {} (pid {pid}, user {user}, application '{app}', {state}): until it ends, vacuum cannot remove any row version the backfill replaces",
+                humantime::format_duration(Duration::from_secs(age as u64))
+            ),
+            fix: format!("end it (or `SELECT pg_terminate_backend({pid})` if it is abandoned) before a long run"),
+        });
+    }
+    Ok(())
+}
+
+/// For messages: the chunk's bounds.
+pub(super) fn bounds_text(c: &FirstChunk) -> String {
+    format!("{} .. {}", show_key(&c.start), show_key(&c.end))
+}
