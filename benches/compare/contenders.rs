@@ -1,0 +1,233 @@
+//! The contenders, each filling a fresh column of `orders` from `legacy_status` (the sample job's
+//! change): one UPDATE, the loops migration guides show, the best hand-written loop, and the
+//! engine itself (the real binary, so its start-up, catalog checks and checkpoints are counted).
+
+use crate::report::{Measured, Report};
+use crate::{connect, Args, Server};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const EXPR: &str = "CASE legacy_status WHEN 'P' THEN 'pending' WHEN 'S' THEN 'shipped' \
+                    WHEN 'D' THEN 'delivered' ELSE 'cancelled' END";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Contender {
+    /// (a) one statement over the whole table.
+    SingleUpdate,
+    /// (b) `WHERE id IN (SELECT id … WHERE col IS NULL LIMIT 1000)` until nothing changes.
+    NullScanLoop,
+    /// (c) `ORDER BY id LIMIT 1000 OFFSET k` batches.
+    OffsetLoop,
+    /// (d) a keyset loop in a plpgsql procedure, COMMIT per batch of 5000.
+    PlpgsqlKeyset,
+    /// `backfill run` with default settings.
+    Engine,
+}
+
+impl Contender {
+    pub fn label(self) -> &'static str {
+        match self {
+            Contender::SingleUpdate => "(a) single UPDATE",
+            Contender::NullScanLoop => "(b) IN (SELECT … IS NULL LIMIT 1000) loop",
+            Contender::OffsetLoop => "(c) LIMIT/OFFSET loop, 1000 a batch",
+            Contender::PlpgsqlKeyset => "(d) plpgsql keyset loop, COMMIT per 5000",
+            Contender::Engine => "backfill run, 1 worker, defaults",
+        }
+    }
+}
+
+const ALL: [Contender; 5] = [
+    Contender::SingleUpdate,
+    Contender::NullScanLoop,
+    Contender::OffsetLoop,
+    Contender::PlpgsqlKeyset,
+    Contender::Engine,
+];
+
+const KEYSET_PROCEDURE: &str = "
+CREATE OR REPLACE PROCEDURE bench_keyset(col text, batch int) LANGUAGE plpgsql AS $$
+DECLARE lo bigint := 0; hi bigint;
+BEGIN
+  LOOP
+    SELECT max(id) INTO hi FROM (SELECT id FROM orders WHERE id > lo ORDER BY id LIMIT batch) s;
+    EXIT WHEN hi IS NULL;
+    EXECUTE format('UPDATE orders SET %I = CASE legacy_status WHEN ''P'' THEN ''pending'' '
+                   'WHEN ''S'' THEN ''shipped'' WHEN ''D'' THEN ''delivered'' ELSE ''cancelled'' END '
+                   'WHERE id > $1 AND id <= $2', col) USING lo, hi;
+    lo := hi;
+    COMMIT;
+  END LOOP;
+END $$";
+
+/// A fresh `orders` table of `rows` rows, brought to the steady state every contender meets
+/// (one full rewrite behind it, vacuumed), with the keyset procedure in place.
+async fn fresh_orders(server: &Server, rows: u64) {
+    let c = connect(&server.url).await;
+    c.batch_execute("DROP TABLE IF EXISTS orders")
+        .await
+        .unwrap();
+    backfill::demo::create_orders(&c, rows).await.unwrap();
+    c.batch_execute(KEYSET_PROCEDURE).await.unwrap();
+    c.batch_execute(&format!(
+        "ALTER TABLE orders ADD COLUMN warm text; UPDATE orders SET warm = {EXPR}; ALTER TABLE orders DROP COLUMN warm"
+    ))
+    .await
+    .unwrap();
+    c.batch_execute("VACUUM orders").await.unwrap();
+}
+
+/// Times one contender filling a new column; the column is checked complete, then dropped.
+async fn measure(
+    server: &Server,
+    who: Contender,
+    col: &str,
+    budget: Duration,
+    jobs: &Path,
+) -> Measured {
+    let c = connect(&server.url).await;
+    c.batch_execute(&format!("ALTER TABLE orders ADD COLUMN {col} text"))
+        .await
+        .unwrap();
+    c.batch_execute("VACUUM orders").await.unwrap();
+    c.batch_execute("CHECKPOINT").await.unwrap();
+    let t = Instant::now();
+    let over = |t: &Instant| t.elapsed() > budget;
+    let mut m = Measured::default();
+    let finished = match who {
+        Contender::SingleUpdate => {
+            c.batch_execute(&format!("SET statement_timeout = {}", budget.as_millis()))
+                .await
+                .unwrap();
+            c.execute(&format!("UPDATE orders SET {col} = {EXPR}"), &[])
+                .await
+                .is_ok()
+        }
+        Contender::NullScanLoop => {
+            let sql = format!(
+                "UPDATE orders SET {col} = {EXPR} WHERE id IN (SELECT id FROM orders WHERE {col} IS NULL LIMIT 1000)"
+            );
+            loop {
+                if c.execute(&sql, &[]).await.unwrap() == 0 {
+                    break true;
+                }
+                if over(&t) {
+                    break false;
+                }
+            }
+        }
+        Contender::OffsetLoop => {
+            let sql = format!(
+                "UPDATE orders SET {col} = {EXPR} WHERE id IN (SELECT id FROM orders ORDER BY id LIMIT 1000 OFFSET $1)"
+            );
+            let mut offset: i64 = 0;
+            loop {
+                if c.execute(&sql, &[&offset]).await.unwrap() == 0 {
+                    break true;
+                }
+                offset += 1000;
+                if over(&t) {
+                    break false;
+                }
+            }
+        }
+        Contender::PlpgsqlKeyset => {
+            c.batch_execute(&format!("SET statement_timeout = {}", budget.as_millis()))
+                .await
+                .unwrap();
+            c.batch_execute(&format!("CALL bench_keyset('{col}', 5000)"))
+                .await
+                .is_ok()
+        }
+        Contender::Engine => {
+            let job = format!(
+                "table = \"orders\"\nkey = [\"id\"]\nchunk_rows = 5000\n\
+                 sql = \"UPDATE orders SET {col} = {EXPR} WHERE id BETWEEN :start AND :end AND {col} IS NULL\"\n"
+            );
+            std::fs::write(jobs.join(format!("{col}.toml")), job).unwrap();
+            let cmd = crate::report::engine_command(server, jobs, &["run", col]);
+            match crate::report::run_measured(cmd, budget) {
+                Some(usage) => {
+                    m.cpu = Some(usage.cpu);
+                    m.rss_kb = Some(usage.max_rss_kb);
+                    true
+                }
+                None => false,
+            }
+        }
+    };
+    if finished {
+        m.time = Some(t.elapsed());
+        let left: i64 = c
+            .query_one(
+                &format!("SELECT count(*) FROM orders WHERE {col} IS NULL"),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(left, 0, "{} left {left} rows undone", who.label());
+    }
+    let c = connect(&server.url).await;
+    c.batch_execute(&format!("ALTER TABLE orders DROP COLUMN {col}"))
+        .await
+        .unwrap();
+    m
+}
+
+/// Every contender, `rounds` times at `rows`, in a rotating order.
+async fn rounds_at(
+    server: &Server,
+    rows: u64,
+    who: &[Contender],
+    args: &Args,
+    jobs: &Path,
+) -> Vec<(Contender, Vec<Measured>)> {
+    fresh_orders(server, rows).await;
+    let mut out: Vec<(Contender, Vec<Measured>)> = who.iter().map(|c| (*c, Vec::new())).collect();
+    let mut n = 0;
+    for round in 0..args.rounds {
+        for i in 0..who.len() {
+            let k = (i + round) % who.len();
+            n += 1;
+            let col = format!("c{rows}_{n}");
+            let m = measure(server, who[k], &col, args.budget, jobs).await;
+            eprintln!(
+                "bench: {rows} rows, round {}: {} {:?}",
+                round + 1,
+                who[k].label(),
+                m.time
+            );
+            out[k].1.push(m);
+        }
+    }
+    out
+}
+
+pub async fn throughput(server: &Server, args: &Args, report: &mut Report) {
+    let jobs = report.jobs_dir();
+    let results = rounds_at(server, args.rows, &ALL, args, &jobs).await;
+    report.throughput_rows = args.rows;
+    report.throughput = results;
+}
+
+pub async fn scaling(server: &Server, args: &Args, report: &mut Report) {
+    let jobs = report.jobs_dir();
+    let who = [
+        Contender::Engine,
+        Contender::NullScanLoop,
+        Contender::OffsetLoop,
+    ];
+    for &rows in &args.scale {
+        let results = if rows == report.throughput_rows {
+            report
+                .throughput
+                .iter()
+                .filter(|(c, _)| who.contains(c))
+                .cloned()
+                .collect()
+        } else {
+            rounds_at(server, rows, &who, args, &jobs).await
+        };
+        report.scaling.push((rows, results));
+    }
+}

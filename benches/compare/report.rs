@@ -1,0 +1,325 @@
+//! Measurements and the markdown report: medians, ratios, growth factors, the engine's own CPU
+//! and peak memory (from wait4's rusage of the engine process), and the machine it ran on.
+
+use crate::contenders::Contender;
+use crate::impact::Scenario;
+use crate::Server;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Default)]
+pub struct Measured {
+    /// None: stopped at the time budget.
+    pub time: Option<Duration>,
+    /// The engine's own CPU time (user + system) and peak RSS.
+    pub cpu: Option<Duration>,
+    pub rss_kb: Option<i64>,
+}
+
+pub struct Usage {
+    pub cpu: Duration,
+    pub max_rss_kb: i64,
+}
+
+/// The engine binary with the benchmark's database and jobs.
+pub fn engine_command(server: &Server, jobs: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_backfill"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PG") || k == "DATABASE_URL" || k.starts_with("BACKFILL_") {
+            c.env_remove(k);
+        }
+    }
+    c.arg("--database-url")
+        .arg(&server.url)
+        .arg("--jobs")
+        .arg(jobs)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    c
+}
+
+/// Runs the engine to completion and returns its own rusage; None when it exceeded the budget
+/// (it is killed) or failed.
+pub fn run_measured(mut cmd: Command, budget: Duration) -> Option<Usage> {
+    // Reaped below with wait4 (for its rusage), not through std's Child.
+    let pid = cmd.spawn().expect("the backfill binary").id() as libc::pid_t;
+    let t = Instant::now();
+    loop {
+        let mut status = 0;
+        // SAFETY: rusage is plain data that wait4 fills in; pid is our own child.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
+        if r == pid {
+            if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+                eprintln!("bench: the engine failed (status {status})");
+                return None;
+            }
+            let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+            return Some(Usage {
+                cpu: tv(ru.ru_utime) + tv(ru.ru_stime),
+                max_rss_kb: ru.ru_maxrss,
+            });
+        }
+        if t.elapsed() > budget {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let mut st = 0;
+            unsafe { libc::waitpid(pid, &mut st, 0) };
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Each contender's measurements over the rounds, at one table size.
+pub type Results = Vec<(Contender, Vec<Measured>)>;
+
+pub struct ImpactRow {
+    pub scenario: Scenario,
+    pub tps: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub failed: u64,
+    pub backfill_seconds: Option<f64>,
+}
+
+pub struct Report {
+    machine: String,
+    server: String,
+    dir: PathBuf,
+    pub throughput_rows: u64,
+    pub throughput: Results,
+    pub scaling: Vec<(u64, Results)>,
+    pub pgbench_accounts: u64,
+    pub impact: Vec<ImpactRow>,
+}
+
+fn median(mut v: Vec<Duration>) -> Option<Duration> {
+    v.sort();
+    v.get(v.len() / 2).copied()
+}
+
+/// Median time over the rounds; None when any round ran out of budget.
+fn median_time(ms: &[Measured]) -> Option<Duration> {
+    let times: Option<Vec<Duration>> = ms.iter().map(|m| m.time).collect();
+    median(times?)
+}
+
+fn secs(d: Option<Duration>, budget_note: &str) -> String {
+    d.map(|d| format!("{:.2} s", d.as_secs_f64()))
+        .unwrap_or_else(|| format!("> {budget_note}"))
+}
+
+impl Report {
+    pub async fn new(server: &Server) -> Report {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown CPU".into());
+        let mem_gib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("MemTotal"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            })
+            .map(|kb| kb / 1024.0 / 1024.0)
+            .unwrap_or(0.0);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let c = crate::connect(&server.url).await;
+        let row = c
+            .query_one(
+                "SELECT current_setting('server_version'), current_setting('fsync'),
+                        current_setting('synchronous_commit'), current_setting('shared_buffers')",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (v, fsync, sync, sb): (String, String, String, String) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        let dir = std::env::temp_dir().join(format!("backfill-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Report {
+            machine: format!("{cores} cores ({cpu}), {mem_gib:.0} GiB RAM"),
+            server: format!(
+                "PostgreSQL {v} on the same machine (fsync={fsync}, synchronous_commit={sync}, shared_buffers={sb})"
+            ),
+            dir,
+            throughput_rows: 0,
+            throughput: Vec::new(),
+            scaling: Vec::new(),
+            pgbench_accounts: 0,
+            impact: Vec::new(),
+        }
+    }
+
+    /// A directory for job files and pgbench logs, removed when the report is dropped.
+    pub fn jobs_dir(&self) -> PathBuf {
+        self.dir.clone()
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        let w = |s: &mut String, l: &str| {
+            s.push_str(l);
+            s.push('\n');
+        };
+        w(
+            &mut s,
+            &format!("Machine: {}. {}.", self.machine, self.server),
+        );
+        w(&mut s, "");
+        w(&mut s, &format!("**Throughput**, {} rows, median of the rounds; throughput relative to (a) and to (d):", self.throughput_rows));
+        w(&mut s, "");
+        w(&mut s, "| contender | time | rows/s | × (a) | × (d) |");
+        w(&mut s, "|---|---:|---:|---:|---:|");
+        let med = |c: Contender| {
+            self.throughput
+                .iter()
+                .find(|(x, _)| *x == c)
+                .and_then(|(_, m)| median_time(m))
+        };
+        let a = med(Contender::SingleUpdate);
+        let d = med(Contender::PlpgsqlKeyset);
+        for (c, ms) in &self.throughput {
+            let t = median_time(ms);
+            let ratio = |base: Option<Duration>| match (base, t) {
+                (Some(b), Some(t)) => format!("{:.2}", b.as_secs_f64() / t.as_secs_f64()),
+                _ => "–".into(),
+            };
+            w(
+                &mut s,
+                &format!(
+                    "| {} | {} | {} | {} | {} |",
+                    c.label(),
+                    secs(t, "budget"),
+                    t.map(|t| format!("{:.0}", self.throughput_rows as f64 / t.as_secs_f64()))
+                        .unwrap_or_else(|| "–".into()),
+                    ratio(a),
+                    ratio(d)
+                ),
+            );
+        }
+        w(
+            &mut s,
+            "| backfill run, 2 workers | not measured: `--workers` is not built yet | | | |",
+        );
+        w(&mut s, "");
+        w(
+            &mut s,
+            "**Scaling**, median time by table size, and growth from the previous size:",
+        );
+        w(&mut s, "");
+        let who = [
+            Contender::Engine,
+            Contender::NullScanLoop,
+            Contender::OffsetLoop,
+        ];
+        let mut header = "| rows |".to_string();
+        let mut rule = "|---:|".to_string();
+        for c in who {
+            header.push_str(&format!(" {} | growth |", c.label()));
+            rule.push_str("---:|---:|");
+        }
+        w(&mut s, &header);
+        w(&mut s, &rule);
+        let mut prev: Vec<Option<Duration>> = vec![None; who.len()];
+        let mut prev_rows = 0u64;
+        for (rows, results) in &self.scaling {
+            let mut line = format!("| {rows} |");
+            for (i, c) in who.iter().enumerate() {
+                let t = results
+                    .iter()
+                    .find(|(x, _)| x == c)
+                    .and_then(|(_, m)| median_time(m));
+                let growth = match (prev[i], t) {
+                    (Some(p), Some(t)) => format!(
+                        "{:.1}× for {:.0}× rows",
+                        t.as_secs_f64() / p.as_secs_f64(),
+                        *rows as f64 / prev_rows as f64
+                    ),
+                    _ => "–".into(),
+                };
+                line.push_str(&format!(" {} | {} |", secs(t, "budget"), growth));
+                prev[i] = t;
+            }
+            prev_rows = *rows;
+            w(&mut s, &line);
+        }
+        w(&mut s, "");
+        w(
+            &mut s,
+            "**Engine overhead** (the `backfill` process itself, from wait4's rusage):",
+        );
+        w(&mut s, "");
+        w(&mut s, "| rows | CPU s per million rows | peak RSS |");
+        w(&mut s, "|---:|---:|---:|");
+        for (rows, results) in &self.scaling {
+            if let Some((_, ms)) = results.iter().find(|(c, _)| *c == Contender::Engine) {
+                let cpu = median(ms.iter().filter_map(|m| m.cpu).collect());
+                let rss = ms.iter().filter_map(|m| m.rss_kb).max();
+                w(
+                    &mut s,
+                    &format!(
+                        "| {rows} | {} | {} |",
+                        cpu.map(|c| format!("{:.2}", c.as_secs_f64() * 1e6 / *rows as f64))
+                            .unwrap_or_else(|| "–".into()),
+                        rss.map(|k| format!("{:.1} MB", k as f64 / 1024.0))
+                            .unwrap_or_else(|| "–".into())
+                    ),
+                );
+            }
+        }
+        w(&mut s, "");
+        w(
+            &mut s,
+            &format!(
+                "**Impact on live traffic**: pgbench TPC-B-like, 4 clients, {} accounts; figures over the time the backfill ran (for no backfill, the whole run):",
+                self.pgbench_accounts
+            ),
+        );
+        w(&mut s, "");
+        w(
+            &mut s,
+            "| scenario | backfill took | tps | p99 latency | max latency | failed tx |",
+        );
+        w(&mut s, "|---|---:|---:|---:|---:|---:|");
+        let base_p99 = self.impact.first().map(|r| r.p99_ms);
+        for r in &self.impact {
+            let rel = match base_p99 {
+                Some(b) if b > 0.0 => format!(" ({:.1}×)", r.p99_ms / b),
+                _ => String::new(),
+            };
+            w(
+                &mut s,
+                &format!(
+                    "| {} | {} | {:.0} | {:.1} ms{rel} | {:.1} ms | {} |",
+                    r.scenario.label(),
+                    r.backfill_seconds
+                        .map(|t| format!("{t:.1} s"))
+                        .unwrap_or_else(|| "–".into()),
+                    r.tps,
+                    r.p99_ms,
+                    r.max_ms,
+                    r.failed
+                ),
+            );
+        }
+        s
+    }
+}
+
+impl Drop for Report {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
