@@ -443,6 +443,10 @@ impl Keyset {
     /// Query for the next chunk after a cursor: returns (key count, first key, last key) of the
     /// next `limit` keys in index order that are greater than the cursor and at most the upper
     /// bound. Parameters: [cursor…,] upper…, limit.
+    ///
+    /// Each part is a plain walk of the key's index, with nothing materialised or sorted: the
+    /// first key is the first entry, and the last is the entry `limit - 1` further on. Only when
+    /// fewer than `limit` keys are left (the final chunk) are they counted and the greatest taken.
     pub fn next_chunk_sql(&self, after_cursor: bool) -> String {
         let n = self.columns.len();
         let (lower, upper_at) = if after_cursor {
@@ -454,18 +458,20 @@ impl Keyset {
             (String::new(), 1)
         };
         let limit_at = upper_at + n;
-        format!(
-            "WITH chunk AS MATERIALIZED (
-               SELECT {cols} FROM {table}
-                WHERE {lower}{row} <= {upper}
-                ORDER BY {cols} LIMIT ${limit_at}::bigint)
-             SELECT (SELECT count(*) FROM chunk),
-                    (SELECT {arr} FROM chunk ORDER BY {cols} LIMIT 1),
-                    (SELECT {arr} FROM chunk ORDER BY {desc} LIMIT 1)",
-            cols = self.cols(""),
+        let range = format!(
+            "FROM {table} WHERE {lower}{row} <= {upper}",
             table = self.table.quoted(),
             row = self.row(),
             upper = self.bind_expr(upper_at),
+        );
+        format!(
+            "SELECT CASE WHEN w.nth IS NOT NULL THEN ${limit_at}::bigint
+                         ELSE (SELECT count(*) {range}) END,
+                    (SELECT {arr} {range} ORDER BY {cols} LIMIT 1),
+                    coalesce(w.nth, (SELECT {arr} {range} ORDER BY {desc} LIMIT 1))
+               FROM (SELECT (SELECT {arr} {range} ORDER BY {cols}
+                              OFFSET ${limit_at}::bigint - 1 LIMIT 1) AS nth) w",
+            cols = self.cols(""),
             arr = self.text_array(),
             desc = self.cols(" DESC"),
         )
@@ -570,12 +576,12 @@ mod tests {
             s.contains("<= ($3::text::integer, $4::text::bigint)"),
             "{s}"
         );
-        assert!(s.contains("LIMIT $5::bigint"), "{s}");
+        assert!(s.contains("OFFSET $5::bigint - 1"), "{s}");
         let first = keyset(&["bigint"]).next_chunk_sql(false);
         assert!(
             first.contains("WHERE \"k0\" <= $1::text::bigint"),
             "{first}"
         );
-        assert!(first.contains("LIMIT $2::bigint"), "{first}");
+        assert!(first.contains("OFFSET $2::bigint - 1"), "{first}");
     }
 }
