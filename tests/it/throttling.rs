@@ -242,15 +242,18 @@ fn an_application_session_queued_behind_a_chunk_makes_the_run_yield_and_shrink()
 fn a_fixed_pause_and_a_nice_ratio_rest_between_chunks() {
     let db = TestDb::new();
     counter_table(&db, 1000); // 10 chunks of 100
-    let timed = |throttle: &str| {
+    let timed_with = |throttle: &str, flags: &[&str]| {
         db.exec("UPDATE t SET n = 0");
         let _ = db.run(&["reset", "p", "--yes"]);
         db.write_job("p", &job("FROM (SELECT pg_sleep(0.03)) s", throttle));
         let t = Instant::now();
-        db.run(&["run", "p"]).expect(0);
+        let mut args = vec!["run", "p"];
+        args.extend_from_slice(flags);
+        db.run(&args).expect(0);
         assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
         t.elapsed()
     };
+    let timed = |throttle: &str| timed_with(throttle, &[]);
     let plain = timed("target_chunk_time = \"0s\"\n");
     // Nine rests of 150 ms between ten chunks.
     let paused = timed("target_chunk_time = \"0s\"\npause = \"150ms\"\n");
@@ -264,6 +267,21 @@ fn a_fixed_pause_and_a_nice_ratio_rest_between_chunks() {
         nice >= plain + Duration::from_millis(1300),
         "{nice:?} vs {plain:?}"
     );
+    // Flags of `run` win over the job file.
+    let flagged = timed_with(
+        "target_chunk_time = \"0s\"\npause = \"0s\"\n",
+        &["--pause", "150ms"],
+    );
+    assert!(
+        flagged >= plain + Duration::from_millis(1300),
+        "{flagged:?} vs {plain:?}"
+    );
+    let capped = timed_with(
+        "target_chunk_time = \"0s\"\nrows_per_second = 1000000\n",
+        &["--rows-per-second", "400"],
+    );
+    // 1000 keys at 400 a second, the first second's burst free: at least 1.5 s.
+    assert!(capped >= Duration::from_millis(1400), "{capped:?}");
 }
 
 #[test]
