@@ -170,7 +170,7 @@ pub struct RunArgs {
     /// Rate ceiling in keys per second (overrides the job's throttle.rows_per_second).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub rows_per_second: Option<u32>,
-    /// Chunk time the chunk size adapts toward (e.g. 50ms); 0s keeps chunk_rows fixed.
+    /// Chunk time the chunk size adapts toward (e.g. 10ms); 0s keeps chunk_rows fixed.
     #[arg(long, value_parser = duration_or_zero)]
     pub target_chunk_time: Option<Duration>,
     /// Fixed pause between chunks (overrides throttle.pause).
@@ -199,7 +199,7 @@ pub struct SetArgs {
     /// Rate ceiling in keys per second.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub rows_per_second: Option<u32>,
-    /// Chunk time the chunk size adapts toward (e.g. 50ms).
+    /// Chunk time the chunk size adapts toward (e.g. 10ms).
     #[arg(long, value_parser = duration)]
     pub target_chunk_time: Option<Duration>,
     /// Fixed pause between chunks (0s for none).

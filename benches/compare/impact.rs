@@ -13,6 +13,7 @@ pub enum Scenario {
     SingleUpdate,
     EngineDefaults,
     EngineCeiling(u32),
+    EngineTarget(u32),
 }
 
 impl Scenario {
@@ -22,6 +23,9 @@ impl Scenario {
             Scenario::SingleUpdate => "(ii) single UPDATE".into(),
             Scenario::EngineDefaults => "(iii) backfill run, defaults".into(),
             Scenario::EngineCeiling(r) => format!("(iv) backfill run, rows_per_second = {r}"),
+            Scenario::EngineTarget(ms) => {
+                format!("(v) backfill run, target_chunk_time = {ms}ms")
+            }
         }
     }
 }
@@ -50,6 +54,7 @@ pub async fn impact(server: &Server, args: &Args, report: &mut Report) {
         Scenario::SingleUpdate,
         Scenario::EngineDefaults,
         Scenario::EngineCeiling(ceiling),
+        Scenario::EngineTarget(50),
     ];
     let dir = report.jobs_dir();
     for (i, s) in scenarios.into_iter().enumerate() {
@@ -92,9 +97,12 @@ pub async fn impact(server: &Server, args: &Args, report: &mut Report) {
                 .await
                 .unwrap();
             }
-            Scenario::EngineDefaults | Scenario::EngineCeiling(_) => {
+            Scenario::EngineDefaults | Scenario::EngineCeiling(_) | Scenario::EngineTarget(_) => {
                 let throttle = match s {
                     Scenario::EngineCeiling(r) => format!("[throttle]\nrows_per_second = {r}\n"),
+                    Scenario::EngineTarget(ms) => {
+                        format!("[throttle]\ntarget_chunk_time = \"{ms}ms\"\n")
+                    }
                     _ => String::new(),
                 };
                 std::fs::write(

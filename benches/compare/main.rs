@@ -8,7 +8,8 @@
 //! Options (after `cargo bench --bench compare --`): `--rows N` (default 1,000,000), `--rounds N`
 //! (3), `--scale N,N,…` (sizes for the scaling section, default 100000 and --rows), `--budget S`
 //! (seconds a slow contender may take before it is stopped, 120), `--pgbench-scale N` (10),
-//! `--pgbench-seconds N` (15), `--quick` (small sizes, one round: CI keeps the bench working).
+//! `--pgbench-seconds N` (15), `--impact-only` (just the live-traffic section), `--quick` (small
+//! sizes, one round: CI keeps the bench working).
 //! `BACKFILL_BENCH_DATABASE_URL` benchmarks an existing (scratch) database instead of a throwaway
 //! one; it refuses to replace existing `orders` or pgbench tables unless
 //! `BACKFILL_BENCH_OVERWRITE=yes`.
@@ -29,6 +30,8 @@ pub struct Args {
     budget: Duration,
     pgbench_scale: u32,
     pgbench_seconds: u64,
+    /// Only the live-traffic section (`--impact-only`).
+    impact_only: bool,
 }
 
 fn parse_args() -> Args {
@@ -39,6 +42,7 @@ fn parse_args() -> Args {
         budget: Duration::from_secs(120),
         pgbench_scale: 10,
         pgbench_seconds: 15,
+        impact_only: false,
     };
     let mut it = std::env::args().skip(1);
     let num = |v: Option<String>, what: &str| -> u64 {
@@ -60,6 +64,7 @@ fn parse_args() -> Args {
                     .map(|s| num(Some(s.to_string()), "--scale"))
                     .collect()
             }
+            "--impact-only" => a.impact_only = true,
             "--quick" => {
                 a.rows = 20_000;
                 a.rounds = 1;

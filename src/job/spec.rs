@@ -370,7 +370,7 @@ sql = "UPDATE orders SET n = n + 1 WHERE id BETWEEN :start AND :end"
         );
         assert_eq!(
             j.throttle.target_chunk_time,
-            Some(std::time::Duration::from_millis(50))
+            Some(std::time::Duration::from_millis(10))
         );
     }
 

@@ -9,7 +9,7 @@ use toml::Spanned;
 
 /// Chunks aim at this duration: it bounds how long an application session can wait for a row
 /// the backfill has locked, so it is kept well under typical request timeouts.
-pub const DEFAULT_TARGET_CHUNK_TIME: Duration = Duration::from_millis(50);
+pub const DEFAULT_TARGET_CHUNK_TIME: Duration = Duration::from_millis(10);
 pub const DEFAULT_MIN_CHUNK_ROWS: u32 = 10;
 pub const DEFAULT_MAX_CHUNK_ROWS: u32 = 50_000;
 pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
