@@ -44,7 +44,7 @@ fn sigkill_at_random_moments_then_resume_applies_every_row_exactly_once() {
             }
             None => {
                 // Is a chunk transaction open right now?
-                if db.i64("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'backfill' AND state = 'active' AND query LIKE 'UPDATE t SET%'") > 0 {
+                if db.i64("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'backfill' AND state = 'active' AND query LIKE 'UPDATE t SET%'") > 0 {
                     mid_chunk += 1;
                 }
                 signal(&child, libc::SIGKILL);
@@ -133,7 +133,7 @@ fn a_long_statement_is_cancelled_on_stop_and_rolled_back() {
     );
     // Once: the chunk is cancelled after the grace period.
     let child = db.spawn(&["run", "l"]);
-    db.wait_for("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = 'backfill' AND wait_event = 'PgSleep')", Duration::from_secs(30));
+    db.wait_for("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'backfill' AND wait_event = 'PgSleep')", Duration::from_secs(30));
     let t = Instant::now();
     signal(&child, libc::SIGINT);
     let out = wait_out(child, Duration::from_secs(30));
@@ -148,7 +148,7 @@ fn a_long_statement_is_cancelled_on_stop_and_rolled_back() {
     assert_eq!(db.i64("SELECT count(*) FROM t WHERE n > 1"), 0);
     // Twice: out at once, still consistent.
     let child = db.spawn(&["run", "l"]);
-    db.wait_for("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = 'backfill' AND wait_event = 'PgSleep')", Duration::from_secs(30));
+    db.wait_for("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'backfill' AND wait_event = 'PgSleep')", Duration::from_secs(30));
     let t = Instant::now();
     signal(&child, libc::SIGINT);
     std::thread::sleep(Duration::from_millis(200));
@@ -161,7 +161,7 @@ fn a_long_statement_is_cancelled_on_stop_and_rolled_back() {
         t.elapsed()
     );
     db.wait_for(
-        "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event = 'PgSleep')",
+        "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'PgSleep')",
         Duration::from_secs(10),
     );
     assert_eq!(
