@@ -7,7 +7,7 @@ use super::{Estimates, Finding, FirstChunk, Plan, PlanOptions, Severity, LARGE_T
 use crate::db;
 use crate::error::{Error, Result};
 use crate::job::JobSpec;
-use crate::keyset::{show_key, KeyValue, Keyset};
+use crate::keyset::{KeyValue, Keyset};
 use crate::store::Checkpoint;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -35,22 +35,10 @@ pub(super) async fn run(
     .await
     .map_err(fail("setting timeouts"))?;
     let keyset = Keyset::resolve(tx, job).await?;
-    let oid: u32 = tx
-        .query_one("SELECT to_regclass($1)::oid", &[&job.table.quoted()])
-        .await
-        .map_err(fail("looking up the table"))?
-        .get(0);
+    let table = table_info(tx, job).await?;
     let mut findings = Vec::new();
     let mut estimates = Estimates {
-        table_rows: tx
-            .query_one(
-                "SELECT reltuples::bigint FROM pg_class WHERE oid = $1",
-                &[&oid],
-            )
-            .await
-            .map_err(fail("reading the table's statistics"))?
-            .get::<_, Option<i64>>(0)
-            .filter(|n| *n >= 0),
+        table_rows: table.rows,
         ..Estimates::default()
     };
     verify_estimate(tx, job, opts, &mut estimates).await?;
@@ -65,14 +53,22 @@ pub(super) async fn run(
             .collect();
         let statement = job.sql.render(&keyset);
         let small = estimates.table_rows.unwrap_or(0) < 10 * job.chunk_rows as i64;
-        if let Some(written) =
-            check_plan(tx, job, &statement, &bounds, small, &mut findings).await?
+        if let Some(written) = check_plan(
+            tx,
+            job,
+            &table.rel,
+            &statement,
+            &bounds,
+            small,
+            &mut findings,
+        )
+        .await?
         {
             probe_statement(
                 tx,
                 job,
                 &keyset,
-                oid,
+                &table,
                 &statement,
                 &bounds,
                 &written,
@@ -227,12 +223,12 @@ async fn first_chunk(
 async fn check_plan(
     tx: &Transaction<'_>,
     job: &JobSpec,
+    table: &Rel,
     statement: &str,
     bounds: &[&(dyn ToSql + Sync)],
     small_table: bool,
     findings: &mut Vec<Finding>,
 ) -> Result<Option<Vec<Rel>>> {
-    let table = table_rel(tx, job).await?;
     let text = match guarded(tx, explain_json(tx, statement, bounds)).await? {
         Ok(t) => t,
         Err(e) => {
@@ -247,7 +243,7 @@ async fn check_plan(
     };
     let analysis = explain::analyse(&text).map_err(Error::Runtime)?;
     let full: Vec<_> = analysis
-        .full_scans_of(std::slice::from_ref(&table))
+        .full_scans_of(std::slice::from_ref(table))
         .cloned()
         .collect();
     if let Some(scan) = full.first() {
@@ -262,7 +258,7 @@ async fn check_plan(
         let forced = forced.map_err(step)?;
         let unavoidable = explain::analyse(&forced)
             .map_err(Error::Runtime)?
-            .full_scans_of(std::slice::from_ref(&table))
+            .full_scans_of(std::slice::from_ref(table))
             .next()
             .is_some();
         if unavoidable {
@@ -321,19 +317,37 @@ async fn explain_json(
     Ok(row.get::<_, JsonText>(0).0)
 }
 
-/// The job's table as EXPLAIN VERBOSE names it (schema and relation name).
-async fn table_rel(tx: &Transaction<'_>, job: &JobSpec) -> Result<Rel> {
+/// The job's table as the catalog knows it, read once.
+struct TableInfo {
+    oid: u32,
+    /// Schema and name, as EXPLAIN VERBOSE names relations.
+    rel: Rel,
+    /// The planner's row count (None: never analyzed).
+    rows: Option<i64>,
+}
+
+async fn table_info(tx: &Transaction<'_>, job: &JobSpec) -> Result<TableInfo> {
     let row = tx
         .query_one(
-            "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            "SELECT c.oid, n.nspname::text, c.relname::text, c.reltuples::bigint
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
               WHERE c.oid = to_regclass($1)",
             &[&job.table.quoted()],
         )
         .await
-        .map_err(|e| db::error(e, format!("job {}: naming the table", job.name)))?;
-    Ok(Rel {
-        schema: row.get(0),
-        name: row.get(1),
+        .map_err(|e| {
+            db::error(
+                e,
+                format!("job {}: reading the table's catalog entry", job.name),
+            )
+        })?;
+    Ok(TableInfo {
+        oid: row.get(0),
+        rel: Rel {
+            schema: row.get(1),
+            name: row.get(2),
+        },
+        rows: row.get::<_, Option<i64>>(3).filter(|n| *n >= 0),
     })
 }
 
@@ -342,7 +356,7 @@ async fn probe_statement(
     tx: &Transaction<'_>,
     job: &JobSpec,
     keyset: &Keyset,
-    oid: u32,
+    table: &TableInfo,
     statement: &str,
     bounds: &[&(dyn ToSql + Sync)],
     written: &[Rel],
@@ -409,7 +423,7 @@ async fn probe_statement(
 
     let changed = changed_columns(&before, &once);
     let rechanged = changed_rows(&once, &twice);
-    let table_written = written.iter().any(|r| r.name == job.table.name);
+    let table_written = written.contains(&table.rel);
     if rechanged > 0 {
         findings.push(Finding {
             severity: Severity::Warning,
@@ -430,7 +444,7 @@ async fn probe_statement(
             fix: "make a second execution a no-op (e.g. `ON CONFLICT DO NOTHING`, or a NOT EXISTS guard)".into(),
         });
     }
-    catalog_findings(tx, job, oid, &changed, table_written, findings).await
+    catalog_findings(tx, job, table.oid, &changed, table_written, findings).await
 }
 
 /// Columns whose value differs between two snapshots, with the number of rows each changed in.
@@ -462,89 +476,82 @@ async fn catalog_findings(
     table_written: bool,
     findings: &mut Vec<Finding>,
 ) -> Result<()> {
-    let name = &job.name;
     let cols: Vec<String> = changed.keys().cloned().collect();
     if !cols.is_empty() {
         // Plain index columns are in indkey; columns used by expressions and predicates are
         // recorded in pg_depend.
-        let indexed = tx
-            .query(
-                "SELECT a.attname::text, string_agg(DISTINCT i.indexrelid::regclass::text, ', ')
-                   FROM pg_index i
-                   JOIN pg_attribute a ON a.attrelid = i.indrelid
-                  WHERE i.indrelid = $1 AND a.attname = ANY ($2)
-                    AND (a.attnum = ANY (i.indkey::int2[])
-                         OR EXISTS (SELECT 1 FROM pg_depend d
-                                     WHERE d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid
-                                       AND d.refclassid = 'pg_class'::regclass AND d.refobjid = i.indrelid
-                                       AND d.refobjsubid = a.attnum))
-                  GROUP BY a.attname ORDER BY a.attname",
-                &[&oid, &cols],
-            )
-            .await
-            .map_err(|e| db::error(e, format!("job {name}: reading the table's indexes")))?;
+        let indexed = names(
+            tx,
+            job,
+            "reading the table's indexes",
+            "SELECT a.attname || ' (in ' || string_agg(DISTINCT i.indexrelid::regclass::text, ', ') || ')'
+               FROM pg_index i
+               JOIN pg_attribute a ON a.attrelid = i.indrelid
+              WHERE i.indrelid = $1 AND a.attname = ANY ($2)
+                AND (a.attnum = ANY (i.indkey::int2[])
+                     OR EXISTS (SELECT 1 FROM pg_depend d
+                                 WHERE d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid
+                                   AND d.refclassid = 'pg_class'::regclass AND d.refobjid = i.indrelid
+                                   AND d.refobjsubid = a.attnum))
+              GROUP BY a.attname ORDER BY a.attname",
+            &[&oid, &cols],
+        )
+        .await?;
         if !indexed.is_empty() {
-            let list: Vec<String> = indexed
-                .iter()
-                .map(|r| format!("{} (in {})", r.get::<_, String>(0), r.get::<_, String>(1)))
-                .collect();
             findings.push(Finding {
                 severity: Severity::Warning,
                 code: "writes_indexed_column",
                 message: format!(
                     "the statement changes indexed column(s) {}: no update can be HOT, every row gets new index entries and the table and its indexes bloat",
-                    list.join(", ")
+                    indexed.join(", ")
                 ),
                 fix: "if the index exists only for the new column, create it after the backfill (CREATE INDEX CONCURRENTLY)".into(),
             });
         }
-        let fks = tx
-            .query(
-                "SELECT c.conname::text, c.confrelid::regclass::text
-                   FROM pg_constraint c
-                  WHERE c.conrelid = $1 AND c.contype = 'f'
-                    AND EXISTS (SELECT 1 FROM pg_attribute a
-                                 WHERE a.attrelid = c.conrelid AND a.attnum = ANY (c.conkey)
-                                   AND a.attname = ANY ($2))
-                  ORDER BY 1",
-                &[&oid, &cols],
-            )
-            .await
-            .map_err(|e| db::error(e, format!("job {name}: reading foreign keys")))?;
+        let fks = names(
+            tx,
+            job,
+            "reading foreign keys",
+            "SELECT c.conname || ' → ' || c.confrelid::regclass::text
+               FROM pg_constraint c
+              WHERE c.conrelid = $1 AND c.contype = 'f'
+                AND EXISTS (SELECT 1 FROM pg_attribute a
+                             WHERE a.attrelid = c.conrelid AND a.attnum = ANY (c.conkey)
+                               AND a.attname = ANY ($2))
+              ORDER BY 1",
+            &[&oid, &cols],
+        )
+        .await?;
         if !fks.is_empty() {
-            let list: Vec<String> = fks
-                .iter()
-                .map(|r| format!("{} → {}", r.get::<_, String>(0), r.get::<_, String>(1)))
-                .collect();
             findings.push(Finding {
                 severity: Severity::Warning,
                 code: "foreign_keys",
                 message: format!(
                     "the statement changes columns of foreign key(s) {}: each changed row is checked against the referenced table (a lookup and a share lock per row)",
-                    list.join(", ")
+                    fks.join(", ")
                 ),
                 fix: "expected for a new reference column; make sure the referenced key is indexed, or add the constraint NOT VALID and VALIDATE it after the backfill".into(),
             });
         }
     }
     if table_written {
-        let triggers = tx
-            .query(
-                "SELECT tgname::text FROM pg_trigger
-                  WHERE tgrelid = $1 AND NOT tgisinternal AND tgenabled <> 'D' AND (tgtype & 1) = 1
-                  ORDER BY 1",
-                &[&oid],
-            )
-            .await
-            .map_err(|e| db::error(e, format!("job {name}: reading triggers")))?;
+        let triggers = names(
+            tx,
+            job,
+            "reading triggers",
+            "SELECT tgname::text FROM pg_trigger
+              WHERE tgrelid = $1 AND NOT tgisinternal AND tgenabled <> 'D' AND (tgtype & 1) = 1
+              ORDER BY 1",
+            &[&oid],
+        )
+        .await?;
         if !triggers.is_empty() {
-            let list: Vec<String> = triggers.iter().map(|r| r.get(0)).collect();
             findings.push(Finding {
                 severity: Severity::Warning,
                 code: "row_triggers",
                 message: format!(
                     "row trigger(s) {} on {} fire for every row the statement writes",
-                    list.join(", "),
+                    triggers.join(", "),
                     job.table
                 ),
                 fix: "check they are meant to fire for a backfill (audit rows, notifications, denormalised copies); their cost is in the sample chunk's time".into(),
@@ -552,6 +559,23 @@ async fn catalog_findings(
         }
     }
     Ok(())
+}
+
+/// A catalog query whose single text column names what it found.
+async fn names(
+    tx: &Transaction<'_>,
+    job: &JobSpec,
+    what: &str,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<String>> {
+    Ok(tx
+        .query(sql, params)
+        .await
+        .map_err(|e| db::error(e, format!("job {}: {what}", job.name)))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
 }
 
 /// Transactions open for longer than the threshold hold back vacuum of every row version the
@@ -590,9 +614,4 @@ async fn long_transactions(
         });
     }
     Ok(())
-}
-
-/// For messages: the chunk's bounds.
-pub(super) fn bounds_text(c: &FirstChunk) -> String {
-    format!("{} .. {}", show_key(&c.start), show_key(&c.end))
 }

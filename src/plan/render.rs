@@ -1,6 +1,7 @@
 //! The plan as an operator reads it in a terminal or a review.
 
 use super::{Plan, Severity};
+use crate::keyset::show_key;
 use std::time::Duration;
 
 pub fn print_text(p: &Plan) {
@@ -37,8 +38,9 @@ pub fn print_text(p: &Plan) {
                     "first chunk"
                 },
                 &format!(
-                    "keys {} ({} keys{})",
-                    super::probe::bounds_text(c),
+                    "keys {} .. {} ({} keys{})",
+                    show_key(&c.start),
+                    show_key(&c.end),
                     c.keys,
                     if c.resumes {
                         ", after the saved cursor"
