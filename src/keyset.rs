@@ -61,41 +61,29 @@ impl SqlTemplate {
     /// parameters 1..=n, `:end` n+1..=2n, each cast to its key column's type.
     pub fn render(&self, keyset: &Keyset) -> String {
         let n = keyset.columns.len();
-        let mut out = String::new();
-        for p in &self.pieces {
-            match p {
-                Piece::Text(t) => out.push_str(t),
-                Piece::Start => out.push_str(&keyset.bind_expr(1)),
-                Piece::End => out.push_str(&keyset.bind_expr(n + 1)),
-            }
-        }
-        out
+        self.substitute(&keyset.bind_expr(1), &keyset.bind_expr(n + 1))
     }
 
     /// The statement with the bounds written as typed literals, for an operator to read and run
     /// by hand (`backfill plan`). Runs never use this: they bind parameters.
     pub fn render_with(&self, keyset: &Keyset, start: &[String], end: &[String]) -> String {
-        let mut out = String::new();
-        for p in &self.pieces {
-            match p {
-                Piece::Text(t) => out.push_str(t),
-                Piece::Start => out.push_str(&keyset.literal(start)),
-                Piece::End => out.push_str(&keyset.literal(end)),
-            }
-        }
-        out
+        self.substitute(&keyset.literal(start), &keyset.literal(end))
     }
 
-    /// The statement as written.
-    pub fn source(&self) -> String {
+    fn substitute(&self, start: &str, end: &str) -> String {
         self.pieces
             .iter()
             .map(|p| match p {
                 Piece::Text(t) => t.as_str(),
-                Piece::Start => ":start",
-                Piece::End => ":end",
+                Piece::Start => start,
+                Piece::End => end,
             })
             .collect()
+    }
+
+    /// The statement as written.
+    pub fn source(&self) -> String {
+        self.substitute(":start", ":end")
     }
 }
 
@@ -387,32 +375,24 @@ impl Keyset {
     /// The parameter expression for a key value starting at parameter `first`: `$1::text::bigint`
     /// or `($1::text::int, $2::text::bigint)`.
     pub fn bind_expr(&self, first: usize) -> String {
-        let parts: Vec<String> = self
-            .columns
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("${}::text::{}", first + i, c.sql_type))
-            .collect();
-        if parts.len() == 1 {
-            parts[0].clone()
-        } else {
-            format!("({})", parts.join(", "))
-        }
+        row_value(
+            self.columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("${}::text::{}", first + i, c.sql_type))
+                .collect(),
+        )
     }
 
     /// A key value as SQL text: `'42'::bigint` or `('7'::int, '42'::bigint)`.
     pub fn literal(&self, key: &[String]) -> String {
-        let parts: Vec<String> = self
-            .columns
-            .iter()
-            .zip(key)
-            .map(|(c, v)| format!("'{}'::{}", v.replace('\'', "''"), c.sql_type))
-            .collect();
-        if parts.len() == 1 {
-            parts[0].clone()
-        } else {
-            format!("({})", parts.join(", "))
-        }
+        row_value(
+            self.columns
+                .iter()
+                .zip(key)
+                .map(|(c, v)| format!("'{}'::{}", v.replace('\'', "''"), c.sql_type))
+                .collect(),
+        )
     }
 
     /// Query returning each row of a key range as (key as a text array, the row as JSON text).
@@ -475,6 +455,15 @@ impl Keyset {
             arr = self.text_array(),
             desc = self.cols(" DESC"),
         )
+    }
+}
+
+/// One expression per key column as a key value: the expression itself, or a row value.
+fn row_value(mut parts: Vec<String>) -> String {
+    if parts.len() == 1 {
+        parts.remove(0)
+    } else {
+        format!("({})", parts.join(", "))
     }
 }
 
