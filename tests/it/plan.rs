@@ -30,6 +30,11 @@ fn finding<'a>(plan: &'a Value, code: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {code} finding in {plan:#}"))
 }
 
+/// The message of the finding `code` (which must be there).
+fn message(plan: &Value, code: &str) -> String {
+    finding(plan, code)["message"].as_str().unwrap().to_string()
+}
+
 #[test]
 fn the_sample_job_plans_cleanly_and_nothing_is_kept() {
     let db = TestDb::new();
@@ -113,10 +118,7 @@ fn a_statement_that_cannot_use_the_key_index_is_an_error() {
     let (code, plan) = plan_json(&db, "boom", &[]);
     assert_eq!(code, 2, "{plan:#}");
     assert!(
-        finding(&plan, "statement_fails")["message"]
-            .as_str()
-            .unwrap()
-            .contains("22012"),
+        message(&plan, "statement_fails").contains("22012"),
         "{plan:#}"
     );
     assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 0"), 0);
@@ -146,29 +148,17 @@ fn indexed_columns_triggers_foreign_keys_and_repeated_changes_are_reported() {
     );
     let (code, plan) = plan_json(&db, "all", &["--verify-timeout", "200ms"]);
     assert_eq!(code, 0, "warnings only: {plan:#}");
-    let indexed = finding(&plan, "writes_indexed_column")["message"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let indexed = message(&plan, "writes_indexed_column");
     assert!(indexed.contains("label (in t_label_lower)"), "{indexed}");
     assert!(!indexed.contains("note"), "note is not indexed: {indexed}");
-    let again = finding(&plan, "not_idempotent")["message"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let again = message(&plan, "not_idempotent");
     assert!(again.contains("changed 100 of its rows again"), "{again}");
     assert!(
-        finding(&plan, "row_triggers")["message"]
-            .as_str()
-            .unwrap()
-            .contains("t_audit"),
+        message(&plan, "row_triggers").contains("t_audit"),
         "{plan:#}"
     );
     assert!(
-        finding(&plan, "foreign_keys")["message"]
-            .as_str()
-            .unwrap()
-            .contains("t_customer_id_fkey → customers"),
+        message(&plan, "foreign_keys").contains("t_customer_id_fkey → customers"),
         "{plan:#}"
     );
     assert!(plan["estimates"]["rows_to_do"].is_null());
@@ -218,10 +208,7 @@ fn a_long_open_transaction_and_a_large_unthrottled_table_are_reported() {
     let (code, plan) = plan_json(&db, "big", &["--long-transaction", "1s"]);
     assert_eq!(code, 0, "{plan:#}");
     assert!(
-        finding(&plan, "long_transaction")["message"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("pid {pid}")),
+        message(&plan, "long_transaction").contains(&format!("pid {pid}")),
         "{plan:#}"
     );
     finding(&plan, "unthrottled_large_table");

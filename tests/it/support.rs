@@ -277,9 +277,14 @@ pub struct Session {
 
 impl Session {
     pub fn exec(&self, sql: &str) {
+        self.try_exec(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// Like `exec`, for a statement expected to fail (e.g. one the test cancels).
+    pub fn try_exec(&self, sql: &str) -> Result<(), String> {
         self.rt
             .block_on(self.client.batch_execute(sql))
-            .unwrap_or_else(|e| panic!("{sql}: {}", backfill::db::describe(&e)));
+            .map_err(|e| backfill::db::describe(&e))
     }
 
     pub fn i64(&self, sql: &str) -> i64 {

@@ -3,7 +3,6 @@
 //! lag on a real standby), and live control from another process.
 
 use crate::support::*;
-use backfill::db::Target;
 use backfill::pgtemp::TempCluster;
 use std::time::{Duration, Instant};
 
@@ -13,6 +12,12 @@ fn job(sql_extra: &str, throttle: &str) -> String {
          sql = \"UPDATE t SET n = n + 1 {sql_extra} WHERE id BETWEEN :start AND :end\"\n\
          verify = \"SELECT count(*) FROM t WHERE n = 0\"\n[throttle]\n{throttle}"
     )
+}
+
+/// A database whose checkpoint table exists before the test polls it (`backfill init`).
+fn polled_db(db: TestDb) -> TestDb {
+    db.run(&["init"]).expect(0);
+    db
 }
 
 fn rows_done(db: &TestDb, name: &str) -> i64 {
@@ -54,8 +59,7 @@ fn assert_held(db: &TestDb, name: &str, needle: &str) {
 
 #[test]
 fn the_rate_ceiling_holds_over_every_window() {
-    let db = TestDb::new();
-    db.run(&["init"]).expect(0); // the checkpoint table exists before we poll it
+    let db = polled_db(TestDb::new());
     const RATE: f64 = 800.0;
     const ROWS: i64 = 10_400; // 13 s at the ceiling: room for several 10-second windows
     counter_table(&db, ROWS);
@@ -100,9 +104,8 @@ fn the_rate_ceiling_holds_over_every_window() {
 
 #[test]
 fn the_chunk_size_shrinks_on_a_slow_stretch_and_grows_back() {
-    let db = TestDb::new();
-    db.run(&["init"]).expect(0); // the checkpoint table exists before we poll it
-                                 // Keys 4001..8000 cost 1 ms each (4 s in all); the rest cost microseconds.
+    let db = polled_db(TestDb::new());
+    // Keys 4001..8000 cost 1 ms each (4 s in all); the rest cost microseconds.
     db.exec(
         "CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
          INSERT INTO t (id) SELECT generate_series(1, 20000);
@@ -157,8 +160,7 @@ fn the_chunk_size_shrinks_on_a_slow_stretch_and_grows_back() {
 
 #[test]
 fn an_application_session_waits_no_longer_than_lock_timeout() {
-    let db = TestDb::new();
-    db.run(&["init"]).expect(0); // the checkpoint table exists before we poll it
+    let db = polled_db(TestDb::new());
     db.exec("CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0); INSERT INTO t (id) SELECT generate_series(1, 1000);");
     db.write_job(
         "l",
@@ -190,9 +192,8 @@ fn an_application_session_waits_no_longer_than_lock_timeout() {
 
 #[test]
 fn an_application_session_queued_behind_a_chunk_makes_the_run_yield_and_shrink() {
-    let db = TestDb::new();
-    db.run(&["init"]).expect(0); // the checkpoint table exists before we poll it
-                                 // Each chunk holds its row locks for 300 ms after updating them.
+    let db = polled_db(TestDb::new());
+    // Each chunk holds its row locks for 300 ms after updating them.
     db.exec(
         "CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
          INSERT INTO t (id) SELECT generate_series(1, 2000);
@@ -286,8 +287,7 @@ fn a_fixed_pause_and_a_nice_ratio_rest_between_chunks() {
 
 #[test]
 fn throttle_sql_holds_and_releases_and_unreadable_signals_follow_on_signal_error() {
-    let db = TestDb::new();
-    db.run(&["init"]).expect(0); // the checkpoint table exists before we poll it
+    let db = polled_db(TestDb::new());
     counter_table(&db, 3000);
     db.exec("CREATE TABLE flag (hold boolean NOT NULL); INSERT INTO flag VALUES (false);");
     db.write_job(
@@ -324,8 +324,7 @@ fn throttle_sql_holds_and_releases_and_unreadable_signals_follow_on_signal_error
 
 #[test]
 fn a_vacuum_on_the_table_holds_the_run() {
-    let db = TestDb::new();
-    db.run(&["init"]).expect(0); // the checkpoint table exists before we poll it
+    let db = polled_db(TestDb::new());
     counter_table(&db, 3000);
     db.write_job(
         "v",
@@ -336,20 +335,12 @@ fn a_vacuum_on_the_table_holds_the_run() {
     );
     // Wide rows with dead versions and a cost-throttled VACUUM: it lasts until we cancel it.
     db.exec("ALTER TABLE t ADD pad text; UPDATE t SET pad = repeat('x', 500);");
-    let url = db.url.clone();
+    let vacuum = db.session();
+    vacuum.exec("SET vacuum_cost_delay = 100; SET vacuum_cost_limit = 1");
     let runner = std::thread::spawn(move || {
-        block_on(async {
-            let c = Target::resolve(Some(&url))
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            c.batch_execute("SET vacuum_cost_delay = 100; SET vacuum_cost_limit = 1")
-                .await
-                .unwrap();
-            // Its own statement: VACUUM cannot run in the implicit transaction of a batch.
-            let _ = c.batch_execute("VACUUM t").await;
-        })
+        // Its own statement: VACUUM cannot run in the implicit transaction of a batch. It ends
+        // with an error when the test cancels it.
+        let _ = vacuum.try_exec("VACUUM t");
     });
     db.wait_for(
         "SELECT EXISTS (SELECT 1 FROM pg_stat_progress_vacuum WHERE relid = 't'::regclass)",
@@ -367,8 +358,7 @@ fn a_vacuum_on_the_table_holds_the_run() {
 
 #[test]
 fn pause_resume_set_and_cancel_from_another_process() {
-    let db = TestDb::new();
-    db.run(&["init"]).expect(0); // the checkpoint table exists before we poll it
+    let db = polled_db(TestDb::new());
     counter_table(&db, 4000);
     db.write_job(
         "c",
@@ -456,9 +446,8 @@ fn replication_lag_on_a_real_standby_holds_the_run() {
     let standby = primary
         .start_standby()
         .expect("a streaming standby (pg_basebackup -R)");
-    let db = TestDb::on(&primary.url("postgres"), "lag");
+    let db = polled_db(TestDb::on(&primary.url("postgres"), "lag"));
     let replica = TestDb::on(&standby.url("postgres"), "replica");
-    db.run(&["init"]).expect(0); // the checkpoint table exists before we poll it
     db.exec("CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0); INSERT INTO t (id) SELECT generate_series(1, 4000);");
     db.write_job(
         "g",
