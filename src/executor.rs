@@ -25,7 +25,7 @@ use crate::db::{self, ErrorClass, Target};
 use crate::error::{Error, Result};
 use crate::job::ThrottleSpec;
 use crate::job::{JobSpec, OnError};
-use crate::keyset::{show_key, KeyValue, Keyset};
+use crate::keyset::{self, show_key, KeyValue, Keyset};
 use crate::signals::Shutdown;
 use crate::store::{self, Claim, LeaseState, Poison, Runner, Store};
 use crate::telemetry::Progress;
@@ -910,16 +910,11 @@ async fn run_chunk(
         .await
         .map_err(failed("setting timeouts", None))?;
 
-    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
     let bounds_sql = match cursor {
-        Some(c) => {
-            params.extend(c.iter().map(|v| v as &(dyn ToSql + Sync)));
-            &sql.next_bounds
-        }
+        Some(_) => &sql.next_bounds,
         None => &sql.first_bounds,
     };
-    params.extend(sql.upper.iter().map(|v| v as &(dyn ToSql + Sync)));
-    params.push(&limit);
+    let params = keyset::next_chunk_params(cursor, &sql.upper, &limit);
     let stmt = tx
         .prepare_cached(bounds_sql)
         .await

@@ -9,6 +9,7 @@
 use crate::db;
 use crate::error::{Error, Result};
 use crate::job::{JobSpec, TableName};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::GenericClient;
 
 /// A key value: one text-form value per key column, in key order.
@@ -456,6 +457,21 @@ impl Keyset {
             desc = self.cols(" DESC"),
         )
     }
+}
+
+/// The parameters of [`Keyset::next_chunk_sql`], in its order: [cursor…,] upper…, limit.
+pub fn next_chunk_params<'a>(
+    cursor: Option<&'a KeyValue>,
+    upper: &'a KeyValue,
+    limit: &'a i64,
+) -> Vec<&'a (dyn ToSql + Sync)> {
+    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
+    if let Some(c) = cursor {
+        params.extend(c.iter().map(|v| v as &(dyn ToSql + Sync)));
+    }
+    params.extend(upper.iter().map(|v| v as &(dyn ToSql + Sync)));
+    params.push(limit);
+    params
 }
 
 /// One expression per key column as a key value: the expression itself, or a row value.

@@ -7,7 +7,7 @@ use super::{Estimates, Finding, FirstChunk, Plan, PlanOptions, Severity, LARGE_T
 use crate::db;
 use crate::error::{Error, Result};
 use crate::job::JobSpec;
-use crate::keyset::{KeyValue, Keyset};
+use crate::keyset::{self, KeyValue, Keyset};
 use crate::store::Checkpoint;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -192,12 +192,7 @@ async fn first_chunk(
         return Ok(None);
     };
     let limit = job.chunk_rows as i64;
-    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
-    if let Some(c) = &cursor {
-        params.extend(c.iter().map(|v| v as &(dyn ToSql + Sync)));
-    }
-    params.extend(upper.iter().map(|v| v as &(dyn ToSql + Sync)));
-    params.push(&limit);
+    let params = keyset::next_chunk_params(cursor.as_ref(), &upper, &limit);
     let row = tx
         .query_one(&keyset.next_chunk_sql(cursor.is_some()), &params)
         .await
