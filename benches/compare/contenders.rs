@@ -167,7 +167,6 @@ async fn measure(
             .get(0);
         assert_eq!(left, 0, "{} left {left} rows undone", who.label());
     }
-    let c = connect(&server.url).await;
     c.batch_execute(&format!("ALTER TABLE orders DROP COLUMN {col}"))
         .await
         .unwrap();
