@@ -158,6 +158,7 @@ async fn run(
         rows_per_second: args.rows_per_second,
         target_chunk_time: args.target_chunk_time,
         pause: args.pause,
+        workers: args.workers,
     };
     progress.log(&format!(
         "{}: running on {} ({})",
@@ -182,11 +183,11 @@ async fn run(
         );
     }
     let rate = report.rows as f64 / report.elapsed_seconds.max(0.001);
-    let cursor = report
-        .cursor
-        .as_deref()
-        .map(show_key)
-        .unwrap_or_else(|| "none".into());
+    let resume = match (&report.cursor, report.ranges) {
+        (Some(c), _) => format!("resumes after key {}", show_key(c)),
+        (None, n) if n > 1 => format!("resumes each of the {n} key ranges where it stopped"),
+        (None, _) => "starts at the first key".into(),
+    };
     let skipped = match report.skipped {
         0 => String::new(),
         n => format!(
@@ -220,10 +221,10 @@ async fn run(
             "job {name}: every key up to the bound was processed ({summary}), but verify still counts {verify_remaining} rows to do — probably rows written behind the cursor by code that does not fill the new column yet; fix the writers, then `backfill reset {name} --yes` and run again (the statement's guard makes the second pass cheap)"
         ))),
         Outcome::Cancelled => Err(Error::Interrupted(format!(
-            "{name}: cancelled by `backfill cancel`: {summary}; progress is saved — `backfill run {name}` resumes after key {cursor}"
+            "{name}: cancelled by `backfill cancel`: {summary}; progress is saved — `backfill run {name}` {resume}"
         ))),
         Outcome::Stopped => Err(Error::Interrupted(format!(
-            "{name}: stopped: {summary}; progress is saved — `backfill run {name}` resumes after key {cursor}"
+            "{name}: stopped: {summary}; progress is saved — `backfill run {name}` {resume}"
         ))),
     }
 }
@@ -350,13 +351,47 @@ fn print_status(name: &str, spec: Option<&JobSpec>, c: Option<&Checkpoint>, cont
     line("rows done", &format!("{}{kind}", progress_text(c)));
     line("rows changed", &c.rows_affected.to_string());
     line("chunks done", &c.chunks_done.to_string());
-    line(
-        "cursor",
-        &c.cursor
-            .as_deref()
-            .map(show_key)
-            .unwrap_or_else(|| "none (not started)".into()),
-    );
+    if c.ranges.len() > 1 {
+        line(
+            "key ranges",
+            &format!(
+                "{} ({} done, {} being worked on)",
+                c.ranges.len(),
+                c.ranges.iter().filter(|r| r.done).count(),
+                c.ranges.iter().filter(|r| r.owner_run.is_some()).count()
+            ),
+        );
+        for r in &c.ranges {
+            let from = r.lower_bound.as_deref().map(show_key);
+            line(
+                "",
+                &format!(
+                    "#{} ({} ..= {}] {} rows{}{}",
+                    r.id,
+                    from.unwrap_or_else(|| "start".into()),
+                    show_key(&r.upper_bound),
+                    r.rows_done,
+                    match &r.cursor {
+                        Some(k) if !r.done => format!(", at {}", show_key(k)),
+                        _ => String::new(),
+                    },
+                    match (r.done, r.owner_run, r.owner_worker) {
+                        (true, _, _) => ", done".to_string(),
+                        (false, Some(run), Some(w)) => format!(", run {run} worker {w}"),
+                        _ => ", waiting".to_string(),
+                    }
+                ),
+            );
+        }
+    } else {
+        line(
+            "cursor",
+            &c.cursor
+                .as_deref()
+                .map(show_key)
+                .unwrap_or_else(|| "none (not started)".into()),
+        );
+    }
     line(
         "upper bound",
         &match (&c.upper_bound, c.bound_taken) {
@@ -366,7 +401,12 @@ fn print_status(name: &str, spec: Option<&JobSpec>, c: Option<&Checkpoint>, cont
         },
     );
     if let Some(r) = c.rate_rows_per_second {
-        line("rate", &format!("{r:.0} rows/s (last run)"));
+        let of = match c.runners.iter().filter(|o| o.alive).count() {
+            0 => "last run".to_string(),
+            1 => "now".to_string(),
+            n => format!("now, {n} runs together"),
+        };
+        line("rate", &format!("{r:.0} rows/s ({of})"));
     }
     if let Some(n) = c.chunk_rows_now {
         line("chunk size", &format!("{n} keys (last chunk)"));
@@ -395,14 +435,16 @@ fn print_status(name: &str, spec: Option<&JobSpec>, c: Option<&Checkpoint>, cont
     if let Some(f) = &c.finished_at {
         line("finished", f);
     }
-    if let Some(o) = &c.owner {
+    for o in &c.runners {
         line(
             "runner",
             &format!(
-                "{} pid {} run {} ({})",
+                "{} pid {} run {}, {} worker{} ({})",
                 o.host,
                 o.pid,
                 o.run_id,
+                o.workers,
+                if o.workers == 1 { "" } else { "s" },
                 if o.alive { "alive" } else { "gone" }
             ),
         );

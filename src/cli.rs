@@ -161,6 +161,10 @@ pub struct RunArgs {
     /// Override the job's chunk_rows.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub chunk_rows: Option<u32>,
+    /// Workers in this process, each with its own connection and key range (other processes,
+    /// on any host, may run the same job at once).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=crate::executor::MAX_WORKERS as i64))]
+    pub workers: u32,
     /// Attempts per chunk on transient errors (lock timeout, deadlock, lost connection…).
     #[arg(long, default_value_t = crate::executor::DEFAULT_MAX_ATTEMPTS, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub max_attempts: u32,

@@ -1,12 +1,18 @@
-//! The chunk loop: claim the job → fix its key range → for each chunk, in one transaction: find the
-//! bounds by walking the key's index, run the job's statement on them, advance the checkpoint →
-//! commit → report. Then verify and record the outcome.
+//! The chunk loop. A run joins the job (alongside any other live runs, on any host), fixes the
+//! job's key range on its first run, and starts its workers. Each worker takes a key range (see
+//! `store::ranges`: a free one, or half of the busiest) and walks it chunk by chunk; for each
+//! chunk, in one transaction: lock the range and read its cursor → find the bounds by walking the
+//! key's index → run the job's statement on them → advance the range's cursor → commit → report.
+//! When no range is left, the run verifies and records the outcome.
 //!
-//! Exactly-once comes from the single transaction: the statement and the checkpoint advance commit
-//! together or not at all, and the advance is guarded by the run id and the previous cursor, so a
-//! chunk can never be applied twice, whatever crashes, kills or retries happen around it. After any
-//! failure the loop continues from the cursor *as committed* (a COMMIT whose answer was lost may
-//! still have happened).
+//! Exactly-once comes from the single transaction: the statement and the cursor advance commit
+//! together or not at all, and the range row is locked and its owner checked inside that
+//! transaction, so a chunk can never be applied twice — whatever crashes, kills, retries, splits
+//! or takeovers happen around it. After any failure a worker simply goes on from the cursor as
+//! committed (a COMMIT whose answer was lost may still have happened).
+//!
+//! The workers of a run share one pace: the rate ceiling (divided evenly among live runs), the
+//! adaptive chunk size, the health signals and the live controls.
 //!
 //! What a failure does depends on its class (`db::classify`, by SQLSTATE):
 //! - contention (lock timeout, deadlock, serialization): retry the chunk after a jittered backoff,
@@ -16,10 +22,11 @@
 //! - statement timeout or a data error in a chunk of several keys: halve the chunk and go on; the
 //!   halves that succeed commit, so the failure narrows to the smallest failing range. Once past
 //!   the range that failed, the chunk size returns to the configured one;
-//! - a data error at a single key (a poison row): `on_error = "stop"` records it and stops;
-//!   `"skip"` records it and moves the cursor past it, in one transaction;
+//! - a data error at a single key (a poison row; for the page walk, a single page):
+//!   `on_error = "stop"` records it and stops; `"skip"` records it and moves the cursor past it,
+//!   in one transaction;
 //! - anything else (read-only server, permission denied, table dropped, disk full): stop with the
-//!   reason; progress is kept.
+//!   reason; progress is kept. The run's other workers stop after their chunk in flight.
 
 use crate::db::{self, ErrorClass, Target};
 use crate::error::{Error, Result};
@@ -27,9 +34,12 @@ use crate::job::ThrottleSpec;
 use crate::job::{JobSpec, OnError};
 use crate::keyset::{self, show_key, KeyValue, Keyset};
 use crate::signals::Shutdown;
-use crate::store::{self, Claim, LeaseState, Poison, Runner, Store};
+use crate::store::{
+    self, Acquired, Claim, LeaseState, Poison, RangeLease, Runner, Splitter, Store,
+};
 use crate::telemetry::Progress;
 use crate::throttle::{Hold, Throttle};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_postgres::types::ToSql;
@@ -51,6 +61,8 @@ pub struct RunOptions {
     /// Zero turns adaptation off.
     pub target_chunk_time: Option<Duration>,
     pub pause: Option<Duration>,
+    /// Workers of this run, each with its own connection and key range.
+    pub workers: u32,
 }
 
 impl Default for RunOptions {
@@ -66,6 +78,7 @@ impl Default for RunOptions {
             rows_per_second: None,
             target_chunk_time: None,
             pause: None,
+            workers: 1,
         }
     }
 }
@@ -73,15 +86,23 @@ impl Default for RunOptions {
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 pub const DEFAULT_VERIFY_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_RECONNECT_FOR: Duration = Duration::from_secs(300);
+/// The most workers one run may start (each holds a connection).
+pub const MAX_WORKERS: u32 = 64;
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const RECONNECT_POLL_MAX: Duration = Duration::from_secs(2);
 const LAG_SAMPLE_EVERY: Duration = Duration::from_secs(5);
 /// How often a running job reads its controls (pause, cancel, new settings).
 const CONTROLS_EVERY: Duration = Duration::from_millis(200);
-/// Sessions waiting for a lock that this session holds.
+/// How often a worker with nothing to take looks again (for a range freed by a runner that died).
+const IDLE_POLL: Duration = Duration::from_secs(1);
+/// A range is split only when at least this many chunks are left in it.
+const SPLIT_MIN_CHUNKS: i64 = 2;
+/// Application sessions waiting for a lock that this session holds (other workers of the
+/// engine, e.g. waiting to extend the table, are not the application: yielding would not help).
 const BLOCKED_SQL: &str = "SELECT count(*) FROM pg_stat_activity
      WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()
+       AND application_name IS DISTINCT FROM current_setting('application_name')
        AND pg_backend_pid() = ANY (pg_blocking_pids(pid))";
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -104,20 +125,24 @@ pub struct Report {
     pub job: String,
     #[serde(flatten)]
     pub outcome: Outcome,
-    /// Keys processed by this run.
+    /// Keys processed by this run (all its workers).
     pub rows: i64,
     /// Rows the statement reported changing in this run.
     pub rows_affected: i64,
     pub chunks: i64,
     /// Poison keys this run skipped (`on_error = "skip"`).
     pub skipped: i64,
+    pub workers: u32,
     pub elapsed_seconds: f64,
     /// Keys processed by all runs of the job.
     pub rows_done_total: i64,
+    /// The last key committed, while the job has a single range.
     pub cursor: Option<KeyValue>,
+    /// The job's key ranges (more than one once workers split the work).
+    pub ranges: usize,
 }
 
-/// Runs (or resumes) a job to completion, a stop, or a failure.
+/// Runs (or resumes, or joins) a job to completion, a stop, or a failure.
 pub async fn run(
     target: &Target,
     store: &Store,
@@ -127,30 +152,57 @@ pub async fn run(
     progress: &Progress,
 ) -> Result<Report> {
     let started = Instant::now();
+    let workers = opts.workers.clamp(1, MAX_WORKERS);
     let mut lease = target.connect().await?;
     store.ensure(&mut lease).await?;
     let keyset = Keyset::resolve(&lease, job).await?;
     let runner = Runner::this_process();
     let claim = store
-        .claim(&mut lease, job, &runner, opts.allow_changed_definition)
+        .claim(
+            &mut lease,
+            job,
+            &runner,
+            workers,
+            opts.allow_changed_definition,
+        )
         .await?;
+    let report = |outcome, tally: &Tally, total: &Option<store::Checkpoint>| Report {
+        job: job.name.clone(),
+        outcome,
+        rows: tally.rows,
+        rows_affected: tally.affected,
+        chunks: tally.chunks,
+        skipped: tally.skipped,
+        workers,
+        elapsed_seconds: started.elapsed().as_secs_f64(),
+        rows_done_total: total.as_ref().map(|c| c.rows_done).unwrap_or(tally.rows),
+        cursor: total.as_ref().and_then(|c| c.cursor.clone()),
+        ranges: total.as_ref().map(|c| c.ranges.len()).unwrap_or(0),
+    };
     let (run_id, checkpoint) = match claim {
         Claim::Owned { run_id, checkpoint } => (run_id, checkpoint),
         Claim::AlreadyDone(c) => {
-            return Ok(Report {
-                job: job.name.clone(),
-                outcome: Outcome::AlreadyDone,
-                rows: 0,
-                rows_affected: 0,
-                chunks: 0,
-                skipped: 0,
-                elapsed_seconds: started.elapsed().as_secs_f64(),
-                rows_done_total: c.rows_done,
-                cursor: c.cursor,
-            })
+            return Ok(report(Outcome::AlreadyDone, &Tally::default(), &Some(c)));
         }
     };
-    let lease_state = Arc::new(LeaseState::default());
+    let total = match key_range(&mut lease, store, job, &keyset, progress).await {
+        Ok(total) => total,
+        Err(e) => {
+            let _ = store
+                .finish(
+                    &lease,
+                    &job.name,
+                    run_id,
+                    "failed",
+                    Some(&e.to_string()),
+                    None,
+                    (0, 0),
+                )
+                .await;
+            return Err(e);
+        }
+    };
+    let lease_state = Arc::new(LeaseState::new());
     let heartbeat = tokio::spawn(store.clone().keep_lease(
         target.clone(),
         lease,
@@ -160,8 +212,32 @@ pub async fn run(
         lease_state.clone(),
     ));
 
-    let pool = target.pool(2)?;
-    let mut walk = Walk {
+    let chunk_rows = opts.chunk_rows.unwrap_or(job.chunk_rows);
+    progress.start(
+        checkpoint.rows_done.max(0) as u64,
+        total.map(|t| t.max(0) as u64),
+        chunk_rows as u64,
+    );
+    progress.set_workers(workers);
+    if let Some(c) = &checkpoint.cursor {
+        progress.log(&format!(
+            "{}: resuming after key {} ({} rows already done)",
+            job.name,
+            show_key(c),
+            checkpoint.rows_done
+        ));
+    } else if checkpoint.ranges.len() > 1 {
+        progress.log(&format!(
+            "{}: resuming ({} rows already done; {} of {} key ranges finished)",
+            job.name,
+            checkpoint.rows_done,
+            checkpoint.ranges.iter().filter(|r| r.done).count(),
+            checkpoint.ranges.len()
+        ));
+    }
+    let lock_timeout = opts.lock_timeout.unwrap_or(job.lock_timeout);
+    let statement_timeout = opts.statement_timeout.unwrap_or(job.statement_timeout);
+    let shared = Shared {
         target,
         store,
         job,
@@ -170,138 +246,150 @@ pub async fn run(
         shutdown,
         progress,
         lease: &lease_state,
-        pool,
-        conn: None,
-        cursor: checkpoint.cursor.clone(),
-        resync: false,
-        limit: opts.chunk_rows.unwrap_or(job.chunk_rows) as i64,
-        narrow_left: 0,
-        attempt: 0,
-        outage: None,
-        lag_sampled: None,
-        throttle: Throttle::new(
-            ThrottleSpec {
-                rows_per_second: opts.rows_per_second.or(job.throttle.rows_per_second),
-                target_chunk_time: match opts.target_chunk_time {
-                    Some(d) if d.is_zero() => None,
-                    Some(d) => Some(d),
-                    None => job.throttle.target_chunk_time,
-                },
-                pause: opts.pause.unwrap_or(job.throttle.pause),
-                ..job.throttle.clone()
-            },
-            opts.chunk_rows.unwrap_or(job.chunk_rows),
-            job.table.quoted(),
-        ),
-        controls_read: None,
-        controls: store::Controls::default(),
-        holding: None,
-        tally: Tally {
-            rows_done_total: checkpoint.rows_done,
-            ..Tally::default()
+        pool: target.pool(workers as usize + 1)?,
+        keyset: &keyset,
+        sql: ChunkSql {
+            first_bounds: keyset.next_chunk_sql(false),
+            next_bounds: keyset.next_chunk_sql(true),
+            statement: job.sql.render(&keyset),
+            set_local: format!(
+                "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}",
+                db::millis(lock_timeout),
+                db::millis(statement_timeout)
+            ),
         },
+        pace: tokio::sync::Mutex::new(Pace {
+            throttle: Throttle::new(
+                ThrottleSpec {
+                    rows_per_second: opts.rows_per_second.or(job.throttle.rows_per_second),
+                    target_chunk_time: match opts.target_chunk_time {
+                        Some(d) if d.is_zero() => None,
+                        Some(d) => Some(d),
+                        None => job.throttle.target_chunk_time,
+                    },
+                    pause: opts.pause.unwrap_or(job.throttle.pause),
+                    ..job.throttle.clone()
+                },
+                chunk_rows,
+                job.table.quoted(),
+            ),
+            controls_read: None,
+            controls: store::Controls::default(),
+            holding: None,
+            lag_sampled: None,
+            rate_shown: false,
+        }),
+        aborted: AtomicBool::new(false),
     };
-    let result = walk.drive(&keyset, &checkpoint).await;
+    let ends = futures_util::future::join_all(
+        (0..workers as i32).map(|w| Worker::new(&shared, w, chunk_rows as i64).drive()),
+    )
+    .await;
     heartbeat.abort();
-    let tally = walk.tally;
-    let cursor = walk.cursor;
-    let conn = walk.conn.take();
-    drop(conn);
+    let mut tally = Tally::default();
+    let mut result: Result<LoopEnd> = Ok(LoopEnd::Finished);
+    for (end, t) in ends {
+        tally.add(&t);
+        result = match (result, end) {
+            (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+            (Ok(LoopEnd::Cancelled), _) | (Ok(_), Ok(LoopEnd::Cancelled)) => Ok(LoopEnd::Cancelled),
+            (Ok(LoopEnd::Stopped), _) | (Ok(_), Ok(LoopEnd::Stopped)) => Ok(LoopEnd::Stopped),
+            (Ok(LoopEnd::Finished), Ok(LoopEnd::Finished)) => Ok(LoopEnd::Finished),
+        };
+    }
+    drop(shared);
 
-    let report = |outcome| Report {
-        job: job.name.clone(),
-        outcome,
-        rows: tally.rows,
-        rows_affected: tally.affected,
-        chunks: tally.chunks,
-        skipped: tally.skipped,
-        elapsed_seconds: started.elapsed().as_secs_f64(),
-        rows_done_total: tally.rows_done_total,
-        cursor: cursor.clone(),
-    };
     // Record the end on a fresh session: the lease session belongs to the (aborted) heartbeat,
     // and the database may just be coming back.
     let finisher = connect_patiently(target, opts.reconnect_for, progress).await?;
     let name = job.name.as_str();
-    match result {
-        Ok(LoopEnd::Cancelled) => {
-            progress.finish("cancelled");
-            store
-                .finish(&finisher, name, run_id, "cancelled", None, None)
-                .await?;
-            Ok(report(Outcome::Cancelled))
-        }
-        Ok(LoopEnd::Stopped) => {
-            progress.finish("stopped");
-            store
-                .finish(&finisher, name, run_id, "stopped", None, None)
-                .await?;
-            Ok(report(Outcome::Stopped))
-        }
-        Ok(LoopEnd::Finished) => {
-            let remaining = match &job.verify {
-                None => None,
-                Some(_) => match crate::migrator::verify(&finisher, job, opts.verify_timeout).await
-                {
-                    Ok(n) => Some(n),
-                    Err(e) => {
-                        progress.finish("failed");
-                        store
-                            .finish(
-                                &finisher,
-                                name,
-                                run_id,
-                                "failed",
-                                Some(&e.to_string()),
-                                None,
-                            )
-                            .await?;
-                        return Err(e);
-                    }
-                },
-            };
-            match remaining {
-                Some(n) if n > 0 => {
-                    let msg = format!(
+    let did = (tally.rows, tally.chunks);
+    let end = |state: &'static str| progress.finish(state);
+    let (state, error, remaining, outcome) = match result {
+        Ok(LoopEnd::Cancelled) => ("cancelled", None, None, Ok(Outcome::Cancelled)),
+        Ok(LoopEnd::Stopped) => ("stopped", None, None, Ok(Outcome::Stopped)),
+        Ok(LoopEnd::Finished) => match &job.verify {
+            None => ("done", None, None, Ok(Outcome::Done { verify_remaining: None })),
+            Some(_) => match crate::migrator::verify(&finisher, job, opts.verify_timeout).await {
+                Ok(n) if n > 0 => (
+                    "incomplete",
+                    Some(format!(
                         "every key up to the bound was processed, but verify still counts {n} rows to do"
-                    );
-                    progress.finish("incomplete");
-                    store
-                        .finish(&finisher, name, run_id, "incomplete", Some(&msg), Some(n))
-                        .await?;
-                    Ok(report(Outcome::Incomplete {
-                        verify_remaining: n,
-                    }))
-                }
-                _ => {
-                    progress.finish("done");
-                    store
-                        .finish(&finisher, name, run_id, "done", None, remaining)
-                        .await?;
-                    Ok(report(Outcome::Done {
-                        verify_remaining: remaining,
-                    }))
-                }
-            }
-        }
-        Err(e) => {
-            progress.finish("failed");
-            if let Err(save) = store
-                .finish(
-                    &finisher,
-                    name,
-                    run_id,
-                    "failed",
-                    Some(&e.to_string()),
-                    None,
-                )
-                .await
-            {
-                progress.log(&format!("warning: {save}"));
-            }
-            Err(e)
-        }
+                    )),
+                    Some(n),
+                    Ok(Outcome::Incomplete { verify_remaining: n }),
+                ),
+                Ok(n) => ("done", None, Some(n), Ok(Outcome::Done { verify_remaining: Some(n) })),
+                Err(e) => ("failed", Some(e.to_string()), None, Err(e)),
+            },
+        },
+        Err(e) => ("failed", Some(e.to_string()), None, Err(e)),
+    };
+    end(state);
+    let saved = store
+        .finish(
+            &finisher,
+            name,
+            run_id,
+            state,
+            error.as_deref(),
+            remaining,
+            did,
+        )
+        .await;
+    let outcome = outcome?;
+    saved?;
+    let total = store.load(&finisher, name).await.ok().flatten();
+    Ok(report(outcome, &tally, &total))
+}
+
+/// Fixes the job's key range on its first run (under the job's row lock, so runs starting
+/// together agree): the greatest key now in the table, and the number of rows to process.
+/// Returns the row estimate.
+async fn key_range(
+    lease: &mut tokio_postgres::Client,
+    store: &Store,
+    job: &JobSpec,
+    keyset: &Keyset,
+    progress: &Progress,
+) -> Result<Option<i64>> {
+    let name = &job.name;
+    let err = |e| {
+        db::error(
+            e,
+            format!("job {name}: finding the last key of {}", job.table),
+        )
+    };
+    let tx = lease.transaction().await.map_err(err)?;
+    let (taken, _, total) = store.lock_bound(&tx, name).await?;
+    if taken {
+        tx.commit().await.map_err(err)?;
+        return Ok(total);
     }
+    // Rows inserted after this moment, beyond the bound, are left to the application (which
+    // writes new rows correctly once the expand step is deployed) and to `verify`.
+    let upper: Option<KeyValue> = tx
+        .query_opt(&keyset.last_key_sql(), &[])
+        .await
+        .map_err(err)?
+        .map(|r| r.get(0));
+    let (total, exact) = estimate_rows(&tx, job).await;
+    store
+        .set_bound(&tx, name, upper.as_ref(), total, exact)
+        .await?;
+    tx.commit().await.map_err(err)?;
+    match &upper {
+        Some(u) => progress.log(&format!(
+            "{name}: processing keys up to {} (~{} rows)",
+            show_key(u),
+            total.map(|t| t.to_string()).unwrap_or_else(|| "?".into())
+        )),
+        None => progress.log(&format!(
+            "{name}: table {} was empty when the job started; nothing to do",
+            job.table
+        )),
+    }
+    Ok(total)
 }
 
 /// Connects, retrying for up to `patience` while the database is unreachable.
@@ -337,7 +425,15 @@ struct Tally {
     affected: i64,
     chunks: i64,
     skipped: i64,
-    rows_done_total: i64,
+}
+
+impl Tally {
+    fn add(&mut self, t: &Tally) {
+        self.rows += t.rows;
+        self.affected += t.affected;
+        self.chunks += t.chunks;
+        self.skipped += t.skipped;
+    }
 }
 
 /// What stays fixed for every chunk of a run.
@@ -346,7 +442,44 @@ struct ChunkSql {
     next_bounds: String,
     statement: String,
     set_local: String,
-    upper: KeyValue,
+}
+
+/// What the workers of one run share.
+struct Shared<'a> {
+    target: &'a Target,
+    store: &'a Store,
+    job: &'a JobSpec,
+    opts: &'a RunOptions,
+    run_id: i64,
+    shutdown: &'a Shutdown,
+    progress: &'a Progress,
+    lease: &'a LeaseState,
+    pool: db::Pool,
+    keyset: &'a Keyset,
+    sql: ChunkSql,
+    pace: tokio::sync::Mutex<Pace>,
+    /// A worker failed: the others stop after their chunk in flight.
+    aborted: AtomicBool,
+}
+
+/// The run's pace, shared by its workers: throttle, controls, and what `status` was told.
+struct Pace {
+    throttle: Throttle,
+    /// When the controls were last read.
+    controls_read: Option<Instant>,
+    controls: store::Controls,
+    /// The hold reason last written to the run's row.
+    holding: Option<String>,
+    /// When replication lag was last sampled.
+    lag_sampled: Option<Instant>,
+    rate_shown: bool,
+}
+
+/// What one chunk attempt came to.
+enum Step {
+    Committed(ChunkDone),
+    /// No keys left in the range: it is marked done and let go.
+    RangeDone,
 }
 
 struct ChunkDone {
@@ -372,7 +505,7 @@ struct Failure {
 
 enum ChunkError {
     Failed(Failure),
-    /// The checkpoint advance matched no row: another runner owns the job now.
+    /// The range is no longer this worker's: the run was declared gone and its ranges taken.
     Lost,
 }
 
@@ -394,22 +527,14 @@ fn failed(
     }
 }
 
-/// The state of one run's walk over the key range.
-struct Walk<'a> {
-    target: &'a Target,
-    store: &'a Store,
-    job: &'a JobSpec,
-    opts: &'a RunOptions,
-    run_id: i64,
-    shutdown: &'a Shutdown,
-    progress: &'a Progress,
-    lease: &'a LeaseState,
-    pool: db::Pool,
+/// One worker's walk: the range it holds and its own connection and failure state.
+struct Worker<'s, 'a> {
+    shared: &'s Shared<'a>,
+    id: i32,
     conn: Option<deadpool_postgres::Object>,
-    /// The last key committed (None: before the first key).
+    range: Option<RangeLease>,
+    /// The last key this worker committed in its range (for messages).
     cursor: Option<KeyValue>,
-    /// After a failure: re-read the cursor from the checkpoint before the next chunk.
-    resync: bool,
     /// Keys per chunk now.
     limit: i64,
     /// Keys still inside a range that failed at a larger size; the size is restored after them.
@@ -418,155 +543,119 @@ struct Walk<'a> {
     attempt: u32,
     /// When the database became unreachable, while it is.
     outage: Option<Instant>,
-    /// When replication lag was last sampled.
-    lag_sampled: Option<Instant>,
-    throttle: Throttle,
-    /// When the controls were last read.
-    controls_read: Option<Instant>,
-    controls: store::Controls,
-    /// The hold reason last written to the checkpoint.
-    holding: Option<String>,
     tally: Tally,
 }
 
-impl Walk<'_> {
-    fn name(&self) -> &str {
-        &self.job.name
-    }
-
-    fn configured_limit(&self) -> i64 {
-        self.throttle.chunk_rows()
-    }
-
-    async fn drive(&mut self, keyset: &Keyset, checkpoint: &store::Checkpoint) -> Result<LoopEnd> {
-        let Some((upper, total)) = self.key_range(keyset, checkpoint).await? else {
-            return Ok(LoopEnd::Finished);
-        };
-        let name = self.name().to_string();
-        self.progress.start(
-            checkpoint.rows_done.max(0) as u64,
-            total.map(|t| t.max(0) as u64),
-            self.limit as u64,
-        );
-        if let Some(c) = &checkpoint.cursor {
-            self.progress.log(&format!(
-                "{name}: resuming after key {} ({} rows already done)",
-                show_key(c),
-                checkpoint.rows_done
-            ));
+impl<'s, 'a> Worker<'s, 'a> {
+    fn new(shared: &'s Shared<'a>, id: i32, limit: i64) -> Self {
+        Worker {
+            shared,
+            id,
+            conn: None,
+            range: None,
+            cursor: None,
+            limit,
+            narrow_left: 0,
+            attempt: 0,
+            outage: None,
+            tally: Tally::default(),
         }
-        let lock_timeout = self.opts.lock_timeout.unwrap_or(self.job.lock_timeout);
-        let statement_timeout = self
-            .opts
-            .statement_timeout
-            .unwrap_or(self.job.statement_timeout);
-        let sql = ChunkSql {
-            first_bounds: keyset.next_chunk_sql(false),
-            next_bounds: keyset.next_chunk_sql(true),
-            statement: self.job.sql.render(keyset),
-            set_local: format!(
-                "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}",
-                db::millis(lock_timeout),
-                db::millis(statement_timeout)
-            ),
-            upper,
-        };
+    }
+
+    fn name(&self) -> &str {
+        &self.shared.job.name
+    }
+
+    /// Walks ranges until none is left, a stop, or a failure; then lets its range go.
+    async fn drive(mut self) -> (Result<LoopEnd>, Tally) {
+        let end = self.walk().await;
+        if end.is_err() {
+            self.shared.aborted.store(true, Ordering::SeqCst);
+        }
+        if let (Some(range), Some(conn)) = (self.range.take(), self.conn.as_ref()) {
+            if !conn.is_closed() {
+                let _ = self
+                    .shared
+                    .store
+                    .release(&***conn, self.name(), &range)
+                    .await;
+            }
+        }
+        (end, self.tally)
+    }
+
+    async fn walk(&mut self) -> Result<LoopEnd> {
+        let name = self.name().to_string();
         loop {
-            if self.shutdown.stop_requested() {
+            if self.shared.shutdown.stop_requested() || self.shared.aborted.load(Ordering::SeqCst) {
                 return Ok(LoopEnd::Stopped);
             }
-            if self.lease.is_lost() {
+            if self.shared.lease.is_lost() {
                 return Err(store::lost(&name));
             }
             if self.read_controls().await {
                 return Ok(LoopEnd::Cancelled);
             }
-            if self.tally.chunks == 0 {
-                self.progress
-                    .set_rate_limit(self.throttle.spec().rows_per_second);
+            if self.range.is_none() {
+                match self.acquire().await {
+                    Ok(Acquired::Range(r)) => {
+                        self.range = Some(r);
+                        self.cursor = None;
+                    }
+                    Ok(Acquired::Wait) => {
+                        self.shared.shutdown.sleep(IDLE_POLL).await;
+                        continue;
+                    }
+                    Ok(Acquired::AllDone) => return Ok(LoopEnd::Finished),
+                    Err(ChunkError::Lost) => return Err(store::lost(&name)),
+                    Err(ChunkError::Failed(f)) => {
+                        self.recover(f).await?;
+                        continue;
+                    }
+                }
             }
             if self.hold_while_unhealthy().await? {
                 continue;
             }
             self.sample_replication_lag().await;
-            if self.narrow_left == 0 {
-                self.limit = self.configured_limit();
+            let bucket = {
+                let pace = self.shared.pace.lock().await;
+                if self.narrow_left == 0 {
+                    self.limit = pace.throttle.chunk_rows();
+                }
+                pace.throttle.bucket()
+            };
+            if let Some(bucket) = bucket {
+                let waited = bucket.admit(self.limit).await;
+                self.shared.progress.held("rate_limit", waited);
             }
-            let waited = self.throttle.admit(self.limit).await;
-            self.progress.held("rate_limit", waited);
-            match self.step(&sql).await {
-                Ok(Some(done)) => {
-                    let took = done.took;
-                    self.committed(done);
-                    let rest = self.throttle.rest(took);
+            match self.step().await {
+                Ok(Step::Committed(done)) => {
+                    let rest = self.committed(done).await;
                     if !rest.is_zero() {
-                        self.shutdown.sleep(rest).await;
-                        self.progress.held("pause", rest);
+                        self.shared.shutdown.sleep(rest).await;
+                        self.shared.progress.held("pause", rest);
                     }
                 }
-                Ok(None) => return Ok(LoopEnd::Finished),
+                Ok(Step::RangeDone) => self.range = None,
                 Err(ChunkError::Lost) => return Err(store::lost(&name)),
                 Err(ChunkError::Failed(f)) => {
-                    if self.shutdown.cancel_requested() && f.sqlstate.as_deref() == Some("57014") {
+                    if self.shared.shutdown.cancel_requested()
+                        && f.sqlstate.as_deref() == Some("57014")
+                    {
                         return Ok(LoopEnd::Stopped);
                     }
-                    self.recover(f, &sql).await?;
+                    self.recover(f).await?;
                 }
             }
         }
     }
 
-    /// The upper bound and the row estimate, taken on the first run and kept in the checkpoint.
-    /// None when the table was empty at the start.
-    async fn key_range(
-        &mut self,
-        keyset: &Keyset,
-        checkpoint: &store::Checkpoint,
-    ) -> Result<Option<(KeyValue, Option<i64>)>> {
-        let name = self.name().to_string();
-        if checkpoint.bound_taken {
-            return Ok(checkpoint
-                .upper_bound
-                .clone()
-                .map(|u| (u, checkpoint.total_estimate)));
-        }
-        let conn = self.target.get(&self.pool).await?;
-        // Rows inserted after this moment, beyond the bound, are left to the application (which
-        // writes new rows correctly once the expand step is deployed) and to `verify`.
-        let upper: Option<KeyValue> = conn
-            .query_opt(&keyset.last_key_sql(), &[])
-            .await
-            .map_err(|e| {
-                db::error(
-                    e,
-                    format!("job {name}: finding the last key of {}", self.job.table),
-                )
-            })?
-            .map(|r| r.get(0));
-        let (total, exact) = estimate_rows(&conn, self.job).await;
-        self.store
-            .set_bound(&**conn, &name, self.run_id, upper.as_ref(), total, exact)
-            .await?;
-        match &upper {
-            Some(u) => self.progress.log(&format!(
-                "{name}: processing keys up to {} (~{} rows)",
-                show_key(u),
-                total.map(|t| t.to_string()).unwrap_or_else(|| "?".into())
-            )),
-            None => self.progress.log(&format!(
-                "{name}: table {} was empty when the job started; nothing to do",
-                self.job.table
-            )),
-        }
-        self.conn = Some(conn);
-        Ok(upper.map(|u| (u, total)))
-    }
-
-    /// One attempt: a connection, the committed cursor if in doubt, then one chunk.
-    async fn step(&mut self, sql: &ChunkSql) -> Result<Option<ChunkDone>, ChunkError> {
+    /// A connection from the run's pool (a new one after a failure closed the old).
+    async fn connection(&mut self) -> Result<&mut deadpool_postgres::Object, ChunkError> {
         if self.conn.as_ref().is_none_or(|c| c.is_closed()) {
             self.conn = None;
-            let conn = self.pool.get().await.map_err(|e| {
+            let conn = self.shared.pool.get().await.map_err(|e| {
                 ChunkError::Failed(Failure {
                     class: ErrorClass::Connection,
                     sqlstate: match &e {
@@ -586,193 +675,234 @@ impl Walk<'_> {
             })?;
             self.conn = Some(conn);
         }
-        let conn = self.conn.as_mut().expect("connected above");
-        if self.resync {
-            // The failure may have hit after COMMIT reached the server: go on from what was committed.
-            let (cursor, owned) = self
-                .store
-                .committed_cursor(&***conn, &self.job.name, self.run_id)
-                .await
-                .map_err(failed("re-reading the checkpoint", None))?;
-            if !owned {
-                return Err(ChunkError::Lost);
+        Ok(self.conn.as_mut().expect("connected above"))
+    }
+
+    /// Looks for a range to work on: a free one, or half of the busiest.
+    async fn acquire(&mut self) -> Result<Acquired, ChunkError> {
+        let shared = self.shared;
+        let min_keys = SPLIT_MIN_CHUNKS * shared.pace.lock().await.throttle.chunk_rows();
+        let (run_id, worker) = (shared.run_id, self.id);
+        let conn = self.connection().await?;
+        let splitter = Splitter {
+            keyset: shared.keyset,
+            min_keys,
+        };
+        let got = shared
+            .store
+            .acquire(conn, &shared.job.name, run_id, worker, &splitter)
+            .await
+            .map_err(failed("claiming a key range", None))?;
+        if let Acquired::Range(r) = &got {
+            if r.id > 0 || shared.opts.workers > 1 {
+                shared.progress.log(&format!(
+                    "{}: worker {worker} took range {}",
+                    shared.job.name, r.id
+                ));
             }
-            self.cursor = cursor;
-            self.resync = false;
         }
+        Ok(got)
+    }
+
+    /// One attempt at the next chunk of the worker's range.
+    async fn step(&mut self) -> Result<Step, ChunkError> {
+        let shared = self.shared;
+        let range = self.range.expect("a range is held");
+        let limit = self.limit;
+        let conn = self.connection().await?;
         let token = conn.cancel_token();
-        let chunk = run_chunk(
-            conn,
-            self.store,
-            &self.job.name,
-            self.run_id,
-            sql,
-            self.cursor.as_ref(),
-            self.limit,
-        );
-        cancellable(chunk, &token, self.target, self.shutdown).await
+        let chunk = run_chunk(conn, shared, &range, limit);
+        cancellable(chunk, &token, shared.target, shared.shutdown).await
     }
 
     /// Every few seconds, the largest replay lag of the streaming standbys, for the metrics.
     /// (Unreadable without pg_monitor's rights on other roles' senders; then not reported.)
     async fn sample_replication_lag(&mut self) {
-        if self
+        let mut pace = self.shared.pace.lock().await;
+        if pace
             .lag_sampled
             .is_some_and(|t| t.elapsed() < LAG_SAMPLE_EVERY)
         {
             return;
         }
-        self.lag_sampled = Some(Instant::now());
         let Some(conn) = self.conn.as_ref().filter(|c| !c.is_closed()) else {
             return;
         };
+        pace.lag_sampled = Some(Instant::now());
         let sql = "SELECT coalesce(max(extract(epoch FROM replay_lag)), 0)::float8 FROM pg_stat_replication";
         if let Ok(row) = conn.query_one(sql, &[]).await {
-            self.progress.replication_lag(row.get(0));
+            self.shared.progress.replication_lag(row.get(0));
         }
     }
 
-    /// Reads the job's controls (at most every 0.2 s) and applies new settings. True: cancel.
+    /// Reads the job's controls (at most every 0.2 s for the whole run) and applies new
+    /// settings. True: cancel.
     async fn read_controls(&mut self) -> bool {
-        if self
+        let shared = self.shared;
+        let mut pace = shared.pace.lock().await;
+        if !pace.rate_shown {
+            pace.rate_shown = true;
+            shared
+                .progress
+                .set_rate_limit(pace.throttle.spec().rows_per_second);
+        }
+        if pace
             .controls_read
             .is_some_and(|t| t.elapsed() < CONTROLS_EVERY)
         {
-            return self.controls.cancel;
+            return pace.controls.cancel;
         }
         let Some(conn) = self.conn.as_ref().filter(|c| !c.is_closed()) else {
             return false;
         };
-        self.controls_read = Some(Instant::now());
-        if let Ok(c) = self.store.controls(&***conn, &self.job.name).await {
-            if c != self.controls {
-                self.throttle.apply(&c);
-                self.progress
-                    .set_chunk_size(self.throttle.chunk_rows() as u64);
-                self.progress
-                    .set_rate_limit(self.throttle.spec().rows_per_second);
-                if c.rows_per_second != self.controls.rows_per_second
-                    || c.target_chunk_time != self.controls.target_chunk_time
-                    || c.pause != self.controls.pause
+        pace.controls_read = Some(Instant::now());
+        if let Ok(c) = shared.store.controls(&***conn, &shared.job.name).await {
+            if c != pace.controls {
+                pace.throttle.apply(&c);
+                shared
+                    .progress
+                    .set_chunk_size(pace.throttle.chunk_rows() as u64);
+                shared
+                    .progress
+                    .set_rate_limit(pace.throttle.spec().rows_per_second);
+                if c.rows_per_second != pace.controls.rows_per_second
+                    || c.target_chunk_time != pace.controls.target_chunk_time
+                    || c.pause != pace.controls.pause
                 {
-                    self.progress.log(&format!(
+                    shared.progress.log(&format!(
                         "{}: new settings from `backfill set`: {}",
-                        self.name(),
+                        shared.job.name,
                         describe_controls(&c)
                     ));
                 }
-                self.controls = c;
+                pace.controls = c;
             }
         }
-        self.controls.cancel
+        pace.controls.cancel
     }
 
     /// Holds while paused or while a health signal says so. True when it held (the caller
     /// re-checks stop, cancel and ownership before going on).
     async fn hold_while_unhealthy(&mut self) -> Result<bool> {
-        let hold = if self.controls.paused {
-            Some(Hold {
-                reason: "paused",
-                detail: format!(
-                    "paused by `backfill pause` (resume with `backfill resume {}`)",
-                    self.name()
-                ),
-            })
-        } else {
-            match self.conn.as_ref().filter(|c| !c.is_closed()) {
-                Some(conn) => self.throttle.check(conn).await,
-                None => None,
+        let shared = self.shared;
+        let name = shared.job.name.as_str();
+        let (hold, nap) = {
+            let mut pace = shared.pace.lock().await;
+            let hold = if pace.controls.paused {
+                Some(Hold {
+                    reason: "paused",
+                    detail: format!(
+                        "paused by `backfill pause` (resume with `backfill resume {name}`)"
+                    ),
+                })
+            } else {
+                match self.conn.as_ref().filter(|c| !c.is_closed()) {
+                    Some(conn) => pace.throttle.check(conn).await,
+                    None => None,
+                }
+            };
+            let detail = hold.as_ref().map(|h| h.detail.clone());
+            if detail != pace.holding {
+                if let Some(conn) = self.conn.as_ref().filter(|c| !c.is_closed()) {
+                    let _ = shared
+                        .store
+                        .set_hold(&***conn, shared.run_id, detail.as_deref())
+                        .await;
+                }
+                match &detail {
+                    Some(d) => shared.progress.log(&format!("{name}: holding: {d}")),
+                    None => shared
+                        .progress
+                        .log(&format!("{name}: no longer held; continuing")),
+                }
+                shared.progress.set_held(detail.as_deref());
+                pace.holding = detail;
             }
+            let nap = pace
+                .throttle
+                .spec()
+                .check_interval
+                .min(Duration::from_millis(500));
+            (hold, nap)
         };
-        let detail = hold.as_ref().map(|h| h.detail.clone());
-        if detail != self.holding {
-            if let Some(conn) = self.conn.as_ref().filter(|c| !c.is_closed()) {
-                let _ = self
-                    .store
-                    .set_hold(&***conn, &self.job.name, self.run_id, detail.as_deref())
-                    .await;
-            }
-            match &detail {
-                Some(d) => self.progress.log(&format!("{}: holding: {d}", self.name())),
-                None => self
-                    .progress
-                    .log(&format!("{}: no longer held; continuing", self.name())),
-            }
-            self.progress.set_held(detail.as_deref());
-            self.holding = detail;
-        }
         let Some(hold) = hold else { return Ok(false) };
-        let nap = self
-            .throttle
-            .spec()
-            .check_interval
-            .min(Duration::from_millis(500));
-        self.shutdown.sleep(nap).await;
-        self.progress.held(hold.reason, nap);
+        shared.shutdown.sleep(nap).await;
+        shared.progress.held(hold.reason, nap);
         Ok(true)
     }
 
-    fn committed(&mut self, done: ChunkDone) {
+    /// Books a committed chunk and adapts the pace; returns the rest to take before the next.
+    async fn committed(&mut self, done: ChunkDone) -> Duration {
+        let shared = self.shared;
         self.attempt = 0;
         if self.outage.take().is_some() {
-            self.progress
+            shared
+                .progress
                 .log(&format!("{}: database is back; continuing", self.name()));
         }
         self.tally.rows += done.keys;
         self.tally.affected += done.affected;
         self.tally.chunks += 1;
-        self.tally.rows_done_total += done.keys;
-        self.cursor = Some(done.last);
+        let mut pace = shared.pace.lock().await;
         if done.blocked > 0 {
-            let size = self.throttle.shrink();
-            self.progress.log(&format!(
+            let size = pace.throttle.shrink();
+            shared.progress.log(&format!(
                 "{}: {} application session(s) waited on this chunk's locks; chunks shrink to {size} keys",
-                self.name(),
+                shared.job.name,
                 done.blocked
             ));
         } else if self.narrow_left == 0 {
-            self.throttle.adapt(done.keys, done.asked, done.took);
+            pace.throttle.adapt(done.keys, done.asked, done.took);
         }
-        self.passed(done.keys);
-        self.progress
+        let rest = pace.throttle.rest(done.took);
+        drop(pace);
+        self.cursor = Some(done.last);
+        self.passed(done.keys).await;
+        shared
+            .progress
             .chunk_committed(done.keys as u64, done.affected.max(0) as u64, done.took);
+        if let Some(n) = shared.lease.job_rows_done() {
+            shared.progress.sync_job_rows(n.max(0) as u64);
+        }
+        rest
     }
 
     /// Counts keys passed inside a narrowed range; past it, the configured size returns.
-    fn passed(&mut self, keys: i64) {
+    async fn passed(&mut self, keys: i64) {
         if self.narrow_left > 0 {
             self.narrow_left -= keys;
             if self.narrow_left <= 0 {
                 self.narrow_left = 0;
-                self.limit = self.configured_limit();
-                self.progress.set_chunk_size(self.limit as u64);
+                self.limit = self.shared.pace.lock().await.throttle.chunk_rows();
+                self.shared.progress.set_chunk_size(self.limit as u64);
             }
         }
     }
 
     /// Decides what a failed attempt means; Ok to try again, Err to stop the run.
-    async fn recover(&mut self, f: Failure, sql: &ChunkSql) -> Result<()> {
+    async fn recover(&mut self, f: Failure) -> Result<()> {
+        let shared = self.shared;
         let name = self.name().to_string();
-        self.resync = true;
-        let resume_at = self
-            .cursor
-            .as_deref()
-            .map(|c| format!("after key {}", show_key(c)))
-            .unwrap_or_else(|| "at the first key".into());
+        let resume_at = match (&self.range, &self.cursor) {
+            (_, Some(c)) => format!("after key {}", show_key(c)),
+            (Some(r), None) => format!("at the saved cursor of key range {}", r.id),
+            (None, None) => "where it stopped".into(),
+        };
         let where_ = match &f.range {
             Some((a, b)) if a == b => format!("key {}", show_key(a)),
             Some((a, b)) => format!("keys {}..={}", show_key(a), show_key(b)),
             None => format!("the chunk {resume_at}"),
         };
         let keys = f.keys.unwrap_or(0);
+        let single = f.range.as_ref().is_some_and(|(a, b)| a == b);
         if f.class != ErrorClass::Fatal {
-            self.progress.chunk_failed(f.class.label());
+            shared.progress.chunk_failed(f.class.label());
         }
         match f.class {
             ErrorClass::Connection => {
                 let first = self.outage.is_none();
                 let since = *self.outage.get_or_insert_with(Instant::now);
-                if since.elapsed() >= self.opts.reconnect_for {
+                if since.elapsed() >= shared.opts.reconnect_for {
                     return Err(Error::Runtime(format!(
                         "job {name}: the database has been unreachable for {}s (last error while {}: {}); gave up (--reconnect-for); nothing uncommitted was kept; run `backfill run {name}` again when it is back: it resumes {resume_at}",
                         since.elapsed().as_secs(),
@@ -781,50 +911,50 @@ impl Walk<'_> {
                     )));
                 }
                 if first {
-                    self.progress.log(&format!("{name}: lost the database while {} ({}); waiting for it to come back (up to {}s)", f.stage, f.text, self.opts.reconnect_for.as_secs()));
+                    shared.progress.log(&format!("{name}: lost the database while {} ({}); waiting for it to come back (up to {}s)", f.stage, f.text, shared.opts.reconnect_for.as_secs()));
                 }
-                self.progress.set_held(Some("waiting for database"));
+                shared.progress.set_held(Some("waiting for database"));
                 self.conn = None;
                 // Poll quickly at first (a terminated session reconnects at once), then every 2 s.
                 let pause = (since.elapsed() / 2).clamp(BACKOFF_BASE, RECONNECT_POLL_MAX);
-                self.shutdown.sleep(pause).await;
-                self.progress.held("database_unavailable", pause);
+                shared.shutdown.sleep(pause).await;
+                shared.progress.held("database_unavailable", pause);
                 Ok(())
             }
-            ErrorClass::Timeout | ErrorClass::Data if keys > 1 => {
+            ErrorClass::Timeout | ErrorClass::Data if f.range.is_some() && !single => {
                 self.limit = (keys / 2).max(1);
                 self.narrow_left = self.narrow_left.max(keys);
-                self.progress.set_chunk_size(self.limit as u64);
-                self.progress.log(&format!(
+                shared.progress.set_chunk_size(self.limit as u64);
+                shared.progress.log(&format!(
                     "{name}: {where_} failed while {} ({}); retrying in chunks of {} to narrow it down",
                     f.stage, f.text, self.limit
                 ));
                 Ok(())
             }
-            ErrorClass::Data if keys == 1 => {
-                let (key, _) = f.range.clone().expect("a chunk of one key has a range");
-                self.poison(&key, &f, sql).await
+            ErrorClass::Data if single => {
+                let (key, _) = f.range.clone().expect("a single-key chunk has a range");
+                self.poison(&key, &f).await
             }
             ErrorClass::Contention | ErrorClass::Timeout => {
                 self.attempt += 1;
-                if self.attempt >= self.opts.max_attempts {
+                if self.attempt >= shared.opts.max_attempts {
                     return Err(Error::Runtime(format!(
                         "job {name}: {where_} failed while {} (gave up after {} attempts): {}; nothing of this chunk was committed; run `backfill run {name}` again (perhaps with a longer --lock-timeout or --statement-timeout): it resumes {resume_at}",
                         f.stage, self.attempt, f.text
                     )));
                 }
                 let delay = backoff(self.attempt);
-                self.progress.log(&format!(
+                shared.progress.log(&format!(
                     "{name}: {where_} failed while {}: {}; retrying in {} ms (attempt {}/{})",
                     f.stage,
                     f.text,
                     delay.as_millis(),
                     self.attempt + 1,
-                    self.opts.max_attempts
+                    shared.opts.max_attempts
                 ));
-                self.progress.set_held(Some("retrying after contention"));
-                self.shutdown.sleep(delay).await;
-                self.progress.held("retry_backoff", delay);
+                shared.progress.set_held(Some("retrying after contention"));
+                shared.shutdown.sleep(delay).await;
+                shared.progress.held("retry_backoff", delay);
                 Ok(())
             }
             ErrorClass::Data | ErrorClass::Fatal => Err(Error::Runtime(format!(
@@ -837,9 +967,10 @@ impl Walk<'_> {
     }
 
     /// A data error at one key: stop there, or record it and move past it.
-    async fn poison(&mut self, key: &KeyValue, f: &Failure, sql: &ChunkSql) -> Result<()> {
+    async fn poison(&mut self, key: &KeyValue, f: &Failure) -> Result<()> {
+        let shared = self.shared;
         let name = self.name().to_string();
-        match self.job.on_error {
+        match shared.job.on_error {
             // The key and the error go to the checkpoint's last_error and the run's history;
             // the failures table holds only skipped keys, which nothing else would revisit.
             OnError::Stop => Err(Error::Runtime(format!(
@@ -850,23 +981,19 @@ impl Walk<'_> {
             OnError::Skip => {
                 let save = |e| db::error(e, format!("job {name}: recording the failure at key {}", show_key(key)));
                 let poison = Poison { key, sqlstate: f.sqlstate.as_deref(), message: &f.text };
-                if self.conn.as_ref().is_none_or(|c| c.is_closed()) {
-                    self.conn = Some(self.target.get(&self.pool).await?);
-                }
-                let conn = self.conn.as_mut().expect("connected above");
+                let range = self.range.expect("a range is held");
+                let conn = match self.connection().await {
+                    Ok(c) => c,
+                    Err(_) => return Ok(()), // retried from the top once the database answers
+                };
                 let tx = conn.transaction().await.map_err(save)?;
-                tx.batch_execute(&sql.set_local).await.map_err(save)?;
-                let (cursor, owned) = self
-                    .store
-                    .committed_cursor(&*tx, &name, self.run_id)
-                    .await
-                    .map_err(save)?;
-                if !owned {
+                tx.batch_execute(&shared.sql.set_local).await.map_err(save)?;
+                let Some((cursor, _, _)) = shared.store.lock_range(&*tx, &name, &range).await.map_err(save)? else {
                     return Err(store::lost(&name));
-                }
-                if self
+                };
+                if shared
                     .store
-                    .skip_key(&*tx, &name, self.run_id, cursor.as_ref(), &poison)
+                    .skip_key(&*tx, &name, &range, cursor.as_ref(), &poison)
                     .await
                     .map_err(save)?
                     != 1
@@ -874,33 +1001,29 @@ impl Walk<'_> {
                     return Err(store::lost(&name));
                 }
                 tx.commit().await.map_err(save)?;
-                self.progress.log(&format!(
+                shared.progress.log(&format!(
                     "{name}: skipped key {} ({}); recorded in the failures table — `backfill failures {name}` lists it, `backfill retry-failures {name}` retries it",
                     show_key(key),
                     f.text
                 ));
                 self.cursor = Some(key.clone());
-                self.resync = false;
                 self.tally.skipped += 1;
-                self.tally.rows_done_total += 1;
-                self.passed(1);
-                self.progress.key_skipped();
+                self.passed(1).await;
+                shared.progress.key_skipped();
                 Ok(())
             }
         }
     }
 }
 
-/// Runs one chunk of at most `limit` keys in one transaction. `Ok(None)`: no keys left.
+/// Runs one chunk of at most `limit` keys of `range` in one transaction.
 async fn run_chunk(
     conn: &mut deadpool_postgres::Object,
-    store: &Store,
-    job: &str,
-    run_id: i64,
-    sql: &ChunkSql,
-    cursor: Option<&KeyValue>,
+    shared: &Shared<'_>,
+    range: &RangeLease,
     limit: i64,
-) -> Result<Option<ChunkDone>, ChunkError> {
+) -> Result<Step, ChunkError> {
+    let (store, job, sql) = (shared.store, shared.job.name.as_str(), &shared.sql);
     let started = Instant::now();
     let tx = conn
         .transaction()
@@ -909,34 +1032,49 @@ async fn run_chunk(
     tx.batch_execute(&sql.set_local)
         .await
         .map_err(failed("setting timeouts", None))?;
-
+    let Some((cursor, upper, done)) = store
+        .lock_range(&*tx, job, range)
+        .await
+        .map_err(failed("locking the key range", None))?
+    else {
+        let _ = tx.rollback().await;
+        return Err(ChunkError::Lost);
+    };
     let bounds_sql = match cursor {
         Some(_) => &sql.next_bounds,
         None => &sql.first_bounds,
     };
-    let params = keyset::next_chunk_params(cursor, &sql.upper, &limit);
-    let stmt = tx
-        .prepare_cached(bounds_sql)
-        .await
-        .map_err(failed("finding the chunk bounds", None))?;
-    let row = tx
-        .query_one(&stmt, &params)
-        .await
-        .map_err(failed("finding the chunk bounds", None))?;
-    let keys: i64 = row.get(0);
-    if keys == 0 {
-        tx.rollback()
+    let row = if done {
+        None
+    } else {
+        let params = keyset::next_chunk_params(cursor.as_ref(), &upper, &limit);
+        let stmt = tx
+            .prepare_cached(bounds_sql)
             .await
-            .map_err(failed("ending the transaction", None))?;
-        return Ok(None);
-    }
-    let chunk: (KeyValue, KeyValue, i64) = (row.get(1), row.get(2), keys);
+            .map_err(failed("finding the chunk bounds", None))?;
+        let row = tx
+            .query_one(&stmt, &params)
+            .await
+            .map_err(failed("finding the chunk bounds", None))?;
+        let first: Option<KeyValue> = row.get(1);
+        first.map(|first| (row.get::<_, i64>(0), first, row.get::<_, KeyValue>(2)))
+    };
+    let Some((keys, first, last)) = row else {
+        store
+            .range_done(&*tx, job, range)
+            .await
+            .map_err(failed("closing the key range", None))?;
+        tx.commit()
+            .await
+            .map_err(failed("closing the key range", None))?;
+        return Ok(Step::RangeDone);
+    };
+    let chunk: (KeyValue, KeyValue, i64) = (first, last, keys);
     let at = Some(&chunk);
-    let (first, last, _) = &chunk;
-
-    let args: Vec<&(dyn ToSql + Sync)> = first
+    let (from, to) = shared.keyset.statement_bounds(&chunk.0, &chunk.1);
+    let args: Vec<&(dyn ToSql + Sync)> = from
         .iter()
-        .chain(last.iter())
+        .chain(to.iter())
         .map(|v| v as &(dyn ToSql + Sync))
         .collect();
     let stmt = tx
@@ -956,14 +1094,14 @@ async fn run_chunk(
         .map_err(failed("looking for blocked sessions", at))?
         .get(0);
     let step = store::Advance {
-        previous: cursor,
-        last,
+        previous: cursor.as_ref(),
+        last: &chunk.1,
         keys,
         affected,
         chunk_rows: limit.min(i32::MAX as i64) as i32,
     };
     let advanced = store
-        .advance(&*tx, job, run_id, step)
+        .advance(&*tx, job, range, step)
         .await
         .map_err(failed("saving the checkpoint", at))?;
     if advanced != 1 {
@@ -971,7 +1109,7 @@ async fn run_chunk(
         return Err(ChunkError::Lost);
     }
     tx.commit().await.map_err(failed("committing", at))?;
-    Ok(Some(ChunkDone {
+    Ok(Step::Committed(ChunkDone {
         last: chunk.1,
         keys,
         affected,
@@ -1010,22 +1148,22 @@ fn backoff(attempt: u32) -> Duration {
 
 /// The number of rows to process, for progress, and whether it is exact: a count when counting
 /// is quick (3 s at most), else the planner's estimate.
-async fn estimate_rows(client: &tokio_postgres::Client, job: &JobSpec) -> (Option<i64>, bool) {
+async fn estimate_rows(tx: &tokio_postgres::Transaction<'_>, job: &JobSpec) -> (Option<i64>, bool) {
     let table = job.table.quoted();
+    // In a savepoint: the timeout and a cancelled count end with it, the caller's work stays.
     let exact = async {
-        client
-            .batch_execute("BEGIN; SET LOCAL statement_timeout = 3000")
+        tx.batch_execute("SAVEPOINT bf_count; SET LOCAL statement_timeout = 3000")
             .await?;
-        let r = client
+        let r = tx
             .query_one(&format!("SELECT count(*) FROM {table}"), &[])
             .await;
-        client.batch_execute("ROLLBACK").await?;
+        tx.batch_execute("ROLLBACK TO SAVEPOINT bf_count").await?;
         r.map(|row| row.get::<_, i64>(0))
     };
     if let Ok(n) = exact.await {
         return (Some(n), true);
     }
-    let planner = client
+    let planner = tx
         .query_one(
             "SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass($1)",
             &[&table],
@@ -1066,10 +1204,10 @@ pub async fn retry_failures(
         }
         tx.batch_execute(&set_local).await.map_err(err)?;
         tx.batch_execute("SAVEPOINT retry").await.map_err(err)?;
-        let args: Vec<&(dyn ToSql + Sync)> = f
-            .key
+        let (from, to) = keyset.statement_bounds(&f.key, &f.key);
+        let args: Vec<&(dyn ToSql + Sync)> = from
             .iter()
-            .chain(f.key.iter())
+            .chain(to.iter())
             .map(|v| v as &(dyn ToSql + Sync))
             .collect();
         match tx.execute(&statement, &args).await {

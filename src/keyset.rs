@@ -5,6 +5,12 @@
 //! column's own type (`$1::text::bigint`), so every comparison happens in SQL, in the column's type
 //! and collation, and uses the key's index; nothing is ever spliced into SQL and no key arithmetic
 //! happens in Rust. One mechanism serves every key type (integers, text, uuid, timestamps, numeric).
+//!
+//! A table without a usable unique key can be walked by `key = "ctid"`: the "keys" are then the
+//! heap's page numbers, each chunk a TID range scan over whole pages (PostgreSQL 14+), and
+//! `:start`/`:end` stand for the first and last tuple id of those pages. An updated row gets a new
+//! ctid (perhaps on a page still ahead), so such a job's statement must carry a guard predicate
+//! (`AND new_col IS NULL`) that makes a second visit harmless.
 
 use crate::db;
 use crate::error::{Error, Result};
@@ -14,6 +20,11 @@ use tokio_postgres::GenericClient;
 
 /// A key value: one text-form value per key column, in key order.
 pub type KeyValue = Vec<String>;
+
+/// The key name that walks the heap by pages instead of an index.
+pub const CTID: &str = "ctid";
+/// The highest line pointer number a tuple id can name: `(p,65535)` is past every tuple of page p.
+const LAST_LINE_POINTER: u32 = 65535;
 
 /// Renders a key value for messages: `42` or `(7, 42)`.
 pub fn show_key(key: &[String]) -> String {
@@ -246,13 +257,23 @@ pub struct KeyColumn {
     pub sql_type: String,
 }
 
+/// How the key space is walked.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Walk {
+    /// Along a unique index on the key columns.
+    Index,
+    /// Over the heap's pages (`key = "ctid"`), about this many rows per page.
+    Pages { rows_per_page: f64 },
+}
+
 /// A job's key, checked against the catalog: the columns, their types and the unique index that
-/// backs the walk.
+/// backs the walk (or the heap, for `ctid`).
 #[derive(Debug, Clone)]
 pub struct Keyset {
     pub table: TableName,
     pub columns: Vec<KeyColumn>,
     pub index: String,
+    pub walk: Walk,
 }
 
 impl Keyset {
@@ -272,6 +293,9 @@ impl Keyset {
                 job.path.display()
             )));
         };
+        if job.key == [CTID] {
+            return Self::pages(client, job, oid).await;
+        }
         let rows = client
             .query(
                 "SELECT a.attname::text, format_type(a.atttypid, NULL), a.attnotnull, a.attnum::int
@@ -350,7 +374,105 @@ impl Keyset {
             table: table.clone(),
             columns,
             index: exact.get(0),
+            walk: Walk::Index,
         })
+    }
+
+    /// The heap walk of `key = "ctid"`: needs TID range scans (PostgreSQL 14).
+    async fn pages(client: &impl GenericClient, job: &JobSpec, oid: u32) -> Result<Keyset> {
+        let row = client
+            .query_one(
+                "SELECT current_setting('server_version_num')::int, current_setting('server_version'),
+                        CASE WHEN c.relpages > 0 AND c.reltuples > 0 THEN (c.reltuples / c.relpages)::float8 END
+                   FROM pg_class c WHERE c.oid = $1",
+                &[&oid],
+            )
+            .await
+            .map_err(|e| db::error(e, format!("job {}: reading the server version", job.name)))?;
+        let (num, version): (i32, String) = (row.get(0), row.get(1));
+        if num < 140000 {
+            return Err(Error::Usage(format!(
+                "job {}: key = \"ctid\" walks the table by TID range scans, which need PostgreSQL 14 or later; this server is {version}. Give the table a unique key (CREATE UNIQUE INDEX CONCURRENTLY … on NOT NULL columns) and use it as `key`",
+                job.name
+            )));
+        }
+        Ok(Keyset {
+            table: job.table.clone(),
+            columns: vec![KeyColumn {
+                name: CTID.into(),
+                sql_type: "tid".into(),
+            }],
+            index: "(the table's pages)".into(),
+            walk: Walk::Pages {
+                rows_per_page: row.get::<_, Option<f64>>(2).unwrap_or(50.0).max(1.0),
+            },
+        })
+    }
+
+    pub fn is_ctid(&self) -> bool {
+        matches!(self.walk, Walk::Pages { .. })
+    }
+
+    /// The values bound to `:start` and `:end` for a chunk from `first` to `last`: the keys
+    /// themselves, or for the page walk the first and the last possible tuple id of those pages.
+    pub fn statement_bounds(&self, first: &[String], last: &[String]) -> (KeyValue, KeyValue) {
+        match self.walk {
+            Walk::Index => (first.to_vec(), last.to_vec()),
+            Walk::Pages { .. } => (
+                vec![format!("({},0)", first[0])],
+                vec![format!("({},{LAST_LINE_POINTER})", last[0])],
+            ),
+        }
+    }
+
+    /// Query for a key that splits the keys after a cursor and before an upper bound in two: the
+    /// `offset`-th key (an index walk), or with `sampled` the middle of a page sample of `percent`
+    /// of the table. Returns one text array, or no row. Parameters: [cursor…,] upper…, offset
+    /// (bigint) or percent (float8). Always strictly inside (cursor, upper).
+    pub fn split_sql(&self, after_cursor: bool, sampled: bool) -> String {
+        let n = self.columns.len();
+        let (lower, upper_at) = if after_cursor {
+            (
+                format!("{} > {} AND ", self.row(), self.bind_expr(1)),
+                n + 1,
+            )
+        } else {
+            (String::new(), 1)
+        };
+        let last = upper_at + n;
+        if self.is_ctid() {
+            let cursor = if after_cursor {
+                "$1::text::bigint"
+            } else {
+                "-1"
+            };
+            return format!(
+                "SELECT ARRAY[m::text] FROM (SELECT ({cursor} + ${upper_at}::text::bigint) / 2 AS m) s
+                  WHERE m > {cursor} AND m < ${upper_at}::text::bigint AND ${last}::bigint >= 0"
+            );
+        }
+        let range = format!(
+            "{lower}{row} < {upper}",
+            row = self.row(),
+            upper = self.bind_expr(upper_at)
+        );
+        if sampled {
+            format!(
+                "SELECT k FROM (SELECT {arr} AS k, row_number() OVER (ORDER BY {cols}) AS rn, count(*) OVER () AS n
+                                  FROM {table} TABLESAMPLE SYSTEM ((${last}::float8)::float4) WHERE {range}) s
+                  WHERE rn = (n + 1) / 2",
+                arr = self.text_array(),
+                cols = self.cols(""),
+                table = self.table.quoted(),
+            )
+        } else {
+            format!(
+                "SELECT {arr} FROM {table} WHERE {range} ORDER BY {cols} OFFSET ${last}::bigint LIMIT 1",
+                arr = self.text_array(),
+                cols = self.cols(""),
+                table = self.table.quoted(),
+            )
+        }
     }
 
     fn cols(&self, suffix: &str) -> String {
@@ -411,8 +533,15 @@ impl Keyset {
         )
     }
 
-    /// Query returning the greatest key now in the table (as a text array), or no row.
+    /// Query returning the greatest key now in the table (as a text array), or no row. For the
+    /// page walk: the last page.
     pub fn last_key_sql(&self) -> String {
+        if self.is_ctid() {
+            return format!(
+                "SELECT ARRAY[(n - 1)::text] FROM (SELECT pg_relation_size('{t}'::regclass) / current_setting('block_size')::bigint AS n) s WHERE n > 0",
+                t = self.table.quoted().replace('\'', "''")
+            );
+        }
         format!(
             "SELECT {} FROM {} ORDER BY {} LIMIT 1",
             self.text_array(),
@@ -429,6 +558,9 @@ impl Keyset {
     /// first key is the first entry, and the last is the entry `limit - 1` further on. Only when
     /// fewer than `limit` keys are left (the final chunk) are they counted and the greatest taken.
     pub fn next_chunk_sql(&self, after_cursor: bool) -> String {
+        if let Walk::Pages { rows_per_page } = self.walk {
+            return self.next_pages_sql(after_cursor, rows_per_page);
+        }
         let n = self.columns.len();
         let (lower, upper_at) = if after_cursor {
             (
@@ -455,6 +587,31 @@ impl Keyset {
             cols = self.cols(""),
             arr = self.text_array(),
             desc = self.cols(" DESC"),
+        )
+    }
+}
+
+impl Keyset {
+    /// [`Keyset::next_chunk_sql`] for the page walk: the next pages after the cursor page, as many
+    /// as should hold `limit` rows, up to the last page; their live rows are counted (a TID range
+    /// scan), and may be none — the walk ends when the first page is past the upper bound.
+    fn next_pages_sql(&self, after_cursor: bool, rows_per_page: f64) -> String {
+        let (cursor, upper, limit) = if after_cursor {
+            ("$1::text::bigint", "$2::text::bigint", "$3::bigint")
+        } else {
+            ("-1::bigint", "$1::text::bigint", "$2::bigint")
+        };
+        format!(
+            "WITH b AS (SELECT {cursor} + 1 AS lo,
+                               least({cursor} + greatest(1, ceil({limit} / {rows_per_page:.3}))::bigint, {upper}) AS hi)
+             SELECT CASE WHEN b.lo > b.hi THEN 0
+                         ELSE (SELECT count(*) FROM {table}
+                                WHERE ctid >= format('(%s,0)', b.lo)::tid
+                                  AND ctid <= format('(%s,{LAST_LINE_POINTER})', b.hi)::tid) END,
+                    CASE WHEN b.lo <= b.hi THEN ARRAY[b.lo::text] END,
+                    CASE WHEN b.lo <= b.hi THEN ARRAY[b.hi::text] END
+               FROM b",
+            table = self.table.quoted(),
         )
     }
 }
@@ -502,6 +659,7 @@ mod tests {
                 })
                 .collect(),
             index: "t_pkey".into(),
+            walk: Walk::Index,
         }
     }
 

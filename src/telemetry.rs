@@ -192,8 +192,16 @@ struct State {
     rows: u64,
     total: Option<u64>,
     chunk_size: u64,
+    workers: u32,
     held: Option<String>,
     held_carry: [f64; HOLD_REASONS.len()],
+}
+
+fn workers(n: u32) -> String {
+    match n {
+        1 => "1 worker".into(),
+        n => format!("{n} workers"),
+    }
 }
 
 /// The run's reporter: progress display, log lines and metrics for one job.
@@ -257,6 +265,7 @@ impl Progress {
                 rows: 0,
                 total: None,
                 chunk_size: 0,
+                workers: 1,
                 held: None,
                 held_carry: [0.0; HOLD_REASONS.len()],
             }),
@@ -353,6 +362,40 @@ impl Progress {
         }
     }
 
+    /// Workers of this run.
+    pub fn set_workers(&self, n: u32) {
+        self.m.workers.set(n as f64);
+        let mut s = self.state.lock().unwrap();
+        s.workers = n;
+        let msg = self.bar_message(&s);
+        drop(s);
+        if let Some(bar) = &self.bar {
+            bar.set_message(msg);
+        }
+    }
+
+    /// The job's keys done by all its runs together (read from the database), so that progress,
+    /// rate and ETA cover every process working on the job. This run's own counter is unchanged.
+    pub fn sync_job_rows(&self, done: u64) {
+        let mut s = self.state.lock().unwrap();
+        if done <= s.rows {
+            return;
+        }
+        let more = done - s.rows;
+        s.rows = done;
+        if let Some(t) = s.total {
+            s.total = Some(t.max(s.rows));
+        }
+        let (ratio, eta, _) = figures(&s);
+        self.m.rows_done.set(s.rows as f64);
+        self.m.ratio.set(ratio.unwrap_or(0.0));
+        self.m.eta.set(eta.unwrap_or(0.0));
+        drop(s);
+        if let Some(bar) = &self.bar {
+            bar.inc(more);
+        }
+    }
+
     pub fn set_chunk_size(&self, rows: u64) {
         self.m.chunk_size.set(rows as f64);
         let mut s = self.state.lock().unwrap();
@@ -387,7 +430,7 @@ impl Progress {
             .as_deref()
             .map(|h| format!(" · held: {h}"))
             .unwrap_or_default();
-        format!("chunk {} · 1 worker{held}", s.chunk_size)
+        format!("chunk {} · {}{held}", s.chunk_size, workers(s.workers))
     }
 
     fn update(&self, keys: u64) {
@@ -430,7 +473,7 @@ impl Progress {
                 "rows_per_second": rate.round(),
                 "eta_seconds": eta.map(f64::round),
                 "chunk_rows": s.chunk_size,
-                "workers": 1,
+                "workers": s.workers,
                 "held": s.held,
             })
             .to_string();
@@ -448,8 +491,11 @@ impl Progress {
             .map(|h| format!(", held: {h}"))
             .unwrap_or_default();
         format!(
-            "{}: {}{of} rows{pct}, {rate:.0} rows/s, eta {eta}, chunk {} rows, 1 worker{held}",
-            self.job, s.rows, s.chunk_size
+            "{}: {}{of} rows{pct}, {rate:.0} rows/s, eta {eta}, chunk {} rows, {}{held}",
+            self.job,
+            s.rows,
+            s.chunk_size,
+            workers(s.workers)
         )
     }
 
@@ -533,6 +579,7 @@ mod tests {
             rows: 1000,
             total: Some(950),
             chunk_size: 10,
+            workers: 1,
             held: None,
             held_carry: [0.0; HOLD_REASONS.len()],
         };

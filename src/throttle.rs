@@ -23,7 +23,28 @@ use crate::store::Controls;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use std::collections::HashMap;
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// A handle on the rate ceiling's token bucket, to wait on without holding the throttle.
+pub struct Bucket {
+    rate: u32,
+    limiter: Arc<DefaultDirectRateLimiter>,
+}
+
+impl Bucket {
+    /// Waits until the ceiling admits `rows` more keys; returns how long it waited.
+    pub async fn admit(&self, rows: i64) -> Duration {
+        let started = Instant::now();
+        let n = NonZeroU32::new(rows.clamp(1, self.rate as i64) as u32).expect("at least one");
+        if self.limiter.until_n_ready(n).await.is_err() {
+            // Cannot happen (n ≤ burst); if it did, wait a full second per burst rather than
+            // letting the chunk through unthrottled.
+            tokio::time::sleep(Duration::from_secs_f64(rows as f64 / self.rate as f64)).await;
+        }
+        started.elapsed()
+    }
+}
 
 /// Why a run is held, for the metrics label and for people.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,7 +59,9 @@ pub struct Throttle {
     base: ThrottleSpec,
     spec: ThrottleSpec,
     table: String,
-    limiter: Option<(u32, DefaultDirectRateLimiter)>,
+    limiter: Option<(u32, Arc<DefaultDirectRateLimiter>)>,
+    /// Live runs sharing the rate ceiling (this one included).
+    share: u32,
     size: i64,
     last_check: Option<Instant>,
     verdict: Option<Hold>,
@@ -55,6 +78,7 @@ impl Throttle {
             spec,
             table,
             limiter: None,
+            share: 1,
             size: chunk_rows as i64,
             last_check: None,
             verdict: None,
@@ -81,17 +105,25 @@ impl Throttle {
         if let Some(p) = c.pause {
             spec.pause = p;
         }
-        if spec != self.spec {
+        let share = c.live_runs.max(1);
+        if spec != self.spec || share != self.share {
             self.spec = spec;
+            self.share = share;
             self.reset_limiter();
         }
     }
 
-    /// A quota cannot be changed in place: a new ceiling gets a new limiter.
+    /// A quota cannot be changed in place: a new ceiling (or a new share of it) gets a new
+    /// limiter. Each live run gets an even share of the job's ceiling.
     fn reset_limiter(&mut self) {
-        let rate = self.spec.rows_per_second.and_then(NonZeroU32::new);
+        let rate = self
+            .spec
+            .rows_per_second
+            .map(|r| r.div_ceil(self.share))
+            .and_then(NonZeroU32::new);
         if self.limiter.as_ref().map(|l| l.0) != rate.map(NonZeroU32::get) {
-            self.limiter = rate.map(|r| (r.get(), RateLimiter::direct(Quota::per_second(r))));
+            self.limiter =
+                rate.map(|r| (r.get(), Arc::new(RateLimiter::direct(Quota::per_second(r)))));
         }
     }
 
@@ -136,19 +168,12 @@ impl Throttle {
         self.size
     }
 
-    /// Waits until the rate ceiling admits `rows` more keys; returns how long it waited.
-    pub async fn admit(&self, rows: i64) -> Duration {
-        let Some((rate, limiter)) = &self.limiter else {
-            return Duration::ZERO;
-        };
-        let started = Instant::now();
-        let n = NonZeroU32::new(rows.clamp(1, *rate as i64) as u32).expect("at least one");
-        if limiter.until_n_ready(n).await.is_err() {
-            // Cannot happen (n ≤ burst); if it did, wait a full second per burst rather than
-            // letting the chunk through unthrottled.
-            tokio::time::sleep(Duration::from_secs_f64(rows as f64 / *rate as f64)).await;
-        }
-        started.elapsed()
+    /// The rate ceiling's bucket, shared by every worker of this run (None: no ceiling).
+    pub fn bucket(&self) -> Option<Bucket> {
+        self.limiter.as_ref().map(|(rate, l)| Bucket {
+            rate: *rate,
+            limiter: l.clone(),
+        })
     }
 
     /// The pause after a chunk that took `took`.
@@ -388,12 +413,34 @@ mod tests {
             rows_per_second: Some(1000),
             ..Controls::default()
         });
+        let bucket = t.bucket().expect("a ceiling");
         assert!(
-            t.admit(1000).await < Duration::from_millis(50),
+            bucket.admit(1000).await < Duration::from_millis(50),
             "the first second's burst is free"
         );
-        let waited = t.admit(500).await;
+        let waited = bucket.admit(500).await;
         assert!(waited >= Duration::from_millis(400), "{waited:?}");
+    }
+
+    #[test]
+    fn live_runs_share_the_ceiling_evenly() {
+        let mut t = throttle(100_000);
+        t.apply(&Controls {
+            rows_per_second: Some(1000),
+            live_runs: 3,
+            ..Controls::default()
+        });
+        assert_eq!(
+            t.chunk_rows(),
+            334,
+            "each of 3 runs gets a third, rounded up"
+        );
+        t.apply(&Controls {
+            rows_per_second: Some(1000),
+            live_runs: 1,
+            ..Controls::default()
+        });
+        assert_eq!(t.chunk_rows(), 1000);
     }
 
     #[test]

@@ -9,7 +9,8 @@ use toml::Spanned;
 pub struct RawJob {
     pub description: Option<Spanned<String>>,
     pub table: Spanned<String>,
-    pub key: Spanned<Vec<Spanned<String>>>,
+    /// A column name, or a list of them (`"ctid"` for the heap walk).
+    pub key: Spanned<toml::Value>,
     pub sql: Spanned<String>,
     pub chunk_rows: Option<Spanned<i64>>,
     pub verify: Option<Spanned<String>>,

@@ -2,7 +2,7 @@
 
 use super::raw::RawJob;
 use crate::error::{Error, Result};
-use crate::keyset::SqlTemplate;
+use crate::keyset::{SqlTemplate, CTID};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -188,7 +188,24 @@ impl JobSpec {
             )
         })?;
 
-        if raw.key.get_ref().is_empty() {
+        let names: Vec<&str> = match raw.key.get_ref() {
+            toml::Value::String(one) => vec![one.as_str()],
+            toml::Value::Array(many) => many
+                .iter()
+                .map(|v| v.as_str())
+                .collect::<Option<_>>()
+                .ok_or_else(|| {
+                    at.err("key", &raw.key, "every key column must be a string, e.g. key = [\"tenant_id\", \"id\"]")
+                })?,
+            _ => {
+                return Err(at.err(
+                    "key",
+                    &raw.key,
+                    "expected a column name or a list of them, e.g. key = [\"id\"] (or key = \"ctid\" for a table without a usable key)",
+                ))
+            }
+        };
+        if names.is_empty() {
             return Err(at.err(
                 "key",
                 &raw.key,
@@ -196,15 +213,22 @@ impl JobSpec {
             ));
         }
         let mut key = Vec::new();
-        for col in raw.key.get_ref() {
-            let c = col.get_ref().trim();
+        for col in names {
+            let c = col.trim();
             if c.is_empty() {
-                return Err(at.err("key", col, "empty column name"));
+                return Err(at.err("key", &raw.key, "empty column name"));
             }
             if key.iter().any(|k: &String| k == c) {
-                return Err(at.err("key", col, format!("column `{c}` is listed twice")));
+                return Err(at.err("key", &raw.key, format!("column `{c}` is listed twice")));
             }
             key.push(c.to_string());
+        }
+        if key.len() > 1 && key.iter().any(|k| k == CTID) {
+            return Err(at.err(
+                "key",
+                &raw.key,
+                "`ctid` walks the table's pages and cannot be combined with other key columns: use key = \"ctid\" alone",
+            ));
         }
 
         let sql = SqlTemplate::parse(raw.sql.get_ref()).map_err(|m| at.err("sql", &raw.sql, m))?;
@@ -393,10 +417,24 @@ sql = "UPDATE orders SET n = n + 1 WHERE id BETWEEN :start AND :end"
 
     #[test]
     fn wrong_type_is_reported() {
-        let m = parse(&OK.replace("key = [\"id\"]", "key = \"id\""))
+        let m = parse(&OK.replace("key = [\"id\"]", "key = 7"))
             .unwrap_err()
             .to_string();
-        assert!(m.contains(":3"), "{m}");
+        assert!(m.contains(":3") && m.contains("key `key`"), "{m}");
+        let m = parse(&OK.replace("key = [\"id\"]", "key = [\"id\", 7]"))
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains(":3") && m.contains("must be a string"), "{m}");
+    }
+
+    #[test]
+    fn a_single_key_may_be_a_string_and_ctid_stands_alone() {
+        let spec = parse(&OK.replace("key = [\"id\"]", "key = \"id\"")).unwrap();
+        assert_eq!(spec.key, ["id"]);
+        let m = parse(&OK.replace("key = [\"id\"]", "key = [\"ctid\", \"id\"]"))
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("ctid") && m.contains("alone"), "{m}");
     }
 
     #[test]

@@ -84,6 +84,8 @@ pub struct Plan {
     pub table: String,
     pub key: Vec<String>,
     pub index: String,
+    /// How the key space is walked: `index` (the key's unique index) or `pages` (`key = "ctid"`).
+    pub walk: &'static str,
     pub chunk_rows: u32,
     pub lock_timeout_ms: u64,
     pub statement_timeout_ms: u64,

@@ -110,6 +110,7 @@ pub(super) async fn run(
         table: job.table.to_string(),
         key: job.key.clone(),
         index: keyset.index.clone(),
+        walk: if keyset.is_ctid() { "pages" } else { "index" },
         chunk_rows: job.chunk_rows,
         lock_timeout_ms: job.lock_timeout.as_millis() as u64,
         statement_timeout_ms: job.statement_timeout.as_millis() as u64,
@@ -179,10 +180,13 @@ async fn first_chunk(
     checkpoint: Option<&Checkpoint>,
 ) -> Result<Option<FirstChunk>> {
     let name = &job.name;
-    let cursor = checkpoint.and_then(|c| c.cursor.clone());
-    let upper: Option<KeyValue> = match checkpoint.and_then(|c| c.upper_bound.clone()) {
-        Some(u) => Some(u),
-        None => tx
+    // The next chunk of the first unfinished range, as a run would take it.
+    let range = checkpoint.and_then(|c| c.ranges.iter().find(|r| !r.done));
+    let cursor = range.and_then(|r| r.cursor.clone());
+    let upper: Option<KeyValue> = match (range, checkpoint) {
+        (Some(r), _) => Some(r.upper_bound.clone()),
+        (None, Some(c)) if c.bound_taken => None,
+        _ => tx
             .query_opt(&keyset.last_key_sql(), &[])
             .await
             .map_err(|e| db::error(e, format!("job {name}: finding the last key")))?
@@ -198,10 +202,13 @@ async fn first_chunk(
         .await
         .map_err(|e| db::error(e, format!("job {name}: finding the first chunk")))?;
     let keys: i64 = row.get(0);
-    if keys == 0 {
+    let (Some(first), Some(last)) = (
+        row.get::<_, Option<KeyValue>>(1),
+        row.get::<_, Option<KeyValue>>(2),
+    ) else {
         return Ok(None);
-    }
-    let (start, end): (KeyValue, KeyValue) = (row.get(1), row.get(2));
+    };
+    let (start, end) = keyset.statement_bounds(&first, &last);
     Ok(Some(FirstChunk {
         sql: job.sql.render_with(keyset, &start, &end),
         start,

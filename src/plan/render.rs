@@ -10,10 +10,13 @@ pub fn print_text(p: &Plan) {
     line(
         "table",
         &format!(
-            "{}, key ({}), walked by index {}",
+            "{}, key ({}), walked by {}",
             p.table,
             p.key.join(", "),
-            p.index
+            match p.walk {
+                "pages" => "its pages (TID range scans)".to_string(),
+                _ => format!("index {}", p.index),
+            }
         ),
     );
     line("chunk size", &format!("{} keys to start", p.chunk_rows));

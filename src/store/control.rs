@@ -18,6 +18,13 @@ pub struct Controls {
     pub target_chunk_time: Option<Duration>,
     #[serde(rename = "pause_ms", serialize_with = "as_millis")]
     pub pause: Option<Duration>,
+    /// Live runs of the job (processes): a rate ceiling is shared evenly among them.
+    #[serde(skip)]
+    pub live_runs: u32,
+}
+
+fn r_bool(row: &tokio_postgres::Row, i: usize) -> bool {
+    row.get::<_, Option<bool>>(i).unwrap_or(false)
 }
 
 fn as_millis<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
@@ -45,27 +52,30 @@ impl Store {
         job: &str,
     ) -> Result<Controls, tokio_postgres::Error> {
         let row = client
-            .query_opt(
+            .query_one(
                 &format!(
-                    "SELECT paused, cancel, rows_per_second, target_chunk_time_ms, pause_ms FROM {s}.controls WHERE job = $1",
-                    s = self.q
+                    "SELECT c.paused, c.cancel, c.rows_per_second, c.target_chunk_time_ms, c.pause_ms,
+                            (SELECT count(*)::int FROM {s}.runs r
+                              WHERE r.job = $1 AND {alive})
+                       FROM (SELECT 1) one LEFT JOIN {s}.controls c ON c.job = $1",
+                    s = self.q,
+                    alive = Store::run_alive_sql("r")
                 ),
                 &[&job],
             )
             .await?;
-        Ok(row
-            .map(|r| Controls {
-                paused: r.get(0),
-                cancel: r.get(1),
-                rows_per_second: r.get::<_, Option<i64>>(2).map(|n| n as u32),
-                target_chunk_time: r
-                    .get::<_, Option<i64>>(3)
-                    .map(|ms| Duration::from_millis(ms as u64)),
-                pause: r
-                    .get::<_, Option<i64>>(4)
-                    .map(|ms| Duration::from_millis(ms as u64)),
-            })
-            .unwrap_or_default())
+        Ok(Controls {
+            paused: r_bool(&row, 0),
+            cancel: r_bool(&row, 1),
+            rows_per_second: row.get::<_, Option<i64>>(2).map(|n| n as u32),
+            target_chunk_time: row
+                .get::<_, Option<i64>>(3)
+                .map(|ms| Duration::from_millis(ms as u64)),
+            pause: row
+                .get::<_, Option<i64>>(4)
+                .map(|ms| Duration::from_millis(ms as u64)),
+            live_runs: row.get::<_, i32>(5).max(0) as u32,
+        })
     }
 
     /// The job's controls for `status`: defaults when the engine's schema is not installed yet.
@@ -124,19 +134,18 @@ impl Store {
     pub async fn set_hold(
         &self,
         client: &impl GenericClient,
-        job: &str,
         run_id: i64,
         reason: Option<&str>,
     ) -> Result<(), tokio_postgres::Error> {
         client
             .execute(
                 &format!(
-                    "UPDATE {s}.checkpoints SET hold_reason = $3,
-                            held_since = CASE WHEN $3::text IS NULL THEN NULL ELSE coalesce(held_since, now()) END
-                      WHERE job = $1 AND owner_run = $2",
+                    "UPDATE {s}.runs SET hold_reason = $2,
+                            held_since = CASE WHEN $2::text IS NULL THEN NULL ELSE coalesce(held_since, now()) END
+                      WHERE id = $1 AND outcome IS NULL",
                     s = self.q
                 ),
-                &[&job, &run_id, &reason],
+                &[&run_id, &reason],
             )
             .await?;
         Ok(())

@@ -2,7 +2,7 @@
 //! `on_error = "skip"` a run records them here and goes on; `retry-failures` re-runs just those
 //! keys; the gate fails while any is unresolved.
 
-use super::{Advance, Store};
+use super::{Advance, RangeLease, Store};
 use crate::db;
 use crate::error::Result;
 use crate::keyset::KeyValue;
@@ -57,11 +57,12 @@ impl Store {
         &self,
         tx: &impl GenericClient,
         job: &str,
-        run_id: i64,
+        lease: &RangeLease,
         previous: Option<&KeyValue>,
         poison: &Poison<'_>,
     ) -> Result<u64, tokio_postgres::Error> {
-        self.record_failure(tx, job, Some(run_id), poison).await?;
+        self.record_failure(tx, job, Some(lease.run_id), poison)
+            .await?;
         let step = Advance {
             chunk_rows: 1,
             previous,
@@ -69,7 +70,7 @@ impl Store {
             keys: 1,
             affected: 0,
         };
-        self.advance(tx, job, run_id, step).await
+        self.advance(tx, job, lease, step).await
     }
 
     /// The job's failing keys (unresolved only, unless `all`), oldest first.

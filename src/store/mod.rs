@@ -1,49 +1,50 @@
-//! The engine's own tables (in `--schema`, default `backfill`): one checkpoint row per job, one
-//! history row per run, and the ownership lease that keeps two runners off the same job.
+//! The engine's own tables (in `--schema`, default `backfill`): one checkpoint row per job (its
+//! definition's fingerprint, key range, state), the job's key *ranges* (each with its own cursor
+//! and owner, see `ranges.rs`), one history row per run, and the leases that keep runners apart.
 //!
-//! Ownership: a run owns a job while its checkpoint row names the run, the owner's *lease session*
-//! (a dedicated connection held for the whole run) is still in `pg_stat_activity`, and its heartbeat
-//! is fresher than the lease timeout. A killed runner's session disappears at once, so the next run
-//! takes over immediately; a hung runner whose session stays open loses the job after the timeout.
-//! Every chunk's checkpoint advance is guarded by the run id and the previous cursor, so even a
+//! A *run* is one `backfill run` process; it may run several workers, and several runs (on one
+//! host or many) may work on a job at once. A run is alive while its *lease session* (a dedicated
+//! connection held for the whole run) is still in `pg_stat_activity` and its heartbeat is fresher
+//! than the lease timeout. A killed runner's session disappears at once, so its ranges are taken
+//! over within moments; a hung runner whose session stays open loses them after the timeout.
+//! Every chunk locks its range row and checks the owner inside its own transaction, so even a
 //! runner that lost its lease cannot commit a chunk twice.
 
 mod control;
 mod failures;
 mod lease;
+mod ranges;
 mod schema;
 
 pub use control::{ControlChange, Controls};
 pub use failures::{FailedKey, Poison};
 pub use lease::LeaseState;
+pub use ranges::{Acquired, Advance, RangeInfo, RangeLease, Splitter};
 pub use schema::{grants, installed_version, migrate, LATEST as SCHEMA_VERSION};
 
 use crate::db;
 use crate::error::{Error, Result};
 use crate::job::{quote_ident, JobSpec};
-use crate::keyset::{show_key, KeyValue};
+use crate::keyset::KeyValue;
 use std::time::Duration;
 use tokio_postgres::GenericClient;
 
-/// A hung runner (session open, no heartbeat) loses its job after this long.
+/// A hung runner (session open, no heartbeat) loses its ranges after this long.
 pub const LEASE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a claim waits for the checkpoint row lock (held briefly by a chunk in flight).
-const CLAIM_LOCK_WAIT: Duration = Duration::from_secs(10);
-/// How long a claim keeps looking before it believes another runner is really alive.
-const TAKEOVER_GRACE: Duration = Duration::from_secs(2);
-/// How often a running job proves it is alive.
+/// How often a run proves it is alive.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 
 /// A job's persisted progress, as `status` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Checkpoint {
     pub job: String,
-    /// new, running, stopped, failed, done, incomplete — or `interrupted` when the row says
-    /// running but its owner is gone (a crash or kill).
+    /// new, running, stopped, cancelled, failed, done, incomplete — or `interrupted` when the row
+    /// says running but no runner is alive (a crash or kill).
     pub state: String,
     pub fingerprint: String,
     pub table: String,
     pub key_columns: Vec<String>,
+    /// The last key committed, while the job has a single range (with several, see `ranges`).
     pub cursor: Option<KeyValue>,
     pub upper_bound: Option<KeyValue>,
     pub bound_taken: bool,
@@ -61,14 +62,18 @@ pub struct Checkpoint {
     pub updated_at: String,
     pub finished_at: Option<String>,
     pub last_error: Option<String>,
+    /// The first live run (or, when none is alive, an unfinished dead one).
     pub owner: Option<Owner>,
-    /// Rows per second of the current (or last) run, from its history row.
+    /// Every unfinished run, alive or not.
+    pub runners: Vec<Owner>,
+    pub ranges: Vec<RangeInfo>,
+    /// Rows per second over all live runs (or of the last run), all processes together.
     pub rate_rows_per_second: Option<f64>,
     /// Keys recorded as failing and not yet resolved (`backfill failures`).
     pub failed_keys: i64,
     /// Keys per chunk of the last committed chunk.
     pub chunk_rows_now: Option<i32>,
-    /// Why the running job is held right now, with the value seen and the threshold.
+    /// Why a live run is held right now, with the value seen and the threshold.
     pub hold_reason: Option<String>,
     pub held_since: Option<String>,
 }
@@ -78,6 +83,7 @@ pub struct Owner {
     pub run_id: i64,
     pub host: String,
     pub pid: i32,
+    pub workers: i32,
     pub alive: bool,
     pub heartbeat_at: Option<String>,
 }
@@ -107,23 +113,16 @@ impl Runner {
     }
 }
 
-/// What claiming a job gave us.
+/// What joining a job gave us.
 pub enum Claim {
-    /// We own the job as run `run_id`; the checkpoint as it was when we took it.
+    /// We work on the job as run `run_id`; the checkpoint as it was when we joined.
     Owned { run_id: i64, checkpoint: Checkpoint },
     /// The job is already done; nothing to run.
     AlreadyDone(Checkpoint),
 }
 
-/// One chunk's move of the cursor: from `previous` (None: the start) to `last`.
-pub struct Advance<'a> {
-    pub previous: Option<&'a KeyValue>,
-    pub last: &'a KeyValue,
-    pub keys: i64,
-    pub affected: i64,
-    /// The chunk size in force (for `status`).
-    pub chunk_rows: i32,
-}
+/// How long joining waits for the checkpoint row lock (held briefly by a split or a finish).
+const JOIN_LOCK_WAIT: Duration = Duration::from_secs(10);
 
 pub(crate) fn ts(col: &str) -> String {
     format!("to_char({col} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')")
@@ -169,83 +168,134 @@ impl Store {
         }
     }
 
-    /// The liveness test of a checkpoint row's owner, as a SQL expression.
-    fn owner_alive_sql(&self) -> String {
+    /// Whether the run row aliased `r` is alive, as a SQL expression.
+    fn run_alive_sql(r: &str) -> String {
         format!(
-            "(c.owner_run IS NOT NULL
-              AND c.heartbeat_at > now() - make_interval(secs => {lease})
+            "({r}.outcome IS NULL
+              AND {r}.heartbeat_at > now() - make_interval(secs => {lease})
               AND EXISTS (SELECT 1 FROM pg_stat_activity a
-                           WHERE a.pid = c.owner_backend_pid
-                             AND (a.backend_start IS NULL OR a.backend_start = c.owner_backend_start)))",
+                           WHERE a.pid = {r}.backend_pid
+                             AND (a.backend_start IS NULL OR a.backend_start = {r}.backend_start)))",
             lease = LEASE_TIMEOUT.as_secs()
         )
     }
 
     fn select_sql(&self) -> String {
         format!(
-            "SELECT c.job, c.state, c.fingerprint, c.table_name, c.key_columns, c.cursor, c.upper_bound,
-                    c.bound_taken, c.rows_done, c.rows_affected, c.chunks_done, c.total_estimate,
-                    c.verify_remaining, {verified}, {created}, {started}, {updated}, {finished},
-                    c.last_error, c.owner_run, c.owner_host, c.owner_pid, {heartbeat}, {alive},
-                    (SELECT (c.rows_done - r.start_rows)::float8
-                            / NULLIF(extract(epoch FROM (coalesce(r.ended_at, c.updated_at) - r.started_at)), 0)::float8
-                       FROM {s}.runs r WHERE r.job = c.job ORDER BY r.id DESC LIMIT 1),
-                    (SELECT count(*) FROM {s}.failures f WHERE f.job = c.job AND f.resolved_at IS NULL),
-                    c.total_exact, c.chunk_rows_now, c.hold_reason, {held_since}
-               FROM {s}.checkpoints c",
+            "SELECT c.job, c.state, c.fingerprint, c.table_name, c.key_columns,
+                    CASE WHEN g.ranges = 1 THEN (SELECT x.cursor FROM {s}.ranges x WHERE x.job = c.job) END AS cursor,
+                    c.upper_bound, c.bound_taken,
+                    coalesce(g.rows_done, 0) AS rows_done, coalesce(g.rows_affected, 0) AS rows_affected,
+                    coalesce(g.chunks_done, 0) AS chunks_done, c.total_estimate, c.verify_remaining,
+                    {verified} AS verified_at, {created} AS created_at, {started} AS started_at,
+                    {updated} AS updated_at, {finished} AS finished_at, c.last_error,
+                    o.id AS owner_run, coalesce(o.alive, false) AS alive,
+                    coalesce(
+                      (SELECT (coalesce(g.rows_done, 0) - r.start_rows)::float8
+                              / NULLIF(extract(epoch FROM (now() - r.started_at)), 0)::float8
+                         FROM {s}.runs r WHERE r.job = c.job AND {alive_r} ORDER BY r.id LIMIT 1),
+                      (SELECT r.rows_done::float8
+                              / NULLIF(extract(epoch FROM (r.ended_at - r.started_at)), 0)::float8
+                         FROM {s}.runs r WHERE r.job = c.job AND r.ended_at IS NOT NULL AND r.outcome <> 'abandoned'
+                        ORDER BY r.id DESC LIMIT 1)) AS rate,
+                    (SELECT count(*) FROM {s}.failures f WHERE f.job = c.job AND f.resolved_at IS NULL) AS failed_keys,
+                    c.total_exact, g.chunk_rows_now,
+                    CASE WHEN o.alive THEN o.hold_reason END AS hold_reason,
+                    CASE WHEN o.alive THEN {held_since} END AS held_since
+               FROM {s}.checkpoints c
+               LEFT JOIN LATERAL (
+                    SELECT sum(rows_done)::bigint AS rows_done, sum(rows_affected)::bigint AS rows_affected,
+                           sum(chunks_done)::bigint AS chunks_done, count(*) AS ranges,
+                           (SELECT x.chunk_rows_now FROM {s}.ranges x WHERE x.job = c.job
+                             ORDER BY x.updated_at DESC LIMIT 1) AS chunk_rows_now
+                      FROM {s}.ranges WHERE job = c.job) g ON true
+               LEFT JOIN LATERAL (
+                    SELECT * FROM (SELECT r.id, r.hold_reason, r.held_since, {alive_r} AS alive
+                                     FROM {s}.runs r WHERE r.job = c.job AND r.outcome IS NULL) u
+                     ORDER BY u.alive DESC, u.hold_reason IS NULL, u.id LIMIT 1) o ON true",
             verified = ts("c.verified_at"),
             created = ts("c.created_at"),
             started = ts("c.started_at"),
             updated = ts("c.updated_at"),
             finished = ts("c.finished_at"),
-            heartbeat = ts("c.heartbeat_at"),
-            held_since = ts("c.held_since"),
-            alive = self.owner_alive_sql(),
+            held_since = ts("o.held_since"),
+            alive_r = Self::run_alive_sql("r"),
             s = self.q,
         )
     }
 
     fn from_row(r: &tokio_postgres::Row) -> Checkpoint {
-        let owner_run: Option<i64> = r.get(19);
-        let alive: bool = r.get(23);
-        let mut state: String = r.get(1);
+        let alive: bool = r.get("alive");
+        let mut state: String = r.get("state");
         if state == "running" && !alive {
             state = "interrupted".into();
         }
         Checkpoint {
-            job: r.get(0),
+            job: r.get("job"),
             state,
-            fingerprint: r.get(2),
-            table: r.get(3),
-            key_columns: r.get(4),
-            cursor: r.get(5),
-            upper_bound: r.get(6),
-            bound_taken: r.get(7),
-            rows_done: r.get(8),
-            rows_affected: r.get(9),
-            chunks_done: r.get(10),
-            total_estimate: r.get(11),
-            verify_remaining: r.get(12),
-            verified_at: r.get(13),
-            created_at: r.get(14),
-            started_at: r.get(15),
-            updated_at: r.get(16),
-            finished_at: r.get(17),
-            last_error: r.get(18),
-            owner: owner_run.map(|run_id| Owner {
-                run_id,
-                host: r.get::<_, Option<String>>(20).unwrap_or_default(),
-                pid: r.get::<_, Option<i32>>(21).unwrap_or_default(),
-                alive,
-                heartbeat_at: r.get(22),
-            }),
-            rate_rows_per_second: r.get(24),
-            failed_keys: r.get(25),
-            total_exact: r.get(26),
-            chunk_rows_now: r.get(27),
-            hold_reason: if alive { r.get(28) } else { None },
-            held_since: if alive { r.get(29) } else { None },
+            fingerprint: r.get("fingerprint"),
+            table: r.get("table_name"),
+            key_columns: r.get("key_columns"),
+            cursor: r.get("cursor"),
+            upper_bound: r.get("upper_bound"),
+            bound_taken: r.get("bound_taken"),
+            rows_done: r.get("rows_done"),
+            rows_affected: r.get("rows_affected"),
+            chunks_done: r.get("chunks_done"),
+            total_estimate: r.get("total_estimate"),
+            verify_remaining: r.get("verify_remaining"),
+            verified_at: r.get("verified_at"),
+            created_at: r.get("created_at"),
+            started_at: r.get("started_at"),
+            updated_at: r.get("updated_at"),
+            finished_at: r.get("finished_at"),
+            last_error: r.get("last_error"),
+            owner: None,
+            runners: Vec::new(),
+            ranges: Vec::new(),
+            rate_rows_per_second: r.get("rate"),
+            failed_keys: r.get("failed_keys"),
+            total_exact: r.get("total_exact"),
+            chunk_rows_now: r.get("chunk_rows_now"),
+            hold_reason: r.get("hold_reason"),
+            held_since: r.get("held_since"),
         }
+    }
+
+    /// Fills in the job's unfinished runs and its ranges.
+    async fn detail(&self, client: &impl GenericClient, c: &mut Checkpoint) -> Result<()> {
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT r.id, r.host, r.pid, r.workers, {hb}, {alive}
+                       FROM {s}.runs r WHERE r.job = $1 AND r.outcome IS NULL ORDER BY r.id",
+                    hb = ts("r.heartbeat_at"),
+                    alive = Self::run_alive_sql("r"),
+                    s = self.q
+                ),
+                &[&c.job],
+            )
+            .await
+            .map_err(|e| db::error(e, format!("job {}: reading its runners", c.job)))?;
+        c.runners = rows
+            .iter()
+            .map(|r| Owner {
+                run_id: r.get(0),
+                host: r.get(1),
+                pid: r.get(2),
+                workers: r.get(3),
+                heartbeat_at: r.get(4),
+                alive: r.get(5),
+            })
+            .collect();
+        c.owner = c
+            .runners
+            .iter()
+            .find(|o| o.alive)
+            .or(c.runners.first())
+            .cloned();
+        c.ranges = self.ranges(client, &c.job).await?;
+        Ok(())
     }
 
     /// The checkpoint of one job, if it ever ran. None also when the engine's schema is absent.
@@ -258,7 +308,10 @@ impl Store {
             .query_opt(&sql, &[&job])
             .await
             .map_err(|e| db::error(e, format!("job {job}: reading its checkpoint")))?;
-        Ok(row.as_ref().map(Self::from_row))
+        let Some(row) = row else { return Ok(None) };
+        let mut c = Self::from_row(&row);
+        self.detail(client, &mut c).await?;
+        Ok(Some(c))
     }
 
     /// Every checkpoint, by job name.
@@ -271,136 +324,137 @@ impl Store {
             .query(&sql, &[])
             .await
             .map_err(|e| db::error(e, "reading checkpoints"))?;
-        Ok(rows.iter().map(Self::from_row).collect())
+        let mut all = Vec::new();
+        for row in &rows {
+            let mut c = Self::from_row(row);
+            self.detail(client, &mut c).await?;
+            all.push(c);
+        }
+        Ok(all)
     }
 
-    /// Takes ownership of a job for this run, on the lease session `client`. Refuses when another
-    /// live runner owns it, or when the definition changed after progress was made.
+    /// Joins the job as a new run whose lease session is `client`, alongside any live runs.
+    /// Refuses when the definition changed after progress was made, or while live runs work
+    /// with another definition.
     pub async fn claim(
         &self,
         client: &mut tokio_postgres::Client,
         job: &JobSpec,
         runner: &Runner,
+        workers: u32,
         allow_changed_definition: bool,
     ) -> Result<Claim> {
         let name = job.name.as_str();
         let err = |e: tokio_postgres::Error| {
             if db::sqlstate(&e) == Some("55P03") {
                 Error::Runtime(format!(
-                    "job {name}: its checkpoint row stayed locked for {}s (a previous runner's transaction still ending, or a session holding it); try again shortly, or look for the blocking session in pg_stat_activity",
-                    CLAIM_LOCK_WAIT.as_secs()
+                    "job {name}: its checkpoint row stayed locked for {}s (another runner's transaction still ending, or a session holding it); try again shortly, or look for the blocking session in pg_stat_activity",
+                    JOIN_LOCK_WAIT.as_secs()
                 ))
             } else {
-                db::error(e, format!("job {name}: claiming the job"))
+                db::error(e, format!("job {name}: joining the job"))
             }
         };
-        let waited = std::time::Instant::now();
-        loop {
-            let tx = client.transaction().await.map_err(err)?;
-            tx.batch_execute(&format!(
-                "SET LOCAL lock_timeout = {}",
-                CLAIM_LOCK_WAIT.as_millis()
-            ))
-            .await
-            .map_err(err)?;
-            tx.execute(
-                &format!(
-                    "INSERT INTO {s}.checkpoints (job, fingerprint, table_name, key_columns)
+        let tx = client.transaction().await.map_err(err)?;
+        tx.batch_execute(&format!(
+            "SET LOCAL lock_timeout = {}",
+            JOIN_LOCK_WAIT.as_millis()
+        ))
+        .await
+        .map_err(err)?;
+        tx.execute(
+            &format!(
+                "INSERT INTO {s}.checkpoints (job, fingerprint, table_name, key_columns)
                  VALUES ($1, $2, $3, $4) ON CONFLICT (job) DO NOTHING",
-                    s = self.q
-                ),
-                &[&name, &job.fingerprint, &job.table.to_string(), &job.key],
-            )
+                s = self.q
+            ),
+            &[&name, &job.fingerprint, &job.table.to_string(), &job.key],
+        )
+        .await
+        .map_err(err)?;
+        tx.execute(
+            &format!(
+                "SELECT 1 FROM {s}.checkpoints WHERE job = $1 FOR UPDATE",
+                s = self.q
+            ),
+            &[&name],
+        )
+        .await
+        .map_err(err)?;
+        let row = tx
+            .query_one(&format!("{} WHERE c.job = $1", self.select_sql()), &[&name])
             .await
             .map_err(err)?;
-            let row = tx
-                .query_one(
-                    &format!("{} WHERE c.job = $1 FOR UPDATE OF c", self.select_sql()),
-                    &[&name],
-                )
-                .await
-                .map_err(err)?;
-            let checkpoint = Self::from_row(&row);
-            if let Some(owner) = checkpoint.owner.as_ref().filter(|o| o.alive) {
-                // A runner killed a moment ago may still show in pg_stat_activity for a few
-                // milliseconds while its session exits: look again briefly before refusing.
-                if waited.elapsed() < TAKEOVER_GRACE {
-                    tx.rollback().await.map_err(err)?;
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
+        let mut checkpoint = Self::from_row(&row);
+        self.detail(&tx, &mut checkpoint).await?;
+        let live: Vec<&Owner> = checkpoint.runners.iter().filter(|o| o.alive).collect();
+        if checkpoint.fingerprint != job.fingerprint {
+            if let Some(other) = live.first() {
                 return Err(Error::NotSatisfied(format!(
-                "job {name} is already running on host {} (pid {}, run {}, last heartbeat {}); only one runner may process a job at a time — wait for it, or stop it there (Ctrl-C / kill -TERM {})",
-                owner.host,
-                owner.pid,
-                owner.run_id,
-                owner.heartbeat_at.as_deref().unwrap_or("?"),
-                owner.pid
-            )));
+                    "job {name} is running on host {} (pid {}, run {}) with another definition (fingerprint {} there, {} in {}); runs of one job must share its definition — wait for it, or stop it there (Ctrl-C / kill -TERM {}) before changing the job",
+                    other.host, other.pid, other.run_id, checkpoint.fingerprint, job.fingerprint,
+                    job.path.display(), other.pid
+                )));
             }
             let made_progress = checkpoint.rows_done > 0 || checkpoint.bound_taken;
-            if checkpoint.fingerprint != job.fingerprint
-                && made_progress
-                && !allow_changed_definition
-            {
+            if made_progress && !allow_changed_definition {
                 return Err(Error::Usage(format!(
-                "job {name}: the definition in {} changed since progress was saved (fingerprint {} now, {} in the checkpoint; {} rows done, cursor {}); resuming would mix two definitions. If the change is safe to apply to the remaining keys only, run again with --allow-changed-definition; to start over, `backfill reset {name} --yes`",
-                job.path.display(),
-                job.fingerprint,
-                checkpoint.fingerprint,
-                checkpoint.rows_done,
-                checkpoint.cursor.as_deref().map(show_key).unwrap_or_else(|| "none".into())
-            )));
+                    "job {name}: the definition in {} changed since progress was saved (fingerprint {} now, {} in the checkpoint; {} rows done); resuming would mix two definitions. If the change is safe to apply to the remaining keys only, run again with --allow-changed-definition; to start over, `backfill reset {name} --yes`",
+                    job.path.display(),
+                    job.fingerprint,
+                    checkpoint.fingerprint,
+                    checkpoint.rows_done,
+                )));
             }
-            if checkpoint.state == "done" {
-                tx.commit().await.map_err(err)?;
-                return Ok(Claim::AlreadyDone(checkpoint));
-            }
-            if let Some(old) = &checkpoint.owner {
-                // The previous runner died or hung: close its history row.
-                tx.execute(
-                &format!(
-                    "UPDATE {s}.runs SET outcome = 'abandoned', ended_at = coalesce(
-                         (SELECT heartbeat_at FROM {s}.checkpoints WHERE job = $2), now()),
-                         last_error = 'the runner stopped without finishing (killed, crashed or lost its connection)'
-                      WHERE id = $1 AND outcome IS NULL",
-                    s = self.q
-                ),
-                &[&old.run_id, &name],
-            )
-            .await
-            .map_err(err)?;
-            }
-            let run_id: i64 = tx
+        }
+        if checkpoint.state == "done" {
+            tx.commit().await.map_err(err)?;
+            return Ok(Claim::AlreadyDone(checkpoint));
+        }
+        // Runs that died or hung: close their history rows (their ranges are free to take).
+        tx.execute(
+            &format!(
+                "UPDATE {s}.runs r SET outcome = 'abandoned', ended_at = coalesce(r.heartbeat_at, now()),
+                        last_error = 'the runner stopped without finishing (killed, crashed or lost its connection)'
+                  WHERE r.job = $1 AND r.outcome IS NULL AND NOT {alive}",
+                s = self.q,
+                alive = Self::run_alive_sql("r")
+            ),
+            &[&name],
+        )
+        .await
+        .map_err(err)?;
+        let run_id: i64 = tx
             .query_one(
                 &format!(
-                    "INSERT INTO {s}.runs (job, host, pid, engine_version, start_rows, start_chunks, start_cursor)
-                     SELECT $1, $2, $3, $4, rows_done, chunks_done, cursor FROM {s}.checkpoints WHERE job = $1
+                    "INSERT INTO {s}.runs (job, host, pid, engine_version, workers, start_rows, start_chunks,
+                                           backend_pid, backend_start, heartbeat_at)
+                     SELECT $1, $2, $3, $4, $5,
+                            coalesce((SELECT sum(rows_done) FROM {s}.ranges WHERE job = $1), 0),
+                            coalesce((SELECT sum(chunks_done) FROM {s}.ranges WHERE job = $1), 0),
+                            pg_backend_pid(),
+                            (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()), now()
                      RETURNING id",
                     s = self.q
                 ),
-                &[&name, &runner.host, &runner.pid, &env!("CARGO_PKG_VERSION")],
+                &[&name, &runner.host, &runner.pid, &env!("CARGO_PKG_VERSION"), &(workers as i32)],
             )
             .await
             .map_err(err)?
             .get(0);
-            tx.execute(
+        tx.execute(
             &format!(
-                "UPDATE {s}.checkpoints SET
-                     state = 'running', fingerprint = $3, last_error = NULL,
-                     started_at = coalesce(started_at, now()), updated_at = now(),
-                     owner_run = $2, owner_host = $4, owner_pid = $5,
-                     owner_backend_pid = pg_backend_pid(),
-                     owner_backend_start = (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()),
-                     heartbeat_at = now(), hold_reason = NULL, held_since = NULL
+                "UPDATE {s}.checkpoints SET state = 'running', fingerprint = $2, last_error = NULL,
+                        started_at = coalesce(started_at, now()), updated_at = now()
                   WHERE job = $1",
                 s = self.q
             ),
-            &[&name, &run_id, &job.fingerprint, &runner.host, &runner.pid],
+            &[&name, &job.fingerprint],
         )
         .await
         .map_err(err)?;
-            // A cancel was for the run it stopped; this run starts fresh.
+        if live.is_empty() {
+            // A cancel was for the runs it stopped; this run starts fresh.
             tx.execute(
                 &format!(
                     "UPDATE {s}.controls SET cancel = false WHERE job = $1",
@@ -410,99 +464,86 @@ impl Store {
             )
             .await
             .map_err(err)?;
-            tx.commit().await.map_err(err)?;
-            return Ok(Claim::Owned { run_id, checkpoint });
         }
+        tx.commit().await.map_err(err)?;
+        Ok(Claim::Owned { run_id, checkpoint })
     }
 
-    /// Renews the lease. Returns false when this run no longer owns the job.
-    pub async fn heartbeat(
-        &self,
-        client: &impl GenericClient,
-        job: &str,
-        run_id: i64,
-    ) -> Result<bool> {
+    /// Renews the run's lease. Returns false when the run was declared gone meanwhile.
+    pub async fn heartbeat(&self, client: &impl GenericClient, run_id: i64) -> Result<bool> {
         let n = client
             .execute(
                 &format!(
-                    "UPDATE {s}.checkpoints SET heartbeat_at = now() WHERE job = $1 AND owner_run = $2",
+                    "UPDATE {s}.runs SET heartbeat_at = now() WHERE id = $1 AND outcome IS NULL",
                     s = self.q
                 ),
-                &[&job, &run_id],
+                &[&run_id],
             )
             .await
-            .map_err(|e| db::error(e, format!("job {job}: renewing the lease")))?;
+            .map_err(|e| db::error(e, format!("run {run_id}: renewing the lease")))?;
         Ok(n == 1)
     }
 
-    /// Records the key range the run will cover: keys up to `upper` (None: the table was empty).
+    /// The job's key range as fixed by the first run: (taken, upper bound, row estimate), with
+    /// the checkpoint row locked until the caller's transaction ends.
+    pub async fn lock_bound(
+        &self,
+        tx: &impl GenericClient,
+        job: &str,
+    ) -> Result<(bool, Option<KeyValue>, Option<i64>)> {
+        let row = tx
+            .query_one(
+                &format!(
+                    "SELECT bound_taken, upper_bound, total_estimate FROM {s}.checkpoints WHERE job = $1 FOR UPDATE",
+                    s = self.q
+                ),
+                &[&job],
+            )
+            .await
+            .map_err(|e| db::error(e, format!("job {job}: reading the key range")))?;
+        Ok((row.get(0), row.get(1), row.get(2)))
+    }
+
+    /// Records the key range the job covers: keys up to `upper` (None: the table was empty), as
+    /// its first range.
     pub async fn set_bound(
         &self,
-        client: &impl GenericClient,
+        tx: &impl GenericClient,
         job: &str,
-        run_id: i64,
         upper: Option<&KeyValue>,
         total_estimate: Option<i64>,
         total_exact: bool,
     ) -> Result<()> {
-        let n = client
-            .execute(
+        let err = |e| db::error(e, format!("job {job}: saving the key range"));
+        tx.execute(
+            &format!(
+                "UPDATE {s}.checkpoints SET upper_bound = $2, total_estimate = $3, total_exact = $4,
+                        bound_taken = true, updated_at = now()
+                  WHERE job = $1",
+                s = self.q
+            ),
+            &[&job, &upper, &total_estimate, &total_exact],
+        )
+        .await
+        .map_err(err)?;
+        if let Some(upper) = upper {
+            tx.execute(
                 &format!(
-                    "UPDATE {s}.checkpoints SET upper_bound = $3, total_estimate = $4, total_exact = $5,
-                            bound_taken = true, updated_at = now()
-                      WHERE job = $1 AND owner_run = $2",
+                    "INSERT INTO {s}.ranges (job, id, upper_bound, estimate) VALUES ($1, 0, $2, $3)",
                     s = self.q
                 ),
-                &[&job, &run_id, &upper, &total_estimate, &total_exact],
+                &[&job, upper, &total_estimate],
             )
             .await
-            .map_err(|e| db::error(e, format!("job {job}: saving the key range")))?;
-        if n != 1 {
-            return Err(lost(job));
+            .map_err(err)?;
         }
         Ok(())
     }
 
-    /// Advances the cursor past a chunk, inside the chunk's own transaction. Returns the number of
-    /// rows updated: 1, or 0 when this run lost the job or another runner moved the cursor — the
-    /// caller must then roll back.
-    pub async fn advance(
-        &self,
-        tx: &impl GenericClient,
-        job: &str,
-        run_id: i64,
-        step: Advance<'_>,
-    ) -> Result<u64, tokio_postgres::Error> {
-        tx.execute(
-            &format!(
-                "UPDATE {s}.checkpoints SET cursor = $4, rows_done = rows_done + $5,
-                        rows_affected = rows_affected + $6, chunks_done = chunks_done + 1, updated_at = now(),
-                        chunk_rows_now = $7
-                  WHERE job = $1 AND owner_run = $2 AND cursor IS NOT DISTINCT FROM $3",
-                s = self.q
-            ),
-            &[&job, &run_id, &step.previous, step.last, &step.keys, &step.affected, &step.chunk_rows],
-        )
-        .await
-    }
-
-    /// The cursor as committed, and whether `run_id` still owns the job.
-    pub async fn committed_cursor(
-        &self,
-        client: &impl GenericClient,
-        job: &str,
-        run_id: i64,
-    ) -> Result<(Option<KeyValue>, bool), tokio_postgres::Error> {
-        let row = client
-            .query_one(
-                &format!("SELECT cursor, owner_run IS NOT DISTINCT FROM $2 FROM {s}.checkpoints WHERE job = $1", s = self.q),
-                &[&job, &run_id],
-            )
-            .await?;
-        Ok((row.get(0), row.get(1)))
-    }
-
-    /// Ends a run: sets the job's state, releases ownership, closes the history row.
+    /// Ends a run: closes its history row with what it did, frees its ranges for others, and
+    /// sets the job's state — `done`/`incomplete` always, any other outcome only when no other
+    /// run is still working on the job.
+    #[allow(clippy::too_many_arguments)]
     pub async fn finish(
         &self,
         client: &impl GenericClient,
@@ -511,30 +552,36 @@ impl Store {
         state: &str,
         error: Option<&str>,
         verify_remaining: Option<i64>,
+        done: (i64, i64),
     ) -> Result<()> {
         let err = |e| db::error(e, format!("job {job}: saving the final state ({state})"));
         client
             .execute(
                 &format!(
-                    "WITH c AS (
-                        UPDATE {s}.checkpoints SET state = $3, last_error = $4, updated_at = now(),
-                               finished_at = CASE WHEN $3 IN ('done', 'incomplete') THEN now() ELSE finished_at END,
-                               verify_remaining = CASE WHEN $3 IN ('done', 'incomplete') THEN $5 ELSE verify_remaining END,
-                               verified_at = CASE WHEN $5::bigint IS NOT NULL THEN now() ELSE verified_at END,
-                               total_estimate = CASE WHEN $3 IN ('done', 'incomplete') THEN rows_done ELSE total_estimate END,
-                               total_exact = total_exact OR $3 IN ('done', 'incomplete'),
-                               hold_reason = NULL, held_since = NULL,
-                               owner_run = NULL, owner_host = NULL, owner_pid = NULL,
-                               owner_backend_pid = NULL, owner_backend_start = NULL, heartbeat_at = NULL
-                         WHERE job = $1 AND owner_run = $2
-                         RETURNING rows_done, chunks_done, cursor)
-                     UPDATE {s}.runs r SET ended_at = now(), outcome = $3, last_error = $4,
-                            rows_done = c.rows_done - r.start_rows, chunks_done = c.chunks_done - r.start_chunks,
-                            end_cursor = c.cursor
-                       FROM c WHERE r.id = $2",
-                    s = self.q
+                    "WITH run AS (
+                        UPDATE {s}.runs SET ended_at = now(), outcome = $3, last_error = $4,
+                               rows_done = $6, chunks_done = $7, hold_reason = NULL, held_since = NULL,
+                               end_cursor = CASE WHEN (SELECT count(*) FROM {s}.ranges WHERE job = $1) = 1
+                                                 THEN (SELECT cursor FROM {s}.ranges WHERE job = $1) END
+                         WHERE id = $2 AND outcome IS NULL RETURNING id),
+                     freed AS (
+                        UPDATE {s}.ranges SET owner_run = NULL, owner_worker = NULL
+                         WHERE job = $1 AND owner_run = $2 RETURNING id)
+                     UPDATE {s}.checkpoints c SET state = $3, last_error = $4, updated_at = now(),
+                            finished_at = CASE WHEN $3 IN ('done', 'incomplete') THEN now() ELSE finished_at END,
+                            verify_remaining = CASE WHEN $3 IN ('done', 'incomplete') THEN $5 ELSE verify_remaining END,
+                            verified_at = CASE WHEN $5::bigint IS NOT NULL THEN now() ELSE verified_at END,
+                            total_estimate = CASE WHEN $3 IN ('done', 'incomplete')
+                                THEN (SELECT coalesce(sum(rows_done), 0) FROM {s}.ranges WHERE job = $1)
+                                ELSE total_estimate END,
+                            total_exact = total_exact OR $3 IN ('done', 'incomplete')
+                      WHERE c.job = $1
+                        AND ($3 IN ('done', 'incomplete')
+                             OR NOT EXISTS (SELECT 1 FROM {s}.runs r WHERE r.job = $1 AND r.id <> $2 AND {alive}))",
+                    s = self.q,
+                    alive = Self::run_alive_sql("r")
                 ),
-                &[&job, &run_id, &state, &error, &verify_remaining],
+                &[&job, &run_id, &state, &error, &verify_remaining, &done.0, &done.1],
             )
             .await
             .map_err(err)?;
@@ -561,7 +608,7 @@ impl Store {
         Ok(())
     }
 
-    /// Forgets a job's progress (its history rows stay). Refuses while a runner owns it.
+    /// Forgets a job's progress and ranges (its history rows stay). Refuses while a run is alive.
     pub async fn reset(
         &self,
         client: &mut tokio_postgres::Client,
@@ -577,8 +624,9 @@ impl Store {
             .await
             .map_err(err)?;
         let Some(row) = row else { return Ok(None) };
-        let checkpoint = Self::from_row(&row);
-        if let Some(owner) = checkpoint.owner.as_ref().filter(|o| o.alive) {
+        let mut checkpoint = Self::from_row(&row);
+        self.detail(&tx, &mut checkpoint).await?;
+        if let Some(owner) = checkpoint.runners.iter().find(|o| o.alive) {
             return Err(Error::NotSatisfied(format!(
                 "job {job} is running on host {} (pid {}); stop it before resetting",
                 owner.host, owner.pid

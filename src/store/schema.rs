@@ -102,6 +102,61 @@ CREATE TABLE {s}.controls (
 );
 "#,
     ),
+    (
+        5,
+        r#"
+ALTER TABLE {s}.runs ADD COLUMN workers integer NOT NULL DEFAULT 1,
+    ADD COLUMN backend_pid integer, ADD COLUMN backend_start timestamptz,
+    ADD COLUMN heartbeat_at timestamptz, ADD COLUMN hold_reason text, ADD COLUMN held_since timestamptz;
+UPDATE {s}.runs r SET backend_pid = c.owner_backend_pid, backend_start = c.owner_backend_start,
+       heartbeat_at = c.heartbeat_at
+  FROM {s}.checkpoints c WHERE c.owner_run = r.id;
+CREATE TABLE {s}.ranges (
+    job            text NOT NULL REFERENCES {s}.checkpoints (job) ON DELETE CASCADE,
+    id             integer NOT NULL,
+    lower_bound    text[],
+    upper_bound    text[] NOT NULL,
+    cursor         text[],
+    done           boolean NOT NULL DEFAULT false,
+    estimate       bigint,
+    rows_done      bigint NOT NULL DEFAULT 0,
+    rows_affected  bigint NOT NULL DEFAULT 0,
+    chunks_done    bigint NOT NULL DEFAULT 0,
+    chunk_rows_now integer,
+    owner_run      bigint,
+    owner_worker   integer,
+    updated_at     timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (job, id)
+);
+INSERT INTO {s}.ranges (job, id, upper_bound, cursor, done, estimate, rows_done, rows_affected,
+                        chunks_done, chunk_rows_now, owner_run, owner_worker)
+SELECT job, 0, upper_bound, cursor, state IN ('done', 'incomplete'), total_estimate, rows_done,
+       rows_affected, chunks_done, chunk_rows_now, owner_run, CASE WHEN owner_run IS NOT NULL THEN 0 END
+  FROM {s}.checkpoints WHERE bound_taken AND upper_bound IS NOT NULL;
+ALTER TABLE {s}.checkpoints DROP COLUMN cursor, DROP COLUMN rows_done, DROP COLUMN rows_affected,
+    DROP COLUMN chunks_done, DROP COLUMN chunk_rows_now, DROP COLUMN owner_run, DROP COLUMN owner_host,
+    DROP COLUMN owner_pid, DROP COLUMN owner_backend_pid, DROP COLUMN owner_backend_start,
+    DROP COLUMN heartbeat_at, DROP COLUMN hold_reason, DROP COLUMN held_since;
+CREATE VIEW {s}.progress AS
+SELECT c.job, c.state, c.table_name, c.upper_bound, c.total_estimate,
+       coalesce(g.rows_done, 0) AS rows_done, coalesce(g.rows_affected, 0) AS rows_affected,
+       coalesce(g.chunks_done, 0) AS chunks_done, coalesce(g.ranges, 0) AS ranges,
+       coalesce(g.ranges_done, 0) AS ranges_done, g.chunk_rows_now, h.hold_reason, h.held_since,
+       c.verify_remaining, c.updated_at
+  FROM {s}.checkpoints c
+  LEFT JOIN LATERAL (
+       SELECT sum(rows_done)::bigint AS rows_done, sum(rows_affected)::bigint AS rows_affected,
+              sum(chunks_done)::bigint AS chunks_done, count(*) AS ranges,
+              count(*) FILTER (WHERE done) AS ranges_done,
+              (SELECT x.chunk_rows_now FROM {s}.ranges x WHERE x.job = c.job
+                ORDER BY x.updated_at DESC LIMIT 1) AS chunk_rows_now
+         FROM {s}.ranges r WHERE r.job = c.job) g ON true
+  LEFT JOIN LATERAL (
+       SELECT hold_reason, held_since FROM {s}.runs
+        WHERE job = c.job AND outcome IS NULL AND hold_reason IS NOT NULL
+        ORDER BY id LIMIT 1) h ON true;
+"#,
+    ),
 ];
 
 pub const LATEST: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -113,7 +168,10 @@ pub async fn installed_version(
 ) -> Result<Option<i32>> {
     let exists: bool = client
         .query_one(
-            "SELECT to_regclass(format('%I.schema_version', $1::text)) IS NOT NULL",
+            // A plain catalog query, not to_regclass: it reads with the statement's snapshot, so
+            // a run that waited on the migration lock sees the schema the other one just made.
+            "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                             WHERE n.nspname = $1 AND c.relname = 'schema_version')",
             &[&schema],
         )
         .await
@@ -207,7 +265,8 @@ pub fn grants(schema: &str, role: &str) -> String {
     format!(
         "GRANT USAGE ON SCHEMA {s} TO {r};
          GRANT SELECT ON {s}.schema_version TO {r};
-         GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.checkpoints, {s}.runs, {s}.failures, {s}.controls TO {r};
+         GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.checkpoints, {s}.runs, {s}.failures, {s}.controls, {s}.ranges TO {r};
+         GRANT SELECT ON {s}.progress TO {r};
          GRANT USAGE ON SEQUENCE {s}.runs_id_seq, {s}.failures_id_seq TO {r};"
     )
 }

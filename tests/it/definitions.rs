@@ -25,7 +25,7 @@ fn bad_job_files_are_rejected_offline_with_file_line_and_key() {
         ),
         (
             "wrong_type",
-            GOOD.replace("[\"id\"]", "\"id\""),
+            GOOD.replace("[\"id\"]", "[\"id\", 7]"),
             &[":2", "key"],
         ),
         (

@@ -63,7 +63,7 @@ fn server_restarts_mid_run_and_every_row_is_applied_exactly_once() {
     let done = || {
         query_i64(
             &url,
-            "SELECT coalesce((SELECT rows_done FROM backfill.checkpoints WHERE job = 'r'), 0)",
+            "SELECT coalesce((SELECT rows_done FROM backfill.progress WHERE job = 'r'), 0)",
         )
     };
     let mut recoveries = Vec::new();
@@ -106,7 +106,7 @@ fn server_restarts_mid_run_and_every_row_is_applied_exactly_once() {
     assert_eq!(
         query_i64(
             &url,
-            "SELECT rows_done FROM backfill.checkpoints WHERE job = 'r'"
+            "SELECT rows_done FROM backfill.progress WHERE job = 'r'"
         ),
         Some(4000)
     );
@@ -124,7 +124,7 @@ fn terminated_sessions_are_reopened_and_the_run_goes_on() {
     for round in 0..3 {
         let target = 300 * (round + 1);
         db.wait_for(
-            &format!("SELECT coalesce((SELECT rows_done >= {target} FROM backfill.checkpoints WHERE job = 'x'), false)"),
+            &format!("SELECT coalesce((SELECT rows_done >= {target} FROM backfill.progress WHERE job = 'x'), false)"),
             Duration::from_secs(60),
         );
         // Both the chunk session and the lease session.
@@ -302,7 +302,10 @@ fn hard_failures_stop_with_the_reason_and_keep_progress() {
     // A read-only server (e.g. the old primary after a failover), noticed mid-run.
     db.write_job("ro", &slow_job("0.01", 20, ""));
     let child = db.spawn(&["run", "ro"]);
-    db.wait_for("SELECT coalesce((SELECT rows_done >= 200 FROM backfill.checkpoints WHERE job = 'ro'), false)", Duration::from_secs(60));
+    db.wait_for(
+        "SELECT coalesce((SELECT rows_done >= 200 FROM backfill.progress WHERE job = 'ro'), false)",
+        Duration::from_secs(60),
+    );
     db.exec(&format!(
         "ALTER DATABASE {} SET default_transaction_read_only = on",
         db.name
@@ -314,7 +317,7 @@ fn hard_failures_stop_with_the_reason_and_keep_progress() {
         out.stderr.contains("25006") && out.stderr.contains("read-only"),
         "{out:?}"
     );
-    let done = db.i64("SELECT rows_done FROM backfill.checkpoints WHERE job = 'ro'");
+    let done = db.i64("SELECT rows_done FROM backfill.progress WHERE job = 'ro'");
     assert!(done >= 200);
     assert_eq!(
         db.i64("SELECT count(*) FROM t WHERE n = 1"),
@@ -354,7 +357,7 @@ fn hard_failures_stop_with_the_reason_and_keep_progress() {
             .replace("FROM t ", "FROM t2 "),
     );
     let child = db.spawn(&["run", "gone"]);
-    db.wait_for("SELECT coalesce((SELECT rows_done >= 100 FROM backfill.checkpoints WHERE job = 'gone'), false)", Duration::from_secs(60));
+    db.wait_for("SELECT coalesce((SELECT rows_done >= 100 FROM backfill.progress WHERE job = 'gone'), false)", Duration::from_secs(60));
     db.exec("DROP TABLE t2");
     let out = wait_out(child, Duration::from_secs(60));
     assert_eq!(out.code, 1, "{out:?}");
@@ -364,5 +367,5 @@ fn hard_failures_stop_with_the_reason_and_keep_progress() {
             .as_deref(),
         Some("failed")
     );
-    assert!(db.i64("SELECT rows_done FROM backfill.checkpoints WHERE job = 'gone'") >= 100);
+    assert!(db.i64("SELECT rows_done FROM backfill.progress WHERE job = 'gone'") >= 100);
 }

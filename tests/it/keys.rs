@@ -31,11 +31,11 @@ fn gaps_give_full_chunks_not_id_arithmetic() {
     assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
     // 2500 keys in chunks of 100, whatever the holes between them.
     assert_eq!(
-        db.i64("SELECT chunks_done FROM backfill.checkpoints WHERE job = 'g'"),
+        db.i64("SELECT chunks_done FROM backfill.progress WHERE job = 'g'"),
         25
     );
     assert_eq!(
-        db.i64("SELECT rows_done FROM backfill.checkpoints WHERE job = 'g'"),
+        db.i64("SELECT rows_done FROM backfill.progress WHERE job = 'g'"),
         2500
     );
 }

@@ -36,7 +36,7 @@ fn run_status_gate_and_reset() {
     assert_eq!(s["state"], "done");
     assert_eq!(
         s["checkpoint"]["rows_done"],
-        db.i64("SELECT rows_done FROM backfill.checkpoints WHERE job = 'j'")
+        db.i64("SELECT rows_done FROM backfill.progress WHERE job = 'j'")
     );
     assert_eq!(s["checkpoint"]["chunks_done"], 10);
     assert_eq!(s["checkpoint"]["verify_remaining"], 0);

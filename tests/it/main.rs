@@ -7,6 +7,7 @@ mod faults;
 mod keys;
 mod lifecycle;
 mod observability;
+mod parallel;
 mod plan;
 mod resilience;
 mod throttling;

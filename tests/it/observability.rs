@@ -331,15 +331,15 @@ fn status_json_and_history_match_the_database() {
     for (field, sql) in [
         (
             "rows_done",
-            "SELECT rows_done FROM backfill.checkpoints WHERE job = 'h'",
+            "SELECT rows_done FROM backfill.progress WHERE job = 'h'",
         ),
         (
             "chunks_done",
-            "SELECT chunks_done FROM backfill.checkpoints WHERE job = 'h'",
+            "SELECT chunks_done FROM backfill.progress WHERE job = 'h'",
         ),
         (
             "rows_affected",
-            "SELECT rows_affected FROM backfill.checkpoints WHERE job = 'h'",
+            "SELECT rows_affected FROM backfill.progress WHERE job = 'h'",
         ),
         (
             "total_estimate",

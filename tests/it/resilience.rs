@@ -65,7 +65,7 @@ fn sigkill_at_random_moments_then_resume_applies_every_row_exactly_once() {
         "after {kills} kills every row must be applied exactly once"
     );
     assert_eq!(
-        db.i64("SELECT rows_done FROM backfill.checkpoints WHERE job = 'k'"),
+        db.i64("SELECT rows_done FROM backfill.progress WHERE job = 'k'"),
         6000
     );
     // Every killed run that had claimed the job is recorded as abandoned (a kill that lands
@@ -90,7 +90,10 @@ fn sigint_stops_with_130_and_the_next_run_resumes() {
     counter_table(&db, 2000);
     db.write_job("s", &slow_counter_job("0.02", 20));
     let child = db.spawn(&["run", "s"]);
-    db.wait_for("SELECT coalesce((SELECT rows_done >= 200 FROM backfill.checkpoints WHERE job = 's'), false)", Duration::from_secs(30));
+    db.wait_for(
+        "SELECT coalesce((SELECT rows_done >= 200 FROM backfill.progress WHERE job = 's'), false)",
+        Duration::from_secs(30),
+    );
     signal(&child, libc::SIGINT);
     let out = wait_out(child, Duration::from_secs(10));
     assert_eq!(out.code, 130, "{out:?}");
@@ -103,7 +106,7 @@ fn sigint_stops_with_130_and_the_next_run_resumes() {
             .as_deref(),
         Some("stopped")
     );
-    let done = db.i64("SELECT rows_done FROM backfill.checkpoints WHERE job = 's'");
+    let done = db.i64("SELECT rows_done FROM backfill.progress WHERE job = 's'");
     assert!(done < 2000);
     assert_eq!(
         db.i64("SELECT count(*) FROM t WHERE n = 1"),
@@ -143,7 +146,7 @@ fn a_long_statement_is_cancelled_on_stop_and_rolled_back() {
         "stop took {:?}",
         t.elapsed()
     );
-    let done = db.i64("SELECT rows_done FROM backfill.checkpoints WHERE job = 'l'");
+    let done = db.i64("SELECT rows_done FROM backfill.progress WHERE job = 'l'");
     assert_eq!(db.i64("SELECT count(*) FROM t WHERE n = 1"), done);
     assert_eq!(db.i64("SELECT count(*) FROM t WHERE n > 1"), 0);
     // Twice: out at once, still consistent.
@@ -166,36 +169,46 @@ fn a_long_statement_is_cancelled_on_stop_and_rolled_back() {
     );
     assert_eq!(
         db.i64("SELECT count(*) FROM t WHERE n = 1"),
-        db.i64("SELECT rows_done FROM backfill.checkpoints WHERE job = 'l'")
+        db.i64("SELECT rows_done FROM backfill.progress WHERE job = 'l'")
     );
     assert_eq!(db.i64("SELECT count(*) FROM t WHERE n > 1"), 0);
 }
 
 #[test]
-fn a_second_runner_is_refused_and_a_killed_runner_is_taken_over_at_once() {
+fn a_second_runner_joins_and_takes_over_a_killed_runners_range() {
     let db = TestDb::new();
     counter_table(&db, 3000);
     db.write_job("o", &slow_counter_job("0.02", 20));
     let first = db.spawn(&["run", "o"]);
     db.wait_for(
-        "SELECT coalesce((SELECT rows_done > 0 FROM backfill.checkpoints WHERE job = 'o'), false)",
+        "SELECT coalesce((SELECT rows_done > 0 FROM backfill.progress WHERE job = 'o'), false)",
         Duration::from_secs(30),
     );
-    let out = db.run(&["run", "o"]);
-    assert_eq!(out.code, 3, "{out:?}");
-    assert!(
-        out.stderr.contains("already running on host")
-            && out.stderr.contains(&format!("pid {}", first.id())),
-        "{out:?}"
+    // A second runner does not refuse: it splits the first one's range and takes half.
+    let second = db.spawn(&["run", "o"]);
+    db.wait_for(
+        "SELECT (SELECT count(DISTINCT owner_run) FROM backfill.ranges WHERE job = 'o' AND NOT done) = 2",
+        Duration::from_secs(30),
+    );
+    let status = db.run(&["status", "o", "--json"]);
+    let s: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(
+        s["checkpoint"]["runners"].as_array().unwrap().len(),
+        2,
+        "{status:?}"
     );
     signal(&first, libc::SIGKILL);
     let mut first = first;
     let _ = first.wait();
-    let t = Instant::now();
-    let out = db.run(&["run", "o", "--chunk-rows", "1000"]);
+    // The second runner finishes its half, then takes the dead runner's range: no lease timeout.
+    let out = wait_out(second, Duration::from_secs(60));
     out.expect(0);
-    assert!(t.elapsed() < Duration::from_secs(30));
     assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+    assert_eq!(
+        db.text("SELECT string_agg(outcome, ',' ORDER BY id) FROM backfill.runs WHERE job = 'o'")
+            .as_deref(),
+        Some("abandoned,done")
+    );
     let status = db.run(&["status", "o", "--json"]);
     let s: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
     assert_eq!(s["state"], "done");
@@ -211,7 +224,10 @@ fn a_held_row_lock_makes_the_chunk_retry_without_stalling_the_application() {
     let child = db.spawn(&["run", "h", "--max-attempts", "50"]);
     // The engine gives up its lock wait after 100 ms each time; an application session touching
     // a row of the chunk is therefore never queued behind the engine for long.
-    db.wait_for("SELECT coalesce((SELECT rows_done >= 400 FROM backfill.checkpoints WHERE job = 'h'), false)", Duration::from_secs(30));
+    db.wait_for(
+        "SELECT coalesce((SELECT rows_done >= 400 FROM backfill.progress WHERE job = 'h'), false)",
+        Duration::from_secs(30),
+    );
     std::thread::sleep(Duration::from_millis(800));
     holder.exec("COMMIT");
     let out = wait_out(child, Duration::from_secs(60));

@@ -22,13 +22,13 @@ fn polled_db(db: TestDb) -> TestDb {
 
 fn rows_done(db: &TestDb, name: &str) -> i64 {
     db.i64(&format!(
-        "SELECT coalesce((SELECT rows_done FROM backfill.checkpoints WHERE job = '{name}'), 0)"
+        "SELECT coalesce((SELECT rows_done FROM backfill.progress WHERE job = '{name}'), 0)"
     ))
 }
 
 fn hold_reason(db: &TestDb, name: &str) -> Option<String> {
     db.text(&format!(
-        "SELECT (SELECT hold_reason FROM backfill.checkpoints WHERE job = '{name}')"
+        "SELECT (SELECT hold_reason FROM backfill.progress WHERE job = '{name}')"
     ))
 }
 
@@ -121,7 +121,7 @@ fn the_chunk_size_shrinks_on_a_slow_stretch_and_grows_back() {
     let mut seen: Vec<(i64, i64)> = Vec::new(); // (rows done, chunk size)
     let t = Instant::now();
     loop {
-        let row = db.text("SELECT (SELECT rows_done || ',' || coalesce(chunk_rows_now, 0) FROM backfill.checkpoints WHERE job = 'a')");
+        let row = db.text("SELECT (SELECT rows_done || ',' || coalesce(chunk_rows_now, 0) FROM backfill.progress WHERE job = 'a')");
         if let Some((d, c)) = row.as_deref().and_then(|r| r.split_once(',')) {
             seen.push((d.parse().unwrap(), c.parse().unwrap()));
         }
@@ -207,16 +207,17 @@ fn an_application_session_queued_behind_a_chunk_makes_the_run_yield_and_shrink()
     );
     let child = db.spawn(&["run", "y"]);
     db.wait_for(
-        "SELECT coalesce((SELECT rows_done >= 400 FROM backfill.checkpoints WHERE job = 'y'), false)",
+        "SELECT coalesce((SELECT rows_done >= 400 FROM backfill.progress WHERE job = 'y'), false)",
         Duration::from_secs(30),
     );
     // The application touches a row just past the committed cursor: inside the chunk in flight.
     let app = db.session();
+    app.exec("SET application_name = 'the_application'");
     let mut longest = Duration::ZERO;
     for _ in 0..3 {
         let t = Instant::now();
         app.exec(
-            "UPDATE t SET n = n WHERE id = (SELECT cursor[1]::bigint + 10 FROM backfill.checkpoints WHERE job = 'y')",
+            "UPDATE t SET n = n WHERE id = (SELECT cursor[1]::bigint + 10 FROM backfill.ranges WHERE job = 'y')",
         );
         longest = longest.max(t.elapsed());
     }
@@ -233,7 +234,7 @@ fn an_application_session_queued_behind_a_chunk_makes_the_run_yield_and_shrink()
         "the application waited {longest:?}"
     );
     assert!(
-        db.i64("SELECT chunk_rows_now::bigint FROM backfill.checkpoints WHERE job = 'y'") <= 200,
+        db.i64("SELECT chunk_rows_now::bigint FROM backfill.progress WHERE job = 'y'") <= 200,
         "the run did not stay shrunk"
     );
     assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
@@ -295,7 +296,10 @@ fn throttle_sql_holds_and_releases_and_unreadable_signals_follow_on_signal_error
         &job("FROM (SELECT pg_sleep(0.01)) s", "target_chunk_time = \"0s\"\nthrottle_sql = \"SELECT hold FROM flag\"\ncheck_interval = \"100ms\"\n"),
     );
     let child = db.spawn(&["run", "f"]);
-    db.wait_for("SELECT coalesce((SELECT rows_done >= 300 FROM backfill.checkpoints WHERE job = 'f'), false)", Duration::from_secs(30));
+    db.wait_for(
+        "SELECT coalesce((SELECT rows_done >= 300 FROM backfill.progress WHERE job = 'f'), false)",
+        Duration::from_secs(30),
+    );
     db.exec("UPDATE flag SET hold = true");
     assert_held(&db, "f", "throttle_sql returned true");
     db.exec("UPDATE flag SET hold = false");
@@ -370,7 +374,10 @@ fn pause_resume_set_and_cancel_from_another_process() {
     let out = db.run(&["cancel", "c"]);
     assert_eq!(out.code, 3, "{out:?}");
     let child = db.spawn(&["run", "c"]);
-    db.wait_for("SELECT coalesce((SELECT rows_done >= 200 FROM backfill.checkpoints WHERE job = 'c'), false)", Duration::from_secs(30));
+    db.wait_for(
+        "SELECT coalesce((SELECT rows_done >= 200 FROM backfill.progress WHERE job = 'c'), false)",
+        Duration::from_secs(30),
+    );
     let out = db.run(&["pause", "c"]);
     out.expect(0);
     assert!(
@@ -381,7 +388,7 @@ fn pause_resume_set_and_cancel_from_another_process() {
     db.run(&["resume", "c"]).expect(0);
     let at = rows_done(&db, "c");
     db.wait_for(
-        &format!("SELECT (SELECT rows_done > {at} FROM backfill.checkpoints WHERE job = 'c')"),
+        &format!("SELECT (SELECT rows_done > {at} FROM backfill.progress WHERE job = 'c')"),
         Duration::from_secs(10),
     );
 
@@ -389,7 +396,7 @@ fn pause_resume_set_and_cancel_from_another_process() {
     out.expect(0);
     assert!(out.stdout.contains("rows_per_second 40"), "{out:?}");
     db.wait_for(
-        "SELECT (SELECT chunk_rows_now <= 40 FROM backfill.checkpoints WHERE job = 'c')",
+        "SELECT (SELECT chunk_rows_now <= 40 FROM backfill.progress WHERE job = 'c')",
         Duration::from_secs(10),
     );
     let a = (Instant::now(), rows_done(&db, "c"));
@@ -460,7 +467,7 @@ fn replication_lag_on_a_real_standby_holds_the_run() {
     );
     let child = db.spawn(&["run", "g"]);
     db.wait_for(
-        "SELECT coalesce((SELECT rows_done >= 500 FROM backfill.checkpoints WHERE job = 'g'), false)",
+        "SELECT coalesce((SELECT rows_done >= 500 FROM backfill.progress WHERE job = 'g'), false)",
         Duration::from_secs(30),
     );
     replica.exec("SELECT pg_wal_replay_pause()");
