@@ -252,10 +252,14 @@ pub async fn run(
             first_bounds: keyset.next_chunk_sql(false),
             next_bounds: keyset.next_chunk_sql(true),
             statement: job.sql.render(&keyset),
+            // A process that hangs inside a chunk (stopped, swapping, stuck) must not keep its
+            // range's row locked forever: the server ends the idle transaction once the lease
+            // has expired anyway, and another run can take the range.
             set_local: format!(
-                "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}",
+                "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}; SET LOCAL idle_in_transaction_session_timeout = {}",
                 db::millis(lock_timeout),
-                db::millis(statement_timeout)
+                db::millis(statement_timeout),
+                store::LEASE_TIMEOUT.as_millis()
             ),
         },
         pace: tokio::sync::Mutex::new(Pace {
@@ -280,6 +284,7 @@ pub async fn run(
             rate_shown: false,
         }),
         aborted: AtomicBool::new(false),
+        range_finished: tokio::sync::Notify::new(),
     };
     let ends = futures_util::future::join_all(
         (0..workers as i32).map(|w| Worker::new(&shared, w, chunk_rows as i64).drive()),
@@ -460,6 +465,8 @@ struct Shared<'a> {
     pace: tokio::sync::Mutex<Pace>,
     /// A worker failed: the others stop after their chunk in flight.
     aborted: AtomicBool,
+    /// A range was finished: idle workers look again at once (the job may be done).
+    range_finished: tokio::sync::Notify,
 }
 
 /// The run's pace, shared by its workers: throttle, controls, and what `status` was told.
@@ -603,7 +610,10 @@ impl<'s, 'a> Worker<'s, 'a> {
                         self.cursor = None;
                     }
                     Ok(Acquired::Wait) => {
-                        self.shared.shutdown.sleep(IDLE_POLL).await;
+                        tokio::select! {
+                            _ = self.shared.shutdown.sleep(IDLE_POLL) => {}
+                            _ = self.shared.range_finished.notified() => {}
+                        }
                         continue;
                     }
                     Ok(Acquired::AllDone) => return Ok(LoopEnd::Finished),
@@ -637,7 +647,10 @@ impl<'s, 'a> Worker<'s, 'a> {
                         self.shared.progress.held("pause", rest);
                     }
                 }
-                Ok(Step::RangeDone) => self.range = None,
+                Ok(Step::RangeDone) => {
+                    self.range = None;
+                    self.shared.range_finished.notify_waiters();
+                }
                 Err(ChunkError::Lost) => return Err(store::lost(&name)),
                 Err(ChunkError::Failed(f)) => {
                     if self.shared.shutdown.cancel_requested()

@@ -76,12 +76,12 @@ pub const METRICS: &[(&str, &str, &str)] = &[
     (
         "backfill_eta_seconds",
         "gauge",
-        "Estimated seconds to completion at this run's rate",
+        "Estimated seconds to completion at the rate of all runs together",
     ),
     (
         "backfill_rows_done",
         "gauge",
-        "Keys done by all runs of the job",
+        "Keys done by all runs of the job (read from the database every second while several run)",
     ),
     (
         "backfill_rows_total_estimate",
@@ -91,7 +91,7 @@ pub const METRICS: &[(&str, &str, &str)] = &[
     (
         "backfill_active_workers",
         "gauge",
-        "Workers running chunks of the job",
+        "Workers of this process (`--workers`); sum over instances for the job's total",
     ),
     (
         "backfill_state",

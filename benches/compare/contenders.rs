@@ -20,8 +20,14 @@ pub enum Contender {
     OffsetLoop,
     /// (d) a keyset loop in a plpgsql procedure, COMMIT per batch of 5000.
     PlpgsqlKeyset,
+    /// Two (d) loops in parallel, each over half of the ids.
+    PlpgsqlKeysetTwice,
     /// `backfill run` with default settings.
     Engine,
+    /// `backfill run --workers 2`.
+    Engine2,
+    /// `backfill run --workers 4`.
+    Engine4,
 }
 
 impl Contender {
@@ -31,25 +37,40 @@ impl Contender {
             Contender::NullScanLoop => "(b) IN (SELECT … IS NULL LIMIT 1000) loop",
             Contender::OffsetLoop => "(c) LIMIT/OFFSET loop, 1000 a batch",
             Contender::PlpgsqlKeyset => "(d) plpgsql keyset loop, COMMIT per 5000",
+            Contender::PlpgsqlKeysetTwice => "two (d) loops in parallel, half the ids each",
             Contender::Engine => "backfill run, 1 worker, defaults",
+            Contender::Engine2 => "backfill run --workers 2, defaults",
+            Contender::Engine4 => "backfill run --workers 4, defaults",
+        }
+    }
+
+    fn workers(self) -> Option<&'static str> {
+        match self {
+            Contender::Engine => Some("1"),
+            Contender::Engine2 => Some("2"),
+            Contender::Engine4 => Some("4"),
+            _ => None,
         }
     }
 }
 
-const ALL: [Contender; 5] = [
+const ALL: [Contender; 8] = [
     Contender::SingleUpdate,
     Contender::NullScanLoop,
     Contender::OffsetLoop,
     Contender::PlpgsqlKeyset,
+    Contender::PlpgsqlKeysetTwice,
     Contender::Engine,
+    Contender::Engine2,
+    Contender::Engine4,
 ];
 
 const KEYSET_PROCEDURE: &str = "
-CREATE OR REPLACE PROCEDURE bench_keyset(col text, batch int) LANGUAGE plpgsql AS $$
-DECLARE lo bigint := 0; hi bigint;
+CREATE OR REPLACE PROCEDURE bench_keyset(col text, batch int, lo bigint, last bigint) LANGUAGE plpgsql AS $$
+DECLARE hi bigint;
 BEGIN
   LOOP
-    SELECT max(id) INTO hi FROM (SELECT id FROM orders WHERE id > lo ORDER BY id LIMIT batch) s;
+    SELECT max(id) INTO hi FROM (SELECT id FROM orders WHERE id > lo AND id <= last ORDER BY id LIMIT batch) s;
     EXIT WHEN hi IS NULL;
     EXECUTE format('UPDATE orders SET %I = CASE legacy_status WHEN ''P'' THEN ''pending'' '
                    'WHEN ''S'' THEN ''shipped'' WHEN ''D'' THEN ''delivered'' ELSE ''cancelled'' END '
@@ -74,6 +95,13 @@ async fn fresh_orders(server: &Server, rows: u64) {
     .await
     .unwrap();
     c.batch_execute("VACUUM orders").await.unwrap();
+}
+
+async fn max_id(c: &tokio_postgres::Client) -> i64 {
+    c.query_one("SELECT max(id) FROM orders", &[])
+        .await
+        .unwrap()
+        .get(0)
 }
 
 /// Times one contender filling a new column; the column is checked complete, then dropped.
@@ -134,17 +162,34 @@ async fn measure(
             c.batch_execute(&format!("SET statement_timeout = {}", budget.as_millis()))
                 .await
                 .unwrap();
-            c.batch_execute(&format!("CALL bench_keyset('{col}', 5000)"))
+            let last = max_id(&c).await;
+            c.batch_execute(&format!("CALL bench_keyset('{col}', 5000, 0, {last})"))
                 .await
                 .is_ok()
         }
-        Contender::Engine => {
+        Contender::PlpgsqlKeysetTwice => {
+            let last = max_id(&c).await;
+            let half = last / 2;
+            let other = connect(&server.url).await;
+            for s in [&c, &other] {
+                s.batch_execute(&format!("SET statement_timeout = {}", budget.as_millis()))
+                    .await
+                    .unwrap();
+            }
+            let low = format!("CALL bench_keyset('{col}', 5000, 0, {half})");
+            let high = format!("CALL bench_keyset('{col}', 5000, {half}, {last})");
+            let (a, b) = tokio::join!(c.batch_execute(&low), other.batch_execute(&high));
+            a.is_ok() && b.is_ok()
+        }
+        Contender::Engine | Contender::Engine2 | Contender::Engine4 => {
             let job = format!(
                 "table = \"orders\"\nkey = [\"id\"]\nchunk_rows = 5000\n\
                  sql = \"UPDATE orders SET {col} = {EXPR} WHERE id BETWEEN :start AND :end AND {col} IS NULL\"\n"
             );
             std::fs::write(jobs.join(format!("{col}.toml")), job).unwrap();
-            let cmd = crate::report::engine_command(server, jobs, &["run", col]);
+            let workers = who.workers().expect("an engine contender");
+            let cmd =
+                crate::report::engine_command(server, jobs, &["run", col, "--workers", workers]);
             match crate::report::run_measured(cmd, budget) {
                 Some(usage) => {
                     m.cpu = Some(usage.cpu);

@@ -209,10 +209,6 @@ impl Report {
                 ),
             );
         }
-        w(
-            &mut s,
-            "| backfill run, 2 workers | not measured: `--workers` is not built yet | | | |",
-        );
         w(&mut s, "");
         w(
             &mut s,

@@ -542,7 +542,8 @@ impl Store {
 
     /// Ends a run: closes its history row with what it did, frees its ranges for others, and
     /// sets the job's state — `done`/`incomplete` always, any other outcome only when no other
-    /// run is still working on the job.
+    /// run is still working on the job and the job is not done. A run already declared gone
+    /// (`abandoned` by another) changes nothing.
     #[allow(clippy::too_many_arguments)]
     pub async fn finish(
         &self,
@@ -575,7 +576,8 @@ impl Store {
                                 THEN (SELECT coalesce(sum(rows_done), 0) FROM {s}.ranges WHERE job = $1)
                                 ELSE total_estimate END,
                             total_exact = total_exact OR $3 IN ('done', 'incomplete')
-                      WHERE c.job = $1
+                      WHERE c.job = $1 AND EXISTS (SELECT 1 FROM run)
+                        AND (c.state <> 'done' OR $3 IN ('done', 'incomplete'))
                         AND ($3 IN ('done', 'incomplete')
                              OR NOT EXISTS (SELECT 1 FROM {s}.runs r WHERE r.job = $1 AND r.id <> $2 AND {alive}))",
                     s = self.q,

@@ -231,3 +231,50 @@ fn ctid_walks_a_table_without_a_key_by_pages() {
     assert!(ranges(&db, "h") >= 2, "{out:?}");
     db.run(&["gate", "h"]).expect(0);
 }
+
+#[test]
+fn a_hung_process_loses_its_range_after_the_lease_timeout_and_never_commits_again() {
+    let db = TestDb::new();
+    counter_table(&db, 1500);
+    db.write_job("hung", &counting_job("t", "[\"id\"]", "id", 20, "0.02"));
+    let hung = db.spawn(&["run", "hung"]);
+    db.wait_for(
+        "SELECT coalesce((SELECT rows_done >= 100 FROM backfill.progress WHERE job = 'hung'), false)",
+        Duration::from_secs(30),
+    );
+    // Frozen with its sessions open (and, likely, a chunk's transaction too).
+    signal(&hung, libc::SIGSTOP);
+    let stopped_at = Instant::now();
+    let other = db.spawn(&["run", "hung"]);
+    let out = wait_out(other, Duration::from_secs(120));
+    out.expect(0);
+    // Not before the lease timeout: the frozen run still looked alive until then.
+    assert!(
+        stopped_at.elapsed() >= Duration::from_secs(25),
+        "taken over after {:?}",
+        stopped_at.elapsed()
+    );
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+    signal(&hung, libc::SIGCONT);
+    let out = wait_out(hung, Duration::from_secs(60));
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("lost ownership"), "{out:?}");
+    assert_eq!(
+        db.i64("SELECT count(*) FROM t WHERE n <> 1"),
+        0,
+        "and never committed again"
+    );
+    assert_eq!(
+        db.text(
+            "SELECT string_agg(outcome, ',' ORDER BY id) FROM backfill.runs WHERE job = 'hung'"
+        )
+        .as_deref(),
+        Some("abandoned,done")
+    );
+    assert_eq!(
+        db.text("SELECT state FROM backfill.checkpoints WHERE job = 'hung'")
+            .as_deref(),
+        Some("done"),
+        "the late failure of a gone run does not overwrite the job's state"
+    );
+}
