@@ -20,7 +20,7 @@ pub use control::{ControlChange, Controls};
 pub use failures::{FailedKey, Poison};
 pub use lease::LeaseState;
 pub use ranges::{Acquired, Advance, RangeInfo, RangeLease, Splitter};
-pub use schema::{grants, installed_version, migrate, LATEST as SCHEMA_VERSION};
+pub use schema::{grants, installed_version, migrate, migrate_up_to, LATEST as SCHEMA_VERSION};
 
 use crate::db;
 use crate::error::{Error, Result};

@@ -278,3 +278,105 @@ fn a_hung_process_loses_its_range_after_the_lease_timeout_and_never_commits_agai
         "the late failure of a gone run does not overwrite the job's state"
     );
 }
+
+/// Above two million keys left, a split point comes from a page sample instead of an index walk.
+/// The sampled query, run here on the whole table (100 %) and on a sampled tenth, still halves a
+/// skewed key by rows.
+#[test]
+fn the_sampled_split_point_halves_a_skewed_key_by_rows() {
+    let db = TestDb::new();
+    db.exec(
+        "CREATE TABLE s (k bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO s (k) SELECT CASE WHEN g <= 90000 THEN g ELSE g::bigint * 1000000 END
+           FROM generate_series(1, 100000) g;
+         ANALYZE s;",
+    );
+    db.write_job("s", &counting_job("s", "[\"k\"]", "k", 1000, "0"));
+    let spec = backfill::job::load(&db.jobs, "s").unwrap();
+    let upper = (100000i64 * 1000000).to_string();
+    let cursor = "80000".to_string();
+    let (sampled, after_cursor) = block_on(async {
+        let client = backfill::db::Target::resolve(Some(&db.url))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let keyset = backfill::keyset::Keyset::resolve(&client, &spec)
+            .await
+            .unwrap();
+        let mut sampled = Vec::new();
+        for percent in [100.0f64, 10.0] {
+            let row = client
+                .query_one(&keyset.split_sql(false, true), &[&upper, &percent])
+                .await
+                .unwrap();
+            sampled.push((percent, row.get::<_, Vec<String>>(0)));
+        }
+        let row = client
+            .query_one(&keyset.split_sql(true, true), &[&cursor, &upper, &100.0f64])
+            .await
+            .unwrap();
+        (sampled, row.get::<_, Vec<String>>(0))
+    });
+    for (percent, middle) in sampled {
+        let below = db.i64(&format!("SELECT count(*) FROM s WHERE k <= {}", middle[0]));
+        assert!(
+            (40_000..=60_000).contains(&below),
+            "sampling {percent}%: {below} of 100000 rows at or below {}",
+            middle[0]
+        );
+    }
+    // After a cursor: the middle of what is left.
+    let between = db.i64(&format!(
+        "SELECT count(*) FROM s WHERE k > {cursor} AND k <= {}",
+        after_cursor[0]
+    ));
+    assert!(
+        (8_000..=12_000).contains(&between),
+        "{between} of 20000 left"
+    );
+}
+
+/// Progress saved by an engine of schema version 4 (one cursor per job) resumes after the
+/// upgrade to key ranges, without re-applying a committed row.
+#[test]
+fn progress_saved_before_key_ranges_resumes_after_the_upgrade() {
+    let db = TestDb::new();
+    counter_table(&db, 2000);
+    db.write_job("old", &counting_job("t", "[\"id\"]", "id", 100, "0"));
+    let spec = backfill::job::load(&db.jobs, "old").unwrap();
+    block_on(async {
+        let mut client = backfill::db::Target::resolve(Some(&db.url))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        backfill::store::migrate_up_to(&mut client, "backfill", 4)
+            .await
+            .unwrap();
+        client
+            .execute(
+                "INSERT INTO backfill.checkpoints (job, state, fingerprint, table_name, key_columns, cursor,
+                        upper_bound, bound_taken, rows_done, rows_affected, chunks_done, total_estimate)
+                 SELECT 'old', 'stopped', $1, 't', ARRAY['id'], ARRAY[(SELECT id FROM t ORDER BY id OFFSET 799 LIMIT 1)::text],
+                        ARRAY[(SELECT max(id) FROM t)::text], true, 800, 800, 8, 2000",
+                &[&spec.fingerprint],
+            )
+            .await
+            .unwrap();
+    });
+    // The first 800 rows were done by the old engine.
+    db.exec("UPDATE t SET n = 1 WHERE id IN (SELECT id FROM t ORDER BY id LIMIT 800)");
+    let out = db.run(&["run", "old", "--workers", "2"]);
+    out.expect(0);
+    assert!(out.stderr.contains("resuming after key"), "{out:?}");
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+    assert_eq!(
+        db.i64("SELECT rows_done FROM backfill.progress WHERE job = 'old'"),
+        2000
+    );
+    assert_eq!(
+        db.i64("SELECT max(version)::bigint FROM backfill.schema_version"),
+        5
+    );
+}
