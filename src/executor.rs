@@ -290,7 +290,6 @@ pub async fn run(
         (0..workers as i32).map(|w| Worker::new(&shared, w, chunk_rows as i64).drive()),
     )
     .await;
-    heartbeat.abort();
     let mut tally = Tally::default();
     let mut result: Result<LoopEnd> = Ok(LoopEnd::Finished);
     for (end, t) in ends {
@@ -304,9 +303,15 @@ pub async fn run(
     }
     drop(shared);
 
-    // Record the end on a fresh session: the lease session belongs to the (aborted) heartbeat,
-    // and the database may just be coming back.
-    let finisher = connect_patiently(target, opts.reconnect_for, progress).await?;
+    // Record the end on a fresh session: the lease session belongs to the heartbeat (kept until
+    // the outcome is saved), and the database may just be coming back.
+    let finisher = match connect_patiently(target, opts.reconnect_for, progress).await {
+        Ok(c) => c,
+        Err(e) => {
+            heartbeat.abort();
+            return Err(e);
+        }
+    };
     let name = job.name.as_str();
     let did = (tally.rows, tally.chunks);
     let end = |state: &'static str| progress.finish(state);
@@ -342,6 +347,8 @@ pub async fn run(
             did,
         )
         .await;
+    // The lease is kept until the outcome is saved: a run verifying for minutes is alive.
+    heartbeat.abort();
     let outcome = outcome?;
     saved?;
     let total = store.load(&finisher, name).await.ok().flatten();

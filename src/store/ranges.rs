@@ -134,12 +134,13 @@ impl Store {
                     "SELECT g.id, g.owner_run FROM {s}.ranges g
                       WHERE g.job = $1 AND NOT g.done
                         AND (g.owner_run IS NULL
-                             OR NOT EXISTS (SELECT 1 FROM {s}.runs r WHERE r.id = g.owner_run AND {alive}))
+                             OR (g.owner_run <> $2 -- our own run is alive, even while its lease reconnects
+                                 AND NOT EXISTS (SELECT 1 FROM {s}.runs r WHERE r.id = g.owner_run AND {alive})))
                       ORDER BY g.id LIMIT 1 FOR UPDATE SKIP LOCKED",
                     s = self.q,
                     alive = Self::run_alive_sql("r")
                 ),
-                &[&job],
+                &[&job, &run_id],
             )
             .await?;
         if let Some(row) = free {
