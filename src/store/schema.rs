@@ -157,6 +157,64 @@ SELECT c.job, c.state, c.table_name, c.upper_bound, c.total_estimate,
         ORDER BY id LIMIT 1) h ON true;
 "#,
     ),
+    (
+        6,
+        r#"
+ALTER TABLE {s}.checkpoints DROP CONSTRAINT checkpoints_state_check;
+ALTER TABLE {s}.checkpoints ADD CONSTRAINT checkpoints_state_check
+    CHECK (state IN ('new', 'running', 'stopped', 'cancelled', 'failed', 'done', 'incomplete', 'reverted'));
+ALTER TABLE {s}.checkpoints ADD COLUMN verify_sql text, ADD COLUMN phase text,
+    ADD COLUMN sweeps integer NOT NULL DEFAULT 0, ADD COLUMN finish_steps integer NOT NULL DEFAULT 0;
+CREATE TABLE {s}.finish_steps (
+    job        text NOT NULL REFERENCES {s}.checkpoints (job) ON DELETE CASCADE,
+    step       integer NOT NULL,
+    sql        text NOT NULL,
+    sql_hash   text NOT NULL,
+    state      text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'running', 'done', 'failed')),
+    attempts   integer NOT NULL DEFAULT 0,
+    last_error text,
+    started_at timestamptz,
+    done_at    timestamptz,
+    PRIMARY KEY (job, step)
+);
+CREATE FUNCTION {s}.assert_done(job_name text) RETURNS void LANGUAGE plpgsql AS $fn$
+DECLARE
+    c          record;
+    failed     bigint;
+    finished   bigint;
+    remaining  bigint;
+    run_hint   text := format('run `backfill run %s` and let it finish; `backfill gate %s` says what is missing', job_name, job_name);
+BEGIN
+    SELECT state, verify_sql, finish_steps INTO c FROM {s}.checkpoints WHERE job = job_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'backfill job % has never run: the contract step must wait for it', job_name
+              USING HINT = run_hint;
+    END IF;
+    IF c.state <> 'done' THEN
+        RAISE EXCEPTION 'backfill job % is not complete (state %): the contract step must wait for it', job_name, c.state
+              USING HINT = run_hint;
+    END IF;
+    SELECT count(*) INTO failed FROM {s}.failures WHERE job = job_name AND resolved_at IS NULL;
+    IF failed > 0 THEN
+        RAISE EXCEPTION 'backfill job % skipped % keys whose rows made its statement fail', job_name, failed
+              USING HINT = format('`backfill failures %s` lists them; `backfill retry-failures %s` once fixed', job_name, job_name);
+    END IF;
+    SELECT count(*) INTO finished FROM {s}.finish_steps WHERE job = job_name AND state = 'done';
+    IF finished < c.finish_steps THEN
+        RAISE EXCEPTION 'backfill job %: % of its % finishing steps succeeded', job_name, finished, c.finish_steps
+              USING HINT = run_hint;
+    END IF;
+    IF c.verify_sql IS NOT NULL THEN
+        EXECUTE format('SELECT (%s)::bigint', c.verify_sql) INTO remaining;
+        IF remaining IS DISTINCT FROM 0 THEN
+            RAISE EXCEPTION 'backfill job %: its verify query counts % rows still to do', job_name, coalesce(remaining::text, 'NULL')
+                  USING HINT = format('rows were written behind the backfill (old code still deployed?); `backfill run %s` sweeps them once the writers are fixed', job_name);
+        END IF;
+    END IF;
+END
+$fn$;
+"#,
+    ),
 ];
 
 pub const LATEST: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -275,7 +333,7 @@ pub fn grants(schema: &str, role: &str) -> String {
     format!(
         "GRANT USAGE ON SCHEMA {s} TO {r};
          GRANT SELECT ON {s}.schema_version TO {r};
-         GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.checkpoints, {s}.runs, {s}.failures, {s}.controls, {s}.ranges TO {r};
+         GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.checkpoints, {s}.runs, {s}.failures, {s}.controls, {s}.ranges, {s}.finish_steps TO {r};
          GRANT SELECT ON {s}.progress TO {r};
          GRANT USAGE ON SEQUENCE {s}.runs_id_seq, {s}.failures_id_seq TO {r};"
     )
