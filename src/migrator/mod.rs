@@ -2,6 +2,8 @@
 //! finished every key and its `verify` query returns 0 *when the gate asks*, so a contract migration
 //! gated on it cannot drop what the application still needs.
 
+pub mod alembic;
+
 use crate::db;
 use crate::error::{Error, Result};
 use crate::job::JobSpec;
