@@ -3,6 +3,7 @@
 //! gated on it cannot drop what the application still needs.
 
 pub mod alembic;
+pub mod history;
 
 use crate::db;
 use crate::error::{Error, Result};

@@ -6,6 +6,7 @@ mod definitions;
 mod faults;
 mod keys;
 mod lifecycle;
+mod migrators;
 mod observability;
 mod parallel;
 mod plan;
