@@ -19,15 +19,14 @@ pub async fn execute(cli: Cli) -> Result<u8> {
     let target = || Target::resolve(g.database_url.as_deref());
     match cli.command {
         Command::Run(args) => {
-            run(
-                &target()?,
-                &store,
-                &g.jobs,
-                &args,
-                g.log_format == LogFormat::Json,
-            )
-            .await
+            let json = g.log_format == LogFormat::Json;
+            run(&target()?, &store, &g.jobs, &args, json, Mode::Forward).await
         }
+        Command::Revert(args) => {
+            let json = g.log_format == LogFormat::Json;
+            run(&target()?, &store, &g.jobs, &args, json, Mode::Revert).await
+        }
+        Command::DropUndo { name, yes } => drop_undo(&target()?, &store, &g.jobs, &name, yes).await,
         Command::Status { name, json } => {
             status(&target()?, &store, &g.jobs, name.as_deref(), json).await
         }
@@ -43,6 +42,7 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             let opts = crate::plan::PlanOptions {
                 verify_timeout,
                 long_transaction,
+                from_first_key: false,
             };
             let plan = crate::plan::plan(&target()?, &store, &job, &opts).await?;
             if json {
@@ -121,14 +121,26 @@ pub async fn execute(cli: Cli) -> Result<u8> {
     }
 }
 
+/// A run walks the job forward, or reverts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Forward,
+    Revert,
+}
+
 async fn run(
     target: &Target,
     store: &Store,
     jobs: &Path,
     args: &RunArgs,
     log_json: bool,
+    mode: Mode,
 ) -> Result<u8> {
-    let job = job::load(jobs, &args.name)?;
+    let forward = job::load(jobs, &args.name)?;
+    let job = match mode {
+        Mode::Forward => forward.clone(),
+        Mode::Revert => crate::undo::revert_job(store, &forward)?,
+    };
     let metrics = match &args.metrics_addr {
         Some(addr) => Some(crate::telemetry::serve_metrics(addr).map_err(Error::Usage)?),
         None => None,
@@ -166,7 +178,11 @@ async fn run(
         target.describe(),
         job.table
     ));
-    let result = executor::run(target, store, &job, &opts, &shutdown, &progress).await;
+    let result =
+        match preconditions(target, store, &forward, mode, args, &shutdown, &progress).await {
+            Ok(()) => executor::run(target, store, &job, &opts, &shutdown, &progress).await,
+            Err(e) => Err(e),
+        };
     if metrics.is_some() && !args.metrics_linger.is_zero() {
         progress.log(&format!(
             "{}: keeping the metrics endpoint up for {}s",
@@ -176,6 +192,17 @@ async fn run(
         shutdown.sleep(args.metrics_linger).await;
     }
     let report = result?;
+    if mode == Mode::Revert && matches!(report.outcome, Outcome::Done { .. } | Outcome::AlreadyDone)
+    {
+        let mut client = target.connect().await?;
+        store
+            .mark_reverted(&mut client, &forward.name, &job.name)
+            .await?;
+        progress.log(&format!(
+            "{}: reverted; its progress is forgotten and its next `backfill run` starts over",
+            forward.name
+        ));
+    }
     if args.json {
         println!(
             "{}",
@@ -217,8 +244,11 @@ async fn run(
             progress.log(&format!("{name}: already done ({} rows); nothing to do. `backfill gate {name}` re-checks it; `backfill reset {name} --yes` starts over", report.rows_done_total));
             Ok(exit::SUCCESS)
         }
-        Outcome::Incomplete { verify_remaining } => Err(Error::Runtime(format!(
-            "job {name}: every key up to the bound was processed ({summary}), but verify still counts {verify_remaining} rows to do — probably rows written behind the cursor by code that does not fill the new column yet; fix the writers, then `backfill reset {name} --yes` and run again (the statement's guard makes the second pass cheap)"
+        Outcome::Incomplete {
+            verify_remaining,
+            why,
+        } => Err(Error::Runtime(format!(
+            "job {name}: every key up to the bound was processed ({summary}), but {why}. {verify_remaining} rows are still to do — probably written behind the cursor by code that does not fill the new column yet; fix the writers, then `backfill run {name}` again: it sweeps again"
         ))),
         Outcome::Cancelled => Err(Error::Interrupted(format!(
             "{name}: cancelled by `backfill cancel`: {summary}; progress is saved — `backfill run {name}` {resume}"
@@ -227,6 +257,142 @@ async fn run(
             "{name}: stopped: {summary}; progress is saved — `backfill run {name}` {resume}"
         ))),
     }
+}
+
+/// How often a run waiting for its expand migration looks again.
+const EXPAND_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What must hold before a run starts: no revert half done (forward) or no live forward run
+/// (revert), the contract migration not applied while the job is unfinished, and the job ready
+/// (`requires_sql`, expand applied) — waited for with `--wait-for-expand`.
+async fn preconditions(
+    target: &Target,
+    store: &Store,
+    job: &JobSpec,
+    mode: Mode,
+    args: &RunArgs,
+    shutdown: &crate::signals::Shutdown,
+    progress: &Progress,
+) -> Result<()> {
+    let name = &job.name;
+    let mut client = target.connect().await?;
+    // A run creates or upgrades the engine's schema anyway; reading it needs the current version.
+    store.ensure(&mut client).await?;
+    let checkpoint = store.load(&client, name).await?;
+    let reverting = store
+        .load(&client, &crate::undo::revert_name(name))
+        .await?
+        .filter(|r| r.state != "done");
+    if mode == Mode::Revert {
+        let Some(c) = &checkpoint else {
+            return Err(Error::NotSatisfied(format!(
+                "job {name} has never run here (no checkpoint in schema {}); nothing to revert",
+                store.schema()
+            )));
+        };
+        if let Some(o) = c.runners.iter().find(|o| o.alive) {
+            return Err(Error::NotSatisfied(format!(
+                "job {name} is running on host {} (pid {}); stop it (Ctrl-C, or `backfill cancel {name}`) before reverting",
+                o.host, o.pid
+            )));
+        }
+        if let Some(why) = crate::migrator::contract_applied(&client, job).await? {
+            return Err(Error::NotSatisfied(format!(
+                "job {name} cannot be reverted: {why}; the data it would restore is gone — downgrade the contract migration first"
+            )));
+        }
+        if matches!(job.revert, Some(crate::job::Revert::Undo(_)))
+            && crate::undo::undo_rows(&client, store, name)
+                .await?
+                .is_none()
+        {
+            return Err(Error::NotSatisfied(format!(
+                "job {name} has no undo data (table {} is missing: dropped by `backfill drop-undo`?); nothing can be restored",
+                crate::undo::undo_table(store, name)
+            )));
+        }
+        return Ok(());
+    }
+    if let Some(r) = reverting {
+        return Err(Error::NotSatisfied(format!(
+            "a revert of job {name} is unfinished (state {}, {} rows reverted); finish it with `backfill revert {name}` before running the job again",
+            r.state, r.rows_done
+        )));
+    }
+    if checkpoint.as_ref().is_some_and(|c| c.state == "done") {
+        return Ok(());
+    }
+    if let Some(why) = crate::migrator::contract_applied(&client, job).await? {
+        return Err(Error::NotSatisfied(format!(
+            "job {name} is not done, but {why}. The contract step ran before the backfill finished; check what it removed before going on (a contract migration should first call {}.assert_done('{name}'), or run `backfill gate {name}`)",
+            crate::job::quote_ident(store.schema())
+        )));
+    }
+    let since = std::time::Instant::now();
+    let mut told: Option<std::time::Instant> = None;
+    loop {
+        let Some(why) = crate::migrator::not_ready(&client, job).await? else {
+            return Ok(());
+        };
+        let Some(limit) = args.wait_for_expand else {
+            return Err(Error::NotSatisfied(format!(
+                "job {name} may not run yet: {why}. Apply the expand migration first, or pass --wait-for-expand to wait for it"
+            )));
+        };
+        if !limit.is_zero() && since.elapsed() >= limit {
+            return Err(Error::NotSatisfied(format!(
+                "job {name}: waited {}s for its expand migration, in vain: {why}",
+                limit.as_secs()
+            )));
+        }
+        if told.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(60)) {
+            store.note_waiting(&client, job, &why).await?;
+            progress.log(&format!("{name}: waiting: {why}"));
+            told = Some(std::time::Instant::now());
+        }
+        shutdown.sleep(EXPAND_POLL).await;
+        if shutdown.stop_requested() || shutdown.cancel_requested() {
+            return Err(Error::Interrupted(format!(
+                "{name}: stopped while waiting for its expand migration; nothing was processed"
+            )));
+        }
+    }
+}
+
+async fn drop_undo(
+    target: &Target,
+    store: &Store,
+    jobs: &Path,
+    name: &str,
+    yes: bool,
+) -> Result<u8> {
+    let client = target.connect().await?;
+    let table = crate::undo::undo_table(store, name);
+    let Some(rows) = crate::undo::undo_rows(&client, store, name).await? else {
+        println!("job {name}: no undo data ({table} does not exist); nothing to drop");
+        return Ok(exit::SUCCESS);
+    };
+    if !yes {
+        return Err(Error::Usage(format!(
+            "refusing to drop the undo data of job {name} without --yes: {table} keeps the old values of {rows} rows, and without them `backfill revert {name}` cannot restore anything"
+        )));
+    }
+    for job in [name.to_string(), crate::undo::revert_name(name)] {
+        if let Some(o) = store
+            .load(&client, &job)
+            .await?
+            .and_then(|c| c.runners.into_iter().find(|o| o.alive))
+        {
+            return Err(Error::NotSatisfied(format!(
+                "job {job} is running on host {} (pid {}); wait for it to end before dropping the undo data",
+                o.host, o.pid
+            )));
+        }
+    }
+    let _ = jobs;
+    crate::undo::drop_table(&client, store, name).await?;
+    println!("job {name}: undo data dropped ({table}, {rows} rows)");
+    Ok(exit::SUCCESS)
 }
 
 fn job_names(jobs: &Path, checkpoints: &[Checkpoint]) -> Vec<String> {
@@ -260,14 +426,15 @@ async fn status(
                     job::path_for(jobs, name).display()
                 )));
             }
+            let phase = phase_of(&client, spec.as_ref(), c.as_ref()).await;
             if json {
-                let v = serde_json::json!({ "job": name, "state": state_of(c.as_ref()), "checkpoint": c, "controls": controls });
+                let v = serde_json::json!({ "job": name, "state": state_of(c.as_ref()), "phase": phase, "checkpoint": c, "controls": controls });
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&v).expect("serializable")
                 );
             } else {
-                print_status(name, spec.as_ref(), c.as_ref(), &controls);
+                print_status(name, spec.as_ref(), c.as_ref(), &controls, &phase);
             }
         }
         None => {
@@ -327,13 +494,42 @@ fn progress_text(c: &Checkpoint) -> String {
     }
 }
 
-fn print_status(name: &str, spec: Option<&JobSpec>, c: Option<&Checkpoint>, controls: &Controls) {
+/// The phase `status` shows: what the engine last recorded (waiting for expand, running,
+/// verifying, sweeping, finishing, done and verified, reverted…), or "contract applied" once the
+/// job's migrator says so.
+async fn phase_of(
+    client: &tokio_postgres::Client,
+    spec: Option<&JobSpec>,
+    c: Option<&Checkpoint>,
+) -> String {
+    let recorded = match c {
+        None => "not started".to_string(),
+        Some(c) if c.state == "interrupted" => "interrupted (no live runner)".to_string(),
+        Some(c) => c.phase.clone().unwrap_or_else(|| c.state.clone()),
+    };
+    let Some(spec) = spec else { return recorded };
+    match crate::migrator::contract_applied(client, spec).await {
+        Ok(Some(_)) if c.is_some_and(|c| c.state == "done") => "contract applied".into(),
+        Ok(Some(_)) => format!("{recorded}; contract applied before the backfill finished"),
+        Ok(None) => recorded,
+        Err(e) => format!("{recorded} (the migrator's history could not be read: {e})"),
+    }
+}
+
+fn print_status(
+    name: &str,
+    spec: Option<&JobSpec>,
+    c: Option<&Checkpoint>,
+    controls: &Controls,
+    phase: &str,
+) {
     let line = |k: &str, v: &str| println!("{k:<18} {v}");
     line("job", name);
     if let Some(d) = spec.and_then(|s| s.description.as_deref()) {
         line("description", d);
     }
     line("state", state_of(c));
+    line("phase", phase);
     print_controls(name, controls, &line);
     let Some(c) = c else {
         line("progress", "never run");
@@ -418,6 +614,21 @@ fn print_status(name: &str, spec: Option<&JobSpec>, c: Option<&Checkpoint>, cont
                 "{reason} (since {})",
                 c.held_since.as_deref().unwrap_or("?")
             ),
+        );
+    }
+    if c.sweeps > 0 {
+        line(
+            "sweeps",
+            &format!(
+                "{} (passes over every key after the first, for rows written behind the cursor)",
+                c.sweeps
+            ),
+        );
+    }
+    if c.finish_steps > 0 {
+        line(
+            "finishing steps",
+            &format!("{} of {} succeeded", c.finish_steps_done, c.finish_steps),
         );
     }
     if let Some(v) = c.verify_remaining {

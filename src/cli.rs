@@ -124,6 +124,16 @@ pub enum Command {
     },
     /// Re-run the job's statement for its failing keys only; exit 0 when all now succeed.
     RetryFailures { name: String },
+    /// Undo a job: run its `down_sql`, or put back the values kept by `undo`, chunk by chunk
+    /// (checkpointed and throttled like a run; Ctrl-C and run again to resume).
+    Revert(RunArgs),
+    /// Drop a job's undo data (after the change is kept for good, or after a revert).
+    DropUndo {
+        name: String,
+        /// Required: confirms that the values kept for a revert are to be deleted.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Forget a job's progress so the next run starts over (history is kept).
     Reset {
         name: String,
@@ -195,6 +205,11 @@ pub struct RunArgs {
     /// Print the final report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// When the job's expand migration (or requires_sql) is not there yet, wait for it instead of
+    /// exiting 3 — forever, or up to the given time (e.g. 30m) — so a deploy can start the runner
+    /// first.
+    #[arg(long, value_name = "TIMEOUT", num_args = 0..=1, default_missing_value = "0s", value_parser = duration_or_zero)]
+    pub wait_for_expand: Option<Duration>,
 }
 
 #[derive(Debug, Args)]

@@ -142,8 +142,6 @@ async fn demo(target: &Target, store: &Store, job: &JobSpec, rows: u64) -> Resul
     match report.outcome {
         Outcome::Done { .. } | Outcome::AlreadyDone => Ok(exit::SUCCESS),
         Outcome::Stopped | Outcome::Cancelled => Err(Error::Interrupted("demo: stopped".into())),
-        Outcome::Incomplete { verify_remaining } => Err(Error::Runtime(format!(
-            "demo: verify still counts {verify_remaining} rows"
-        ))),
+        Outcome::Incomplete { why, .. } => Err(Error::Runtime(format!("demo: {why}"))),
     }
 }

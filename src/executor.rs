@@ -35,7 +35,7 @@ use crate::job::{JobSpec, OnError};
 use crate::keyset::{self, show_key, KeyValue, Keyset};
 use crate::signals::Shutdown;
 use crate::store::{
-    self, Acquired, Claim, LeaseState, Poison, RangeLease, Runner, Splitter, Store,
+    self, Acquired, Claim, LeaseState, Poison, RangeLease, Runner, Splitter, Store, Sweep,
 };
 use crate::telemetry::Progress;
 use crate::throttle::{Hold, Throttle};
@@ -112,8 +112,8 @@ pub enum Outcome {
     Done { verify_remaining: Option<i64> },
     /// Nothing to do: the job was already done.
     AlreadyDone,
-    /// Every key was processed but `verify` still counts rows to do.
-    Incomplete { verify_remaining: i64 },
+    /// Every key was processed (and swept) but `verify` still counts rows to do.
+    Incomplete { verify_remaining: i64, why: String },
     /// Stopped by a signal; the next run resumes from the cursor.
     Stopped,
     /// Stopped by `backfill cancel`; the next run resumes from the cursor.
@@ -248,9 +248,11 @@ pub async fn run(
         lease: &lease_state,
         pool: target.pool(workers as usize + 1)?,
         keyset: &keyset,
+        workers,
         sql: ChunkSql {
             first_bounds: keyset.next_chunk_sql(false),
             next_bounds: keyset.next_chunk_sql(true),
+            undo_copy: crate::undo::copy_sql(store, job, &keyset),
             statement: job.sql.render(&keyset),
             // A process that hangs inside a chunk (stopped, swapping, stuck) must not keep its
             // range's row locked forever: the server ends the idle transaction once the lease
@@ -286,21 +288,23 @@ pub async fn run(
         aborted: AtomicBool::new(false),
         range_finished: tokio::sync::Notify::new(),
     };
-    let ends = futures_util::future::join_all(
-        (0..workers as i32).map(|w| Worker::new(&shared, w, chunk_rows as i64).drive()),
-    )
-    .await;
+    // The main pass, then — while `verify` still counts rows (written behind the cursor by code
+    // that does not fill the new column yet) — sweep passes over every key, up to max_sweeps.
     let mut tally = Tally::default();
-    let mut result: Result<LoopEnd> = Ok(LoopEnd::Finished);
-    for (end, t) in ends {
-        tally.add(&t);
-        result = match (result, end) {
-            (Err(e), _) | (Ok(_), Err(e)) => Err(e),
-            (Ok(LoopEnd::Cancelled), _) | (Ok(_), Ok(LoopEnd::Cancelled)) => Ok(LoopEnd::Cancelled),
-            (Ok(LoopEnd::Stopped), _) | (Ok(_), Ok(LoopEnd::Stopped)) => Ok(LoopEnd::Stopped),
-            (Ok(LoopEnd::Finished), Ok(LoopEnd::Finished)) => Ok(LoopEnd::Finished),
-        };
-    }
+    let mut verified: Option<Result<(), (i64, String)>> = None;
+    let result = loop {
+        let pass = shared.walk_all(chunk_rows as i64, &mut tally).await;
+        if !matches!(pass, Ok(LoopEnd::Finished)) || job.verify.is_none() {
+            break pass;
+        }
+        match shared.verify_and_sweep().await {
+            Ok(AfterPass::Sweep) => continue,
+            Ok(AfterPass::Verified) => verified = Some(Ok(())),
+            Ok(AfterPass::Incomplete { remaining, why }) => verified = Some(Err((remaining, why))),
+            Err(e) => break Err(e),
+        }
+        break pass;
+    };
     drop(shared);
 
     // Record the end on a fresh session: the lease session belongs to the heartbeat (kept until
@@ -318,20 +322,34 @@ pub async fn run(
     let (state, error, remaining, outcome) = match result {
         Ok(LoopEnd::Cancelled) => ("cancelled", None, None, Ok(Outcome::Cancelled)),
         Ok(LoopEnd::Stopped) => ("stopped", None, None, Ok(Outcome::Stopped)),
-        Ok(LoopEnd::Finished) => match &job.verify {
-            None => ("done", None, None, Ok(Outcome::Done { verify_remaining: None })),
-            Some(_) => match crate::migrator::verify(&finisher, job, opts.verify_timeout).await {
-                Ok(n) if n > 0 => (
-                    "incomplete",
-                    Some(format!(
-                        "every key up to the bound was processed, but verify still counts {n} rows to do"
-                    )),
-                    Some(n),
-                    Ok(Outcome::Incomplete { verify_remaining: n }),
-                ),
-                Ok(n) => ("done", None, Some(n), Ok(Outcome::Done { verify_remaining: Some(n) })),
-                Err(e) => ("failed", Some(e.to_string()), None, Err(e)),
-            },
+        Ok(LoopEnd::Finished) => match verified {
+            Some(Err((n, why))) => (
+                "incomplete",
+                Some(format!(
+                    "every key up to the bound was processed, but {why}"
+                )),
+                Some(n),
+                Ok(Outcome::Incomplete {
+                    verify_remaining: n,
+                    why,
+                }),
+            ),
+            Some(Ok(())) => (
+                "done",
+                None,
+                Some(0),
+                Ok(Outcome::Done {
+                    verify_remaining: Some(0),
+                }),
+            ),
+            None => (
+                "done",
+                None,
+                None,
+                Ok(Outcome::Done {
+                    verify_remaining: None,
+                }),
+            ),
         },
         Err(e) => ("failed", Some(e.to_string()), None, Err(e)),
     };
@@ -374,6 +392,7 @@ async fn key_range(
     };
     let tx = lease.transaction().await.map_err(err)?;
     let (taken, _, total) = store.lock_bound(&tx, name).await?;
+    crate::undo::ensure_table(&tx, store, job).await?;
     if taken {
         tx.commit().await.map_err(err)?;
         return Ok(total);
@@ -452,6 +471,8 @@ impl Tally {
 struct ChunkSql {
     first_bounds: String,
     next_bounds: String,
+    /// Copies the chunk's old values of the job's undo columns (same parameters as `statement`).
+    undo_copy: Option<String>,
     statement: String,
     set_local: String,
 }
@@ -468,12 +489,112 @@ struct Shared<'a> {
     lease: &'a LeaseState,
     pool: db::Pool,
     keyset: &'a Keyset,
+    workers: u32,
     sql: ChunkSql,
     pace: tokio::sync::Mutex<Pace>,
     /// A worker failed: the others stop after their chunk in flight.
     aborted: AtomicBool,
     /// A range was finished: idle workers look again at once (the job may be done).
     range_finished: tokio::sync::Notify,
+}
+
+impl Shared<'_> {
+    /// Walks the job's ranges with this run's workers until none is left (or the run stops).
+    async fn walk_all(&self, chunk_rows: i64, tally: &mut Tally) -> Result<LoopEnd> {
+        let ends = futures_util::future::join_all(
+            (0..self.workers as i32).map(|w| Worker::new(self, w, chunk_rows).drive()),
+        )
+        .await;
+        let mut result: Result<LoopEnd> = Ok(LoopEnd::Finished);
+        for (end, t) in ends {
+            tally.add(&t);
+            result = match (result, end) {
+                (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+                (Ok(LoopEnd::Cancelled), _) | (Ok(_), Ok(LoopEnd::Cancelled)) => {
+                    Ok(LoopEnd::Cancelled)
+                }
+                (Ok(LoopEnd::Stopped), _) | (Ok(_), Ok(LoopEnd::Stopped)) => Ok(LoopEnd::Stopped),
+                (Ok(LoopEnd::Finished), Ok(LoopEnd::Finished)) => Ok(LoopEnd::Finished),
+            };
+        }
+        result
+    }
+
+    /// Runs `verify` after a pass; when it still counts rows, starts (or joins) a sweep pass —
+    /// only when the statement is harmless to apply twice (a sweep revisits keys already done).
+    async fn verify_and_sweep(&self) -> Result<AfterPass> {
+        let (job, store) = (self.job, self.store);
+        let name = job.name.as_str();
+        let mut client =
+            connect_patiently(self.target, self.opts.reconnect_for, self.progress).await?;
+        store.set_phase(&client, name, "verifying").await?;
+        let seen = store.sweeps(&client, name).await?;
+        let n = crate::migrator::verify(&client, job, self.opts.verify_timeout).await?;
+        if n == 0 {
+            return Ok(AfterPass::Verified);
+        }
+        let incomplete = |why: String| {
+            self.progress.log(&format!("{name}: {why}"));
+            Ok(AfterPass::Incomplete { remaining: n, why })
+        };
+        if job.max_sweeps == 0 {
+            return incomplete(format!(
+                "verify counts {n} rows still to do; not swept (max_sweeps = 0)"
+            ));
+        }
+        if let Some(why) = self.unsafe_to_sweep().await? {
+            return incomplete(format!(
+                "verify counts {n} rows still to do; not swept: {why}"
+            ));
+        }
+        let sweep = store
+            .start_sweep(&mut client, job, seen, &self.keyset.last_key_sql())
+            .await?;
+        match sweep {
+            Sweep::Ready { pass } => {
+                self.progress.log(&format!(
+                    "{name}: verify counts {n} rows still to do (written behind the cursor?); sweep {pass} of at most {}: walking every key again (the statement's guard skips rows already done)",
+                    job.max_sweeps
+                ));
+                Ok(AfterPass::Sweep)
+            }
+            Sweep::Exhausted { passes } => incomplete(format!(
+                "verify still counts {n} rows to do after {passes} sweeps (max_sweeps = {})",
+                job.max_sweeps
+            )),
+        }
+    }
+
+    /// Why applying the statement again to keys already done would be wrong, if it would: the
+    /// plan's probe runs it twice on the first chunk (rolled back) and compares the rows.
+    async fn unsafe_to_sweep(&self) -> Result<Option<String>> {
+        let opts = crate::plan::PlanOptions {
+            verify_timeout: Duration::from_secs(1),
+            long_transaction: Duration::from_secs(3600),
+            from_first_key: true,
+        };
+        let plan = crate::plan::plan(self.target, self.store, self.job, &opts).await?;
+        Ok(plan
+            .findings
+            .iter()
+            .find(|f| f.code == "not_idempotent" || f.code == "statement_fails")
+            .map(|f| {
+                format!(
+                    "a sweep applies the statement again to every key, and {} — {}",
+                    f.message, f.fix
+                )
+            }))
+    }
+}
+
+/// What verify said after a pass.
+enum AfterPass {
+    /// Verify returned 0.
+    Verified,
+    /// A sweep pass is ready to walk.
+    Sweep,
+    /// Rows remain and no (further) sweep will run.
+    Incomplete { remaining: i64, why: String },
 }
 
 /// The run's pace, shared by its workers: throttle, controls, and what `status` was told.
@@ -1097,6 +1218,15 @@ async fn run_chunk(
         .chain(to.iter())
         .map(|v| v as &(dyn ToSql + Sync))
         .collect();
+    if let Some(copy) = &sql.undo_copy {
+        let stmt = tx
+            .prepare_cached(copy)
+            .await
+            .map_err(failed("preparing the undo copy", at))?;
+        tx.execute(&stmt, &args)
+            .await
+            .map_err(failed("copying the rows' old values to the undo table", at))?;
+    }
     let stmt = tx
         .prepare_cached(&sql.statement)
         .await
@@ -1209,6 +1339,7 @@ pub async fn retry_failures(
     store.ensure(&mut client).await?;
     let keyset = Keyset::resolve(&client, job).await?;
     let statement = job.sql.render(&keyset);
+    let undo_copy = crate::undo::copy_sql(store, job, &keyset);
     let set_local = format!(
         "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}",
         db::millis(opts.lock_timeout.unwrap_or(job.lock_timeout)),
@@ -1230,7 +1361,13 @@ pub async fn retry_failures(
             .chain(to.iter())
             .map(|v| v as &(dyn ToSql + Sync))
             .collect();
-        match tx.execute(&statement, &args).await {
+        let applied = async {
+            if let Some(copy) = &undo_copy {
+                tx.execute(copy, &args).await?;
+            }
+            tx.execute(&statement, &args).await
+        };
+        match applied.await {
             Ok(_) => {
                 store.resolve_failure(&tx, f.id).await.map_err(err)?;
                 tx.commit().await.map_err(err)?;

@@ -27,5 +27,6 @@ pub mod signals;
 pub mod store;
 pub mod telemetry;
 pub mod throttle;
+pub mod undo;
 
 pub use error::{Error, Result};

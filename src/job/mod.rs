@@ -2,10 +2,12 @@
 //! [`JobSpec`]. Everything here works offline; checks that need the database (does the key column
 //! exist, is it backed by a unique index) live in `keyset`.
 
+mod phases;
 pub mod raw;
 mod spec;
 mod throttle;
 
+pub use phases::{MigrationSpec, Revert, DEFAULT_MAX_SWEEPS};
 pub use throttle::{parse_bytes, OnSignalError, ThrottleSpec};
 
 pub use spec::{

@@ -18,6 +18,23 @@ pub struct RawJob {
     pub statement_timeout: Option<Spanned<String>>,
     pub on_error: Option<Spanned<String>>,
     pub throttle: Option<Spanned<RawThrottle>>,
+    pub requires_sql: Option<Spanned<String>>,
+    pub max_sweeps: Option<Spanned<i64>>,
+    pub finish_sql: Option<Spanned<Vec<String>>>,
+    pub down_sql: Option<Spanned<String>>,
+    pub undo: Option<Spanned<Vec<String>>>,
+    pub migration: Option<Spanned<RawMigration>>,
+}
+
+/// The `[migration]` table: where the schema migrator keeps its history.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMigration {
+    pub tool: Spanned<String>,
+    pub expand: Option<Spanned<String>>,
+    pub contract: Option<Spanned<String>>,
+    pub alembic_dir: Option<Spanned<String>>,
+    pub history_table: Option<Spanned<String>>,
 }
 
 /// The `[throttle]` table.

@@ -126,6 +126,14 @@ pub struct JobSpec {
     pub statement_timeout: Duration,
     pub on_error: OnError,
     pub throttle: super::ThrottleSpec,
+    /// A query that must return true before the job may run (e.g. the new column exists).
+    pub requires_sql: Option<String>,
+    /// Passes over the whole key range after the main one while `verify` still counts rows.
+    pub max_sweeps: u32,
+    /// Statements run once, outside a transaction, after the job is done and verified.
+    pub finish_sql: Vec<String>,
+    pub revert: Option<super::Revert>,
+    pub migration: Option<super::MigrationSpec>,
     /// Stable hash of what the job does to the data (table, key, sql). Progress made under one
     /// fingerprint is not resumed under another without `--allow-changed-definition`.
     pub fingerprint: String,
@@ -295,7 +303,12 @@ impl JobSpec {
         };
 
         let throttle = super::ThrottleSpec::parse(&at, raw.throttle.as_ref())?;
-        let fingerprint = fingerprint(&table, &key, raw.sql.get_ref());
+        let phases = super::phases::parse(&at, &raw, &key)?;
+        let undo: &[String] = match &phases.revert {
+            Some(super::Revert::Undo(cols)) => cols,
+            _ => &[],
+        };
+        let fingerprint = fingerprint(&table, &key, raw.sql.get_ref(), undo);
         Ok(JobSpec {
             name: name.to_string(),
             path: path.to_path_buf(),
@@ -309,6 +322,11 @@ impl JobSpec {
             statement_timeout,
             on_error,
             throttle,
+            requires_sql: phases.requires_sql,
+            max_sweeps: phases.max_sweeps,
+            finish_sql: phases.finish_sql,
+            revert: phases.revert,
+            migration: phases.migration,
             fingerprint,
         })
     }
@@ -337,8 +355,9 @@ pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
 }
 
 /// The fingerprint covers what the job does to the data; chunk size, timeouts, description and
-/// verify may change between runs without invalidating progress.
-fn fingerprint(table: &TableName, key: &[String], sql: &str) -> String {
+/// verify may change between runs without invalidating progress. Undo columns count: a chunk
+/// done without keeping its old values could not be reverted.
+fn fingerprint(table: &TableName, key: &[String], sql: &str, undo: &[String]) -> String {
     let mut h = Sha256::new();
     h.update(b"backfill-job-v1\0");
     h.update(table.to_string().as_bytes());
@@ -346,6 +365,10 @@ fn fingerprint(table: &TableName, key: &[String], sql: &str) -> String {
     h.update(key.join("\u{1f}").as_bytes());
     h.update(b"\0");
     h.update(sql.trim().as_bytes());
+    if !undo.is_empty() {
+        h.update(b"\0undo\0");
+        h.update(undo.join("\u{1f}").as_bytes());
+    }
     let digest = h.finalize();
     digest[..12].iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -1,6 +1,9 @@
-//! Coordination with the schema migrator. For now: the gate — a job is complete only when its run
-//! finished every key and its `verify` query returns 0 *when the gate asks*, so a contract migration
-//! gated on it cannot drop what the application still needs.
+//! Coordination with the schema migrator: what must hold before a job may run (its
+//! `requires_sql`, its expand revision applied, its contract revision not yet applied), and the
+//! gate — a job is complete only when its runs finished every key, its finishing steps succeeded
+//! and its `verify` query returns 0 *when the gate asks*, so a contract migration gated on it
+//! cannot drop what the application still needs. The same gate exists in SQL, for any migrator:
+//! `SELECT backfill.assert_done('job')` raises unless the job is complete (schema v6).
 
 pub mod alembic;
 pub mod history;
@@ -10,6 +13,65 @@ use crate::error::{Error, Result};
 use crate::job::JobSpec;
 use crate::store::Store;
 use std::time::Duration;
+
+/// Why the job may not run yet (`requires_sql` false, expand not applied), or None when it may.
+pub async fn not_ready(client: &tokio_postgres::Client, job: &JobSpec) -> Result<Option<String>> {
+    let name = &job.name;
+    if let Some(q) = &job.requires_sql {
+        let ok: Option<bool> = client
+            .query_one(&format!("SELECT ({q})::boolean"), &[])
+            .await
+            .map_err(|e| {
+                Error::Runtime(format!(
+                    "job {name}: the requires_sql query failed: {}; check `requires_sql` in {}",
+                    db::describe(&e),
+                    job.path.display()
+                ))
+            })?
+            .get(0);
+        if ok != Some(true) {
+            return Ok(Some(format!(
+                "its requires_sql returned {} (it must return true before the backfill may run): {q}",
+                ok.map(|b| b.to_string()).unwrap_or_else(|| "NULL".into())
+            )));
+        }
+    }
+    let Some(m) = &job.migration else {
+        return Ok(None);
+    };
+    let Some(expand) = &m.expand else {
+        return Ok(None);
+    };
+    let applied = m.history().is_applied(client, expand).await?;
+    Ok((!applied.applied).then(|| {
+        format!(
+            "its expand migration {expand} ({}) is not applied yet: {}",
+            m.tool.name(),
+            applied.detail
+        )
+    }))
+}
+
+/// When the job's contract migration is already applied: what the history says.
+pub async fn contract_applied(
+    client: &tokio_postgres::Client,
+    job: &JobSpec,
+) -> Result<Option<String>> {
+    let Some(m) = &job.migration else {
+        return Ok(None);
+    };
+    let Some(contract) = &m.contract else {
+        return Ok(None);
+    };
+    let applied = m.history().is_applied(client, contract).await?;
+    Ok(applied.applied.then(|| {
+        format!(
+            "its contract migration {contract} ({}) is already applied: {}",
+            m.tool.name(),
+            applied.detail
+        )
+    }))
+}
 
 /// Runs the job's `verify` query (under a statement timeout) and returns its count.
 pub async fn verify(
@@ -102,6 +164,7 @@ pub async fn gate(
     if c.state != "done" {
         let detail = match c.state.as_str() {
             "running" => format!("it is running ({} rows done)", c.rows_done),
+            "reverted" => "it was reverted (`backfill revert`)".to_string(),
             "incomplete" => format!(
                 "verify counted {} rows still to do when the run ended",
                 c.verify_remaining.unwrap_or(-1)
@@ -123,6 +186,13 @@ pub async fn gate(
     if c.failed_keys > 0 {
         return Ok(fail(
             format!("job {name} skipped {} keys whose rows made its statement fail; `backfill failures {name}` lists them, `backfill retry-failures {name}` retries them once fixed", c.failed_keys),
+            None,
+        ));
+    }
+    let declared = job.finish_sql.len() as i64;
+    if c.finish_steps_done < declared {
+        return Ok(fail(
+            format!("job {name}: {} of its {declared} finishing steps succeeded; `backfill run {name}` runs the rest (`backfill status {name}` shows the last error)", c.finish_steps_done),
             None,
         ));
     }

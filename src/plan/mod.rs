@@ -30,6 +30,9 @@ pub struct PlanOptions {
     pub verify_timeout: Duration,
     /// A transaction open longer than this is reported.
     pub long_transaction: Duration,
+    /// Probe the table's first keys even when the job has progressed past them (before a sweep,
+    /// which applies the statement again to keys already done).
+    pub from_first_key: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

@@ -13,12 +13,14 @@
 mod control;
 mod failures;
 mod lease;
+mod phases;
 mod ranges;
 mod schema;
 
 pub use control::{ControlChange, Controls};
 pub use failures::{FailedKey, Poison};
 pub use lease::LeaseState;
+pub use phases::Sweep;
 pub use ranges::{Acquired, Advance, RangeInfo, RangeLease, Splitter};
 pub use schema::{grants, installed_version, migrate, migrate_up_to, LATEST as SCHEMA_VERSION};
 
@@ -76,6 +78,14 @@ pub struct Checkpoint {
     /// Why a live run is held right now, with the value seen and the threshold.
     pub hold_reason: Option<String>,
     pub held_since: Option<String>,
+    /// What the job is doing or last did: running, verifying, sweeping, finishing, done and
+    /// verified, reverting, reverted… (`status` adds waiting for expand and contract applied).
+    pub phase: Option<String>,
+    /// Sweep passes started after the main pass (rows written behind the cursor).
+    pub sweeps: i32,
+    /// Finishing steps declared by the job when it last ran, and those that succeeded.
+    pub finish_steps: i32,
+    pub finish_steps_done: i64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -201,7 +211,9 @@ impl Store {
                     (SELECT count(*) FROM {s}.failures f WHERE f.job = c.job AND f.resolved_at IS NULL) AS failed_keys,
                     c.total_exact, g.chunk_rows_now,
                     CASE WHEN o.alive THEN o.hold_reason END AS hold_reason,
-                    CASE WHEN o.alive THEN {held_since} END AS held_since
+                    CASE WHEN o.alive THEN {held_since} END AS held_since,
+                    c.phase, c.sweeps, c.finish_steps,
+                    (SELECT count(*) FROM {s}.finish_steps f WHERE f.job = c.job AND f.state = 'done') AS finish_steps_done
                FROM {s}.checkpoints c
                LEFT JOIN LATERAL (
                     SELECT sum(rows_done)::bigint AS rows_done, sum(rows_affected)::bigint AS rows_affected,
@@ -258,6 +270,10 @@ impl Store {
             total_exact: r.get("total_exact"),
             chunk_rows_now: r.get("chunk_rows_now"),
             hold_reason: r.get("hold_reason"),
+            phase: r.get("phase"),
+            sweeps: r.get("sweeps"),
+            finish_steps: r.get("finish_steps"),
+            finish_steps_done: r.get("finish_steps_done"),
             held_since: r.get("held_since"),
         }
     }
@@ -445,11 +461,15 @@ impl Store {
         tx.execute(
             &format!(
                 "UPDATE {s}.checkpoints SET state = 'running', fingerprint = $2, last_error = NULL,
-                        started_at = coalesce(started_at, now()), updated_at = now()
+                        started_at = coalesce(started_at, now()), updated_at = now(),
+                        verify_sql = $3, finish_steps = $4, phase = 'running',
+                        -- a new run after an incomplete one may sweep again (the writers were fixed)
+                        sweeps = CASE WHEN state = 'incomplete' AND NOT {live} THEN 0 ELSE sweeps END
                   WHERE job = $1",
-                s = self.q
+                s = self.q,
+                live = if live.is_empty() { "false" } else { "true" }
             ),
-            &[&name, &job.fingerprint],
+            &[&name, &job.fingerprint, &job.verify, &(job.finish_sql.len() as i32)],
         )
         .await
         .map_err(err)?;
@@ -569,6 +589,7 @@ impl Store {
                         UPDATE {s}.ranges SET owner_run = NULL, owner_worker = NULL
                          WHERE job = $1 AND owner_run = $2 RETURNING id)
                      UPDATE {s}.checkpoints c SET state = $3, last_error = $4, updated_at = now(),
+                            phase = CASE WHEN $3 = 'done' AND $5::bigint = 0 THEN 'done and verified' ELSE $3 END,
                             finished_at = CASE WHEN $3 IN ('done', 'incomplete') THEN now() ELSE finished_at END,
                             verify_remaining = CASE WHEN $3 IN ('done', 'incomplete') THEN $5 ELSE verify_remaining END,
                             verified_at = CASE WHEN $5::bigint IS NOT NULL THEN now() ELSE verified_at END,

@@ -4,6 +4,7 @@ mod support;
 
 mod definitions;
 mod faults;
+mod gate;
 mod keys;
 mod lifecycle;
 mod migrators;
@@ -11,5 +12,7 @@ mod observability;
 mod parallel;
 mod plan;
 mod resilience;
+mod revert;
+mod sweep;
 mod throttling;
 mod tls;

@@ -1,0 +1,240 @@
+//! What a job declares around its main pass: the precondition (`requires_sql`, the migrator's
+//! expand and contract revisions), how many sweeps may chase rows written behind the cursor, the
+//! finishing steps, and how the job is reverted (`down_sql` or `undo` columns).
+
+use super::raw::{RawJob, RawMigration};
+use super::spec::Locator;
+use crate::error::Result;
+use crate::keyset::{SqlTemplate, CTID};
+use std::path::PathBuf;
+use toml::Spanned;
+
+/// Sweeps after the main pass when `verify` still counts rows, unless the job says otherwise.
+pub const DEFAULT_MAX_SWEEPS: u32 = 3;
+const MAX_SWEEPS_LIMIT: i64 = 100;
+
+/// The job's place in an expand-and-contract change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationSpec {
+    pub tool: crate::migrator::history::Tool,
+    /// Must be applied before the backfill may run.
+    pub expand: Option<String>,
+    /// Must not be applied before the backfill is done and verified.
+    pub contract: Option<String>,
+    /// Alembic's versions directory (relative paths are taken from the working directory).
+    pub alembic_dir: Option<PathBuf>,
+    /// Where the migrator keeps its history, when not its default table on the search_path.
+    pub history_table: Option<String>,
+}
+
+impl MigrationSpec {
+    pub fn history(&self) -> crate::migrator::history::History {
+        crate::migrator::history::History {
+            tool: self.tool,
+            table: self.history_table.clone(),
+            alembic_dir: self.alembic_dir.clone(),
+        }
+    }
+}
+
+/// How `backfill revert` undoes the job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Revert {
+    /// A statement run chunk by chunk like the forward one.
+    DownSql(SqlTemplate),
+    /// These columns' values before the job touched them are kept in an undo table and put back.
+    Undo(Vec<String>),
+}
+
+/// The parsed phase settings of one job.
+pub(super) struct Phases {
+    pub requires_sql: Option<String>,
+    pub max_sweeps: u32,
+    pub finish_sql: Vec<String>,
+    pub revert: Option<Revert>,
+    pub migration: Option<MigrationSpec>,
+}
+
+pub(super) fn parse(at: &Locator<'_>, raw: &RawJob, key: &[String]) -> Result<Phases> {
+    let requires_sql = match &raw.requires_sql {
+        None => None,
+        Some(q) => Some(query(at, "requires_sql", q, "a query returning true once the backfill may run, e.g. SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 'orders' AND column_name = 'status')")?),
+    };
+    let max_sweeps = match &raw.max_sweeps {
+        None => DEFAULT_MAX_SWEEPS,
+        Some(n) if (0..=MAX_SWEEPS_LIMIT).contains(n.get_ref()) => *n.get_ref() as u32,
+        Some(n) => {
+            return Err(at.err(
+                "max_sweeps",
+                n,
+                format!(
+                    "{} is out of range: use 0 (no sweep) to {MAX_SWEEPS_LIMIT}",
+                    n.get_ref()
+                ),
+            ))
+        }
+    };
+    let finish_sql = match &raw.finish_sql {
+        None => Vec::new(),
+        Some(list) => {
+            let mut steps = Vec::new();
+            for (i, s) in list.get_ref().iter().enumerate() {
+                let s = s.trim().trim_end_matches(';').trim();
+                if s.is_empty() {
+                    return Err(at.err("finish_sql", list, format!("step {} is empty", i + 1)));
+                }
+                if SqlTemplate::mentions_placeholder(s) {
+                    return Err(at.err("finish_sql", list, format!("step {} uses :start/:end; finishing steps run once over the whole table", i + 1)));
+                }
+                steps.push(s.to_string());
+            }
+            steps
+        }
+    };
+    let revert =
+        match (&raw.down_sql, &raw.undo) {
+            (Some(_), Some(u)) => return Err(at.err(
+                "undo",
+                u,
+                "declare either `down_sql` or `undo`, not both: the revert must have one meaning",
+            )),
+            (Some(d), None) => Some(Revert::DownSql(
+                SqlTemplate::parse(d.get_ref()).map_err(|m| at.err("down_sql", d, m))?,
+            )),
+            (None, Some(u)) => Some(Revert::Undo(undo_columns(at, u, key)?)),
+            (None, None) => None,
+        };
+    let migration = match &raw.migration {
+        None => None,
+        Some(m) => Some(migration(at, m.get_ref())?),
+    };
+    Ok(Phases {
+        requires_sql,
+        max_sweeps,
+        finish_sql,
+        revert,
+        migration,
+    })
+}
+
+fn query(at: &Locator<'_>, key: &str, q: &Spanned<String>, example: &str) -> Result<String> {
+    let text = q.get_ref().trim().trim_end_matches(';').trim();
+    if text.is_empty() {
+        return Err(at.err(key, q, format!("empty query: give {example}")));
+    }
+    if SqlTemplate::mentions_placeholder(text) {
+        return Err(at.err(key, q, "this query takes no :start/:end placeholders"));
+    }
+    Ok(text.to_string())
+}
+
+fn undo_columns(at: &Locator<'_>, u: &Spanned<Vec<String>>, key: &[String]) -> Result<Vec<String>> {
+    if key.iter().any(|k| k == CTID) {
+        return Err(at.err("undo", u, "undo needs a real key to put values back by (a row's ctid changes when it is updated); use a key column, or `down_sql`"));
+    }
+    let mut cols: Vec<String> = Vec::new();
+    for c in u.get_ref() {
+        let c = c.trim();
+        if c.is_empty() {
+            return Err(at.err("undo", u, "empty column name"));
+        }
+        if key.iter().any(|k| k == c) {
+            return Err(at.err(
+                "undo",
+                u,
+                format!("`{c}` is a key column; key values identify rows and are never changed by a backfill"),
+            ));
+        }
+        if cols.iter().any(|x| x == c) {
+            return Err(at.err("undo", u, format!("column `{c}` is listed twice")));
+        }
+        cols.push(c.to_string());
+    }
+    if cols.is_empty() {
+        return Err(at.err(
+            "undo",
+            u,
+            "name the columns the statement changes, e.g. undo = [\"status\"]",
+        ));
+    }
+    Ok(cols)
+}
+
+fn migration(at: &Locator<'_>, m: &RawMigration) -> Result<MigrationSpec> {
+    use crate::migrator::history::Tool;
+    let tool = Tool::parse(m.tool.get_ref().trim()).ok_or_else(|| {
+        at.err(
+            "tool",
+            &m.tool,
+            format!(
+                "`{}` is not one of {}",
+                m.tool.get_ref(),
+                Tool::NAMES.join(", ")
+            ),
+        )
+    })?;
+    let revision = |key: &str, v: &Option<Spanned<String>>| -> Result<Option<String>> {
+        let Some(v) = v else { return Ok(None) };
+        let r = v.get_ref().trim();
+        if r.is_empty() {
+            return Err(at.err(key, v, "empty revision"));
+        }
+        Ok(Some(r.to_string()))
+    };
+    let spec = MigrationSpec {
+        tool,
+        expand: revision("expand", &m.expand)?,
+        contract: revision("contract", &m.contract)?,
+        alembic_dir: m.alembic_dir.as_ref().map(|d| PathBuf::from(d.get_ref())),
+        history_table: m
+            .history_table
+            .as_ref()
+            .map(|t| t.get_ref().trim().to_string()),
+    };
+    if spec.expand.is_none() && spec.contract.is_none() {
+        return Err(at.err(
+            "tool",
+            &m.tool,
+            "[migration] names neither `expand` nor `contract`: give the revision the backfill follows and/or the one that must wait for it",
+        ));
+    }
+    if let (Some(e), Some(c)) = (&spec.expand, &spec.contract) {
+        if e == c {
+            return Err(at.err(
+                "contract",
+                m.contract.as_ref().expect("contract given"),
+                "expand and contract are the same revision",
+            ));
+        }
+    }
+    match (tool, &m.alembic_dir) {
+        (Tool::Alembic, None) => {
+            return Err(at.err(
+                "tool",
+                &m.tool,
+                "alembic keeps only its current heads, so the engine reads the revision graph: add alembic_dir = \"migrations/versions\" (the directory of your revision files)",
+            ))
+        }
+        (Tool::Alembic, Some(_)) | (_, None) => {}
+        (_, Some(d)) => {
+            return Err(at.err(
+                "alembic_dir",
+                d,
+                format!("alembic_dir is for tool = \"alembic\" only (tool is \"{}\")", tool.name()),
+            ))
+        }
+    }
+    let history = spec.history();
+    for (key, v) in [("expand", &m.expand), ("contract", &m.contract)] {
+        if let Some(v) = v {
+            history
+                .check_revision(v.get_ref().trim())
+                .map_err(|e| at.err(key, v, e.to_string()))?;
+        }
+    }
+    if let Some(t) = &m.history_table {
+        super::TableName::parse(t.get_ref())
+            .map_err(|e| at.err("history_table", t, format!("`{}`: {e}", t.get_ref())))?;
+    }
+    Ok(spec)
+}

@@ -1,0 +1,186 @@
+//! A job's phase as `status` shows it (waiting for expand, running, verifying, sweeping,
+//! finishing, done and verified, reverting…) and the sweep passes that chase rows written behind
+//! the cursor: each sweep is one more key range over every key present when it starts, walked by
+//! the same workers, chunks and checkpoints as the main pass.
+
+use super::Store;
+use crate::db;
+use crate::error::Result;
+use crate::job::JobSpec;
+use crate::keyset::KeyValue;
+use tokio_postgres::GenericClient;
+
+/// What asking for a sweep gave.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Sweep {
+    /// A sweep pass is there to work on (this run started it, or another did since).
+    Ready { pass: i32 },
+    /// The job's sweeps are used up.
+    Exhausted { passes: i32 },
+}
+
+impl Store {
+    /// Sets the phase shown by `status` (free text, e.g. "sweeping").
+    pub async fn set_phase(
+        &self,
+        client: &impl GenericClient,
+        job: &str,
+        phase: &str,
+    ) -> Result<()> {
+        client
+            .execute(
+                &format!(
+                    "UPDATE {s}.checkpoints SET phase = $2, updated_at = now() WHERE job = $1",
+                    s = self.q
+                ),
+                &[&job, &phase],
+            )
+            .await
+            .map_err(|e| db::error(e, format!("job {job}: recording its phase ({phase})")))?;
+        Ok(())
+    }
+
+    /// The sweep passes started so far.
+    pub async fn sweeps(&self, client: &impl GenericClient, job: &str) -> Result<i32> {
+        let row = client
+            .query_one(
+                &format!(
+                    "SELECT sweeps FROM {s}.checkpoints WHERE job = $1",
+                    s = self.q
+                ),
+                &[&job],
+            )
+            .await
+            .map_err(|e| db::error(e, format!("job {job}: reading its sweeps")))?;
+        Ok(row.get(0))
+    }
+
+    /// Starts sweep pass `seen + 1` over every key up to `upper` — unless another run already
+    /// started one since this run counted `seen` passes (then that one is joined), or the job's
+    /// `max_sweeps` are used up.
+    pub async fn start_sweep(
+        &self,
+        client: &mut tokio_postgres::Client,
+        job: &JobSpec,
+        seen: i32,
+        last_key_sql: &str,
+    ) -> Result<Sweep> {
+        let name = job.name.as_str();
+        let err = |e| db::error(e, format!("job {name}: starting a sweep"));
+        let tx = client.transaction().await.map_err(err)?;
+        let row = tx
+            .query_one(
+                &format!(
+                    "SELECT sweeps, total_estimate FROM {s}.checkpoints WHERE job = $1 FOR UPDATE",
+                    s = self.q
+                ),
+                &[&name],
+            )
+            .await
+            .map_err(err)?;
+        let (passes, estimate): (i32, Option<i64>) = (row.get(0), row.get(1));
+        if passes != seen {
+            return Ok(Sweep::Ready { pass: passes });
+        }
+        if passes >= job.max_sweeps as i32 {
+            return Ok(Sweep::Exhausted { passes });
+        }
+        let upper: Option<KeyValue> = tx
+            .query_opt(last_key_sql, &[])
+            .await
+            .map_err(err)?
+            .map(|r| r.get(0));
+        let Some(upper) = upper else {
+            return Ok(Sweep::Exhausted { passes });
+        };
+        tx.execute(
+            &format!(
+                "INSERT INTO {s}.ranges (job, id, upper_bound, estimate)
+                 SELECT $1, coalesce(max(id), -1) + 1, $2, $3 FROM {s}.ranges WHERE job = $1",
+                s = self.q
+            ),
+            &[&name, &upper, &estimate],
+        )
+        .await
+        .map_err(err)?;
+        tx.execute(
+            &format!(
+                "UPDATE {s}.checkpoints SET sweeps = sweeps + 1, phase = 'sweeping', updated_at = now()
+                  WHERE job = $1",
+                s = self.q
+            ),
+            &[&name],
+        )
+        .await
+        .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        Ok(Sweep::Ready { pass: passes + 1 })
+    }
+
+    /// After a complete revert: the job's progress is forgotten (its next run starts over), its
+    /// state says `reverted`, its finishing steps will run again, and the finished revert job is
+    /// removed so that a later revert starts afresh. History rows stay.
+    pub async fn mark_reverted(
+        &self,
+        client: &mut tokio_postgres::Client,
+        job: &str,
+        revert_job: &str,
+    ) -> Result<()> {
+        let err = |e| db::error(e, format!("job {job}: recording the revert"));
+        let tx = client.transaction().await.map_err(err)?;
+        tx.execute(
+            &format!(
+                "UPDATE {s}.checkpoints SET state = 'reverted', phase = 'reverted', bound_taken = false,
+                        upper_bound = NULL, total_estimate = NULL, total_exact = false, sweeps = 0,
+                        verify_remaining = NULL, verified_at = NULL, finished_at = now(), updated_at = now(),
+                        last_error = NULL
+                  WHERE job = $1",
+                s = self.q
+            ),
+            &[&job],
+        )
+        .await
+        .map_err(err)?;
+        for table in ["ranges", "finish_steps", "failures"] {
+            tx.execute(
+                &format!("DELETE FROM {s}.{table} WHERE job = $1", s = self.q),
+                &[&job],
+            )
+            .await
+            .map_err(err)?;
+        }
+        tx.execute(
+            &format!("DELETE FROM {s}.checkpoints WHERE job = $1", s = self.q),
+            &[&revert_job],
+        )
+        .await
+        .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        Ok(())
+    }
+
+    /// Shows that a run waits for the job's expand migration (the checkpoint row is made if the
+    /// job never ran, so `status` can say so).
+    pub async fn note_waiting(
+        &self,
+        client: &impl GenericClient,
+        job: &JobSpec,
+        why: &str,
+    ) -> Result<()> {
+        let name = job.name.as_str();
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO {s}.checkpoints AS c (job, fingerprint, table_name, key_columns, phase, last_error)
+                     VALUES ($1, $2, $3, $4, 'waiting for expand', $5)
+                     ON CONFLICT (job) DO UPDATE SET phase = 'waiting for expand', last_error = $5, updated_at = now()
+                      WHERE c.state <> 'running'",
+                    s = self.q
+                ),
+                &[&name, &job.fingerprint, &job.table.to_string(), &job.key, &why],
+            )
+            .await
+            .map_err(|e| db::error(e, format!("job {name}: recording that it waits for its expand migration")))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,83 @@
+//! The gate from SQL (`backfill.assert_done`), for any migrator, and the run's preconditions:
+//! `requires_sql`, and refusing to run once the contract step has run.
+
+use crate::support::*;
+use std::time::Duration;
+
+#[test]
+fn assert_done_raises_until_the_job_is_complete_and_verified() {
+    let db = TestDb::new();
+    counter_table(&db, 2000);
+    db.write_job(
+        "j",
+        "table = \"t\"\nkey = \"id\"\nchunk_rows = 100\non_error = \"skip\"\n\
+         sql = \"UPDATE t SET n = 1 / (id - 7) * 0 + 1 WHERE id BETWEEN :start AND :end AND n = 0\"\n\
+         verify = \"SELECT count(*) FROM t WHERE n = 0 AND id <> 7\"\n\
+         throttle = { target_chunk_time = \"0s\" }\n",
+    );
+    let s = db.session();
+    // The engine's schema is made by `init` (or the first run) before a contract can call it.
+    db.run(&["init"]).expect(0);
+    let e = s.try_exec("SELECT backfill.assert_done('j')").unwrap_err();
+    assert!(e.contains("has never run") && e.contains("P0001"), "{e}");
+
+    let child = db.spawn(&["run", "j", "--rows-per-second", "1000"]);
+    db.wait_for(
+        "SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j'",
+        Duration::from_secs(30),
+    );
+    let e = s.try_exec("SELECT backfill.assert_done('j')").unwrap_err();
+    assert!(e.contains("not complete (state running)"), "{e}");
+    let out = wait_out(child, Duration::from_secs(60));
+    assert_eq!(out.code, 0, "{out:?}");
+
+    // Key 7 fails (division by zero) and was skipped: the gate stays shut.
+    let e = s.try_exec("SELECT backfill.assert_done('j')").unwrap_err();
+    assert!(e.contains("skipped 1 keys"), "{e}");
+    db.exec("UPDATE backfill.failures SET resolved_at = now() WHERE job = 'j'");
+    s.exec("SELECT backfill.assert_done('j')");
+
+    // A row written behind the backfill fails it again, inside the contract's own transaction.
+    s.exec("BEGIN; INSERT INTO t (id) VALUES (-1)");
+    let e = s.try_exec("SELECT backfill.assert_done('j')").unwrap_err();
+    assert!(e.contains("verify query counts 1 rows"), "{e}");
+    s.exec("ROLLBACK");
+    s.exec("SELECT backfill.assert_done('j')");
+}
+
+#[test]
+fn requires_sql_holds_the_run_and_wait_for_expand_waits_for_it() {
+    let db = TestDb::new();
+    db.exec("CREATE TABLE t (id bigint PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 500)");
+    let job = "table = \"t\"\nkey = \"id\"\n\
+         sql = \"UPDATE t SET n = 1 WHERE id BETWEEN :start AND :end AND n = 0\"\n\
+         verify = \"SELECT count(*) FROM t WHERE n = 0\"\n\
+         requires_sql = \"SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 't' AND column_name = 'n')\"\n";
+    db.write_job("j", job);
+    let out = db.run(&["run", "j"]);
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(
+        out.stderr.contains("may not run yet")
+            && out.stderr.contains("requires_sql returned false"),
+        "{out:?}"
+    );
+    let out = db.run(&["run", "j", "--wait-for-expand=1s"]);
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(out.stderr.contains("waited 1s"), "{out:?}");
+
+    // The runner starts first and waits; the expand step lands; the run goes on by itself.
+    let child = db.spawn(&["run", "j", "--wait-for-expand"]);
+    db.wait_for(
+        "SELECT phase = 'waiting for expand' FROM backfill.checkpoints WHERE job = 'j'",
+        Duration::from_secs(30),
+    );
+    let status = db.run(&["status", "j"]);
+    assert!(status.stdout.contains("waiting for expand"), "{status:?}");
+    db.exec("ALTER TABLE t ADD COLUMN n int NOT NULL DEFAULT 0");
+    let out = wait_out(child, Duration::from_secs(60));
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+    let status = db.run(&["status", "j", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(v["phase"], "done and verified");
+}

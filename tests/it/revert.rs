@@ -1,0 +1,161 @@
+//! Revert: by `down_sql` (a chunked run of its own) and by `undo` columns (old values kept in the
+//! chunk's own transaction, restored exactly), resumable, refused when it would be wrong.
+
+use crate::support::*;
+use std::time::Duration;
+
+/// `t (id, legacy, status)`: status is what the job fills; some rows already hold a value.
+fn orders(db: &TestDb, rows: i64) {
+    db.exec(&format!(
+        "CREATE TABLE t (id bigint PRIMARY KEY, legacy text NOT NULL, status text);
+         INSERT INTO t SELECT g, chr(65 + g % 5), CASE WHEN g % 7 = 0 THEN 'kept-' || g END
+           FROM generate_series(1, {rows}) g;"
+    ));
+}
+
+/// The whole table's content, as one digest.
+fn digest(db: &TestDb) -> String {
+    db.text(
+        "SELECT md5(string_agg(id || ':' || coalesce(status, '<null>'), ',' ORDER BY id)) FROM t",
+    )
+    .unwrap()
+}
+
+#[test]
+fn down_sql_reverts_chunk_by_chunk_and_the_job_starts_over() {
+    let db = TestDb::new();
+    orders(&db, 3000);
+    db.exec("UPDATE t SET status = NULL");
+    db.write_job(
+        "j",
+        "table = \"t\"\nkey = \"id\"\nchunk_rows = 200\n\
+         sql = \"UPDATE t SET status = lower(legacy) WHERE id BETWEEN :start AND :end AND status IS NULL\"\n\
+         down_sql = \"UPDATE t SET status = NULL WHERE id BETWEEN :start AND :end AND status IS NOT NULL\"\n\
+         verify = \"SELECT count(*) FROM t WHERE status IS NULL\"\n\
+         throttle = { target_chunk_time = \"0s\" }\n",
+    );
+    db.run(&["run", "j"]).expect(0);
+    db.run(&["gate", "j"]).expect(0);
+    let out = db.run(&["revert", "j"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("reverted"), "{out:?}");
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE status IS NOT NULL"), 0);
+    assert_eq!(
+        db.i64("SELECT chunks_done FROM backfill.runs WHERE job = 'j:revert'"),
+        15,
+        "the revert ran in chunks"
+    );
+    assert_eq!(
+        db.text("SELECT state FROM backfill.checkpoints WHERE job = 'j'")
+            .as_deref(),
+        Some("reverted")
+    );
+    let out = db.run(&["gate", "j"]);
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(out.stdout.contains("reverted"), "{out:?}");
+    let out = db.run(&["status", "j"]);
+    assert!(out.stdout.contains("reverted"), "{out:?}");
+    // The next run starts over from the first key.
+    db.run(&["run", "j"]).expect(0);
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE status IS NULL"), 0);
+    db.run(&["gate", "j"]).expect(0);
+}
+
+#[test]
+fn undo_restores_the_original_values_exactly_even_after_kills() {
+    let db = TestDb::new();
+    orders(&db, 4000);
+    let original = digest(&db);
+    db.write_job(
+        "j",
+        "table = \"t\"\nkey = \"id\"\nchunk_rows = 100\n\
+         sql = \"UPDATE t SET status = 'code-' || legacy WHERE id BETWEEN :start AND :end\"\n\
+         undo = [\"status\"]\n",
+    );
+    // Killed mid-run: the chunks that committed kept their old values in the same transaction.
+    let child = db.spawn(&["run", "j", "--rows-per-second", "4000"]);
+    db.wait_for(
+        "SELECT rows_done >= 1000 FROM backfill.progress WHERE job = 'j'",
+        Duration::from_secs(60),
+    );
+    signal(&child, libc::SIGKILL);
+    let _ = wait_out(child, Duration::from_secs(10));
+    assert_eq!(
+        db.i64("SELECT count(*) FROM backfill.undo_j"),
+        db.i64("SELECT rows_done FROM backfill.progress WHERE job = 'j'"),
+        "one undo row per row done, no more"
+    );
+    db.run(&["run", "j"]).expect(0);
+    assert_eq!(
+        db.i64("SELECT count(*) FROM t WHERE status NOT LIKE 'code-%'"),
+        0
+    );
+    assert_eq!(db.i64("SELECT count(*) FROM backfill.undo_j"), 4000);
+    // A row the application adds afterwards has no undo data and is left alone.
+    db.exec("INSERT INTO t VALUES (100000, 'Z', 'new-row')");
+
+    // An interrupted revert resumes; meanwhile the job may not run.
+    let child = db.spawn(&["revert", "j", "--rows-per-second", "2000"]);
+    db.wait_for(
+        "SELECT rows_done >= 500 FROM backfill.progress WHERE job = 'j:revert'",
+        Duration::from_secs(60),
+    );
+    signal(&child, libc::SIGINT);
+    let out = wait_out(child, Duration::from_secs(30));
+    assert_eq!(out.code, 130, "{out:?}");
+    let out = db.run(&["run", "j"]);
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(
+        out.stderr.contains("revert of job j is unfinished"),
+        "{out:?}"
+    );
+    db.run(&["revert", "j"]).expect(0);
+    db.exec("DELETE FROM t WHERE id = 100000");
+    assert_eq!(digest(&db), original, "every value is back, NULLs included");
+
+    // Dropping the undo data needs --yes; afterwards there is nothing to restore from.
+    let out = db.run(&["drop-undo", "j"]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("4000 rows"), "{out:?}");
+    db.run(&["drop-undo", "j", "--yes"]).expect(0);
+    assert!(db
+        .text("SELECT to_regclass('backfill.undo_j')::text")
+        .is_none());
+    let out = db.run(&["revert", "j"]);
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(out.stderr.contains("no undo data"), "{out:?}");
+}
+
+#[test]
+fn a_revert_is_refused_while_the_job_runs_and_for_a_job_without_a_way_back() {
+    let db = TestDb::new();
+    counter_table(&db, 2000);
+    db.write_job("plain", &counter_job(""));
+    let out = db.run(&["revert", "plain"]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("down_sql"), "{out:?}");
+
+    db.write_job(
+        "j",
+        &counter_job(
+            "down_sql = \"UPDATE t SET n = n - 1 WHERE id BETWEEN :start AND :end AND n > 0\"",
+        ),
+    );
+    let out = db.run(&["revert", "j"]);
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(out.stderr.contains("never run"), "{out:?}");
+    let child = db.spawn(&["run", "j", "--rows-per-second", "500"]);
+    db.wait_for(
+        "SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j'",
+        Duration::from_secs(30),
+    );
+    let out = db.run(&["revert", "j"]);
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(out.stderr.contains("is running"), "{out:?}");
+    signal(&child, libc::SIGINT);
+    let _ = wait_out(child, Duration::from_secs(30));
+    // Once it has stopped, a half-done job can be reverted.
+    assert!(db.i64("SELECT count(*) FROM t WHERE n = 1") > 0);
+    db.run(&["revert", "j"]).expect(0);
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 0"), 0);
+}

@@ -1,0 +1,101 @@
+//! Verify and sweep: rows written behind the cursor during a run are caught by `verify` and swept
+//! by bounded passes over every key; a statement that must not be applied twice is never swept.
+
+use crate::support::*;
+use std::time::Duration;
+
+/// A guarded job over `t`: applying it twice changes nothing.
+fn guarded_job(extra: &str) -> String {
+    format!(
+        "table = \"t\"\nkey = \"id\"\nchunk_rows = 100\n\
+         sql = \"UPDATE t SET n = 1 WHERE id BETWEEN :start AND :end AND n = 0\"\n\
+         verify = \"SELECT count(*) FROM t WHERE n = 0\"\n\
+         throttle = {{ target_chunk_time = \"0s\" }}\n{extra}"
+    )
+}
+
+#[test]
+fn rows_written_behind_the_cursor_are_swept() {
+    let db = TestDb::new();
+    counter_table(&db, 6000);
+    db.write_job("j", &guarded_job(""));
+    let child = db.spawn(&["run", "j", "--rows-per-second", "3000"]);
+    db.wait_for(
+        "SELECT rows_done >= 3000 FROM backfill.progress WHERE job = 'j'",
+        Duration::from_secs(60),
+    );
+    // Old application code, still deployed: rows behind the cursor and beyond the bound.
+    db.exec(
+        "UPDATE t SET n = 0 WHERE id IN (SELECT id FROM t ORDER BY id LIMIT 50);
+         INSERT INTO t (id) SELECT 5000000 + g FROM generate_series(1, 20) g;",
+    );
+    let out = wait_out(child, Duration::from_secs(120));
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("sweep 1 of at most 3"), "{out:?}");
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+    assert_eq!(
+        db.i64("SELECT sweeps::bigint FROM backfill.checkpoints WHERE job = 'j'"),
+        1
+    );
+    assert_eq!(
+        db.text("SELECT phase FROM backfill.checkpoints WHERE job = 'j'")
+            .as_deref(),
+        Some("done and verified")
+    );
+    db.run(&["gate", "j"]).expect(0);
+}
+
+#[test]
+fn a_sweep_that_cannot_converge_ends_incomplete_and_a_new_run_sweeps_again() {
+    let db = TestDb::new();
+    counter_table(&db, 500);
+    // A writer that undoes the backfill on one row every time (old code still deployed).
+    db.exec(
+        "CREATE FUNCTION undo_one() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN IF NEW.id = (SELECT min(id) FROM t) THEN NEW.n := 0; END IF; RETURN NEW; END $$;
+         CREATE TRIGGER undo_one BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION undo_one();",
+    );
+    db.write_job("j", &guarded_job("max_sweeps = 2"));
+    let out = db.run(&["run", "j"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("after 2 sweeps") && out.stderr.contains("1 rows are still to do"),
+        "{out:?}"
+    );
+    assert_eq!(
+        db.i64("SELECT sweeps::bigint FROM backfill.checkpoints WHERE job = 'j'"),
+        2
+    );
+    let out = db.run(&["gate", "j"]);
+    assert_eq!(out.code, 3, "{out:?}");
+    let status = db.run(&["status", "j"]);
+    assert!(status.stdout.contains("incomplete"), "{status:?}");
+
+    // The writers are fixed: a new run sweeps again and completes.
+    db.exec("DROP TRIGGER undo_one ON t");
+    let out = db.run(&["run", "j"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("sweep 1 of at most 2"), "{out:?}");
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+    db.run(&["gate", "j"]).expect(0);
+}
+
+#[test]
+fn max_sweeps_zero_turns_sweeping_off() {
+    let db = TestDb::new();
+    counter_table(&db, 300);
+    db.exec(
+        "CREATE FUNCTION undo_one() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN IF NEW.id = (SELECT min(id) FROM t) THEN NEW.n := 0; END IF; RETURN NEW; END $$;
+         CREATE TRIGGER undo_one BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION undo_one();",
+    );
+    db.write_job("j", &guarded_job("max_sweeps = 0"));
+    let out = db.run(&["run", "j"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("max_sweeps = 0"), "{out:?}");
+    assert_eq!(
+        db.i64("SELECT rows_done FROM backfill.progress WHERE job = 'j'"),
+        300,
+        "no second pass"
+    );
+}
