@@ -4,6 +4,7 @@ mod support;
 
 mod definitions;
 mod faults;
+mod finish;
 mod keys;
 mod lifecycle;
 mod observability;
