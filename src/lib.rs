@@ -9,8 +9,8 @@
 //! catalog; bounds SQL) → [`executor`] (claim, chunk loop, verify) → [`store`] (checkpoint,
 //! history, lease). [`db`] owns connections and error classification; [`signals`] the clean stop;
 //! [`telemetry`] what the operator sees; [`throttle`] how fast a run may go; [`migrator`] the gate;
-//! [`plan`] the review before a run; [`pgtemp`] throwaway servers for the demo, the tests and the
-//! benchmarks.
+//! [`finish`] the schema steps run after a backfill (`finish_sql`); [`plan`] the review before a
+//! run; [`pgtemp`] throwaway servers for the demo, the tests and the benchmarks.
 
 pub mod app;
 pub mod cli;
@@ -18,6 +18,7 @@ pub mod db;
 pub mod demo;
 pub mod error;
 pub mod executor;
+pub mod finish;
 pub mod job;
 pub mod keyset;
 pub mod migrator;

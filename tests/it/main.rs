@@ -4,6 +4,7 @@ mod support;
 
 mod definitions;
 mod faults;
+mod finish;
 mod gate;
 mod keys;
 mod lifecycle;
