@@ -203,6 +203,12 @@ async fn run(
             forward.name
         ));
     }
+    if mode == Mode::Forward
+        && !job.finish_sql.is_empty()
+        && matches!(report.outcome, Outcome::Done { .. } | Outcome::AlreadyDone)
+    {
+        finish(target, store, &job, &progress).await?;
+    }
     if args.json {
         println!(
             "{}",
@@ -256,6 +262,37 @@ async fn run(
         Outcome::Stopped => Err(Error::Interrupted(format!(
             "{name}: stopped: {summary}; progress is saved — `backfill run {name}` {resume}"
         ))),
+    }
+}
+
+/// Runs the job's finishing steps (those not done yet), once it is done and verified.
+async fn finish(target: &Target, store: &Store, job: &JobSpec, progress: &Progress) -> Result<()> {
+    let client = target.connect().await?;
+    store.set_phase(&client, &job.name, "finishing").await?;
+    let log = |line: &str| progress.log(line);
+    let opts = crate::finish::FinishOptions::default();
+    match crate::finish::run_steps(
+        &client,
+        store.schema(),
+        &job.name,
+        &job.finish_sql,
+        &opts,
+        &log,
+    )
+    .await
+    {
+        Ok(_) => {
+            store
+                .set_phase(&client, &job.name, "done and verified")
+                .await?;
+            Ok(())
+        }
+        Err(e) => {
+            let _ = store
+                .set_phase(&client, &job.name, "finishing failed")
+                .await;
+            Err(e)
+        }
     }
 }
 

@@ -77,6 +77,14 @@ pub struct StepReport {
 /// then finds the steps done. If this future is dropped midway, the lock stays with the session
 /// until it closes. `attempts` in the table counts every attempt since the step's statement last
 /// changed; [`StepOutcome::Ran`] counts those of this call.
+/// Checks each step offline (one statement, not a transaction command), as a job file is read.
+pub fn check_steps(job: &str, steps: &[String]) -> Result<()> {
+    for (i, sql) in steps.iter().enumerate() {
+        Step::parse(job, i + 1, steps.len(), sql)?;
+    }
+    Ok(())
+}
+
 pub async fn run_steps(
     client: &Client,
     schema: &str,

@@ -88,6 +88,8 @@ pub(super) fn parse(at: &Locator<'_>, raw: &RawJob, key: &[String]) -> Result<Ph
                 }
                 steps.push(s.to_string());
             }
+            crate::finish::check_steps(&at.job_name(), &steps)
+                .map_err(|e| at.err("finish_sql", list, e.to_string()))?;
             steps
         }
     };

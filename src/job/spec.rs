@@ -146,6 +146,14 @@ pub(super) struct Locator<'a> {
 }
 
 impl Locator<'_> {
+    /// The job's name: the file stem.
+    pub(super) fn job_name(&self) -> String {
+        self.path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
     pub(super) fn err<T>(
         &self,
         key: &str,

@@ -520,3 +520,67 @@ fn a_done_step_whose_statement_changed_runs_again_and_dropped_steps_are_forgotte
         1
     );
 }
+
+/// Through the binary: the finishing steps run once the job is done and verified; one that fails
+/// keeps the gate (CLI and SQL) shut, and the next run does only what is left.
+#[test]
+fn a_run_finishes_with_its_steps_and_the_gate_waits_for_them() {
+    let db = TestDb::new();
+    db.exec(
+        "CREATE TABLE o (id bigint PRIMARY KEY, legacy text, status text);
+         INSERT INTO o SELECT g, 'x' || g, NULL FROM generate_series(1, 1000) g;
+         UPDATE o SET legacy = NULL WHERE id = 500;",
+    );
+    db.write_job(
+        "o_status",
+        r#"
+table = "o"
+key = "id"
+sql = "UPDATE o SET status = upper(legacy) WHERE id BETWEEN :start AND :end AND status IS NULL"
+verify = "SELECT count(*) FROM o WHERE status IS NULL AND legacy IS NOT NULL"
+max_sweeps = 0
+finish_sql = [
+  "ALTER TABLE o ADD CONSTRAINT o_status_nn CHECK (status IS NOT NULL) NOT VALID",
+  "ALTER TABLE o VALIDATE CONSTRAINT o_status_nn",
+  "ALTER TABLE o ALTER COLUMN status SET NOT NULL",
+  "ALTER TABLE o DROP CONSTRAINT o_status_nn",
+]
+"#,
+    );
+    // Row 500 has no legacy value, so its status stays NULL and VALIDATE fails.
+    let out = db.run(&["run", "o_status"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("finishing step 2/4") && out.stderr.contains("23514"),
+        "{out:?}"
+    );
+    let out = db.run(&["gate", "o_status"]);
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(out.stdout.contains("1 of its 4 finishing steps"), "{out:?}");
+    let s = db.session();
+    let e = s
+        .try_exec("SELECT backfill.assert_done('o_status')")
+        .unwrap_err();
+    assert!(e.contains("1 of its 4 finishing steps succeeded"), "{e}");
+    let status = db.run(&["status", "o_status"]);
+    assert!(
+        status.stdout.contains("finishing failed") && status.stdout.contains("1 of 4 succeeded"),
+        "{status:?}"
+    );
+
+    db.exec("UPDATE o SET status = 'UNKNOWN' WHERE id = 500");
+    let out = db.run(&["run", "o_status"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("step 1/4 already done"), "{out:?}");
+    assert_eq!(
+        db.text("SELECT attnotnull::text FROM pg_attribute WHERE attrelid = 'o'::regclass AND attname = 'status'")
+            .as_deref(),
+        Some("true")
+    );
+    db.run(&["gate", "o_status"]).expect(0);
+    s.exec("SELECT backfill.assert_done('o_status')");
+    let v: serde_json::Value =
+        serde_json::from_str(&db.run(&["status", "o_status", "--json"]).stdout).unwrap();
+    assert_eq!(v["phase"], "done and verified");
+    assert_eq!(v["checkpoint"]["finish_steps_done"], 4);
+}

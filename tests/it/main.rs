@@ -8,6 +8,7 @@ mod finish;
 mod gate;
 mod keys;
 mod lifecycle;
+mod migration;
 mod migrators;
 mod observability;
 mod parallel;
