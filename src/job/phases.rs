@@ -240,3 +240,90 @@ fn migration(at: &Locator<'_>, m: &RawMigration) -> Result<MigrationSpec> {
     }
     Ok(spec)
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::job::{JobSpec, Revert};
+    use std::path::Path;
+
+    const OK: &str = "table = \"t\"\nkey = \"id\"\nsql = \"UPDATE t SET n = 1 WHERE id BETWEEN :start AND :end AND n = 0\"\n";
+
+    fn parse(extra: &str) -> Result<JobSpec, String> {
+        JobSpec::parse("j", Path::new("jobs/j.toml"), &format!("{OK}{extra}"))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_and_the_reference_job() {
+        let j = parse("").unwrap();
+        assert_eq!(j.max_sweeps, super::DEFAULT_MAX_SWEEPS);
+        assert!(j.finish_sql.is_empty() && j.revert.is_none() && j.migration.is_none());
+        let text = include_str!("../../jobs/orders_status.toml");
+        let j =
+            JobSpec::parse("orders_status", Path::new("jobs/orders_status.toml"), text).unwrap();
+        assert!(j.requires_sql.is_some());
+        assert!(matches!(j.revert, Some(Revert::DownSql(_))));
+    }
+
+    #[test]
+    fn revert_is_down_sql_or_undo_never_both() {
+        let m = parse(
+            "down_sql = \"UPDATE t SET n = 0 WHERE id BETWEEN :start AND :end\"\nundo = [\"n\"]\n",
+        )
+        .unwrap_err();
+        assert!(m.contains("not both") && m.contains(":5"), "{m}");
+        let m = parse("down_sql = \"UPDATE t SET n = 0\"\n").unwrap_err();
+        assert!(m.contains("down_sql") && m.contains(":start"), "{m}");
+        let m = parse("undo = [\"id\"]\n").unwrap_err();
+        assert!(m.contains("key column"), "{m}");
+        let m = parse("undo = []\n").unwrap_err();
+        assert!(m.contains("name the columns"), "{m}");
+        let m = JobSpec::parse(
+            "j",
+            Path::new("jobs/j.toml"),
+            &format!(
+                "{}undo = [\"n\"]\n",
+                OK.replace("key = \"id\"", "key = \"ctid\"")
+            ),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(m.contains("ctid"), "{m}");
+        let a = parse("").unwrap().fingerprint;
+        let b = parse("undo = [\"n\"]\n").unwrap().fingerprint;
+        assert_ne!(a, b, "a chunk done without undo data could not be reverted");
+    }
+
+    #[test]
+    fn finish_steps_are_single_statements() {
+        let j = parse("finish_sql = [\"ALTER TABLE t VALIDATE CONSTRAINT c;\"]\n").unwrap();
+        assert_eq!(j.finish_sql, ["ALTER TABLE t VALIDATE CONSTRAINT c"]);
+        let m = parse("finish_sql = [\"SELECT 1; SELECT 2\"]\n").unwrap_err();
+        assert!(m.contains("finish_sql"), "{m}");
+        let m = parse("finish_sql = [\" \"]\n").unwrap_err();
+        assert!(m.contains("step 1 is empty"), "{m}");
+        let m = parse("max_sweeps = -1\n").unwrap_err();
+        assert!(m.contains("max_sweeps"), "{m}");
+    }
+
+    #[test]
+    fn migration_table() {
+        let j = parse("[migration]\ntool = \"golang-migrate\"\nexpand = \"20240101\"\n").unwrap();
+        let m = j.migration.unwrap();
+        assert_eq!(m.expand.as_deref(), Some("20240101"));
+        assert!(m.contract.is_none());
+        let m = parse("[migration]\ntool = \"liquibase\"\nexpand = \"1\"\n").unwrap_err();
+        assert!(m.contains("liquibase") && m.contains("alembic"), "{m}");
+        let m = parse("[migration]\ntool = \"alembic\"\nexpand = \"ab12\"\n").unwrap_err();
+        assert!(m.contains("alembic_dir"), "{m}");
+        let m = parse("[migration]\ntool = \"sqlx\"\n").unwrap_err();
+        assert!(m.contains("neither"), "{m}");
+        let m = parse("[migration]\ntool = \"sqlx\"\nexpand = \"one\"\n").unwrap_err();
+        assert!(m.contains("expand"), "{m}");
+        let m = parse("[migration]\ntool = \"sqlx\"\nexpand = \"1\"\nalembic_dir = \"x\"\n")
+            .unwrap_err();
+        assert!(m.contains("for tool = \"alembic\" only"), "{m}");
+        let m = parse("[migration]\ntool = \"sqlx\"\nexpand = \"1\"\ncolour = 1\n").unwrap_err();
+        assert!(m.contains("colour"), "{m}");
+    }
+}

@@ -331,7 +331,7 @@ pub fn grants(schema: &str, role: &str) -> String {
     let s = crate::job::quote_ident(schema);
     let r = crate::job::quote_ident(role);
     format!(
-        "GRANT USAGE ON SCHEMA {s} TO {r};
+        "GRANT USAGE, CREATE ON SCHEMA {s} TO {r};
          GRANT SELECT ON {s}.schema_version TO {r};
          GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.checkpoints, {s}.runs, {s}.failures, {s}.controls, {s}.ranges, {s}.finish_steps TO {r};
          GRANT SELECT ON {s}.progress TO {r};
