@@ -94,6 +94,8 @@ pub struct Plan {
     pub statement_timeout_ms: u64,
     /// The throttle as `key = value` lines.
     pub throttle: Vec<String>,
+    /// What the job declares around its pass, and where its migrator stands now.
+    pub phases: Vec<String>,
     pub first_chunk: Option<FirstChunk>,
     pub estimates: Estimates,
     pub findings: Vec<Finding>,
@@ -123,12 +125,78 @@ pub async fn plan(
     let result = probe::run(&tx, job, checkpoint.as_ref(), opts).await;
     // Whatever happened, nothing the probe did may stay.
     let _ = tx.rollback().await;
-    result.map_err(|e| match e {
+    let mut plan = result.map_err(|e| match e {
         Error::Runtime(m) => {
             Error::Runtime(format!("{m} (the plan rolled back everything it did)"))
         }
         other => other,
-    })
+    })?;
+    phases(&client, job, &mut plan).await;
+    Ok(plan)
+}
+
+/// The job's phases as lines, and a finding when it may not run yet or its contract step ran.
+async fn phases(client: &tokio_postgres::Client, job: &JobSpec, plan: &mut Plan) {
+    let lines = &mut plan.phases;
+    if let Some(q) = &job.requires_sql {
+        lines.push(format!("requires_sql: {q}"));
+    }
+    if let Some(m) = &job.migration {
+        let revs = [("expand", &m.expand), ("contract", &m.contract)];
+        for (what, rev) in revs {
+            if let Some(rev) = rev {
+                let now = match m.history().is_applied(client, rev).await {
+                    Ok(a) => format!(
+                        "{}: {}",
+                        if a.applied { "applied" } else { "not applied" },
+                        a.detail
+                    ),
+                    Err(e) => format!("unknown: {e}"),
+                };
+                lines.push(format!("{what} {} {rev}: {now}", m.tool.name()));
+            }
+        }
+    }
+    match crate::migrator::not_ready(client, job).await {
+        Ok(Some(why)) => plan.findings.push(Finding {
+            severity: Severity::Warning,
+            code: "not_ready",
+            message: format!("a run would exit 3 now: {why}"),
+            fix: "apply the expand migration first, or run with --wait-for-expand".into(),
+        }),
+        Ok(None) => {}
+        Err(e) => lines.push(format!("precondition could not be checked: {e}")),
+    }
+    if let Ok(Some(why)) = crate::migrator::contract_applied(client, job).await {
+        plan.findings.push(Finding {
+            severity: Severity::Warning,
+            code: "contract_applied",
+            message: format!("{why}; a run of an unfinished job is refused"),
+            fix:
+                "check what the contract step removed; downgrade it if the backfill still needs it"
+                    .into(),
+        });
+    }
+    lines.push(match job.verify {
+        Some(_) => format!(
+            "verify, then up to {} sweeps while rows remain",
+            job.max_sweeps
+        ),
+        None => "no verify query: no sweep, and the gate cannot re-check completion".into(),
+    });
+    if !job.finish_sql.is_empty() {
+        lines.push(format!(
+            "{} finishing steps after the job is done",
+            job.finish_sql.len()
+        ));
+    }
+    lines.push(match &job.revert {
+        Some(crate::job::Revert::DownSql(_)) => "revert: down_sql".into(),
+        Some(crate::job::Revert::Undo(cols)) => {
+            format!("revert: undo keeps the old {}", cols.join(", "))
+        }
+        None => "revert: none declared (add down_sql or undo)".into(),
+    });
 }
 
 fn throttle_lines(job: &JobSpec) -> Vec<String> {

@@ -116,6 +116,7 @@ pub(super) async fn run(
         lock_timeout_ms: job.lock_timeout.as_millis() as u64,
         statement_timeout_ms: job.statement_timeout.as_millis() as u64,
         throttle: super::throttle_lines(job),
+        phases: Vec::new(),
         first_chunk: first,
         estimates,
         findings,

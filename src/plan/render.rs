@@ -31,7 +31,9 @@ pub fn print_text(p: &Plan) {
     for (i, t) in p.throttle.iter().enumerate() {
         line(if i == 0 { "throttle" } else { "" }, t);
     }
-    line("migration phases", "none declared");
+    for (i, t) in p.phases.iter().enumerate() {
+        line(if i == 0 { "phases" } else { "" }, t);
+    }
     match &p.first_chunk {
         Some(c) => {
             line(

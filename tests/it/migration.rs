@@ -96,6 +96,14 @@ fn alembic_expand_backfill_contract_with_a_branch_and_a_merge() {
         "{out:?}"
     );
 
+    let out = db.run(&["plan", "orders_status"]);
+    assert!(
+        out.stdout
+            .contains("expand alembic 2e1d0c9b8a7f: not applied")
+            && out.stdout.contains("a run would exit 3 now"),
+        "{out:?}"
+    );
+
     // A deploy starts the runner first; it waits for the expand step, then runs by itself.
     let child = db.spawn(&[
         "run",
