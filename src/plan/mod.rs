@@ -139,6 +139,7 @@ pub async fn plan(
 async fn phases(client: &tokio_postgres::Client, job: &JobSpec, plan: &mut Plan) {
     let lines = &mut plan.phases;
     if let Some(q) = &job.requires_sql {
+        let q = q.split_whitespace().collect::<Vec<_>>().join(" ");
         lines.push(format!("requires_sql: {q}"));
     }
     if let Some(m) = &job.migration {
