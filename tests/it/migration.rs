@@ -68,6 +68,7 @@ UPDATE orders SET status = CASE legacy_status WHEN 'P' THEN 'pending' WHEN 'S' T
  WHERE id BETWEEN :start AND :end AND status IS NULL
 """
 verify = "SELECT count(*) FROM orders WHERE status IS NULL"
+down_sql = "UPDATE orders SET status = NULL WHERE id BETWEEN :start AND :end AND status IS NOT NULL"
 throttle = { target_chunk_time = "0s" }
 "#;
 
@@ -158,6 +159,14 @@ fn alembic_expand_backfill_contract_with_a_branch_and_a_merge() {
     let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
     assert_eq!(v["phase"], "contract applied", "{status:?}");
     db.run(&["run", "orders_status"]).expect(0);
+    // Past the contract step there is no way back by the backfill alone.
+    let out = db.run(&["revert", "orders_status"]);
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("downgrade the contract migration first"),
+        "{out:?}"
+    );
 
     // A run after the contract step of an unfinished job is refused.
     db.run(&["reset", "orders_status", "--yes"]).expect(0);
