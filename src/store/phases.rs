@@ -79,7 +79,20 @@ impl Store {
             .await
             .map_err(err)?;
         let (passes, estimate): (i32, Option<i64>) = (row.get(0), row.get(1));
-        if passes != seen {
+        // Another run started a pass since (or one is still being walked): join it rather than
+        // start another; its end is verified again.
+        let unfinished: bool = tx
+            .query_one(
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM {s}.ranges WHERE job = $1 AND NOT done)",
+                    s = self.q
+                ),
+                &[&name],
+            )
+            .await
+            .map_err(err)?
+            .get(0);
+        if passes != seen || unfinished {
             return Ok(Sweep::Ready { pass: passes });
         }
         if passes >= job.max_sweeps as i32 {

@@ -99,3 +99,32 @@ fn max_sweeps_zero_turns_sweeping_off() {
         "no second pass"
     );
 }
+
+#[test]
+fn two_runners_share_one_sweep() {
+    let db = TestDb::new();
+    counter_table(&db, 6000);
+    db.write_job("j", &guarded_job(""));
+    let a = db.spawn(&["run", "j", "--rows-per-second", "2000"]);
+    let b = db.spawn(&["run", "j", "--rows-per-second", "2000"]);
+    db.wait_for(
+        "SELECT rows_done >= 3000 FROM backfill.progress WHERE job = 'j'",
+        Duration::from_secs(60),
+    );
+    db.exec("UPDATE t SET n = 0 WHERE id IN (SELECT id FROM t ORDER BY id LIMIT 30)");
+    let (a, b) = (
+        wait_out(a, Duration::from_secs(120)),
+        wait_out(b, Duration::from_secs(120)),
+    );
+    assert_eq!((a.code, b.code), (0, 0), "{a:?}\n{b:?}");
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+    assert_eq!(
+        db.i64("SELECT sweeps::bigint FROM backfill.checkpoints WHERE job = 'j'"),
+        1,
+        "both runs walked the same sweep\n{a:?}\n{b:?}"
+    );
+    assert_eq!(
+        db.i64("SELECT count(*) FROM backfill.ranges WHERE job = 'j' AND NOT done"),
+        0
+    );
+}
