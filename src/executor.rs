@@ -565,8 +565,10 @@ impl Shared<'_> {
         }
     }
 
-    /// Why applying the statement again to keys already done would be wrong, if it would: the
-    /// plan's probe runs it twice on the first chunk (rolled back) and compares the rows.
+    /// Why applying the statement again to keys already done would be wrong, if it would. A
+    /// sweep is for statements with a guard: the plan's probe runs the statement twice on the
+    /// table's first chunk (rolled back), and the second execution must affect no row at all —
+    /// a statement without a guard would overwrite what the application wrote since.
     async fn unsafe_to_sweep(&self) -> Result<Option<String>> {
         let opts = crate::plan::PlanOptions {
             verify_timeout: Duration::from_secs(1),
@@ -574,16 +576,25 @@ impl Shared<'_> {
             from_first_key: true,
         };
         let plan = crate::plan::plan(self.target, self.store, self.job, &opts).await?;
-        Ok(plan
+        if let Some(f) = plan
             .findings
             .iter()
             .find(|f| f.code == "not_idempotent" || f.code == "statement_fails")
-            .map(|f| {
-                format!(
-                    "a sweep applies the statement again to every key, and {} — {}",
-                    f.message, f.fix
-                )
-            }))
+        {
+            return Ok(Some(format!(
+                "a sweep applies the statement again to every key, and {} — {}",
+                f.message, f.fix
+            )));
+        }
+        Ok(match plan.estimates.rows_reapplied {
+            Some(0) => None,
+            Some(n) => Some(format!(
+                "a sweep applies the statement again to every key, and applied again to the first chunk it wrote {n} rows once more: without a guard (e.g. `AND status IS NULL`) a sweep would overwrite what the application wrote since the pass; add a guard, or fix the rows by hand"
+            )),
+            None => Some(
+                "whether the statement is safe to apply twice could not be checked (no first chunk to probe)".into(),
+            ),
+        })
     }
 }
 

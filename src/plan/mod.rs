@@ -76,6 +76,9 @@ pub struct Estimates {
     pub chunks: Option<i64>,
     /// How long the first chunk's statement took (inside the rolled-back transaction).
     pub sample_chunk_ms: Option<f64>,
+    /// Rows the statement's second execution on the first chunk affected: 0 when a guard
+    /// (`AND new_col IS NULL`) makes applying it again a no-op, which a sweep relies on.
+    pub rows_reapplied: Option<i64>,
     /// Expected duration of the run at the starting chunk size and the rate ceiling.
     pub expected_seconds: Option<f64>,
 }

@@ -423,6 +423,7 @@ async fn probe_statement(
             return Ok(());
         }
     };
+    estimates.rows_reapplied = Some(again as i64);
     let twice = snapshot().await?;
 
     let changed = changed_columns(&before, &once);

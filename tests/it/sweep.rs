@@ -49,13 +49,15 @@ fn rows_written_behind_the_cursor_are_swept() {
 fn a_sweep_that_cannot_converge_ends_incomplete_and_a_new_run_sweeps_again() {
     let db = TestDb::new();
     counter_table(&db, 500);
-    // A writer that undoes the backfill on one row every time (old code still deployed).
-    db.exec(
-        "CREATE FUNCTION undo_one() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN IF NEW.id = (SELECT min(id) FROM t) THEN NEW.n := 0; END IF; RETURN NEW; END $$;
-         CREATE TRIGGER undo_one BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION undo_one();",
+    // One row the statement cannot fix yet (say, it waits for data from elsewhere).
+    db.exec("CREATE TABLE blocked (id bigint); INSERT INTO blocked SELECT min(id) FROM t;");
+    db.write_job(
+        "j",
+        &guarded_job("max_sweeps = 2").replace(
+            "AND n = 0\"",
+            "AND n = 0 AND NOT EXISTS (SELECT 1 FROM blocked b WHERE b.id = t.id)\"",
+        ),
     );
-    db.write_job("j", &guarded_job("max_sweeps = 2"));
     let out = db.run(&["run", "j"]);
     assert_eq!(out.code, 1, "{out:?}");
     assert!(
@@ -71,8 +73,8 @@ fn a_sweep_that_cannot_converge_ends_incomplete_and_a_new_run_sweeps_again() {
     let status = db.run(&["status", "j"]);
     assert!(status.stdout.contains("incomplete"), "{status:?}");
 
-    // The writers are fixed: a new run sweeps again and completes.
-    db.exec("DROP TRIGGER undo_one ON t");
+    // Fixed: a new run sweeps again and completes.
+    db.exec("DELETE FROM blocked");
     let out = db.run(&["run", "j"]);
     assert_eq!(out.code, 0, "{out:?}");
     assert!(out.stderr.contains("sweep 1 of at most 2"), "{out:?}");
@@ -125,6 +127,48 @@ fn two_runners_share_one_sweep() {
     );
     assert_eq!(
         db.i64("SELECT count(*) FROM backfill.ranges WHERE job = 'j' AND NOT done"),
+        0
+    );
+}
+
+/// A statement without a guard is exactly-once in a pass, but a sweep would apply it again to
+/// every key and overwrite what the application wrote since: no sweep then.
+#[test]
+fn a_statement_without_a_guard_is_not_swept() {
+    let db = TestDb::new();
+    db.exec(
+        "CREATE TABLE o (id bigint PRIMARY KEY, legacy text NOT NULL, status text);
+         INSERT INTO o SELECT g, 'x', NULL FROM generate_series(1, 4000) g;",
+    );
+    db.write_job(
+        "j",
+        "table = \"o\"\nkey = \"id\"\nchunk_rows = 100\n\
+         sql = \"UPDATE o SET status = upper(legacy) WHERE id BETWEEN :start AND :end\"\n\
+         verify = \"SELECT count(*) FROM o WHERE status IS NULL\"\n\
+         throttle = { target_chunk_time = \"0s\" }\n",
+    );
+    let child = db.spawn(&["run", "j", "--rows-per-second", "4000"]);
+    db.wait_for(
+        "SELECT rows_done >= 2000 FROM backfill.progress WHERE job = 'j'",
+        Duration::from_secs(60),
+    );
+    // New code changes a row already done; old code writes a row behind the cursor.
+    db.exec(
+        "UPDATE o SET status = 'refunded' WHERE id = 1; UPDATE o SET status = NULL WHERE id = 2",
+    );
+    let out = wait_out(child, Duration::from_secs(60));
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("not swept") && out.stderr.contains("guard"),
+        "{out:?}"
+    );
+    assert_eq!(
+        db.text("SELECT status FROM o WHERE id = 1").as_deref(),
+        Some("refunded"),
+        "the application's write survives"
+    );
+    assert_eq!(
+        db.i64("SELECT sweeps::bigint FROM backfill.checkpoints WHERE job = 'j'"),
         0
     );
 }
