@@ -114,7 +114,10 @@ pub async fn execute(cli: Cli) -> Result<u8> {
         }
         Command::RetryFailures { name } => retry_failures(&target()?, &store, &g.jobs, &name).await,
         Command::Reset { name, yes } => reset(&target()?, &store, &g.jobs, &name, yes).await,
-        Command::Init { grant_to } => init(&target()?, &store, &grant_to).await,
+        Command::Init {
+            grant_to,
+            grant_gate_to,
+        } => init(&target()?, &store, &grant_to, &grant_gate_to).await,
         Command::Demo { rows } => {
             crate::demo::run(g.database_url.as_deref(), &store, &g.jobs, rows).await
         }
@@ -1020,7 +1023,12 @@ async fn reset(target: &Target, store: &Store, jobs: &Path, name: &str, yes: boo
     Ok(exit::SUCCESS)
 }
 
-async fn init(target: &Target, store: &Store, grant_to: &[String]) -> Result<u8> {
+async fn init(
+    target: &Target,
+    store: &Store,
+    grant_to: &[String],
+    grant_gate_to: &[String],
+) -> Result<u8> {
     let mut client = target.connect().await?;
     let (before, after) = store::migrate(&mut client, store.schema()).await?;
     match before {
@@ -1037,20 +1045,24 @@ async fn init(target: &Target, store: &Store, grant_to: &[String]) -> Result<u8>
             store.schema()
         ),
     }
-    for role in grant_to {
-        client
-            .batch_execute(&store::grants(store.schema(), role))
-            .await
-            .map_err(|e| {
-                crate::db::error(
-                    e,
-                    format!("granting role {role} access to schema {}", store.schema()),
-                )
-            })?;
-        println!(
-            "granted role {role} what a run needs on schema {}",
-            store.schema()
-        );
+    let runners = grant_to
+        .iter()
+        .map(|r| (r, store::grants(store.schema(), r), "what a run needs"));
+    let gates = grant_gate_to.iter().map(|r| {
+        (
+            r,
+            store::gate_grants(store.schema(), r),
+            "what the SQL gate assert_done needs",
+        )
+    });
+    for (role, sql, what) in runners.chain(gates) {
+        client.batch_execute(&sql).await.map_err(|e| {
+            crate::db::error(
+                e,
+                format!("granting role {role} access to schema {}", store.schema()),
+            )
+        })?;
+        println!("granted role {role} {what} on schema {}", store.schema());
     }
     Ok(exit::SUCCESS)
 }

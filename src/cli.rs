@@ -146,6 +146,9 @@ pub enum Command {
         /// Also grant ROLE what a run needs on the engine's schema.
         #[arg(long, value_name = "ROLE")]
         grant_to: Vec<String>,
+        /// Also let ROLE (a migration's) call the SQL gate `assert_done`, and read nothing else.
+        #[arg(long, value_name = "ROLE")]
+        grant_gate_to: Vec<String>,
     },
     /// Run the sample job on a throwaway local PostgreSQL (or the given database).
     Demo {

@@ -22,7 +22,9 @@ pub use failures::{FailedKey, Poison};
 pub use lease::LeaseState;
 pub use phases::Sweep;
 pub use ranges::{Acquired, Advance, RangeInfo, RangeLease, Splitter};
-pub use schema::{grants, installed_version, migrate, migrate_up_to, LATEST as SCHEMA_VERSION};
+pub use schema::{
+    gate_grants, grants, installed_version, migrate, migrate_up_to, LATEST as SCHEMA_VERSION,
+};
 
 use crate::db;
 use crate::error::{Error, Result};
@@ -462,14 +464,19 @@ impl Store {
             &format!(
                 "UPDATE {s}.checkpoints SET state = 'running', fingerprint = $2, last_error = NULL,
                         started_at = coalesce(started_at, now()), updated_at = now(),
-                        verify_sql = $3, finish_steps = $4, phase = 'running',
+                        has_verify = $3, finish_steps = $4, phase = 'running',
                         -- a new run after an incomplete one may sweep again (the writers were fixed)
                         sweeps = CASE WHEN state = 'incomplete' AND NOT {live} THEN 0 ELSE sweeps END
                   WHERE job = $1",
                 s = self.q,
                 live = if live.is_empty() { "false" } else { "true" }
             ),
-            &[&name, &job.fingerprint, &job.verify, &(job.finish_sql.len() as i32)],
+            &[
+                &name,
+                &job.fingerprint,
+                &job.verify.is_some(),
+                &(job.finish_sql.len() as i32),
+            ],
         )
         .await
         .map_err(err)?;

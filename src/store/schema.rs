@@ -215,6 +215,58 @@ END
 $fn$;
 "#,
     ),
+    (
+        7,
+        // The SQL gate no longer executes a query stored in the engine's tables: a role that may
+        // write them (the runner) must not be able to run SQL with the rights of whoever calls the
+        // gate (a migration, often the owner). The one-argument gate trusts the verify the engine
+        // recorded; the two-argument one runs the query the migration itself passes, now.
+        r#"
+ALTER TABLE {s}.checkpoints DROP COLUMN verify_sql, ADD COLUMN has_verify boolean NOT NULL DEFAULT false;
+DROP FUNCTION {s}.assert_done(text);
+CREATE FUNCTION {s}.assert_done(job_name text, verify_query text DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    c          record;
+    failed     bigint;
+    finished   bigint;
+    remaining  bigint;
+    run_hint   text := format('run `backfill run %s` and let it finish; `backfill gate %s` says what is missing', job_name, job_name);
+    redo_hint  text := format('rows were written behind the backfill (old code still deployed?); once the writers are fixed: `backfill reset %s --yes` and `backfill run %s`', job_name, job_name);
+BEGIN
+    SELECT state, has_verify, verify_remaining, finish_steps INTO c FROM {s}.checkpoints WHERE job = job_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'backfill job % has never run: the contract step must wait for it', job_name
+              USING HINT = run_hint;
+    END IF;
+    IF c.state <> 'done' THEN
+        RAISE EXCEPTION 'backfill job % is not complete (state %): the contract step must wait for it', job_name, c.state
+              USING HINT = run_hint;
+    END IF;
+    SELECT count(*) INTO failed FROM {s}.failures WHERE job = job_name AND resolved_at IS NULL;
+    IF failed > 0 THEN
+        RAISE EXCEPTION 'backfill job % skipped % keys whose rows made its statement fail', job_name, failed
+              USING HINT = format('`backfill failures %s` lists them; `backfill retry-failures %s` once fixed', job_name, job_name);
+    END IF;
+    SELECT count(*) INTO finished FROM {s}.finish_steps WHERE job = job_name AND state = 'done';
+    IF finished < c.finish_steps THEN
+        RAISE EXCEPTION 'backfill job %: % of its % finishing steps succeeded', job_name, finished, c.finish_steps
+              USING HINT = run_hint;
+    END IF;
+    IF verify_query IS NOT NULL THEN
+        EXECUTE format('SELECT (%s)::bigint', verify_query) INTO remaining;
+        IF remaining IS DISTINCT FROM 0 THEN
+            RAISE EXCEPTION 'backfill job %: the verify query counts % rows still to do', job_name, coalesce(remaining::text, 'NULL')
+                  USING HINT = redo_hint;
+        END IF;
+    ELSIF c.has_verify AND c.verify_remaining IS DISTINCT FROM 0 THEN
+        RAISE EXCEPTION 'backfill job %: its last verify counted % rows still to do', job_name, coalesce(c.verify_remaining::text, 'no result')
+              USING HINT = redo_hint;
+    END IF;
+END
+$fn$;
+"#,
+    ),
 ];
 
 pub const LATEST: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -324,6 +376,17 @@ pub async fn migrate_up_to(
     }
     tx.commit().await.map_err(fail)?;
     Ok((before, last.min(LATEST)))
+}
+
+/// The statements that let `role` (a migration's) call the SQL gate, and nothing more.
+pub fn gate_grants(schema: &str, role: &str) -> String {
+    let s = crate::job::quote_ident(schema);
+    let r = crate::job::quote_ident(role);
+    format!(
+        "GRANT USAGE ON SCHEMA {s} TO {r};
+         GRANT SELECT ON {s}.checkpoints, {s}.failures, {s}.finish_steps TO {r};
+         GRANT EXECUTE ON FUNCTION {s}.assert_done(text, text) TO {r};"
+    )
 }
 
 /// The statements that give `role` what a run needs, and nothing more.

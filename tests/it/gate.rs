@@ -37,12 +37,34 @@ fn assert_done_raises_until_the_job_is_complete_and_verified() {
     db.exec("UPDATE backfill.failures SET resolved_at = now() WHERE job = 'j'");
     s.exec("SELECT backfill.assert_done('j')");
 
-    // A row written behind the backfill fails it again, inside the contract's own transaction.
+    // Given the verify query, the gate counts now, inside the contract's own transaction: a row
+    // written behind the backfill fails it. Without it, the gate trusts the engine's last verify.
+    let verify =
+        "SELECT backfill.assert_done('j', 'SELECT count(*) FROM t WHERE n = 0 AND id <> 7')";
+    s.exec(verify);
     s.exec("BEGIN; INSERT INTO t (id) VALUES (-1)");
-    let e = s.try_exec("SELECT backfill.assert_done('j')").unwrap_err();
-    assert!(e.contains("verify query counts 1 rows"), "{e}");
+    let e = s.try_exec(verify).unwrap_err();
+    assert!(e.contains("the verify query counts 1 rows"), "{e}");
     s.exec("ROLLBACK");
-    s.exec("SELECT backfill.assert_done('j')");
+    s.exec(verify);
+    db.exec("INSERT INTO t (id) VALUES (-1)");
+    db.run(&["gate", "j"]).expect(3);
+    let e = s.try_exec("SELECT backfill.assert_done('j')").unwrap_err();
+    assert!(e.contains("its last verify counted 1 rows"), "{e}");
+
+    // A migration's role may call the gate with nothing more than --grant-gate-to gives it.
+    let role = format!("migrator_{}", db.name);
+    db.exec(&format!(
+        "DELETE FROM t WHERE id = -1; CREATE ROLE {role} LOGIN"
+    ));
+    db.run(&["gate", "j"]).expect(0);
+    db.run(&["init", "--grant-gate-to", &role]).expect(0);
+    let m = Session::connect(&db.url_as(&role));
+    m.exec("SELECT backfill.assert_done('j')");
+    let e = m
+        .try_exec("UPDATE backfill.checkpoints SET state = 'done'")
+        .unwrap_err();
+    assert!(e.contains("42501"), "{e}");
 }
 
 #[test]

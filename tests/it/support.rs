@@ -166,18 +166,7 @@ impl TestDb {
 
     /// Another session, e.g. to hold a lock while the engine runs.
     pub fn session(&self) -> Session {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let client = rt.block_on(async {
-            Target::resolve(Some(&self.url))
-                .unwrap()
-                .connect()
-                .await
-                .unwrap()
-        });
-        Session { rt, client }
+        Session::connect(&self.url)
     }
 
     pub fn write_job(&self, name: &str, toml: &str) {
@@ -276,6 +265,17 @@ pub struct Session {
 }
 
 impl Session {
+    /// A session on `url` (e.g. as another role: `TestDb::url_as`).
+    pub fn connect(url: &str) -> Session {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let client =
+            rt.block_on(async { Target::resolve(Some(url)).unwrap().connect().await.unwrap() });
+        Session { rt, client }
+    }
+
     pub fn exec(&self, sql: &str) {
         self.try_exec(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
