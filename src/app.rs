@@ -199,7 +199,12 @@ async fn run(
     {
         let mut client = target.connect().await?;
         store
-            .mark_reverted(&mut client, &forward.name, &job.name)
+            .mark_reverted(
+                &mut client,
+                &forward.name,
+                &job.name,
+                &crate::undo::undo_table(store, &forward.name),
+            )
             .await?;
         progress.log(&format!(
             "{}: reverted; its progress is forgotten and its next `backfill run` starts over",
@@ -319,23 +324,9 @@ async fn preconditions(
     // A run creates or upgrades the engine's schema anyway; reading it needs the current version.
     store.ensure(&mut client).await?;
     let checkpoint = store.load(&client, name).await?;
-    let reverting = store
-        .load(&client, &crate::undo::revert_name(name))
-        .await?
-        .filter(|r| r.state != "done");
+    // Whether the job runs, was reverted or has a revert unfinished is checked again where it
+    // matters, under the job's checkpoint lock when the run joins (`Store::claim`).
     if mode == Mode::Revert {
-        let Some(c) = &checkpoint else {
-            return Err(Error::NotSatisfied(format!(
-                "job {name} has never run here (no checkpoint in schema {}); nothing to revert",
-                store.schema()
-            )));
-        };
-        if let Some(o) = c.runners.iter().find(|o| o.alive) {
-            return Err(Error::NotSatisfied(format!(
-                "job {name} is running on host {} (pid {}); stop it (Ctrl-C, or `backfill cancel {name}`) before reverting",
-                o.host, o.pid
-            )));
-        }
         if let Some(why) = crate::migrator::contract_applied(&client, job).await? {
             return Err(Error::NotSatisfied(format!(
                 "job {name} cannot be reverted: {why}; the data it would restore is gone — downgrade the contract migration first"
@@ -352,12 +343,6 @@ async fn preconditions(
             )));
         }
         return Ok(());
-    }
-    if let Some(r) = reverting {
-        return Err(Error::NotSatisfied(format!(
-            "a revert of job {name} is unfinished (state {}, {} rows reverted); finish it with `backfill revert {name}` before running the job again",
-            r.state, r.rows_done
-        )));
     }
     if checkpoint.as_ref().is_some_and(|c| c.state == "done") {
         return Ok(());

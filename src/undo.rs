@@ -149,6 +149,7 @@ pub fn revert_job(store: &Store, job: &JobSpec) -> Result<JobSpec> {
     revert.revert = None;
     revert.migration = None;
     revert.requires_sql = None;
+    revert.reverts = Some(job.name.clone());
     Ok(revert)
 }
 

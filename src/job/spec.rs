@@ -134,6 +134,8 @@ pub struct JobSpec {
     pub finish_sql: Vec<String>,
     pub revert: Option<super::Revert>,
     pub migration: Option<super::MigrationSpec>,
+    /// For the revert job derived from a job (`backfill revert`): that job's name.
+    pub reverts: Option<String>,
     /// Stable hash of what the job does to the data (table, key, sql). Progress made under one
     /// fingerprint is not resumed under another without `--allow-changed-definition`.
     pub fingerprint: String,
@@ -335,6 +337,7 @@ impl JobSpec {
             finish_sql: phases.finish_sql,
             revert: phases.revert,
             migration: phases.migration,
+            reverts: None,
             fingerprint,
         })
     }

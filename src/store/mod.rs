@@ -380,6 +380,10 @@ impl Store {
         ))
         .await
         .map_err(err)?;
+        // A job and its revert never run at once: both lock the job's row first.
+        if let Some(forward) = &job.reverts {
+            self.may_revert(&tx, forward).await?;
+        }
         tx.execute(
             &format!(
                 "INSERT INTO {s}.checkpoints (job, fingerprint, table_name, key_columns)
@@ -405,6 +409,25 @@ impl Store {
             .map_err(err)?;
         let mut checkpoint = Self::from_row(&row);
         self.detail(&tx, &mut checkpoint).await?;
+        if job.reverts.is_none() {
+            let revert = crate::undo::revert_name(name);
+            if let Some(r) = tx
+                .query_opt(
+                    &format!(
+                        "SELECT state FROM {s}.checkpoints WHERE job = $1",
+                        s = self.q
+                    ),
+                    &[&revert],
+                )
+                .await
+                .map_err(err)?
+            {
+                let state: String = r.get(0);
+                return Err(Error::NotSatisfied(format!(
+                    "a revert of job {name} is unfinished (job {revert}, state {state}); finish it with `backfill revert {name}` before running the job again"
+                )));
+            }
+        }
         let live: Vec<&Owner> = checkpoint.runners.iter().filter(|o| o.alive).collect();
         if checkpoint.fingerprint != job.fingerprint {
             if let Some(other) = live.first() {

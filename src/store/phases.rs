@@ -5,7 +5,7 @@
 
 use super::Store;
 use crate::db;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::job::JobSpec;
 use crate::keyset::KeyValue;
 use tokio_postgres::GenericClient;
@@ -130,6 +130,45 @@ impl Store {
         Ok(Sweep::Ready { pass: passes + 1 })
     }
 
+    /// Whether `job` may be reverted now: it made progress, is not reverted already, and no run
+    /// works on it. Locks its checkpoint row until the caller's transaction ends.
+    pub(super) async fn may_revert(&self, tx: &impl GenericClient, job: &str) -> Result<()> {
+        let err = |e| db::error(e, format!("job {job}: checking that it may be reverted"));
+        let row = tx
+            .query_opt(
+                &format!(
+                    "SELECT c.state, c.bound_taken,
+                            EXISTS (SELECT 1 FROM {s}.runs r WHERE r.job = c.job AND r.outcome IS NULL AND {alive})
+                       FROM {s}.checkpoints c WHERE c.job = $1 FOR UPDATE",
+                    s = self.q,
+                    alive = Self::run_alive_sql("r")
+                ),
+                &[&job],
+            )
+            .await
+            .map_err(err)?;
+        let refuse = |why: String| Err(Error::NotSatisfied(format!("job {job} {why}")));
+        let Some(row) = row else {
+            return refuse(format!(
+                "has never run here (no checkpoint in schema {}); nothing to revert",
+                self.schema
+            ));
+        };
+        let (state, taken, running): (String, bool, bool) = (row.get(0), row.get(1), row.get(2));
+        if running {
+            return refuse(format!(
+                "is running; stop it (Ctrl-C, or `backfill cancel {job}`) before reverting"
+            ));
+        }
+        if state == "reverted" {
+            return refuse("is already reverted; nothing to revert until it runs again".into());
+        }
+        if !taken {
+            return refuse("has not processed anything yet; nothing to revert".into());
+        }
+        Ok(())
+    }
+
     /// After a complete revert: the job's progress is forgotten (its next run starts over), its
     /// state says `reverted`, its finishing steps will run again, and the finished revert job is
     /// removed so that a later revert starts afresh. History rows stay.
@@ -138,9 +177,30 @@ impl Store {
         client: &mut tokio_postgres::Client,
         job: &str,
         revert_job: &str,
+        undo_table: &str,
     ) -> Result<()> {
         let err = |e| db::error(e, format!("job {job}: recording the revert"));
         let tx = client.transaction().await.map_err(err)?;
+        tx.execute(
+            &format!(
+                "SELECT 1 FROM {s}.checkpoints WHERE job = $1 FOR UPDATE",
+                s = self.q
+            ),
+            &[&job],
+        )
+        .await
+        .map_err(err)?;
+        // The values are back in the table: kept ones would be stale in the job's next cycle.
+        let kept: bool = tx
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&undo_table])
+            .await
+            .map_err(err)?
+            .get(0);
+        if kept {
+            tx.batch_execute(&format!("DELETE FROM {undo_table}"))
+                .await
+                .map_err(err)?;
+        }
         tx.execute(
             &format!(
                 "UPDATE {s}.checkpoints SET state = 'reverted', phase = 'reverted', bound_taken = false,

@@ -113,10 +113,16 @@ fn undo_restores_the_original_values_exactly_even_after_kills() {
     db.exec("DELETE FROM t WHERE id = 100000");
     assert_eq!(digest(&db), original, "every value is back, NULLs included");
 
+    assert_eq!(
+        db.i64("SELECT count(*) FROM backfill.undo_j"),
+        0,
+        "restored values are not kept for the next cycle"
+    );
+
     // Dropping the undo data needs --yes; afterwards there is nothing to restore from.
     let out = db.run(&["drop-undo", "j"]);
     assert_eq!(out.code, 2, "{out:?}");
-    assert!(out.stderr.contains("4000 rows"), "{out:?}");
+    assert!(out.stderr.contains("--yes"), "{out:?}");
     db.run(&["drop-undo", "j", "--yes"]).expect(0);
     assert!(db
         .text("SELECT to_regclass('backfill.undo_j')::text")
@@ -158,4 +164,34 @@ fn a_revert_is_refused_while_the_job_runs_and_for_a_job_without_a_way_back() {
     assert!(db.i64("SELECT count(*) FROM t WHERE n = 1") > 0);
     db.run(&["revert", "j"]).expect(0);
     assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 0"), 0);
+}
+
+/// Run, revert, the application writes, run again, revert again: the second revert restores the
+/// values from before the second run, and a reverted job cannot be reverted twice.
+#[test]
+fn a_second_cycle_reverts_to_the_values_before_it() {
+    let db = TestDb::new();
+    db.exec(
+        "CREATE TABLE c (tenant text, id int, n int, PRIMARY KEY (tenant, id));
+         INSERT INTO c SELECT 't' || (g % 3), g, 1 FROM generate_series(1, 900) g;",
+    );
+    db.write_job(
+        "c",
+        "table = \"c\"\nkey = [\"tenant\", \"id\"]\nchunk_rows = 100\n\
+         sql = \"UPDATE c SET n = 2 WHERE (tenant, id) BETWEEN :start AND :end\"\n\
+         undo = [\"n\"]\n",
+    );
+    db.run(&["run", "c"]).expect(0);
+    db.run(&["revert", "c"]).expect(0);
+    assert_eq!(db.i64("SELECT count(*) FROM c WHERE n <> 1"), 0);
+    let out = db.run(&["revert", "c"]);
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(out.stderr.contains("already reverted"), "{out:?}");
+
+    db.exec("UPDATE c SET n = 1000 WHERE id <= 10");
+    db.run(&["run", "c"]).expect(0);
+    assert_eq!(db.i64("SELECT count(*) FROM c WHERE n <> 2"), 0);
+    db.run(&["revert", "c"]).expect(0);
+    assert_eq!(db.i64("SELECT count(*) FROM c WHERE n = 1000"), 10);
+    assert_eq!(db.i64("SELECT count(*) FROM c WHERE n = 1"), 890);
 }
