@@ -355,9 +355,22 @@ async fn preconditions(
     }
     let since = std::time::Instant::now();
     let mut told: Option<std::time::Instant> = None;
+    let mut client = Some(client);
     loop {
-        let Some(why) = crate::migrator::not_ready(&client, job).await? else {
-            return Ok(());
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            client = target.connect().await.ok();
+        }
+        let why = match &client {
+            // The database went away while we wait: wait for it too.
+            None => "the database is unreachable (waiting for it)".to_string(),
+            Some(c) => match crate::migrator::not_ready(c, job).await {
+                Ok(None) => return Ok(()),
+                Ok(Some(why)) => why,
+                Err(_) if args.wait_for_expand.is_some() && c.is_closed() => {
+                    "the database connection was lost (waiting for it)".to_string()
+                }
+                Err(e) => return Err(e),
+            },
         };
         let Some(limit) = args.wait_for_expand else {
             return Err(Error::NotSatisfied(format!(
@@ -371,7 +384,9 @@ async fn preconditions(
             )));
         }
         if told.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(60)) {
-            store.note_waiting(&client, job, &why).await?;
+            if let Some(c) = &client {
+                let _ = store.note_waiting(c, job, &why).await;
+            }
             progress.log(&format!("{name}: waiting: {why}"));
             told = Some(std::time::Instant::now());
         }

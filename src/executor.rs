@@ -558,6 +558,12 @@ impl Shared<'_> {
                 ));
                 Ok(AfterPass::Sweep)
             }
+            Sweep::Done => {
+                self.progress.log(&format!(
+                    "{name}: another run completed the job meanwhile (its verify returned 0)"
+                ));
+                Ok(AfterPass::Verified)
+            }
             Sweep::Exhausted { passes } => incomplete(format!(
                 "verify still counts {n} rows to do after {passes} sweeps (max_sweeps = {})",
                 job.max_sweeps
@@ -1350,6 +1356,7 @@ pub async fn retry_failures(
     store.ensure(&mut client).await?;
     let keyset = Keyset::resolve(&client, job).await?;
     let statement = job.sql.render(&keyset);
+    crate::undo::ensure_table(&client, store, job).await?;
     let undo_copy = crate::undo::copy_sql(store, job, &keyset);
     let set_local = format!(
         "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}",

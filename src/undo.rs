@@ -91,13 +91,14 @@ pub async fn ensure_table(
 }
 
 /// The statement each chunk runs before the job's: copies the chunk's rows' current values of the
-/// undo columns, keeping any copy made before. Same placeholders (and so the same parameters) as
-/// the job's statement.
+/// undo columns, keeping any copy made before. It locks the rows it copies, so no application
+/// write can land between the copy and the statement (whose snapshot is a later one). Same
+/// placeholders (and so the same parameters) as the job's statement.
 pub fn copy_sql(store: &Store, job: &JobSpec, keyset: &Keyset) -> Option<String> {
     let cols = undo_columns(job)?;
     let key = column_list(&job.key, "");
     let text = format!(
-        "INSERT INTO {undo} ({key}, {cols}) SELECT {key}, {cols} FROM {source} WHERE ({key}) BETWEEN :start AND :end ON CONFLICT DO NOTHING",
+        "INSERT INTO {undo} ({key}, {cols}) SELECT {key}, {cols} FROM {source} WHERE ({key}) BETWEEN :start AND :end FOR UPDATE ON CONFLICT DO NOTHING",
         undo = undo_table(store, &job.name),
         cols = column_list(cols, ""),
         source = job.table.quoted()

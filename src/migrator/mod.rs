@@ -18,17 +18,31 @@ use std::time::Duration;
 pub async fn not_ready(client: &tokio_postgres::Client, job: &JobSpec) -> Result<Option<String>> {
     let name = &job.name;
     if let Some(q) = &job.requires_sql {
-        let ok: Option<bool> = client
+        let ok: Option<bool> = match client
             .query_one(&format!("SELECT ({q})::boolean"), &[])
             .await
-            .map_err(|e| {
-                Error::Runtime(format!(
+        {
+            Ok(row) => row.get(0),
+            // What the expand step creates is not there yet: not ready, rather than broken.
+            Err(e)
+                if matches!(
+                    db::sqlstate(&e),
+                    Some("42P01" | "42703" | "42883" | "3F000")
+                ) =>
+            {
+                return Ok(Some(format!(
+                    "its requires_sql cannot run yet ({}): {q}",
+                    db::describe(&e)
+                )))
+            }
+            Err(e) => {
+                return Err(Error::Runtime(format!(
                     "job {name}: the requires_sql query failed: {}; check `requires_sql` in {}",
                     db::describe(&e),
                     job.path.display()
-                ))
-            })?
-            .get(0);
+                )))
+            }
+        };
         if ok != Some(true) {
             return Ok(Some(format!(
                 "its requires_sql returned {} (it must return true before the backfill may run): {q}",

@@ -591,8 +591,9 @@ impl Store {
     }
 
     /// Ends a run: closes its history row with what it did, frees its ranges for others, and
-    /// sets the job's state — `done`/`incomplete` always, any other outcome only when no other
-    /// run is still working on the job and the job is not done. A run already declared gone
+    /// sets the job's state — `done`/`incomplete` unless another run's sweep is still being
+    /// walked, any other outcome only when no other run is still working on the job; nothing
+    /// but `done` replaces `done`. A run already declared gone
     /// (`abandoned` by another) changes nothing.
     #[allow(clippy::too_many_arguments)]
     pub async fn finish(
@@ -628,7 +629,10 @@ impl Store {
                                 ELSE total_estimate END,
                             total_exact = total_exact OR $3 IN ('done', 'incomplete')
                       WHERE c.job = $1 AND EXISTS (SELECT 1 FROM run)
-                        AND (c.state <> 'done' OR $3 IN ('done', 'incomplete'))
+                        AND (c.state <> 'done' OR $3 = 'done')
+                        -- another run's sweep still being walked: that run records the outcome
+                        AND ($3 NOT IN ('done', 'incomplete')
+                             OR NOT EXISTS (SELECT 1 FROM {s}.ranges g WHERE g.job = $1 AND NOT g.done))
                         AND ($3 IN ('done', 'incomplete')
                              OR NOT EXISTS (SELECT 1 FROM {s}.runs r WHERE r.job = $1 AND r.id <> $2 AND {alive}))",
                     s = self.q,

@@ -17,6 +17,8 @@ pub enum Sweep {
     Ready { pass: i32 },
     /// The job's sweeps are used up.
     Exhausted { passes: i32 },
+    /// Another run recorded the job as done meanwhile (its verify returned 0).
+    Done,
 }
 
 impl Store {
@@ -67,18 +69,29 @@ impl Store {
     ) -> Result<Sweep> {
         let name = job.name.as_str();
         let err = |e| db::error(e, format!("job {name}: starting a sweep"));
+        // The last key is read before the job's row is locked: waiting on the application's
+        // table (behind a queued ALTER, say) must not hold up other runs' joins and splits.
+        let upper: Option<KeyValue> = client
+            .query_opt(last_key_sql, &[])
+            .await
+            .map_err(err)?
+            .map(|r| r.get(0));
         let tx = client.transaction().await.map_err(err)?;
         let row = tx
             .query_one(
                 &format!(
-                    "SELECT sweeps, total_estimate FROM {s}.checkpoints WHERE job = $1 FOR UPDATE",
+                    "SELECT sweeps, total_estimate, state FROM {s}.checkpoints WHERE job = $1 FOR UPDATE",
                     s = self.q
                 ),
                 &[&name],
             )
             .await
             .map_err(err)?;
-        let (passes, estimate): (i32, Option<i64>) = (row.get(0), row.get(1));
+        let (passes, estimate, state): (i32, Option<i64>, String) =
+            (row.get(0), row.get(1), row.get(2));
+        if state == "done" {
+            return Ok(Sweep::Done);
+        }
         // Another run started a pass since (or one is still being walked): join it rather than
         // start another; its end is verified again.
         let unfinished: bool = tx
@@ -98,11 +111,6 @@ impl Store {
         if passes >= job.max_sweeps as i32 {
             return Ok(Sweep::Exhausted { passes });
         }
-        let upper: Option<KeyValue> = tx
-            .query_opt(last_key_sql, &[])
-            .await
-            .map_err(err)?
-            .map(|r| r.get(0));
         let Some(upper) = upper else {
             return Ok(Sweep::Exhausted { passes });
         };

@@ -87,6 +87,22 @@ fn requires_sql_holds_the_run_and_wait_for_expand_waits_for_it() {
     assert_eq!(out.code, 3, "{out:?}");
     assert!(out.stderr.contains("waited 1s"), "{out:?}");
 
+    // A requires_sql that cannot run before the expand step (the column is missing) means the
+    // same: not yet.
+    db.write_job(
+        "k",
+        &job.replace(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 't' AND column_name = 'n')",
+            "SELECT count(n) >= 0 FROM t",
+        ),
+    );
+    let out = db.run(&["run", "k"]);
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(
+        out.stderr.contains("cannot run yet") && out.stderr.contains("42703"),
+        "{out:?}"
+    );
+
     // The runner starts first and waits; the expand step lands; the run goes on by itself.
     let child = db.spawn(&["run", "j", "--wait-for-expand"]);
     db.wait_for(
