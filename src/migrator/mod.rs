@@ -50,20 +50,15 @@ pub async fn not_ready(client: &tokio_postgres::Client, job: &JobSpec) -> Result
             )));
         }
     }
-    let Some(m) = &job.migration else {
-        return Ok(None);
-    };
-    let Some(expand) = &m.expand else {
-        return Ok(None);
-    };
-    let applied = m.history().is_applied(client, expand).await?;
-    Ok((!applied.applied).then(|| {
-        format!(
-            "its expand migration {expand} ({}) is not applied yet: {}",
-            m.tool.name(),
-            applied.detail
-        )
-    }))
+    let expand = revision(client, job, |m| &m.expand).await?;
+    Ok(expand
+        .filter(|(_, applied)| !applied.applied)
+        .map(|(rev, applied)| {
+            format!(
+                "its expand migration {rev} is not applied yet: {}",
+                applied.detail
+            )
+        }))
 }
 
 /// When the job's contract migration is already applied: what the history says.
@@ -71,20 +66,31 @@ pub async fn contract_applied(
     client: &tokio_postgres::Client,
     job: &JobSpec,
 ) -> Result<Option<String>> {
+    let contract = revision(client, job, |m| &m.contract).await?;
+    Ok(contract
+        .filter(|(_, applied)| applied.applied)
+        .map(|(rev, applied)| {
+            format!(
+                "its contract migration {rev} is already applied: {}",
+                applied.detail
+            )
+        }))
+}
+
+/// One of the job's declared revisions ("id (tool)") and what the migrator's history says of it.
+async fn revision(
+    client: &tokio_postgres::Client,
+    job: &JobSpec,
+    which: impl Fn(&crate::job::MigrationSpec) -> &Option<String>,
+) -> Result<Option<(String, history::Applied)>> {
     let Some(m) = &job.migration else {
         return Ok(None);
     };
-    let Some(contract) = &m.contract else {
+    let Some(rev) = which(m) else {
         return Ok(None);
     };
-    let applied = m.history().is_applied(client, contract).await?;
-    Ok(applied.applied.then(|| {
-        format!(
-            "its contract migration {contract} ({}) is already applied: {}",
-            m.tool.name(),
-            applied.detail
-        )
-    }))
+    let applied = m.history().is_applied(client, rev).await?;
+    Ok(Some((format!("{rev} ({})", m.tool.name()), applied)))
 }
 
 /// Runs the job's `verify` query (under a statement timeout) and returns its count.
