@@ -380,6 +380,21 @@ impl Store {
         ))
         .await
         .map_err(err)?;
+        // Runs that died or hung: close their history rows (their ranges are free to take).
+        // First, before the job's row is locked: a finishing run updates its run row, then the
+        // job's row, and the two must not wait on each other in a cycle.
+        tx.execute(
+            &format!(
+                "UPDATE {s}.runs r SET outcome = 'abandoned', ended_at = coalesce(r.heartbeat_at, now()),
+                        last_error = 'the runner stopped without finishing (killed, crashed or lost its connection)'
+                  WHERE r.job = $1 AND r.outcome IS NULL AND NOT {alive}",
+                s = self.q,
+                alive = Self::run_alive_sql("r")
+            ),
+            &[&name],
+        )
+        .await
+        .map_err(err)?;
         // A job and its revert never run at once: both lock the job's row first.
         if let Some(forward) = &job.reverts {
             self.may_revert(&tx, forward).await?;
@@ -452,19 +467,6 @@ impl Store {
             tx.commit().await.map_err(err)?;
             return Ok(Claim::AlreadyDone(checkpoint));
         }
-        // Runs that died or hung: close their history rows (their ranges are free to take).
-        tx.execute(
-            &format!(
-                "UPDATE {s}.runs r SET outcome = 'abandoned', ended_at = coalesce(r.heartbeat_at, now()),
-                        last_error = 'the runner stopped without finishing (killed, crashed or lost its connection)'
-                  WHERE r.job = $1 AND r.outcome IS NULL AND NOT {alive}",
-                s = self.q,
-                alive = Self::run_alive_sql("r")
-            ),
-            &[&name],
-        )
-        .await
-        .map_err(err)?;
         let run_id: i64 = tx
             .query_one(
                 &format!(
@@ -607,6 +609,19 @@ impl Store {
         done: (i64, i64),
     ) -> Result<()> {
         let err = |e| db::error(e, format!("job {job}: saving the final state ({state})"));
+        // The run's ranges are let go first, on their own: locking range rows and then the job's
+        // row is the order a split follows, so the two never wait on each other in a cycle.
+        client
+            .execute(
+                &format!(
+                    "UPDATE {s}.ranges SET owner_run = NULL, owner_worker = NULL
+                      WHERE job = $1 AND owner_run = $2",
+                    s = self.q
+                ),
+                &[&job, &run_id],
+            )
+            .await
+            .map_err(err)?;
         client
             .execute(
                 &format!(
@@ -615,10 +630,7 @@ impl Store {
                                rows_done = $6, chunks_done = $7, hold_reason = NULL, held_since = NULL,
                                end_cursor = CASE WHEN (SELECT count(*) FROM {s}.ranges WHERE job = $1) = 1
                                                  THEN (SELECT cursor FROM {s}.ranges WHERE job = $1) END
-                         WHERE id = $2 AND outcome IS NULL RETURNING id),
-                     freed AS (
-                        UPDATE {s}.ranges SET owner_run = NULL, owner_worker = NULL
-                         WHERE job = $1 AND owner_run = $2 RETURNING id)
+                         WHERE id = $2 AND outcome IS NULL RETURNING id)
                      UPDATE {s}.checkpoints c SET state = $3, last_error = $4, updated_at = now(),
                             phase = CASE WHEN $3 = 'done' AND $5::bigint = 0 THEN 'done and verified' ELSE $3 END,
                             finished_at = CASE WHEN $3 IN ('done', 'incomplete') THEN now() ELSE finished_at END,

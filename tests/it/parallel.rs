@@ -380,3 +380,40 @@ fn progress_saved_before_key_ranges_resumes_after_the_upgrade() {
         backfill::store::SCHEMA_VERSION as i64
     );
 }
+
+/// A run that stops while another session holds its range row and then wants the job's row (the
+/// order a split takes them) lets go of its ranges before it touches the job's row: no lock
+/// cycle, no deadlock victim, and the outcome is saved.
+#[test]
+fn a_run_ending_during_a_split_never_deadlocks_with_it() {
+    let db = TestDb::new();
+    counter_table(&db, 3000);
+    db.write_job("j", &counter_job(""));
+    let child = db.spawn(&["run", "j", "--rows-per-second", "500"]);
+    db.wait_for(
+        "SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j'",
+        Duration::from_secs(30),
+    );
+    let splitter = db.session();
+    splitter.exec("BEGIN; SELECT 1 FROM backfill.ranges WHERE job = 'j' FOR UPDATE");
+    signal(&child, libc::SIGINT);
+    // The ending run waits for the range row, holding nothing the splitter needs.
+    db.wait_for(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'
+                          AND query LIKE 'UPDATE \"backfill\".ranges SET owner_run = NULL%')",
+        Duration::from_secs(30),
+    );
+    splitter.exec("SET LOCAL lock_timeout = '5s'; SELECT 1 FROM backfill.checkpoints WHERE job = 'j' FOR UPDATE");
+    splitter.exec("COMMIT");
+    let out = wait_out(child, Duration::from_secs(30));
+    assert_eq!(out.code, 130, "{out:?}");
+    assert_eq!(
+        db.text("SELECT state FROM backfill.checkpoints WHERE job = 'j'")
+            .as_deref(),
+        Some("stopped")
+    );
+    assert_eq!(
+        db.i64("SELECT count(*) FROM backfill.ranges WHERE job = 'j' AND owner_run IS NOT NULL"),
+        0
+    );
+}
