@@ -404,7 +404,13 @@ async fn key_range(
         .await
         .map_err(err)?
         .map(|r| r.get(0));
-    let (total, exact) = estimate_rows(&tx, job).await;
+    let (total, exact) = estimate_rows(&tx, job, EXACT_COUNT_WITHIN).await;
+    if total.is_none() {
+        progress.log(&format!(
+            "{name}: no row estimate for {} (never analyzed, and counting takes long): its key range cannot be split, so only one worker will work; run ANALYZE {} first to use several",
+            job.table, job.table
+        ));
+    }
     store
         .set_bound(&tx, name, upper.as_ref(), total, exact)
         .await?;
@@ -1315,19 +1321,30 @@ fn backoff(attempt: u32) -> Duration {
 
 /// The number of rows to process, for progress, and whether it is exact: a count when counting
 /// is quick (3 s at most), else the planner's estimate.
-async fn estimate_rows(tx: &tokio_postgres::Transaction<'_>, job: &JobSpec) -> (Option<i64>, bool) {
+/// How long the exact count of a job's rows may take before an estimate is used instead.
+pub const EXACT_COUNT_WITHIN: Duration = Duration::from_secs(3);
+
+/// The rows of the job's table, and whether the number is exact: counted when that takes less
+/// than `exact_within`, else the planner's estimate, else (a table never analyzed) a count of a
+/// 1 % page sample. Workers split ranges by these numbers, so "unknown" would leave one range.
+pub async fn estimate_rows(
+    tx: &tokio_postgres::Transaction<'_>,
+    job: &JobSpec,
+    exact_within: Duration,
+) -> (Option<i64>, bool) {
     let table = job.table.quoted();
     // In a savepoint: the timeout and a cancelled count end with it, the caller's work stays.
-    let exact = async {
-        tx.batch_execute("SAVEPOINT bf_count; SET LOCAL statement_timeout = 3000")
-            .await?;
-        let r = tx
-            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
-            .await;
+    let count = |sql: String, within: Duration| async move {
+        tx.batch_execute(&format!(
+            "SAVEPOINT bf_count; SET LOCAL statement_timeout = {}",
+            db::millis(within)
+        ))
+        .await?;
+        let r = tx.query_one(&sql, &[]).await;
         tx.batch_execute("ROLLBACK TO SAVEPOINT bf_count").await?;
         r.map(|row| row.get::<_, i64>(0))
     };
-    if let Ok(n) = exact.await {
+    if let Ok(n) = count(format!("SELECT count(*) FROM {table}"), exact_within).await {
         return (Some(n), true);
     }
     let planner = tx
@@ -1339,7 +1356,17 @@ async fn estimate_rows(tx: &tokio_postgres::Transaction<'_>, job: &JobSpec) -> (
         .ok()
         .map(|r| r.get::<_, i64>(0))
         .filter(|n| *n >= 0);
-    (planner, false)
+    if planner.is_some() {
+        return (planner, false);
+    }
+    // A hundredth of the pages: quick where the full count was not.
+    let sampled = count(
+        format!("SELECT (count(*) * 100)::bigint FROM {table} TABLESAMPLE SYSTEM (1)"),
+        EXACT_COUNT_WITHIN,
+    )
+    .await
+    .ok();
+    (sampled, false)
 }
 
 /// Re-runs only the keys a job recorded as failing; each success is marked resolved in the same

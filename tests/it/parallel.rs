@@ -417,3 +417,40 @@ fn a_run_ending_during_a_split_never_deadlocks_with_it() {
         0
     );
 }
+
+/// The rows of a table too big to count quickly: the planner's estimate, or for a table never
+/// analyzed a page sample — never "unknown", which would leave the job in one unsplittable range.
+#[test]
+fn a_table_too_big_to_count_and_never_analyzed_still_gets_an_estimate() {
+    let db = TestDb::new();
+    db.exec(
+        "CREATE TABLE big (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0) WITH (autovacuum_enabled = false);
+         INSERT INTO big (id) SELECT generate_series(1, 300000);",
+    );
+    db.write_job("big", &counting_job("big", "[\"id\"]", "id", 1000, "0"));
+    let job = backfill::job::load(&db.jobs, "big").unwrap();
+    let estimate = |within: Duration| {
+        block_on(async {
+            let mut client = backfill::db::Target::resolve(Some(&db.url))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let tx = client.transaction().await.unwrap();
+            backfill::executor::estimate_rows(&tx, &job, within).await
+        })
+    };
+    assert_eq!(estimate(Duration::from_secs(30)), (Some(300_000), true));
+    // A count that may take 1 ms times out; the table was never analyzed: a page sample.
+    let (sampled, exact) = estimate(Duration::from_millis(1));
+    assert!(!exact);
+    let sampled = sampled.expect("an estimate from the sample");
+    assert!((150_000..=450_000).contains(&sampled), "{sampled}");
+    db.exec("ANALYZE big");
+    let (planner, exact) = estimate(Duration::from_millis(1));
+    assert!(!exact);
+    assert!(
+        (270_000..=330_000).contains(&planner.unwrap()),
+        "{planner:?}"
+    );
+}
