@@ -181,6 +181,12 @@ async fn run(
         target.describe(),
         job.table
     ));
+    // A revert holds the job's lock for its whole run: a contract migration calling the SQL gate
+    // waits for it (and then finds the job reverted), and it waits for one already past the gate.
+    let _job_lock = match mode {
+        Mode::Revert => Some(hold_job_lock(target, store, &forward, &shutdown, &progress).await?),
+        Mode::Forward => None,
+    };
     let result =
         match preconditions(target, store, &forward, mode, args, &shutdown, &progress).await {
             Ok(()) => executor::run(target, store, &job, &opts, &shutdown, &progress).await,
@@ -302,6 +308,35 @@ async fn finish(target: &Target, store: &Store, job: &JobSpec, progress: &Progre
             Err(e)
         }
     }
+}
+
+/// Takes the job's advisory lock on a session of its own, returned to be held (see `run`).
+async fn hold_job_lock(
+    target: &Target,
+    store: &Store,
+    job: &JobSpec,
+    shutdown: &crate::signals::Shutdown,
+    progress: &Progress,
+) -> Result<tokio_postgres::Client> {
+    let client = target.connect().await?;
+    let mut told = false;
+    let waiting = || {
+        if !told {
+            progress.log(&format!(
+                "{}: waiting for a migration that passed its gate (assert_done) to commit or roll back",
+                job.name
+            ));
+            told = true;
+        }
+    };
+    let stop = || shutdown.stop_requested() || shutdown.cancel_requested();
+    if !store.lock_job(&client, &job.name, waiting, stop).await? {
+        return Err(Error::Interrupted(format!(
+            "{}: stopped while waiting for the job's lock; nothing was reverted",
+            job.name
+        )));
+    }
+    Ok(client)
 }
 
 /// How often a run waiting for its expand migration looks again.

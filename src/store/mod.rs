@@ -685,6 +685,13 @@ impl Store {
     ) -> Result<Option<Checkpoint>> {
         let err = |e| db::error(e, format!("job {job}: resetting"));
         let tx = client.transaction().await.map_err(err)?;
+        // Waits for a migration that passed the SQL gate to end (it holds this lock shared).
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext($1))",
+            &[&self.job_lock_key(job)],
+        )
+        .await
+        .map_err(err)?;
         let row = tx
             .query_opt(
                 &format!("{} WHERE c.job = $1 FOR UPDATE OF c", self.select_sql()),

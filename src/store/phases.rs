@@ -138,6 +138,40 @@ impl Store {
         Ok(Sweep::Ready { pass: passes + 1 })
     }
 
+    /// The advisory lock key a job's reverts and resets take exclusively and the SQL gate
+    /// `assert_done` takes shared, until their transaction (or, for a revert, its run) ends.
+    pub fn job_lock_key(&self, job: &str) -> String {
+        format!("backfill job {}.{job}", self.q)
+    }
+
+    /// Takes the job's advisory lock for this session (a revert holds it for its whole run),
+    /// waiting while a migration that passed the gate is still open. Returns false when
+    /// `stop` says to give up.
+    pub async fn lock_job(
+        &self,
+        client: &tokio_postgres::Client,
+        job: &str,
+        mut waiting: impl FnMut(),
+        stop: impl Fn() -> bool,
+    ) -> Result<bool> {
+        let key = self.job_lock_key(job);
+        loop {
+            let got: bool = client
+                .query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&key])
+                .await
+                .map_err(|e| db::error(e, format!("job {job}: taking its lock")))?
+                .get(0);
+            if got {
+                return Ok(true);
+            }
+            waiting();
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            if stop() {
+                return Ok(false);
+            }
+        }
+    }
+
     /// Whether `job` may be reverted now: it made progress, is not reverted already, and no run
     /// works on it. Locks its checkpoint row until the caller's transaction ends.
     pub(super) async fn may_revert(&self, tx: &impl GenericClient, job: &str) -> Result<()> {

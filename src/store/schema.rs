@@ -220,7 +220,8 @@ $fn$;
         // The SQL gate no longer executes a query stored in the engine's tables: a role that may
         // write them (the runner) must not be able to run SQL with the rights of whoever calls the
         // gate (a migration, often the owner). The one-argument gate trusts the verify the engine
-        // recorded; the two-argument one runs the query the migration itself passes, now.
+        // recorded; the two-argument one runs the query the migration itself passes, now. It
+        // holds the job's advisory lock shared (see `Store::job_lock_key`).
         r#"
 ALTER TABLE {s}.checkpoints DROP COLUMN verify_sql, ADD COLUMN has_verify boolean NOT NULL DEFAULT false;
 DROP FUNCTION {s}.assert_done(text);
@@ -234,6 +235,9 @@ DECLARE
     run_hint   text := format('run `backfill run %s` and let it finish; `backfill gate %s` says what is missing', job_name, job_name);
     redo_hint  text := format('rows were written behind the backfill (old code still deployed?); once the writers are fixed: `backfill reset %s --yes` and `backfill run %s`', job_name, job_name);
 BEGIN
+    -- Held until the caller's transaction ends: a revert or reset of the job waits for the
+    -- migration that passed the gate, and the gate waits while a revert runs.
+    PERFORM pg_advisory_xact_lock_shared(hashtext('backfill job {s}.' || job_name));
     SELECT state, has_verify, verify_remaining, finish_steps INTO c FROM {s}.checkpoints WHERE job = job_name;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'backfill job % has never run: the contract step must wait for it', job_name

@@ -195,3 +195,46 @@ fn a_second_cycle_reverts_to_the_values_before_it() {
     assert_eq!(db.i64("SELECT count(*) FROM c WHERE n = 1000"), 10);
     assert_eq!(db.i64("SELECT count(*) FROM c WHERE n = 1"), 890);
 }
+
+/// A contract migration that passed the SQL gate holds the job's lock until it ends: a revert
+/// waits for it; and while a revert runs, a migration calling the gate waits (here: times out).
+#[test]
+fn a_revert_and_a_migration_past_the_gate_wait_for_each_other() {
+    let db = TestDb::new();
+    counter_table(&db, 2000);
+    db.write_job(
+        "j",
+        &counter_job(
+            "down_sql = \"UPDATE t SET n = n - 1 WHERE id BETWEEN :start AND :end AND n > 0\"",
+        ),
+    );
+    db.run(&["run", "j"]).expect(0);
+    let migration = db.session();
+    migration.exec("BEGIN; SELECT backfill.assert_done('j')");
+    let mut child = db.spawn(&["revert", "j"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(child.try_wait().unwrap().is_none(), "the revert waits");
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+    migration.exec("COMMIT");
+    let out = wait_out(child, Duration::from_secs(30));
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("waiting for a migration that passed its gate"),
+        "{out:?}"
+    );
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 0"), 0);
+
+    db.run(&["run", "j"]).expect(0);
+    let child = db.spawn(&["revert", "j", "--rows-per-second", "300"]);
+    db.wait_for(
+        "SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j:revert'",
+        Duration::from_secs(30),
+    );
+    let e = migration
+        .try_exec("SET lock_timeout = '300ms'; SELECT backfill.assert_done('j')")
+        .unwrap_err();
+    assert!(e.contains("55P03"), "{e}");
+    signal(&child, libc::SIGINT);
+    assert_eq!(wait_out(child, Duration::from_secs(30)).code, 130);
+}
