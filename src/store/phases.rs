@@ -1,7 +1,8 @@
 //! A job's phase as `status` shows it (waiting for expand, running, verifying, sweeping,
-//! finishing, done and verified, reverting…) and the sweep passes that chase rows written behind
-//! the cursor: each sweep is one more key range over every key present when it starts, walked by
-//! the same workers, chunks and checkpoints as the main pass.
+//! finishing, done and verified, reverted…); the sweep passes that chase rows written behind the
+//! cursor — each one more key range over every key present when it starts, walked by the same
+//! workers, chunks and checkpoints as the main pass; and what keeps a job, its revert and a
+//! contract migration past the SQL gate apart (the job's row lock and its advisory lock).
 
 use super::Store;
 use crate::db;
