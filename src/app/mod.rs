@@ -1,0 +1,437 @@
+//! The commands: each turns parsed arguments into calls on the library and prints the result.
+//! Data goes to stdout (JSON with `--json`); progress and logs go to stderr. `run`/`revert` live
+//! in `run`, `status` in `status`; the smaller commands here.
+
+mod run;
+mod status;
+
+use crate::cli::{Cli, Command, LogFormat};
+use crate::db::Target;
+use crate::error::{exit, Error, Result};
+use crate::executor::{self, RunOptions};
+use crate::job;
+use crate::keyset::show_key;
+use crate::store::{self, ControlChange, Store};
+use crate::telemetry::{Progress, ProgressOptions};
+use run::Mode;
+use status::state_of;
+use std::path::Path;
+
+/// Runs one command; returns the exit code for outcomes that are not errors.
+pub async fn execute(cli: Cli) -> Result<u8> {
+    let g = &cli.global;
+    let store = Store::new(&g.schema);
+    let target = || Target::resolve(g.database_url.as_deref());
+    match cli.command {
+        Command::Run(args) => {
+            let json = g.log_format == LogFormat::Json;
+            run::run(&target()?, &store, &g.jobs, &args, json, Mode::Forward).await
+        }
+        Command::Revert(args) => {
+            let json = g.log_format == LogFormat::Json;
+            run::run(&target()?, &store, &g.jobs, &args, json, Mode::Revert).await
+        }
+        Command::DropUndo { name, yes } => {
+            run::drop_undo(&target()?, &store, &g.jobs, &name, yes).await
+        }
+        Command::Status { name, json } => {
+            status::status(&target()?, &store, &g.jobs, name.as_deref(), json).await
+        }
+        Command::List { json } => list(g.database_url.as_deref(), &store, &g.jobs, json).await,
+        Command::Check { name } => check(&g.jobs, name.as_deref()),
+        Command::Plan {
+            name,
+            json,
+            verify_timeout,
+            long_transaction,
+        } => {
+            let job = job::load(&g.jobs, &name)?;
+            let opts = crate::plan::PlanOptions {
+                verify_timeout,
+                long_transaction,
+                from_first_key: false,
+            };
+            let plan = crate::plan::plan(&target()?, &store, &job, &opts).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&plan).expect("serializable")
+                );
+            } else {
+                crate::plan::print_text(&plan);
+            }
+            Ok(if plan.has_errors() {
+                exit::USAGE
+            } else {
+                exit::SUCCESS
+            })
+        }
+        Command::Gate {
+            name,
+            json,
+            verify_timeout,
+        } => {
+            let job = job::load(&g.jobs, &name)?;
+            let client = target()?.connect().await?;
+            let report = crate::migrator::gate(&client, &store, &job, verify_timeout).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("serializable")
+                );
+            } else {
+                println!("{}", report.reason);
+            }
+            Ok(if report.passed {
+                exit::SUCCESS
+            } else {
+                exit::NOT_SATISFIED
+            })
+        }
+        Command::Pause { name } => control(&target()?, &store, &name, Control::Pause).await,
+        Command::Resume { name } => control(&target()?, &store, &name, Control::Resume).await,
+        Command::Cancel { name } => control(&target()?, &store, &name, Control::Cancel).await,
+        Command::Set(args) => {
+            let change = if args.clear {
+                ControlChange {
+                    rows_per_second: Some(None),
+                    target_chunk_time: Some(None),
+                    pause: Some(None),
+                    ..ControlChange::default()
+                }
+            } else {
+                if args.rows_per_second.is_none()
+                    && args.target_chunk_time.is_none()
+                    && args.pause.is_none()
+                {
+                    return Err(Error::Usage("nothing to set: give --rows-per-second, --target-chunk-time, --pause, or --clear".into()));
+                }
+                ControlChange {
+                    rows_per_second: args.rows_per_second.map(Some),
+                    target_chunk_time: args.target_chunk_time.map(Some),
+                    pause: args.pause.map(Some),
+                    ..ControlChange::default()
+                }
+            };
+            control(&target()?, &store, &args.name, Control::Set(change)).await
+        }
+        Command::History { name, json } => history(&target()?, &store, &name, json).await,
+        Command::Failures { name, all, json } => {
+            failures(&target()?, &store, &name, all, json).await
+        }
+        Command::RetryFailures { name } => retry_failures(&target()?, &store, &g.jobs, &name).await,
+        Command::Reset { name, yes } => reset(&target()?, &store, &g.jobs, &name, yes).await,
+        Command::Init {
+            grant_to,
+            grant_gate_to,
+        } => init(&target()?, &store, &grant_to, &grant_gate_to).await,
+        Command::Demo { rows } => {
+            crate::demo::run(g.database_url.as_deref(), &store, &g.jobs, rows).await
+        }
+    }
+}
+
+async fn list(url: Option<&str>, store: &Store, jobs: &Path, json: bool) -> Result<u8> {
+    let specs = job::load_all(jobs)?;
+    let checkpoints = match Target::resolve(url) {
+        Ok(t) => match t.connect().await {
+            Ok(client) => store.load_all(&client).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = &checkpoints {
+        eprintln!("warning: states unknown: {e}");
+    }
+    let all = checkpoints.as_deref().unwrap_or_default();
+    let state = |n: &str| match &checkpoints {
+        Ok(_) => state_of(all.iter().find(|c| c.job == n)).to_string(),
+        Err(_) => "unknown".into(),
+    };
+    if json {
+        let v: Vec<_> = specs
+            .iter()
+            .map(|(n, s)| {
+                serde_json::json!({
+                    "job": n,
+                    "state": state(n),
+                    "valid": s.is_ok(),
+                    "error": s.as_ref().err().map(|e| e.to_string()),
+                    "table": s.as_ref().ok().map(|s| s.table.to_string()),
+                    "description": s.as_ref().ok().and_then(|s| s.description.clone()),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).expect("serializable")
+        );
+    } else {
+        for (n, s) in &specs {
+            let what = match s {
+                Ok(s) => format!("{}  {}", s.table, s.description.as_deref().unwrap_or("")),
+                Err(e) => format!("INVALID: {e}"),
+            };
+            println!("{n:<24} {:<12} {what}", state(n));
+        }
+    }
+    Ok(exit::SUCCESS)
+}
+
+fn check(jobs: &Path, name: Option<&str>) -> Result<u8> {
+    let results = match name {
+        Some(n) => vec![(n.to_string(), job::load(jobs, n))],
+        None => job::load_all(jobs)?,
+    };
+    if results.is_empty() {
+        return Err(Error::Usage(format!(
+            "no job files (*.toml) in {}",
+            jobs.display()
+        )));
+    }
+    let mut bad = 0;
+    for (n, r) in &results {
+        match r {
+            Ok(j) => println!(
+                "ok       {n} ({}; table {}, key ({}), chunk_rows {})",
+                j.path.display(),
+                j.table,
+                j.key.join(", "),
+                j.chunk_rows
+            ),
+            Err(e) => {
+                bad += 1;
+                println!("invalid  {n}: {e}");
+            }
+        }
+    }
+    if bad > 0 {
+        return Err(Error::Usage(format!(
+            "{bad} of {} job files are invalid",
+            results.len()
+        )));
+    }
+    Ok(exit::SUCCESS)
+}
+
+enum Control {
+    Pause,
+    Resume,
+    Cancel,
+    Set(ControlChange),
+}
+
+async fn control(target: &Target, store: &Store, name: &str, what: Control) -> Result<u8> {
+    let mut client = target.connect().await?;
+    store.ensure(&mut client).await?;
+    let running = store
+        .load(&client, name)
+        .await?
+        .and_then(|c| c.owner)
+        .filter(|o| o.alive);
+    let runner = running
+        .as_ref()
+        .map(|o| format!("the runner on host {} (pid {})", o.host, o.pid));
+    let (change, done) = match what {
+        Control::Pause => (
+            ControlChange { paused: Some(true), ..ControlChange::default() },
+            match &runner {
+                Some(r) => format!("job {name}: paused; {r} holds before its next chunk. `backfill resume {name}` lets it go on"),
+                None => format!("job {name}: paused; no runner is active, so the next `backfill run {name}` will start held until `backfill resume {name}`"),
+            },
+        ),
+        Control::Resume => (ControlChange { paused: Some(false), ..ControlChange::default() }, match &runner {
+            Some(r) => format!("job {name}: resumed; {r} goes on"),
+            None => String::new(),
+        }),
+        Control::Cancel => {
+            let Some(r) = &runner else {
+                return Err(Error::NotSatisfied(format!("job {name} is not running; nothing to cancel")));
+            };
+            (
+                ControlChange { cancel: Some(true), ..ControlChange::default() },
+                format!("job {name}: cancel requested; {r} stops after its current chunk (progress kept; `backfill run {name}` resumes)"),
+            )
+        }
+        Control::Set(change) => (change, String::new()),
+    };
+    let controls = store.change_controls(&client, name, &change).await?;
+    if done.is_empty() {
+        // resume without a runner, or set
+        if change.paused == Some(false) {
+            return Err(Error::NotSatisfied(format!(
+                "job {name}: no runner is active (the pause flag is cleared); start it with `backfill run {name}`"
+            )));
+        }
+        let applies = match &runner {
+            Some(r) => format!("{r} applies them before its next chunk"),
+            None => "they apply when the job next runs".into(),
+        };
+        println!(
+            "job {name}: overrides now rows_per_second {}, target_chunk_time {}, pause {}; {applies}",
+            controls.rows_per_second.map(|r| r.to_string()).unwrap_or_else(|| "(job's)".into()),
+            controls.target_chunk_time.map(|d| humantime::format_duration(d).to_string()).unwrap_or_else(|| "(job's)".into()),
+            controls.pause.map(|d| humantime::format_duration(d).to_string()).unwrap_or_else(|| "(job's)".into()),
+        );
+    } else {
+        println!("{done}");
+    }
+    Ok(exit::SUCCESS)
+}
+
+async fn history(target: &Target, store: &Store, name: &str, json: bool) -> Result<u8> {
+    let client = target.connect().await?;
+    let runs = store.history(&client, name).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&runs).expect("serializable")
+        );
+        return Ok(exit::SUCCESS);
+    }
+    if runs.is_empty() {
+        println!("job {name}: no runs");
+        return Ok(exit::SUCCESS);
+    }
+    println!(
+        "{:>5}  {:<20}  {:<20}  {:<24} {:>7} {:>10} {:>8}  OUTCOME",
+        "RUN", "STARTED", "ENDED", "HOST", "PID", "ROWS", "CHUNKS"
+    );
+    for r in &runs {
+        println!(
+            "{:>5}  {:<20}  {:<20}  {:<24} {:>7} {:>10} {:>8}  {}{}",
+            r.id,
+            r.started_at,
+            r.ended_at.as_deref().unwrap_or("-"),
+            r.host,
+            r.pid,
+            r.rows_done,
+            r.chunks_done,
+            r.outcome.as_deref().unwrap_or("running"),
+            r.last_error
+                .as_deref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(exit::SUCCESS)
+}
+
+async fn failures(target: &Target, store: &Store, name: &str, all: bool, json: bool) -> Result<u8> {
+    let client = target.connect().await?;
+    let list = store.failures(&client, name, all).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&list).expect("serializable")
+        );
+        return Ok(exit::SUCCESS);
+    }
+    if list.is_empty() {
+        println!(
+            "job {name}: no {}failing keys",
+            if all { "" } else { "unresolved " }
+        );
+    }
+    for f in &list {
+        println!(
+            "{:<24} {:<8} attempts {:<3} last {}{}  {}",
+            show_key(&f.key),
+            f.sqlstate.as_deref().unwrap_or("-"),
+            f.attempts,
+            f.last_seen,
+            f.resolved_at
+                .as_deref()
+                .map(|r| format!(" resolved {r}"))
+                .unwrap_or_default(),
+            f.message
+        );
+    }
+    Ok(exit::SUCCESS)
+}
+
+async fn retry_failures(target: &Target, store: &Store, jobs: &Path, name: &str) -> Result<u8> {
+    let job = job::load(jobs, name)?;
+    let progress = Progress::new(name, ProgressOptions::default());
+    let (fixed, still) =
+        executor::retry_failures(target, store, &job, &RunOptions::default(), &progress).await?;
+    println!("job {name}: {fixed} failing keys now succeed, {still} still fail");
+    if still > 0 {
+        return Err(Error::Runtime(format!(
+            "job {name}: {still} keys still fail; `backfill failures {name}` shows why"
+        )));
+    }
+    Ok(exit::SUCCESS)
+}
+
+async fn reset(target: &Target, store: &Store, jobs: &Path, name: &str, yes: bool) -> Result<u8> {
+    let mut client = target.connect().await?;
+    if !yes {
+        let c = store.load(&client, name).await?;
+        let what = c
+            .map(|c| {
+                format!(
+                    "{} rows done, cursor {}",
+                    c.rows_done,
+                    c.cursor
+                        .as_deref()
+                        .map(show_key)
+                        .unwrap_or_else(|| "none".into())
+                )
+            })
+            .unwrap_or_else(|| "no progress saved".into());
+        return Err(Error::Usage(format!(
+            "refusing to reset job {name} without --yes (it has {what}); `backfill reset {name} --yes` forgets the progress so the next run starts from the first key"
+        )));
+    }
+    let _ = jobs;
+    match store.reset(&mut client, name).await? {
+        Some(c) => println!("job {name}: progress forgotten ({} rows done, state {}); the next run starts from the first key", c.rows_done, c.state),
+        None => println!("job {name}: had no progress saved; nothing to reset"),
+    }
+    Ok(exit::SUCCESS)
+}
+
+async fn init(
+    target: &Target,
+    store: &Store,
+    grant_to: &[String],
+    grant_gate_to: &[String],
+) -> Result<u8> {
+    let mut client = target.connect().await?;
+    let (before, after) = store::migrate(&mut client, store.schema()).await?;
+    match before {
+        None => println!(
+            "created schema {} (version {after}) on {}",
+            store.schema(),
+            target.describe()
+        ),
+        Some(v) if v == after => {
+            println!("schema {} is up to date (version {after})", store.schema())
+        }
+        Some(v) => println!(
+            "upgraded schema {} from version {v} to {after}",
+            store.schema()
+        ),
+    }
+    let runners = grant_to
+        .iter()
+        .map(|r| (r, store::grants(store.schema(), r), "what a run needs"));
+    let gates = grant_gate_to.iter().map(|r| {
+        (
+            r,
+            store::gate_grants(store.schema(), r),
+            "what the SQL gate assert_done needs",
+        )
+    });
+    for (role, sql, what) in runners.chain(gates) {
+        client.batch_execute(&sql).await.map_err(|e| {
+            crate::db::error(
+                e,
+                format!("granting role {role} access to schema {}", store.schema()),
+            )
+        })?;
+        println!("granted role {role} {what} on schema {}", store.schema());
+    }
+    Ok(exit::SUCCESS)
+}

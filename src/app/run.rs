@@ -1,0 +1,362 @@
+//! `run`, `revert` and `drop-undo`: what must hold before a run (preconditions, waiting for the
+//! expand migration, the job's lock for a revert), the run itself, and what follows it (the
+//! finishing steps, recording a revert), with the operator's summary.
+
+use crate::cli::RunArgs;
+use crate::db::Target;
+use crate::error::{exit, Error, Result};
+use crate::executor::{self, Outcome, RunOptions};
+use crate::job::{self, JobSpec};
+use crate::keyset::show_key;
+use crate::signals::Shutdown;
+use crate::store::Store;
+use crate::telemetry::{Progress, ProgressOptions};
+use std::path::Path;
+
+/// A run walks the job forward, or reverts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mode {
+    Forward,
+    Revert,
+}
+
+pub(super) async fn run(
+    target: &Target,
+    store: &Store,
+    jobs: &Path,
+    args: &RunArgs,
+    log_json: bool,
+    mode: Mode,
+) -> Result<u8> {
+    let forward = job::load(jobs, &args.name)?;
+    let job = match mode {
+        Mode::Forward => forward.clone(),
+        Mode::Revert => crate::undo::revert_job(store, &forward)?,
+    };
+    let metrics = match &args.metrics_addr {
+        Some(addr) => Some(crate::telemetry::serve_metrics(addr).map_err(Error::Usage)?),
+        None => None,
+    };
+    let popts = ProgressOptions {
+        interval: args.progress_interval,
+        json: log_json,
+    };
+    let progress = std::sync::Arc::new(Progress::new(&job.name, popts));
+    if let Some(a) = metrics {
+        progress.log(&format!(
+            "{}: serving metrics on http://{a}/metrics",
+            job.name
+        ));
+    }
+    let p = progress.clone();
+    let shutdown = Shutdown::install(move |line| p.log(line))
+        .map_err(|e| Error::Runtime(format!("cannot install signal handlers: {e}")))?;
+    let opts = RunOptions {
+        allow_changed_definition: args.allow_changed_definition,
+        lock_timeout: args.lock_timeout,
+        statement_timeout: args.statement_timeout,
+        chunk_rows: args.chunk_rows,
+        max_attempts: args.max_attempts,
+        verify_timeout: args.verify_timeout,
+        reconnect_for: args.reconnect_for,
+        rows_per_second: args.rows_per_second,
+        target_chunk_time: args.target_chunk_time,
+        pause: args.pause,
+        workers: args.workers,
+    };
+    progress.log(&format!(
+        "{}: running on {} ({})",
+        job.name,
+        target.describe(),
+        job.table
+    ));
+    // A revert holds the job's lock for its whole run: a contract migration calling the SQL gate
+    // waits for it (and then finds the job reverted), and it waits for one already past the gate.
+    let _job_lock = match mode {
+        Mode::Revert => Some(hold_job_lock(target, store, &forward, &shutdown, &progress).await?),
+        Mode::Forward => None,
+    };
+    let result =
+        match preconditions(target, store, &forward, mode, args, &shutdown, &progress).await {
+            Ok(()) => executor::run(target, store, &job, &opts, &shutdown, &progress).await,
+            Err(e) => Err(e),
+        };
+    if metrics.is_some() && !args.metrics_linger.is_zero() {
+        progress.log(&format!(
+            "{}: keeping the metrics endpoint up for {}s",
+            job.name,
+            args.metrics_linger.as_secs()
+        ));
+        shutdown.sleep(args.metrics_linger).await;
+    }
+    let report = result?;
+    if mode == Mode::Revert && matches!(report.outcome, Outcome::Done { .. } | Outcome::AlreadyDone)
+    {
+        let mut client = target.connect().await?;
+        store
+            .mark_reverted(
+                &mut client,
+                &forward.name,
+                &job.name,
+                &crate::undo::undo_table(store, &forward.name),
+            )
+            .await?;
+        progress.log(&format!(
+            "{}: reverted; its progress is forgotten and its next `backfill run` starts over",
+            forward.name
+        ));
+    }
+    if mode == Mode::Forward
+        && !job.finish_sql.is_empty()
+        && matches!(report.outcome, Outcome::Done { .. } | Outcome::AlreadyDone)
+    {
+        finish(target, store, &job, &progress).await?;
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("serializable")
+        );
+    }
+    let rate = report.rows as f64 / report.elapsed_seconds.max(0.001);
+    let resume = match (&report.cursor, report.ranges) {
+        (Some(c), _) => format!("resumes after key {}", show_key(c)),
+        (None, n) if n > 1 => format!("resumes each of the {n} key ranges where it stopped"),
+        (None, _) => "starts at the first key".into(),
+    };
+    let skipped = match report.skipped {
+        0 => String::new(),
+        n => format!(
+            ", {n} failing keys skipped (see `backfill failures {}`)",
+            job.name
+        ),
+    };
+    let summary = format!(
+        "{} rows in {} chunks in {:.1}s ({rate:.0} rows/s, {} rows changed{skipped}); {} rows done in all",
+        report.rows,
+        report.chunks,
+        report.elapsed_seconds,
+        report.rows_affected,
+        report.rows_done_total
+    );
+    let name = &job.name;
+    match report.outcome {
+        Outcome::Done { verify_remaining } => {
+            let verified = match verify_remaining {
+                Some(_) => "verify returned 0",
+                None => "no verify query",
+            };
+            progress.log(&format!("{name}: done: {summary}; {verified}"));
+            Ok(exit::SUCCESS)
+        }
+        Outcome::AlreadyDone => {
+            progress.log(&format!("{name}: already done ({} rows); nothing to do. `backfill gate {name}` re-checks it; `backfill reset {name} --yes` starts over", report.rows_done_total));
+            Ok(exit::SUCCESS)
+        }
+        Outcome::Incomplete {
+            verify_remaining,
+            why,
+        } => Err(Error::Runtime(format!(
+            "job {name}: every key up to the bound was processed ({summary}), but {why}. {verify_remaining} rows are still to do — probably written behind the cursor by code that does not fill the new column yet; fix the writers, then `backfill run {name}` again: it sweeps again"
+        ))),
+        Outcome::Cancelled => Err(Error::Interrupted(format!(
+            "{name}: cancelled by `backfill cancel`: {summary}; progress is saved — `backfill run {name}` {resume}"
+        ))),
+        Outcome::Stopped => Err(Error::Interrupted(format!(
+            "{name}: stopped: {summary}; progress is saved — `backfill run {name}` {resume}"
+        ))),
+    }
+}
+
+/// Runs the job's finishing steps (those not done yet), once it is done and verified.
+async fn finish(target: &Target, store: &Store, job: &JobSpec, progress: &Progress) -> Result<()> {
+    let client = target.connect().await?;
+    store.set_phase(&client, &job.name, "finishing").await?;
+    let log = |line: &str| progress.log(line);
+    let opts = crate::finish::FinishOptions::default();
+    match crate::finish::run_steps(
+        &client,
+        store.schema(),
+        &job.name,
+        &job.finish_sql,
+        &opts,
+        &log,
+    )
+    .await
+    {
+        Ok(_) => {
+            store
+                .set_phase(&client, &job.name, "done and verified")
+                .await?;
+            Ok(())
+        }
+        Err(e) => {
+            let _ = store
+                .set_phase(&client, &job.name, "finishing failed")
+                .await;
+            Err(e)
+        }
+    }
+}
+
+/// Takes the job's advisory lock on a session of its own, returned to be held (see `run`).
+async fn hold_job_lock(
+    target: &Target,
+    store: &Store,
+    job: &JobSpec,
+    shutdown: &crate::signals::Shutdown,
+    progress: &Progress,
+) -> Result<tokio_postgres::Client> {
+    let client = target.connect().await?;
+    let mut told = false;
+    let waiting = || {
+        if !told {
+            progress.log(&format!(
+                "{}: waiting for a migration that passed its gate (assert_done) to commit or roll back",
+                job.name
+            ));
+            told = true;
+        }
+    };
+    let stop = || shutdown.stop_requested() || shutdown.cancel_requested();
+    if !store.lock_job(&client, &job.name, waiting, stop).await? {
+        return Err(Error::Interrupted(format!(
+            "{}: stopped while waiting for the job's lock; nothing was reverted",
+            job.name
+        )));
+    }
+    Ok(client)
+}
+
+/// How often a run waiting for its expand migration looks again.
+const EXPAND_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What must hold before a run starts: for a revert, the contract migration not applied and the
+/// undo data there; for a run, the contract migration not applied while the job is unfinished,
+/// and the job ready (`requires_sql`, expand applied) — waited for with `--wait-for-expand`.
+/// Whether the job runs, was reverted or has a revert unfinished is decided under the job's row
+/// lock when the run joins (`Store::claim`).
+async fn preconditions(
+    target: &Target,
+    store: &Store,
+    job: &JobSpec,
+    mode: Mode,
+    args: &RunArgs,
+    shutdown: &crate::signals::Shutdown,
+    progress: &Progress,
+) -> Result<()> {
+    let name = &job.name;
+    let mut client = target.connect().await?;
+    // A run creates or upgrades the engine's schema anyway; reading it needs the current version.
+    store.ensure(&mut client).await?;
+    let checkpoint = store.load(&client, name).await?;
+    // Whether the job runs, was reverted or has a revert unfinished is checked again where it
+    // matters, under the job's checkpoint lock when the run joins (`Store::claim`).
+    if mode == Mode::Revert {
+        if let Some(why) = crate::migrator::contract_applied(&client, job).await? {
+            return Err(Error::NotSatisfied(format!(
+                "job {name} cannot be reverted: {why}; the data it would restore is gone — downgrade the contract migration first"
+            )));
+        }
+        if matches!(job.revert, Some(crate::job::Revert::Undo(_)))
+            && crate::undo::undo_rows(&client, store, name)
+                .await?
+                .is_none()
+        {
+            return Err(Error::NotSatisfied(format!(
+                "job {name} has no undo data (table {} is missing: dropped by `backfill drop-undo`?); nothing can be restored",
+                crate::undo::undo_table(store, name)
+            )));
+        }
+        return Ok(());
+    }
+    if checkpoint.as_ref().is_some_and(|c| c.state == "done") {
+        return Ok(());
+    }
+    if let Some(why) = crate::migrator::contract_applied(&client, job).await? {
+        return Err(Error::NotSatisfied(format!(
+            "job {name} is not done, but {why}. The contract step ran before the backfill finished; check what it removed before going on (a contract migration should first call {}.assert_done('{name}'), or run `backfill gate {name}`)",
+            crate::job::quote_ident(store.schema())
+        )));
+    }
+    let since = std::time::Instant::now();
+    let mut told: Option<std::time::Instant> = None;
+    let mut client = Some(client);
+    loop {
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            client = target.connect().await.ok();
+        }
+        let why = match &client {
+            // The database went away while we wait: wait for it too.
+            None => "the database is unreachable (waiting for it)".to_string(),
+            Some(c) => match crate::migrator::not_ready(c, job).await {
+                Ok(None) => return Ok(()),
+                Ok(Some(why)) => why,
+                Err(_) if args.wait_for_expand.is_some() && c.is_closed() => {
+                    "the database connection was lost (waiting for it)".to_string()
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        let Some(limit) = args.wait_for_expand else {
+            return Err(Error::NotSatisfied(format!(
+                "job {name} may not run yet: {why}. Apply the expand migration first, or pass --wait-for-expand to wait for it"
+            )));
+        };
+        if !limit.is_zero() && since.elapsed() >= limit {
+            return Err(Error::NotSatisfied(format!(
+                "job {name}: waited {}s for its expand migration, in vain: {why}",
+                limit.as_secs()
+            )));
+        }
+        if told.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(60)) {
+            if let Some(c) = &client {
+                let _ = store.note_waiting(c, job, &why).await;
+            }
+            progress.log(&format!("{name}: waiting: {why}"));
+            told = Some(std::time::Instant::now());
+        }
+        shutdown.sleep(EXPAND_POLL).await;
+        if shutdown.stop_requested() || shutdown.cancel_requested() {
+            return Err(Error::Interrupted(format!(
+                "{name}: stopped while waiting for its expand migration; nothing was processed"
+            )));
+        }
+    }
+}
+
+pub(super) async fn drop_undo(
+    target: &Target,
+    store: &Store,
+    jobs: &Path,
+    name: &str,
+    yes: bool,
+) -> Result<u8> {
+    let client = target.connect().await?;
+    let table = crate::undo::undo_table(store, name);
+    let Some(rows) = crate::undo::undo_rows(&client, store, name).await? else {
+        println!("job {name}: no undo data ({table} does not exist); nothing to drop");
+        return Ok(exit::SUCCESS);
+    };
+    if !yes {
+        return Err(Error::Usage(format!(
+            "refusing to drop the undo data of job {name} without --yes: {table} keeps the old values of {rows} rows, and without them `backfill revert {name}` cannot restore anything"
+        )));
+    }
+    for job in [name.to_string(), crate::undo::revert_name(name)] {
+        if let Some(o) = store
+            .load(&client, &job)
+            .await?
+            .and_then(|c| c.runners.into_iter().find(|o| o.alive))
+        {
+            return Err(Error::NotSatisfied(format!(
+                "job {job} is running on host {} (pid {}); wait for it to end before dropping the undo data",
+                o.host, o.pid
+            )));
+        }
+    }
+    let _ = jobs;
+    crate::undo::drop_table(&client, store, name).await?;
+    println!("job {name}: undo data dropped ({table}, {rows} rows)");
+    Ok(exit::SUCCESS)
+}

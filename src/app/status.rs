@@ -1,0 +1,336 @@
+//! `status`: one job in detail (state, phase, progress, ranges, runners, controls) or every job
+//! in a table; text or JSON.
+
+use crate::db::Target;
+use crate::error::{exit, Error, Result};
+use crate::job::{self, JobSpec};
+use crate::keyset::show_key;
+use crate::store::{Checkpoint, Controls, Store};
+use std::path::Path;
+
+fn job_names(jobs: &Path, checkpoints: &[Checkpoint]) -> Vec<String> {
+    let mut names = job::list_names(jobs).unwrap_or_default();
+    for c in checkpoints {
+        if !names.contains(&c.job) {
+            names.push(c.job.clone());
+        }
+    }
+    names.sort();
+    names
+}
+
+pub(super) async fn status(
+    target: &Target,
+    store: &Store,
+    jobs: &Path,
+    name: Option<&str>,
+    json: bool,
+) -> Result<u8> {
+    let client = target.connect().await?;
+    match name {
+        Some(name) => {
+            let c = store.load(&client, name).await?;
+            let controls = store.controls_for_status(&client, name).await?;
+            let spec = job::load(jobs, name).ok();
+            if c.is_none() && spec.is_none() {
+                return Err(Error::Usage(format!(
+                    "job `{name}`: no checkpoint in schema {} and no file {}",
+                    store.schema(),
+                    job::path_for(jobs, name).display()
+                )));
+            }
+            let phase = phase_of(&client, spec.as_ref(), c.as_ref()).await;
+            if json {
+                let v = serde_json::json!({ "job": name, "state": state_of(c.as_ref()), "phase": phase, "checkpoint": c, "controls": controls });
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&v).expect("serializable")
+                );
+            } else {
+                print_status(name, spec.as_ref(), c.as_ref(), &controls, &phase);
+            }
+        }
+        None => {
+            let all = store.load_all(&client).await?;
+            let names = job_names(jobs, &all);
+            if json {
+                let v: Vec<_> = names
+                    .iter()
+                    .map(|n| {
+                        let c = all.iter().find(|c| &c.job == n);
+                        serde_json::json!({ "job": n, "state": state_of(c), "checkpoint": c })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&v).expect("serializable")
+                );
+            } else {
+                println!(
+                    "{:<24} {:<12} {:>24} {:>9} {:>12}  UPDATED",
+                    "JOB", "STATE", "ROWS DONE", "CHUNKS", "ROWS/S"
+                );
+                for n in &names {
+                    let c = all.iter().find(|c| &c.job == n);
+                    println!(
+                        "{:<24} {:<12} {:>24} {:>9} {:>12}  {}",
+                        n,
+                        state_of(c),
+                        c.map(progress_text).unwrap_or_else(|| "-".into()),
+                        c.map(|c| c.chunks_done.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        c.and_then(|c| c.rate_rows_per_second)
+                            .map(|r| format!("{r:.0}"))
+                            .unwrap_or_else(|| "-".into()),
+                        c.map(|c| c.updated_at.as_str()).unwrap_or("-"),
+                    );
+                }
+            }
+        }
+    }
+    Ok(exit::SUCCESS)
+}
+
+pub(super) fn state_of(c: Option<&Checkpoint>) -> &str {
+    c.map(|c| c.state.as_str()).unwrap_or("new")
+}
+
+fn progress_text(c: &Checkpoint) -> String {
+    match c.total_estimate {
+        Some(t) if t > 0 => {
+            let t = t.max(c.rows_done);
+            let pct = (100.0 * c.rows_done as f64 / t as f64).min(100.0);
+            let approx = if c.total_exact { "" } else { "~" };
+            format!("{}/{approx}{t} {pct:.1}%", c.rows_done)
+        }
+        _ => c.rows_done.to_string(),
+    }
+}
+
+/// The phase `status` shows: what the engine last recorded (waiting for expand, running,
+/// verifying, sweeping, finishing, done and verified, reverted…), or "contract applied" once the
+/// job's migrator says so.
+async fn phase_of(
+    client: &tokio_postgres::Client,
+    spec: Option<&JobSpec>,
+    c: Option<&Checkpoint>,
+) -> String {
+    let recorded = match c {
+        None => "not started".to_string(),
+        Some(c) if c.state == "interrupted" => "interrupted (no live runner)".to_string(),
+        Some(c) => c.phase.clone().unwrap_or_else(|| c.state.clone()),
+    };
+    let Some(spec) = spec else { return recorded };
+    match crate::migrator::contract_applied(client, spec).await {
+        Ok(Some(_)) if c.is_some_and(|c| c.state == "done") => "contract applied".into(),
+        Ok(Some(_)) => format!("{recorded}; contract applied before the backfill finished"),
+        Ok(None) => recorded,
+        Err(e) => format!("{recorded} (the migrator's history could not be read: {e})"),
+    }
+}
+
+fn print_status(
+    name: &str,
+    spec: Option<&JobSpec>,
+    c: Option<&Checkpoint>,
+    controls: &Controls,
+    phase: &str,
+) {
+    let line = |k: &str, v: &str| println!("{k:<18} {v}");
+    line("job", name);
+    if let Some(d) = spec.and_then(|s| s.description.as_deref()) {
+        line("description", d);
+    }
+    line("state", state_of(c));
+    line("phase", phase);
+    print_controls(name, controls, &line);
+    let Some(c) = c else {
+        line("progress", "never run");
+        return;
+    };
+    line(
+        "table",
+        &format!("{} key ({})", c.table, c.key_columns.join(", ")),
+    );
+    let kind = match (c.total_estimate, c.total_exact) {
+        (None, _) => "",
+        (Some(_), true) => " (exact count)",
+        (Some(_), false) => " (planner's estimate)",
+    };
+    line("rows done", &format!("{}{kind}", progress_text(c)));
+    line("rows changed", &c.rows_affected.to_string());
+    line("chunks done", &c.chunks_done.to_string());
+    if c.ranges.len() > 1 {
+        line(
+            "key ranges",
+            &format!(
+                "{} ({} done, {} being worked on)",
+                c.ranges.len(),
+                c.ranges.iter().filter(|r| r.done).count(),
+                c.ranges.iter().filter(|r| r.owner_run.is_some()).count()
+            ),
+        );
+        for r in &c.ranges {
+            let from = r.lower_bound.as_deref().map(show_key);
+            line(
+                "",
+                &format!(
+                    "#{} ({} ..= {}] {} rows{}{}",
+                    r.id,
+                    from.unwrap_or_else(|| "start".into()),
+                    show_key(&r.upper_bound),
+                    r.rows_done,
+                    match &r.cursor {
+                        Some(k) if !r.done => format!(", at {}", show_key(k)),
+                        _ => String::new(),
+                    },
+                    match (r.done, r.owner_run, r.owner_worker) {
+                        (true, _, _) => ", done".to_string(),
+                        (false, Some(run), Some(w)) => format!(", run {run} worker {w}"),
+                        _ => ", waiting".to_string(),
+                    }
+                ),
+            );
+        }
+    } else {
+        line(
+            "cursor",
+            &c.cursor
+                .as_deref()
+                .map(show_key)
+                .unwrap_or_else(|| "none (not started)".into()),
+        );
+    }
+    line(
+        "upper bound",
+        &match (&c.upper_bound, c.bound_taken) {
+            (Some(u), _) => show_key(u),
+            (None, true) => "none (table was empty)".into(),
+            (None, false) => "not yet taken".into(),
+        },
+    );
+    if let Some(r) = c.rate_rows_per_second {
+        let of = match c.runners.iter().filter(|o| o.alive).count() {
+            0 => "last run".to_string(),
+            1 => "now".to_string(),
+            n => format!("now, {n} runs together"),
+        };
+        line("rate", &format!("{r:.0} rows/s ({of})"));
+    }
+    if let Some(n) = c.chunk_rows_now {
+        line("chunk size", &format!("{n} keys (last chunk)"));
+    }
+    if let Some(reason) = &c.hold_reason {
+        line(
+            "held",
+            &format!(
+                "{reason} (since {})",
+                c.held_since.as_deref().unwrap_or("?")
+            ),
+        );
+    }
+    if c.sweeps > 0 {
+        line(
+            "sweeps",
+            &format!(
+                "{} (passes over every key after the first, for rows written behind the cursor)",
+                c.sweeps
+            ),
+        );
+    }
+    if c.finish_steps > 0 {
+        line(
+            "finishing steps",
+            &format!("{} of {} succeeded", c.finish_steps_done, c.finish_steps),
+        );
+    }
+    if let Some(v) = c.verify_remaining {
+        line(
+            "verify",
+            &format!(
+                "{v} rows to do at {}",
+                c.verified_at.as_deref().unwrap_or("?")
+            ),
+        );
+    }
+    line("created", &c.created_at);
+    line("started", c.started_at.as_deref().unwrap_or("-"));
+    line("updated", &c.updated_at);
+    if let Some(f) = &c.finished_at {
+        line("finished", f);
+    }
+    for o in &c.runners {
+        line(
+            "runner",
+            &format!(
+                "{} pid {} run {}, {} worker{} ({})",
+                o.host,
+                o.pid,
+                o.run_id,
+                o.workers,
+                if o.workers == 1 { "" } else { "s" },
+                if o.alive { "alive" } else { "gone" }
+            ),
+        );
+    }
+    if c.failed_keys > 0 {
+        line(
+            "failed keys",
+            &format!("{} unresolved (`backfill failures {name}`)", c.failed_keys),
+        );
+    }
+    if let Some(e) = &c.last_error {
+        line("last error", e);
+    }
+    if let Some(s) = spec {
+        if s.fingerprint != c.fingerprint {
+            line(
+                "warning",
+                &format!(
+                    "{} changed since progress was saved (fingerprint {} vs {})",
+                    s.path.display(),
+                    s.fingerprint,
+                    c.fingerprint
+                ),
+            );
+        }
+    }
+}
+
+/// Operator overrides from `backfill pause|set|cancel`, shown only when any is in force.
+fn print_controls(name: &str, c: &Controls, line: &impl Fn(&str, &str)) {
+    if c.paused {
+        line(
+            "paused",
+            &format!("yes (`backfill resume {name}` lets it go on)"),
+        );
+    }
+    if c.cancel {
+        line(
+            "cancel",
+            "requested; the runner stops before its next chunk",
+        );
+    }
+    let mut set = Vec::new();
+    if let Some(r) = c.rows_per_second {
+        set.push(format!("rows_per_second = {r}"));
+    }
+    if let Some(d) = c.target_chunk_time {
+        set.push(format!(
+            "target_chunk_time = {}",
+            humantime::format_duration(d)
+        ));
+    }
+    if let Some(d) = c.pause {
+        set.push(format!("pause = {}", humantime::format_duration(d)));
+    }
+    if !set.is_empty() {
+        line(
+            "overrides",
+            &format!(
+                "{} (`backfill set {name} --clear` drops them)",
+                set.join(", ")
+            ),
+        );
+    }
+}
