@@ -475,6 +475,19 @@ impl Keyset {
         }
     }
 
+    /// `SELECT a > b` for two key values of this key, bound as parameters a…, b… (for the page
+    /// walk, page numbers).
+    pub fn after_sql(&self) -> String {
+        if self.is_ctid() {
+            return "SELECT $1::text::bigint > $2::text::bigint".into();
+        }
+        format!(
+            "SELECT {} > {}",
+            self.bind_expr(1),
+            self.bind_expr(self.columns.len() + 1)
+        )
+    }
+
     fn cols(&self, suffix: &str) -> String {
         self.columns
             .iter()

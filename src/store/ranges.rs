@@ -4,11 +4,12 @@
 //!
 //! - a worker without a range takes a free one — never owned, or owned by a run that is gone —
 //!   with `FOR UPDATE SKIP LOCKED`, so two workers never take the same;
-//! - when none is free, it *splits* the busy range with the most keys left: it locks that range
-//!   (waiting at most for the chunk in flight), finds the key in the middle of what is left — by
-//!   walking the key's index to the middle, or, for a very large remainder, from a page sample of
-//!   the table; always compared in SQL, never by key arithmetic — and takes the upper half as a
-//!   new range. The owner sees its shorter range at its next chunk. So workers that start
+//! - when none is free, it *splits* the busy range with the most keys left: it finds the key in
+//!   the middle of what is left — by walking the key's index to the middle, or, for a very large
+//!   remainder, from a page sample of the table; always compared in SQL, never by key arithmetic
+//!   — without locking the range (so the owner's chunks never wait for that walk), then locks it
+//!   (waiting at most for the chunk in flight), checks that the owner has not passed the middle
+//!   and nobody split it meanwhile (else it looks again), and takes the upper half as a new range. The owner sees its shorter range at its next chunk. So workers that start
 //!   together split the job evenly, and workers that finish early take half of a slower one's
 //!   work, until what is left is too small to be worth splitting;
 //! - every chunk locks its range's row and checks the owner in its own transaction, so a split,
@@ -23,6 +24,19 @@ use tokio_postgres::GenericClient;
 const EXACT_SPLIT_MAX: i64 = 2_000_000;
 /// Keys a page sample should find in the range being split.
 const SAMPLE_KEYS: f64 = 2000.0;
+/// How often one look for work retries a split whose range changed meanwhile.
+const SPLIT_TRIES: usize = 5;
+
+/// What a split attempt came to.
+enum Split {
+    /// The new (upper) range's id.
+    Made(i32),
+    /// Too little left, or fewer keys than estimated: not now.
+    NotWorth,
+    /// The range was split by another, or its owner passed the middle: look again.
+    Changed,
+}
+
 /// How long a splitter waits for the chunk in flight on the range it wants to split.
 const SPLIT_LOCK_WAIT_MS: u32 = 2000;
 
@@ -126,6 +140,28 @@ impl Store {
         worker: i32,
         splitter: &Splitter<'_>,
     ) -> Result<Acquired, tokio_postgres::Error> {
+        // A range that changed while we found its middle (another worker split it first, or its
+        // owner passed the middle) is looked at again at once: workers starting together must
+        // still split the job between them.
+        for _ in 0..SPLIT_TRIES {
+            if let Some(got) = self
+                .acquire_once(client, job, run_id, worker, splitter)
+                .await?
+            {
+                return Ok(got);
+            }
+        }
+        Ok(Acquired::Wait)
+    }
+
+    async fn acquire_once(
+        &self,
+        client: &mut tokio_postgres::Client,
+        job: &str,
+        run_id: i64,
+        worker: i32,
+        splitter: &Splitter<'_>,
+    ) -> Result<Option<Acquired>, tokio_postgres::Error> {
         let lease = |id| RangeLease { id, run_id, worker };
         let tx = client.transaction().await?;
         let free = tx
@@ -167,7 +203,7 @@ impl Store {
                 .await?;
             }
             tx.commit().await?;
-            return Ok(Acquired::Range(lease(id)));
+            return Ok(Some(Acquired::Range(lease(id))));
         }
         let busiest = tx
             .query_opt(
@@ -192,15 +228,15 @@ impl Store {
                 .await?
                 .get(0);
             tx.commit().await?;
-            return Ok(if all_done {
+            return Ok(Some(if all_done {
                 Acquired::AllDone
             } else {
                 Acquired::Wait
-            });
+            }));
         };
         let id: i32 = busiest.get(0);
         match self.split(&tx, job, id, splitter).await {
-            Ok(Some(new_id)) => {
+            Ok(Split::Made(new_id)) => {
                 tx.execute(
                     &format!(
                         "UPDATE {s}.ranges SET owner_run = $3, owner_worker = $4 WHERE job = $1 AND id = $2",
@@ -210,14 +246,18 @@ impl Store {
                 )
                 .await?;
                 tx.commit().await?;
-                Ok(Acquired::Range(lease(new_id)))
+                Ok(Some(Acquired::Range(lease(new_id))))
             }
-            Ok(None) => {
+            Ok(Split::NotWorth) => {
                 tx.commit().await?;
-                Ok(Acquired::Wait)
+                Ok(Some(Acquired::Wait))
+            }
+            Ok(Split::Changed) => {
+                tx.rollback().await?;
+                Ok(None)
             }
             // The range stayed locked (a slow chunk): not worth waiting for; look again soon.
-            Err(e) if crate::db::sqlstate(&e) == Some("55P03") => Ok(Acquired::Wait),
+            Err(e) if crate::db::sqlstate(&e) == Some("55P03") => Ok(Some(Acquired::Wait)),
             Err(e) => Err(e),
         }
     }
@@ -229,14 +269,16 @@ impl Store {
         job: &str,
         id: i32,
         splitter: &Splitter<'_>,
-    ) -> Result<Option<i32>, tokio_postgres::Error> {
+    ) -> Result<Split, tokio_postgres::Error> {
         tx.batch_execute(&format!("SET LOCAL lock_timeout = {SPLIT_LOCK_WAIT_MS}"))
             .await?;
         let row = tx
             .query_one(
                 &format!(
+                    // Not locked yet: finding the middle may walk a million index entries, and
+                    // the owner's chunks must not wait for that (they would hit lock_timeout).
                     "SELECT cursor, upper_bound, coalesce(estimate, 0) - rows_done, done
-                       FROM {s}.ranges WHERE job = $1 AND id = $2 FOR UPDATE",
+                       FROM {s}.ranges WHERE job = $1 AND id = $2",
                     s = self.q
                 ),
                 &[&job, &id],
@@ -246,7 +288,7 @@ impl Store {
         let upper: KeyValue = row.get(1);
         let left: i64 = row.get(2);
         if row.get::<_, bool>(3) || left < splitter.min_keys.max(2) {
-            return Ok(None);
+            return Ok(Split::NotWorth);
         }
         let keyset = splitter.keyset;
         let sampled = left > EXACT_SPLIT_MAX && !keyset.is_ctid();
@@ -274,8 +316,35 @@ impl Store {
                 &[&job, &id, &(left / 4)],
             )
             .await?;
-            return Ok(None);
+            return Ok(Split::NotWorth);
         };
+        // Now lock the range (waiting at most for the chunk in flight) and make sure the middle
+        // is still ahead of its owner and the range was not split meanwhile.
+        let now = tx
+            .query_one(
+                &format!(
+                    "SELECT cursor, upper_bound, done FROM {s}.ranges WHERE job = $1 AND id = $2 FOR UPDATE",
+                    s = self.q
+                ),
+                &[&job, &id],
+            )
+            .await?;
+        let (cursor_now, upper_now, done_now): (Option<KeyValue>, KeyValue, bool) =
+            (now.get(0), now.get(1), now.get(2));
+        if done_now || upper_now != upper {
+            return Ok(Split::Changed);
+        }
+        if let Some(c) = cursor_now.filter(|c| Some(c) != cursor.as_ref()) {
+            let params: Vec<&(dyn ToSql + Sync)> = middle
+                .iter()
+                .chain(c.iter())
+                .map(|v| v as &(dyn ToSql + Sync))
+                .collect();
+            let ahead: bool = tx.query_one(&keyset.after_sql(), &params).await?.get(0);
+            if !ahead {
+                return Ok(Split::Changed);
+            }
+        }
         // Range ids are allocated under the job's row lock (taken after the range's, the order
         // every other writer of both follows).
         tx.execute(
@@ -308,7 +377,7 @@ impl Store {
             &[&job, &id, &middle, &(left - upper_half)],
         )
         .await?;
-        Ok(Some(new_id))
+        Ok(Split::Made(new_id))
     }
 
     /// Locks the range for a chunk and returns (cursor, upper bound, done); None when `lease` no

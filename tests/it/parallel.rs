@@ -454,3 +454,53 @@ fn a_table_too_big_to_count_and_never_analyzed_still_gets_an_estimate() {
         "{planner:?}"
     );
 }
+
+/// A splitter finds the middle before it locks the range, then checks in SQL, in the key's own
+/// types, that the owner has not passed it meanwhile.
+#[test]
+fn keys_compare_in_their_own_types_when_a_split_rechecks_the_owner() {
+    let db = TestDb::new();
+    db.exec(
+        "CREATE TABLE c (tenant text, id int, n int NOT NULL DEFAULT 0, PRIMARY KEY (tenant, id));
+         CREATE TABLE h (n int NOT NULL DEFAULT 0);",
+    );
+    db.write_job(
+        "c",
+        &counting_job("c", "[\"tenant\", \"id\"]", "id", 10, "0"),
+    );
+    db.write_job(
+        "h",
+        "table = \"h\"\nkey = \"ctid\"\nsql = \"UPDATE h SET n = n WHERE ctid BETWEEN :start AND :end\"\n",
+    );
+    let after = |job: &str, a: &[&str], b: &[&str]| -> bool {
+        let spec = backfill::job::load(&db.jobs, job).unwrap();
+        block_on(async {
+            let client = backfill::db::Target::resolve(Some(&db.url))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let keyset = backfill::keyset::Keyset::resolve(&client, &spec)
+                .await
+                .unwrap();
+            let values: Vec<String> = a.iter().chain(b).map(|s| s.to_string()).collect();
+            let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = values
+                .iter()
+                .map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync))
+                .collect();
+            client
+                .query_one(&keyset.after_sql(), &params)
+                .await
+                .unwrap()
+                .get(0)
+        })
+    };
+    // Row order: tenant first, then id as an integer (10 > 9, not "10" < "9").
+    assert!(after("c", &["t1", "10"], &["t1", "9"]));
+    assert!(!after("c", &["t1", "9"], &["t1", "10"]));
+    assert!(after("c", &["t2", "1"], &["t1", "99"]));
+    assert!(!after("c", &["t1", "5"], &["t1", "5"]));
+    // Pages compare as numbers.
+    assert!(after("h", &["10"], &["9"]));
+    assert!(!after("h", &["9"], &["10"]));
+}
