@@ -1143,28 +1143,44 @@ impl<'s, 'a> Worker<'s, 'a> {
                 f.text
             ))),
             OnError::Skip => {
-                let save = |e| db::error(e, format!("job {name}: recording the failure at key {}", show_key(key)));
                 let poison = Poison { key, sqlstate: f.sqlstate.as_deref(), message: &f.text };
                 let range = self.range.expect("a range is held");
                 let conn = match self.connection().await {
                     Ok(c) => c,
                     Err(_) => return Ok(()), // retried from the top once the database answers
                 };
-                let tx = conn.transaction().await.map_err(save)?;
-                tx.batch_execute(&shared.sql.set_local).await.map_err(save)?;
-                let Some((cursor, _, _)) = shared.store.lock_range(&*tx, &name, &range).await.map_err(save)? else {
-                    return Err(store::lost(&name));
+                let recorded = async {
+                    let tx = conn.transaction().await?;
+                    tx.batch_execute(&shared.sql.set_local).await?;
+                    let Some((cursor, _, _)) = shared.store.lock_range(&*tx, &name, &range).await? else {
+                        return Ok(false);
+                    };
+                    if shared.store.skip_key(&*tx, &name, &range, cursor.as_ref(), &poison).await? != 1 {
+                        return Ok(false);
+                    }
+                    tx.commit().await?;
+                    Ok(true)
                 };
-                if shared
-                    .store
-                    .skip_key(&*tx, &name, &range, cursor.as_ref(), &poison)
-                    .await
-                    .map_err(save)?
-                    != 1
-                {
-                    return Err(store::lost(&name));
+                match recorded.await {
+                    Ok(true) => {}
+                    Ok(false) => return Err(store::lost(&name)),
+                    // Nothing was committed: the chunk is tried again from the cursor (and
+                    // narrowed to this key again) once the lock or the database is back.
+                    Err(e) if matches!(db::classify(&e), ErrorClass::Contention | ErrorClass::Connection) => {
+                        shared.progress.log(&format!(
+                            "{name}: recording the failure at key {} was interrupted ({}); trying again",
+                            show_key(key),
+                            db::describe(&e)
+                        ));
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        return Err(db::error(
+                            e,
+                            format!("job {name}: recording the failure at key {}", show_key(key)),
+                        ))
+                    }
                 }
-                tx.commit().await.map_err(save)?;
                 shared.progress.log(&format!(
                     "{name}: skipped key {} ({}); recorded in the failures table — `backfill failures {name}` lists it, `backfill retry-failures {name}` retries it",
                     show_key(key),
