@@ -296,11 +296,7 @@ fn the_sampled_split_point_halves_a_skewed_key_by_rows() {
     let upper = (100000i64 * 1000000).to_string();
     let cursor = "80000".to_string();
     let (sampled, after_cursor) = block_on(async {
-        let client = backfill::db::Target::resolve(Some(&db.url))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let client = db.connect().await;
         let keyset = backfill::keyset::Keyset::resolve(&client, &spec)
             .await
             .unwrap();
@@ -320,8 +316,15 @@ fn the_sampled_split_point_halves_a_skewed_key_by_rows() {
     });
     for (percent, middle) in sampled {
         let below = db.i64(&format!("SELECT count(*) FROM s WHERE k <= {}", middle[0]));
+        // A 10 % page sample of this table is ~55 pages: its median varies by several percent
+        // (37 % was seen). Halving by key value instead would leave ~95 % of the rows below.
+        let expected = if percent >= 100.0 {
+            40_000..=60_000
+        } else {
+            25_000..=75_000
+        };
         assert!(
-            (40_000..=60_000).contains(&below),
+            expected.contains(&below),
             "sampling {percent}%: {below} of 100000 rows at or below {}",
             middle[0]
         );
@@ -346,11 +349,7 @@ fn progress_saved_before_key_ranges_resumes_after_the_upgrade() {
     db.write_job("old", &counting_job("t", "[\"id\"]", "id", 100, "0"));
     let spec = backfill::job::load(&db.jobs, "old").unwrap();
     block_on(async {
-        let mut client = backfill::db::Target::resolve(Some(&db.url))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let mut client = db.connect().await;
         backfill::store::migrate_up_to(&mut client, "backfill", 4)
             .await
             .unwrap();
@@ -431,11 +430,7 @@ fn a_table_too_big_to_count_and_never_analyzed_still_gets_an_estimate() {
     let job = backfill::job::load(&db.jobs, "big").unwrap();
     let estimate = |within: Duration| {
         block_on(async {
-            let mut client = backfill::db::Target::resolve(Some(&db.url))
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
+            let mut client = db.connect().await;
             let tx = client.transaction().await.unwrap();
             backfill::executor::estimate_rows(&tx, &job, within).await
         })
@@ -475,11 +470,7 @@ fn keys_compare_in_their_own_types_when_a_split_rechecks_the_owner() {
     let after = |job: &str, a: &[&str], b: &[&str]| -> bool {
         let spec = backfill::job::load(&db.jobs, job).unwrap();
         block_on(async {
-            let client = backfill::db::Target::resolve(Some(&db.url))
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
+            let client = db.connect().await;
             let keyset = backfill::keyset::Keyset::resolve(&client, &spec)
                 .await
                 .unwrap();

@@ -39,11 +39,7 @@ fn message(plan: &Value, code: &str) -> String {
 fn the_sample_job_plans_cleanly_and_nothing_is_kept() {
     let db = TestDb::new();
     block_on(async {
-        let client = backfill::db::Target::resolve(Some(&db.url))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let client = db.connect().await;
         backfill::demo::create_orders(&client, 100_000)
             .await
             .unwrap();

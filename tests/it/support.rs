@@ -165,6 +165,15 @@ impl TestDb {
     }
 
     /// Another session, e.g. to hold a lock while the engine runs.
+    /// A client of this test's database, for tests that call the library directly.
+    pub async fn connect(&self) -> tokio_postgres::Client {
+        Target::resolve(Some(&self.url))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
     pub fn session(&self) -> Session {
         Session::connect(&self.url)
     }
