@@ -67,15 +67,16 @@ pub(super) async fn status(
                 );
             } else {
                 println!(
-                    "{:<24} {:<12} {:>24} {:>9} {:>12}  UPDATED",
-                    "JOB", "STATE", "ROWS DONE", "CHUNKS", "ROWS/S"
+                    "{:<24} {:<12} {:<20} {:>24} {:>9} {:>12}  UPDATED",
+                    "JOB", "STATE", "PHASE", "ROWS DONE", "CHUNKS", "ROWS/S"
                 );
                 for n in &names {
                     let c = all.iter().find(|c| &c.job == n);
                     println!(
-                        "{:<24} {:<12} {:>24} {:>9} {:>12}  {}",
+                        "{:<24} {:<12} {:<20} {:>24} {:>9} {:>12}  {}",
                         n,
                         state_of(c),
+                        recorded_phase(c),
                         c.map(progress_text).unwrap_or_else(|| "-".into()),
                         c.map(|c| c.chunks_done.to_string())
                             .unwrap_or_else(|| "-".into()),
@@ -107,6 +108,15 @@ fn progress_text(c: &Checkpoint) -> String {
     }
 }
 
+/// The phase the engine last recorded for a job.
+fn recorded_phase(c: Option<&Checkpoint>) -> String {
+    match c {
+        None => "not started".to_string(),
+        Some(c) if c.state == "interrupted" => "interrupted (no live runner)".to_string(),
+        Some(c) => c.phase.clone().unwrap_or_else(|| c.state.clone()),
+    }
+}
+
 /// The phase `status` shows: what the engine last recorded (waiting for expand, running,
 /// verifying, sweeping, finishing, done and verified, reverted…), or "contract applied" once the
 /// job's migrator says so.
@@ -115,11 +125,7 @@ async fn phase_of(
     spec: Option<&JobSpec>,
     c: Option<&Checkpoint>,
 ) -> String {
-    let recorded = match c {
-        None => "not started".to_string(),
-        Some(c) if c.state == "interrupted" => "interrupted (no live runner)".to_string(),
-        Some(c) => c.phase.clone().unwrap_or_else(|| c.state.clone()),
-    };
+    let recorded = recorded_phase(c);
     let Some(spec) = spec else { return recorded };
     match crate::migrator::contract_applied(client, spec).await {
         Ok(Some(_)) if c.is_some_and(|c| c.state == "done") => "contract applied".into(),

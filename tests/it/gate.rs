@@ -111,6 +111,13 @@ fn requires_sql_holds_the_run_and_wait_for_expand_waits_for_it() {
     );
     let status = db.run(&["status", "j"]);
     assert!(status.stdout.contains("waiting for expand"), "{status:?}");
+    let all = db.run(&["status"]);
+    assert!(
+        all.stdout
+            .lines()
+            .any(|l| l.starts_with("j ") && l.contains("waiting for expand")),
+        "{all:?}"
+    );
     db.exec("ALTER TABLE t ADD COLUMN n int NOT NULL DEFAULT 0");
     let out = wait_out(child, Duration::from_secs(60));
     assert_eq!(out.code, 0, "{out:?}");
