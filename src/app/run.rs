@@ -304,6 +304,9 @@ async fn preconditions(
             )));
         };
         if !limit.is_zero() && since.elapsed() >= limit {
+            if let Some(c) = &client {
+                let _ = store.clear_waiting(c, name).await;
+            }
             return Err(Error::NotSatisfied(format!(
                 "job {name}: waited {}s for its expand migration, in vain: {why}",
                 limit.as_secs()
@@ -318,6 +321,9 @@ async fn preconditions(
         }
         shutdown.sleep(EXPAND_POLL).await;
         if shutdown.stop_requested() || shutdown.cancel_requested() {
+            if let Some(c) = &client {
+                let _ = store.clear_waiting(c, name).await;
+            }
             return Err(Error::Interrupted(format!(
                 "{name}: stopped while waiting for its expand migration; nothing was processed"
             )));

@@ -275,6 +275,22 @@ impl Store {
         Ok(())
     }
 
+    /// A run that waited for the expand migration gave up: the job no longer shows it.
+    pub async fn clear_waiting(&self, client: &impl GenericClient, job: &str) -> Result<()> {
+        client
+            .execute(
+                &format!(
+                    "UPDATE {s}.checkpoints SET phase = NULL, updated_at = now()
+                      WHERE job = $1 AND phase = 'waiting for expand'",
+                    s = self.q
+                ),
+                &[&job],
+            )
+            .await
+            .map_err(|e| db::error(e, format!("job {job}: recording that it no longer waits")))?;
+        Ok(())
+    }
+
     /// Shows that a run waits for the job's expand migration (the checkpoint row is made if the
     /// job never ran, so `status` can say so).
     pub async fn note_waiting(

@@ -86,6 +86,11 @@ fn requires_sql_holds_the_run_and_wait_for_expand_waits_for_it() {
     let out = db.run(&["run", "j", "--wait-for-expand=1s"]);
     assert_eq!(out.code, 3, "{out:?}");
     assert!(out.stderr.contains("waited 1s"), "{out:?}");
+    assert_eq!(
+        db.i64("SELECT count(*) FROM backfill.checkpoints WHERE phase = 'waiting for expand'"),
+        0,
+        "a runner that gave up no longer shows as waiting"
+    );
 
     // A requires_sql that cannot run before the expand step (the column is missing) means the
     // same: not yet.
@@ -106,7 +111,7 @@ fn requires_sql_holds_the_run_and_wait_for_expand_waits_for_it() {
     // The runner starts first and waits; the expand step lands; the run goes on by itself.
     let child = db.spawn(&["run", "j", "--wait-for-expand"]);
     db.wait_for(
-        "SELECT phase = 'waiting for expand' FROM backfill.checkpoints WHERE job = 'j'",
+        "SELECT coalesce(phase = 'waiting for expand', false) FROM backfill.checkpoints WHERE job = 'j'",
         Duration::from_secs(30),
     );
     let status = db.run(&["status", "j"]);

@@ -114,7 +114,7 @@ fn alembic_expand_backfill_contract_with_a_branch_and_a_merge() {
         "600",
     ]);
     db.wait_for(
-        "SELECT phase = 'waiting for expand' FROM backfill.checkpoints WHERE job = 'orders_status'",
+        "SELECT coalesce(phase = 'waiting for expand', false) FROM backfill.checkpoints WHERE job = 'orders_status'",
         Duration::from_secs(30),
     );
     // Two heads now: the audit branch and the expand branch.
