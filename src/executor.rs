@@ -582,12 +582,7 @@ impl Shared<'_> {
     /// table's first chunk (rolled back), and the second execution must affect no row at all —
     /// a statement without a guard would overwrite what the application wrote since.
     async fn unsafe_to_sweep(&self) -> Result<Option<String>> {
-        let opts = crate::plan::PlanOptions {
-            verify_timeout: Duration::from_secs(1),
-            long_transaction: Duration::from_secs(3600),
-            from_first_key: true,
-        };
-        let plan = crate::plan::plan(self.target, self.store, self.job, &opts).await?;
+        let plan = crate::plan::probe_first_chunk(self.target, self.job).await?;
         if let Some(f) = plan
             .findings
             .iter()

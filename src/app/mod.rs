@@ -49,7 +49,6 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             let opts = crate::plan::PlanOptions {
                 verify_timeout,
                 long_transaction,
-                from_first_key: false,
             };
             let plan = crate::plan::plan(&target()?, &store, &job, &opts).await?;
             if json {

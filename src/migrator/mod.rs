@@ -16,49 +16,53 @@ use std::time::Duration;
 
 /// Why the job may not run yet (`requires_sql` false, expand not applied), or None when it may.
 pub async fn not_ready(client: &tokio_postgres::Client, job: &JobSpec) -> Result<Option<String>> {
-    let name = &job.name;
-    if let Some(q) = &job.requires_sql {
-        let ok: Option<bool> = match client
-            .query_one(&format!("SELECT ({q})::boolean"), &[])
-            .await
-        {
-            Ok(row) => row.get(0),
-            // What the expand step creates is not there yet: not ready, rather than broken.
-            Err(e)
-                if matches!(
-                    db::sqlstate(&e),
-                    Some("42P01" | "42703" | "42883" | "3F000")
-                ) =>
-            {
-                return Ok(Some(format!(
-                    "its requires_sql cannot run yet ({}): {q}",
-                    db::describe(&e)
-                )))
-            }
-            Err(e) => {
-                return Err(Error::Runtime(format!(
-                    "job {name}: the requires_sql query failed: {}; check `requires_sql` in {}",
-                    db::describe(&e),
-                    job.path.display()
-                )))
-            }
-        };
-        if ok != Some(true) {
-            return Ok(Some(format!(
-                "its requires_sql returned {} (it must return true before the backfill may run): {q}",
-                ok.map(|b| b.to_string()).unwrap_or_else(|| "NULL".into())
-            )));
-        }
+    if let Some(why) = requires_unmet(client, job).await? {
+        return Ok(Some(why));
     }
     let expand = revision(client, job, |m| &m.expand).await?;
-    Ok(expand
-        .filter(|(_, applied)| !applied.applied)
-        .map(|(rev, applied)| {
-            format!(
-                "its expand migration {rev} is not applied yet: {}",
-                applied.detail
-            )
-        }))
+    Ok(expand_missing(expand.as_ref()))
+}
+
+/// Why the job's `requires_sql` does not hold yet, or None when it does (or there is none).
+pub async fn requires_unmet(
+    client: &tokio_postgres::Client,
+    job: &JobSpec,
+) -> Result<Option<String>> {
+    let Some(q) = &job.requires_sql else {
+        return Ok(None);
+    };
+    let ok: Option<bool> = match client
+        .query_one(&format!("SELECT ({q})::boolean"), &[])
+        .await
+    {
+        Ok(row) => row.get(0),
+        // What the expand step creates is not there yet: not ready, rather than broken.
+        Err(e)
+            if matches!(
+                db::sqlstate(&e),
+                Some("42P01" | "42703" | "42883" | "3F000")
+            ) =>
+        {
+            return Ok(Some(format!(
+                "its requires_sql cannot run yet ({}): {q}",
+                db::describe(&e)
+            )))
+        }
+        Err(e) => {
+            return Err(Error::Runtime(format!(
+                "job {}: the requires_sql query failed: {}; check `requires_sql` in {}",
+                job.name,
+                db::describe(&e),
+                job.path.display()
+            )))
+        }
+    };
+    Ok((ok != Some(true)).then(|| {
+        format!(
+            "its requires_sql returned {} (it must return true before the backfill may run): {q}",
+            ok.map(|b| b.to_string()).unwrap_or_else(|| "NULL".into())
+        )
+    }))
 }
 
 /// When the job's contract migration is already applied: what the history says.
@@ -67,30 +71,54 @@ pub async fn contract_applied(
     job: &JobSpec,
 ) -> Result<Option<String>> {
     let contract = revision(client, job, |m| &m.contract).await?;
-    Ok(contract
-        .filter(|(_, applied)| applied.applied)
-        .map(|(rev, applied)| {
-            format!(
-                "its contract migration {rev} is already applied: {}",
-                applied.detail
-            )
-        }))
+    Ok(contract_done(contract.as_ref()))
 }
 
-/// One of the job's declared revisions ("id (tool)") and what the migrator's history says of it.
-async fn revision(
+/// One of the job's declared revisions and what the migrator's history says of it.
+pub struct Revision {
+    pub id: String,
+    pub tool: &'static str,
+    pub applied: history::Applied,
+}
+
+/// Reads the history for one of the job's declared revisions (None when it declares none).
+pub async fn revision(
     client: &tokio_postgres::Client,
     job: &JobSpec,
     which: impl Fn(&crate::job::MigrationSpec) -> &Option<String>,
-) -> Result<Option<(String, history::Applied)>> {
+) -> Result<Option<Revision>> {
     let Some(m) = &job.migration else {
         return Ok(None);
     };
-    let Some(rev) = which(m) else {
+    let Some(id) = which(m) else {
         return Ok(None);
     };
-    let applied = m.history().is_applied(client, rev).await?;
-    Ok(Some((format!("{rev} ({})", m.tool.name()), applied)))
+    let applied = m.history().is_applied(client, id).await?;
+    Ok(Some(Revision {
+        id: id.clone(),
+        tool: m.tool.name(),
+        applied,
+    }))
+}
+
+/// Why the run must wait, when the expand revision is not applied.
+pub fn expand_missing(expand: Option<&Revision>) -> Option<String> {
+    expand.filter(|r| !r.applied.applied).map(|r| {
+        format!(
+            "its expand migration {} ({}) is not applied yet: {}",
+            r.id, r.tool, r.applied.detail
+        )
+    })
+}
+
+/// What the history says, when the contract revision is already applied.
+pub fn contract_done(contract: Option<&Revision>) -> Option<String> {
+    contract.filter(|r| r.applied.applied).map(|r| {
+        format!(
+            "its contract migration {} ({}) is already applied: {}",
+            r.id, r.tool, r.applied.detail
+        )
+    })
 }
 
 /// Runs the job's `verify` query (under a statement timeout) and returns its count.

@@ -30,9 +30,6 @@ pub struct PlanOptions {
     pub verify_timeout: Duration,
     /// A transaction open longer than this is reported.
     pub long_transaction: Duration,
-    /// Probe the table's first keys even when the job has progressed past them (before a sweep,
-    /// which applies the statement again to keys already done).
-    pub from_first_key: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -119,23 +116,44 @@ pub async fn plan(
 ) -> Result<Plan> {
     let mut client = target.connect().await?;
     let checkpoint = store.load(&client, &job.name).await?;
+    let mut plan = rolled_back(&mut client, job, checkpoint.as_ref(), opts).await?;
+    phases(&client, job, &mut plan).await;
+    Ok(plan)
+}
+
+/// The probe alone, on the table's first keys whatever the job's progress: what a sweep needs to
+/// know before it applies the statement again to keys already done (`estimates.rows_reapplied`,
+/// and the `not_idempotent`/`statement_fails` findings).
+pub async fn probe_first_chunk(target: &Target, job: &JobSpec) -> Result<Plan> {
+    let opts = PlanOptions {
+        verify_timeout: Duration::from_secs(1),
+        long_transaction: Duration::from_secs(3600),
+    };
+    rolled_back(&mut target.connect().await?, job, None, &opts).await
+}
+
+/// Runs the probe inside a transaction that is always rolled back.
+async fn rolled_back(
+    client: &mut tokio_postgres::Client,
+    job: &JobSpec,
+    checkpoint: Option<&crate::store::Checkpoint>,
+    opts: &PlanOptions,
+) -> Result<Plan> {
     let tx = client.transaction().await.map_err(|e| {
         crate::db::error(
             e,
             format!("job {}: starting the plan's transaction", job.name),
         )
     })?;
-    let result = probe::run(&tx, job, checkpoint.as_ref(), opts).await;
+    let result = probe::run(&tx, job, checkpoint, opts).await;
     // Whatever happened, nothing the probe did may stay.
     let _ = tx.rollback().await;
-    let mut plan = result.map_err(|e| match e {
+    result.map_err(|e| match e {
         Error::Runtime(m) => {
             Error::Runtime(format!("{m} (the plan rolled back everything it did)"))
         }
         other => other,
-    })?;
-    phases(&client, job, &mut plan).await;
-    Ok(plan)
+    })
 }
 
 /// The job's phases as lines, and a finding when it may not run yet or its contract step ran.
@@ -145,33 +163,50 @@ async fn phases(client: &tokio_postgres::Client, job: &JobSpec, plan: &mut Plan)
         let q = q.split_whitespace().collect::<Vec<_>>().join(" ");
         lines.push(format!("requires_sql: {q}"));
     }
-    if let Some(m) = &job.migration {
-        let revs = [("expand", &m.expand), ("contract", &m.contract)];
-        for (what, rev) in revs {
-            if let Some(rev) = rev {
-                let now = match m.history().is_applied(client, rev).await {
-                    Ok(a) => format!(
-                        "{}: {}",
-                        if a.applied { "applied" } else { "not applied" },
-                        a.detail
-                    ),
-                    Err(e) => format!("unknown: {e}"),
-                };
-                lines.push(format!("{what} {} {rev}: {now}", m.tool.name()));
-            }
+    // Each revision's history is read once, for its line and its finding.
+    let expand = crate::migrator::revision(client, job, |m| &m.expand).await;
+    let contract = crate::migrator::revision(client, job, |m| &m.contract).await;
+    for (what, rev) in [("expand", &expand), ("contract", &contract)] {
+        match rev {
+            Ok(Some(r)) => lines.push(format!(
+                "{what} {} {}: {}: {}",
+                r.tool,
+                r.id,
+                if r.applied.applied {
+                    "applied"
+                } else {
+                    "not applied"
+                },
+                r.applied.detail
+            )),
+            Ok(None) => {}
+            Err(e) => lines.push(format!("{what}: unknown: {e}")),
         }
     }
-    match crate::migrator::not_ready(client, job).await {
-        Ok(Some(why)) => plan.findings.push(Finding {
+    let not_ready = match crate::migrator::requires_unmet(client, job).await {
+        Ok(Some(why)) => Some(why),
+        Ok(None) => expand
+            .as_ref()
+            .ok()
+            .and_then(|r| crate::migrator::expand_missing(r.as_ref())),
+        Err(e) => {
+            lines.push(format!("precondition could not be checked: {e}"));
+            None
+        }
+    };
+    if let Some(why) = not_ready {
+        plan.findings.push(Finding {
             severity: Severity::Warning,
             code: "not_ready",
             message: format!("a run would exit 3 now: {why}"),
             fix: "apply the expand migration first, or run with --wait-for-expand".into(),
-        }),
-        Ok(None) => {}
-        Err(e) => lines.push(format!("precondition could not be checked: {e}")),
+        });
     }
-    if let Ok(Some(why)) = crate::migrator::contract_applied(client, job).await {
+    if let Some(why) = contract
+        .as_ref()
+        .ok()
+        .and_then(|r| crate::migrator::contract_done(r.as_ref()))
+    {
         plan.findings.push(Finding {
             severity: Severity::Warning,
             code: "contract_applied",

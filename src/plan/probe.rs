@@ -43,8 +43,7 @@ pub(super) async fn run(
     };
     verify_estimate(tx, job, opts, &mut estimates).await?;
 
-    let progress = checkpoint.filter(|_| !opts.from_first_key);
-    let first = first_chunk(tx, job, &keyset, progress).await?;
+    let first = first_chunk(tx, job, &keyset, checkpoint).await?;
     if let Some(chunk) = &first {
         let bounds: Vec<&(dyn ToSql + Sync)> = chunk
             .start
