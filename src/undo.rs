@@ -69,12 +69,7 @@ pub async fn ensure_table(
             ),
         )
     };
-    let exists: bool = client
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
-        .await
-        .map_err(err)?
-        .get(0);
-    if exists {
+    if exists(client, store, &job.name).await? {
         return Ok(());
     }
     let key = column_list(&job.key, "");
@@ -158,26 +153,34 @@ fn revert_sql_source(sql: &SqlTemplate) -> String {
     sql.source()
 }
 
+/// Whether the job has an undo table.
+pub async fn exists(
+    client: &impl tokio_postgres::GenericClient,
+    store: &Store,
+    job: &str,
+) -> Result<bool> {
+    let table = undo_table(store, job);
+    Ok(client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .await
+        .map_err(|e| db::error(e, format!("job {job}: looking for its undo table {table}")))?
+        .get(0))
+}
+
 /// The rows kept in the job's undo table, or None when it has none.
 pub async fn undo_rows(
     client: &impl tokio_postgres::GenericClient,
     store: &Store,
     job: &str,
 ) -> Result<Option<i64>> {
-    let table = undo_table(store, job);
-    let err = |e| db::error(e, format!("job {job}: reading its undo table {table}"));
-    let exists: bool = client
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
-        .await
-        .map_err(err)?
-        .get(0);
-    if !exists {
+    if !exists(client, store, job).await? {
         return Ok(None);
     }
+    let table = undo_table(store, job);
     let rows: i64 = client
         .query_one(&format!("SELECT count(*) FROM {table}"), &[])
         .await
-        .map_err(err)?
+        .map_err(|e| db::error(e, format!("job {job}: reading its undo table {table}")))?
         .get(0);
     Ok(Some(rows))
 }

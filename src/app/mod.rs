@@ -31,9 +31,7 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             let json = g.log_format == LogFormat::Json;
             run::run(&target()?, &store, &g.jobs, &args, json, Mode::Revert).await
         }
-        Command::DropUndo { name, yes } => {
-            run::drop_undo(&target()?, &store, &g.jobs, &name, yes).await
-        }
+        Command::DropUndo { name, yes } => run::drop_undo(&target()?, &store, &name, yes).await,
         Command::Status { name, json } => {
             status::status(&target()?, &store, &g.jobs, name.as_deref(), json).await
         }

@@ -90,26 +90,21 @@ pub(super) async fn run(
         shutdown.sleep(args.metrics_linger).await;
     }
     let report = result?;
-    if mode == Mode::Revert && matches!(report.outcome, Outcome::Done { .. } | Outcome::AlreadyDone)
-    {
+    let complete = matches!(report.outcome, Outcome::Done { .. } | Outcome::AlreadyDone);
+    if mode == Mode::Revert && complete {
         let mut client = target.connect().await?;
+        let undo_table = crate::undo::exists(&client, store, &forward.name)
+            .await?
+            .then(|| crate::undo::undo_table(store, &forward.name));
         store
-            .mark_reverted(
-                &mut client,
-                &forward.name,
-                &job.name,
-                &crate::undo::undo_table(store, &forward.name),
-            )
+            .mark_reverted(&mut client, &forward.name, &job.name, undo_table.as_deref())
             .await?;
         progress.log(&format!(
             "{}: reverted; its progress is forgotten and its next `backfill run` starts over",
             forward.name
         ));
     }
-    if mode == Mode::Forward
-        && !job.finish_sql.is_empty()
-        && matches!(report.outcome, Outcome::Done { .. } | Outcome::AlreadyDone)
-    {
+    if mode == Mode::Forward && complete && !job.finish_sql.is_empty() {
         finish(target, store, &job, &progress).await?;
     }
     if args.json {
@@ -249,19 +244,14 @@ async fn preconditions(
     let mut client = target.connect().await?;
     // A run creates or upgrades the engine's schema anyway; reading it needs the current version.
     store.ensure(&mut client).await?;
-    let checkpoint = store.load(&client, name).await?;
-    // Whether the job runs, was reverted or has a revert unfinished is checked again where it
-    // matters, under the job's checkpoint lock when the run joins (`Store::claim`).
     if mode == Mode::Revert {
         if let Some(why) = crate::migrator::contract_applied(&client, job).await? {
             return Err(Error::NotSatisfied(format!(
                 "job {name} cannot be reverted: {why}; the data it would restore is gone — downgrade the contract migration first"
             )));
         }
-        if matches!(job.revert, Some(crate::job::Revert::Undo(_)))
-            && crate::undo::undo_rows(&client, store, name)
-                .await?
-                .is_none()
+        if matches!(job.revert, Some(job::Revert::Undo(_)))
+            && !crate::undo::exists(&client, store, name).await?
         {
             return Err(Error::NotSatisfied(format!(
                 "job {name} has no undo data (table {} is missing: dropped by `backfill drop-undo`?); nothing can be restored",
@@ -270,7 +260,11 @@ async fn preconditions(
         }
         return Ok(());
     }
-    if checkpoint.as_ref().is_some_and(|c| c.state == "done") {
+    if store
+        .load(&client, name)
+        .await?
+        .is_some_and(|c| c.state == "done")
+    {
         return Ok(());
     }
     if let Some(why) = crate::migrator::contract_applied(&client, job).await? {
@@ -331,13 +325,7 @@ async fn preconditions(
     }
 }
 
-pub(super) async fn drop_undo(
-    target: &Target,
-    store: &Store,
-    jobs: &Path,
-    name: &str,
-    yes: bool,
-) -> Result<u8> {
+pub(super) async fn drop_undo(target: &Target, store: &Store, name: &str, yes: bool) -> Result<u8> {
     let client = target.connect().await?;
     let table = crate::undo::undo_table(store, name);
     let Some(rows) = crate::undo::undo_rows(&client, store, name).await? else {
@@ -361,7 +349,6 @@ pub(super) async fn drop_undo(
             )));
         }
     }
-    let _ = jobs;
     crate::undo::drop_table(&client, store, name).await?;
     println!("job {name}: undo data dropped ({table}, {rows} rows)");
     Ok(exit::SUCCESS)

@@ -220,7 +220,7 @@ impl Store {
         client: &mut tokio_postgres::Client,
         job: &str,
         revert_job: &str,
-        undo_table: &str,
+        undo_table: Option<&str>,
     ) -> Result<()> {
         let err = |e| db::error(e, format!("job {job}: recording the revert"));
         let tx = client.transaction().await.map_err(err)?;
@@ -234,12 +234,7 @@ impl Store {
         .await
         .map_err(err)?;
         // The values are back in the table: kept ones would be stale in the job's next cycle.
-        let kept: bool = tx
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&undo_table])
-            .await
-            .map_err(err)?
-            .get(0);
-        if kept {
+        if let Some(undo_table) = undo_table {
             tx.batch_execute(&format!("DELETE FROM {undo_table}"))
                 .await
                 .map_err(err)?;
