@@ -1330,8 +1330,6 @@ fn backoff(attempt: u32) -> Duration {
     half + Duration::from_millis(fastrand::u64(0..=half.as_millis() as u64))
 }
 
-/// The number of rows to process, for progress, and whether it is exact: a count when counting
-/// is quick (3 s at most), else the planner's estimate.
 /// How long the exact count of a job's rows may take before an estimate is used instead.
 pub const EXACT_COUNT_WITHIN: Duration = Duration::from_secs(3);
 

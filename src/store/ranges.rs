@@ -9,8 +9,9 @@
 //!   remainder, from a page sample of the table; always compared in SQL, never by key arithmetic
 //!   — without locking the range (so the owner's chunks never wait for that walk), then locks it
 //!   (waiting at most for the chunk in flight), checks that the owner has not passed the middle
-//!   and nobody split it meanwhile (else it looks again), and takes the upper half as a new range. The owner sees its shorter range at its next chunk. So workers that start
-//!   together split the job evenly, and workers that finish early take half of a slower one's
+//!   and nobody split it meanwhile (else it looks again), and takes the upper half as a new
+//!   range. The owner sees its shorter range at its next chunk. So workers that start together
+//!   split the job evenly, and workers that finish early take half of a slower one's
 //!   work, until what is left is too small to be worth splitting;
 //! - every chunk locks its range's row and checks the owner in its own transaction, so a split,
 //!   a takeover or a lost lease can never make a key be processed twice.
