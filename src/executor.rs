@@ -32,7 +32,7 @@ use crate::db::{self, ErrorClass, Target};
 use crate::error::{Error, Result};
 use crate::job::ThrottleSpec;
 use crate::job::{JobSpec, OnError};
-use crate::keyset::{self, show_key, KeyValue, Keyset};
+use crate::keyset::{self, show_key, ChunkBounds, KeyValue, Keyset};
 use crate::signals::Shutdown;
 use crate::store::{
     self, Acquired, Claim, LeaseState, Poison, RangeLease, Runner, Splitter, Store, Sweep,
@@ -658,8 +658,18 @@ struct Failure {
 
 enum ChunkError {
     Failed(Failure),
+    /// The walk would not move forward (see [`keyset::Stall`]): fatal, never retried.
+    Stalled(keyset::Stall),
     /// The range is no longer this worker's: the run was declared gone and its ranges taken.
     Lost,
+}
+
+/// The run's end when its walk would not move forward: fatal, since the same bounds would come
+/// back and the statement would be applied to the same rows again.
+fn stalled(name: &str, stall: &keyset::Stall) -> Error {
+    Error::Runtime(format!(
+        "job {name}: {stall}; nothing of this chunk was committed, and the run stops rather than apply the statement to the same rows again; this is a defect of backfill with this key type: report it with the key's type, or key the job on another unique index"
+    ))
 }
 
 /// Turns a database error at `stage` of a chunk into a [`ChunkError`] naming the key range.
@@ -764,6 +774,7 @@ impl<'s, 'a> Worker<'s, 'a> {
                     }
                     Ok(Acquired::AllDone) => return Ok(LoopEnd::Finished),
                     Err(ChunkError::Lost) => return Err(store::lost(&name)),
+                    Err(ChunkError::Stalled(stall)) => return Err(stalled(&name, &stall)),
                     Err(ChunkError::Failed(f)) => {
                         self.recover(f).await?;
                         continue;
@@ -798,6 +809,7 @@ impl<'s, 'a> Worker<'s, 'a> {
                     self.shared.range_finished.notify_waiters();
                 }
                 Err(ChunkError::Lost) => return Err(store::lost(&name)),
+                Err(ChunkError::Stalled(stall)) => return Err(stalled(&name, &stall)),
                 Err(ChunkError::Failed(f)) => {
                     if self.shared.shutdown.cancel_requested()
                         && f.sqlstate.as_deref() == Some("57014")
@@ -1231,10 +1243,15 @@ async fn run_chunk(
             .query_one(&stmt, &params)
             .await
             .map_err(failed("finding the chunk bounds", None))?;
-        let first: Option<KeyValue> = row.get(1);
-        first.map(|first| (row.get::<_, i64>(0), first, row.get::<_, KeyValue>(2)))
+        match shared.keyset.read_bounds(&row, cursor.as_ref()) {
+            Ok(found) => found,
+            Err(stall) => {
+                let _ = tx.rollback().await;
+                return Err(ChunkError::Stalled(stall));
+            }
+        }
     };
-    let Some((keys, first, last)) = row else {
+    let Some(ChunkBounds { keys, first, last }) = row else {
         store
             .range_done(&*tx, job, range)
             .await

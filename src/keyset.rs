@@ -21,6 +21,32 @@ use tokio_postgres::GenericClient;
 /// A key value: one text-form value per key column, in key order.
 pub type KeyValue = Vec<String>;
 
+/// The next chunk of a walk: how many keys it holds, and its first and last key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkBounds {
+    pub keys: i64,
+    pub first: KeyValue,
+    pub last: KeyValue,
+}
+
+/// Why a chunk cannot be run: the walk would not strictly move forward. Never retried: the same
+/// bounds would come back, and a loop would apply the statement to the same rows again.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Stall {
+    #[error("the chunk's bounds {} and {} do not read back as themselves when cast to the key's type {key}, so the statement would be bound to other keys than the ones found", show_key(.first), show_key(.last))]
+    Lossy {
+        key: String,
+        first: KeyValue,
+        last: KeyValue,
+    },
+    #[error("the cursor would not move forward: the chunk after key {} ends at key {} (key {key})", show_key(.cursor), show_key(.last))]
+    NoAdvance {
+        key: String,
+        cursor: KeyValue,
+        last: KeyValue,
+    },
+}
+
 /// The key name that walks the heap by pages instead of an index.
 pub const CTID: &str = "ctid";
 /// The highest line pointer number a tuple id can name: `(p,65535)` is past every tuple of page p.
@@ -250,7 +276,8 @@ fn scan(sql: &str) -> std::result::Result<Vec<Piece>, String> {
     Ok(pieces)
 }
 
-/// One key column and its SQL type (as `format_type` names it, without modifiers).
+/// One key column and its SQL type, exactly as `format_type` names it with the column's type
+/// modifier (`character(3)`, `numeric(12,2)`, `bit(6)`): every bound is cast to this type.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyColumn {
     pub name: String,
@@ -298,8 +325,11 @@ impl Keyset {
         }
         let rows = client
             .query(
-                "SELECT a.attname::text, format_type(a.atttypid, NULL), a.attnotnull, a.attnum::int
-                   FROM pg_attribute a
+                // With its type modifier: `character` alone means character(1), and a bound
+                // cast to it would be cut to one character.
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, a.attnum::int,
+                        a.attcollation, coalesce(c.collname::text, '')
+                   FROM pg_attribute a LEFT JOIN pg_collation c ON c.oid = a.attcollation
                   WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
                 &[&oid],
             )
@@ -336,7 +366,10 @@ impl Keyset {
         }
         let idx = client
             .query(
-                "SELECT i.indexrelid::regclass::text, i.indkey::int2[]
+                "SELECT i.indexrelid::regclass::text, i.indkey::int2[], i.indcollation::oid[],
+                        ARRAY(SELECT coalesce(o.opcname::text, '') || CASE WHEN o.opcdefault THEN '' ELSE ' (not default)' END
+                                FROM unnest(i.indclass::oid[]) WITH ORDINALITY AS u(cls, n)
+                                LEFT JOIN pg_opclass o ON o.oid = u.cls ORDER BY u.n)
                    FROM pg_index i
                   WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid AND i.indisready
                     AND i.indpred IS NULL AND i.indexprs IS NULL
@@ -370,10 +403,34 @@ impl Keyset {
                 job.key.join(", ")
             )));
         };
+        let index: String = exact.get(0);
+        let collations: Vec<u32> = exact.get(2);
+        let opclasses: Vec<String> = exact.get(3);
+        for (i, k) in job.key.iter().enumerate() {
+            let column = rows
+                .iter()
+                .find(|r| r.get::<_, String>(0) == *k)
+                .expect("found above");
+            let (own, own_name): (u32, String) = (column.get(4), column.get(5));
+            if collations.get(i).is_some_and(|&c| c != own) {
+                return Err(Error::Usage(format!(
+                    "job {}: the unique index {index} orders key column `{k}` ({}) by another collation than the column's own ({own_name}); the chunk bounds and the statement's `BETWEEN :start AND :end` compare in the column's collation, so the index cannot walk them — key the job on a unique index built with the column's collation",
+                    job.name, columns[i].sql_type
+                )));
+            }
+            if let Some(class) = opclasses.get(i).filter(|c| c.ends_with(" (not default)")) {
+                return Err(Error::Usage(format!(
+                    "job {}: the unique index {index} orders key column `{k}` ({}) with the operator class {}; the chunk bounds compare with the type's default ordering, which this index cannot serve (each chunk would scan the table) — key the job on a unique index with the default operator class",
+                    job.name,
+                    columns[i].sql_type,
+                    class.trim_end_matches(" (not default)")
+                )));
+            }
+        }
         Ok(Keyset {
             table: table.clone(),
             columns,
-            index: exact.get(0),
+            index,
             walk: Walk::Index,
         })
     }
@@ -565,15 +622,121 @@ impl Keyset {
 
     /// Query for the next chunk after a cursor: returns (key count, first key, last key) of the
     /// next `limit` keys in index order that are greater than the cursor and at most the upper
-    /// bound. Parameters: [cursor…,] upper…, limit.
+    /// bound, and the two checks [`Keyset::read_bounds`] needs. Parameters: [cursor…,] upper…,
+    /// limit.
     ///
     /// Each part is a plain walk of the key's index, with nothing materialised or sorted: the
     /// first key is the first entry, and the last is the entry `limit - 1` further on. Only when
     /// fewer than `limit` keys are left (the final chunk) are they counted and the greatest taken.
     pub fn next_chunk_sql(&self, after_cursor: bool) -> String {
-        if let Walk::Pages { rows_per_page } = self.walk {
-            return self.next_pages_sql(after_cursor, rows_per_page);
+        let found = match self.walk {
+            Walk::Pages { rows_per_page } => self.next_pages_sql(after_cursor, rows_per_page),
+            Walk::Index => self.next_keys_sql(after_cursor),
+        };
+        self.checked(&found, after_cursor)
+    }
+
+    /// Adds to a bounds query (count, first, last) two columns that make a walk that does not
+    /// move forward impossible to miss: whether both bounds read back unchanged when cast to the
+    /// key's types (a lossy cast would bind another value than the one found), and whether the
+    /// last key is past the cursor, compared in the key's types.
+    fn checked(&self, found: &str, after_cursor: bool) -> String {
+        let advances = if after_cursor {
+            format!("{} > {}", self.recast("c.last"), self.cursor_expr())
+        } else {
+            "true".into()
+        };
+        format!(
+            "SELECT c.n, c.first, c.last,
+                    c.first IS NULL OR ({first} = c.first AND {last} = c.last),
+                    c.first IS NULL OR ({advances})
+               FROM ({found}) c(n, first, last)",
+            first = self.retext("c.first"),
+            last = self.retext("c.last"),
+        )
+    }
+
+    /// The types values are bound as, one per key column (page numbers for the page walk).
+    fn bound_types(&self) -> Vec<&str> {
+        match self.walk {
+            Walk::Index => self.columns.iter().map(|c| c.sql_type.as_str()).collect(),
+            Walk::Pages { .. } => vec!["bigint"],
         }
+    }
+
+    /// A text array of key values cast to the key's types, as a key value.
+    fn recast(&self, array: &str) -> String {
+        let parts = self.bound_types().into_iter().enumerate();
+        row_value(
+            parts
+                .map(|(i, t)| format!("({array}[{}])::{t}", i + 1))
+                .collect(),
+        )
+    }
+
+    /// A text array of key values cast to the key's types and back to text.
+    fn retext(&self, array: &str) -> String {
+        let parts = self.bound_types().into_iter().enumerate();
+        let parts: Vec<String> = parts
+            .map(|(i, t)| format!("(({array}[{}])::{t})::text", i + 1))
+            .collect();
+        format!("ARRAY[{}]", parts.join(", "))
+    }
+
+    /// The cursor parameter(s) of the bounds query as a key value.
+    fn cursor_expr(&self) -> String {
+        match self.walk {
+            Walk::Index => self.bind_expr(1),
+            Walk::Pages { .. } => "$1::text::bigint".into(),
+        }
+    }
+
+    /// Reads a row of [`Keyset::next_chunk_sql`]: the next chunk, or None when no key is left.
+    /// A chunk whose bounds do not read back as themselves, or whose last key is not strictly
+    /// past the cursor, is refused: walking on would visit keys again, or forever.
+    pub fn read_bounds(
+        &self,
+        row: &tokio_postgres::Row,
+        cursor: Option<&KeyValue>,
+    ) -> std::result::Result<Option<ChunkBounds>, Stall> {
+        let (Some(first), Some(last)) = (
+            row.get::<_, Option<KeyValue>>(1),
+            row.get::<_, Option<KeyValue>>(2),
+        ) else {
+            return Ok(None);
+        };
+        let (lossless, advances): (bool, bool) = (row.get(3), row.get(4));
+        let key = self.describe();
+        if !lossless {
+            return Err(Stall::Lossy { key, first, last });
+        }
+        if let Some(cursor) = cursor {
+            if !advances || *cursor == last {
+                return Err(Stall::NoAdvance {
+                    key,
+                    cursor: cursor.clone(),
+                    last,
+                });
+            }
+        }
+        Ok(Some(ChunkBounds {
+            keys: row.get(0),
+            first,
+            last,
+        }))
+    }
+
+    /// The key for messages: `code character(3)` or `(tenant_id integer, id bigint)`.
+    pub fn describe(&self) -> String {
+        let parts: Vec<String> = self
+            .columns
+            .iter()
+            .map(|c| format!("{} {}", c.name, c.sql_type))
+            .collect();
+        row_value(parts)
+    }
+
+    fn next_keys_sql(&self, after_cursor: bool) -> String {
         let n = self.columns.len();
         let (lower, upper_at) = if after_cursor {
             (

@@ -7,7 +7,7 @@ use super::{Estimates, Finding, FirstChunk, Plan, PlanOptions, Severity, LARGE_T
 use crate::db;
 use crate::error::{Error, Result};
 use crate::job::JobSpec;
-use crate::keyset::{self, KeyValue, Keyset};
+use crate::keyset::{self, ChunkBounds, KeyValue, Keyset};
 use crate::store::Checkpoint;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -202,11 +202,10 @@ async fn first_chunk(
         .query_one(&keyset.next_chunk_sql(cursor.is_some()), &params)
         .await
         .map_err(|e| db::error(e, format!("job {name}: finding the first chunk")))?;
-    let keys: i64 = row.get(0);
-    let (Some(first), Some(last)) = (
-        row.get::<_, Option<KeyValue>>(1),
-        row.get::<_, Option<KeyValue>>(2),
-    ) else {
+    let found = keyset
+        .read_bounds(&row, cursor.as_ref())
+        .map_err(|stall| Error::Runtime(format!("job {name}: {stall}; a run would stop here")))?;
+    let Some(ChunkBounds { keys, first, last }) = found else {
         return Ok(None);
     };
     let (start, end) = keyset.statement_bounds(&first, &last);

@@ -2,6 +2,7 @@
 //! timestamps, numeric. Each job increments a counter, so a key visited twice or never shows.
 
 use crate::support::*;
+use std::time::Duration;
 
 fn run_counter(db: &TestDb, table: &str, key: &str, range: &str, chunk: u32) {
     let name = format!("j_{table}");
@@ -131,4 +132,211 @@ fn identity_key_and_schema_qualified_table() {
         db.i64("SELECT count(*) FROM app.\"Orders\" WHERE n <> 1"),
         0
     );
+}
+
+/// Key types whose values carry a type modifier, a collation or an odd text form. Each table's
+/// job adds 1 to a counter; the run is killed (SIGKILL) while a lock the test holds stops it in
+/// the middle of the table, then run again: every row must end at exactly 1.
+#[test]
+fn odd_key_types_survive_a_kill_and_touch_every_row_once() {
+    let db = TestDb::new();
+    db.exec(
+        "CREATE EXTENSION IF NOT EXISTS citext;
+         CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy', 'ecstatic');
+         CREATE DOMAIN code4 AS char(4) CHECK (VALUE <> 'zzzz');
+         CREATE TABLE k_char3 (k char(3) PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO k_char3 SELECT chr(65 + g / 26 % 26) || chr(65 + g % 26) || CASE WHEN g % 5 = 0 THEN '' ELSE chr(97 + g % 7) END FROM generate_series(0, 199) g ON CONFLICT DO NOTHING;
+         CREATE TABLE k_char12 (k char(12) PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO k_char12 SELECT 'acct-' || lpad(g::text, 6, '0') FROM generate_series(1, 150) g;
+         CREATE TABLE k_varchar (k varchar(5) PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO k_varchar SELECT left(md5(g::text), 1 + g % 5) FROM generate_series(1, 150) g ON CONFLICT DO NOTHING;
+         CREATE TABLE k_bit (k bit(6) PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO k_bit SELECT g::bit(6) FROM generate_series(0, 63) g;
+         CREATE TABLE k_varbit (k varbit PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO k_varbit SELECT substring(g::bit(10) from 1 for 1 + g % 10) FROM generate_series(0, 300) g ON CONFLICT DO NOTHING;
+         CREATE TABLE k_numeric (k numeric(8,3) PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO k_numeric SELECT g / 7.0 FROM generate_series(-100, 100) g;
+         CREATE TABLE k_ts (k timestamp(0) PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO k_ts SELECT '2024-02-28 23:00'::timestamp + g * interval '37 minutes 0.4 seconds' FROM generate_series(1, 150) g;
+         CREATE TABLE k_tstz (k timestamptz(3) PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO k_tstz SELECT '2024-10-27 00:30+02'::timestamptz + g * interval '7 minutes 0.0004 seconds' FROM generate_series(1, 150) g;
+         CREATE TABLE k_time (k time PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO k_time SELECT '00:00'::time + g * interval '9 minutes 0.000001 seconds' FROM generate_series(0, 150) g;
+         CREATE TABLE k_interval (k interval PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO k_interval SELECT make_interval(months => g % 13, days => g, secs => g / 3.0) FROM generate_series(-75, 75) g ON CONFLICT DO NOTHING;
+         CREATE TABLE k_bytea (k bytea PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO k_bytea SELECT decode(lpad(to_hex(g * 7919), 2 * (1 + g % 3), '0'), 'hex') FROM generate_series(0, 150) g ON CONFLICT DO NOTHING;
+         CREATE TABLE k_inet (k inet PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO k_inet SELECT ('10.' || g % 3 || '.' || g || '.1/' || (24 + g % 9))::inet FROM generate_series(0, 150) g ON CONFLICT DO NOTHING;
+         INSERT INTO k_inet VALUES ('::1'), ('2001:db8::/32'), ('10.0.0.1/32');
+         CREATE TABLE k_citext (k citext PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO k_citext SELECT CASE WHEN g % 2 = 0 THEN upper(md5(g::text)) ELSE md5(g::text) END FROM generate_series(1, 150) g;
+         CREATE TABLE k_enum (k mood NOT NULL, j int NOT NULL, n int NOT NULL DEFAULT 0, PRIMARY KEY (k, j));
+         INSERT INTO k_enum SELECT m, g FROM unnest(enum_range(NULL::mood)) m, generate_series(1, 40) g;
+         CREATE TABLE k_domain (k code4 PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO k_domain SELECT left(md5(g::text), 1 + g % 4) FROM generate_series(1, 150) g ON CONFLICT DO NOTHING;",
+    );
+    let app = db.session();
+    for (table, key, expr) in [
+        ("k_char3", "[\"k\"]", "k"),
+        ("k_char12", "[\"k\"]", "k"),
+        ("k_varchar", "[\"k\"]", "k"),
+        ("k_bit", "[\"k\"]", "k"),
+        ("k_varbit", "[\"k\"]", "k"),
+        ("k_numeric", "[\"k\"]", "k"),
+        ("k_ts", "[\"k\"]", "k"),
+        ("k_tstz", "[\"k\"]", "k"),
+        ("k_time", "[\"k\"]", "k"),
+        ("k_interval", "[\"k\"]", "k"),
+        ("k_bytea", "[\"k\"]", "k"),
+        ("k_inet", "[\"k\"]", "k"),
+        ("k_citext", "[\"k\"]", "k"),
+        ("k_enum", "[\"k\", \"j\"]", "(k, j)"),
+        ("k_domain", "[\"k\"]", "k"),
+    ] {
+        let total = db.i64(&format!("SELECT count(*) FROM {table}"));
+        assert!(total > 40, "{table}: {total} rows");
+        db.write_job(
+            table,
+            &format!(
+                "table = \"{table}\"\nkey = {key}\nchunk_rows = 7\nlock_timeout = \"60s\"\n\
+                 sql = \"UPDATE {table} SET n = n + 1 WHERE {expr} BETWEEN :start AND :end\"\n\
+                 throttle = {{ target_chunk_time = \"0s\" }}\n"
+            ),
+        );
+        // Hold a row in the middle of the table, so the run stops there, part-way.
+        app.exec("BEGIN");
+        // (Not `OFFSET … FOR UPDATE`, which locks every row it skips as well.)
+        let columns = expr.trim_matches(|c| c == '(' || c == ')');
+        app.exec(&format!(
+            "SELECT 1 FROM {table} WHERE {expr} = (SELECT {columns} FROM {table} ORDER BY {expr} OFFSET {} LIMIT 1) FOR UPDATE",
+            total / 2
+        ));
+        let mut child = db.spawn(&["run", table]);
+        db.wait_for_child(
+            &mut child,
+            &format!(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database()
+                                   AND application_name = 'backfill' AND wait_event_type = 'Lock')
+                        AND (SELECT rows_done > 0 FROM backfill.progress WHERE job = '{table}')"
+            ),
+            Duration::from_secs(60),
+        );
+        signal(&child, libc::SIGKILL);
+        let killed = wait_out(child, Duration::from_secs(30));
+        assert_eq!(killed.code, 128 + libc::SIGKILL, "{table}: {killed:?}");
+        app.exec("ROLLBACK");
+        let done = db.i64(&format!("SELECT count(*) FROM {table} WHERE n = 1"));
+        assert!(
+            done > 0 && done < total,
+            "{table}: the kill hit a run part-way ({done} of {total} rows)"
+        );
+        db.run(&["run", table]).expect(0);
+        assert_eq!(
+            db.i64(&format!("SELECT count(*) FROM {table} WHERE n <> 1")),
+            0,
+            "{table}: every row exactly once"
+        );
+        assert_eq!(
+            db.i64(&format!(
+                "SELECT rows_done FROM backfill.progress WHERE job = '{table}'"
+            )),
+            total,
+            "{table}: every key counted once"
+        );
+    }
+}
+
+/// The chunk guard: bounds that do not read back as themselves (a lossy cast) or a cursor that
+/// does not move forward are refused, never walked again.
+#[test]
+fn a_chunk_that_would_not_move_forward_is_refused() {
+    use backfill::job::TableName;
+    use backfill::keyset::{KeyColumn, Keyset, Stall, Walk};
+    let db = TestDb::new();
+    db.exec(
+        "CREATE TABLE cur (code char(3) PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO cur (code) VALUES ('USD'), ('EUR'), ('GBP'), ('JPY'), ('CHF');",
+    );
+    let s = db.session();
+    let keyset = |sql_type: &str| Keyset {
+        table: TableName {
+            schema: None,
+            name: "cur".into(),
+        },
+        columns: vec![KeyColumn {
+            name: "code".into(),
+            sql_type: sql_type.into(),
+        }],
+        index: "cur_pkey".into(),
+        walk: Walk::Index,
+    };
+    let bounds = |k: &Keyset, cursor: &str| {
+        let (cursor, upper, limit) = (vec![cursor.to_string()], vec!["USD".to_string()], 2i64);
+        let params = backfill::keyset::next_chunk_params(Some(&cursor), &upper, &limit);
+        let row = s
+            .block(s.client.query_one(&k.next_chunk_sql(true), &params))
+            .unwrap();
+        k.read_bounds(&row, Some(&cursor))
+    };
+    // In the column's exact type the walk moves on: CHF -> EUR, GBP.
+    let exact = bounds(&keyset("character(3)"), "CHF").unwrap().unwrap();
+    assert_eq!(
+        (exact.first, exact.last),
+        (vec!["EUR".into()], vec!["GBP".into()])
+    );
+    // Cast to `character` (one character) the bounds would be cut: refused.
+    match bounds(&keyset("character"), "CHF") {
+        Err(Stall::Lossy { first, .. }) => assert_eq!(first, vec!["CHF".to_string()]),
+        other => panic!("a lossy cast must be refused: {other:?}"),
+    }
+    // A row whose last key is not past the cursor (as a broken comparison would give).
+    let k = keyset("character(3)");
+    let row = s
+        .block(s.client.query_one(
+            "SELECT 2::bigint, ARRAY['EUR'], ARRAY['GBP'], true, false",
+            &[],
+        ))
+        .unwrap();
+    assert!(matches!(
+        k.read_bounds(&row, Some(&vec!["JPY".into()])),
+        Err(Stall::NoAdvance { .. })
+    ));
+    let same = s
+        .block(s.client.query_one(
+            "SELECT 1::bigint, ARRAY['GBP'], ARRAY['GBP'], true, true",
+            &[],
+        ))
+        .unwrap();
+    let err = k.read_bounds(&same, Some(&vec!["GBP".into()])).unwrap_err();
+    assert!(err.to_string().contains("would not move forward"), "{err}");
+}
+
+#[test]
+fn an_index_with_another_collation_or_operator_class_is_refused() {
+    let db = TestDb::new();
+    db.exec(
+        "CREATE TABLE coll (k text NOT NULL, n int NOT NULL DEFAULT 0);
+         CREATE UNIQUE INDEX coll_k ON coll (k COLLATE \"POSIX\");
+         INSERT INTO coll (k) SELECT md5(g::text) FROM generate_series(1, 20) g;
+         CREATE TABLE pat (k text NOT NULL, n int NOT NULL DEFAULT 0);
+         CREATE UNIQUE INDEX pat_k ON pat (k text_pattern_ops);
+         INSERT INTO pat (k) SELECT md5(g::text) FROM generate_series(1, 20) g;",
+    );
+    for (table, what) in [("coll", "collation"), ("pat", "text_pattern_ops")] {
+        db.write_job(
+            table,
+            &format!(
+                "table = \"{table}\"\nkey = [\"k\"]\n\
+                 sql = \"UPDATE {table} SET n = n + 1 WHERE k BETWEEN :start AND :end\"\n"
+            ),
+        );
+        let out = db.run(&["run", table]);
+        out.expect(2);
+        assert!(out.stderr.contains(what), "{table}: {out:?}");
+        assert_eq!(
+            db.i64(&format!("SELECT count(*) FROM {table} WHERE n <> 0")),
+            0
+        );
+    }
 }

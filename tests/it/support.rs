@@ -242,6 +242,32 @@ impl TestDb {
         }
         panic!("timed out after {limit:?} waiting for: {sql}");
     }
+
+    /// Like `wait_for`, for a condition a running child brings about: if the child exits first,
+    /// panics with its output (instead of waiting out the limit).
+    pub fn wait_for_child(&self, child: &mut Child, sql: &str, limit: Duration) {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            let ok: bool = self
+                .rt
+                .block_on(self.client.query_one(sql, &[]))
+                .map(|r| r.get(0))
+                .unwrap_or(false);
+            if ok {
+                return;
+            }
+            if child.try_wait().unwrap().is_some() {
+                let mut stderr = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    use std::io::Read;
+                    let _ = e.read_to_string(&mut stderr);
+                }
+                panic!("the child exited before: {sql}\n--- its stderr\n{stderr}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("timed out after {limit:?} waiting for: {sql}");
+    }
 }
 
 impl Drop for TestDb {
@@ -287,6 +313,11 @@ impl Session {
 
     pub fn exec(&self, sql: &str) {
         self.try_exec(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// Runs a future over this session's client (whose connection lives on the session's runtime).
+    pub fn block<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
     }
 
     /// Like `exec`, for a statement expected to fail (e.g. one the test cancels).
