@@ -23,6 +23,8 @@ pub struct MigrationSpec {
     pub contract: Option<String>,
     /// Alembic's versions directory (relative paths are taken from the working directory).
     pub alembic_dir: Option<PathBuf>,
+    /// Alembic's `recursive_version_locations`: revision files in subdirectories count too.
+    pub alembic_recursive: bool,
     /// Where the migrator keeps its history, when not its default table on the search_path.
     pub history_table: Option<String>,
 }
@@ -33,6 +35,7 @@ impl MigrationSpec {
             tool: self.tool,
             table: self.history_table.clone(),
             alembic_dir: self.alembic_dir.clone(),
+            alembic_recursive: self.alembic_recursive,
         }
     }
 }
@@ -188,6 +191,10 @@ fn migration(at: &Locator<'_>, m: &RawMigration) -> Result<MigrationSpec> {
         expand: revision("expand", &m.expand)?,
         contract: revision("contract", &m.contract)?,
         alembic_dir: m.alembic_dir.as_ref().map(|d| PathBuf::from(d.get_ref())),
+        alembic_recursive: m
+            .recursive_version_locations
+            .as_ref()
+            .is_some_and(|r| *r.get_ref()),
         history_table: m
             .history_table
             .as_ref()
@@ -217,7 +224,15 @@ fn migration(at: &Locator<'_>, m: &RawMigration) -> Result<MigrationSpec> {
                 "alembic keeps only its current heads, so the engine reads the revision graph: add alembic_dir = \"migrations/versions\" (the directory of your revision files)",
             ))
         }
-        (Tool::Alembic, Some(_)) | (_, None) => {}
+        (Tool::Alembic, Some(_)) | (_, None) => {
+            if let (false, Some(r)) = (tool == Tool::Alembic, &m.recursive_version_locations) {
+                return Err(at.err(
+                    "recursive_version_locations",
+                    r,
+                    format!("recursive_version_locations is for tool = \"alembic\" only (tool is \"{}\")", tool.name()),
+                ));
+            }
+        }
         (_, Some(d)) => {
             return Err(at.err(
                 "alembic_dir",

@@ -34,6 +34,7 @@ pub struct RawMigration {
     pub expand: Option<Spanned<String>>,
     pub contract: Option<Spanned<String>>,
     pub alembic_dir: Option<Spanned<String>>,
+    pub recursive_version_locations: Option<Spanned<bool>>,
     pub history_table: Option<Spanned<String>>,
 }
 

@@ -11,7 +11,7 @@ use super::alembic::RevisionGraph;
 use crate::db;
 use crate::error::{Error, Result};
 use crate::job::TableName;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{GenericClient, Row};
 
@@ -138,6 +138,8 @@ pub struct History {
     pub table: Option<String>,
     /// The alembic versions directory; required for alembic, whose table holds only heads.
     pub alembic_dir: Option<PathBuf>,
+    /// Alembic's `recursive_version_locations`: read the subdirectories of `alembic_dir` too.
+    pub alembic_recursive: bool,
 }
 
 /// The answer, with a sentence an operator can act on.
@@ -174,9 +176,11 @@ enum Revision {
         app: String,
         name: String,
     },
+    /// The name as the job gives it (an id, a prefix, a branch label or `label@head`), resolved
+    /// against the revision files when the history is read.
     Alembic {
-        graph: RevisionGraph,
-        id: String,
+        dir: PathBuf,
+        name: String,
     },
 }
 
@@ -268,14 +272,22 @@ impl History {
                         "alembic revision `{revision}`: set `alembic_dir` to the versions directory (e.g. migrations/versions): alembic_version holds only the current heads, so whether {raw} is applied is decided from the revision files"
                     ))
                 })?;
-                if ["head", "heads", "base"].contains(&raw) || raw.contains(['@', '+', ':']) {
+                let symbolic = ["head", "heads", "base"].contains(&raw)
+                    || raw.contains(['+', ':'])
+                    || raw
+                        .split_once('@')
+                        .is_some_and(|(b, h)| b.is_empty() || h != "head");
+                if symbolic {
                     return Err(bad(
-                        "name one revision; symbolic and relative names are not accepted",
+                        "name one revision (an id, a unique prefix, a branch label, or label@head); other symbolic and relative names are not accepted",
                     ));
                 }
-                let graph = RevisionGraph::load(dir)?;
-                let id = graph.resolve(raw)?;
-                Ok(Revision::Alembic { graph, id })
+                // The files are read when the history is (once per command), not here: a job
+                // file is validated without reading the migrator's files.
+                Ok(Revision::Alembic {
+                    dir: dir.clone(),
+                    name: raw.to_string(),
+                })
             }
         }
     }
@@ -305,6 +317,10 @@ impl History {
     /// Whether `revision` is applied according to the tool's history table.
     pub async fn is_applied(&self, client: &impl GenericClient, revision: &str) -> Result<Applied> {
         let revision = self.parse_revision(revision)?;
+        if let Revision::Alembic { dir, name } = &revision {
+            // An unknown or ambiguous name is refused before the database is read.
+            RevisionGraph::cached(dir, self.alembic_recursive)?.resolve(name)?;
+        }
         let (name, shown) = self.table()?;
         let r = Reader {
             client,
@@ -355,7 +371,7 @@ impl History {
             Revision::Text(v) if r.tool == Tool::Rails => r.rails(&v).await,
             Revision::Text(v) => r.diesel(&v).await,
             Revision::Django { app, name } => r.django(&app, &name).await,
-            Revision::Alembic { graph, id } => r.alembic(&graph, &id).await,
+            Revision::Alembic { dir, name } => r.alembic(&dir, self.alembic_recursive, &name).await,
         }
     }
 }
@@ -757,36 +773,48 @@ impl<C: GenericClient> Reader<'_, C> {
         )))
     }
 
-    async fn alembic(&self, graph: &RevisionGraph, id: &str) -> Result<Applied> {
+    async fn alembic(&self, dir: &Path, recursive: bool, name: &str) -> Result<Applied> {
         let t = &self.shown;
-        let dir = graph.dir().display();
         let heads: Vec<String> = self
             .all("SELECT version_num::text FROM {t} ORDER BY 1", &[])
             .await?
             .iter()
             .map(|r| r.get(0))
             .collect();
+        let mut graph = RevisionGraph::cached(dir, recursive)?;
+        if heads.iter().any(|h| !graph.contains(h)) {
+            // The files may have changed since they were read (a deploy during a wait).
+            graph = RevisionGraph::reload(dir, recursive)?;
+        }
+        let id = graph.resolve(name)?;
+        let id = id.as_str();
+        let dir = graph.dir().display();
         if let Some(unknown) = heads.iter().find(|h| !graph.contains(h)) {
             return Err(Error::Usage(format!(
                 "{t} holds head {unknown}, which no revision file under {dir} defines: the versions directory is out of date with the database; pull the latest revision files (or point `alembic_dir` at the right directory)"
             )));
         }
+        let notes: String = graph
+            .warnings()
+            .iter()
+            .map(|w| format!("; note: {w}"))
+            .collect();
         if heads.is_empty() {
             return Ok(Applied::no(format!(
-                "{t} is empty: alembic has applied no revision yet; run `alembic upgrade {id}`"
+                "{t} is empty: alembic has applied no revision yet; run `alembic upgrade {id}`{notes}"
             )));
         }
         if let Some(head) = heads.iter().find(|h| graph.is_ancestor_or_self(id, h)) {
             return Ok(Applied::yes(if head == id {
-                format!("alembic head {head} (from {dir}) is {id} itself")
+                format!("alembic head {head} (from {dir}) is {id} itself{notes}")
             } else {
-                format!("alembic head {head} (from {dir}) descends from {id}")
+                format!("alembic head {head} (from {dir}) descends from {id}{notes}")
             }));
         }
         Ok(Applied::no(format!(
             "no alembic head descends from {id}: {t} holds {} (from {dir}); run `alembic upgrade {id}`",
             heads.join(", ")
-        )))
+        ) + &notes))
     }
 }
 
@@ -799,6 +827,7 @@ mod tests {
             tool,
             table: None,
             alembic_dir: None,
+            alembic_recursive: false,
         }
     }
 

@@ -2,6 +2,7 @@
 
 mod support;
 
+mod alembic_graph;
 mod definitions;
 mod faults;
 mod finish;

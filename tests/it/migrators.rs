@@ -12,6 +12,7 @@ fn history(tool: Tool) -> History {
         tool,
         table: None,
         alembic_dir: None,
+        alembic_recursive: false,
     }
 }
 
@@ -385,6 +386,7 @@ fn alembic_heads_decide_through_the_revision_graph() {
     let dir = alembic_versions(&db);
     let h = History {
         alembic_dir: Some(dir.clone()),
+        alembic_recursive: false,
         ..history(Tool::Alembic)
     };
     contains(
@@ -435,7 +437,7 @@ fn alembic_heads_decide_through_the_revision_graph() {
     );
     contains(
         &usage_error(&db, &h, "9999abcd"),
-        &["no alembic revision 9999abcd"],
+        &["no alembic revision or branch label 9999abcd"],
     );
 
     // A head the directory does not know: the checkout is older than the database.
@@ -472,6 +474,7 @@ fn every_tool_without_its_table_has_not_run() {
             tool,
             table: None,
             alembic_dir: Some(dir.clone()),
+            alembic_recursive: false,
         };
         let a = not_applied(&db, &h, revision);
         contains(
