@@ -1,6 +1,7 @@
 //! The operator's path: run, status, list, gate, reset, init for a least-privilege role, the demo.
 
 use crate::support::*;
+use std::process::Stdio;
 use std::time::Duration;
 
 #[test]
@@ -240,4 +241,101 @@ fn demo_uses_a_given_database() {
     let out = db.run(&["demo", "--rows", "5000"]);
     out.expect(0);
     assert!(out.stderr.contains("already exists"), "{out:?}");
+}
+
+/// Runs the binary with stdout (or stderr) a pipe whose reader is already gone, so that every
+/// write to it fails with EPIPE, as for `backfill status | head -1` once `head` has its line.
+fn with_closed(db: &TestDb, args: &[&str], close_stderr: bool) -> Out {
+    let mut fds = [0; 2];
+    // SAFETY: pipe() fills both descriptors, each then owned exactly once.
+    let writer = unsafe {
+        assert_eq!(libc::pipe(fds.as_mut_ptr()), 0, "pipe()");
+        libc::close(fds[0]);
+        <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fds[1])
+    };
+    let mut cmd = db.cmd(args);
+    if close_stderr {
+        cmd.stdout(Stdio::piped()).stderr(writer);
+    } else {
+        cmd.stdout(writer).stderr(Stdio::piped());
+    }
+    let child = cmd.spawn().unwrap();
+    drop(cmd);
+    wait_out(child, Duration::from_secs(60))
+}
+
+#[test]
+fn a_closed_stdout_is_a_normal_end_for_every_command() {
+    let db = TestDb::new();
+    counter_table(&db, 300);
+    for name in ["a", "b", "c", "j"] {
+        db.write_job(name, &counter_job(""));
+    }
+    db.run(&["run", "j"]).expect(0);
+    let commands: &[&[&str]] = &[
+        &["status"],
+        &["status", "--json"],
+        &["status", "j"],
+        &["status", "j", "--json"],
+        &["list"],
+        &["list", "--json"],
+        &["check"],
+        &["check", "j"],
+        &["history", "j"],
+        &["history", "j", "--json"],
+        &["failures", "j", "--all"],
+        &["failures", "j", "--json"],
+        &["gate", "j"],
+        &["gate", "j", "--json"],
+        &["gate", "a"],
+        &["plan", "a"],
+        &["plan", "a", "--json"],
+        &["run", "j", "--json"],
+        &["pause", "a"],
+        &["resume", "a"],
+        &["set", "a", "--rows-per-second", "5"],
+        &["set", "a", "--clear"],
+        &["init"],
+    ];
+    for args in commands {
+        // The same command with stdout open gives the exit code to expect.
+        let normal = db.run(args);
+        assert!(
+            !normal.stderr.contains("panicked") && normal.code != 101,
+            "{args:?}: {normal:?}"
+        );
+        let closed = with_closed(&db, args, false);
+        assert_eq!(
+            closed.code, normal.code,
+            "{args:?} with stdout closed: {closed:?}"
+        );
+        assert!(
+            !closed.stderr.contains("panicked") && !closed.stderr.contains("Broken pipe"),
+            "{args:?} with stdout closed: {closed:?}"
+        );
+    }
+    // Logs and errors go to stderr; a closed stderr ends them quietly too.
+    db.write_job("bad", "table = \n");
+    for (args, code) in [(&["run", "b"][..], 0), (&["check", "bad"][..], 2)] {
+        let out = with_closed(&db, args, true);
+        assert_eq!(out.code, code, "{args:?} with stderr closed: {out:?}");
+    }
+    assert_eq!(
+        db.i64("SELECT count(*) FROM t WHERE n <> 2"),
+        0,
+        "job b ran in full"
+    );
+
+    // `status | head -1`: the reader takes the first line and goes away while lines remain.
+    for _ in 0..5 {
+        let mut child = db.spawn(&["status"]);
+        let mut first = String::new();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
+        assert!(first.starts_with("JOB"), "{first}");
+        drop(stdout);
+        let out = wait_out(child, Duration::from_secs(60));
+        assert_eq!(out.code, 0, "{out:?}");
+        assert!(out.stderr.is_empty(), "{out:?}");
+    }
 }
