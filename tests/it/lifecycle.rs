@@ -339,3 +339,53 @@ fn a_closed_stdout_is_a_normal_end_for_every_command() {
         assert!(out.stderr.is_empty(), "{out:?}");
     }
 }
+
+#[test]
+fn live_controls_refuse_a_job_that_does_not_exist_and_write_nothing() {
+    let db = TestDb::new();
+    counter_table(&db, 300);
+    db.write_job("orders", &counter_job(""));
+    let schema_exists = || db.i64("SELECT count(*) FROM pg_namespace WHERE nspname = 'backfill'");
+    let typo: &[&[&str]] = &[
+        &["pause", "ordres"],
+        &["resume", "ordres"],
+        &["cancel", "ordres"],
+        &["set", "ordres", "--rows-per-second", "10"],
+        &["set", "ordres", "--clear"],
+    ];
+    // Before anything ran: refused, and not even the engine's schema is created.
+    for args in typo {
+        let out = db.run(args);
+        assert_eq!(out.code, 2, "{args:?}: {out:?}");
+        assert!(
+            out.stderr.contains("job `ordres` not found")
+                && out.stderr.contains("ordres.toml")
+                && out.stderr.contains(": orders"),
+            "{args:?}: {out:?}"
+        );
+    }
+    assert_eq!(schema_exists(), 0, "a refused control wrote the schema");
+    // Once the engine's tables exist: still refused, and no controls row.
+    db.run(&["run", "orders"]).expect(0);
+    for args in typo {
+        db.run(args).expect(2);
+    }
+    assert_eq!(db.i64("SELECT count(*) FROM backfill.controls"), 0);
+
+    // A job with progress in the engine's schema is known without a file here (it was run from
+    // another host's jobs directory), and so is a job's revert.
+    std::fs::remove_file(db.jobs.join("orders.toml")).unwrap();
+    let out = db.run(&["pause", "orders"]);
+    out.expect(0);
+    assert!(out.stdout.contains("job orders: paused"), "{out:?}");
+    let out = db.run(&["resume", "orders"]);
+    assert_eq!(out.code, 3, "no runner: {out:?}");
+    db.write_job("orders", &counter_job(""));
+    db.run(&["set", "orders:revert", "--pause", "1ms"])
+        .expect(0);
+    assert_eq!(
+        db.text("SELECT string_agg(job, ',' ORDER BY job) FROM backfill.controls")
+            .as_deref(),
+        Some("orders,orders:revert")
+    );
+}
