@@ -50,6 +50,20 @@ fn duration(s: &str) -> Result<Duration, String> {
     crate::job::parse_duration(s)
 }
 
+/// A duration that becomes a server timeout: at most PostgreSQL's limit (INT_MAX ms).
+fn timeout(s: &str) -> Result<Duration, String> {
+    crate::job::parse_server_timeout(s)
+}
+
+/// A duration `backfill set` stores in milliseconds: at most the same limit.
+fn stored(s: &str) -> Result<Duration, String> {
+    crate::job::check_stored_duration(s, duration(s)?)
+}
+
+fn stored_or_zero(s: &str) -> Result<Duration, String> {
+    crate::job::check_stored_duration(s, duration_or_zero(s)?)
+}
+
 fn duration_or_zero(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim())
         .map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. \"0s\", \"15s\""))
@@ -83,7 +97,7 @@ pub enum Command {
         #[arg(long)]
         json: bool,
         /// Longest the verify query may run.
-        #[arg(long, value_parser = duration, default_value = "5m")]
+        #[arg(long, value_parser = timeout, default_value = "5m")]
         verify_timeout: Duration,
     },
     /// Review a job before it runs: the first chunk's SQL, estimates, and findings (EXPLAIN,
@@ -93,7 +107,7 @@ pub enum Command {
         #[arg(long)]
         json: bool,
         /// Longest the verify query may run for the estimate of rows to do.
-        #[arg(long, value_parser = duration, default_value = "5s")]
+        #[arg(long, value_parser = timeout, default_value = "5s")]
         verify_timeout: Duration,
         /// Report transactions open longer than this.
         #[arg(long, value_parser = duration, default_value = "5m")]
@@ -166,10 +180,10 @@ pub struct RunArgs {
     #[arg(long)]
     pub allow_changed_definition: bool,
     /// Override the job's lock_timeout (e.g. 500ms).
-    #[arg(long, value_parser = duration)]
+    #[arg(long, value_parser = timeout)]
     pub lock_timeout: Option<Duration>,
     /// Override the job's statement_timeout (e.g. 30s).
-    #[arg(long, value_parser = duration)]
+    #[arg(long, value_parser = timeout)]
     pub statement_timeout: Option<Duration>,
     /// Override the job's chunk_rows.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
@@ -182,7 +196,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = crate::executor::DEFAULT_MAX_ATTEMPTS, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub max_attempts: u32,
     /// Longest the final verify query may run.
-    #[arg(long, value_parser = duration, default_value = "5m")]
+    #[arg(long, value_parser = timeout, default_value = "5m")]
     pub verify_timeout: Duration,
     /// Rate ceiling in keys per second (overrides the job's throttle.rows_per_second).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
@@ -222,10 +236,10 @@ pub struct SetArgs {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub rows_per_second: Option<u32>,
     /// Chunk time the chunk size adapts toward (e.g. 10ms).
-    #[arg(long, value_parser = duration)]
+    #[arg(long, value_parser = stored)]
     pub target_chunk_time: Option<Duration>,
     /// Fixed pause between chunks (0s for none).
-    #[arg(long, value_parser = duration_or_zero)]
+    #[arg(long, value_parser = stored_or_zero)]
     pub pause: Option<Duration>,
     /// Drop every override: the job file and run flags apply again.
     #[arg(long, conflicts_with_all = ["rows_per_second", "target_chunk_time", "pause"])]

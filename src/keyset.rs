@@ -304,8 +304,9 @@ pub struct Keyset {
 }
 
 impl Keyset {
-    /// Checks that the table exists and that the key columns exist, are NOT NULL, and are exactly
-    /// the columns of a valid unique index, in order. Definition problems are usage errors (exit 2).
+    /// Checks that the table exists, that the key columns exist, are NOT NULL, and are exactly
+    /// the columns of a valid unique index, in order, and that the `undo` columns exist.
+    /// Definition problems are usage errors (exit 2).
     pub async fn resolve(client: &impl GenericClient, job: &JobSpec) -> Result<Keyset> {
         let table = &job.table;
         let row = client
@@ -363,6 +364,26 @@ impl Keyset {
                 sql_type: r.get(1),
             });
             attnums.push(r.get::<_, i32>(3) as i16);
+        }
+        // Undo columns are copied by every chunk: a missing one would fail each chunk at run time
+        // with an error that looks like a privilege or `sql` problem. It is the job file's.
+        if let Some(crate::job::Revert::Undo(undo)) = &job.revert {
+            for c in undo {
+                if rows.iter().any(|r| r.get::<_, String>(0) == *c) {
+                    continue;
+                }
+                let hint = rows
+                    .iter()
+                    .map(|r| r.get::<_, String>(0))
+                    .find(|n| n.eq_ignore_ascii_case(c))
+                    .map(|s| format!(" (did you mean `{s}`?)"))
+                    .unwrap_or_default();
+                return Err(Error::Usage(format!(
+                    "job {}: {}: column `{c}` does not exist in table {table}{hint}; `undo` names the columns `sql` changes, whose old values each chunk keeps for `backfill revert` (if the expand migration adds it, apply that first)",
+                    job.name,
+                    job.file_key("undo")
+                )));
+            }
         }
         let idx = client
             .query(

@@ -10,7 +10,33 @@
 //! history, lease). [`db`] owns connections and error classification; [`signals`] the clean stop;
 //! [`telemetry`] what the operator sees; [`throttle`] how fast a run may go; [`migrator`] the gate;
 //! [`finish`] the schema steps run after a backfill (`finish_sql`); [`plan`] the review before a
-//! run; [`pgtemp`] throwaway servers for the demo, the tests and the benchmarks.
+//! run; [`pgtemp`] throwaway servers for the demo, the tests and the benchmarks; [`out`] writes
+//! stdout and stderr (a closed pipe is a normal end, never a panic).
+
+// The library's `println!` and friends: a closed stdout (`backfill status | head -1`) ends the
+// output quietly instead of panicking (see `out`). Defined before the modules so that their
+// textual scope covers all of them. Unit tests keep the standard macros, whose output the test
+// harness captures.
+#[cfg(not(test))]
+macro_rules! println {
+    () => { $crate::out::stdout(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::out::stdout(format_args!("{}\n", format_args!($($arg)*))) };
+}
+#[cfg(not(test))]
+#[allow(unused_macros)]
+macro_rules! print {
+    ($($arg:tt)*) => { $crate::out::stdout(format_args!($($arg)*)) };
+}
+#[cfg(not(test))]
+macro_rules! eprintln {
+    () => { $crate::out::stderr(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::out::stderr(format_args!("{}\n", format_args!($($arg)*))) };
+}
+#[cfg(not(test))]
+#[allow(unused_macros)]
+macro_rules! eprint {
+    ($($arg:tt)*) => { $crate::out::stderr(format_args!($($arg)*)) };
+}
 
 pub mod app;
 pub mod cli;
@@ -22,6 +48,7 @@ pub mod finish;
 pub mod job;
 pub mod keyset;
 pub mod migrator;
+pub mod out;
 pub mod pgtemp;
 pub mod plan;
 pub mod signals;

@@ -1,4 +1,4 @@
-use backfill::{app, cli::Cli};
+use backfill::{app, cli::Cli, out};
 use clap::Parser;
 use std::process::ExitCode;
 
@@ -9,16 +9,24 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match runtime.block_on(app::execute(cli)) {
+    let result = runtime.block_on(app::execute(cli));
+    // A reader that went away is a normal end (`out`); any other lost output is a failure.
+    let result = match (result, out::stdout_error()) {
+        (Ok(_), Some(e)) => Err(backfill::Error::Runtime(format!(
+            "writing to stdout failed: {e}; the output is incomplete"
+        ))),
+        (r, _) => r,
+    };
+    match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             if json {
-                eprintln!(
-                    "{}",
+                out::stderr(format_args!(
+                    "{}\n",
                     serde_json::json!({ "level": "error", "msg": e.to_string(), "exit_code": e.exit_code() })
-                );
+                ));
             } else {
-                eprintln!("error: {e}");
+                out::stderr(format_args!("error: {e}\n"));
             }
             e.process_exit_code()
         }

@@ -85,9 +85,15 @@ pub async fn execute(cli: Cli) -> Result<u8> {
                 exit::NOT_SATISFIED
             })
         }
-        Command::Pause { name } => control(&target()?, &store, &name, Control::Pause).await,
-        Command::Resume { name } => control(&target()?, &store, &name, Control::Resume).await,
-        Command::Cancel { name } => control(&target()?, &store, &name, Control::Cancel).await,
+        Command::Pause { name } => {
+            control(&target()?, &store, &g.jobs, &name, Control::Pause).await
+        }
+        Command::Resume { name } => {
+            control(&target()?, &store, &g.jobs, &name, Control::Resume).await
+        }
+        Command::Cancel { name } => {
+            control(&target()?, &store, &g.jobs, &name, Control::Cancel).await
+        }
         Command::Set(args) => {
             let change = if args.clear {
                 ControlChange {
@@ -110,7 +116,14 @@ pub async fn execute(cli: Cli) -> Result<u8> {
                     ..ControlChange::default()
                 }
             };
-            control(&target()?, &store, &args.name, Control::Set(change)).await
+            control(
+                &target()?,
+                &store,
+                &g.jobs,
+                &args.name,
+                Control::Set(change),
+            )
+            .await
         }
         Command::History { name, json } => history(&target()?, &store, &name, json).await,
         Command::Failures { name, all, json } => {
@@ -218,8 +231,26 @@ enum Control {
     Set(ControlChange),
 }
 
-async fn control(target: &Target, store: &Store, name: &str, what: Control) -> Result<u8> {
+async fn control(
+    target: &Target,
+    store: &Store,
+    jobs: &Path,
+    name: &str,
+    what: Control,
+) -> Result<u8> {
+    let known_here = job::file_exists(jobs, name)?;
     let mut client = target.connect().await?;
+    // A mistyped name must not "pause" a job that does not exist while the real one runs on:
+    // the job needs a file here or progress in the engine's schema (a job run from another
+    // host's jobs directory). Checked before anything is written, the schema included.
+    if !known_here && store.load(&client, name).await?.is_none() {
+        return Err(Error::Usage(format!(
+            "job `{name}` not found: no file {} and no progress in schema {} ({}); nothing was changed. Check the name, or pass --jobs DIR if the jobs live elsewhere",
+            job::path_for(jobs, name).display(),
+            store.schema(),
+            job::known_jobs(jobs)
+        )));
+    }
     store.ensure(&mut client).await?;
     let running = store
         .load(&client, name)

@@ -11,8 +11,8 @@ pub use phases::{MigrationSpec, Revert, DEFAULT_MAX_SWEEPS};
 pub use throttle::{parse_bytes, OnSignalError, ThrottleSpec};
 
 pub use spec::{
-    parse_duration, quote_ident, JobSpec, OnError, TableName, DEFAULT_CHUNK_ROWS,
-    DEFAULT_LOCK_TIMEOUT, DEFAULT_STATEMENT_TIMEOUT,
+    check_stored_duration, parse_duration, parse_server_timeout, quote_ident, JobSpec, OnError,
+    TableName, DEFAULT_CHUNK_ROWS, DEFAULT_LOCK_TIMEOUT, DEFAULT_STATEMENT_TIMEOUT, MAX_TIMEOUT,
 };
 
 use crate::error::{Error, Result};
@@ -23,24 +23,46 @@ pub fn path_for(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.toml"))
 }
 
-/// Loads and validates one job by name.
-pub fn load(dir: &Path, name: &str) -> Result<JobSpec> {
+/// Rejects names that cannot be the file stem of a job under `dir`.
+fn check_name(dir: &Path, name: &str) -> Result<()> {
     if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
         return Err(Error::Usage(format!(
             "invalid job name `{name}`: give the file stem of a job under {}",
             dir.display()
         )));
     }
+    Ok(())
+}
+
+/// The job files found under `dir`, for an error about a job that is not there.
+pub fn known_jobs(dir: &Path) -> String {
+    let known = list_names(dir).unwrap_or_default();
+    if known.is_empty() {
+        format!("no job files in {}", dir.display())
+    } else {
+        format!("jobs in {}: {}", dir.display(), known.join(", "))
+    }
+}
+
+/// Whether `dir` has a file for job `name` (valid or not). The revert job of a job
+/// (`NAME:revert`) counts as having the job's file.
+pub fn file_exists(dir: &Path, name: &str) -> Result<bool> {
+    check_name(dir, name)?;
+    let stem = name.strip_suffix(":revert").unwrap_or(name);
+    Ok(path_for(dir, stem).is_file())
+}
+
+/// Loads and validates one job by name.
+pub fn load(dir: &Path, name: &str) -> Result<JobSpec> {
+    check_name(dir, name)?;
     let path = path_for(dir, name);
     let text = std::fs::read_to_string(&path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            let known = list_names(dir).unwrap_or_default();
-            let hint = if known.is_empty() {
-                format!("no job files in {}", dir.display())
-            } else {
-                format!("jobs in {}: {}", dir.display(), known.join(", "))
-            };
-            Error::Usage(format!("job `{name}` not found: no file {} ({hint}); pass --jobs DIR if the jobs live elsewhere", path.display()))
+            Error::Usage(format!(
+                "job `{name}` not found: no file {} ({}); pass --jobs DIR if the jobs live elsewhere",
+                path.display(),
+                known_jobs(dir)
+            ))
         } else {
             Error::Usage(format!("cannot read job file {}: {e}", path.display()))
         }

@@ -15,6 +15,10 @@ pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(1);
 /// No chunk statement may run longer than this: it bounds how long the chunk's row locks are held.
 pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_CHUNK_ROWS: i64 = 10_000_000;
+/// The longest `lock_timeout`/`statement_timeout` PostgreSQL accepts: INT_MAX milliseconds (about
+/// 24.8 days). Anything longer passes a duration parser but makes every chunk's `SET LOCAL` fail
+/// with 22023, so it is refused where it is written.
+pub const MAX_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
 
 /// A table name as PostgreSQL resolves it: optional schema, unquoted parts folded to lower case.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,6 +143,23 @@ pub struct JobSpec {
     /// Stable hash of what the job does to the data (table, key, sql). Progress made under one
     /// fingerprint is not resumed under another without `--allow-changed-definition`.
     pub fingerprint: String,
+    /// The line each of `table`, `key` and `undo` is written on, for the checks that need the
+    /// catalog (at run and plan time) and must still name the file, the line and the key.
+    pub lines: Vec<(&'static str, usize)>,
+}
+
+impl JobSpec {
+    /// "invalid job file PATH:LINE: key `KEY`", the start of an error about `key` found after
+    /// the file was parsed.
+    pub fn file_key(&self, key: &str) -> String {
+        match self.lines.iter().find(|(k, _)| *k == key) {
+            Some((_, line)) => format!(
+                "invalid job file {}:{line}: key `{key}`",
+                self.path.display()
+            ),
+            None => format!("invalid job file {}: key `{key}`", self.path.display()),
+        }
+    }
 }
 
 /// Builds "file:line: key `k`: message" errors from spans.
@@ -156,19 +177,24 @@ impl Locator<'_> {
             .unwrap_or_default()
     }
 
+    /// The line a value starts on.
+    pub(super) fn line<T>(&self, span: &Spanned<T>) -> usize {
+        self.text[..span.span().start.min(self.text.len())]
+            .matches('\n')
+            .count()
+            + 1
+    }
+
     pub(super) fn err<T>(
         &self,
         key: &str,
         span: &Spanned<T>,
         msg: impl std::fmt::Display,
     ) -> Error {
-        let line = self.text[..span.span().start.min(self.text.len())]
-            .matches('\n')
-            .count()
-            + 1;
         Error::Usage(format!(
-            "invalid job file {}:{line}: key `{key}`: {msg}",
-            self.path.display()
+            "invalid job file {}:{}: key `{key}`: {msg}",
+            self.path.display(),
+            self.line(span)
         ))
     }
 }
@@ -197,6 +223,7 @@ impl JobSpec {
             }
         })?;
         let at = Locator { path, text };
+        reject_nul(&at, &raw)?;
 
         let table = TableName::parse(raw.table.get_ref()).map_err(|m| {
             at.err(
@@ -319,6 +346,10 @@ impl JobSpec {
             _ => &[],
         };
         let fingerprint = fingerprint(&table, &key, raw.sql.get_ref(), undo);
+        let mut lines = vec![("table", at.line(&raw.table)), ("key", at.line(&raw.key))];
+        if let Some(u) = &raw.undo {
+            lines.push(("undo", at.line(u)));
+        }
         Ok(JobSpec {
             name: name.to_string(),
             path: path.to_path_buf(),
@@ -339,8 +370,78 @@ impl JobSpec {
             migration: phases.migration,
             reverts: None,
             fingerprint,
+            lines,
         })
     }
+}
+
+/// PostgreSQL takes no NUL character anywhere: not in an identifier (22021 when bound, as in a
+/// table lookup), not in a statement (the protocol ends strings at NUL). TOML can write one
+/// (`\u0000`), so every value that reaches the server is checked here, where file and line are
+/// known.
+fn reject_nul(at: &Locator<'_>, raw: &RawJob) -> Result<()> {
+    const NUL: char = '\0';
+    let ident =
+        "contains a NUL character (\\u0000), which PostgreSQL does not accept in a name: remove it";
+    let text = "contains a NUL character (\\u0000), which PostgreSQL does not accept in SQL text: remove it";
+    if raw.table.get_ref().contains(NUL) {
+        return Err(at.err("table", &raw.table, ident));
+    }
+    let key_has_nul = match raw.key.get_ref() {
+        toml::Value::String(s) => s.contains(NUL),
+        toml::Value::Array(a) => a
+            .iter()
+            .any(|v| v.as_str().is_some_and(|s| s.contains(NUL))),
+        _ => false,
+    };
+    if key_has_nul {
+        return Err(at.err("key", &raw.key, ident));
+    }
+    if let Some(u) = raw
+        .undo
+        .as_ref()
+        .filter(|u| u.get_ref().iter().any(|c| c.contains(NUL)))
+    {
+        return Err(at.err("undo", u, ident));
+    }
+    if let Some(f) = raw
+        .finish_sql
+        .as_ref()
+        .filter(|f| f.get_ref().iter().any(|c| c.contains(NUL)))
+    {
+        return Err(at.err("finish_sql", f, text));
+    }
+    let statements = [
+        ("sql", Some(&raw.sql)),
+        ("verify", raw.verify.as_ref()),
+        ("requires_sql", raw.requires_sql.as_ref()),
+        ("down_sql", raw.down_sql.as_ref()),
+        (
+            "throttle.throttle_sql",
+            raw.throttle
+                .as_ref()
+                .and_then(|t| t.get_ref().throttle_sql.as_ref()),
+        ),
+    ];
+    for (key, v) in statements {
+        if let Some(v) = v.filter(|v| v.get_ref().contains(NUL)) {
+            return Err(at.err(key, v, text));
+        }
+    }
+    if let Some(m) = &raw.migration {
+        let m = m.get_ref();
+        let names = [
+            ("expand", m.expand.as_ref()),
+            ("contract", m.contract.as_ref()),
+            ("history_table", m.history_table.as_ref()),
+        ];
+        for (key, v) in names {
+            if let Some(v) = v.filter(|v| v.get_ref().contains(NUL)) {
+                return Err(at.err(&format!("migration.{key}"), v, ident));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn parse_timeout(
@@ -350,7 +451,31 @@ fn parse_timeout(
     default: Duration,
 ) -> Result<Duration> {
     let Some(v) = value else { return Ok(default) };
-    let d = parse_duration(v.get_ref()).map_err(|m| at.err(key, v, m))?;
+    let d = parse_server_timeout(v.get_ref()).map_err(|m| at.err(key, v, m))?;
+    Ok(d)
+}
+
+/// Parses a duration that becomes a server timeout (`lock_timeout`, `statement_timeout`): at
+/// least 1 ms and at most [`MAX_TIMEOUT`].
+pub fn parse_server_timeout(text: &str) -> std::result::Result<Duration, String> {
+    let d = parse_duration(text)?;
+    if d > MAX_TIMEOUT {
+        return Err(format!(
+            "`{text}` is longer than PostgreSQL accepts for a timeout ({}ms, about 24 days): use e.g. \"30s\" or \"24d\"",
+            MAX_TIMEOUT.as_millis()
+        ));
+    }
+    Ok(d)
+}
+
+/// Limits a duration stored in milliseconds by the engine (`backfill set`) to [`MAX_TIMEOUT`].
+pub fn check_stored_duration(text: &str, d: Duration) -> std::result::Result<Duration, String> {
+    if d > MAX_TIMEOUT {
+        return Err(format!(
+            "`{text}` is too long: use at most {}ms (about 24 days)",
+            MAX_TIMEOUT.as_millis()
+        ));
+    }
     Ok(d)
 }
 
@@ -497,6 +622,41 @@ sql = "UPDATE orders SET n = n + 1 WHERE id BETWEEN :start AND :end"
         .unwrap();
         assert_eq!(j.lock_timeout, Duration::from_millis(250));
         assert_eq!(j.statement_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn server_timeouts_stop_at_postgresql_limit() {
+        assert_eq!(parse_server_timeout("2147483647ms").unwrap(), MAX_TIMEOUT);
+        assert!(parse_server_timeout("24d").is_ok());
+        let m = parse_server_timeout("2147483648ms").unwrap_err();
+        assert!(m.contains("2147483647ms"), "{m}");
+        let m = parse(&format!("{OK}statement_timeout = \"30days\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains(":5") && m.contains("statement_timeout"), "{m}");
+        // A pause between chunks is not a server timeout.
+        assert!(parse(&format!("{OK}[throttle]\npause = \"30days\"\n")).is_ok());
+    }
+
+    #[test]
+    fn nul_characters_are_refused_where_written() {
+        let m = parse(&OK.replace("\"orders\"", r#""\"ord\u0000ers\"""#))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.contains(":2") && m.contains("key `table`") && m.contains("NUL"),
+            "{m}"
+        );
+        let m = parse(&format!("{OK}verify = \"SELECT 0 -- \\u0000\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains(":5") && m.contains("key `verify`"), "{m}");
+        let m = parse(&format!(
+            "{OK}[migration]\ntool = \"sqlx\"\nexpand = \"1\\u0000\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(m.contains(":7") && m.contains("migration.expand"), "{m}");
     }
 
     #[test]

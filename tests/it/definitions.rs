@@ -199,3 +199,121 @@ fn a_changed_definition_is_refused_unless_allowed() {
         "every row exactly once"
     );
 }
+
+#[test]
+fn values_postgresql_would_refuse_are_rejected_by_check_with_file_line_and_key() {
+    let db = TestDb::new();
+    counter_table(&db, 300);
+    // TOML writes a NUL as \u0000; PostgreSQL takes none, in a name or in SQL text.
+    let cases: &[(&str, String, &[&str])] = &[
+        (
+            "long_lock",
+            format!("{GOOD}lock_timeout = \"30days\"\n"),
+            &[":4", "key `lock_timeout`", "2147483647ms"],
+        ),
+        (
+            "long_statement",
+            format!("{GOOD}statement_timeout = \"100days\"\n"),
+            &[":4", "key `statement_timeout`", "2147483647ms"],
+        ),
+        (
+            "nul_table",
+            GOOD.replace("\"t\"", r#""\"t\u0000x\"""#),
+            &[":1", "key `table`", "NUL"],
+        ),
+        (
+            "nul_key",
+            GOOD.replace("[\"id\"]", r#"["i\u0000d"]"#),
+            &[":2", "key `key`", "NUL"],
+        ),
+        (
+            "nul_sql",
+            GOOD.replace("n + 1", r#"n + 1 /* \u0000 */"#),
+            &[":3", "key `sql`", "NUL"],
+        ),
+        (
+            "nul_undo",
+            format!("{GOOD}undo = [\"n\\u0000\"]\n"),
+            &[":4", "key `undo`", "NUL"],
+        ),
+    ];
+    for (name, text, needles) in cases {
+        db.write_job(name, text);
+        for args in [vec!["check", name], vec!["run", name], vec!["plan", name]] {
+            let out = db.run(&args);
+            assert_eq!(out.code, 2, "{name} {args:?}: {out:?}");
+            let all = format!("{}{}", out.stdout, out.stderr);
+            assert!(all.contains(&format!("{name}.toml")), "{name}: {out:?}");
+            for n in *needles {
+                assert!(all.contains(n), "{name} {args:?}: `{n}` missing: {out:?}");
+            }
+        }
+    }
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 0"), 0);
+
+    // The same limit for the flags that become server timeouts, and for what `set` stores.
+    db.write_job(
+        "ok",
+        &format!("{GOOD}lock_timeout = \"24d\"\nstatement_timeout = \"24d\"\n"),
+    );
+    let flags: &[&[&str]] = &[
+        &["run", "ok", "--lock-timeout", "30days"],
+        &["run", "ok", "--statement-timeout", "100days"],
+        &["run", "ok", "--verify-timeout", "25d"],
+        &["gate", "ok", "--verify-timeout", "25d"],
+        &["plan", "ok", "--verify-timeout", "25d"],
+        &["set", "ok", "--pause", "30days"],
+        &["set", "ok", "--target-chunk-time", "30days"],
+    ];
+    for args in flags {
+        let out = db.run(args);
+        assert_eq!(out.code, 2, "{args:?}: {out:?}");
+        assert!(out.stderr.contains("2147483647ms"), "{args:?}: {out:?}");
+    }
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 0"), 0);
+    // Just under the limit is what the server accepts: the job runs.
+    db.run(&["check", "ok"]).expect(0);
+    db.run(&["run", "ok", "--statement-timeout", "24d"])
+        .expect(0);
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+}
+
+#[test]
+fn an_undo_column_the_table_lacks_is_a_definition_error_before_any_work() {
+    let db = TestDb::new();
+    counter_table(&db, 300);
+    for (name, col, hint) in [("u", "nn", None), ("v", "N", Some("did you mean `n`"))] {
+        db.write_job(
+            name,
+            &format!("{GOOD}chunk_rows = 50\nundo = [\"{col}\"]\n"),
+        );
+        // `check` cannot know the table's columns; run and plan look them up first.
+        db.run(&["check", name]).expect(0);
+        for args in [vec!["run", name], vec!["plan", name]] {
+            let out = db.run(&args);
+            assert_eq!(out.code, 2, "{args:?}: {out:?}");
+            assert!(
+                out.stderr.contains(&format!("{name}.toml:5: key `undo`"))
+                    && out
+                        .stderr
+                        .contains(&format!("column `{col}` does not exist in table t"))
+                    && !out.stderr.contains("privilege")
+                    && !out.stderr.contains("CREATE on schema"),
+                "{args:?}: {out:?}"
+            );
+            if let Some(h) = hint {
+                assert!(out.stderr.contains(h), "{args:?}: {out:?}");
+            }
+        }
+    }
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 0"), 0);
+    assert_eq!(
+        db.i64("SELECT count(*) FROM pg_class WHERE relname LIKE 'undo_%'"),
+        0,
+        "no undo table for a refused job"
+    );
+    // With the column there, the same job runs and keeps its undo data.
+    db.write_job("u", &format!("{GOOD}chunk_rows = 50\nundo = [\"n\"]\n"));
+    db.run(&["run", "u"]).expect(0);
+    assert_eq!(db.i64("SELECT count(*) FROM backfill.undo_u"), 300);
+}

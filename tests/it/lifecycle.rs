@@ -1,6 +1,7 @@
 //! The operator's path: run, status, list, gate, reset, init for a least-privilege role, the demo.
 
 use crate::support::*;
+use std::process::Stdio;
 use std::time::Duration;
 
 #[test]
@@ -240,4 +241,151 @@ fn demo_uses_a_given_database() {
     let out = db.run(&["demo", "--rows", "5000"]);
     out.expect(0);
     assert!(out.stderr.contains("already exists"), "{out:?}");
+}
+
+/// Runs the binary with stdout (or stderr) a pipe whose reader is already gone, so that every
+/// write to it fails with EPIPE, as for `backfill status | head -1` once `head` has its line.
+fn with_closed(db: &TestDb, args: &[&str], close_stderr: bool) -> Out {
+    let mut fds = [0; 2];
+    // SAFETY: pipe() fills both descriptors, each then owned exactly once.
+    let writer = unsafe {
+        assert_eq!(libc::pipe(fds.as_mut_ptr()), 0, "pipe()");
+        libc::close(fds[0]);
+        <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fds[1])
+    };
+    let mut cmd = db.cmd(args);
+    if close_stderr {
+        cmd.stdout(Stdio::piped()).stderr(writer);
+    } else {
+        cmd.stdout(writer).stderr(Stdio::piped());
+    }
+    let child = cmd.spawn().unwrap();
+    drop(cmd);
+    wait_out(child, Duration::from_secs(60))
+}
+
+#[test]
+fn a_closed_stdout_is_a_normal_end_for_every_command() {
+    let db = TestDb::new();
+    counter_table(&db, 300);
+    for name in ["a", "b", "c", "j"] {
+        db.write_job(name, &counter_job(""));
+    }
+    db.run(&["run", "j"]).expect(0);
+    let commands: &[&[&str]] = &[
+        &["status"],
+        &["status", "--json"],
+        &["status", "j"],
+        &["status", "j", "--json"],
+        &["list"],
+        &["list", "--json"],
+        &["check"],
+        &["check", "j"],
+        &["history", "j"],
+        &["history", "j", "--json"],
+        &["failures", "j", "--all"],
+        &["failures", "j", "--json"],
+        &["gate", "j"],
+        &["gate", "j", "--json"],
+        &["gate", "a"],
+        &["plan", "a"],
+        &["plan", "a", "--json"],
+        &["run", "j", "--json"],
+        &["pause", "a"],
+        &["resume", "a"],
+        &["set", "a", "--rows-per-second", "5"],
+        &["set", "a", "--clear"],
+        &["init"],
+    ];
+    for args in commands {
+        // The same command with stdout open gives the exit code to expect.
+        let normal = db.run(args);
+        assert!(
+            !normal.stderr.contains("panicked") && normal.code != 101,
+            "{args:?}: {normal:?}"
+        );
+        let closed = with_closed(&db, args, false);
+        assert_eq!(
+            closed.code, normal.code,
+            "{args:?} with stdout closed: {closed:?}"
+        );
+        assert!(
+            !closed.stderr.contains("panicked") && !closed.stderr.contains("Broken pipe"),
+            "{args:?} with stdout closed: {closed:?}"
+        );
+    }
+    // Logs and errors go to stderr; a closed stderr ends them quietly too.
+    db.write_job("bad", "table = \n");
+    for (args, code) in [(&["run", "b"][..], 0), (&["check", "bad"][..], 2)] {
+        let out = with_closed(&db, args, true);
+        assert_eq!(out.code, code, "{args:?} with stderr closed: {out:?}");
+    }
+    assert_eq!(
+        db.i64("SELECT count(*) FROM t WHERE n <> 2"),
+        0,
+        "job b ran in full"
+    );
+
+    // `status | head -1`: the reader takes the first line and goes away while lines remain.
+    for _ in 0..5 {
+        let mut child = db.spawn(&["status"]);
+        let mut first = String::new();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
+        assert!(first.starts_with("JOB"), "{first}");
+        drop(stdout);
+        let out = wait_out(child, Duration::from_secs(60));
+        assert_eq!(out.code, 0, "{out:?}");
+        assert!(out.stderr.is_empty(), "{out:?}");
+    }
+}
+
+#[test]
+fn live_controls_refuse_a_job_that_does_not_exist_and_write_nothing() {
+    let db = TestDb::new();
+    counter_table(&db, 300);
+    db.write_job("orders", &counter_job(""));
+    let schema_exists = || db.i64("SELECT count(*) FROM pg_namespace WHERE nspname = 'backfill'");
+    let typo: &[&[&str]] = &[
+        &["pause", "ordres"],
+        &["resume", "ordres"],
+        &["cancel", "ordres"],
+        &["set", "ordres", "--rows-per-second", "10"],
+        &["set", "ordres", "--clear"],
+    ];
+    // Before anything ran: refused, and not even the engine's schema is created.
+    for args in typo {
+        let out = db.run(args);
+        assert_eq!(out.code, 2, "{args:?}: {out:?}");
+        assert!(
+            out.stderr.contains("job `ordres` not found")
+                && out.stderr.contains("ordres.toml")
+                && out.stderr.contains(": orders"),
+            "{args:?}: {out:?}"
+        );
+    }
+    assert_eq!(schema_exists(), 0, "a refused control wrote the schema");
+    // Once the engine's tables exist: still refused, and no controls row.
+    db.run(&["run", "orders"]).expect(0);
+    for args in typo {
+        db.run(args).expect(2);
+    }
+    assert_eq!(db.i64("SELECT count(*) FROM backfill.controls"), 0);
+
+    // A job with progress in the engine's schema is known without a file here (it was run from
+    // another host's jobs directory), and so is a job's revert.
+    std::fs::remove_file(db.jobs.join("orders.toml")).unwrap();
+    let out = db.run(&["pause", "orders"]);
+    out.expect(0);
+    assert!(out.stdout.contains("job orders: paused"), "{out:?}");
+    let out = db.run(&["resume", "orders"]);
+    assert_eq!(out.code, 3, "no runner: {out:?}");
+    db.write_job("orders", &counter_job(""));
+    db.run(&["set", "orders:revert", "--pause", "1ms"])
+        .expect(0);
+    assert_eq!(
+        db.text("SELECT string_agg(job, ',' ORDER BY job) FROM backfill.controls")
+            .as_deref(),
+        Some("orders,orders:revert")
+    );
 }
