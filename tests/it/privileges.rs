@@ -6,6 +6,7 @@
 //! --grant-gate-to` can run `backfill gate`.
 
 use crate::support::*;
+use serde_json::Value;
 use std::time::{Duration, Instant};
 
 fn hold_reason(db: &TestDb, name: &str) -> Option<String> {
@@ -147,4 +148,71 @@ fn a_runner_without_pg_read_all_stats_holds_until_granted_then_sees_other_roles_
     );
     Out::from(db.cmd_at(&as_runner, &["run", "z"]).output().unwrap()).expect(0);
     assert_eq!(db.i64("SELECT count(*) FROM u WHERE n <> 1"), 0);
+}
+
+#[test]
+fn plan_says_it_cannot_see_other_roles_transactions() {
+    let db = TestDb::new();
+    let (runner, app) = (role(&db, "runner"), role(&db, "app"));
+    db.exec(&format!(
+        "CREATE ROLE {runner} LOGIN; CREATE ROLE {app} LOGIN;
+         CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT generate_series(1, 1000);
+         GRANT SELECT, UPDATE ON t TO {runner};
+         GRANT SELECT ON t TO {app};"
+    ));
+    db.run(&["init", "--grant-to", &runner]).expect(0);
+    db.exec(&format!("REVOKE pg_read_all_stats FROM {runner}"));
+    db.write_job(
+        "p",
+        "table = \"t\"\nkey = [\"id\"]\nchunk_rows = 100\n\
+         sql = \"UPDATE t SET n = 1 WHERE id BETWEEN :start AND :end AND n = 0\"\n",
+    );
+    // Another role's transaction, open (with a transaction id) while plan looks.
+    let idle = Session::connect(&db.url_as(&app));
+    idle.exec("BEGIN; SELECT txid_current();");
+    let pid = idle.i64("SELECT pg_backend_pid()::bigint");
+    let plan = |args: &[&str]| {
+        let mut all = vec!["plan", "p", "--json", "--long-transaction", "1ms"];
+        all.extend_from_slice(args);
+        let out = Out::from(db.cmd_at(&db.url_as(&runner), &all).output().unwrap());
+        assert_eq!(out.code, 0, "{out:?}");
+        let v: Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+        v["findings"].as_array().unwrap().clone()
+    };
+    let findings = plan(&[]);
+    let hidden = findings
+        .iter()
+        .find(|f| f["code"] == "sessions_hidden")
+        .unwrap_or_else(|| panic!("no sessions_hidden finding: {findings:#?}"));
+    let message = hidden["message"].as_str().unwrap();
+    assert!(
+        message.contains("1 of them hold a transaction")
+            && message.contains("a run would hold until it is granted"),
+        "{hidden:#}"
+    );
+    assert!(
+        hidden["fix"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("GRANT pg_read_all_stats TO \"{runner}\"")),
+        "{hidden:#}"
+    );
+
+    // Granted, the same role sees the transaction itself.
+    db.exec(&format!("GRANT pg_read_all_stats TO {runner}"));
+    let findings = plan(&[]);
+    assert!(
+        !findings.iter().any(|f| f["code"] == "sessions_hidden"),
+        "{findings:#?}"
+    );
+    assert!(
+        findings.iter().any(|f| f["code"] == "long_transaction"
+            && f["message"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("pid {pid}"))),
+        "{findings:#?}"
+    );
+    idle.exec("COMMIT");
 }
