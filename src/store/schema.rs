@@ -382,13 +382,18 @@ pub async fn migrate_up_to(
     Ok((before, last.min(LATEST)))
 }
 
-/// The statements that let `role` (a migration's) call the SQL gate, and nothing more.
+/// The statements that let `role` (a migration's) call the SQL gate and run `backfill gate`, and
+/// nothing more: read the engine's bookkeeping (the CLI gate reads a job's checkpoint as `status`
+/// does, with its ranges and runs, after checking the schema's version) and record the count its
+/// verify query just returned — two columns, so the one-argument SQL gate, which trusts the last
+/// recorded count, stays shut after a CLI gate that found rows left. No other write.
 pub fn gate_grants(schema: &str, role: &str) -> String {
     let s = crate::job::quote_ident(schema);
     let r = crate::job::quote_ident(role);
     format!(
         "GRANT USAGE ON SCHEMA {s} TO {r};
-         GRANT SELECT ON {s}.checkpoints, {s}.failures, {s}.finish_steps TO {r};
+         GRANT SELECT ON {s}.schema_version, {s}.checkpoints, {s}.failures, {s}.finish_steps, {s}.ranges, {s}.runs TO {r};
+         GRANT UPDATE (verify_remaining, verified_at) ON {s}.checkpoints TO {r};
          GRANT EXECUTE ON FUNCTION {s}.assert_done(text, text) TO {r};"
     )
 }

@@ -216,3 +216,47 @@ fn plan_says_it_cannot_see_other_roles_transactions() {
     );
     idle.exec("COMMIT");
 }
+
+#[test]
+fn the_gate_runs_as_the_role_made_by_grant_gate_to() {
+    let db = TestDb::new();
+    counter_table(&db, 500);
+    let migrator = role(&db, "migrator");
+    db.exec(&format!(
+        "CREATE ROLE {migrator} LOGIN; GRANT SELECT ON t TO {migrator};"
+    ));
+    db.write_job("j", &counter_job(""));
+    // A job that stops at a row its statement fails on: unfinished.
+    db.write_job(
+        "k",
+        &counter_job("").replace("SET n = n + 1", "SET n = n + 1 / (id - 7) * 0 + 1"),
+    );
+    db.run(&["init", "--grant-gate-to", &migrator]).expect(0);
+    db.run(&["run", "j"]).expect(0);
+    assert_eq!(db.run(&["run", "k"]).code, 1);
+
+    let as_migrator = db.url_as(&migrator);
+    let gate = |name: &str| Out::from(db.cmd_at(&as_migrator, &["gate", name]).output().unwrap());
+    let done = gate("j");
+    done.expect(0);
+    assert!(done.stdout.contains("complete and verified"), "{done:?}");
+    let unfinished = gate("k");
+    unfinished.expect(3);
+    assert!(
+        unfinished.stdout.contains("is not complete"),
+        "{unfinished:?}"
+    );
+
+    // A row written behind the backfill: the gate closes, and records it, so the SQL gate that
+    // trusts the last verify closes too.
+    db.exec("INSERT INTO t (id) VALUES (-1)");
+    gate("j").expect(3);
+    let m = Session::connect(&as_migrator);
+    let e = m.try_exec("SELECT backfill.assert_done('j')").unwrap_err();
+    assert!(e.contains("its last verify counted 1 rows"), "{e}");
+    // It still may not change anything else.
+    let e = m
+        .try_exec("UPDATE backfill.checkpoints SET state = 'done'")
+        .unwrap_err();
+    assert!(e.contains("42501"), "{e}");
+}
