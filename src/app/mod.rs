@@ -418,7 +418,7 @@ async fn init(
         (
             r,
             store::gate_grants(store.schema(), r),
-            "what the SQL gate assert_done needs",
+            "what the gate needs (assert_done and `backfill gate`)",
         )
     });
     for (role, sql, what) in runners.chain(gates) {

@@ -259,4 +259,23 @@ fn the_gate_runs_as_the_role_made_by_grant_gate_to() {
         .try_exec("UPDATE backfill.checkpoints SET state = 'done'")
         .unwrap_err();
     assert!(e.contains("42501"), "{e}");
+
+    // A role granted by an older `init` (without what the CLI gate reads) is told what is missing.
+    db.exec(&format!(
+        "REVOKE SELECT ON backfill.ranges FROM {migrator}; REVOKE UPDATE (verified_at) ON backfill.checkpoints FROM {migrator}"
+    ));
+    let old = gate("j");
+    old.expect(1);
+    assert!(
+        old.stderr.contains("SELECT on backfill.ranges")
+            && old
+                .stderr
+                .contains("UPDATE (verified_at) on backfill.checkpoints")
+            && old
+                .stderr
+                .contains(&format!("backfill init --grant-gate-to {migrator}")),
+        "{old:?}"
+    );
+    db.run(&["init", "--grant-gate-to", &migrator]).expect(0);
+    gate("j").expect(3);
 }
