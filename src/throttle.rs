@@ -17,7 +17,16 @@
 //! streaming standby, the server's WAL rate, a vacuum running on the table, and a custom
 //! `throttle_sql`. A signal that cannot be read holds the run (`on_signal_error = "hold"`, the
 //! default: fail closed) or is ignored (`"ignore"`), and the reason says which.
+//!
+//! **Seeing other sessions.** The lock-wait yield (after every chunk, in the executor), the vacuum
+//! signal and the replication lag read other roles' sessions, which a role without
+//! `pg_read_all_stats` sees with their details NULL: blind, they would report "nothing
+//! happening". So before the first signal read, and again at each read until it can, the run asks
+//! whether its role sees them (`db::StatsAccess`); while it cannot, that counts as a signal that
+//! cannot be read, with a reason naming the missing grant. Asking again lets a run held for it go
+//! on as soon as the grant is given.
 
+use crate::db::StatsAccess;
 use crate::job::{OnSignalError, ThrottleSpec};
 use crate::store::Controls;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -68,6 +77,8 @@ pub struct Throttle {
     wal: Option<(Instant, i64)>,
     /// Per standby: the replay position last seen and since when it has not moved.
     replay: HashMap<String, (String, Instant)>,
+    /// Whether this run's role was seen to see other roles' sessions (asked until it does).
+    sees_all: bool,
 }
 
 impl Throttle {
@@ -84,6 +95,7 @@ impl Throttle {
             verdict: None,
             wal: None,
             replay: HashMap::new(),
+            sees_all: false,
         };
         t.reset_limiter();
         t
@@ -196,6 +208,23 @@ impl Throttle {
     }
 
     async fn read_signals(&mut self, client: &tokio_postgres::Client) -> Option<Hold> {
+        if !self.sees_all {
+            match StatsAccess::read(client).await {
+                Ok(a) if a.sees_all => self.sees_all = true,
+                Ok(a) => {
+                    let what = format!("other roles' sessions for {}", self.blind_signals());
+                    if let Some(hold) = self.unreadable(&what, a.missing()) {
+                        return Some(hold);
+                    }
+                }
+                Err(e) => {
+                    return self.unreadable(
+                        "whether this role sees other roles' sessions",
+                        crate::db::describe(&e),
+                    )
+                }
+            }
+        }
         if let Some(max) = self.spec.max_replication_lag {
             match self.replication_lag(client).await {
                 Ok((lag, standby)) if lag > max.as_secs_f64() => {
@@ -262,6 +291,22 @@ impl Throttle {
         None
     }
 
+    /// The signals of this run that read other roles' sessions, for people.
+    fn blind_signals(&self) -> String {
+        let mut names = vec!["the lock-wait yield"];
+        if self.spec.hold_during_autovacuum {
+            names.push("hold_during_autovacuum");
+        }
+        if self.spec.max_replication_lag.is_some() {
+            names.push("max_replication_lag");
+        }
+        match names.split_last() {
+            Some((last, [])) => last.to_string(),
+            Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+            None => String::new(),
+        }
+    }
+
     fn unreadable(&self, what: &str, why: String) -> Option<Hold> {
         match self.spec.on_signal_error {
             OnSignalError::Hold => Some(Hold {
@@ -298,7 +343,7 @@ impl Throttle {
             let name: String = r.get(0);
             let Some(lsn) = r.get::<_, Option<String>>(1) else {
                 return Err(format!(
-                    "replay position of {name} is hidden (grant pg_monitor)"
+                    "replay position of {name} is hidden (grant pg_read_all_stats or pg_monitor)"
                 ));
             };
             let behind: f64 = r.get::<_, Option<f64>>(2).unwrap_or(0.0);
@@ -441,6 +486,18 @@ mod tests {
             ..Controls::default()
         });
         assert_eq!(t.chunk_rows(), 1000);
+    }
+
+    #[test]
+    fn the_reason_for_a_blind_role_names_the_signals_that_need_to_see() {
+        let mut t = throttle(100);
+        assert_eq!(t.blind_signals(), "the lock-wait yield");
+        t.spec.hold_during_autovacuum = true;
+        t.spec.max_replication_lag = Some(Duration::from_secs(1));
+        assert_eq!(
+            t.blind_signals(),
+            "the lock-wait yield, hold_during_autovacuum and max_replication_lag"
+        );
     }
 
     #[test]

@@ -449,7 +449,7 @@ async fn init(
         (
             r,
             store::gate_grants(store.schema(), r),
-            "what the SQL gate assert_done needs",
+            "what the gate needs (assert_done and `backfill gate`)",
         )
     });
     for (role, sql, what) in runners.chain(gates) {
@@ -461,5 +461,61 @@ async fn init(
         })?;
         println!("granted role {role} {what} on schema {}", store.schema());
     }
+    for role in grant_to {
+        grant_stats(&client, role).await?;
+    }
     Ok(exit::SUCCESS)
+}
+
+/// Lets a runner's role see other roles' sessions (`pg_read_all_stats`): the lock-wait yield,
+/// `hold_during_autovacuum` and `plan` read them, and a run whose role cannot holds (see
+/// `db::StatsAccess`). Granting a predefined role takes a superuser or ADMIN on it, which the
+/// schema's owner often lacks: then this says what to ask for instead of failing the schema
+/// grants already made.
+async fn grant_stats(client: &tokio_postgres::Client, role: &str) -> Result<()> {
+    use crate::db::STATS_ROLE;
+    let sees = || async {
+        client
+            .query_one(
+                "SELECT pg_has_role($1::name, $2::name, 'USAGE')",
+                &[&role, &STATS_ROLE],
+            )
+            .await
+            .map(|r| r.get::<_, bool>(0))
+            .map_err(|e| {
+                crate::db::error(e, format!("checking whether role {role} has {STATS_ROLE}"))
+            })
+    };
+    if sees().await? {
+        println!("role {role} already sees other roles' sessions ({STATS_ROLE})");
+        return Ok(());
+    }
+    let quoted = job::quote_ident(role);
+    let grant = format!("GRANT {STATS_ROLE} TO {quoted}");
+    match client.batch_execute(&grant).await {
+        Ok(()) => {}
+        Err(e) if crate::db::sqlstate(&e) == Some("42501") => {
+            eprintln!(
+                "warning: could not grant {STATS_ROLE} to role {role} ({}); without it the role cannot see other roles' sessions, so its runs hold (on_signal_error = \"hold\") until a superuser or a role with ADMIN on {STATS_ROLE} runs `{grant}`",
+                crate::db::describe(&e)
+            );
+            return Ok(());
+        }
+        Err(e) => {
+            return Err(crate::db::error(
+                e,
+                format!("granting role {role} {STATS_ROLE}"),
+            ))
+        }
+    }
+    if sees().await? {
+        println!(
+            "granted role {role} {STATS_ROLE}: its runs see other roles' lock waits and vacuums"
+        );
+    } else {
+        eprintln!(
+            "warning: role {role} is now a member of {STATS_ROLE} but does not inherit its privileges (NOINHERIT), so its runs still hold; `ALTER ROLE {quoted} INHERIT`, or grant it to a role it inherits from"
+        );
+    }
+    Ok(())
 }

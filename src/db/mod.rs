@@ -1,13 +1,16 @@
 //! Connections: where to connect (URL or libpq variables, `.pgpass`), TLS, the pool with its
-//! timeouts, SQLSTATE classification and query cancellation.
+//! timeouts, SQLSTATE classification and query cancellation, and what the role may see of other
+//! sessions (`visibility`).
 //!
 //! Every session the engine opens gets the same settings (UTC, ISO dates, exact float text) so that
 //! key values written as text by one session read back identically in another.
 
 mod target;
 mod tls;
+mod visibility;
 
 pub use target::{SslMode, Target};
+pub use visibility::{StatsAccess, STATS_ROLE};
 
 use crate::error::Error;
 use std::time::Duration;

@@ -185,6 +185,18 @@ pub async fn gate(
     timeout: Duration,
 ) -> Result<GateReport> {
     let name = &job.name;
+    let missing = crate::store::gate_privileges_missing(client, store.schema()).await?;
+    if !missing.is_empty() {
+        let role: String = client
+            .query_one("SELECT current_user::text", &[])
+            .await
+            .map_err(|e| db::error(e, "reading the current role"))?
+            .get(0);
+        return Err(Error::Runtime(format!(
+            "job {name}: role {role} may not read the engine's schema as the gate does (missing: {}); run `backfill init --grant-gate-to {role}` once as the schema's owner",
+            missing.join(", ")
+        )));
+    }
     let checkpoint = store.load(client, name).await?;
     let state = checkpoint
         .as_ref()

@@ -78,7 +78,7 @@ pub(super) async fn run(
             .await?;
         }
     }
-    long_transactions(tx, opts, &mut findings).await?;
+    long_transactions(tx, job, opts, &mut findings).await?;
     if estimates.table_rows.unwrap_or(0) >= LARGE_TABLE_ROWS && !super::has_brakes(job) {
         findings.push(Finding {
             severity: Severity::Warning,
@@ -582,12 +582,44 @@ async fn names(
 }
 
 /// Transactions open for longer than the threshold hold back vacuum of every row version the
-/// backfill leaves behind.
+/// backfill leaves behind. A role without `pg_read_all_stats` sees no `xact_start` for other
+/// roles' sessions: that is reported as such, never as "no long transaction".
 async fn long_transactions(
     tx: &Transaction<'_>,
+    job: &JobSpec,
     opts: &PlanOptions,
     findings: &mut Vec<Finding>,
 ) -> Result<()> {
+    let access = db::StatsAccess::read(tx)
+        .await
+        .map_err(|e| db::error(e, "asking whether this role sees other roles' sessions"))?;
+    if !access.sees_all {
+        // Their transaction ids and snapshots stay visible, only the start time is hidden.
+        let hidden: i64 = tx
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE xact_start IS NULL AND pid <> pg_backend_pid()
+                    AND coalesce(datname = current_database(), true)
+                    AND (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL)",
+                &[],
+            )
+            .await
+            .map_err(|e| db::error(e, "reading pg_stat_activity"))?
+            .get(0);
+        let run = match job.throttle.on_signal_error {
+            crate::job::OnSignalError::Hold => "a run would hold until it is granted (on_signal_error = \"hold\"): its lock-wait yield cannot see application sessions queued behind a chunk".to_string(),
+            crate::job::OnSignalError::Ignore => "a run would go on blind (on_signal_error = \"ignore\"): application sessions queued behind a chunk would not make it yield".to_string(),
+        };
+        findings.push(Finding {
+            severity: Severity::Warning,
+            code: "sessions_hidden",
+            message: format!(
+                "role {} cannot see other roles' sessions: how long their transactions have been open is hidden ({hidden} of them hold a transaction or snapshot in this database now), so a long transaction cannot be ruled out; {run}",
+                access.role
+            ),
+            fix: access.missing(),
+        });
+    }
     let rows = tx
         .query(
             "SELECT pid, coalesce(usename::text, '?'), coalesce(application_name, ''), coalesce(state, '?'),

@@ -23,7 +23,8 @@ pub use lease::LeaseState;
 pub use phases::Sweep;
 pub use ranges::{Acquired, Advance, RangeInfo, RangeLease, Splitter};
 pub use schema::{
-    gate_grants, grants, installed_version, migrate, migrate_up_to, LATEST as SCHEMA_VERSION,
+    gate_grants, gate_privileges_missing, grants, installed_version, migrate, migrate_up_to,
+    LATEST as SCHEMA_VERSION,
 };
 
 use crate::db;

@@ -382,15 +382,51 @@ pub async fn migrate_up_to(
     Ok((before, last.min(LATEST)))
 }
 
-/// The statements that let `role` (a migration's) call the SQL gate, and nothing more.
+/// The statements that let `role` (a migration's) call the SQL gate and run `backfill gate`, and
+/// nothing more: read the engine's bookkeeping (the CLI gate reads a job's checkpoint as `status`
+/// does, with its ranges and runs, after checking the schema's version) and record the count its
+/// verify query just returned — two columns, so the one-argument SQL gate, which trusts the last
+/// recorded count, stays shut after a CLI gate that found rows left. No other write.
 pub fn gate_grants(schema: &str, role: &str) -> String {
     let s = crate::job::quote_ident(schema);
     let r = crate::job::quote_ident(role);
     format!(
         "GRANT USAGE ON SCHEMA {s} TO {r};
-         GRANT SELECT ON {s}.checkpoints, {s}.failures, {s}.finish_steps TO {r};
+         GRANT SELECT ON {s}.schema_version, {s}.checkpoints, {s}.failures, {s}.finish_steps, {s}.ranges, {s}.runs TO {r};
+         GRANT UPDATE (verify_remaining, verified_at) ON {s}.checkpoints TO {r};
          GRANT EXECUTE ON FUNCTION {s}.assert_done(text, text) TO {r};"
     )
+}
+
+/// What the session's role lacks of what `backfill gate` reads and writes (the grants of
+/// [`gate_grants`]), e.g. for a migration role granted by an older `init`. Empty when nothing is
+/// missing, and when the schema does not exist (the gate then finds the job never ran).
+pub async fn gate_privileges_missing(
+    client: &impl tokio_postgres::GenericClient,
+    schema: &str,
+) -> Result<Vec<String>> {
+    // By oid, never by name: a name lookup in a schema without USAGE fails instead of answering.
+    let rows = client
+        .query(
+            "WITH ns AS (SELECT oid FROM pg_namespace WHERE nspname = $1)
+             SELECT 'USAGE on schema ' || quote_ident($1) FROM ns
+              WHERE NOT has_schema_privilege(ns.oid, 'USAGE')
+             UNION ALL
+             SELECT w.priv || coalesce(' (' || w.col || ')', '') || ' on ' || quote_ident($1) || '.' || w.rel
+               FROM ns CROSS JOIN (VALUES
+                      ('schema_version'::text, 'SELECT'::text, NULL::text), ('checkpoints', 'SELECT', NULL),
+                      ('failures', 'SELECT', NULL), ('finish_steps', 'SELECT', NULL),
+                      ('ranges', 'SELECT', NULL), ('runs', 'SELECT', NULL),
+                      ('checkpoints', 'UPDATE', 'verify_remaining'), ('checkpoints', 'UPDATE', 'verified_at')
+                    ) w (rel, priv, col)
+               JOIN pg_class c ON c.relnamespace = ns.oid AND c.relname = w.rel
+              WHERE CASE WHEN w.col IS NULL THEN NOT has_table_privilege(c.oid, w.priv)
+                         ELSE NOT has_column_privilege(c.oid, w.col, w.priv) END",
+            &[&schema],
+        )
+        .await
+        .map_err(|e| db::error(e, format!("checking access to the engine's schema `{schema}`")))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 /// The statements that give `role` what a run needs, and nothing more.

@@ -14,6 +14,7 @@ mod migrators;
 mod observability;
 mod parallel;
 mod plan;
+mod privileges;
 mod resilience;
 mod revert;
 mod sweep;
