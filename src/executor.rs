@@ -98,6 +98,9 @@ const CONTROLS_EVERY: Duration = Duration::from_millis(200);
 const IDLE_POLL: Duration = Duration::from_secs(1);
 /// A range is split only when at least this many chunks are left in it.
 const SPLIT_MIN_CHUNKS: i64 = 2;
+/// Where a chunk's transaction keeps the count of rows of the job's table it had written before
+/// the statement ran (a transaction-local setting).
+const WRITTEN_BEFORE: &str = "backfill.written_before";
 /// Application sessions waiting for a lock that this session holds (other workers of the
 /// engine, e.g. waiting to extend the table, are not the application: yielding would not help).
 const BLOCKED_SQL: &str = "SELECT count(*) FROM pg_stat_activity
@@ -257,12 +260,20 @@ pub async fn run(
             // A process that hangs inside a chunk (stopped, swapping, stuck) must not keep its
             // range's row locked forever: the server ends the idle transaction once the lease
             // has expired anyway, and another run can take the range.
+            // The transaction also notes how many rows of the job's table it has written so far
+            // (nothing yet), in the same round trip: `after_statement` subtracts it.
             set_local: format!(
-                "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}; SET LOCAL idle_in_transaction_session_timeout = {}",
+                "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}; SET LOCAL idle_in_transaction_session_timeout = {}; SELECT set_config('{WRITTEN_BEFORE}', {}::text, true)",
                 db::millis(lock_timeout),
                 db::millis(statement_timeout),
-                store::LEASE_TIMEOUT.as_millis()
+                store::LEASE_TIMEOUT.as_millis(),
+                keyset.written_sql()
             ),
+            after_statement: format!(
+                "SELECT ({BLOCKED_SQL}), {} - current_setting('{WRITTEN_BEFORE}')::bigint",
+                keyset.written_sql()
+            ),
+            count_chunk: keyset.count_between_sql(),
         },
         pace: tokio::sync::Mutex::new(Pace {
             throttle: Throttle::new(
@@ -481,6 +492,11 @@ struct ChunkSql {
     undo_copy: Option<String>,
     statement: String,
     set_local: String,
+    /// After the statement: sessions blocked on the chunk's locks, and the rows of the job's
+    /// table the statement wrote.
+    after_statement: String,
+    /// The rows in the chunk's bounds now (parameters as `statement`'s).
+    count_chunk: String,
 }
 
 /// What the workers of one run share.
@@ -1271,12 +1287,21 @@ async fn run_chunk(
         .map_err(failed("running the job's statement", at))? as i64;
 
     // Application sessions queued behind this chunk's row locks: commit now (which releases
-    // them) and tell the caller, which yields by shrinking the next chunks.
-    let blocked: i64 = tx
-        .query_one(BLOCKED_SQL, &[])
+    // them) and tell the caller, which yields by shrinking the next chunks. The same round trip
+    // reads how many rows of the job's table the statement wrote (`affected` counts the rows of
+    // whatever table the statement targets).
+    let after = tx
+        .prepare_cached(&sql.after_statement)
         .await
-        .map_err(failed("looking for blocked sessions", at))?
-        .get(0);
+        .map_err(failed("looking for blocked sessions", at))?;
+    let row = tx
+        .query_one(&after, &[])
+        .await
+        .map_err(failed("looking for blocked sessions", at))?;
+    let (blocked, written): (i64, i64) = (row.get(0), row.get(1));
+    if written > keys {
+        outside_the_chunk(&tx, shared, &chunk, &args, written).await?;
+    }
     let step = store::Advance {
         previous: cursor.as_ref(),
         last: &chunk.1,
@@ -1300,6 +1325,51 @@ async fn run_chunk(
         took: started.elapsed(),
         asked: limit,
         blocked,
+    }))
+}
+
+/// A statement that wrote more rows of the job's table than the chunk holds writes outside the
+/// chunk's bounds (`id >= :start` without `:end`, a join that reaches other rows): left to go on,
+/// every chunk would rewrite rows of others, and the pass would stall on ever-larger writes. Rows
+/// inserted into the range after its keys were counted (same transaction, next statement) are
+/// legitimate, so the chunk is counted again, only in this rare case, before the run is stopped
+/// with nothing of the chunk committed.
+async fn outside_the_chunk(
+    tx: &deadpool_postgres::Transaction<'_>,
+    shared: &Shared<'_>,
+    chunk: &(KeyValue, KeyValue, i64),
+    args: &[&(dyn ToSql + Sync)],
+    written: i64,
+) -> Result<(), ChunkError> {
+    let at = Some(chunk);
+    let now: i64 = tx
+        .query_one(&shared.sql.count_chunk, args)
+        .await
+        .map_err(failed("counting the chunk's rows", at))?
+        .get(0);
+    let keys = chunk.2;
+    if written <= now {
+        return Ok(());
+    }
+    let (job, table) = (&shared.job.name, &shared.job.table);
+    let key = match shared.job.key.as_slice() {
+        [one] => one.clone(),
+        many => format!("({})", many.join(", ")),
+    };
+    let held = if shared.keyset.is_ctid() {
+        format!("the chunk's pages held {keys} rows")
+    } else {
+        format!("the chunk holds {keys} keys")
+    };
+    Err(ChunkError::Failed(Failure {
+        class: ErrorClass::Fatal,
+        sqlstate: None,
+        text: format!(
+            "the statement wrote {written} rows of {table}, but {held} ({now} rows are in its bounds now): it writes rows outside :start..:end, so every chunk would rewrite rows of other chunks. Restrict every row it changes to the chunk, e.g. `WHERE {key} BETWEEN :start AND :end` (`backfill plan {job}` shows what a chunk writes); a trigger on {table} that writes other rows of it has the same effect"
+        ),
+        stage: "checking which rows the statement wrote",
+        range: Some((chunk.0.clone(), chunk.1.clone())),
+        keys: Some(keys),
     }))
 }
 
