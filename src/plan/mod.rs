@@ -44,7 +44,7 @@ pub struct Finding {
     pub severity: Severity,
     /// Stable identifier for scripts: `full_scan`, `writes_indexed_column`, `not_idempotent`,
     /// `row_triggers`, `foreign_keys`, `long_transaction`, `unthrottled_large_table`,
-    /// `statement_fails`, `planner_prefers_full_scan`.
+    /// `statement_fails`, `planner_prefers_full_scan`, `writes_outside_chunk`, `no_guard`.
     pub code: &'static str,
     pub message: String,
     pub fix: String,
