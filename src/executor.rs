@@ -116,7 +116,11 @@ pub enum Outcome {
     /// Nothing to do: the job was already done.
     AlreadyDone,
     /// Every key was processed (and swept) but `verify` still counts rows to do.
-    Incomplete { verify_remaining: i64, why: String },
+    Incomplete {
+        verify_remaining: i64,
+        why: String,
+        not_swept: NotSwept,
+    },
     /// Stopped by a signal; the next run resumes from the cursor.
     Stopped,
     /// Stopped by `backfill cancel`; the next run resumes from the cursor.
@@ -302,7 +306,7 @@ pub async fn run(
     // The main pass, then — while `verify` still counts rows (written behind the cursor by code
     // that does not fill the new column yet) — sweep passes over every key, up to max_sweeps.
     let mut tally = Tally::default();
-    let mut verified: Option<Result<(), (i64, String)>> = None;
+    let mut verified: Option<Result<(), (i64, String, NotSwept)>> = None;
     let result = loop {
         let pass = shared.walk_all(chunk_rows as i64, &mut tally).await;
         if !matches!(pass, Ok(LoopEnd::Finished)) || job.verify.is_none() {
@@ -311,7 +315,11 @@ pub async fn run(
         match shared.verify_and_sweep().await {
             Ok(AfterPass::Sweep) => continue,
             Ok(AfterPass::Verified) => verified = Some(Ok(())),
-            Ok(AfterPass::Incomplete { remaining, why }) => verified = Some(Err((remaining, why))),
+            Ok(AfterPass::Incomplete {
+                remaining,
+                why,
+                not_swept,
+            }) => verified = Some(Err((remaining, why, not_swept))),
             Err(e) => break Err(e),
         }
         break pass;
@@ -334,7 +342,7 @@ pub async fn run(
         Ok(LoopEnd::Cancelled) => ("cancelled", None, None, Ok(Outcome::Cancelled)),
         Ok(LoopEnd::Stopped) => ("stopped", None, None, Ok(Outcome::Stopped)),
         Ok(LoopEnd::Finished) => match verified {
-            Some(Err((n, why))) => (
+            Some(Err((n, why, not_swept))) => (
                 "incomplete",
                 Some(format!(
                     "every key up to the bound was processed, but {why}"
@@ -343,6 +351,7 @@ pub async fn run(
                 Ok(Outcome::Incomplete {
                     verify_remaining: n,
                     why,
+                    not_swept,
                 }),
             ),
             Some(Ok(())) => (
@@ -555,19 +564,25 @@ impl Shared<'_> {
         if n == 0 {
             return Ok(AfterPass::Verified);
         }
-        let incomplete = |why: String| {
+        let incomplete = |why: String, not_swept| {
             self.progress.log(&format!("{name}: {why}"));
-            Ok(AfterPass::Incomplete { remaining: n, why })
+            Ok(AfterPass::Incomplete {
+                remaining: n,
+                why,
+                not_swept,
+            })
         };
         if job.max_sweeps == 0 {
-            return incomplete(format!(
-                "verify counts {n} rows still to do; not swept (max_sweeps = 0)"
-            ));
+            return incomplete(
+                format!("verify counts {n} rows still to do; not swept (max_sweeps = 0)"),
+                NotSwept::Disabled,
+            );
         }
         if let Some(why) = self.unsafe_to_sweep().await? {
-            return incomplete(format!(
-                "verify counts {n} rows still to do; not swept: {why}"
-            ));
+            return incomplete(
+                format!("verify counts {n} rows still to do; not swept: {why}"),
+                NotSwept::Unsafe,
+            );
         }
         let sweep = store
             .start_sweep(&mut client, job, seen, &self.keyset.last_key_sql())
@@ -586,38 +601,21 @@ impl Shared<'_> {
                 ));
                 Ok(AfterPass::Verified)
             }
-            Sweep::Exhausted { passes } => incomplete(format!(
-                "verify still counts {n} rows to do after {passes} sweeps (max_sweeps = {})",
-                job.max_sweeps
-            )),
+            Sweep::Exhausted { passes } => incomplete(
+                format!(
+                    "verify still counts {n} rows to do after {passes} sweeps (max_sweeps = {})",
+                    job.max_sweeps
+                ),
+                NotSwept::Exhausted,
+            ),
         }
     }
 
-    /// Why applying the statement again to keys already done would be wrong, if it would. A
-    /// sweep is for statements with a guard: the plan's probe runs the statement twice on the
-    /// table's first chunk (rolled back), and the second execution must affect no row at all —
-    /// a statement without a guard would overwrite what the application wrote since.
+    /// Why applying the statement again to keys already done would be wrong, if it would (see
+    /// `plan::unsafe_to_sweep`).
     async fn unsafe_to_sweep(&self) -> Result<Option<String>> {
         let plan = crate::plan::probe_first_chunk(self.target, self.job).await?;
-        if let Some(f) = plan
-            .findings
-            .iter()
-            .find(|f| f.code == "not_idempotent" || f.code == "statement_fails")
-        {
-            return Ok(Some(format!(
-                "a sweep applies the statement again to every key, and {} — {}",
-                f.message, f.fix
-            )));
-        }
-        Ok(match plan.estimates.rows_reapplied {
-            Some(0) => None,
-            Some(n) => Some(format!(
-                "a sweep applies the statement again to every key, and applied again to the first chunk it wrote {n} rows once more: without a guard (e.g. `AND status IS NULL`) a sweep would overwrite what the application wrote since the pass; add a guard, or fix the rows by hand"
-            )),
-            None => Some(
-                "whether the statement is safe to apply twice could not be checked (no first chunk to probe)".into(),
-            ),
-        })
+        Ok(crate::plan::unsafe_to_sweep(&plan))
     }
 }
 
@@ -628,7 +626,24 @@ enum AfterPass {
     /// A sweep pass is ready to walk.
     Sweep,
     /// Rows remain and no (further) sweep will run.
-    Incomplete { remaining: i64, why: String },
+    Incomplete {
+        remaining: i64,
+        why: String,
+        not_swept: NotSwept,
+    },
+}
+
+/// Why rows that verify still counts were not swept: what will help differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotSwept {
+    /// `max_sweeps = 0`: raising it (not part of the job's fingerprint) lets a run sweep.
+    Disabled,
+    /// The statement is not safe to apply again to keys already done (no guard, not idempotent,
+    /// fails, or could not be checked): every new run refuses to sweep too, until it is.
+    Unsafe,
+    /// `max_sweeps` passes ran and verify still counts rows: a new run sweeps again.
+    Exhausted,
 }
 
 /// The run's pace, shared by its workers: throttle, controls, and what `status` was told.

@@ -221,6 +221,7 @@ async fn first_chunk(
         end,
         keys,
         resumes: cursor.is_some(),
+        sweep: false,
     }))
 }
 
