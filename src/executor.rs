@@ -27,6 +27,10 @@
 //!   in one transaction;
 //! - anything else (read-only server, permission denied, table dropped, disk full): stop with the
 //!   reason; progress is kept. The run's other workers stop after their chunk in flight.
+//!
+//! A statement that wrote more rows of the job's table than its chunk holds (it ignores `:end`,
+//! or reaches other rows by a join or a trigger) stops the run the same way, before the chunk
+//! commits: left to go on, every chunk would rewrite other chunks' rows.
 
 use crate::db::{self, ErrorClass, Target};
 use crate::error::{Error, Result};
