@@ -44,7 +44,8 @@ pub struct Finding {
     pub severity: Severity,
     /// Stable identifier for scripts: `full_scan`, `writes_indexed_column`, `not_idempotent`,
     /// `row_triggers`, `foreign_keys`, `long_transaction`, `unthrottled_large_table`,
-    /// `statement_fails`, `planner_prefers_full_scan`, `writes_outside_chunk`, `no_guard`.
+    /// `statement_fails`, `planner_prefers_full_scan`, `writes_outside_chunk`, `no_guard`,
+    /// `changed_definition`, `not_ready`, `contract_applied`.
     pub code: &'static str,
     pub message: String,
     pub fix: String,
@@ -132,6 +133,23 @@ pub async fn plan(
     let mut plan = rolled_back(&mut client, job, from, opts).await?;
     if let Some(c) = plan.first_chunk.as_mut() {
         c.sweep = sweeps_next;
+    }
+    if let Some(c) = checkpoint
+        .as_ref()
+        .filter(|c| c.fingerprint != job.fingerprint && (c.rows_done > 0 || c.bound_taken))
+    {
+        plan.findings.push(Finding {
+            severity: Severity::Warning,
+            code: "changed_definition",
+            message: format!(
+                "the job's definition changed since progress was saved ({} rows done; fingerprint {} now, {} in the checkpoint): a run refuses it (exit 2) unless told to accept it",
+                c.rows_done, job.fingerprint, c.fingerprint
+            ),
+            fix: format!(
+                "if the change is only a guard (or is otherwise safe for the keys left), `backfill run {} --allow-changed-definition`; else `backfill reset {} --yes` and start over",
+                job.name, job.name
+            ),
+        });
     }
     no_guard(job, &mut plan);
     phases(&client, job, &mut plan).await;

@@ -197,7 +197,12 @@ fn a_statement_without_a_guard_is_not_swept() {
     db.write_job("j", &job.replace(":end\"", ":end AND status IS NULL\""));
     let out = db.run(&["plan", "j"]);
     assert!(
-        !out.stdout.contains("no_guard") && out.stdout.contains("up to 3 sweeps"),
+        !out.stdout.contains("no_guard")
+            && out.stdout.contains("up to 3 sweeps")
+            && out.stdout.contains("warning [changed_definition]")
+            && out
+                .stdout
+                .contains("backfill run j --allow-changed-definition"),
         "{out:?}"
     );
     let out = db.run(&["run", "j"]);
