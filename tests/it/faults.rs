@@ -421,4 +421,16 @@ fn a_statement_that_writes_outside_its_chunk_stops_the_run() {
     );
     db.run(&["run", "fanout"]).expect(0);
     assert_eq!(db.i64("SELECT count(*) FROM audit"), 6000);
+
+    // Rows written inside the chunk's bounds are the chunk's, however many: filling the gaps
+    // between its keys writes 9 rows per key, all in range (the gaps between chunks stay).
+    db.exec("CREATE TABLE g (id bigint PRIMARY KEY); INSERT INTO g SELECT 10 * x FROM generate_series(1, 1000) x;");
+    db.write_job(
+        "gaps",
+        "table = \"g\"\nkey = [\"id\"]\nchunk_rows = 100\n\
+         sql = \"INSERT INTO g SELECT x FROM generate_series(:start, :end) x ON CONFLICT DO NOTHING\"\n\
+         throttle = { target_chunk_time = \"0s\" }\n",
+    );
+    db.run(&["run", "gaps"]).expect(0);
+    assert_eq!(db.i64("SELECT count(*) FROM g"), 10_000 - 9 - 9 * 9);
 }

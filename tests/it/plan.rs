@@ -270,4 +270,16 @@ fn a_statement_that_ignores_end_is_an_error() {
         !codes(&plan).contains(&"writes_outside_chunk".to_string()),
         "{plan:#}"
     );
+    // Nor is writing more rows than keys inside the chunk's bounds (filling gaps of the key).
+    db.exec("CREATE TABLE g (id bigint PRIMARY KEY); INSERT INTO g SELECT 10 * x FROM generate_series(1, 1000) x;");
+    db.write_job(
+        "gaps",
+        "table = \"g\"\nkey = [\"id\"]\nchunk_rows = 100\n\
+         sql = \"INSERT INTO g SELECT x FROM generate_series(:start, :end) x ON CONFLICT DO NOTHING\"\n",
+    );
+    let (_, plan) = plan_json(&db, "gaps", &[]);
+    assert!(
+        !codes(&plan).contains(&"writes_outside_chunk".to_string()),
+        "{plan:#}"
+    );
 }
