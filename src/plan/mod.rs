@@ -247,7 +247,8 @@ fn no_guard(job: &JobSpec, plan: &mut Plan) {
 
 /// The job's phases as lines, and a finding when it may not run yet or its contract step ran.
 async fn phases(client: &tokio_postgres::Client, job: &JobSpec, plan: &mut Plan) {
-    let sweep_blocked = unsafe_to_sweep(plan).is_some();
+    // Without a chunk to probe (nothing left to do) the plan cannot tell; the run checks anyway.
+    let sweep_blocked = plan.first_chunk.is_some() && unsafe_to_sweep(plan).is_some();
     let lines = &mut plan.phases;
     if let Some(q) = &job.requires_sql {
         let q = q.split_whitespace().collect::<Vec<_>>().join(" ");
