@@ -27,6 +27,10 @@
 //!   in one transaction;
 //! - anything else (read-only server, permission denied, table dropped, disk full): stop with the
 //!   reason; progress is kept. The run's other workers stop after their chunk in flight.
+//!
+//! A statement that wrote more rows of the job's table than its chunk holds (it ignores `:end`,
+//! or reaches other rows by a join or a trigger) stops the run the same way, before the chunk
+//! commits: left to go on, every chunk would rewrite other chunks' rows.
 
 use crate::db::{self, ErrorClass, Target};
 use crate::error::{Error, Result};
@@ -98,6 +102,9 @@ const CONTROLS_EVERY: Duration = Duration::from_millis(200);
 const IDLE_POLL: Duration = Duration::from_secs(1);
 /// A range is split only when at least this many chunks are left in it.
 const SPLIT_MIN_CHUNKS: i64 = 2;
+/// Where a chunk's transaction keeps the count of rows of the job's table it had written before
+/// the statement ran (a transaction-local setting).
+const WRITTEN_BEFORE: &str = "backfill.written_before";
 /// Application sessions waiting for a lock that this session holds (other workers of the
 /// engine, e.g. waiting to extend the table, are not the application: yielding would not help).
 const BLOCKED_SQL: &str = "SELECT count(*) FROM pg_stat_activity
@@ -113,7 +120,11 @@ pub enum Outcome {
     /// Nothing to do: the job was already done.
     AlreadyDone,
     /// Every key was processed (and swept) but `verify` still counts rows to do.
-    Incomplete { verify_remaining: i64, why: String },
+    Incomplete {
+        verify_remaining: i64,
+        why: String,
+        not_swept: NotSwept,
+    },
     /// Stopped by a signal; the next run resumes from the cursor.
     Stopped,
     /// Stopped by `backfill cancel`; the next run resumes from the cursor.
@@ -257,12 +268,20 @@ pub async fn run(
             // A process that hangs inside a chunk (stopped, swapping, stuck) must not keep its
             // range's row locked forever: the server ends the idle transaction once the lease
             // has expired anyway, and another run can take the range.
+            // The transaction also notes how many rows of the job's table it has written so far
+            // (nothing yet), in the same round trip: `after_statement` subtracts it.
             set_local: format!(
-                "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}; SET LOCAL idle_in_transaction_session_timeout = {}",
+                "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}; SET LOCAL idle_in_transaction_session_timeout = {}; SELECT set_config('{WRITTEN_BEFORE}', {}::text, true)",
                 db::millis(lock_timeout),
                 db::millis(statement_timeout),
-                store::LEASE_TIMEOUT.as_millis()
+                store::LEASE_TIMEOUT.as_millis(),
+                keyset.written_sql()
             ),
+            after_statement: format!(
+                "SELECT ({BLOCKED_SQL}), {} - current_setting('{WRITTEN_BEFORE}')::bigint",
+                keyset.written_sql()
+            ),
+            count_chunk: keyset.count_between_sql(),
         },
         pace: tokio::sync::Mutex::new(Pace {
             throttle: Throttle::new(
@@ -291,7 +310,7 @@ pub async fn run(
     // The main pass, then — while `verify` still counts rows (written behind the cursor by code
     // that does not fill the new column yet) — sweep passes over every key, up to max_sweeps.
     let mut tally = Tally::default();
-    let mut verified: Option<Result<(), (i64, String)>> = None;
+    let mut verified: Option<Result<(), (i64, String, NotSwept)>> = None;
     let result = loop {
         let pass = shared.walk_all(chunk_rows as i64, &mut tally).await;
         if !matches!(pass, Ok(LoopEnd::Finished)) || job.verify.is_none() {
@@ -300,7 +319,11 @@ pub async fn run(
         match shared.verify_and_sweep().await {
             Ok(AfterPass::Sweep) => continue,
             Ok(AfterPass::Verified) => verified = Some(Ok(())),
-            Ok(AfterPass::Incomplete { remaining, why }) => verified = Some(Err((remaining, why))),
+            Ok(AfterPass::Incomplete {
+                remaining,
+                why,
+                not_swept,
+            }) => verified = Some(Err((remaining, why, not_swept))),
             Err(e) => break Err(e),
         }
         break pass;
@@ -323,7 +346,7 @@ pub async fn run(
         Ok(LoopEnd::Cancelled) => ("cancelled", None, None, Ok(Outcome::Cancelled)),
         Ok(LoopEnd::Stopped) => ("stopped", None, None, Ok(Outcome::Stopped)),
         Ok(LoopEnd::Finished) => match verified {
-            Some(Err((n, why))) => (
+            Some(Err((n, why, not_swept))) => (
                 "incomplete",
                 Some(format!(
                     "every key up to the bound was processed, but {why}"
@@ -332,6 +355,7 @@ pub async fn run(
                 Ok(Outcome::Incomplete {
                     verify_remaining: n,
                     why,
+                    not_swept,
                 }),
             ),
             Some(Ok(())) => (
@@ -481,6 +505,11 @@ struct ChunkSql {
     undo_copy: Option<String>,
     statement: String,
     set_local: String,
+    /// After the statement: sessions blocked on the chunk's locks, and the rows of the job's
+    /// table the statement wrote.
+    after_statement: String,
+    /// The rows in the chunk's bounds now (parameters as `statement`'s).
+    count_chunk: String,
 }
 
 /// What the workers of one run share.
@@ -539,19 +568,25 @@ impl Shared<'_> {
         if n == 0 {
             return Ok(AfterPass::Verified);
         }
-        let incomplete = |why: String| {
+        let incomplete = |why: String, not_swept| {
             self.progress.log(&format!("{name}: {why}"));
-            Ok(AfterPass::Incomplete { remaining: n, why })
+            Ok(AfterPass::Incomplete {
+                remaining: n,
+                why,
+                not_swept,
+            })
         };
         if job.max_sweeps == 0 {
-            return incomplete(format!(
-                "verify counts {n} rows still to do; not swept (max_sweeps = 0)"
-            ));
+            return incomplete(
+                format!("verify counts {n} rows still to do; not swept (max_sweeps = 0)"),
+                NotSwept::Disabled,
+            );
         }
         if let Some(why) = self.unsafe_to_sweep().await? {
-            return incomplete(format!(
-                "verify counts {n} rows still to do; not swept: {why}"
-            ));
+            return incomplete(
+                format!("verify counts {n} rows still to do; not swept: {why}"),
+                NotSwept::Unsafe,
+            );
         }
         let sweep = store
             .start_sweep(&mut client, job, seen, &self.keyset.last_key_sql())
@@ -570,38 +605,21 @@ impl Shared<'_> {
                 ));
                 Ok(AfterPass::Verified)
             }
-            Sweep::Exhausted { passes } => incomplete(format!(
-                "verify still counts {n} rows to do after {passes} sweeps (max_sweeps = {})",
-                job.max_sweeps
-            )),
+            Sweep::Exhausted { passes } => incomplete(
+                format!(
+                    "verify still counts {n} rows to do after {passes} sweeps (max_sweeps = {})",
+                    job.max_sweeps
+                ),
+                NotSwept::Exhausted,
+            ),
         }
     }
 
-    /// Why applying the statement again to keys already done would be wrong, if it would. A
-    /// sweep is for statements with a guard: the plan's probe runs the statement twice on the
-    /// table's first chunk (rolled back), and the second execution must affect no row at all —
-    /// a statement without a guard would overwrite what the application wrote since.
+    /// Why applying the statement again to keys already done would be wrong, if it would (see
+    /// `plan::unsafe_to_sweep`).
     async fn unsafe_to_sweep(&self) -> Result<Option<String>> {
         let plan = crate::plan::probe_first_chunk(self.target, self.job).await?;
-        if let Some(f) = plan
-            .findings
-            .iter()
-            .find(|f| f.code == "not_idempotent" || f.code == "statement_fails")
-        {
-            return Ok(Some(format!(
-                "a sweep applies the statement again to every key, and {} — {}",
-                f.message, f.fix
-            )));
-        }
-        Ok(match plan.estimates.rows_reapplied {
-            Some(0) => None,
-            Some(n) => Some(format!(
-                "a sweep applies the statement again to every key, and applied again to the first chunk it wrote {n} rows once more: without a guard (e.g. `AND status IS NULL`) a sweep would overwrite what the application wrote since the pass; add a guard, or fix the rows by hand"
-            )),
-            None => Some(
-                "whether the statement is safe to apply twice could not be checked (no first chunk to probe)".into(),
-            ),
-        })
+        Ok(crate::plan::unsafe_to_sweep(&plan))
     }
 }
 
@@ -612,7 +630,24 @@ enum AfterPass {
     /// A sweep pass is ready to walk.
     Sweep,
     /// Rows remain and no (further) sweep will run.
-    Incomplete { remaining: i64, why: String },
+    Incomplete {
+        remaining: i64,
+        why: String,
+        not_swept: NotSwept,
+    },
+}
+
+/// Why rows that verify still counts were not swept: what will help differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotSwept {
+    /// `max_sweeps = 0`: raising it (not part of the job's fingerprint) lets a run sweep.
+    Disabled,
+    /// The statement is not safe to apply again to keys already done (no guard, not idempotent,
+    /// fails, or could not be checked): every new run refuses to sweep too, until it is.
+    Unsafe,
+    /// `max_sweeps` passes ran and verify still counts rows: a new run sweeps again.
+    Exhausted,
 }
 
 /// The run's pace, shared by its workers: throttle, controls, and what `status` was told.
@@ -1288,12 +1323,21 @@ async fn run_chunk(
         .map_err(failed("running the job's statement", at))? as i64;
 
     // Application sessions queued behind this chunk's row locks: commit now (which releases
-    // them) and tell the caller, which yields by shrinking the next chunks.
-    let blocked: i64 = tx
-        .query_one(BLOCKED_SQL, &[])
+    // them) and tell the caller, which yields by shrinking the next chunks. The same round trip
+    // reads how many rows of the job's table the statement wrote (`affected` counts the rows of
+    // whatever table the statement targets).
+    let after = tx
+        .prepare_cached(&sql.after_statement)
         .await
-        .map_err(failed("looking for blocked sessions", at))?
-        .get(0);
+        .map_err(failed("looking for blocked sessions", at))?;
+    let row = tx
+        .query_one(&after, &[])
+        .await
+        .map_err(failed("looking for blocked sessions", at))?;
+    let (blocked, written): (i64, i64) = (row.get(0), row.get(1));
+    if written > keys {
+        outside_the_chunk(&tx, shared, &chunk, &args, written).await?;
+    }
     let step = store::Advance {
         previous: cursor.as_ref(),
         last: &chunk.1,
@@ -1317,6 +1361,51 @@ async fn run_chunk(
         took: started.elapsed(),
         asked: limit,
         blocked,
+    }))
+}
+
+/// A statement that wrote more rows of the job's table than the chunk holds writes outside the
+/// chunk's bounds (`id >= :start` without `:end`, a join that reaches other rows): left to go on,
+/// every chunk would rewrite rows of others, and the pass would stall on ever-larger writes. Rows
+/// inserted into the range after its keys were counted (same transaction, next statement) are
+/// legitimate, so the chunk is counted again, only in this rare case, before the run is stopped
+/// with nothing of the chunk committed.
+async fn outside_the_chunk(
+    tx: &deadpool_postgres::Transaction<'_>,
+    shared: &Shared<'_>,
+    chunk: &(KeyValue, KeyValue, i64),
+    args: &[&(dyn ToSql + Sync)],
+    written: i64,
+) -> Result<(), ChunkError> {
+    let at = Some(chunk);
+    let now: i64 = tx
+        .query_one(&shared.sql.count_chunk, args)
+        .await
+        .map_err(failed("counting the chunk's rows", at))?
+        .get(0);
+    let keys = chunk.2;
+    if written <= now {
+        return Ok(());
+    }
+    let (job, table) = (&shared.job.name, &shared.job.table);
+    let key = match shared.job.key.as_slice() {
+        [one] => one.clone(),
+        many => format!("({})", many.join(", ")),
+    };
+    let held = if shared.keyset.is_ctid() {
+        format!("the chunk's pages held {keys} rows")
+    } else {
+        format!("the chunk holds {keys} keys")
+    };
+    Err(ChunkError::Failed(Failure {
+        class: ErrorClass::Fatal,
+        sqlstate: None,
+        text: format!(
+            "the statement wrote {written} rows of {table}, but {held} ({now} rows are in its bounds now): it writes rows outside :start..:end, so every chunk would rewrite rows of other chunks. Restrict every row it changes to the chunk, e.g. `WHERE {key} BETWEEN :start AND :end` (`backfill plan {job}` shows what a chunk writes); a trigger on {table} that writes other rows of it has the same effect"
+        ),
+        stage: "checking which rows the statement wrote",
+        range: Some((chunk.0.clone(), chunk.1.clone())),
+        keys: Some(keys),
     }))
 }
 

@@ -624,6 +624,35 @@ impl Keyset {
         )
     }
 
+    /// Query counting the rows of a key range now (for the page walk, the live rows of its
+    /// pages). Parameters: first key…, last key….
+    pub fn count_between_sql(&self) -> String {
+        let n = self.columns.len();
+        format!(
+            "SELECT count(*) FROM {table} WHERE {row} >= {lo} AND {row} <= {hi}",
+            table = self.table.quoted(),
+            row = self.row(),
+            lo = self.bind_expr(1),
+            hi = self.bind_expr(n + 1),
+        )
+    }
+
+    /// A bigint expression: the rows of the table (and of its partitions) that the current
+    /// transaction has inserted, updated or deleted so far. Read before and after a statement,
+    /// the difference is what the statement (and the triggers it fired) wrote to the table,
+    /// whatever table the statement itself targets. Only a difference inside one transaction
+    /// means anything: PostgreSQL 15 keeps adding earlier transactions' counts until the
+    /// session's statistics are flushed.
+    pub fn written_sql(&self) -> String {
+        format!(
+            "(SELECT coalesce(sum(pg_stat_get_xact_tuples_inserted(relid) + pg_stat_get_xact_tuples_updated(relid)
+                                 + pg_stat_get_xact_tuples_deleted(relid)), 0)
+                FROM (SELECT '{t}'::regclass AS relid
+                       UNION SELECT relid FROM pg_partition_tree('{t}'::regclass)) r)::bigint",
+            t = self.table.quoted().replace('\'', "''")
+        )
+    }
+
     /// Query returning the greatest key now in the table (as a text array), or no row. For the
     /// page walk: the last page.
     pub fn last_key_sql(&self) -> String {

@@ -5,7 +5,7 @@
 use crate::cli::RunArgs;
 use crate::db::Target;
 use crate::error::{exit, Error, Result};
-use crate::executor::{self, Outcome, RunOptions};
+use crate::executor::{self, NotSwept, Outcome, RunOptions};
 use crate::job::{self, JobSpec};
 use crate::keyset::show_key;
 use crate::signals::Shutdown;
@@ -151,9 +151,23 @@ pub(super) async fn run(
         Outcome::Incomplete {
             verify_remaining,
             why,
-        } => Err(Error::Runtime(format!(
-            "job {name}: every key up to the bound was processed ({summary}), but {why}. {verify_remaining} rows are still to do — probably written behind the cursor by code that does not fill the new column yet; fix the writers, then `backfill run {name}` again: it sweeps again"
-        ))),
+            not_swept,
+        } => {
+            // What will actually help: a new run sweeps again only after exhausted sweeps.
+            let next = match not_swept {
+                NotSwept::Exhausted => format!("fix the writers, then `backfill run {name}` again: it sweeps again"),
+                NotSwept::Disabled => format!(
+                    "fix the writers, then set max_sweeps (e.g. 3) in {} and `backfill run {name}` again: it sweeps (max_sweeps is not part of the job's fingerprint); or fill the rows yourself and run again (verify returning 0 completes the job)",
+                    job.path.display()
+                ),
+                NotSwept::Unsafe => format!(
+                    "running again as it is would refuse to sweep again. Make the statement safe to apply twice: add a guard that skips rows already done, e.g. `AND new_col IS NULL` (`backfill plan {name}` reports `no_guard` until it has one), then `backfill run {name} --allow-changed-definition` — every key is done, so the new statement only drives the sweep, which checks the guard first; or fill the rows yourself and run again (verify returning 0 completes the job)"
+                ),
+            };
+            Err(Error::Runtime(format!(
+                "job {name}: every key up to the bound was processed ({summary}), but {why}. {verify_remaining} rows are still to do — probably written behind the cursor by code that does not fill the new column yet; {next}"
+            )))
+        }
         Outcome::Cancelled => Err(Error::Interrupted(format!(
             "{name}: cancelled by `backfill cancel`: {summary}; progress is saved — `backfill run {name}` {resume}"
         ))),

@@ -44,7 +44,8 @@ pub struct Finding {
     pub severity: Severity,
     /// Stable identifier for scripts: `full_scan`, `writes_indexed_column`, `not_idempotent`,
     /// `row_triggers`, `foreign_keys`, `long_transaction`, `unthrottled_large_table`,
-    /// `statement_fails`, `planner_prefers_full_scan`, `sessions_hidden`.
+    /// `statement_fails`, `planner_prefers_full_scan`, `writes_outside_chunk`, `no_guard`,
+    /// `changed_definition`, `not_ready`, `contract_applied`, `sessions_hidden`.
     pub code: &'static str,
     pub message: String,
     pub fix: String,
@@ -59,6 +60,9 @@ pub struct FirstChunk {
     pub sql: String,
     /// True when the run would resume after a saved cursor rather than start at the first key.
     pub resumes: bool,
+    /// True when every key was processed and the job ended incomplete: the next run verifies,
+    /// then sweeps from this chunk.
+    pub sweep: bool,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -116,7 +120,38 @@ pub async fn plan(
 ) -> Result<Plan> {
     let mut client = target.connect().await?;
     let checkpoint = store.load(&client, &job.name).await?;
-    let mut plan = rolled_back(&mut client, job, checkpoint.as_ref(), opts).await?;
+    // A pass that ended incomplete has no next chunk: the next run sweeps from the first key,
+    // so that is the chunk to probe (whether the statement may be applied again is the question).
+    let sweeps_next = checkpoint
+        .as_ref()
+        .is_some_and(|c| c.state == "incomplete" && c.ranges.iter().all(|r| r.done));
+    let from = if sweeps_next {
+        None
+    } else {
+        checkpoint.as_ref()
+    };
+    let mut plan = rolled_back(&mut client, job, from, opts).await?;
+    if let Some(c) = plan.first_chunk.as_mut() {
+        c.sweep = sweeps_next;
+    }
+    if let Some(c) = checkpoint
+        .as_ref()
+        .filter(|c| c.fingerprint != job.fingerprint && (c.rows_done > 0 || c.bound_taken))
+    {
+        plan.findings.push(Finding {
+            severity: Severity::Warning,
+            code: "changed_definition",
+            message: format!(
+                "the job's definition changed since progress was saved ({} rows done; fingerprint {} now, {} in the checkpoint): a run refuses it (exit 2) unless told to accept it",
+                c.rows_done, job.fingerprint, c.fingerprint
+            ),
+            fix: format!(
+                "if the change is only a guard (or is otherwise safe for the keys left), `backfill run {} --allow-changed-definition`; else `backfill reset {} --yes` and start over",
+                job.name, job.name
+            ),
+        });
+    }
+    no_guard(job, &mut plan);
     phases(&client, job, &mut plan).await;
     Ok(plan)
 }
@@ -156,8 +191,64 @@ async fn rolled_back(
     })
 }
 
+/// Why applying the job's statement again to keys already done would be wrong, if it would — so
+/// that a sweep (which walks every key again) must not run. A sweep is for statements with a
+/// guard: the probe runs the statement twice on one chunk (rolled back), and the second
+/// execution must affect no row at all — a statement without a guard would overwrite what the
+/// application wrote since the pass.
+pub fn unsafe_to_sweep(plan: &Plan) -> Option<String> {
+    if let Some(f) = plan
+        .findings
+        .iter()
+        .find(|f| f.code == "not_idempotent" || f.code == "statement_fails")
+    {
+        return Some(format!(
+            "a sweep applies the statement again to every key, and {} — {}",
+            f.message, f.fix
+        ));
+    }
+    match plan.estimates.rows_reapplied {
+        Some(0) => None,
+        Some(n) => Some(format!(
+            "a sweep applies the statement again to every key, and applied again to the first chunk it wrote {n} rows once more: without a guard (e.g. `AND status IS NULL`) a sweep would overwrite what the application wrote since the pass; add a guard, or fix the rows by hand"
+        )),
+        None => Some(
+            "whether the statement is safe to apply twice could not be checked (no first chunk to probe)".into(),
+        ),
+    }
+}
+
+/// A statement without a guard makes `max_sweeps` void: said before the run, not after it.
+fn no_guard(job: &JobSpec, plan: &mut Plan) {
+    if job.verify.is_none() || job.max_sweeps == 0 {
+        return;
+    }
+    let Some(n) = plan.estimates.rows_reapplied.filter(|n| *n > 0) else {
+        return;
+    };
+    // A statement that changes rows again, or fails again, is reported as that already.
+    if plan
+        .findings
+        .iter()
+        .any(|f| f.code == "not_idempotent" || f.code == "statement_fails")
+    {
+        return;
+    }
+    plan.findings.push(Finding {
+        severity: Severity::Warning,
+        code: "no_guard",
+        message: format!(
+            "executed again on the first chunk, the statement wrote its {n} rows again: it has no guard that skips rows already done, so no run will sweep (max_sweeps = {} has no effect). Rows that code not yet filling the new column writes behind the cursor stay undone, and the run ends incomplete (exit 1) while verify counts them",
+            job.max_sweeps
+        ),
+        fix: "add a guard, so that applying the statement again changes nothing: e.g. `AND new_col IS NULL` (or `IS DISTINCT FROM` the new value)".into(),
+    });
+}
+
 /// The job's phases as lines, and a finding when it may not run yet or its contract step ran.
 async fn phases(client: &tokio_postgres::Client, job: &JobSpec, plan: &mut Plan) {
+    // Without a chunk to probe (nothing left to do) the plan cannot tell; the run checks anyway.
+    let sweep_blocked = plan.first_chunk.is_some() && unsafe_to_sweep(plan).is_some();
     let lines = &mut plan.phases;
     if let Some(q) = &job.requires_sql {
         let q = q.split_whitespace().collect::<Vec<_>>().join(" ");
@@ -217,6 +308,10 @@ async fn phases(client: &tokio_postgres::Client, job: &JobSpec, plan: &mut Plan)
         });
     }
     lines.push(match job.verify {
+        Some(_) if job.max_sweeps == 0 => "verify; no sweep (max_sweeps = 0)".into(),
+        Some(_) if sweep_blocked => {
+            "verify; no sweep: the statement is not safe to apply again (see findings)".into()
+        }
         Some(_) => format!(
             "verify, then up to {} sweeps while rows remain",
             job.max_sweeps

@@ -78,6 +78,11 @@ pub(super) async fn run(
             .await?;
         }
     }
+    // A statement that writes outside its chunk is often planned as a full scan (it does read
+    // the rest of the table); ANALYZE would not help, so only the real cause is reported.
+    if findings.iter().any(|f| f.code == "writes_outside_chunk") {
+        findings.retain(|f| f.code != "planner_prefers_full_scan");
+    }
     long_transactions(tx, job, opts, &mut findings).await?;
     if estimates.table_rows.unwrap_or(0) >= LARGE_TABLE_ROWS && !super::has_brakes(job) {
         findings.push(Finding {
@@ -215,6 +220,7 @@ async fn first_chunk(
         end,
         keys,
         resumes: cursor.is_some(),
+        sweep: false,
     }))
 }
 
@@ -388,7 +394,17 @@ async fn probe_statement(
             .await
             .map(|r| r.map(|n| (n, t.elapsed())))
     };
+    // Rows of the job's table the transaction has written so far (the statement may target
+    // another table, or reach rows outside the chunk through a join or a trigger).
+    let written_sql = format!("SELECT {}", keyset.written_sql());
+    let table_rows_written = || async {
+        tx.query_one(&written_sql, &[])
+            .await
+            .map(|r| r.get::<_, i64>(0))
+            .map_err(|e| db::error(e, format!("job {name}: reading what the statement wrote")))
+    };
     let before = snapshot().await?;
+    let written_before = table_rows_written().await?;
     let (_, took) = match execute().await? {
         Ok(r) => r,
         Err(e) => {
@@ -405,7 +421,27 @@ async fn probe_statement(
         }
     };
     estimates.sample_chunk_ms = Some(took.as_secs_f64() * 1000.0);
+    let wrote = table_rows_written().await? - written_before;
     let once = snapshot().await?;
+    let held = before.len().max(once.len()) as i64;
+    if wrote > held {
+        findings.push(Finding {
+            severity: Severity::Error,
+            code: "writes_outside_chunk",
+            message: format!(
+                "executed on the first chunk ({held} rows of {}), the statement wrote {wrote} rows of it: it changes rows outside :start..:end, so every chunk would rewrite rows of other chunks (a run stops at the first chunk)",
+                job.table
+            ),
+            fix: format!(
+                "restrict every row it changes to the chunk, e.g. `WHERE {} BETWEEN :start AND :end`; a trigger on {} that writes other rows of it has the same effect",
+                match job.key.as_slice() {
+                    [one] => one.clone(),
+                    many => format!("({})", many.join(", ")),
+                },
+                job.table
+            ),
+        });
+    }
     let again = match execute().await? {
         Ok((n, _)) => n,
         Err(e) => {

@@ -49,6 +49,8 @@ pub fn print_text(p: &Plan) {
                     c.keys,
                     if c.resumes {
                         ", after the saved cursor"
+                    } else if c.sweep {
+                        ", of the sweep: every key was processed, verify decides"
                     } else {
                         ""
                     }

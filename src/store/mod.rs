@@ -455,8 +455,19 @@ impl Store {
             }
             let made_progress = checkpoint.rows_done > 0 || checkpoint.bound_taken;
             if made_progress && !allow_changed_definition {
+                // A pass that ended incomplete has processed every key: the new statement would
+                // only drive sweeps — the usual change then is adding the guard they need.
+                let how = if checkpoint.state == "incomplete" {
+                    format!(
+                        "Every key was processed under the old definition; what is left is a sweep, which applies the new statement to every key again and runs only if applying it twice changes nothing (a guard, e.g. `AND new_col IS NULL`). If you added or fixed the guard and changed nothing else, run `backfill run {name} --allow-changed-definition`; if you changed what it writes, `backfill reset {name} --yes` starts over"
+                    )
+                } else {
+                    format!(
+                        "If the change is safe to apply to the remaining keys only — adding a guard such as `AND new_col IS NULL` is — run `backfill run {name} --allow-changed-definition`; to start over, `backfill reset {name} --yes`"
+                    )
+                };
                 return Err(Error::Usage(format!(
-                    "job {name}: the definition in {} changed since progress was saved (fingerprint {} now, {} in the checkpoint; {} rows done); resuming would mix two definitions. If the change is safe to apply to the remaining keys only, run again with --allow-changed-definition; to start over, `backfill reset {name} --yes`",
+                    "job {name}: the definition in {} changed since progress was saved (fingerprint {} now, {} in the checkpoint; {} rows done); resuming would mix two definitions. {how}",
                     job.path.display(),
                     job.fingerprint,
                     checkpoint.fingerprint,

@@ -369,3 +369,68 @@ fn hard_failures_stop_with_the_reason_and_keep_progress() {
     );
     assert!(db.i64("SELECT rows_done FROM backfill.progress WHERE job = 'gone'") >= 100);
 }
+
+/// A statement that ignores `:end` writes every row after the chunk's start: the first chunk's
+/// check (rows of the job's table written vs the chunk's keys) stops the run with nothing
+/// committed. Statements that write more rows than keys to *other* tables go on.
+#[test]
+fn a_statement_that_writes_outside_its_chunk_stops_the_run() {
+    let db = TestDb::new();
+    counter_table(&db, 3000);
+    db.write_job(
+        "runaway",
+        "table = \"t\"\nkey = [\"id\"]\nchunk_rows = 100\n\
+         sql = \"UPDATE t SET n = n + 1 WHERE id >= :start AND :end IS NOT NULL\"\n\
+         throttle = { target_chunk_time = \"0s\" }\n",
+    );
+    let out = db.run(&["run", "runaway"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    for part in [
+        "job runaway",
+        "the statement wrote 3000 rows of t, but the chunk holds 100 keys",
+        "outside :start..:end",
+        "nothing of this chunk was committed",
+    ] {
+        assert!(out.stderr.contains(part), "{part}: {out:?}");
+    }
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 0"), 0);
+    assert_eq!(
+        db.i64("SELECT rows_done FROM backfill.progress WHERE job = 'runaway'"),
+        0
+    );
+
+    // The page walk is checked the same way.
+    db.write_job(
+        "pages",
+        "table = \"t\"\nkey = \"ctid\"\nchunk_rows = 100\n\
+         sql = \"UPDATE t SET n = 1 WHERE ctid >= :start AND :end IS NOT NULL AND n = 0\"\n\
+         throttle = { target_chunk_time = \"0s\" }\n",
+    );
+    let out = db.run(&["run", "pages"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("outside :start..:end"), "{out:?}");
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 0"), 0);
+
+    // Two rows of another table per key, and a trigger-free update of another table: fine.
+    db.exec("CREATE TABLE audit (id bigint, copy int)");
+    db.write_job(
+        "fanout",
+        "table = \"t\"\nkey = [\"id\"]\nchunk_rows = 100\n\
+         sql = \"INSERT INTO audit SELECT id, c FROM t, generate_series(1, 2) c WHERE id BETWEEN :start AND :end\"\n\
+         throttle = { target_chunk_time = \"0s\" }\n",
+    );
+    db.run(&["run", "fanout"]).expect(0);
+    assert_eq!(db.i64("SELECT count(*) FROM audit"), 6000);
+
+    // Rows written inside the chunk's bounds are the chunk's, however many: filling the gaps
+    // between its keys writes 9 rows per key, all in range (the gaps between chunks stay).
+    db.exec("CREATE TABLE g (id bigint PRIMARY KEY); INSERT INTO g SELECT 10 * x FROM generate_series(1, 1000) x;");
+    db.write_job(
+        "gaps",
+        "table = \"g\"\nkey = [\"id\"]\nchunk_rows = 100\n\
+         sql = \"INSERT INTO g SELECT x FROM generate_series(:start, :end) x ON CONFLICT DO NOTHING\"\n\
+         throttle = { target_chunk_time = \"0s\" }\n",
+    );
+    db.run(&["run", "gaps"]).expect(0);
+    assert_eq!(db.i64("SELECT count(*) FROM g"), 10_000 - 9 - 9 * 9);
+}

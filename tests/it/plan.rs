@@ -220,3 +220,66 @@ fn a_long_open_transaction_and_a_large_unthrottled_table_are_reported() {
     let (_, plan) = plan_json(&db, "big", &[]);
     assert_eq!(codes(&plan), Vec::<String>::new(), "{plan:#}");
 }
+
+/// `id >= :start AND :end IS NOT NULL` reaches every row after the chunk: the plan counts the
+/// rows of the job's table the statement wrote against the rows in the chunk, and says so
+/// (not "ANALYZE": the full scan it may cause is the symptom).
+#[test]
+fn a_statement_that_ignores_end_is_an_error() {
+    let db = TestDb::new();
+    db.exec(
+        "CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT generate_series(1, 3000);
+         ANALYZE t;",
+    );
+    db.write_job(
+        "runaway",
+        "table = \"t\"\nkey = [\"id\"]\nchunk_rows = 100\n\
+         sql = \"UPDATE t SET n = 1 WHERE id >= :start AND :end IS NOT NULL AND n = 0\"\n",
+    );
+    let (code, plan) = plan_json(&db, "runaway", &[]);
+    assert_eq!(code, 2, "{plan:#}");
+    let f = finding(&plan, "writes_outside_chunk");
+    assert_eq!(f["severity"], "error");
+    let m = f["message"].as_str().unwrap();
+    assert!(
+        m.contains("(100 rows of t)") && m.contains("wrote 3000 rows"),
+        "{m}"
+    );
+    assert!(
+        !codes(&plan).contains(&"planner_prefers_full_scan".to_string()),
+        "{plan:#}"
+    );
+    let out = db.run(&["plan", "runaway"]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(
+        out.stdout.contains("error [writes_outside_chunk]"),
+        "{out:?}"
+    );
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 0"), 0);
+
+    // Writing more rows than the chunk holds to another table is not this.
+    db.exec("CREATE TABLE audit (id bigint, copy int)");
+    db.write_job(
+        "fanout",
+        "table = \"t\"\nkey = [\"id\"]\nchunk_rows = 100\n\
+         sql = \"INSERT INTO audit SELECT id, c FROM t, generate_series(1, 2) c WHERE id BETWEEN :start AND :end\"\n",
+    );
+    let (_, plan) = plan_json(&db, "fanout", &[]);
+    assert!(
+        !codes(&plan).contains(&"writes_outside_chunk".to_string()),
+        "{plan:#}"
+    );
+    // Nor is writing more rows than keys inside the chunk's bounds (filling gaps of the key).
+    db.exec("CREATE TABLE g (id bigint PRIMARY KEY); INSERT INTO g SELECT 10 * x FROM generate_series(1, 1000) x;");
+    db.write_job(
+        "gaps",
+        "table = \"g\"\nkey = [\"id\"]\nchunk_rows = 100\n\
+         sql = \"INSERT INTO g SELECT x FROM generate_series(:start, :end) x ON CONFLICT DO NOTHING\"\n",
+    );
+    let (_, plan) = plan_json(&db, "gaps", &[]);
+    assert!(
+        !codes(&plan).contains(&"writes_outside_chunk".to_string()),
+        "{plan:#}"
+    );
+}

@@ -132,7 +132,9 @@ fn two_runners_share_one_sweep() {
 }
 
 /// A statement without a guard is exactly-once in a pass, but a sweep would apply it again to
-/// every key and overwrite what the application wrote since: no sweep then.
+/// every key and overwrite what the application wrote since: no sweep then. The plan says so
+/// before the run; the run's end says what will help (a guard, then a run that accepts the
+/// changed statement), and that path completes the job.
 #[test]
 fn a_statement_without_a_guard_is_not_swept() {
     let db = TestDb::new();
@@ -140,12 +142,21 @@ fn a_statement_without_a_guard_is_not_swept() {
         "CREATE TABLE o (id bigint PRIMARY KEY, legacy text NOT NULL, status text);
          INSERT INTO o SELECT g, 'x', NULL FROM generate_series(1, 4000) g;",
     );
-    db.write_job(
-        "j",
-        "table = \"o\"\nkey = \"id\"\nchunk_rows = 100\n\
+    let job = "table = \"o\"\nkey = \"id\"\nchunk_rows = 100\n\
          sql = \"UPDATE o SET status = upper(legacy) WHERE id BETWEEN :start AND :end\"\n\
          verify = \"SELECT count(*) FROM o WHERE status IS NULL\"\n\
-         throttle = { target_chunk_time = \"0s\" }\n",
+         throttle = { target_chunk_time = \"0s\" }\n";
+    db.write_job("j", job);
+    let out = db.run(&["plan", "j"]);
+    assert_eq!(out.code, 0, "a warning: {out:?}");
+    assert!(
+        out.stdout.contains("warning [no_guard]")
+            && out
+                .stdout
+                .contains("no run will sweep (max_sweeps = 3 has no effect)")
+            && out.stdout.contains("verify; no sweep")
+            && !out.stdout.contains("up to 3 sweeps"),
+        "{out:?}"
     );
     let child = db.spawn(&["run", "j", "--rows-per-second", "4000"]);
     db.wait_for(
@@ -170,5 +181,47 @@ fn a_statement_without_a_guard_is_not_swept() {
     assert_eq!(
         db.i64("SELECT sweeps::bigint FROM backfill.checkpoints WHERE job = 'j'"),
         0
+    );
+    // Not "run again: it sweeps again" — that would end the same way.
+    assert!(
+        !out.stderr.contains("it sweeps again")
+            && out.stderr.contains("would refuse to sweep again")
+            && out
+                .stderr
+                .contains("backfill run j --allow-changed-definition"),
+        "{out:?}"
+    );
+
+    // The guard added: the plan no longer warns, and a run without the flag says exactly what
+    // to do.
+    db.write_job("j", &job.replace(":end\"", ":end AND status IS NULL\""));
+    let out = db.run(&["plan", "j"]);
+    assert!(
+        !out.stdout.contains("no_guard")
+            && out.stdout.contains("up to 3 sweeps")
+            && out.stdout.contains("warning [changed_definition]")
+            && out
+                .stdout
+                .contains("backfill run j --allow-changed-definition"),
+        "{out:?}"
+    );
+    let out = db.run(&["run", "j"]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("Every key was processed under the old definition")
+            && out
+                .stderr
+                .contains("backfill run j --allow-changed-definition"),
+        "{out:?}"
+    );
+    let out = db.run(&["run", "j", "--allow-changed-definition"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("sweep 1 of at most 3"), "{out:?}");
+    assert_eq!(db.i64("SELECT count(*) FROM o WHERE status IS NULL"), 0);
+    assert_eq!(
+        db.text("SELECT status FROM o WHERE id = 1").as_deref(),
+        Some("refunded"),
+        "the sweep's guard kept the application's write"
     );
 }
