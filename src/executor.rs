@@ -746,8 +746,14 @@ impl<'s, 'a> Worker<'s, 'a> {
             if self.shared.lease.is_lost() {
                 return Err(store::lost(&name));
             }
-            if self.read_controls().await {
-                return Ok(LoopEnd::Cancelled);
+            match self.read_controls().await {
+                Ok(true) => return Ok(LoopEnd::Cancelled),
+                Ok(false) => {}
+                Err(ChunkError::Lost) => return Err(store::lost(&name)),
+                Err(ChunkError::Failed(f)) => {
+                    self.recover(f).await?;
+                    continue;
+                }
             }
             if self.range.is_none() {
                 match self.acquire().await {
@@ -895,49 +901,65 @@ impl<'s, 'a> Worker<'s, 'a> {
     }
 
     /// Reads the job's controls (at most every 0.2 s for the whole run) and applies new
-    /// settings. True: cancel.
-    async fn read_controls(&mut self) -> bool {
+    /// settings. True: cancel. The first read happens before the worker's first chunk, on a
+    /// connection of its own if it has none yet: a job paused or cancelled before the run started
+    /// must not write a chunk first. Until one read has succeeded, a failed read is a failed
+    /// attempt (waited out like any other); after that, the last controls read stay in force.
+    async fn read_controls(&mut self) -> Result<bool, ChunkError> {
         let shared = self.shared;
-        let mut pace = shared.pace.lock().await;
-        if !pace.rate_shown {
-            pace.rate_shown = true;
-            shared
-                .progress
-                .set_rate_limit(pace.throttle.spec().rows_per_second);
+        {
+            let mut pace = shared.pace.lock().await;
+            if !pace.rate_shown {
+                pace.rate_shown = true;
+                shared
+                    .progress
+                    .set_rate_limit(pace.throttle.spec().rows_per_second);
+            }
+            if pace
+                .controls_read
+                .is_some_and(|t| t.elapsed() < CONTROLS_EVERY)
+            {
+                return Ok(pace.controls.cancel);
+            }
         }
+        // Connect without holding the run's pace: the other workers go on meanwhile.
+        let conn = self.connection().await?;
+        let mut pace = shared.pace.lock().await;
         if pace
             .controls_read
             .is_some_and(|t| t.elapsed() < CONTROLS_EVERY)
         {
-            return pace.controls.cancel;
+            return Ok(pace.controls.cancel);
         }
-        let Some(conn) = self.conn.as_ref().filter(|c| !c.is_closed()) else {
-            return false;
+        let c = match shared.store.controls(&***conn, &shared.job.name).await {
+            Ok(c) => c,
+            Err(e) if pace.controls_read.is_none() => {
+                return Err(failed("reading the job's controls", None)(e))
+            }
+            Err(_) => return Ok(pace.controls.cancel),
         };
         pace.controls_read = Some(Instant::now());
-        if let Ok(c) = shared.store.controls(&***conn, &shared.job.name).await {
-            if c != pace.controls {
-                pace.throttle.apply(&c);
-                shared
-                    .progress
-                    .set_chunk_size(pace.throttle.chunk_rows() as u64);
-                shared
-                    .progress
-                    .set_rate_limit(pace.throttle.spec().rows_per_second);
-                if c.rows_per_second != pace.controls.rows_per_second
-                    || c.target_chunk_time != pace.controls.target_chunk_time
-                    || c.pause != pace.controls.pause
-                {
-                    shared.progress.log(&format!(
-                        "{}: new settings from `backfill set`: {}",
-                        shared.job.name,
-                        describe_controls(&c)
-                    ));
-                }
-                pace.controls = c;
+        if c != pace.controls {
+            pace.throttle.apply(&c);
+            shared
+                .progress
+                .set_chunk_size(pace.throttle.chunk_rows() as u64);
+            shared
+                .progress
+                .set_rate_limit(pace.throttle.spec().rows_per_second);
+            if c.rows_per_second != pace.controls.rows_per_second
+                || c.target_chunk_time != pace.controls.target_chunk_time
+                || c.pause != pace.controls.pause
+            {
+                shared.progress.log(&format!(
+                    "{}: new settings from `backfill set`: {}",
+                    shared.job.name,
+                    describe_controls(&c)
+                ));
             }
+            pace.controls = c;
         }
-        pace.controls.cancel
+        Ok(pace.controls.cancel)
     }
 
     /// Holds while paused or while a health signal says so. True when it held (the caller
