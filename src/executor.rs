@@ -91,6 +91,9 @@ pub const MAX_WORKERS: u32 = 64;
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const RECONNECT_POLL_MAX: Duration = Duration::from_secs(2);
+/// After a stop, how long recording the run's end may wait for the database to answer: a stop
+/// must not wait out `reconnect_for`; a run whose end is not recorded is taken over anyway.
+const STOP_CONNECT_WITHIN: Duration = Duration::from_secs(3);
 const LAG_SAMPLE_EVERY: Duration = Duration::from_secs(5);
 /// How often a running job reads its controls (pause, cancel, new settings).
 const CONTROLS_EVERY: Duration = Duration::from_millis(200);
@@ -309,10 +312,14 @@ pub async fn run(
 
     // Record the end on a fresh session: the lease session belongs to the heartbeat (kept until
     // the outcome is saved), and the database may just be coming back.
-    let finisher = match connect_patiently(target, opts.reconnect_for, progress).await {
+    let finisher = match connect_patiently(target, opts.reconnect_for, progress, shutdown).await {
         Ok(c) => c,
         Err(e) => {
             heartbeat.abort();
+            if let Ok(LoopEnd::Stopped | LoopEnd::Cancelled) = result {
+                progress.finish("stopped");
+                return Err(stopped_unrecorded(job, &e, &tally, &checkpoint, workers));
+            }
             return Err(e);
         }
     };
@@ -429,24 +436,77 @@ async fn key_range(
     Ok(total)
 }
 
-/// Connects, retrying for up to `patience` while the database is unreachable.
+/// Connects, retrying for up to `patience` while the database is unreachable. Once a stop is
+/// requested it waits for nothing: one attempt of at most `STOP_CONNECT_WITHIN`, then the error
+/// (the caller says what could not be recorded).
 async fn connect_patiently(
     target: &Target,
     patience: Duration,
     progress: &Progress,
+    shutdown: &Shutdown,
 ) -> Result<tokio_postgres::Client> {
     let since = Instant::now();
     loop {
-        match target.connect().await {
-            Ok(c) => return Ok(c),
-            Err(e) if since.elapsed() >= patience => return Err(e),
-            Err(_) => {
+        let stopping = shutdown.stop_requested();
+        let attempt = if stopping {
+            tokio::time::timeout(STOP_CONNECT_WITHIN, target.connect())
+                .await
+                .ok()
+        } else {
+            // A stop requested during a slow connect (an unreachable host) ends the wait.
+            tokio::select! {
+                r = target.connect() => Some(r),
+                _ = shutdown.sleep(patience) => None,
+            }
+        };
+        match attempt {
+            Some(Ok(c)) => return Ok(c),
+            Some(Err(e)) if stopping || since.elapsed() >= patience => return Err(e),
+            None if stopping || since.elapsed() >= patience => {
+                return Err(Error::Runtime(format!(
+                    "{} did not answer within {}s",
+                    target.describe(),
+                    if stopping {
+                        STOP_CONNECT_WITHIN
+                    } else {
+                        patience
+                    }
+                    .as_secs()
+                )))
+            }
+            None => {}
+            Some(Err(_)) => {
                 progress.set_held(Some("waiting for database"));
-                tokio::time::sleep(RECONNECT_POLL_MAX).await;
-                progress.held("database_unavailable", RECONNECT_POLL_MAX);
+                let t = Instant::now();
+                shutdown.sleep(RECONNECT_POLL_MAX).await;
+                progress.held("database_unavailable", t.elapsed());
             }
         }
     }
+}
+
+/// The error of a run stopped (signal or `backfill cancel`) while the database was unreachable:
+/// every chunk it committed is saved with its checkpoint, but its end could not be recorded, so
+/// the next run finds it gone (history: `abandoned`) and takes over at once.
+fn stopped_unrecorded(
+    job: &JobSpec,
+    why: &Error,
+    tally: &Tally,
+    at_start: &store::Checkpoint,
+    workers: u32,
+) -> Error {
+    let name = &job.name;
+    let resume = match (&tally.last, &at_start.cursor) {
+        _ if workers > 1 || at_start.ranges.len() > 1 => {
+            "resumes each key range after its last committed key".to_string()
+        }
+        (Some(k), _) | (None, Some(k)) => format!("resumes after key {}", show_key(k)),
+        (None, None) => "starts at the first key".to_string(),
+    };
+    Error::Interrupted(format!(
+        "{name}: stopped while the database is unreachable: {} rows in {} chunks this run, each committed with its checkpoint; the stop itself could not be recorded ({why}), so the run will show as abandoned; `backfill run {name}` {resume} once the database is back",
+        tally.rows, tally.chunks
+    ))
 }
 
 enum LoopEnd {
@@ -462,6 +522,8 @@ struct Tally {
     affected: i64,
     chunks: i64,
     skipped: i64,
+    /// The last key committed (for a run of one worker on one range: its cursor).
+    last: Option<KeyValue>,
 }
 
 impl Tally {
@@ -470,6 +532,9 @@ impl Tally {
         self.affected += t.affected;
         self.chunks += t.chunks;
         self.skipped += t.skipped;
+        if t.last.is_some() {
+            self.last = t.last.clone();
+        }
     }
 }
 
@@ -531,8 +596,13 @@ impl Shared<'_> {
     async fn verify_and_sweep(&self) -> Result<AfterPass> {
         let (job, store) = (self.job, self.store);
         let name = job.name.as_str();
-        let mut client =
-            connect_patiently(self.target, self.opts.reconnect_for, self.progress).await?;
+        let mut client = connect_patiently(
+            self.target,
+            self.opts.reconnect_for,
+            self.progress,
+            self.shutdown,
+        )
+        .await?;
         store.set_phase(&client, name, "verifying").await?;
         let seen = store.sweeps(&client, name).await?;
         let n = crate::migrator::verify(&client, job, self.opts.verify_timeout).await?;
@@ -1037,6 +1107,7 @@ impl<'s, 'a> Worker<'s, 'a> {
         }
         let rest = pace.throttle.rest(done.took);
         drop(pace);
+        self.tally.last = Some(done.last.clone());
         self.cursor = Some(done.last);
         self.passed(done.keys).await;
         shared
@@ -1080,6 +1151,16 @@ impl<'s, 'a> Worker<'s, 'a> {
             shared.progress.chunk_failed(f.class.label());
         }
         match f.class {
+            // Stopping: nothing is in flight any more (the chunk failed), so there is nothing to
+            // wait for; the caller's loop ends the walk.
+            ErrorClass::Connection if shared.shutdown.stop_requested() => {
+                shared.progress.log(&format!(
+                    "{name}: lost the database while {} ({}) while stopping; nothing uncommitted was kept",
+                    f.stage, f.text
+                ));
+                self.conn = None;
+                Ok(())
+            }
             ErrorClass::Connection => {
                 let first = self.outage.is_none();
                 let since = *self.outage.get_or_insert_with(Instant::now);
