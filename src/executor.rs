@@ -15,8 +15,10 @@
 //! adaptive chunk size, the health signals and the live controls.
 //!
 //! What a failure does depends on its class (`db::classify`, by SQLSTATE):
-//! - contention (lock timeout, deadlock, serialization): retry the chunk after a jittered backoff,
-//!   at most `max_attempts` times in a row;
+//! - contention (lock timeout, deadlock, serialization): normal on a live database, so the run
+//!   outlasts it: it retries the chunk after a jittered backoff (capped at a few seconds) for up
+//!   to the contention budget (minutes), held with the reason "lock contention on keys …";
+//! - a statement timeout at a single key: retried at most `max_attempts` times in a row;
 //! - connection lost or server restarting: wait for the database ("waiting for database") and go
 //!   on, for up to `reconnect_for`;
 //! - statement timeout or a data error in a chunk of several keys: halve the chunk and go on; the
@@ -51,8 +53,11 @@ pub struct RunOptions {
     pub lock_timeout: Option<Duration>,
     pub statement_timeout: Option<Duration>,
     pub chunk_rows: Option<u32>,
-    /// Attempts per chunk for contention errors before the run fails.
+    /// Attempts per chunk when a single key exceeds the statement timeout, before the run fails.
     pub max_attempts: u32,
+    /// How long one chunk may keep meeting lock contention (lock timeouts, deadlocks,
+    /// serialization failures) before the run fails; `None`: the job's, else the default.
+    pub contention_budget: Option<Duration>,
     pub verify_timeout: Duration,
     /// How long to keep waiting for a database that went away.
     pub reconnect_for: Duration,
@@ -73,6 +78,7 @@ impl Default for RunOptions {
             statement_timeout: None,
             chunk_rows: None,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
+            contention_budget: None,
             verify_timeout: DEFAULT_VERIFY_TIMEOUT,
             reconnect_for: DEFAULT_RECONNECT_FOR,
             rows_per_second: None,
@@ -84,12 +90,18 @@ impl Default for RunOptions {
 }
 
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+/// An application transaction may hold a row for minutes (a batch job, a slow request): the
+/// run outlasts that rather than needing an operator.
+pub const DEFAULT_CONTENTION_BUDGET: Duration = Duration::from_secs(600);
 pub const DEFAULT_VERIFY_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_RECONNECT_FOR: Duration = Duration::from_secs(300);
 /// The most workers one run may start (each holds a connection).
 pub const MAX_WORKERS: u32 = 64;
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Short enough that a released lock is noticed within seconds, however long the contention.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// While a chunk keeps meeting contention, a log line at most this often (status shows it live).
+const CONTENTION_LOG_EVERY: Duration = Duration::from_secs(30);
 const RECONNECT_POLL_MAX: Duration = Duration::from_secs(2);
 /// After a stop, how long recording the run's end may wait for the database to answer: a stop
 /// must not wait out `reconnect_for`; a run whose end is not recorded is taken over anyway.
@@ -285,6 +297,7 @@ pub async fn run(
             controls_read: None,
             controls: store::Controls::default(),
             holding: None,
+            contended: Default::default(),
             lag_sampled: None,
             rate_shown: false,
         }),
@@ -570,6 +583,14 @@ struct Shared<'a> {
 }
 
 impl Shared<'_> {
+    /// How long one chunk may keep meeting lock contention: the run's flag, else the job's.
+    fn contention_budget(&self) -> Duration {
+        self.opts
+            .contention_budget
+            .or(self.job.contention_budget)
+            .unwrap_or(DEFAULT_CONTENTION_BUDGET)
+    }
+
     /// Walks the job's ranges with this run's workers until none is left (or the run stops).
     async fn walk_all(&self, chunk_rows: i64, tally: &mut Tally) -> Result<LoopEnd> {
         let ends = futures_util::future::join_all(
@@ -693,6 +714,8 @@ struct Pace {
     controls: store::Controls,
     /// The hold reason last written to the run's row.
     holding: Option<String>,
+    /// Workers whose chunk keeps meeting lock contention, with the hold reason each shows.
+    contended: std::collections::BTreeMap<i32, String>,
     /// When replication lag was last sampled.
     lag_sampled: Option<Instant>,
     rate_shown: bool,
@@ -766,7 +789,19 @@ struct Worker<'s, 'a> {
     attempt: u32,
     /// When the database became unreachable, while it is.
     outage: Option<Instant>,
+    /// While the worker's chunk keeps meeting lock contention.
+    contention: Option<Contention>,
     tally: Tally,
+}
+
+/// A chunk that keeps meeting lock contention (reset when a chunk commits).
+struct Contention {
+    since: Instant,
+    /// The hold reason: "lock contention on keys A..=B since T".
+    reason: String,
+    logged: Instant,
+    /// From when the time held is not booked on the metrics yet.
+    unbooked: Instant,
 }
 
 impl<'s, 'a> Worker<'s, 'a> {
@@ -781,6 +816,7 @@ impl<'s, 'a> Worker<'s, 'a> {
             narrow_left: 0,
             attempt: 0,
             outage: None,
+            contention: None,
             tally: Tally::default(),
         }
     }
@@ -870,6 +906,7 @@ impl<'s, 'a> Worker<'s, 'a> {
                     }
                 }
                 Ok(Step::RangeDone) => {
+                    self.contention_over().await;
                     self.range = None;
                     self.shared.range_finished.notify_waiters();
                 }
@@ -1052,23 +1089,12 @@ impl<'s, 'a> Worker<'s, 'a> {
                     None => None,
                 }
             };
-            let detail = hold.as_ref().map(|h| h.detail.clone());
-            if detail != pace.holding {
-                if let Some(conn) = self.conn.as_ref().filter(|c| !c.is_closed()) {
-                    let _ = shared
-                        .store
-                        .set_hold(&***conn, shared.run_id, detail.as_deref())
-                        .await;
-                }
-                match &detail {
-                    Some(d) => shared.progress.log(&format!("{name}: holding: {d}")),
-                    None => shared
-                        .progress
-                        .log(&format!("{name}: no longer held; continuing")),
-                }
-                shared.progress.set_held(detail.as_deref());
-                pace.holding = detail;
-            }
+            // A worker's lock contention shows while nothing else holds the run.
+            let detail = hold
+                .as_ref()
+                .map(|h| h.detail.clone())
+                .or_else(|| pace.contended.values().next().cloned());
+            self.show_hold(&mut pace, detail).await;
             let nap = pace
                 .throttle
                 .spec()
@@ -1082,10 +1108,53 @@ impl<'s, 'a> Worker<'s, 'a> {
         Ok(true)
     }
 
+    /// Writes why the run is held (None: it is not) for `status`, the progress display and the
+    /// log, when that changed.
+    async fn show_hold(&self, pace: &mut Pace, detail: Option<String>) {
+        let shared = self.shared;
+        if detail == pace.holding {
+            return;
+        }
+        let name = shared.job.name.as_str();
+        if let Some(conn) = self.conn.as_ref().filter(|c| !c.is_closed()) {
+            let _ = shared
+                .store
+                .set_hold(&***conn, shared.run_id, detail.as_deref())
+                .await;
+        }
+        match &detail {
+            Some(d) => shared.progress.log(&format!("{name}: holding: {d}")),
+            None => shared
+                .progress
+                .log(&format!("{name}: no longer held; continuing")),
+        }
+        shared.progress.set_held(detail.as_deref());
+        pace.holding = detail;
+    }
+
+    /// The worker's chunk went through: its lock contention (if any) is over.
+    async fn contention_over(&mut self) {
+        let Some(c) = self.contention.take() else {
+            return;
+        };
+        let shared = self.shared;
+        shared.progress.log(&format!(
+            "{}: the lock contention is over after {}s; continuing",
+            shared.job.name,
+            c.since.elapsed().as_secs()
+        ));
+        let mut pace = shared.pace.lock().await;
+        pace.contended.remove(&self.id);
+        // Nothing else held the run, or this worker would not have run its chunk.
+        let detail = pace.contended.values().next().cloned();
+        self.show_hold(&mut pace, detail).await;
+    }
+
     /// Books a committed chunk and adapts the pace; returns the rest to take before the next.
     async fn committed(&mut self, done: ChunkDone) -> Duration {
         let shared = self.shared;
         self.attempt = 0;
+        self.contention_over().await;
         if self.outage.take().is_some() {
             shared
                 .progress
@@ -1197,11 +1266,74 @@ impl<'s, 'a> Worker<'s, 'a> {
                 let (key, _) = f.range.clone().expect("a single-key chunk has a range");
                 self.poison(&key, &f).await
             }
-            ErrorClass::Contention | ErrorClass::Timeout => {
+            ErrorClass::Contention => {
+                let budget = shared.contention_budget();
+                let now = Instant::now();
+                let first = self.contention.is_none();
+                let c = self.contention.get_or_insert_with(|| Contention {
+                    since: now,
+                    reason: format!(
+                        "lock contention on {where_} since {}",
+                        humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                    ),
+                    logged: now,
+                    unbooked: now,
+                });
+                // The failed attempt waited for the lock: that is time held too.
+                shared
+                    .progress
+                    .held("lock_contention", now.duration_since(c.unbooked));
+                c.unbooked = now;
+                let spent = c.since.elapsed();
+                if spent >= budget {
+                    return Err(Error::Runtime(format!(
+                        "job {name}: {where_} kept meeting lock contention for {}s, the whole contention budget ({}; --contention-budget or the job's contention_budget), last while {}: {}; nothing of this chunk was committed; find the session holding the lock (pg_locks, pg_blocking_pids) or give a longer budget, then run `backfill run {name}` again: it resumes {resume_at}",
+                        spent.as_secs(),
+                        humantime::format_duration(budget),
+                        f.stage,
+                        f.text
+                    )));
+                }
+                self.attempt += 1;
+                let delay = backoff(self.attempt).min(budget - spent);
+                if first || c.logged.elapsed() >= CONTENTION_LOG_EVERY {
+                    c.logged = now;
+                    shared.progress.log(&format!(
+                        "{name}: {where_} failed while {}: {}; lock contention for {}s so far: retrying in {} ms, for up to {} in all",
+                        f.stage,
+                        f.text,
+                        spent.as_secs(),
+                        delay.as_millis(),
+                        humantime::format_duration(budget)
+                    ));
+                }
+                let reason = c.reason.clone();
+                {
+                    let mut pace = shared.pace.lock().await;
+                    pace.contended.insert(self.id, reason);
+                    // Not over another reason (a pause, a health signal): that one shows first.
+                    let other = pace
+                        .holding
+                        .as_ref()
+                        .is_some_and(|h| !pace.contended.values().any(|r| r == h));
+                    if !other {
+                        let detail = pace.contended.values().next().cloned();
+                        self.show_hold(&mut pace, detail).await;
+                    }
+                }
+                shared.shutdown.sleep(delay).await;
+                let c = self.contention.as_mut().expect("set above");
+                shared
+                    .progress
+                    .held("lock_contention", c.unbooked.elapsed());
+                c.unbooked = Instant::now();
+                Ok(())
+            }
+            ErrorClass::Timeout => {
                 self.attempt += 1;
                 if self.attempt >= shared.opts.max_attempts {
                     return Err(Error::Runtime(format!(
-                        "job {name}: {where_} failed while {} (gave up after {} attempts): {}; nothing of this chunk was committed; run `backfill run {name}` again (perhaps with a longer --lock-timeout or --statement-timeout): it resumes {resume_at}",
+                        "job {name}: {where_} failed while {} (gave up after {} attempts, --max-attempts): {}; nothing of this chunk was committed; run `backfill run {name}` again (perhaps with a longer --statement-timeout): it resumes {resume_at}",
                         f.stage, self.attempt, f.text
                     )));
                 }
@@ -1214,7 +1346,7 @@ impl<'s, 'a> Worker<'s, 'a> {
                     self.attempt + 1,
                     shared.opts.max_attempts
                 ));
-                shared.progress.set_held(Some("retrying after contention"));
+                shared.progress.set_held(Some("retrying after a statement timeout"));
                 shared.shutdown.sleep(delay).await;
                 shared.progress.held("retry_backoff", delay);
                 Ok(())
@@ -1581,16 +1713,28 @@ mod tests {
 
     #[test]
     fn backoff_grows_with_jitter_and_is_capped() {
-        for attempt in 1..20 {
+        // The README's numbers, written out: 200 ms doubling per attempt, at most 5 s, each
+        // delay jittered between half of that and all of it.
+        let ceilings_ms: [u64; 8] = [200, 400, 800, 1600, 3200, 5000, 5000, 5000];
+        for (i, &ms) in ceilings_ms.iter().enumerate() {
+            let attempt = i as u32 + 1;
+            let seen: std::collections::BTreeSet<Duration> =
+                (0..200).map(|_| backoff(attempt)).collect();
+            for d in &seen {
+                assert!(
+                    *d >= Duration::from_millis(ms / 2) && *d <= Duration::from_millis(ms),
+                    "attempt {attempt}: {d:?} outside {}..={ms} ms",
+                    ms / 2
+                );
+            }
+            assert!(seen.len() > 10, "attempt {attempt}: no jitter: {seen:?}");
+        }
+        for attempt in [20, 31, 32, 1000, u32::MAX] {
             let d = backoff(attempt);
-            let cap = BACKOFF_BASE
-                .saturating_mul(1 << (attempt - 1).min(16))
-                .min(BACKOFF_MAX);
             assert!(
-                d >= cap / 2 && d <= cap,
-                "attempt {attempt}: {d:?} vs {cap:?}"
+                d >= Duration::from_millis(2500) && d <= Duration::from_secs(5),
+                "attempt {attempt}: {d:?}"
             );
         }
-        assert!(backoff(30) <= BACKOFF_MAX);
     }
 }
