@@ -715,10 +715,18 @@ struct Pace {
     /// The hold reason last written to the run's row.
     holding: Option<String>,
     /// Workers whose chunk keeps meeting lock contention, with the hold reason each shows.
-    contended: std::collections::BTreeMap<i32, String>,
+    contended: std::collections::BTreeMap<i32, Shown>,
     /// When replication lag was last sampled.
     lag_sampled: Option<Instant>,
     rate_shown: bool,
+}
+
+/// A hold as shown: the reason stored for `status` (which adds when it started), and when it
+/// started for the progress display and the log, where that is part of the news.
+#[derive(Debug, Clone, PartialEq)]
+struct Shown {
+    reason: String,
+    since: Option<String>,
 }
 
 /// What one chunk attempt came to.
@@ -797,8 +805,10 @@ struct Worker<'s, 'a> {
 /// A chunk that keeps meeting lock contention (reset when a chunk commits).
 struct Contention {
     since: Instant,
-    /// The hold reason: "lock contention on keys A..=B since T".
+    /// The hold reason: "lock contention on keys A..=B".
     reason: String,
+    /// When it started, as shown: "since T".
+    since_utc: String,
     logged: Instant,
     /// From when the time held is not booked on the metrics yet.
     unbooked: Instant,
@@ -1090,11 +1100,14 @@ impl<'s, 'a> Worker<'s, 'a> {
                 }
             };
             // A worker's lock contention shows while nothing else holds the run.
-            let detail = hold
+            let shown = hold
                 .as_ref()
-                .map(|h| h.detail.clone())
+                .map(|h| Shown {
+                    reason: h.detail.clone(),
+                    since: None,
+                })
                 .or_else(|| pace.contended.values().next().cloned());
-            self.show_hold(&mut pace, detail).await;
+            self.show_hold(&mut pace, shown).await;
             let nap = pace
                 .throttle
                 .spec()
@@ -1110,8 +1123,9 @@ impl<'s, 'a> Worker<'s, 'a> {
 
     /// Writes why the run is held (None: it is not) for `status`, the progress display and the
     /// log, when that changed.
-    async fn show_hold(&self, pace: &mut Pace, detail: Option<String>) {
+    async fn show_hold(&self, pace: &mut Pace, shown: Option<Shown>) {
         let shared = self.shared;
+        let detail = shown.as_ref().map(|h| h.reason.clone());
         if detail == pace.holding {
             return;
         }
@@ -1122,13 +1136,17 @@ impl<'s, 'a> Worker<'s, 'a> {
                 .set_hold(&***conn, shared.run_id, detail.as_deref())
                 .await;
         }
-        match &detail {
+        let text = shown.map(|h| match h.since {
+            Some(t) => format!("{} since {t}", h.reason),
+            None => h.reason,
+        });
+        match &text {
             Some(d) => shared.progress.log(&format!("{name}: holding: {d}")),
             None => shared
                 .progress
                 .log(&format!("{name}: no longer held; continuing")),
         }
-        shared.progress.set_held(detail.as_deref());
+        shared.progress.set_held(text.as_deref());
         pace.holding = detail;
     }
 
@@ -1146,8 +1164,8 @@ impl<'s, 'a> Worker<'s, 'a> {
         let mut pace = shared.pace.lock().await;
         pace.contended.remove(&self.id);
         // Nothing else held the run, or this worker would not have run its chunk.
-        let detail = pace.contended.values().next().cloned();
-        self.show_hold(&mut pace, detail).await;
+        let shown = pace.contended.values().next().cloned();
+        self.show_hold(&mut pace, shown).await;
     }
 
     /// Books a committed chunk and adapts the pace; returns the rest to take before the next.
@@ -1272,10 +1290,9 @@ impl<'s, 'a> Worker<'s, 'a> {
                 let first = self.contention.is_none();
                 let c = self.contention.get_or_insert_with(|| Contention {
                     since: now,
-                    reason: format!(
-                        "lock contention on {where_} since {}",
-                        humantime::format_rfc3339_seconds(std::time::SystemTime::now())
-                    ),
+                    reason: format!("lock contention on {where_}"),
+                    since_utc: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                        .to_string(),
                     logged: now,
                     unbooked: now,
                 });
@@ -1307,18 +1324,21 @@ impl<'s, 'a> Worker<'s, 'a> {
                         humantime::format_duration(budget)
                     ));
                 }
-                let reason = c.reason.clone();
+                let shown = Shown {
+                    reason: c.reason.clone(),
+                    since: Some(c.since_utc.clone()),
+                };
                 {
                     let mut pace = shared.pace.lock().await;
-                    pace.contended.insert(self.id, reason);
+                    pace.contended.insert(self.id, shown);
                     // Not over another reason (a pause, a health signal): that one shows first.
                     let other = pace
                         .holding
                         .as_ref()
-                        .is_some_and(|h| !pace.contended.values().any(|r| r == h));
+                        .is_some_and(|h| !pace.contended.values().any(|c| &c.reason == h));
                     if !other {
-                        let detail = pace.contended.values().next().cloned();
-                        self.show_hold(&mut pace, detail).await;
+                        let shown = pace.contended.values().next().cloned();
+                        self.show_hold(&mut pace, shown).await;
                     }
                 }
                 shared.shutdown.sleep(delay).await;
