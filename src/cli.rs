@@ -192,9 +192,14 @@ pub struct RunArgs {
     /// on any host, may run the same job at once).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=crate::executor::MAX_WORKERS as i64))]
     pub workers: u32,
-    /// Attempts per chunk on transient errors (lock timeout, deadlock, lost connection…).
+    /// Attempts per chunk when a single key exceeds statement_timeout.
     #[arg(long, default_value_t = crate::executor::DEFAULT_MAX_ATTEMPTS, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub max_attempts: u32,
+    /// How long one chunk may keep meeting lock contention (lock timeouts, deadlocks,
+    /// serialization failures), retried all along, before the run fails (default: the job's
+    /// contention_budget, else 10m).
+    #[arg(long, value_parser = duration)]
+    pub contention_budget: Option<Duration>,
     /// Longest the final verify query may run.
     #[arg(long, value_parser = timeout, default_value = "5m")]
     pub verify_timeout: Duration,

@@ -15,8 +15,10 @@
 //! adaptive chunk size, the health signals and the live controls.
 //!
 //! What a failure does depends on its class (`db::classify`, by SQLSTATE):
-//! - contention (lock timeout, deadlock, serialization): retry the chunk after a jittered backoff,
-//!   at most `max_attempts` times in a row;
+//! - contention (lock timeout, deadlock, serialization): normal on a live database, so the run
+//!   outlasts it: it retries the chunk after a jittered backoff (capped at a few seconds) for up
+//!   to the contention budget (minutes), held with the reason "lock contention on keys …";
+//! - a statement timeout at a single key: retried at most `max_attempts` times in a row;
 //! - connection lost or server restarting: wait for the database ("waiting for database") and go
 //!   on, for up to `reconnect_for`;
 //! - statement timeout or a data error in a chunk of several keys: halve the chunk and go on; the
@@ -55,8 +57,11 @@ pub struct RunOptions {
     pub lock_timeout: Option<Duration>,
     pub statement_timeout: Option<Duration>,
     pub chunk_rows: Option<u32>,
-    /// Attempts per chunk for contention errors before the run fails.
+    /// Attempts per chunk when a single key exceeds the statement timeout, before the run fails.
     pub max_attempts: u32,
+    /// How long one chunk may keep meeting lock contention (lock timeouts, deadlocks,
+    /// serialization failures) before the run fails; `None`: the job's, else the default.
+    pub contention_budget: Option<Duration>,
     pub verify_timeout: Duration,
     /// How long to keep waiting for a database that went away.
     pub reconnect_for: Duration,
@@ -77,6 +82,7 @@ impl Default for RunOptions {
             statement_timeout: None,
             chunk_rows: None,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
+            contention_budget: None,
             verify_timeout: DEFAULT_VERIFY_TIMEOUT,
             reconnect_for: DEFAULT_RECONNECT_FOR,
             rows_per_second: None,
@@ -88,13 +94,22 @@ impl Default for RunOptions {
 }
 
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+/// An application transaction may hold a row for minutes (a batch job, a slow request): the
+/// run outlasts that rather than needing an operator.
+pub const DEFAULT_CONTENTION_BUDGET: Duration = Duration::from_secs(600);
 pub const DEFAULT_VERIFY_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_RECONNECT_FOR: Duration = Duration::from_secs(300);
 /// The most workers one run may start (each holds a connection).
 pub const MAX_WORKERS: u32 = 64;
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Short enough that a released lock is noticed within seconds, however long the contention.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// While a chunk keeps meeting contention, a log line at most this often (status shows it live).
+const CONTENTION_LOG_EVERY: Duration = Duration::from_secs(30);
 const RECONNECT_POLL_MAX: Duration = Duration::from_secs(2);
+/// After a stop, how long recording the run's end may wait for the database to answer: a stop
+/// must not wait out `reconnect_for`; a run whose end is not recorded is taken over anyway.
+const STOP_CONNECT_WITHIN: Duration = Duration::from_secs(3);
 const LAG_SAMPLE_EVERY: Duration = Duration::from_secs(5);
 /// How often a running job reads its controls (pause, cancel, new settings).
 const CONTROLS_EVERY: Duration = Duration::from_millis(200);
@@ -301,6 +316,7 @@ pub async fn run(
             controls_read: None,
             controls: store::Controls::default(),
             holding: None,
+            contended: Default::default(),
             lag_sampled: None,
             rate_shown: false,
         }),
@@ -332,10 +348,14 @@ pub async fn run(
 
     // Record the end on a fresh session: the lease session belongs to the heartbeat (kept until
     // the outcome is saved), and the database may just be coming back.
-    let finisher = match connect_patiently(target, opts.reconnect_for, progress).await {
+    let finisher = match connect_patiently(target, opts.reconnect_for, progress, shutdown).await {
         Ok(c) => c,
         Err(e) => {
             heartbeat.abort();
+            if let Ok(LoopEnd::Stopped | LoopEnd::Cancelled) = result {
+                progress.finish("stopped");
+                return Err(stopped_unrecorded(job, &e, &tally, &checkpoint, workers));
+            }
             return Err(e);
         }
     };
@@ -453,24 +473,77 @@ async fn key_range(
     Ok(total)
 }
 
-/// Connects, retrying for up to `patience` while the database is unreachable.
+/// Connects, retrying for up to `patience` while the database is unreachable. Once a stop is
+/// requested it waits for nothing: one attempt of at most `STOP_CONNECT_WITHIN`, then the error
+/// (the caller says what could not be recorded).
 async fn connect_patiently(
     target: &Target,
     patience: Duration,
     progress: &Progress,
+    shutdown: &Shutdown,
 ) -> Result<tokio_postgres::Client> {
     let since = Instant::now();
     loop {
-        match target.connect().await {
-            Ok(c) => return Ok(c),
-            Err(e) if since.elapsed() >= patience => return Err(e),
-            Err(_) => {
+        let stopping = shutdown.stop_requested();
+        let attempt = if stopping {
+            tokio::time::timeout(STOP_CONNECT_WITHIN, target.connect())
+                .await
+                .ok()
+        } else {
+            // A stop requested during a slow connect (an unreachable host) ends the wait.
+            tokio::select! {
+                r = target.connect() => Some(r),
+                _ = shutdown.sleep(patience) => None,
+            }
+        };
+        match attempt {
+            Some(Ok(c)) => return Ok(c),
+            Some(Err(e)) if stopping || since.elapsed() >= patience => return Err(e),
+            None if stopping || since.elapsed() >= patience => {
+                return Err(Error::Runtime(format!(
+                    "{} did not answer within {}s",
+                    target.describe(),
+                    if stopping {
+                        STOP_CONNECT_WITHIN
+                    } else {
+                        patience
+                    }
+                    .as_secs()
+                )))
+            }
+            None => {}
+            Some(Err(_)) => {
                 progress.set_held(Some("waiting for database"));
-                tokio::time::sleep(RECONNECT_POLL_MAX).await;
-                progress.held("database_unavailable", RECONNECT_POLL_MAX);
+                let t = Instant::now();
+                shutdown.sleep(RECONNECT_POLL_MAX).await;
+                progress.held("database_unavailable", t.elapsed());
             }
         }
     }
+}
+
+/// The error of a run stopped (signal or `backfill cancel`) while the database was unreachable:
+/// every chunk it committed is saved with its checkpoint, but its end could not be recorded, so
+/// the next run finds it gone (history: `abandoned`) and takes over at once.
+fn stopped_unrecorded(
+    job: &JobSpec,
+    why: &Error,
+    tally: &Tally,
+    at_start: &store::Checkpoint,
+    workers: u32,
+) -> Error {
+    let name = &job.name;
+    let resume = match (&tally.last, &at_start.cursor) {
+        _ if workers > 1 || at_start.ranges.len() > 1 => {
+            "resumes each key range after its last committed key".to_string()
+        }
+        (Some(k), _) | (None, Some(k)) => format!("resumes after key {}", show_key(k)),
+        (None, None) => "starts at the first key".to_string(),
+    };
+    Error::Interrupted(format!(
+        "{name}: stopped while the database is unreachable: {} rows in {} chunks this run, each committed with its checkpoint; the stop itself could not be recorded ({why}), so the run will show as abandoned; `backfill run {name}` {resume} once the database is back",
+        tally.rows, tally.chunks
+    ))
 }
 
 enum LoopEnd {
@@ -486,6 +559,8 @@ struct Tally {
     affected: i64,
     chunks: i64,
     skipped: i64,
+    /// The last key committed (for a run of one worker on one range: its cursor).
+    last: Option<KeyValue>,
 }
 
 impl Tally {
@@ -494,6 +569,9 @@ impl Tally {
         self.affected += t.affected;
         self.chunks += t.chunks;
         self.skipped += t.skipped;
+        if t.last.is_some() {
+            self.last = t.last.clone();
+        }
     }
 }
 
@@ -534,6 +612,14 @@ struct Shared<'a> {
 }
 
 impl Shared<'_> {
+    /// How long one chunk may keep meeting lock contention: the run's flag, else the job's.
+    fn contention_budget(&self) -> Duration {
+        self.opts
+            .contention_budget
+            .or(self.job.contention_budget)
+            .unwrap_or(DEFAULT_CONTENTION_BUDGET)
+    }
+
     /// Walks the job's ranges with this run's workers until none is left (or the run stops).
     async fn walk_all(&self, chunk_rows: i64, tally: &mut Tally) -> Result<LoopEnd> {
         let ends = futures_util::future::join_all(
@@ -560,8 +646,13 @@ impl Shared<'_> {
     async fn verify_and_sweep(&self) -> Result<AfterPass> {
         let (job, store) = (self.job, self.store);
         let name = job.name.as_str();
-        let mut client =
-            connect_patiently(self.target, self.opts.reconnect_for, self.progress).await?;
+        let mut client = connect_patiently(
+            self.target,
+            self.opts.reconnect_for,
+            self.progress,
+            self.shutdown,
+        )
+        .await?;
         store.set_phase(&client, name, "verifying").await?;
         let seen = store.sweeps(&client, name).await?;
         let n = crate::migrator::verify(&client, job, self.opts.verify_timeout).await?;
@@ -658,9 +749,19 @@ struct Pace {
     controls: store::Controls,
     /// The hold reason last written to the run's row.
     holding: Option<String>,
+    /// Workers whose chunk keeps meeting lock contention, with the hold reason each shows.
+    contended: std::collections::BTreeMap<i32, Shown>,
     /// When replication lag was last sampled.
     lag_sampled: Option<Instant>,
     rate_shown: bool,
+}
+
+/// A hold as shown: the reason stored for `status` (which adds when it started), and when it
+/// started for the progress display and the log, where that is part of the news.
+#[derive(Debug, Clone, PartialEq)]
+struct Shown {
+    reason: String,
+    since: Option<String>,
 }
 
 /// What one chunk attempt came to.
@@ -741,7 +842,21 @@ struct Worker<'s, 'a> {
     attempt: u32,
     /// When the database became unreachable, while it is.
     outage: Option<Instant>,
+    /// While the worker's chunk keeps meeting lock contention.
+    contention: Option<Contention>,
     tally: Tally,
+}
+
+/// A chunk that keeps meeting lock contention (reset when a chunk commits).
+struct Contention {
+    since: Instant,
+    /// The hold reason: "lock contention on keys A..=B".
+    reason: String,
+    /// When it started, as shown: "since T".
+    since_utc: String,
+    logged: Instant,
+    /// From when the time held is not booked on the metrics yet.
+    unbooked: Instant,
 }
 
 impl<'s, 'a> Worker<'s, 'a> {
@@ -756,6 +871,7 @@ impl<'s, 'a> Worker<'s, 'a> {
             narrow_left: 0,
             attempt: 0,
             outage: None,
+            contention: None,
             tally: Tally::default(),
         }
     }
@@ -791,8 +907,15 @@ impl<'s, 'a> Worker<'s, 'a> {
             if self.shared.lease.is_lost() {
                 return Err(store::lost(&name));
             }
-            if self.read_controls().await {
-                return Ok(LoopEnd::Cancelled);
+            match self.read_controls().await {
+                Ok(true) => return Ok(LoopEnd::Cancelled),
+                Ok(false) => {}
+                Err(ChunkError::Lost) => return Err(store::lost(&name)),
+                Err(ChunkError::Stalled(stall)) => return Err(stalled(&name, &stall)),
+                Err(ChunkError::Failed(f)) => {
+                    self.recover(f).await?;
+                    continue;
+                }
             }
             if self.range.is_none() {
                 match self.acquire().await {
@@ -840,6 +963,7 @@ impl<'s, 'a> Worker<'s, 'a> {
                     }
                 }
                 Ok(Step::RangeDone) => {
+                    self.contention_over().await;
                     self.range = None;
                     self.shared.range_finished.notify_waiters();
                 }
@@ -942,49 +1066,65 @@ impl<'s, 'a> Worker<'s, 'a> {
     }
 
     /// Reads the job's controls (at most every 0.2 s for the whole run) and applies new
-    /// settings. True: cancel.
-    async fn read_controls(&mut self) -> bool {
+    /// settings. True: cancel. The first read happens before the worker's first chunk, on a
+    /// connection of its own if it has none yet: a job paused or cancelled before the run started
+    /// must not write a chunk first. Until one read has succeeded, a failed read is a failed
+    /// attempt (waited out like any other); after that, the last controls read stay in force.
+    async fn read_controls(&mut self) -> Result<bool, ChunkError> {
         let shared = self.shared;
-        let mut pace = shared.pace.lock().await;
-        if !pace.rate_shown {
-            pace.rate_shown = true;
-            shared
-                .progress
-                .set_rate_limit(pace.throttle.spec().rows_per_second);
+        {
+            let mut pace = shared.pace.lock().await;
+            if !pace.rate_shown {
+                pace.rate_shown = true;
+                shared
+                    .progress
+                    .set_rate_limit(pace.throttle.spec().rows_per_second);
+            }
+            if pace
+                .controls_read
+                .is_some_and(|t| t.elapsed() < CONTROLS_EVERY)
+            {
+                return Ok(pace.controls.cancel);
+            }
         }
+        // Connect without holding the run's pace: the other workers go on meanwhile.
+        let conn = self.connection().await?;
+        let mut pace = shared.pace.lock().await;
         if pace
             .controls_read
             .is_some_and(|t| t.elapsed() < CONTROLS_EVERY)
         {
-            return pace.controls.cancel;
+            return Ok(pace.controls.cancel);
         }
-        let Some(conn) = self.conn.as_ref().filter(|c| !c.is_closed()) else {
-            return false;
+        let c = match shared.store.controls(&***conn, &shared.job.name).await {
+            Ok(c) => c,
+            Err(e) if pace.controls_read.is_none() => {
+                return Err(failed("reading the job's controls", None)(e))
+            }
+            Err(_) => return Ok(pace.controls.cancel),
         };
         pace.controls_read = Some(Instant::now());
-        if let Ok(c) = shared.store.controls(&***conn, &shared.job.name).await {
-            if c != pace.controls {
-                pace.throttle.apply(&c);
-                shared
-                    .progress
-                    .set_chunk_size(pace.throttle.chunk_rows() as u64);
-                shared
-                    .progress
-                    .set_rate_limit(pace.throttle.spec().rows_per_second);
-                if c.rows_per_second != pace.controls.rows_per_second
-                    || c.target_chunk_time != pace.controls.target_chunk_time
-                    || c.pause != pace.controls.pause
-                {
-                    shared.progress.log(&format!(
-                        "{}: new settings from `backfill set`: {}",
-                        shared.job.name,
-                        describe_controls(&c)
-                    ));
-                }
-                pace.controls = c;
+        if c != pace.controls {
+            pace.throttle.apply(&c);
+            shared
+                .progress
+                .set_chunk_size(pace.throttle.chunk_rows() as u64);
+            shared
+                .progress
+                .set_rate_limit(pace.throttle.spec().rows_per_second);
+            if c.rows_per_second != pace.controls.rows_per_second
+                || c.target_chunk_time != pace.controls.target_chunk_time
+                || c.pause != pace.controls.pause
+            {
+                shared.progress.log(&format!(
+                    "{}: new settings from `backfill set`: {}",
+                    shared.job.name,
+                    describe_controls(&c)
+                ));
             }
+            pace.controls = c;
         }
-        pace.controls.cancel
+        Ok(pace.controls.cancel)
     }
 
     /// Holds while paused or while a health signal says so. True when it held (the caller
@@ -1007,23 +1147,15 @@ impl<'s, 'a> Worker<'s, 'a> {
                     None => None,
                 }
             };
-            let detail = hold.as_ref().map(|h| h.detail.clone());
-            if detail != pace.holding {
-                if let Some(conn) = self.conn.as_ref().filter(|c| !c.is_closed()) {
-                    let _ = shared
-                        .store
-                        .set_hold(&***conn, shared.run_id, detail.as_deref())
-                        .await;
-                }
-                match &detail {
-                    Some(d) => shared.progress.log(&format!("{name}: holding: {d}")),
-                    None => shared
-                        .progress
-                        .log(&format!("{name}: no longer held; continuing")),
-                }
-                shared.progress.set_held(detail.as_deref());
-                pace.holding = detail;
-            }
+            // A worker's lock contention shows while nothing else holds the run.
+            let shown = hold
+                .as_ref()
+                .map(|h| Shown {
+                    reason: h.detail.clone(),
+                    since: None,
+                })
+                .or_else(|| pace.contended.values().next().cloned());
+            self.show_hold(&mut pace, shown).await;
             let nap = pace
                 .throttle
                 .spec()
@@ -1037,10 +1169,58 @@ impl<'s, 'a> Worker<'s, 'a> {
         Ok(true)
     }
 
+    /// Writes why the run is held (None: it is not) for `status`, the progress display and the
+    /// log, when that changed.
+    async fn show_hold(&self, pace: &mut Pace, shown: Option<Shown>) {
+        let shared = self.shared;
+        let detail = shown.as_ref().map(|h| h.reason.clone());
+        if detail == pace.holding {
+            return;
+        }
+        let name = shared.job.name.as_str();
+        if let Some(conn) = self.conn.as_ref().filter(|c| !c.is_closed()) {
+            let _ = shared
+                .store
+                .set_hold(&***conn, shared.run_id, detail.as_deref())
+                .await;
+        }
+        let text = shown.map(|h| match h.since {
+            Some(t) => format!("{} since {t}", h.reason),
+            None => h.reason,
+        });
+        match &text {
+            Some(d) => shared.progress.log(&format!("{name}: holding: {d}")),
+            None => shared
+                .progress
+                .log(&format!("{name}: no longer held; continuing")),
+        }
+        shared.progress.set_held(text.as_deref());
+        pace.holding = detail;
+    }
+
+    /// The worker's chunk went through: its lock contention (if any) is over.
+    async fn contention_over(&mut self) {
+        let Some(c) = self.contention.take() else {
+            return;
+        };
+        let shared = self.shared;
+        shared.progress.log(&format!(
+            "{}: the lock contention is over after {}s; continuing",
+            shared.job.name,
+            c.since.elapsed().as_secs()
+        ));
+        let mut pace = shared.pace.lock().await;
+        pace.contended.remove(&self.id);
+        // Nothing else held the run, or this worker would not have run its chunk.
+        let shown = pace.contended.values().next().cloned();
+        self.show_hold(&mut pace, shown).await;
+    }
+
     /// Books a committed chunk and adapts the pace; returns the rest to take before the next.
     async fn committed(&mut self, done: ChunkDone) -> Duration {
         let shared = self.shared;
         self.attempt = 0;
+        self.contention_over().await;
         if self.outage.take().is_some() {
             shared
                 .progress
@@ -1062,6 +1242,7 @@ impl<'s, 'a> Worker<'s, 'a> {
         }
         let rest = pace.throttle.rest(done.took);
         drop(pace);
+        self.tally.last = Some(done.last.clone());
         self.cursor = Some(done.last);
         self.passed(done.keys).await;
         shared
@@ -1105,6 +1286,16 @@ impl<'s, 'a> Worker<'s, 'a> {
             shared.progress.chunk_failed(f.class.label());
         }
         match f.class {
+            // Stopping: nothing is in flight any more (the chunk failed), so there is nothing to
+            // wait for; the caller's loop ends the walk.
+            ErrorClass::Connection if shared.shutdown.stop_requested() => {
+                shared.progress.log(&format!(
+                    "{name}: lost the database while {} ({}) while stopping; nothing uncommitted was kept",
+                    f.stage, f.text
+                ));
+                self.conn = None;
+                Ok(())
+            }
             ErrorClass::Connection => {
                 let first = self.outage.is_none();
                 let since = *self.outage.get_or_insert_with(Instant::now);
@@ -1141,11 +1332,76 @@ impl<'s, 'a> Worker<'s, 'a> {
                 let (key, _) = f.range.clone().expect("a single-key chunk has a range");
                 self.poison(&key, &f).await
             }
-            ErrorClass::Contention | ErrorClass::Timeout => {
+            ErrorClass::Contention => {
+                let budget = shared.contention_budget();
+                let now = Instant::now();
+                let first = self.contention.is_none();
+                let c = self.contention.get_or_insert_with(|| Contention {
+                    since: now,
+                    reason: format!("lock contention on {where_}"),
+                    since_utc: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                        .to_string(),
+                    logged: now,
+                    unbooked: now,
+                });
+                // The failed attempt waited for the lock: that is time held too.
+                shared
+                    .progress
+                    .held("lock_contention", now.duration_since(c.unbooked));
+                c.unbooked = now;
+                let spent = c.since.elapsed();
+                if spent >= budget {
+                    return Err(Error::Runtime(format!(
+                        "job {name}: {where_} kept meeting lock contention for {}s, the whole contention budget ({}; --contention-budget or the job's contention_budget), last while {}: {}; nothing of this chunk was committed; find the session holding the lock (pg_locks, pg_blocking_pids) or give a longer budget, then run `backfill run {name}` again: it resumes {resume_at}",
+                        spent.as_secs(),
+                        humantime::format_duration(budget),
+                        f.stage,
+                        f.text
+                    )));
+                }
+                self.attempt += 1;
+                let delay = backoff(self.attempt).min(budget - spent);
+                if first || c.logged.elapsed() >= CONTENTION_LOG_EVERY {
+                    c.logged = now;
+                    shared.progress.log(&format!(
+                        "{name}: {where_} failed while {}: {}; lock contention for {}s so far: retrying in {} ms, for up to {} in all",
+                        f.stage,
+                        f.text,
+                        spent.as_secs(),
+                        delay.as_millis(),
+                        humantime::format_duration(budget)
+                    ));
+                }
+                let shown = Shown {
+                    reason: c.reason.clone(),
+                    since: Some(c.since_utc.clone()),
+                };
+                {
+                    let mut pace = shared.pace.lock().await;
+                    pace.contended.insert(self.id, shown);
+                    // Not over another reason (a pause, a health signal): that one shows first.
+                    let other = pace
+                        .holding
+                        .as_ref()
+                        .is_some_and(|h| !pace.contended.values().any(|c| &c.reason == h));
+                    if !other {
+                        let shown = pace.contended.values().next().cloned();
+                        self.show_hold(&mut pace, shown).await;
+                    }
+                }
+                shared.shutdown.sleep(delay).await;
+                let c = self.contention.as_mut().expect("set above");
+                shared
+                    .progress
+                    .held("lock_contention", c.unbooked.elapsed());
+                c.unbooked = Instant::now();
+                Ok(())
+            }
+            ErrorClass::Timeout => {
                 self.attempt += 1;
                 if self.attempt >= shared.opts.max_attempts {
                     return Err(Error::Runtime(format!(
-                        "job {name}: {where_} failed while {} (gave up after {} attempts): {}; nothing of this chunk was committed; run `backfill run {name}` again (perhaps with a longer --lock-timeout or --statement-timeout): it resumes {resume_at}",
+                        "job {name}: {where_} failed while {} (gave up after {} attempts, --max-attempts): {}; nothing of this chunk was committed; run `backfill run {name}` again (perhaps with a longer --statement-timeout): it resumes {resume_at}",
                         f.stage, self.attempt, f.text
                     )));
                 }
@@ -1158,7 +1414,7 @@ impl<'s, 'a> Worker<'s, 'a> {
                     self.attempt + 1,
                     shared.opts.max_attempts
                 ));
-                shared.progress.set_held(Some("retrying after contention"));
+                shared.progress.set_held(Some("retrying after a statement timeout"));
                 shared.shutdown.sleep(delay).await;
                 shared.progress.held("retry_backoff", delay);
                 Ok(())
@@ -1584,16 +1840,28 @@ mod tests {
 
     #[test]
     fn backoff_grows_with_jitter_and_is_capped() {
-        for attempt in 1..20 {
+        // The README's numbers, written out: 200 ms doubling per attempt, at most 5 s, each
+        // delay jittered between half of that and all of it.
+        let ceilings_ms: [u64; 8] = [200, 400, 800, 1600, 3200, 5000, 5000, 5000];
+        for (i, &ms) in ceilings_ms.iter().enumerate() {
+            let attempt = i as u32 + 1;
+            let seen: std::collections::BTreeSet<Duration> =
+                (0..200).map(|_| backoff(attempt)).collect();
+            for d in &seen {
+                assert!(
+                    *d >= Duration::from_millis(ms / 2) && *d <= Duration::from_millis(ms),
+                    "attempt {attempt}: {d:?} outside {}..={ms} ms",
+                    ms / 2
+                );
+            }
+            assert!(seen.len() > 10, "attempt {attempt}: no jitter: {seen:?}");
+        }
+        for attempt in [20, 31, 32, 1000, u32::MAX] {
             let d = backoff(attempt);
-            let cap = BACKOFF_BASE
-                .saturating_mul(1 << (attempt - 1).min(16))
-                .min(BACKOFF_MAX);
             assert!(
-                d >= cap / 2 && d <= cap,
-                "attempt {attempt}: {d:?} vs {cap:?}"
+                d >= Duration::from_millis(2500) && d <= Duration::from_secs(5),
+                "attempt {attempt}: {d:?}"
             );
         }
-        assert!(backoff(30) <= BACKOFF_MAX);
     }
 }

@@ -470,8 +470,19 @@ impl TempCluster {
     /// Stops the server (fast shutdown: sessions are terminated, as in a failover or a restart by
     /// an operator), keeps it down for `down`, then starts it again on the same socket and port.
     pub fn restart(&mut self, down: Duration) -> Result<(), TempClusterError> {
-        self.shutdown_postmaster();
+        self.shut_down();
         std::thread::sleep(down);
+        self.start_again()
+    }
+
+    /// Stops the server (fast shutdown, as in `restart`) and leaves it down until
+    /// [`TempCluster::start_again`]: for tests of what happens while the database is away.
+    pub fn shut_down(&mut self) {
+        self.shutdown_postmaster();
+    }
+
+    /// Starts a server stopped by [`TempCluster::shut_down`] again, on the same socket and port.
+    pub fn start_again(&mut self) -> Result<(), TempClusterError> {
         self.spawn_postmaster()?;
         self.wait_ready()
     }

@@ -103,6 +103,7 @@ pub const METRICS: &[(&str, &str, &str)] = &[
 pub const HOLD_REASONS: &[&str] = &[
     "database_unavailable",
     "retry_backoff",
+    "lock_contention",
     "rate_limit",
     "pause",
     "paused",
@@ -336,15 +337,28 @@ impl Progress {
 
     /// The run was held for `d` for `reason` (one of [`HOLD_REASONS`]). Prometheus counters are
     /// integers here, so whole seconds are exported and the remainder is carried to the next hold.
+    /// Without a terminal, a held run still prints its progress line every interval (no chunk
+    /// commits to trigger one), saying why it is held.
     pub fn held(&self, reason: &'static str, d: Duration) {
         let i = HOLD_REASONS.iter().position(|r| *r == reason).unwrap_or(0);
-        let whole = {
+        let (whole, line) = {
             let mut s = self.state.lock().unwrap();
             s.held_carry[i] += d.as_secs_f64();
             let whole = s.held_carry[i].floor();
             s.held_carry[i] -= whole;
-            whole as u64
+            let due = self.bar.is_none()
+                && !self.quiet
+                && s.held.is_some()
+                && s.last_line.elapsed() >= self.opts.interval;
+            let line = due.then(|| {
+                s.last_line = Instant::now();
+                self.progress_line(&s)
+            });
+            (whole as u64, line)
         };
+        if let Some(line) = line {
+            eprintln!("{line}");
+        }
         if whole > 0 {
             counter!("backfill_held_seconds_total", "job" => self.job.clone(), "reason" => reason)
                 .increment(whole);

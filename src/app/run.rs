@@ -57,6 +57,7 @@ pub(super) async fn run(
         statement_timeout: args.statement_timeout,
         chunk_rows: args.chunk_rows,
         max_attempts: args.max_attempts,
+        contention_budget: args.contention_budget,
         verify_timeout: args.verify_timeout,
         reconnect_for: args.reconnect_for,
         rows_per_second: args.rows_per_second,

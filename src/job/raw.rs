@@ -16,6 +16,7 @@ pub struct RawJob {
     pub verify: Option<Spanned<String>>,
     pub lock_timeout: Option<Spanned<String>>,
     pub statement_timeout: Option<Spanned<String>>,
+    pub contention_budget: Option<Spanned<String>>,
     pub on_error: Option<Spanned<String>>,
     pub throttle: Option<Spanned<RawThrottle>>,
     pub requires_sql: Option<Spanned<String>>,

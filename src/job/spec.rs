@@ -128,6 +128,9 @@ pub struct JobSpec {
     pub verify: Option<String>,
     pub lock_timeout: Duration,
     pub statement_timeout: Duration,
+    /// How long one chunk may keep meeting lock contention before the run fails (None: the
+    /// engine's default, unless `run --contention-budget` says otherwise).
+    pub contention_budget: Option<Duration>,
     pub on_error: OnError,
     pub throttle: super::ThrottleSpec,
     /// A query that must return true before the job may run (e.g. the new column exists).
@@ -324,6 +327,13 @@ impl JobSpec {
             DEFAULT_STATEMENT_TIMEOUT,
         )?;
 
+        let contention_budget = match raw.contention_budget.as_ref() {
+            None => None,
+            Some(v) => {
+                Some(parse_duration(v.get_ref()).map_err(|m| at.err("contention_budget", v, m))?)
+            }
+        };
+
         let on_error = match raw.on_error.as_ref() {
             None => OnError::Stop,
             Some(v) => match v.get_ref().as_str() {
@@ -361,6 +371,7 @@ impl JobSpec {
             verify,
             lock_timeout,
             statement_timeout,
+            contention_budget,
             on_error,
             throttle,
             requires_sql: phases.requires_sql,
@@ -622,6 +633,10 @@ sql = "UPDATE orders SET n = n + 1 WHERE id BETWEEN :start AND :end"
         .unwrap();
         assert_eq!(j.lock_timeout, Duration::from_millis(250));
         assert_eq!(j.statement_timeout, Duration::from_secs(60));
+        assert_eq!(j.contention_budget, None);
+        let j = parse(&format!("{OK}contention_budget = \"30m\"\n")).unwrap();
+        assert_eq!(j.contention_budget, Some(Duration::from_secs(1800)));
+        assert!(parse(&format!("{OK}contention_budget = \"forever\"\n")).is_err());
     }
 
     #[test]

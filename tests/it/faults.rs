@@ -434,3 +434,99 @@ fn a_statement_that_writes_outside_its_chunk_stops_the_run() {
     db.run(&["run", "gaps"]).expect(0);
     assert_eq!(db.i64("SELECT count(*) FROM g"), 10_000 - 9 - 9 * 9);
 }
+
+#[test]
+fn sigterm_while_the_database_is_away_exits_130_at_once_and_the_next_run_resumes() {
+    use std::io::BufRead;
+    // Its own server: it is taken down while the run waits for it.
+    let mut cluster = TempCluster::start().expect("a throwaway PostgreSQL");
+    let url = cluster.url("postgres");
+    let db = TestDb::on(&url, "away");
+    db.exec(
+        "CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT g * 3 FROM generate_series(1, 3000) g;",
+    );
+    db.write_job("a", &slow_job("0.05", 20, ""));
+    // The default --reconnect-for (5 minutes): a stop must not wait for it.
+    let mut child = db
+        .cmd(&["run", "a"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    db.wait_for(
+        "SELECT coalesce((SELECT rows_done >= 200 FROM backfill.progress WHERE job = 'a'), false)",
+        Duration::from_secs(60),
+    );
+    drop(db); // its session would only be cut off
+    cluster.shut_down();
+    let mut seen = Vec::new();
+    let t = Instant::now();
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("waiting for it to come back"))
+    {
+        let left = Duration::from_secs(30).saturating_sub(t.elapsed());
+        match lines.recv_timeout(left) {
+            Ok(l) => seen.push(l),
+            Err(_) => panic!("the run never noticed the database was gone: {seen:#?}"),
+        }
+    }
+    signal(&child, libc::SIGTERM);
+    let stopped = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if stopped.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            cluster.start_again().unwrap();
+            panic!("SIGTERM while the database is away: no exit after 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let took = stopped.elapsed();
+    reader.join().unwrap();
+    seen.extend(lines.try_iter());
+    let stderr = seen.join("\n");
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(
+        took < Duration::from_secs(10),
+        "exit took {took:?}: {stderr}"
+    );
+    assert!(
+        stderr.contains("stopped while the database is unreachable")
+            && stderr.contains("resumes after key"),
+        "{stderr}"
+    );
+    let after_stop = &stderr[stderr.find("SIGTERM received").expect("logged")..];
+    assert!(
+        !after_stop.contains("waiting for"),
+        "no wait after the stop: {stderr}"
+    );
+    // Back again: the next run takes over at the last committed key; every row exactly once.
+    cluster.start_again().unwrap();
+    let db = TestDb::on(&url, "away");
+    db.write_job("a", &slow_job("0.05", 20, ""));
+    let out = db.run(&["run", "a", "--chunk-rows", "500"]);
+    out.expect(0);
+    assert!(out.stderr.contains("resuming after key"), "{out:?}");
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0, "{out:?}");
+    assert_eq!(
+        db.i64("SELECT rows_done FROM backfill.progress WHERE job = 'a'"),
+        3000
+    );
+    drop(db);
+    cluster.stop().unwrap();
+}

@@ -238,3 +238,128 @@ fn a_held_row_lock_makes_the_chunk_retry_without_stalling_the_application() {
     );
     assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
 }
+
+/// The run's hold reason as `status` reads it.
+fn hold_reason(db: &TestDb, job: &str) -> Option<String> {
+    db.text(&format!(
+        "SELECT (SELECT hold_reason FROM backfill.progress WHERE job = '{job}')"
+    ))
+}
+
+#[test]
+fn lock_contention_longer_than_a_few_retries_is_outlasted_and_shown_as_held() {
+    use crate::observability::{free_port, http_get};
+    let db = TestDb::new();
+    db.run(&["init"]).expect(0);
+    counter_table(&db, 1000);
+    db.write_job("h", &counter_job("lock_timeout = \"200ms\"\n"));
+    // An application transaction holds one row for 9 s: far longer than the old retry budget
+    // (5 attempts: 1 s of lock waits and at most 3 s of backoff here).
+    let holder = db.session();
+    holder.exec("BEGIN; SELECT * FROM t WHERE id = 700 FOR UPDATE;");
+    let locked = Instant::now();
+    let mport = free_port();
+    let mut child = db.spawn(&[
+        "run",
+        "h",
+        "--progress-interval",
+        "1s",
+        "--metrics-addr",
+        &mport.to_string(),
+    ]);
+    db.wait_for(
+        "SELECT coalesce((SELECT hold_reason LIKE 'lock contention on keys %..=%' FROM backfill.progress WHERE job = 'h'), false)",
+        Duration::from_secs(30),
+    );
+    let reason = hold_reason(&db, "h").unwrap();
+    let status = db.run(&["status", "h"]);
+    // status: "held   lock contention on keys 601..=750 (since 2026-12-01T08:19:31Z)"
+    assert!(
+        status
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("held ") && l.contains(&format!("{reason} (since 20"))),
+        "{status:?}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&db.run(&["status", "h", "--json"]).stdout).unwrap();
+    assert_eq!(json["checkpoint"]["hold_reason"], reason.as_str(), "{json}");
+    assert!(json["checkpoint"]["held_since"].is_string(), "{json}");
+    // The metrics book the time as held for lock contention.
+    let t = Instant::now();
+    loop {
+        let held = http_get(mport, "/metrics").and_then(|m| {
+            m.lines()
+                .find(|l| {
+                    l.starts_with(
+                        "backfill_held_seconds_total{job=\"h\",reason=\"lock_contention\"}",
+                    )
+                })
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        });
+        if held.is_some_and(|s| s >= 1.0) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no lock_contention hold on the metrics: {held:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The scenario: the lock stays for 9 s in all; the run waits it out.
+    std::thread::sleep(Duration::from_secs(9).saturating_sub(locked.elapsed()));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the run gave up while the lock was held"
+    );
+    let done = db.i64("SELECT rows_done FROM backfill.progress WHERE job = 'h'");
+    assert!(done < 1000, "{done}");
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n = 1"), done);
+    holder.exec("COMMIT");
+    let out = wait_out(child, Duration::from_secs(60));
+    out.expect(0);
+    assert!(
+        out.stderr.contains("SQLSTATE 55P03")
+            && out.stderr.contains(&format!("held: {reason} since 20"))
+            && out.stderr.contains("the lock contention is over"),
+        "{out:?}"
+    );
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+    assert_eq!(
+        db.i64("SELECT rows_done FROM backfill.progress WHERE job = 'h'"),
+        1000
+    );
+}
+
+#[test]
+fn lock_contention_beyond_the_budget_fails_saying_where_it_resumes() {
+    let db = TestDb::new();
+    counter_table(&db, 1000);
+    db.write_job(
+        "b",
+        &counter_job("lock_timeout = \"200ms\"\ncontention_budget = \"1h\"\n"),
+    );
+    let holder = db.session();
+    holder.exec("BEGIN; SELECT * FROM t WHERE id = 700 FOR UPDATE;");
+    // The flag overrides the job's budget.
+    let out = db.run(&["run", "b", "--contention-budget", "3s"]);
+    holder.exec("COMMIT");
+    assert_eq!(out.code, 1, "{out:?}");
+    let done = db.i64("SELECT rows_done FROM backfill.progress WHERE job = 'b'");
+    assert!(done > 0 && done < 1000, "{done}");
+    assert!(
+        out.stderr.contains("kept meeting lock contention")
+            && out.stderr.contains("55P03")
+            && out.stderr.contains("contention budget (3s")
+            && out.stderr.contains("resumes after key"),
+        "{out:?}"
+    );
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n = 1"), done);
+    assert_eq!(
+        db.text("SELECT state FROM backfill.checkpoints WHERE job = 'b'")
+            .as_deref(),
+        Some("failed")
+    );
+    db.run(&["run", "b"]).expect(0);
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+}

@@ -504,3 +504,61 @@ fn a_wal_rate_above_the_budget_holds_the_run() {
     );
     assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
 }
+
+#[test]
+fn a_job_paused_before_its_run_starts_writes_nothing_until_resumed() {
+    let db = polled_db(TestDb::new());
+    counter_table(&db, 1000);
+    db.write_job("q", &job("", "target_chunk_time = \"0s\"\n"));
+    let out = db.run(&["pause", "q"]);
+    out.expect(0);
+    assert!(out.stdout.contains("will start held"), "{out:?}");
+    let child = db.spawn(&["run", "q"]);
+    // Held from the start: the controls are read before the first chunk, not after it.
+    assert_held(&db, "q", "paused by `backfill pause`");
+    assert_eq!(
+        db.i64("SELECT count(*) FROM t WHERE n <> 0"),
+        0,
+        "a paused job must write nothing"
+    );
+    assert_eq!(rows_done(&db, "q"), 0);
+    db.run(&["resume", "q"]).expect(0);
+    let out = wait_out(child, Duration::from_secs(60));
+    out.expect(0);
+    assert!(out.stderr.contains("holding: paused"), "{out:?}");
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+}
+
+#[test]
+fn a_cancel_in_force_when_a_run_starts_is_honoured_before_any_write() {
+    let db = polled_db(TestDb::new());
+    counter_table(&db, 1000);
+    db.write_job("z", &job("", "target_chunk_time = \"0s\"\n"));
+    // A first runner, held by a pause from its start, then frozen: its lease stays alive (for
+    // 30 s), so a cancel is accepted and is still in force when a second runner joins.
+    db.run(&["pause", "z"]).expect(0);
+    let first = db.spawn(&["run", "z"]);
+    assert_held(&db, "z", "paused by `backfill pause`");
+    signal(&first, libc::SIGSTOP);
+    db.run(&["cancel", "z"]).expect(0);
+    db.run(&["resume", "z"]).expect(0);
+    let second = wait_out(db.spawn(&["run", "z"]), Duration::from_secs(30));
+    assert_eq!(second.code, 130, "{second:?}");
+    assert!(
+        second.stderr.contains("cancelled by `backfill cancel`"),
+        "{second:?}"
+    );
+    assert_eq!(
+        db.i64("SELECT count(*) FROM t WHERE n <> 0"),
+        0,
+        "a cancelled job must write nothing: {second:?}"
+    );
+    signal(&first, libc::SIGCONT);
+    let first = wait_out(first, Duration::from_secs(30));
+    assert_eq!(first.code, 130, "{first:?}");
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 0"), 0);
+    assert_eq!(rows_done(&db, "z"), 0);
+    // The cancel was for those runs: the next one goes to the end.
+    db.run(&["run", "z"]).expect(0);
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+}
