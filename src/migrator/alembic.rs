@@ -1095,7 +1095,10 @@ depends_on: Union[str, Sequence[str], None] = None
         assert!(!again.contains("bbbb0001"));
         let fresh = RevisionGraph::reload(&t.0, false).unwrap();
         assert!(fresh.contains("bbbb0001"));
-        assert!(Arc::ptr_eq(&fresh, &RevisionGraph::cached(&t.0, false).unwrap()));
+        assert!(Arc::ptr_eq(
+            &fresh,
+            &RevisionGraph::cached(&t.0, false).unwrap()
+        ));
     }
 
     #[test]
