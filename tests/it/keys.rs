@@ -340,3 +340,47 @@ fn an_index_with_another_collation_or_operator_class_is_refused() {
         );
     }
 }
+
+/// Text keys under linguistic collations (ICU German, and a nondeterministic case-insensitive
+/// one), walked and split between two workers: every row exactly once, in the collation's order.
+#[test]
+fn text_keys_under_linguistic_collations_are_walked_and_split_exactly_once() {
+    let db = TestDb::new();
+    db.exec(
+        "CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false);
+         CREATE TABLE de (w text COLLATE \"de-x-icu\" PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO de (w) SELECT (ARRAY['Äpfel', 'apfel', 'Zebra', 'zebra', 'éclair', 'Eclair', 'straße', 'strasse', 'ß'])[1 + g % 9] || ' ' || g
+           FROM generate_series(1, 3000) g;
+         CREATE TABLE nd (w text COLLATE ci NOT NULL, n int NOT NULL DEFAULT 0);
+         CREATE UNIQUE INDEX nd_w ON nd (w);
+         INSERT INTO nd (w) SELECT CASE WHEN g % 2 = 0 THEN upper(left(md5(g::text), 3)) || substr(md5(g::text), 4) ELSE md5(g::text) END
+           FROM generate_series(1, 3000) g;
+         ANALYZE de; ANALYZE nd;",
+    );
+    // The collations really differ from byte order here (else the test would prove nothing).
+    assert!(db.i64("SELECT count(*) FROM de a JOIN de b ON a.w < b.w AND a.w COLLATE \"C\" > b.w COLLATE \"C\"") > 0);
+    assert_eq!(db.i64("SELECT count(*) FROM nd WHERE w = upper(w)"), 3000);
+    assert!(db.i64("SELECT count(*) FROM nd WHERE w COLLATE \"C\" = upper(w) COLLATE \"C\"") < 100);
+    for table in ["de", "nd"] {
+        db.write_job(
+            table,
+            &format!(
+                "table = \"{table}\"\nkey = [\"w\"]\nchunk_rows = 50\n\
+                 sql = \"UPDATE {table} SET n = n + 1 WHERE w BETWEEN :start AND :end\"\n\
+                 throttle = {{ target_chunk_time = \"0s\" }}\n"
+            ),
+        );
+        db.run(&["run", table, "--workers", "2"]).expect(0);
+        assert_eq!(
+            db.i64(&format!("SELECT count(*) FROM {table} WHERE n <> 1")),
+            0,
+            "{table}: every row exactly once"
+        );
+        assert!(
+            db.i64(&format!(
+                "SELECT count(*) FROM backfill.ranges WHERE job = '{table}'"
+            )) > 1,
+            "{table}: the key range was split between the workers"
+        );
+    }
+}
