@@ -22,17 +22,26 @@ fn sigkill_at_random_moments_then_resume_applies_every_row_exactly_once() {
     db.write_job("k", &slow_counter_job("0.005", 20));
     let mut kills = 0;
     let mut mid_chunk = 0;
-    for round in 0..200 {
-        let child = db.spawn(&["run", "k"]);
-        let wait = Duration::from_millis(fastrand::u64(30..250));
-        let t = Instant::now();
-        let mut child = child;
+    let done = || db.i64("SELECT count(*) FROM t WHERE n > 0");
+    // Each round kills a run at a random moment after it made progress of its own (so the
+    // kills land anywhere in the chunk loop, however slow the machine is to start a process).
+    for round in 0..400 {
+        let before = done();
+        let mut child = db.spawn(&["run", "k"]);
         let mut finished = None;
-        while t.elapsed() < wait {
-            if let Some(status) = child.try_wait().unwrap() {
-                finished = Some(status);
-                break;
-            }
+        let started = Instant::now();
+        while finished.is_none() && done() == before {
+            finished = child.try_wait().unwrap();
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "round {round}: no progress in 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let wait = Duration::from_millis(fastrand::u64(0..120));
+        let t = Instant::now();
+        while finished.is_none() && t.elapsed() < wait {
+            finished = child.try_wait().unwrap();
             std::thread::sleep(Duration::from_millis(2));
         }
         match finished {
@@ -52,7 +61,7 @@ fn sigkill_at_random_moments_then_resume_applies_every_row_exactly_once() {
                 kills += 1;
             }
         }
-        assert!(round < 199, "the job never finished");
+        assert!(round < 399, "the job never finished");
     }
     assert!(
         kills >= 5,
