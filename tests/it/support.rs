@@ -228,24 +228,16 @@ impl TestDb {
 
     /// Waits until `sql` returns true, or panics after `limit`.
     pub fn wait_for(&self, sql: &str, limit: Duration) {
-        let t = Instant::now();
-        while t.elapsed() < limit {
-            let ok: bool = self
-                .rt
-                .block_on(self.client.query_one(sql, &[]))
-                .map(|r| r.get(0))
-                .unwrap_or(false);
-            if ok {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("timed out after {limit:?} waiting for: {sql}");
+        self.poll(sql, limit, None)
     }
 
     /// Like `wait_for`, for a condition a running child brings about: if the child exits first,
     /// panics with its output (instead of waiting out the limit).
     pub fn wait_for_child(&self, child: &mut Child, sql: &str, limit: Duration) {
+        self.poll(sql, limit, Some(child))
+    }
+
+    fn poll(&self, sql: &str, limit: Duration, mut child: Option<&mut Child>) {
         let t = Instant::now();
         while t.elapsed() < limit {
             let ok: bool = self
@@ -256,13 +248,15 @@ impl TestDb {
             if ok {
                 return;
             }
-            if child.try_wait().unwrap().is_some() {
-                let mut stderr = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    use std::io::Read;
-                    let _ = e.read_to_string(&mut stderr);
+            if let Some(child) = child.as_deref_mut() {
+                if child.try_wait().unwrap().is_some() {
+                    let mut stderr = String::new();
+                    if let Some(mut e) = child.stderr.take() {
+                        use std::io::Read;
+                        let _ = e.read_to_string(&mut stderr);
+                    }
+                    panic!("the child exited before: {sql}\n--- its stderr\n{stderr}");
                 }
-                panic!("the child exited before: {sql}\n--- its stderr\n{stderr}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
