@@ -952,25 +952,4 @@ mod tests {
         // `a$1` is an identifier, not a parameter.
         assert!(SqlTemplate::parse("WHERE a$1 = 0 AND id BETWEEN :start AND :end").is_ok());
     }
-
-    #[test]
-    fn chunk_sql_binds_cursor_upper_and_limit_in_order() {
-        let k = keyset(&["integer", "bigint"]);
-        let s = k.next_chunk_sql(true);
-        assert!(
-            s.contains("(\"k0\", \"k1\") > ($1::text::integer, $2::text::bigint)"),
-            "{s}"
-        );
-        assert!(
-            s.contains("<= ($3::text::integer, $4::text::bigint)"),
-            "{s}"
-        );
-        assert!(s.contains("OFFSET $5::bigint - 1"), "{s}");
-        let first = keyset(&["bigint"]).next_chunk_sql(false);
-        assert!(
-            first.contains("WHERE \"k0\" <= $1::text::bigint"),
-            "{first}"
-        );
-        assert!(first.contains("OFFSET $2::bigint - 1"), "{first}");
-    }
 }

@@ -384,3 +384,64 @@ fn text_keys_under_linguistic_collations_are_walked_and_split_exactly_once() {
         );
     }
 }
+
+/// The bounds query itself, on a real composite key: the next `limit` keys after the cursor and
+/// at most the upper bound, in index order; the last chunk short; nothing past the upper bound.
+#[test]
+fn the_bounds_query_returns_the_next_keys_after_the_cursor_up_to_the_upper_bound() {
+    use backfill::job::TableName;
+    use backfill::keyset::{ChunkBounds, KeyColumn, Keyset, Walk};
+    let db = TestDb::new();
+    db.exec(
+        "CREATE TABLE c (a int NOT NULL, b bigint NOT NULL, PRIMARY KEY (a, b));
+         INSERT INTO c SELECT a, b * 10 FROM generate_series(1, 3) a, generate_series(1, 5) b;",
+    );
+    let s = db.session();
+    let keyset = Keyset {
+        table: TableName {
+            schema: None,
+            name: "c".into(),
+        },
+        columns: vec![
+            KeyColumn {
+                name: "a".into(),
+                sql_type: "integer".into(),
+            },
+            KeyColumn {
+                name: "b".into(),
+                sql_type: "bigint".into(),
+            },
+        ],
+        index: "c_pkey".into(),
+        walk: Walk::Index,
+    };
+    let key = |a: i32, b: i64| vec![a.to_string(), b.to_string()];
+    let next = |cursor: Option<Vec<String>>, upper: Vec<String>, limit: i64| {
+        let params = backfill::keyset::next_chunk_params(cursor.as_ref(), &upper, &limit);
+        let sql = keyset.next_chunk_sql(cursor.is_some());
+        let row = s.block(s.client.query_one(&sql, &params)).unwrap();
+        keyset.read_bounds(&row, cursor.as_ref()).unwrap()
+    };
+    let chunk =
+        |keys: i64, first: Vec<String>, last: Vec<String>| Some(ChunkBounds { keys, first, last });
+    // From the start: the first four keys in (a, b) order.
+    assert_eq!(next(None, key(3, 50), 4), chunk(4, key(1, 10), key(1, 40)));
+    // After a cursor, across the first column's boundary.
+    assert_eq!(
+        next(Some(key(1, 40)), key(3, 50), 4),
+        chunk(4, key(1, 50), key(2, 30))
+    );
+    // The upper bound cuts the chunk short, and is included.
+    assert_eq!(
+        next(Some(key(2, 30)), key(2, 50), 4),
+        chunk(2, key(2, 40), key(2, 50))
+    );
+    // A cursor between keys (a key deleted since) and an upper bound that is not a key.
+    assert_eq!(
+        next(Some(key(2, 35)), key(3, 15), 10),
+        chunk(3, key(2, 40), key(3, 10))
+    );
+    // Nothing after the upper bound.
+    assert_eq!(next(Some(key(3, 50)), key(3, 50), 4), None);
+    assert_eq!(next(Some(key(2, 50)), key(2, 50), 4), None);
+}
