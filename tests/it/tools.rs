@@ -160,15 +160,17 @@ pub fn ensure_system_tools(path: &OsStr, allowed: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// The path of `program` (one of SYSTEM_TOOLS). The first call makes sure all of them are there.
+/// The path of `program` (one of SYSTEM_TOOLS). The first call installs every missing one at
+/// once, or learns the one command that would; a test fails only if its own program is missing.
 pub fn system_tool(program: &str) -> PathBuf {
     static READY: OnceLock<Result<(), String>> = OnceLock::new();
     let path = std::env::var_os("PATH").unwrap_or_default();
-    if let Err(e) = READY.get_or_init(|| ensure_system_tools(&path, may_install())) {
-        panic!("{e}");
+    let ready = READY.get_or_init(|| ensure_system_tools(&path, may_install()));
+    match (find_in(&path, program), ready) {
+        (Some(found), _) => found,
+        (None, Err(e)) => panic!("{e}"),
+        (None, Ok(())) => panic!("{program} is not one of the programs the tests provision"),
     }
-    find_in(&path, program)
-        .unwrap_or_else(|| panic!("{program} is not one of the programs the tests provision"))
 }
 
 /// A command running the tests' own Python, with the pinned migrators importable and nothing of
