@@ -1,6 +1,7 @@
 //! All integration tests in one binary (one throwaway PostgreSQL for all of them).
 
 mod support;
+mod tools;
 
 mod alembic_graph;
 mod definitions;

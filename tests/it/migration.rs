@@ -1,11 +1,10 @@
 //! End to end with real schema migrators: Alembic (with a branch and a merge) and Django run the
 //! expand step, `backfill run` follows, and the contract step — which calls the SQL gate — fails
-//! before the backfill is complete and succeeds after. The tools come from PyPI (`.ci/run`
-//! installs them).
+//! before the backfill is complete and succeeds after. The migrators come from the tests' own
+//! virtual environment (`tools::python_command`, made on first use).
 
 use crate::support::*;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 fn fixture(name: &str) -> PathBuf {
@@ -14,10 +13,10 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// `python3 -m <module> args…` connected to the test's database through libpq's variables.
+/// `python -m <module> args…` connected to the test's database through libpq's variables.
 fn python(db: &TestDb, dir: &Path, module: &str, args: &[&str]) -> Out {
     let config: tokio_postgres::Config = db.url.parse().expect("the test URL parses");
-    let mut c = Command::new("python3");
+    let mut c = crate::tools::python_command();
     c.current_dir(dir).arg("-m").arg(module).args(args);
     for (k, _) in std::env::vars() {
         if k.starts_with("PG") {
@@ -38,16 +37,8 @@ fn python(db: &TestDb, dir: &Path, module: &str, args: &[&str]) -> Out {
     if let Some(p) = config.get_password() {
         c.env("PGPASSWORD", String::from_utf8_lossy(p).into_owned());
     }
-    c.env("PGDATABASE", config.get_dbname().unwrap_or(&db.name))
-        .env("PYTHONDONTWRITEBYTECODE", "1");
-    let out = c.output().unwrap_or_else(|e| {
-        panic!("python3 could not be started ({e}); install Python 3 with `python3 -m pip install alembic psycopg2-binary django`")
-    });
-    let out = Out::from(out);
-    if out.stderr.contains("No module named") {
-        panic!("{module} is not installed: `python3 -m pip install alembic psycopg2-binary django` (.ci/run does it)\n{out:?}");
-    }
-    out
+    c.env("PGDATABASE", config.get_dbname().unwrap_or(&db.name));
+    Out::from(c.output().expect("the venv's python starts"))
 }
 
 fn alembic(db: &TestDb, args: &[&str]) -> Out {

@@ -110,7 +110,7 @@ fn start_prometheus(target_port: u16) -> Prometheus {
         ),
     )
     .unwrap();
-    let child = Command::new("prometheus")
+    let child = Command::new(crate::tools::system_tool("prometheus"))
         .arg(format!(
             "--config.file={}",
             dir.join("prometheus.yml").display()
@@ -123,7 +123,7 @@ fn start_prometheus(target_port: u16) -> Prometheus {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("the prometheus binary (Debian/Ubuntu: apt-get install prometheus)");
+        .expect("prometheus starts");
     let p = Prometheus { child, dir, port };
     let t = Instant::now();
     while http_get(port, "/-/ready").is_none_or(|b| !b.contains("Ready")) {

@@ -6,11 +6,11 @@ use std::path::Path;
 use std::process::Command;
 
 fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
+    let out = Command::new(crate::tools::system_tool("openssl"))
         .current_dir(dir)
         .args(args)
         .output()
-        .expect("openssl (apt-get install openssl)");
+        .expect("openssl starts");
     assert!(
         out.status.success(),
         "openssl {args:?}: {}",
