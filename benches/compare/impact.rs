@@ -1,6 +1,8 @@
 //! Impact on live traffic: the real pgbench runs its TPC-B-like load (4 clients) while a new
 //! column of `pgbench_accounts` is backfilled, and its per-transaction log gives throughput, p99
-//! and max latency, and failed transactions over the time the backfill ran.
+//! and max latency, and failed transactions over the time the backfill ran. Every measurement
+//! starts from freshly initialised pgbench tables (the same state for every scenario); the
+//! scenarios alternate over the rounds and each figure is the median of its rounds.
 
 use crate::report::{ImpactRow, Report};
 use crate::{connect, Args, Server};
@@ -21,7 +23,7 @@ impl Scenario {
         match self {
             Scenario::NoBackfill => "(i) no backfill".into(),
             Scenario::SingleUpdate => "(ii) single UPDATE".into(),
-            Scenario::EngineDefaults => "(iii) backfill run, defaults".into(),
+            Scenario::EngineDefaults => "(iii) backfill run, default settings".into(),
             Scenario::EngineCeiling(r) => format!("(iv) backfill run, rows_per_second = {r}"),
             Scenario::EngineTarget(ms) => {
                 format!("(v) backfill run, target_chunk_time = {ms}ms")
@@ -38,13 +40,6 @@ fn now_us() -> u128 {
 }
 
 pub async fn impact(server: &Server, args: &Args, report: &mut Report) {
-    let pgbench = server.bin_dir.join("pgbench");
-    let init = Command::new(&pgbench)
-        .args(["-i", "-q", "-s", &args.pgbench_scale.to_string()])
-        .arg(&server.pgbench_url)
-        .output()
-        .expect("pgbench (shipped with PostgreSQL)");
-    assert!(init.status.success(), "pgbench -i: {init:?}");
     let accounts = args.pgbench_scale as u64 * 100_000;
     report.pgbench_accounts = accounts;
     // The ceiling spreads the backfill over about 60 % of the pgbench run.
@@ -56,136 +51,167 @@ pub async fn impact(server: &Server, args: &Args, report: &mut Report) {
         Scenario::EngineCeiling(ceiling),
         Scenario::EngineTarget(50),
     ];
-    let dir = report.jobs_dir();
-    for (i, s) in scenarios.into_iter().enumerate() {
-        let col = format!("bf{i}");
-        let c = connect(&server.url).await;
-        c.batch_execute(&format!(
-            "ALTER TABLE pgbench_accounts ADD COLUMN {col} int"
-        ))
-        .await
-        .unwrap();
-        c.batch_execute("VACUUM pgbench_accounts").await.unwrap();
-        let prefix = dir.join(format!("pgbench{i}"));
-        let load_ends = now_us() + args.pgbench_seconds as u128 * 1_000_000;
-        let load = Command::new(&pgbench)
-            .args([
-                "-c",
-                "4",
-                "-j",
-                "2",
-                "-l",
-                "-T",
-                &args.pgbench_seconds.to_string(),
-            ])
-            .arg(format!("--log-prefix={}", prefix.display()))
-            .arg(&server.pgbench_url)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("pgbench");
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let start = now_us();
-        let t = Instant::now();
-        match s {
-            Scenario::NoBackfill => {}
-            Scenario::SingleUpdate => {
-                c.execute(
-                    &format!("UPDATE pgbench_accounts SET {col} = abalance"),
-                    &[],
-                )
-                .await
-                .unwrap();
-            }
-            Scenario::EngineDefaults | Scenario::EngineCeiling(_) | Scenario::EngineTarget(_) => {
-                let throttle = match s {
-                    Scenario::EngineCeiling(r) => format!("[throttle]\nrows_per_second = {r}\n"),
-                    Scenario::EngineTarget(ms) => {
-                        format!("[throttle]\ntarget_chunk_time = \"{ms}ms\"\n")
-                    }
-                    _ => String::new(),
-                };
-                std::fs::write(
-                    dir.join(format!("{col}.toml")),
-                    format!(
-                        "table = \"pgbench_accounts\"\nkey = [\"aid\"]\n\
-                         sql = \"UPDATE pgbench_accounts SET {col} = abalance WHERE aid BETWEEN :start AND :end AND {col} IS NULL\"\n{throttle}"
-                    ),
-                )
-                .unwrap();
-                let cmd = crate::report::engine_command(server, &dir, &["run", &col]);
-                let budget = Duration::from_secs(args.pgbench_seconds * 10);
-                let engine =
-                    tokio::task::spawn_blocking(move || crate::report::run_measured(cmd, budget));
-                assert!(engine.await.unwrap().is_some(), "the engine run failed");
+    let mut rows: Vec<Vec<ImpactRow>> = scenarios.iter().map(|_| Vec::new()).collect();
+    let mut n = 0;
+    for round in 0..args.rounds {
+        for i in 0..scenarios.len() {
+            let k = (i + round) % scenarios.len();
+            let row = measure(server, args, scenarios[k], n, &report.jobs_dir()).await;
+            n += 1;
+            rows[k].push(row);
+        }
+    }
+    report.impact_rounds = args.rounds;
+    report.impact = scenarios
+        .into_iter()
+        .zip(rows)
+        .map(|(s, rows)| ImpactRow::median(s, rows))
+        .collect();
+}
+
+/// Fresh pgbench tables: every scenario meets the same table (no dead rows or extra columns
+/// left by the one before).
+fn init_pgbench(server: &Server, args: &Args) {
+    let init = Command::new(server.bin_dir.join("pgbench"))
+        .args(["-i", "-q", "-s", &args.pgbench_scale.to_string()])
+        .arg(&server.pgbench_url)
+        .output()
+        .expect("pgbench (shipped with PostgreSQL)");
+    assert!(init.status.success(), "pgbench -i: {init:?}");
+}
+
+/// One scenario once: pgbench for `--pgbench-seconds`, the backfill (if any) started 1.5 s in.
+async fn measure(
+    server: &Server,
+    args: &Args,
+    s: Scenario,
+    i: usize,
+    dir: &std::path::Path,
+) -> ImpactRow {
+    init_pgbench(server, args);
+    let pgbench = server.bin_dir.join("pgbench");
+    let col = format!("bf{i}");
+    let c = connect(&server.url).await;
+    c.batch_execute(&format!(
+        "ALTER TABLE pgbench_accounts ADD COLUMN {col} int"
+    ))
+    .await
+    .unwrap();
+    c.batch_execute("VACUUM pgbench_accounts").await.unwrap();
+    let prefix = dir.join(format!("pgbench{i}"));
+    let load_ends = now_us() + args.pgbench_seconds as u128 * 1_000_000;
+    let load = Command::new(&pgbench)
+        .args([
+            "-c",
+            "4",
+            "-j",
+            "2",
+            "-l",
+            "-T",
+            &args.pgbench_seconds.to_string(),
+        ])
+        .arg(format!("--log-prefix={}", prefix.display()))
+        .arg(&server.pgbench_url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("pgbench");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let start = now_us();
+    let t = Instant::now();
+    match s {
+        Scenario::NoBackfill => {}
+        Scenario::SingleUpdate => {
+            c.execute(
+                &format!("UPDATE pgbench_accounts SET {col} = abalance"),
+                &[],
+            )
+            .await
+            .unwrap();
+        }
+        Scenario::EngineDefaults | Scenario::EngineCeiling(_) | Scenario::EngineTarget(_) => {
+            let throttle = match s {
+                Scenario::EngineCeiling(r) => format!("[throttle]\nrows_per_second = {r}\n"),
+                Scenario::EngineTarget(ms) => {
+                    format!("[throttle]\ntarget_chunk_time = \"{ms}ms\"\n")
+                }
+                _ => String::new(),
+            };
+            std::fs::write(
+                dir.join(format!("{col}.toml")),
+                format!(
+                    "table = \"pgbench_accounts\"\nkey = [\"aid\"]\n\
+                     sql = \"UPDATE pgbench_accounts SET {col} = abalance WHERE aid BETWEEN :start AND :end AND {col} IS NULL\"\n{throttle}"
+                ),
+            )
+            .unwrap();
+            let cmd = crate::report::engine_command(server, dir, &["run", &col]);
+            let budget = Duration::from_secs(args.pgbench_seconds * 10);
+            let engine =
+                tokio::task::spawn_blocking(move || crate::report::run_measured(cmd, budget));
+            if let Err(e) = engine.await.unwrap() {
+                panic!("{}: the engine run gave no result: {e:?}", s.label());
             }
         }
-        let took = (s != Scenario::NoBackfill).then(|| t.elapsed().as_secs_f64());
-        let end = if s == Scenario::NoBackfill {
-            load_ends
-        } else {
-            now_us().min(load_ends)
+    }
+    let took = (s != Scenario::NoBackfill).then(|| t.elapsed().as_secs_f64());
+    let end = if s == Scenario::NoBackfill {
+        load_ends
+    } else {
+        now_us().min(load_ends)
+    }
+    .max(start + 1);
+    let out = load.wait_with_output().unwrap();
+    assert!(out.status.success(), "pgbench: {out:?}");
+    // Latency and failures count every transaction that overlapped the window (those the
+    // backfill blocked finish after it); throughput counts those that completed inside it.
+    let (mut lat, mut completed, mut failed) = (Vec::new(), 0u64, 0u64);
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if !name.starts_with(&format!("pgbench{i}.")) {
+            continue;
         }
-        .max(start + 1);
-        let out = load.wait_with_output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "pgbench: {out:?}");
-        let summary_failed = stdout
-            .lines()
-            .find(|l| l.starts_with("number of failed transactions"))
-            .and_then(|l| l.split(':').nth(1)?.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0u64);
-        // Latency counts every transaction that overlapped the window (those the backfill
-        // blocked finish after it); throughput counts those that completed inside it.
-        let (mut lat, mut completed, mut failed) = (Vec::new(), 0u64, 0u64);
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            let name = path.file_name().unwrap().to_string_lossy().to_string();
-            if !name.starts_with(&format!("pgbench{i}.")) {
+        for line in std::fs::read_to_string(&path).unwrap().lines() {
+            // client_id transaction_no time script_no time_epoch time_us …
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 6 {
                 continue;
             }
-            for line in std::fs::read_to_string(&path).unwrap().lines() {
-                // client_id transaction_no time script_no time_epoch time_us …
-                let f: Vec<&str> = line.split_whitespace().collect();
-                if f.len() < 6 {
-                    continue;
-                }
-                let at = f[4].parse::<u128>().unwrap_or(0) * 1_000_000
-                    + f[5].parse::<u128>().unwrap_or(0);
-                let us = f[2].parse::<f64>().ok();
-                let began = at.saturating_sub(us.unwrap_or(0.0) as u128);
-                if at < start || began > end {
-                    continue;
-                }
-                if at <= end {
-                    completed += 1;
-                }
-                match us {
-                    Some(us) => lat.push(us / 1000.0),
-                    None => failed += 1,
-                }
+            let at =
+                f[4].parse::<u128>().unwrap_or(0) * 1_000_000 + f[5].parse::<u128>().unwrap_or(0);
+            let us = f[2].parse::<f64>().ok();
+            let began = at.saturating_sub(us.unwrap_or(0.0) as u128);
+            if at < start || began > end {
+                continue;
+            }
+            if at <= end {
+                completed += 1;
+            }
+            match us {
+                Some(us) => lat.push(us / 1000.0),
+                None => failed += 1,
             }
         }
-        lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        let window = ((end - start) as f64) / 1e6;
-        let pct = |p: f64| {
-            lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-                .copied()
-                .unwrap_or(0.0)
-        };
-        eprintln!(
-            "bench: pgbench during {}: {} tx in {window:.1}s",
-            s.label(),
-            lat.len()
-        );
-        report.impact.push(ImpactRow {
-            scenario: s,
-            tps: completed as f64 / window,
-            p99_ms: pct(0.99),
-            max_ms: lat.last().copied().unwrap_or(0.0),
-            failed: failed.max(summary_failed),
-            backfill_seconds: took,
-        });
-        drop(c);
+    }
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let window = ((end - start) as f64) / 1e6;
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    eprintln!(
+        "bench: pgbench during {}: {} tx in {window:.1}s",
+        s.label(),
+        lat.len()
+    );
+    ImpactRow {
+        scenario: s,
+        tps: completed as f64 / window,
+        p99_ms: pct(0.99),
+        max_ms: lat.last().copied().unwrap_or(0.0),
+        failed,
+        backfill_seconds: took,
     }
 }

@@ -41,9 +41,25 @@ pub fn engine_command(server: &Server, jobs: &Path, args: &[&str]) -> Command {
     c
 }
 
-/// Runs the engine to completion and returns its own rusage; None when it exceeded the budget
-/// (it is killed) or failed.
-pub fn run_measured(mut cmd: Command, budget: Duration) -> Option<Usage> {
+/// Why an engine run gave no measurement.
+#[derive(Debug)]
+pub enum EngineRun {
+    /// Still running at the budget: killed.
+    OverBudget,
+    /// Exited with this wait status (not 0).
+    Failed(i32),
+}
+
+/// Creates the engine's schema (`backfill init`), so that no measured run pays for it.
+pub fn engine_init(server: &Server, jobs: &Path) {
+    let status = engine_command(server, jobs, &["init"])
+        .status()
+        .expect("the backfill binary");
+    assert!(status.success(), "backfill init failed: {status}");
+}
+
+/// Runs the engine to completion and returns its own rusage, or why there is none.
+pub fn run_measured(mut cmd: Command, budget: Duration) -> Result<Usage, EngineRun> {
     // Reaped below with wait4 (for its rusage), not through std's Child.
     let pid = cmd.spawn().expect("the backfill binary").id() as libc::pid_t;
     let t = Instant::now();
@@ -54,11 +70,10 @@ pub fn run_measured(mut cmd: Command, budget: Duration) -> Option<Usage> {
         let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
         if r == pid {
             if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
-                eprintln!("bench: the engine failed (status {status})");
-                return None;
+                return Err(EngineRun::Failed(status));
             }
             let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-            return Some(Usage {
+            return Ok(Usage {
                 cpu: tv(ru.ru_utime) + tv(ru.ru_stime),
                 max_rss_kb: ru.ru_maxrss,
             });
@@ -68,7 +83,7 @@ pub fn run_measured(mut cmd: Command, budget: Duration) -> Option<Usage> {
             unsafe { libc::kill(pid, libc::SIGKILL) };
             let mut st = 0;
             unsafe { libc::waitpid(pid, &mut st, 0) };
-            return None;
+            return Err(EngineRun::OverBudget);
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -86,6 +101,29 @@ pub struct ImpactRow {
     pub backfill_seconds: Option<f64>,
 }
 
+fn median_f64(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+impl ImpactRow {
+    /// Each figure's median over the rounds of one scenario.
+    pub fn median(scenario: Scenario, rows: Vec<ImpactRow>) -> ImpactRow {
+        let of = |f: fn(&ImpactRow) -> f64| median_f64(rows.iter().map(f).collect());
+        ImpactRow {
+            scenario,
+            tps: of(|r| r.tps),
+            p99_ms: of(|r| r.p99_ms),
+            max_ms: of(|r| r.max_ms),
+            failed: of(|r| r.failed as f64) as u64,
+            backfill_seconds: rows
+                .iter()
+                .all(|r| r.backfill_seconds.is_some())
+                .then(|| of(|r| r.backfill_seconds.unwrap_or(0.0))),
+        }
+    }
+}
+
 pub struct Report {
     machine: String,
     server: String,
@@ -94,6 +132,7 @@ pub struct Report {
     pub throughput: Results,
     pub scaling: Vec<(u64, Results)>,
     pub pgbench_accounts: u64,
+    pub impact_rounds: usize,
     pub impact: Vec<ImpactRow>,
 }
 
@@ -158,6 +197,7 @@ impl Report {
             throughput: Vec::new(),
             scaling: Vec::new(),
             pgbench_accounts: 0,
+            impact_rounds: 0,
             impact: Vec::new(),
         }
     }
@@ -279,8 +319,8 @@ impl Report {
         w(
             &mut s,
             &format!(
-                "**Impact on live traffic**: pgbench TPC-B-like, 4 clients, {} accounts; figures over the time the backfill ran (for no backfill, the whole run):",
-                self.pgbench_accounts
+                "**Impact on live traffic**: pgbench TPC-B-like, 4 clients, {} accounts, fresh tables for every measurement, scenarios alternating, median of {} round(s); figures over the time the backfill ran (for no backfill, the whole run):",
+                self.pgbench_accounts, self.impact_rounds
             ),
         );
         w(&mut s, "");

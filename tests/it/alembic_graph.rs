@@ -10,7 +10,6 @@ use backfill::db::Target;
 use backfill::migrator::alembic::RevisionGraph;
 use backfill::migrator::history::{History, Tool};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn histories() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/alembic_histories")
@@ -40,7 +39,7 @@ fn alembic_answers(fixture: &str, recursive: bool, names: &[&str]) -> Oracle {
         "import_path": root,
         "names": names,
     });
-    let out = Command::new(crate::support::python())
+    let out = crate::tools::python_command()
         .arg(histories().join("oracle.py"))
         .arg(spec.to_string())
         .env("PYTHONDONTWRITEBYTECODE", "1")

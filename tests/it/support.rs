@@ -410,8 +410,3 @@ pub fn counter_table(db: &TestDb, rows: i64) {
         half = rows / 2
     ));
 }
-
-/// The Python interpreter the migrator tests use (with Alembic, Django and psycopg2).
-pub fn python() -> String {
-    std::env::var("BACKFILL_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
-}
