@@ -196,7 +196,6 @@ pub async fn run(
                     "failed",
                     Some(&e.to_string()),
                     None,
-                    (0, 0),
                 )
                 .await;
             return Err(e);
@@ -317,7 +316,6 @@ pub async fn run(
         }
     };
     let name = job.name.as_str();
-    let did = (tally.rows, tally.chunks);
     let end = |state: &'static str| progress.finish(state);
     let (state, error, remaining, outcome) = match result {
         Ok(LoopEnd::Cancelled) => ("cancelled", None, None, Ok(Outcome::Cancelled)),
@@ -355,20 +353,17 @@ pub async fn run(
     };
     end(state);
     let saved = store
-        .finish(
-            &finisher,
-            name,
-            run_id,
-            state,
-            error.as_deref(),
-            remaining,
-            did,
-        )
+        .finish(&finisher, name, run_id, state, error.as_deref(), remaining)
         .await;
     // The lease is kept until the outcome is saved: a run verifying for minutes is alive.
     heartbeat.abort();
     let outcome = outcome?;
     saved?;
+    // What this run did, as its chunks counted it when they committed: the tally kept here
+    // misses a chunk whose COMMIT took effect but whose answer was lost with the connection.
+    if let Ok((rows, affected, chunks)) = store.run_counts(&finisher, run_id).await {
+        (tally.rows, tally.affected, tally.chunks) = (rows, affected, chunks);
+    }
     let total = store.load(&finisher, name).await.ok().flatten();
     Ok(report(outcome, &tally, &total))
 }

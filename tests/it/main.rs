@@ -13,6 +13,7 @@ mod migrators;
 mod observability;
 mod parallel;
 mod plan;
+mod recovery;
 mod resilience;
 mod revert;
 mod sweep;

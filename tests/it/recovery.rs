@@ -1,0 +1,234 @@
+//! Recovering from what goes wrong around the chunks rather than inside them: a COMMIT that took
+//! effect but whose answer never reached the runner. Jobs are non-idempotent (n = n + 1), so a
+//! chunk applied twice or skipped shows.
+
+use crate::support::*;
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Where the upstream server listens.
+enum Upstream {
+    Tcp(String),
+    Unix(std::path::PathBuf),
+}
+
+enum Stream {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Stream {
+    fn connect(to: &Upstream) -> std::io::Result<Stream> {
+        Ok(match to {
+            Upstream::Tcp(a) => Stream::Tcp(std::net::TcpStream::connect(a)?),
+            Upstream::Unix(p) => Stream::Unix(std::os::unix::net::UnixStream::connect(p)?),
+        })
+    }
+    fn try_clone(&self) -> std::io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+    fn close(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A TCP proxy in front of the test server that loses COMMIT answers: on a session that parsed
+/// a statement containing `marker`, it passes the next COMMIT to the server, waits for the
+/// server's answer (so the commit took effect) and then closes both ends without passing the
+/// answer on — `times` times in all. The runner sees its connection break during COMMIT.
+struct LosingProxy {
+    port: u16,
+    lost: Arc<AtomicUsize>,
+}
+
+impl LosingProxy {
+    fn start(server_url: &str, marker: &'static str, times: usize) -> LosingProxy {
+        use std::str::FromStr;
+        let config = tokio_postgres::Config::from_str(server_url).unwrap();
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let upstream = match &config.get_hosts()[0] {
+            tokio_postgres::config::Host::Tcp(h) => Upstream::Tcp(format!("{h}:{port}")),
+            tokio_postgres::config::Host::Unix(p) => {
+                Upstream::Unix(p.join(format!(".s.PGSQL.{port}")))
+            }
+        };
+        let upstream = Arc::new(upstream);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let lost = Arc::new(AtomicUsize::new(0));
+        let proxy = LosingProxy {
+            port: listener.local_addr().unwrap().port(),
+            lost: lost.clone(),
+        };
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = Stream::connect(&upstream) else {
+                    continue;
+                };
+                let client = Stream::Tcp(client);
+                let lost = lost.clone();
+                std::thread::spawn(move || relay(client, server, marker, times, lost));
+            }
+        });
+        proxy
+    }
+
+    /// The URL of `db`, through the proxy (plain text, so it can read the protocol).
+    fn url(&self, server_url: &str) -> String {
+        use std::str::FromStr;
+        let config = tokio_postgres::Config::from_str(server_url).unwrap();
+        let mut url = format!(
+            "postgresql://{}@127.0.0.1:{}/{}?sslmode=disable",
+            config.get_user().unwrap(),
+            self.port,
+            config.get_dbname().unwrap()
+        );
+        if let Some(p) = config.get_password() {
+            let encoded: String = p
+                .iter()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' => (*b as char).to_string(),
+                    _ => format!("%{b:02X}"),
+                })
+                .collect();
+            url.push_str(&format!("&password={encoded}"));
+        }
+        url
+    }
+}
+
+/// Relays one session, reading the client's messages to spot the COMMIT to lose.
+fn relay(mut client: Stream, server: Stream, marker: &str, times: usize, lost: Arc<AtomicUsize>) {
+    let cut = Arc::new(AtomicBool::new(false));
+    let (mut from_server, mut to_client) =
+        (server.try_clone().unwrap(), client.try_clone().unwrap());
+    let (server_end, client_end) = (server.try_clone().unwrap(), client.try_clone().unwrap());
+    let cutting = cut.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        loop {
+            let n = match from_server.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            // Everything before the COMMIT was answered already (the client waited for it):
+            // what comes now is the COMMIT's answer. Drop it and both connections.
+            if cutting.load(Ordering::SeqCst) {
+                break;
+            }
+            if to_client.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        server_end.close();
+        client_end.close();
+    });
+    let mut to_server = server;
+    let read_exact = |s: &mut Stream, n: usize| -> Option<Vec<u8>> {
+        let mut v = vec![0u8; n];
+        s.read_exact(&mut v).ok().map(|_| v)
+    };
+    // Untyped start-up messages (an SSL or GSS request first, then the startup packet).
+    loop {
+        let Some(len) = read_exact(&mut client, 4) else {
+            return;
+        };
+        let n = u32::from_be_bytes(len.clone().try_into().unwrap()) as usize;
+        let Some(body) = read_exact(&mut client, n - 4) else {
+            return;
+        };
+        if to_server.write_all(&len).is_err() || to_server.write_all(&body).is_err() {
+            return;
+        }
+        let code = u32::from_be_bytes(body[..4].try_into().unwrap());
+        if code != 80877103 && code != 80877104 {
+            break;
+        }
+    }
+    let mut armed = false;
+    loop {
+        let Some(head) = read_exact(&mut client, 5) else {
+            return;
+        };
+        let n = u32::from_be_bytes(head[1..5].try_into().unwrap()) as usize;
+        let Some(body) = read_exact(&mut client, n - 4) else {
+            return;
+        };
+        match head[0] {
+            b'P' if String::from_utf8_lossy(&body).contains(marker) => armed = true,
+            b'Q' if armed && body.starts_with(b"COMMIT") => {
+                armed = false;
+                if lost.fetch_add(1, Ordering::SeqCst) < times {
+                    cut.store(true, Ordering::SeqCst);
+                } else {
+                    lost.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            _ => {}
+        }
+        if to_server.write_all(&head).is_err() || to_server.write_all(&body).is_err() {
+            return;
+        }
+    }
+}
+
+#[test]
+fn the_history_counts_chunks_whose_commit_answer_was_lost() {
+    let db = TestDb::new();
+    counter_table(&db, 3000);
+    db.write_job("h", &counter_job(""));
+    let proxy = LosingProxy::start(&db.url, "UPDATE t SET n = n + 1", 3);
+    let out = Out::from(
+        db.cmd_at(&proxy.url(&db.url), &["run", "h"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(proxy.lost.load(Ordering::SeqCst), 3, "{out:?}");
+    assert!(out.stderr.contains("committing"), "{out:?}");
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0, "{out:?}");
+    // The run's history holds what its chunks committed, as the checkpoint does.
+    assert_eq!(
+        db.i64("SELECT rows_done FROM backfill.runs WHERE job = 'h'"),
+        db.i64("SELECT rows_done FROM backfill.progress WHERE job = 'h'"),
+        "{out:?}"
+    );
+    assert_eq!(
+        db.i64("SELECT chunks_done FROM backfill.runs WHERE job = 'h'"),
+        db.i64("SELECT chunks_done FROM backfill.progress WHERE job = 'h'"),
+        "{out:?}"
+    );
+    assert_eq!(
+        db.i64("SELECT rows_done FROM backfill.runs WHERE job = 'h'"),
+        3000
+    );
+    assert!(out.stderr.contains("3000 rows in 30 chunks"), "{out:?}");
+}
