@@ -15,8 +15,9 @@
 //! adaptive chunk size, the health signals and the live controls.
 //!
 //! What a failure does depends on its class (`db::classify`, by SQLSTATE):
-//! - contention (lock timeout, deadlock, serialization): retry the chunk after a jittered backoff,
-//!   at most `max_attempts` times in a row;
+//! - contention (lock timeout, deadlock, serialization, a saved plan gone stale under an
+//!   `ALTER TABLE`): retry the chunk after a jittered backoff, at most `max_attempts` times in a
+//!   row;
 //! - connection lost or server restarting: wait for the database ("waiting for database") and go
 //!   on, for up to `reconnect_for`;
 //! - statement timeout or a data error in a chunk of several keys: halve the chunk and go on; the
@@ -675,6 +676,47 @@ fn failed(
     }
 }
 
+/// A statement from the connection's statement cache, and whether an earlier transaction
+/// prepared it (its saved plan may then be stale, see [`failed_cached`]). One prepared in this
+/// transaction cannot be: the locks it took keep the tables from changing until the end.
+async fn cached(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sql: &str,
+) -> Result<(tokio_postgres::Statement, bool), tokio_postgres::Error> {
+    let before = tx.statement_cache.size();
+    let stmt = tx.prepare_cached(sql).await?;
+    Ok((stmt, tx.statement_cache.size() == before))
+}
+
+/// Like [`failed`], for executing a statement from the cache. SQLSTATE 0A000 from a statement an
+/// earlier transaction prepared means its saved plan went stale — the table changed under it,
+/// e.g. `ALTER TABLE … ADD COLUMN` under `RETURNING *` ("cached plan must not change result
+/// type"). That is transient: the connection's cache is emptied, so the retry prepares every
+/// statement again, and the chunk is retried like contention (nothing of it was committed). A
+/// 0A000 from a statement prepared afresh is a real "feature not supported" and stays fatal.
+fn failed_cached(
+    stage: &'static str,
+    chunk: Option<&(KeyValue, KeyValue, i64)>,
+    reused: bool,
+    tx: &deadpool_postgres::Transaction<'_>,
+) -> impl FnOnce(tokio_postgres::Error) -> ChunkError {
+    let cache = tx.statement_cache.clone();
+    let fail = failed(stage, chunk);
+    move |e| {
+        let stale = reused && db::sqlstate(&e) == Some("0A000");
+        let mut error = fail(e);
+        if let (true, ChunkError::Failed(f)) = (stale, &mut error) {
+            cache.clear();
+            f.class = ErrorClass::Contention;
+            f.text = format!(
+                "the statement's saved plan is stale, the table changed ({}); prepared again",
+                f.text
+            );
+        }
+        error
+    }
+}
+
 /// One worker's walk: the range it holds and its own connection and failure state.
 struct Worker<'s, 'a> {
     shared: &'s Shared<'a>,
@@ -1218,14 +1260,15 @@ async fn run_chunk(
         None
     } else {
         let params = keyset::next_chunk_params(cursor.as_ref(), &upper, &limit);
-        let stmt = tx
-            .prepare_cached(bounds_sql)
+        let (stmt, reused) = cached(&tx, bounds_sql)
             .await
             .map_err(failed("finding the chunk bounds", None))?;
-        let row = tx
-            .query_one(&stmt, &params)
-            .await
-            .map_err(failed("finding the chunk bounds", None))?;
+        let row = tx.query_one(&stmt, &params).await.map_err(failed_cached(
+            "finding the chunk bounds",
+            None,
+            reused,
+            &tx,
+        ))?;
         let first: Option<KeyValue> = row.get(1);
         first.map(|first| (row.get::<_, i64>(0), first, row.get::<_, KeyValue>(2)))
     };
@@ -1248,22 +1291,25 @@ async fn run_chunk(
         .map(|v| v as &(dyn ToSql + Sync))
         .collect();
     if let Some(copy) = &sql.undo_copy {
-        let stmt = tx
-            .prepare_cached(copy)
+        let (stmt, reused) = cached(&tx, copy)
             .await
             .map_err(failed("preparing the undo copy", at))?;
-        tx.execute(&stmt, &args)
-            .await
-            .map_err(failed("copying the rows' old values to the undo table", at))?;
+        tx.execute(&stmt, &args).await.map_err(failed_cached(
+            "copying the rows' old values to the undo table",
+            at,
+            reused,
+            &tx,
+        ))?;
     }
-    let stmt = tx
-        .prepare_cached(&sql.statement)
+    let (stmt, reused) = cached(&tx, &sql.statement)
         .await
         .map_err(failed("preparing the job's statement", at))?;
-    let affected = tx
-        .execute(&stmt, &args)
-        .await
-        .map_err(failed("running the job's statement", at))? as i64;
+    let affected = tx.execute(&stmt, &args).await.map_err(failed_cached(
+        "running the job's statement",
+        at,
+        reused,
+        &tx,
+    ))? as i64;
 
     // Application sessions queued behind this chunk's row locks: commit now (which releases
     // them) and tell the caller, which yields by shrinking the next chunks.

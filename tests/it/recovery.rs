@@ -1,11 +1,57 @@
-//! Recovering from what goes wrong around the chunks rather than inside them: a COMMIT that took
-//! effect but whose answer never reached the runner. Jobs are non-idempotent (n = n + 1), so a
-//! chunk applied twice or skipped shows.
+//! Recovering from what goes wrong around the chunks rather than inside them: a statement whose
+//! saved plan went stale after an `ALTER TABLE`, and a COMMIT that took effect but whose answer
+//! never reached the runner. Jobs are non-idempotent (n = n + 1), so a chunk applied twice or
+//! skipped shows.
 
 use crate::support::*;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+
+const ENGINE_WAITS_FOR_A_LOCK: &str = "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+     WHERE datname = current_database() AND application_name = 'backfill'
+       AND wait_event_type = 'Lock')";
+
+#[test]
+fn a_stale_plan_after_alter_table_is_prepared_again_and_the_run_goes_on() {
+    let db = TestDb::new();
+    counter_table(&db, 2000);
+    // RETURNING * changes its result type when a column is added.
+    db.write_job(
+        "ret",
+        &counter_job("lock_timeout = \"30s\"\n").replace(":end\"", ":end RETURNING *\""),
+    );
+    // Hold a row in the middle: the run stops there, with its statement cached.
+    let holder = db.session();
+    holder.exec("BEGIN; SELECT 1 FROM t WHERE id = (SELECT id FROM t ORDER BY id OFFSET 1000 LIMIT 1) FOR UPDATE");
+    let child = db.spawn(&["run", "ret"]);
+    db.wait_for(ENGINE_WAITS_FOR_A_LOCK, Duration::from_secs(30));
+    assert!(db.i64("SELECT rows_done FROM backfill.progress WHERE job = 'ret'") > 0);
+    // The ALTER queues behind the chunk in flight and runs before the next one.
+    let url = db.url.clone();
+    let alter = std::thread::spawn(move || {
+        Session::connect(&url).exec("ALTER TABLE t ADD COLUMN note text");
+    });
+    db.wait_for(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database()
+                         AND query LIKE 'ALTER TABLE t ADD COLUMN%' AND wait_event_type = 'Lock')",
+        Duration::from_secs(30),
+    );
+    holder.exec("COMMIT");
+    alter.join().unwrap();
+    let out = wait_out(child, Duration::from_secs(60));
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr.contains("0A000") && out.stderr.contains("prepared again"),
+        "{out:?}"
+    );
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0, "{out:?}");
+    assert_eq!(
+        db.i64("SELECT rows_done FROM backfill.progress WHERE job = 'ret'"),
+        2000
+    );
+}
 
 /// Where the upstream server listens.
 enum Upstream {
