@@ -19,7 +19,7 @@
 //!   `ALTER TABLE`): retry the chunk after a jittered backoff, at most `max_attempts` times in a
 //!   row;
 //! - connection lost or server restarting: wait for the database ("waiting for database") and go
-//!   on, for up to `reconnect_for`;
+//!   on, for up to `reconnect_for` — in the chunk loop and while the run starts alike;
 //! - statement timeout or a data error in a chunk of several keys: halve the chunk and go on; the
 //!   halves that succeed commit, so the failure narrows to the smallest failing range. Once past
 //!   the range that failed, the chunk size returns to the configured one;
@@ -154,19 +154,6 @@ pub async fn run(
 ) -> Result<Report> {
     let started = Instant::now();
     let workers = opts.workers.clamp(1, MAX_WORKERS);
-    let mut lease = target.connect().await?;
-    store.ensure(&mut lease).await?;
-    let keyset = Keyset::resolve(&lease, job).await?;
-    let runner = Runner::this_process();
-    let claim = store
-        .claim(
-            &mut lease,
-            job,
-            &runner,
-            workers,
-            opts.allow_changed_definition,
-        )
-        .await?;
     let report = |outcome, tally: &Tally, total: &Option<store::Checkpoint>| Report {
         job: job.name.clone(),
         outcome,
@@ -180,26 +167,16 @@ pub async fn run(
         cursor: total.as_ref().and_then(|c| c.cursor.clone()),
         ranges: total.as_ref().map(|c| c.ranges.len()).unwrap_or(0),
     };
-    let (run_id, checkpoint) = match claim {
-        Claim::Owned { run_id, checkpoint } => (run_id, checkpoint),
-        Claim::AlreadyDone(c) => {
-            return Ok(report(Outcome::AlreadyDone, &Tally::default(), &Some(c)));
-        }
-    };
-    let total = match key_range(&mut lease, store, job, &keyset, progress).await {
-        Ok(total) => total,
-        Err(e) => {
-            let _ = store
-                .finish(
-                    &lease,
-                    &job.name,
-                    run_id,
-                    "failed",
-                    Some(&e.to_string()),
-                    None,
-                )
-                .await;
-            return Err(e);
+    let Started {
+        lease,
+        keyset,
+        run_id,
+        checkpoint,
+        total,
+    } = match start(target, store, job, opts, workers, shutdown, progress).await? {
+        Start::Owned(s) => *s,
+        Start::AlreadyDone(c) => {
+            return Ok(report(Outcome::AlreadyDone, &Tally::default(), &Some(*c)));
         }
     };
     let lease_state = Arc::new(LeaseState::new());
@@ -369,6 +346,144 @@ pub async fn run(
     Ok(report(outcome, &tally, &total))
 }
 
+/// What a run's start-up established.
+struct Started {
+    /// The session the run's lease lives on (handed to the heartbeat).
+    lease: tokio_postgres::Client,
+    keyset: Keyset,
+    run_id: i64,
+    /// The job's checkpoint as it was when the run joined.
+    checkpoint: store::Checkpoint,
+    /// The job's row estimate.
+    total: Option<i64>,
+}
+
+enum Start {
+    Owned(Box<Started>),
+    AlreadyDone(Box<store::Checkpoint>),
+}
+
+/// The start-up: the engine's schema, the key against the catalog, joining the job, its key
+/// range. A lost connection or an unreachable server is waited out as in the chunk loop (for up
+/// to `--reconnect-for`, "waiting for database"), then the start-up goes on from the top on a new
+/// session; a run already joined is re-attached to it rather than joined twice.
+async fn start(
+    target: &Target,
+    store: &Store,
+    job: &JobSpec,
+    opts: &RunOptions,
+    workers: u32,
+    shutdown: &Shutdown,
+    progress: &Progress,
+) -> Result<Start> {
+    let name = job.name.as_str();
+    let mut joined = None;
+    let mut outage: Option<Instant> = None;
+    loop {
+        let lost = match start_once(target, store, job, opts, workers, progress, &mut joined).await
+        {
+            Err(Error::Unavailable(why)) => why,
+            done => {
+                if outage.is_some() {
+                    progress.set_held(None);
+                    progress.log(&format!("{name}: database is back; starting"));
+                }
+                return done;
+            }
+        };
+        let since = *outage.get_or_insert_with(|| {
+            progress.log(&format!(
+                "{name}: lost the database while starting the run ({lost}); waiting for it to come back (up to {}s)",
+                opts.reconnect_for.as_secs()
+            ));
+            Instant::now()
+        });
+        if since.elapsed() >= opts.reconnect_for {
+            return Err(Error::Runtime(format!(
+                "job {name}: the database has been unreachable for {}s while the run was starting (last error: {lost}); gave up (--reconnect-for); nothing was processed by this run: run `backfill run {name}` again when it is back",
+                since.elapsed().as_secs()
+            )));
+        }
+        progress.set_held(Some("waiting for database"));
+        // Poll quickly at first (a terminated session reconnects at once), then every 2 s.
+        let pause = (since.elapsed() / 2).clamp(BACKOFF_BASE, RECONNECT_POLL_MAX);
+        shutdown.sleep(pause).await;
+        progress.held("database_unavailable", pause);
+        if shutdown.stop_requested() {
+            return Err(Error::Interrupted(format!(
+                "job {name}: stopped while waiting for the database to start the run; nothing was processed by this run: `backfill run {name}` starts it again"
+            )));
+        }
+    }
+}
+
+/// One attempt at the start-up, on a new session. `joined` keeps the run (and the checkpoint it
+/// saw) once the job is joined, for the next attempt.
+async fn start_once(
+    target: &Target,
+    store: &Store,
+    job: &JobSpec,
+    opts: &RunOptions,
+    workers: u32,
+    progress: &Progress,
+    joined: &mut Option<(i64, store::Checkpoint)>,
+) -> Result<Start> {
+    let name = job.name.as_str();
+    let mut lease = target.connect().await?;
+    store.ensure(&mut lease).await?;
+    let keyset = Keyset::resolve(&lease, job).await?;
+    let attached = match joined.as_ref() {
+        Some((run_id, _)) => store
+            .reattach(&lease, *run_id)
+            .await
+            .map_err(|e| db::error(e, format!("job {name}: re-attaching run {run_id}")))?,
+        None => false,
+    };
+    let (run_id, checkpoint) = match joined.take() {
+        Some(run) if attached => run,
+        earlier => {
+            if let Some((run_id, _)) = earlier {
+                // Declared gone meanwhile: its ranges may be someone else's now.
+                progress.log(&format!(
+                    "{name}: run {run_id} was declared gone while the database was away; joining the job again"
+                ));
+            }
+            let runner = Runner::this_process();
+            let claim = store
+                .claim(
+                    &mut lease,
+                    job,
+                    &runner,
+                    workers,
+                    opts.allow_changed_definition,
+                )
+                .await?;
+            match claim {
+                Claim::Owned { run_id, checkpoint } => (run_id, checkpoint),
+                Claim::AlreadyDone(c) => return Ok(Start::AlreadyDone(Box::new(c))),
+            }
+        }
+    };
+    *joined = Some((run_id, checkpoint.clone()));
+    match key_range(&mut lease, store, job, &keyset, progress).await {
+        Ok(total) => Ok(Start::Owned(Box::new(Started {
+            lease,
+            keyset,
+            run_id,
+            checkpoint,
+            total,
+        }))),
+        // Waited out by the caller, which comes back with the same run.
+        Err(e @ Error::Unavailable(_)) => Err(e),
+        Err(e) => {
+            let _ = store
+                .finish(&lease, name, run_id, "failed", Some(&e.to_string()), None)
+                .await;
+            Err(e)
+        }
+    }
+}
+
 /// Fixes the job's key range on its first run (under the job's row lock, so runs starting
 /// together agree): the greatest key now in the table, and the number of rows to process.
 /// Returns the row estimate.
@@ -400,7 +515,14 @@ async fn key_range(
         .await
         .map_err(err)?
         .map(|r| r.get(0));
-    let (total, exact) = estimate_rows(&tx, job, EXACT_COUNT_WITHIN).await;
+    let (total, exact) = estimate_rows(&tx, job, EXACT_COUNT_WITHIN)
+        .await
+        .map_err(|e| {
+            db::error(
+                e,
+                format!("job {name}: estimating the rows of {}", job.table),
+            )
+        })?;
     if total.is_none() {
         progress.log(&format!(
             "{name}: no row estimate for {} (never analyzed, and counting takes long): its key range cannot be split, so only one worker will work; run ANALYZE {} first to use several",
@@ -425,7 +547,8 @@ async fn key_range(
     Ok(total)
 }
 
-/// Connects, retrying for up to `patience` while the database is unreachable.
+/// Connects, retrying for up to `patience` while the database is unreachable (not when it
+/// refuses us: a wrong password does not get better by waiting).
 async fn connect_patiently(
     target: &Target,
     patience: Duration,
@@ -434,13 +557,12 @@ async fn connect_patiently(
     let since = Instant::now();
     loop {
         match target.connect().await {
-            Ok(c) => return Ok(c),
-            Err(e) if since.elapsed() >= patience => return Err(e),
-            Err(_) => {
+            Err(Error::Unavailable(_)) if since.elapsed() < patience => {
                 progress.set_held(Some("waiting for database"));
                 tokio::time::sleep(RECONNECT_POLL_MAX).await;
                 progress.held("database_unavailable", RECONNECT_POLL_MAX);
             }
+            done => return done,
         }
     }
 }
@@ -1377,12 +1499,16 @@ pub const EXACT_COUNT_WITHIN: Duration = Duration::from_secs(3);
 /// The rows of the job's table, and whether the number is exact: counted when that takes less
 /// than `exact_within`, else the planner's estimate, else (a table never analyzed) a count of a
 /// 1 % page sample. Workers split ranges by these numbers, so "unknown" would leave one range.
+/// A lost connection is an error, not "no estimate": the caller waits for the database and
+/// tries again (taking it for a table never analyzed would misreport it and go on with a dead
+/// session).
 pub async fn estimate_rows(
     tx: &tokio_postgres::Transaction<'_>,
     job: &JobSpec,
     exact_within: Duration,
-) -> (Option<i64>, bool) {
+) -> Result<(Option<i64>, bool), tokio_postgres::Error> {
     let table = job.table.quoted();
+    let lost = |e: &tokio_postgres::Error| db::classify(e) == ErrorClass::Connection;
     // In a savepoint: the timeout and a cancelled count end with it, the caller's work stays.
     let count = |sql: String, within: Duration| async move {
         tx.batch_execute(&format!(
@@ -1394,29 +1520,29 @@ pub async fn estimate_rows(
         tx.batch_execute("ROLLBACK TO SAVEPOINT bf_count").await?;
         r.map(|row| row.get::<_, i64>(0))
     };
-    if let Ok(n) = count(format!("SELECT count(*) FROM {table}"), exact_within).await {
-        return (Some(n), true);
+    match count(format!("SELECT count(*) FROM {table}"), exact_within).await {
+        Ok(n) => return Ok((Some(n), true)),
+        Err(e) if lost(&e) => return Err(e),
+        Err(_) => {} // too slow: estimate instead
     }
     let planner = tx
         .query_one(
             "SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass($1)",
             &[&table],
         )
-        .await
-        .ok()
-        .map(|r| r.get::<_, i64>(0))
-        .filter(|n| *n >= 0);
-    if planner.is_some() {
-        return (planner, false);
+        .await;
+    match planner.map(|r| r.get::<_, i64>(0)) {
+        Ok(n) if n >= 0 => return Ok((Some(n), false)),
+        Err(e) if lost(&e) => return Err(e),
+        _ => {} // never analyzed
     }
     // A hundredth of the pages: quick where the full count was not.
-    let sampled = count(
-        format!("SELECT (count(*) * 100)::bigint FROM {table} TABLESAMPLE SYSTEM (1)"),
-        EXACT_COUNT_WITHIN,
-    )
-    .await
-    .ok();
-    (sampled, false)
+    let sql = format!("SELECT (count(*) * 100)::bigint FROM {table} TABLESAMPLE SYSTEM (1)");
+    match count(sql, EXACT_COUNT_WITHIN).await {
+        Ok(n) => Ok((Some(n), false)),
+        Err(e) if lost(&e) => Err(e),
+        Err(_) => Ok((None, false)),
+    }
 }
 
 /// Re-runs only the keys a job recorded as failing; each success is marked resolved in the same

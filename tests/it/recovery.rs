@@ -1,17 +1,151 @@
-//! Recovering from what goes wrong around the chunks rather than inside them: a statement whose
-//! saved plan went stale after an `ALTER TABLE`, and a COMMIT that took effect but whose answer
-//! never reached the runner. Jobs are non-idempotent (n = n + 1), so a chunk applied twice or
-//! skipped shows.
+//! Recovering from what goes wrong around the chunks rather than inside them: the connection lost
+//! (or the server restarted) while a run starts, a statement whose saved plan went stale after an
+//! `ALTER TABLE`, and a COMMIT that took effect but whose answer never reached the runner. Jobs
+//! are non-idempotent (n = n + 1), so a chunk applied twice or skipped shows.
 
 use crate::support::*;
+use backfill::pgtemp::TempCluster;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Sessions of the engine in this test's database, but not `except` (a test's own session).
+fn engine_sessions(except: i64) -> String {
+    format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE application_name = 'backfill' AND datname = current_database()
+            AND pid <> pg_backend_pid() AND pid <> {except}"
+    )
+}
+
 const ENGINE_WAITS_FOR_A_LOCK: &str = "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
      WHERE datname = current_database() AND application_name = 'backfill'
        AND wait_event_type = 'Lock')";
+
+#[test]
+fn a_session_lost_while_the_run_starts_is_reopened_and_the_run_finishes() {
+    let db = TestDb::new();
+    counter_table(&db, 1000);
+    db.exec("ANALYZE t");
+    db.write_job("s", &counter_job(""));
+    // The start-up reads the table's last key: it waits for this lock, deterministically.
+    let holder = db.session();
+    let holder_pid = holder.i64("SELECT pg_backend_pid()::bigint");
+    holder.exec("BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE");
+    let child = db.spawn(&["run", "s"]);
+    db.wait_for(ENGINE_WAITS_FOR_A_LOCK, Duration::from_secs(30));
+    db.exec(&engine_sessions(holder_pid));
+    holder.exec("COMMIT");
+    let out = wait_out(child, Duration::from_secs(60));
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("lost the database while starting the run")
+            && out.stderr.contains("57P01"),
+        "{out:?}"
+    );
+    assert!(!out.stderr.contains("never analyzed"), "{out:?}");
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0, "{out:?}");
+    // The run joined once and was re-attached to its new session, not joined twice.
+    assert_eq!(
+        db.text("SELECT string_agg(outcome, ',' ORDER BY id) FROM backfill.runs WHERE job = 's'")
+            .as_deref(),
+        Some("done"),
+        "{out:?}"
+    );
+    assert_eq!(
+        db.i64("SELECT rows_done FROM backfill.runs WHERE job = 's'"),
+        1000
+    );
+}
+
+#[test]
+fn the_run_waits_through_a_server_restart_while_it_starts() {
+    // Its own server: restarting the shared one would disturb the other tests.
+    let mut cluster = TempCluster::start().expect("a throwaway PostgreSQL");
+    let url = cluster.url("postgres");
+    let db = TestDb::on(&url, "restart_start");
+    db.exec(
+        "CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT g * 3 FROM generate_series(1, 2000) g;
+         ANALYZE t;",
+    );
+    db.write_job("r", &counter_job(""));
+    let holder = db.session();
+    holder.exec("BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE");
+    let child = db.spawn(&["run", "r", "--reconnect-for", "60s"]);
+    db.wait_for(ENGINE_WAITS_FOR_A_LOCK, Duration::from_secs(30));
+    // Down for a while: connecting is refused until it is back (the holder's lock goes too).
+    cluster.restart(Duration::from_millis(1500)).unwrap();
+    let out = wait_out(child, Duration::from_secs(90));
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("lost the database while starting the run")
+            && out.stderr.contains("database is back"),
+        "{out:?}"
+    );
+    assert!(!out.stderr.contains("never analyzed"), "{out:?}");
+    let check = Session::connect(&url);
+    assert_eq!(check.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+    assert_eq!(
+        check.i64("SELECT rows_done FROM backfill.progress WHERE job = 'r'"),
+        2000
+    );
+    drop(check);
+    drop(holder);
+    drop(db);
+    cluster.stop().unwrap();
+}
+
+/// A lost connection during the row estimate is an error to wait out, not a table "never
+/// analyzed" (which the run used to report before failing on the dead session).
+#[test]
+fn a_lost_connection_is_not_taken_for_a_table_never_analyzed() {
+    let db = TestDb::new();
+    db.exec(
+        "CREATE TABLE fresh (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0) WITH (autovacuum_enabled = false);
+         INSERT INTO fresh (id) SELECT generate_series(1, 1000);",
+    );
+    db.write_job(
+        "fresh",
+        "table = \"fresh\"\nkey = [\"id\"]\nsql = \"UPDATE fresh SET n = n + 1 WHERE id BETWEEN :start AND :end\"\n",
+    );
+    let job = backfill::job::load(&db.jobs, "fresh").unwrap();
+    block_on(async {
+        let mut client = db.connect().await;
+        let pid: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let tx = client.transaction().await.unwrap();
+        let killer = db.connect().await;
+        killer
+            .execute("SELECT pg_terminate_backend($1)", &[&pid])
+            .await
+            .unwrap();
+        let gone = "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)";
+        while !killer
+            .query_one(gone, &[&pid])
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let estimate = backfill::executor::estimate_rows(&tx, &job, Duration::from_secs(30)).await;
+        match estimate {
+            Err(e) => assert_eq!(
+                backfill::db::classify(&e),
+                backfill::db::ErrorClass::Connection,
+                "{e}"
+            ),
+            Ok(r) => panic!("a dead session gave an estimate: {r:?}"),
+        }
+    });
+}
 
 #[test]
 fn a_stale_plan_after_alter_table_is_prepared_again_and_the_run_goes_on() {
