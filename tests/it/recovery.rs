@@ -412,3 +412,77 @@ fn the_history_counts_chunks_whose_commit_answer_was_lost() {
     );
     assert!(out.stderr.contains("3000 rows in 30 chunks"), "{out:?}");
 }
+
+/// The same with two workers, each on its own connection and range: the lost answers land on
+/// both, and the run's history still adds up to the checkpoint.
+#[test]
+fn the_history_of_several_workers_counts_chunks_whose_commit_answer_was_lost() {
+    let db = TestDb::new();
+    counter_table(&db, 3000);
+    db.write_job("w", &counter_job(""));
+    let proxy = LosingProxy::start(&db.url, "UPDATE t SET n = n + 1", 4);
+    let out = Out::from(
+        db.cmd_at(&proxy.url(&db.url), &["run", "w", "--workers", "2"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(proxy.lost.load(Ordering::SeqCst), 4, "{out:?}");
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0, "{out:?}");
+    assert_eq!(
+        db.i64("SELECT count(DISTINCT worker) FROM backfill.run_workers"),
+        2,
+        "{out:?}"
+    );
+    assert_eq!(
+        db.i64("SELECT rows_done FROM backfill.runs WHERE job = 'w'"),
+        3000,
+        "{out:?}"
+    );
+    assert_eq!(
+        db.i64("SELECT chunks_done FROM backfill.runs WHERE job = 'w'"),
+        db.i64("SELECT chunks_done FROM backfill.progress WHERE job = 'w'"),
+        "{out:?}"
+    );
+}
+
+/// A killed run's history row, closed as abandoned by the next run, holds what it committed:
+/// the runs of a job add up to its checkpoint.
+#[test]
+fn an_abandoned_run_keeps_what_it_committed_in_the_history() {
+    let db = TestDb::new();
+    counter_table(&db, 3000);
+    db.write_job(
+        "k",
+        &counter_job("").replace(
+            "n = n + 1 WHERE",
+            "n = n + 1 FROM (SELECT pg_sleep(0.01)) s WHERE",
+        ),
+    );
+    let mut child = db.spawn(&["run", "k"]);
+    db.wait_for(
+        "SELECT coalesce((SELECT rows_done >= 500 FROM backfill.progress WHERE job = 'k'), false)",
+        Duration::from_secs(60),
+    );
+    signal(&child, libc::SIGKILL);
+    let _ = child.wait();
+    db.run(&["run", "k"]).expect(0);
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+    assert_eq!(
+        db.text("SELECT string_agg(outcome, ',' ORDER BY id) FROM backfill.runs WHERE job = 'k'")
+            .as_deref(),
+        Some("abandoned,done")
+    );
+    assert!(
+        db.i64("SELECT rows_done FROM backfill.runs WHERE job = 'k' AND outcome = 'abandoned'")
+            >= 500
+    );
+    assert_eq!(
+        db.i64("SELECT sum(rows_done)::bigint FROM backfill.runs WHERE job = 'k'"),
+        3000
+    );
+    assert_eq!(
+        db.i64("SELECT sum(chunks_done)::bigint FROM backfill.runs WHERE job = 'k'"),
+        db.i64("SELECT chunks_done FROM backfill.progress WHERE job = 'k'")
+    );
+}
