@@ -198,7 +198,7 @@ impl Store {
                                 last_error = 'the runner stopped without finishing (killed, crashed or lost its connection); its ranges were taken over',
                                 {counts}
                           WHERE id = $1 AND outcome IS NULL",
-                        counts = self.run_counts_sql("id"),
+                        counts = self.run_counts_sql("$1"),
                         s = self.q
                     ),
                     &[&gone],
