@@ -28,6 +28,11 @@ pub enum Error {
     /// Anything that went wrong at run time (exit 1).
     #[error("{0}")]
     Runtime(String),
+    /// The database could not be reached, or the connection was lost (SQLSTATE class 08,
+    /// 57P01–57P03, 53300, a closed socket): worth waiting for, unlike other runtime errors
+    /// (exit 1 when it is given up on).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl Error {
@@ -36,7 +41,7 @@ impl Error {
             Error::Usage(_) => exit::USAGE,
             Error::NotSatisfied(_) => exit::NOT_SATISFIED,
             Error::Interrupted(_) => exit::INTERRUPTED,
-            Error::Runtime(_) => exit::FAILURE,
+            Error::Runtime(_) | Error::Unavailable(_) => exit::FAILURE,
         }
     }
 
@@ -52,6 +57,7 @@ impl Error {
             Error::NotSatisfied(m) => Error::NotSatisfied(wrap(m)),
             Error::Interrupted(m) => Error::Interrupted(wrap(m)),
             Error::Runtime(m) => Error::Runtime(wrap(m)),
+            Error::Unavailable(m) => Error::Unavailable(wrap(m)),
         }
     }
 }

@@ -15,12 +15,13 @@
 //! adaptive chunk size, the health signals and the live controls.
 //!
 //! What a failure does depends on its class (`db::classify`, by SQLSTATE):
-//! - contention (lock timeout, deadlock, serialization): normal on a live database, so the run
-//!   outlasts it: it retries the chunk after a jittered backoff (capped at a few seconds) for up
-//!   to the contention budget (minutes), held with the reason "lock contention on keys …";
+//! - contention (lock timeout, deadlock, serialization, a saved plan gone stale under an
+//!   `ALTER TABLE`): normal on a live database, so the run outlasts it: it retries the chunk
+//!   after a jittered backoff (capped at a few seconds) for up to the contention budget
+//!   (minutes), held with the reason "lock contention on keys …";
 //! - a statement timeout at a single key: retried at most `max_attempts` times in a row;
 //! - connection lost or server restarting: wait for the database ("waiting for database") and go
-//!   on, for up to `reconnect_for`;
+//!   on, for up to `reconnect_for` — in the chunk loop and while the run starts alike;
 //! - statement timeout or a data error in a chunk of several keys: halve the chunk and go on; the
 //!   halves that succeed commit, so the failure narrows to the smallest failing range. Once past
 //!   the range that failed, the chunk size returns to the configured one;
@@ -179,19 +180,6 @@ pub async fn run(
 ) -> Result<Report> {
     let started = Instant::now();
     let workers = opts.workers.clamp(1, MAX_WORKERS);
-    let mut lease = target.connect().await?;
-    store.ensure(&mut lease).await?;
-    let keyset = Keyset::resolve(&lease, job).await?;
-    let runner = Runner::this_process();
-    let claim = store
-        .claim(
-            &mut lease,
-            job,
-            &runner,
-            workers,
-            opts.allow_changed_definition,
-        )
-        .await?;
     let report = |outcome, tally: &Tally, total: &Option<store::Checkpoint>| Report {
         job: job.name.clone(),
         outcome,
@@ -205,27 +193,16 @@ pub async fn run(
         cursor: total.as_ref().and_then(|c| c.cursor.clone()),
         ranges: total.as_ref().map(|c| c.ranges.len()).unwrap_or(0),
     };
-    let (run_id, checkpoint) = match claim {
-        Claim::Owned { run_id, checkpoint } => (run_id, checkpoint),
-        Claim::AlreadyDone(c) => {
-            return Ok(report(Outcome::AlreadyDone, &Tally::default(), &Some(c)));
-        }
-    };
-    let total = match key_range(&mut lease, store, job, &keyset, progress).await {
-        Ok(total) => total,
-        Err(e) => {
-            let _ = store
-                .finish(
-                    &lease,
-                    &job.name,
-                    run_id,
-                    "failed",
-                    Some(&e.to_string()),
-                    None,
-                    (0, 0),
-                )
-                .await;
-            return Err(e);
+    let Started {
+        lease,
+        keyset,
+        run_id,
+        checkpoint,
+        total,
+    } = match start(target, store, job, opts, workers, shutdown, progress).await? {
+        Start::Owned(s) => *s,
+        Start::AlreadyDone(c) => {
+            return Ok(report(Outcome::AlreadyDone, &Tally::default(), &Some(*c)));
         }
     };
     let lease_state = Arc::new(LeaseState::new());
@@ -360,7 +337,6 @@ pub async fn run(
         }
     };
     let name = job.name.as_str();
-    let did = (tally.rows, tally.chunks);
     let end = |state: &'static str| progress.finish(state);
     let (state, error, remaining, outcome) = match result {
         Ok(LoopEnd::Cancelled) => ("cancelled", None, None, Ok(Outcome::Cancelled)),
@@ -399,22 +375,157 @@ pub async fn run(
     };
     end(state);
     let saved = store
-        .finish(
-            &finisher,
-            name,
-            run_id,
-            state,
-            error.as_deref(),
-            remaining,
-            did,
-        )
+        .finish(&finisher, name, run_id, state, error.as_deref(), remaining)
         .await;
     // The lease is kept until the outcome is saved: a run verifying for minutes is alive.
     heartbeat.abort();
     let outcome = outcome?;
     saved?;
+    // What this run did, as its chunks counted it when they committed: the tally kept here
+    // misses a chunk whose COMMIT took effect but whose answer was lost with the connection.
+    if let Ok((rows, affected, chunks)) = store.run_counts(&finisher, run_id).await {
+        (tally.rows, tally.affected, tally.chunks) = (rows, affected, chunks);
+    }
     let total = store.load(&finisher, name).await.ok().flatten();
     Ok(report(outcome, &tally, &total))
+}
+
+/// What a run's start-up established.
+struct Started {
+    /// The session the run's lease lives on (handed to the heartbeat).
+    lease: tokio_postgres::Client,
+    keyset: Keyset,
+    run_id: i64,
+    /// The job's checkpoint as it was when the run joined.
+    checkpoint: store::Checkpoint,
+    /// The job's row estimate.
+    total: Option<i64>,
+}
+
+enum Start {
+    Owned(Box<Started>),
+    AlreadyDone(Box<store::Checkpoint>),
+}
+
+/// The start-up: the engine's schema, the key against the catalog, joining the job, its key
+/// range. A lost connection or an unreachable server is waited out as in the chunk loop (for up
+/// to `--reconnect-for`, "waiting for database"), then the start-up goes on from the top on a new
+/// session; a run already joined is re-attached to it rather than joined twice.
+async fn start(
+    target: &Target,
+    store: &Store,
+    job: &JobSpec,
+    opts: &RunOptions,
+    workers: u32,
+    shutdown: &Shutdown,
+    progress: &Progress,
+) -> Result<Start> {
+    let name = job.name.as_str();
+    let mut joined = None;
+    let mut outage: Option<Instant> = None;
+    loop {
+        let lost = match start_once(target, store, job, opts, workers, progress, &mut joined).await
+        {
+            Err(Error::Unavailable(why)) => why,
+            done => {
+                if outage.is_some() {
+                    progress.set_held(None);
+                    progress.log(&format!("{name}: database is back; starting"));
+                }
+                return done;
+            }
+        };
+        let since = *outage.get_or_insert_with(|| {
+            progress.log(&format!(
+                "{name}: lost the database while starting the run ({lost}); waiting for it to come back (up to {}s)",
+                opts.reconnect_for.as_secs()
+            ));
+            Instant::now()
+        });
+        if since.elapsed() >= opts.reconnect_for {
+            return Err(Error::Runtime(format!(
+                "job {name}: the database has been unreachable for {}s while the run was starting (last error: {lost}); gave up (--reconnect-for); nothing was processed by this run: run `backfill run {name}` again when it is back",
+                since.elapsed().as_secs()
+            )));
+        }
+        progress.set_held(Some("waiting for database"));
+        // Poll quickly at first (a terminated session reconnects at once), then every 2 s.
+        let pause = (since.elapsed() / 2).clamp(BACKOFF_BASE, RECONNECT_POLL_MAX);
+        shutdown.sleep(pause).await;
+        progress.held("database_unavailable", pause);
+        if shutdown.stop_requested() {
+            return Err(Error::Interrupted(format!(
+                "job {name}: stopped while waiting for the database to start the run; nothing was processed by this run: `backfill run {name}` starts it again"
+            )));
+        }
+    }
+}
+
+/// One attempt at the start-up, on a new session. `joined` keeps the run (and the checkpoint it
+/// saw) once the job is joined, for the next attempt.
+async fn start_once(
+    target: &Target,
+    store: &Store,
+    job: &JobSpec,
+    opts: &RunOptions,
+    workers: u32,
+    progress: &Progress,
+    joined: &mut Option<(i64, store::Checkpoint)>,
+) -> Result<Start> {
+    let name = job.name.as_str();
+    let mut lease = target.connect().await?;
+    store.ensure(&mut lease).await?;
+    let keyset = Keyset::resolve(&lease, job).await?;
+    let attached = match joined.as_ref() {
+        Some((run_id, _)) => store
+            .reattach(&lease, *run_id)
+            .await
+            .map_err(|e| db::error(e, format!("job {name}: re-attaching run {run_id}")))?,
+        None => false,
+    };
+    let (run_id, checkpoint) = match joined.take() {
+        Some(run) if attached => run,
+        earlier => {
+            if let Some((run_id, _)) = earlier {
+                // Declared gone meanwhile: its ranges may be someone else's now.
+                progress.log(&format!(
+                    "{name}: run {run_id} was declared gone while the database was away; joining the job again"
+                ));
+            }
+            let runner = Runner::this_process();
+            let claim = store
+                .claim(
+                    &mut lease,
+                    job,
+                    &runner,
+                    workers,
+                    opts.allow_changed_definition,
+                )
+                .await?;
+            match claim {
+                Claim::Owned { run_id, checkpoint } => (run_id, checkpoint),
+                Claim::AlreadyDone(c) => return Ok(Start::AlreadyDone(Box::new(c))),
+            }
+        }
+    };
+    *joined = Some((run_id, checkpoint.clone()));
+    match key_range(&mut lease, store, job, &keyset, progress).await {
+        Ok(total) => Ok(Start::Owned(Box::new(Started {
+            lease,
+            keyset,
+            run_id,
+            checkpoint,
+            total,
+        }))),
+        // Waited out by the caller, which comes back with the same run.
+        Err(e @ Error::Unavailable(_)) => Err(e),
+        Err(e) => {
+            let _ = store
+                .finish(&lease, name, run_id, "failed", Some(&e.to_string()), None)
+                .await;
+            Err(e)
+        }
+    }
 }
 
 /// Fixes the job's key range on its first run (under the job's row lock, so runs starting
@@ -448,7 +559,14 @@ async fn key_range(
         .await
         .map_err(err)?
         .map(|r| r.get(0));
-    let (total, exact) = estimate_rows(&tx, job, EXACT_COUNT_WITHIN).await;
+    let (total, exact) = estimate_rows(&tx, job, EXACT_COUNT_WITHIN)
+        .await
+        .map_err(|e| {
+            db::error(
+                e,
+                format!("job {name}: estimating the rows of {}", job.table),
+            )
+        })?;
     if total.is_none() {
         progress.log(&format!(
             "{name}: no row estimate for {} (never analyzed, and counting takes long): its key range cannot be split, so only one worker will work; run ANALYZE {} first to use several",
@@ -473,9 +591,10 @@ async fn key_range(
     Ok(total)
 }
 
-/// Connects, retrying for up to `patience` while the database is unreachable. Once a stop is
-/// requested it waits for nothing: one attempt of at most `STOP_CONNECT_WITHIN`, then the error
-/// (the caller says what could not be recorded).
+/// Connects, retrying for up to `patience` while the database is unreachable (not when it
+/// refuses us: a wrong password does not get better by waiting). Once a stop is requested it
+/// waits for nothing: one attempt of at most `STOP_CONNECT_WITHIN`, then the error (the caller
+/// says what could not be recorded).
 async fn connect_patiently(
     target: &Target,
     patience: Duration,
@@ -496,10 +615,18 @@ async fn connect_patiently(
                 _ = shutdown.sleep(patience) => None,
             }
         };
+        let gave_up = stopping || since.elapsed() >= patience;
         match attempt {
             Some(Ok(c)) => return Ok(c),
-            Some(Err(e)) if stopping || since.elapsed() >= patience => return Err(e),
-            None if stopping || since.elapsed() >= patience => {
+            Some(Err(e @ Error::Unavailable(_))) if gave_up => return Err(e),
+            Some(Err(Error::Unavailable(_))) | None if !gave_up => {
+                progress.set_held(Some("waiting for database"));
+                let t = Instant::now();
+                shutdown.sleep(RECONNECT_POLL_MAX).await;
+                progress.held("database_unavailable", t.elapsed());
+            }
+            Some(Err(e)) => return Err(e),
+            None => {
                 return Err(Error::Runtime(format!(
                     "{} did not answer within {}s",
                     target.describe(),
@@ -510,13 +637,6 @@ async fn connect_patiently(
                     }
                     .as_secs()
                 )))
-            }
-            None => {}
-            Some(Err(_)) => {
-                progress.set_held(Some("waiting for database"));
-                let t = Instant::now();
-                shutdown.sleep(RECONNECT_POLL_MAX).await;
-                progress.held("database_unavailable", t.elapsed());
             }
         }
     }
@@ -823,6 +943,47 @@ fn failed(
             keys: chunk.as_ref().map(|c| c.2),
             range: chunk.map(|(a, b, _)| (a, b)),
         })
+    }
+}
+
+/// A statement from the connection's statement cache, and whether an earlier transaction
+/// prepared it (its saved plan may then be stale, see [`failed_cached`]). One prepared in this
+/// transaction cannot be: the locks it took keep the tables from changing until the end.
+async fn cached(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sql: &str,
+) -> Result<(tokio_postgres::Statement, bool), tokio_postgres::Error> {
+    let before = tx.statement_cache.size();
+    let stmt = tx.prepare_cached(sql).await?;
+    Ok((stmt, tx.statement_cache.size() == before))
+}
+
+/// Like [`failed`], for executing a statement from the cache. SQLSTATE 0A000 from a statement an
+/// earlier transaction prepared means its saved plan went stale — the table changed under it,
+/// e.g. `ALTER TABLE … ADD COLUMN` under `RETURNING *` ("cached plan must not change result
+/// type"). That is transient: the connection's cache is emptied, so the retry prepares every
+/// statement again, and the chunk is retried like contention (nothing of it was committed). A
+/// 0A000 from a statement prepared afresh is a real "feature not supported" and stays fatal.
+fn failed_cached(
+    stage: &'static str,
+    chunk: Option<&(KeyValue, KeyValue, i64)>,
+    reused: bool,
+    tx: &deadpool_postgres::Transaction<'_>,
+) -> impl FnOnce(tokio_postgres::Error) -> ChunkError {
+    let cache = tx.statement_cache.clone();
+    let fail = failed(stage, chunk);
+    move |e| {
+        let stale = reused && db::sqlstate(&e) == Some("0A000");
+        let mut error = fail(e);
+        if let (true, ChunkError::Failed(f)) = (stale, &mut error) {
+            cache.clear();
+            f.class = ErrorClass::Contention;
+            f.text = format!(
+                "the statement's saved plan is stale, the table changed ({}); prepared again",
+                f.text
+            );
+        }
+        error
     }
 }
 
@@ -1526,14 +1687,15 @@ async fn run_chunk(
         None
     } else {
         let params = keyset::next_chunk_params(cursor.as_ref(), &upper, &limit);
-        let stmt = tx
-            .prepare_cached(bounds_sql)
+        let (stmt, reused) = cached(&tx, bounds_sql)
             .await
             .map_err(failed("finding the chunk bounds", None))?;
-        let row = tx
-            .query_one(&stmt, &params)
-            .await
-            .map_err(failed("finding the chunk bounds", None))?;
+        let row = tx.query_one(&stmt, &params).await.map_err(failed_cached(
+            "finding the chunk bounds",
+            None,
+            reused,
+            &tx,
+        ))?;
         match shared.keyset.read_bounds(&row, cursor.as_ref()) {
             Ok(found) => found,
             Err(stall) => {
@@ -1561,22 +1723,25 @@ async fn run_chunk(
         .map(|v| v as &(dyn ToSql + Sync))
         .collect();
     if let Some(copy) = &sql.undo_copy {
-        let stmt = tx
-            .prepare_cached(copy)
+        let (stmt, reused) = cached(&tx, copy)
             .await
             .map_err(failed("preparing the undo copy", at))?;
-        tx.execute(&stmt, &args)
-            .await
-            .map_err(failed("copying the rows' old values to the undo table", at))?;
+        tx.execute(&stmt, &args).await.map_err(failed_cached(
+            "copying the rows' old values to the undo table",
+            at,
+            reused,
+            &tx,
+        ))?;
     }
-    let stmt = tx
-        .prepare_cached(&sql.statement)
+    let (stmt, reused) = cached(&tx, &sql.statement)
         .await
         .map_err(failed("preparing the job's statement", at))?;
-    let affected = tx
-        .execute(&stmt, &args)
-        .await
-        .map_err(failed("running the job's statement", at))? as i64;
+    let affected = tx.execute(&stmt, &args).await.map_err(failed_cached(
+        "running the job's statement",
+        at,
+        reused,
+        &tx,
+    ))? as i64;
 
     // Application sessions queued behind this chunk's row locks: commit now (which releases
     // them) and tell the caller, which yields by shrinking the next chunks. The same round trip
@@ -1698,12 +1863,16 @@ pub const EXACT_COUNT_WITHIN: Duration = Duration::from_secs(3);
 /// The rows of the job's table, and whether the number is exact: counted when that takes less
 /// than `exact_within`, else the planner's estimate, else (a table never analyzed) a count of a
 /// 1 % page sample. Workers split ranges by these numbers, so "unknown" would leave one range.
+/// A lost connection is an error, not "no estimate": the caller waits for the database and
+/// tries again (taking it for a table never analyzed would misreport it and go on with a dead
+/// session).
 pub async fn estimate_rows(
     tx: &tokio_postgres::Transaction<'_>,
     job: &JobSpec,
     exact_within: Duration,
-) -> (Option<i64>, bool) {
+) -> Result<(Option<i64>, bool), tokio_postgres::Error> {
     let table = job.table.quoted();
+    let lost = |e: &tokio_postgres::Error| db::classify(e) == ErrorClass::Connection;
     // In a savepoint: the timeout and a cancelled count end with it, the caller's work stays.
     let count = |sql: String, within: Duration| async move {
         tx.batch_execute(&format!(
@@ -1715,29 +1884,29 @@ pub async fn estimate_rows(
         tx.batch_execute("ROLLBACK TO SAVEPOINT bf_count").await?;
         r.map(|row| row.get::<_, i64>(0))
     };
-    if let Ok(n) = count(format!("SELECT count(*) FROM {table}"), exact_within).await {
-        return (Some(n), true);
+    match count(format!("SELECT count(*) FROM {table}"), exact_within).await {
+        Ok(n) => return Ok((Some(n), true)),
+        Err(e) if lost(&e) => return Err(e),
+        Err(_) => {} // too slow: estimate instead
     }
     let planner = tx
         .query_one(
             "SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass($1)",
             &[&table],
         )
-        .await
-        .ok()
-        .map(|r| r.get::<_, i64>(0))
-        .filter(|n| *n >= 0);
-    if planner.is_some() {
-        return (planner, false);
+        .await;
+    match planner.map(|r| r.get::<_, i64>(0)) {
+        Ok(n) if n >= 0 => return Ok((Some(n), false)),
+        Err(e) if lost(&e) => return Err(e),
+        _ => {} // never analyzed
     }
     // A hundredth of the pages: quick where the full count was not.
-    let sampled = count(
-        format!("SELECT (count(*) * 100)::bigint FROM {table} TABLESAMPLE SYSTEM (1)"),
-        EXACT_COUNT_WITHIN,
-    )
-    .await
-    .ok();
-    (sampled, false)
+    let sql = format!("SELECT (count(*) * 100)::bigint FROM {table} TABLESAMPLE SYSTEM (1)");
+    match count(sql, EXACT_COUNT_WITHIN).await {
+        Ok(n) => Ok((Some(n), false)),
+        Err(e) if lost(&e) => Err(e),
+        Err(_) => Ok((None, false)),
+    }
 }
 
 /// Re-runs only the keys a job recorded as failing; each success is marked resolved in the same

@@ -128,13 +128,20 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
-/// Wraps a database error as a runtime error with context.
+/// Wraps a database error as a runtime error with context; a lost connection or an unreachable
+/// server (by SQLSTATE, see [`classify`]) becomes [`Error::Unavailable`], which callers may wait
+/// out.
 pub fn error(e: tokio_postgres::Error, context: impl std::fmt::Display) -> Error {
-    let advice = match classify(&e) {
+    let class = classify(&e);
+    let advice = match class {
         ErrorClass::Fatal => format!("; {}", advice(sqlstate(&e))),
         _ => String::new(),
     };
-    Error::Runtime(format!("{context}: {}{advice}", describe(&e)))
+    let message = format!("{context}: {}{advice}", describe(&e));
+    match class {
+        ErrorClass::Connection => Error::Unavailable(message),
+        _ => Error::Runtime(message),
+    }
 }
 
 /// Formats a duration as whole milliseconds for `SET`, which takes no bind parameters.
@@ -160,11 +167,17 @@ async fn prepare_session(client: &tokio_postgres::Client) -> Result<(), tokio_po
 
 impl Target {
     fn connect_error(&self, e: &tokio_postgres::Error) -> Error {
-        Error::Runtime(format!(
+        let message = format!(
             "cannot connect to {}: {}; check --database-url / DATABASE_URL or the PG* variables, and that the server is up",
             self.describe(),
             describe(e)
-        ))
+        );
+        // Refused, reset, starting up, too many connections: worth waiting for. A wrong password
+        // or a missing database is not.
+        match classify(e) {
+            ErrorClass::Connection => Error::Unavailable(message),
+            _ => Error::Runtime(message),
+        }
     }
 
     /// One dedicated connection (not from the pool), for session-scoped work such as the lease.
@@ -174,7 +187,7 @@ impl Target {
         let (client, connection) = match tokio::time::timeout(limit, attempt).await {
             Ok(r) => r.map_err(|e| self.connect_error(&e))?,
             Err(_) => {
-                return Err(Error::Runtime(format!(
+                return Err(Error::Unavailable(format!(
                     "cannot connect to {}: no answer within {}s; check the host, port and network",
                     self.describe(),
                     limit.as_secs()

@@ -181,6 +181,38 @@ impl Store {
         }
     }
 
+    /// `SET` assignments of a run row's counters from what its workers counted in their chunks'
+    /// transactions (`run` is the SQL expression of the run's id).
+    fn run_counts_sql(&self, run: &str) -> String {
+        format!(
+            "rows_done = (SELECT coalesce(sum(w.rows_done), 0) FROM {s}.run_workers w WHERE w.run_id = {run}),
+             chunks_done = (SELECT coalesce(sum(w.chunks_done), 0) FROM {s}.run_workers w WHERE w.run_id = {run})",
+            s = self.q
+        )
+    }
+
+    /// What run `run_id` committed so far, all its workers together: (keys, rows the statement
+    /// changed, chunks). Counted in the chunks' own transactions, so exact whatever was lost.
+    pub async fn run_counts(
+        &self,
+        client: &impl GenericClient,
+        run_id: i64,
+    ) -> Result<(i64, i64, i64)> {
+        let row = client
+            .query_one(
+                &format!(
+                    "SELECT coalesce(sum(rows_done), 0)::bigint, coalesce(sum(rows_affected), 0)::bigint,
+                            coalesce(sum(chunks_done), 0)::bigint
+                       FROM {s}.run_workers WHERE run_id = $1",
+                    s = self.q
+                ),
+                &[&run_id],
+            )
+            .await
+            .map_err(|e| db::error(e, format!("run {run_id}: reading what it did")))?;
+        Ok((row.get(0), row.get(1), row.get(2)))
+    }
+
     /// Whether the run row aliased `r` is alive, as a SQL expression.
     fn run_alive_sql(r: &str) -> String {
         format!(
@@ -387,9 +419,11 @@ impl Store {
         tx.execute(
             &format!(
                 "UPDATE {s}.runs r SET outcome = 'abandoned', ended_at = coalesce(r.heartbeat_at, now()),
-                        last_error = 'the runner stopped without finishing (killed, crashed or lost its connection)'
+                        last_error = 'the runner stopped without finishing (killed, crashed or lost its connection)',
+                        {counts}
                   WHERE r.job = $1 AND r.outcome IS NULL AND NOT {alive}",
                 s = self.q,
+                counts = self.run_counts_sql("r.id"),
                 alive = Self::run_alive_sql("r")
             ),
             &[&name],
@@ -604,12 +638,12 @@ impl Store {
         Ok(())
     }
 
-    /// Ends a run: closes its history row with what it did, frees its ranges for others, and
+    /// Ends a run: closes its history row with what it did (as its chunks counted it in their
+    /// own transactions, see `advance`), frees its ranges for others, and
     /// sets the job's state — `done`/`incomplete` unless another run's sweep is still being
     /// walked, any other outcome only when no other run is still working on the job; nothing
     /// but `done` replaces `done`. A run already declared gone
     /// (`abandoned` by another) changes nothing.
-    #[allow(clippy::too_many_arguments)]
     pub async fn finish(
         &self,
         client: &impl GenericClient,
@@ -618,7 +652,6 @@ impl Store {
         state: &str,
         error: Option<&str>,
         verify_remaining: Option<i64>,
-        done: (i64, i64),
     ) -> Result<()> {
         let err = |e| db::error(e, format!("job {job}: saving the final state ({state})"));
         // The run's ranges are let go first, on their own: locking range rows and then the job's
@@ -639,7 +672,7 @@ impl Store {
                 &format!(
                     "WITH run AS (
                         UPDATE {s}.runs SET ended_at = now(), outcome = $3, last_error = $4,
-                               rows_done = $6, chunks_done = $7, hold_reason = NULL, held_since = NULL,
+                               {counts}, hold_reason = NULL, held_since = NULL,
                                end_cursor = CASE WHEN (SELECT count(*) FROM {s}.ranges WHERE job = $1) = 1
                                                  THEN (SELECT cursor FROM {s}.ranges WHERE job = $1) END
                          WHERE id = $2 AND outcome IS NULL RETURNING id)
@@ -660,9 +693,10 @@ impl Store {
                         AND ($3 IN ('done', 'incomplete')
                              OR NOT EXISTS (SELECT 1 FROM {s}.runs r WHERE r.job = $1 AND r.id <> $2 AND {alive}))",
                     s = self.q,
-                    alive = Self::run_alive_sql("r")
+                    alive = Self::run_alive_sql("r"),
+                    counts = self.run_counts_sql("$2")
                 ),
-                &[&job, &run_id, &state, &error, &verify_remaining, &done.0, &done.1],
+                &[&job, &run_id, &state, &error, &verify_remaining],
             )
             .await
             .map_err(err)?;

@@ -195,8 +195,10 @@ impl Store {
                 tx.execute(
                     &format!(
                         "UPDATE {s}.runs SET outcome = 'abandoned', ended_at = coalesce(heartbeat_at, now()),
-                                last_error = 'the runner stopped without finishing (killed, crashed or lost its connection); its ranges were taken over'
+                                last_error = 'the runner stopped without finishing (killed, crashed or lost its connection); its ranges were taken over',
+                                {counts}
                           WHERE id = $1 AND outcome IS NULL",
+                        counts = self.run_counts_sql("$1"),
                         s = self.q
                     ),
                     &[&gone],
@@ -403,7 +405,9 @@ impl Store {
     }
 
     /// Advances the range's cursor past a chunk, inside the chunk's own transaction (which holds
-    /// the range's row lock). Returns the rows updated: 1, or 0 when the range is no longer ours.
+    /// the range's row lock), and counts the chunk for the run's worker in the same statement:
+    /// the run's history then holds exactly what its committed chunks did, even when a COMMIT's
+    /// answer was lost. Returns the rows updated: 1, or 0 when the range is no longer ours.
     pub async fn advance(
         &self,
         tx: &impl GenericClient,
@@ -413,11 +417,21 @@ impl Store {
     ) -> Result<u64, tokio_postgres::Error> {
         tx.execute(
             &format!(
-                "UPDATE {s}.ranges SET cursor = $6, rows_done = rows_done + $7,
-                        rows_affected = rows_affected + $8, chunks_done = chunks_done + 1,
-                        chunk_rows_now = $9, updated_at = now()
-                  WHERE job = $1 AND id = $2 AND owner_run = $3 AND owner_worker = $4
-                    AND cursor IS NOT DISTINCT FROM $5",
+                "WITH moved AS (
+                   UPDATE {s}.ranges SET cursor = $6, rows_done = rows_done + $7,
+                          rows_affected = rows_affected + $8, chunks_done = chunks_done + 1,
+                          chunk_rows_now = $9, updated_at = now()
+                    WHERE job = $1 AND id = $2 AND owner_run = $3 AND owner_worker = $4
+                      AND cursor IS NOT DISTINCT FROM $5
+                   RETURNING 1),
+                 counted AS (
+                   INSERT INTO {s}.run_workers AS w (run_id, worker, rows_done, rows_affected, chunks_done)
+                   SELECT $3, $4, $7, $8, 1 FROM moved
+                   ON CONFLICT (run_id, worker) DO UPDATE
+                      SET rows_done = w.rows_done + EXCLUDED.rows_done,
+                          rows_affected = w.rows_affected + EXCLUDED.rows_affected,
+                          chunks_done = w.chunks_done + 1)
+                 SELECT 1 FROM moved",
                 s = self.q
             ),
             &[

@@ -271,6 +271,22 @@ END
 $fn$;
 "#,
     ),
+    (
+        8,
+        // What each run did, counted in the transaction of each chunk (see `Store::advance`): a
+        // count kept in the runner's memory misses a chunk whose COMMIT succeeded but whose answer
+        // was lost with the connection. One row per worker, so workers never wait on each other.
+        r#"
+CREATE TABLE {s}.run_workers (
+    run_id        bigint NOT NULL REFERENCES {s}.runs (id) ON DELETE CASCADE,
+    worker        integer NOT NULL,
+    rows_done     bigint NOT NULL DEFAULT 0,
+    rows_affected bigint NOT NULL DEFAULT 0,
+    chunks_done   bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (run_id, worker)
+);
+"#,
+    ),
 ];
 
 pub const LATEST: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -436,7 +452,7 @@ pub fn grants(schema: &str, role: &str) -> String {
     format!(
         "GRANT USAGE, CREATE ON SCHEMA {s} TO {r};
          GRANT SELECT ON {s}.schema_version TO {r};
-         GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.checkpoints, {s}.runs, {s}.failures, {s}.controls, {s}.ranges, {s}.finish_steps TO {r};
+         GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.checkpoints, {s}.runs, {s}.failures, {s}.controls, {s}.ranges, {s}.finish_steps, {s}.run_workers TO {r};
          GRANT SELECT ON {s}.progress TO {r};
          GRANT USAGE ON SEQUENCE {s}.runs_id_seq, {s}.failures_id_seq TO {r};"
     )

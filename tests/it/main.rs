@@ -16,6 +16,7 @@ mod observability;
 mod parallel;
 mod plan;
 mod privileges;
+mod recovery;
 mod resilience;
 mod revert;
 mod sweep;
