@@ -20,6 +20,9 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 fn server() -> &'static Server {
     SERVER.get_or_init(|| {
+        if let Err(e) = crate::tools::preflight() {
+            panic!("{e}");
+        }
         if let Ok(url) = std::env::var("BACKFILL_TEST_DATABASE_URL") {
             if !url.trim().is_empty() {
                 return Server::External(url);

@@ -7,7 +7,7 @@
 //!   never into the system's Python, and isolated from whatever that Python has installed;
 //! - system programs (`prometheus`, `promtool`, `openssl`) come from Debian's packages: installed
 //!   with apt-get when the tests run as root, else — or with `BACKFILL_TEST_NO_INSTALL=1` — the
-//!   test that needs one fails with the exact command to run.
+//!   run stops before any test with the exact command to run ([`preflight`]).
 //!
 //! A missing tool never lets a test pass: it is installed, or the test fails saying how to.
 
@@ -158,6 +158,17 @@ pub fn ensure_system_tools(path: &OsStr, allowed: bool) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Run before the first test: where the tests may not install what is missing (not root, or
+/// `BACKFILL_TEST_NO_INSTALL`), the whole run stops at once with the one command that installs
+/// it, rather than test by test. Where they may, nothing is done here: each tool is installed
+/// when a test first needs it.
+pub fn preflight() -> Result<(), String> {
+    if may_install() {
+        return Ok(());
+    }
+    ensure_system_tools(&std::env::var_os("PATH").unwrap_or_default(), false)
 }
 
 /// The path of `program` (one of SYSTEM_TOOLS). The first call installs every missing one at
