@@ -6,7 +6,6 @@
 //! name in every state of `alembic_version`.
 
 use crate::support::{block_on, TestDb};
-use backfill::db::Target;
 use backfill::migrator::alembic::RevisionGraph;
 use backfill::migrator::history::{History, Tool};
 use std::path::{Path, PathBuf};
@@ -79,11 +78,7 @@ fn compare(fixture: &str, recursive: bool, names: &[&str]) -> usize {
     };
     let mut differ = Vec::new();
     block_on(async {
-        let client = Target::resolve(Some(&db.url))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let client = db.connect().await;
         let mut state: Vec<String> = Vec::new();
         for a in &oracle.answers {
             if a.state != state {

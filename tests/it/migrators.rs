@@ -2,7 +2,6 @@
 //! rows as the tool writes them, on a real PostgreSQL.
 
 use crate::support::{block_on, TestDb};
-use backfill::db::Target;
 use backfill::migrator::history::{Applied, History, Tool};
 use backfill::Error;
 use std::path::PathBuf;
@@ -18,11 +17,7 @@ fn history(tool: Tool) -> History {
 
 fn check(db: &TestDb, h: &History, revision: &str) -> Result<Applied, Error> {
     block_on(async {
-        let client = Target::resolve(Some(&db.url))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let client = db.connect().await;
         h.is_applied(&client, revision).await
     })
 }
