@@ -131,3 +131,38 @@ fn requires_sql_holds_the_run_and_wait_for_expand_waits_for_it() {
     let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
     assert_eq!(v["phase"], "done and verified");
 }
+
+/// A runner stopped with Ctrl-C while it waits for its expand migration no longer shows as
+/// waiting: nobody waits any more.
+#[test]
+fn a_runner_stopped_while_waiting_for_expand_no_longer_shows_as_waiting() {
+    let db = TestDb::new();
+    db.exec("CREATE TABLE t (id bigint PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 50)");
+    db.write_job(
+        "j",
+        "table = \"t\"\nkey = \"id\"\n\
+         sql = \"UPDATE t SET n = 1 WHERE id BETWEEN :start AND :end AND n = 0\"\n\
+         requires_sql = \"SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 't' AND column_name = 'n')\"\n",
+    );
+    let mut child = db.spawn(&["run", "j", "--wait-for-expand"]);
+    db.wait_for_child(
+        &mut child,
+        "SELECT coalesce((SELECT phase = 'waiting for expand' FROM backfill.checkpoints WHERE job = 'j'), false)",
+        Duration::from_secs(30),
+    );
+    signal(&child, libc::SIGINT);
+    let out = wait_out(child, Duration::from_secs(30));
+    assert_eq!(out.code, 130, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("stopped while waiting for its expand migration"),
+        "{out:?}"
+    );
+    assert_eq!(
+        db.i64("SELECT count(*) FROM backfill.checkpoints WHERE phase = 'waiting for expand'"),
+        0,
+        "a runner that was stopped no longer shows as waiting"
+    );
+    let status = db.run(&["status", "j"]);
+    assert!(!status.stdout.contains("waiting for expand"), "{status:?}");
+}
