@@ -2,7 +2,7 @@
 //! chunk's own transaction, restored exactly), resumable, refused when it would be wrong.
 
 use crate::support::*;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// `t (id, legacy, status)`: status is what the job fills; some rows already hold a value.
 fn orders(db: &TestDb, rows: i64) {
@@ -70,19 +70,33 @@ fn undo_restores_the_original_values_exactly_even_after_kills() {
         "j",
         "table = \"t\"\nkey = \"id\"\nchunk_rows = 100\n\
          sql = \"UPDATE t SET status = 'code-' || legacy WHERE id BETWEEN :start AND :end\"\n\
-         undo = [\"status\"]\n",
+         undo = [\"status\"]\nlock_timeout = \"60s\"\n",
     );
-    // Killed mid-run: the chunks that committed kept their old values in the same transaction.
-    let child = db.spawn(&["run", "j", "--rows-per-second", "4000"]);
-    db.wait_for(
-        "SELECT rows_done >= 1000 FROM backfill.progress WHERE job = 'j'",
+    // Killed mid-run, while a chunk waits for a row the application holds: the chunks that
+    // committed kept their old values in the same transaction; the one in flight left nothing.
+    let app = hold_row(&db, "t", "id", 2000);
+    let mut child = db.spawn(&["run", "j"]);
+    db.wait_for_child(
+        &mut child,
+        &format!(
+            "{} AND coalesce((SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j'), false)",
+            engine_lock_waits(1)
+        ),
         Duration::from_secs(60),
     );
     signal(&child, libc::SIGKILL);
-    let _ = wait_out(child, Duration::from_secs(10));
+    let out = wait_out(child, Duration::from_secs(10));
+    assert_eq!(
+        out.code,
+        128 + libc::SIGKILL,
+        "killed while it ran: {out:?}"
+    );
+    let done = db.i64("SELECT rows_done FROM backfill.progress WHERE job = 'j'");
+    assert!(0 < done && done < 4000, "killed part-way: {done} rows done");
+    app.exec("COMMIT");
     assert_eq!(
         db.i64("SELECT count(*) FROM backfill.undo_j"),
-        db.i64("SELECT rows_done FROM backfill.progress WHERE job = 'j'"),
+        done,
         "one undo row per row done, no more"
     );
     db.run(&["run", "j"]).expect(0);
@@ -94,15 +108,26 @@ fn undo_restores_the_original_values_exactly_even_after_kills() {
     // A row the application adds afterwards has no undo data and is left alone.
     db.exec("INSERT INTO t VALUES (100000, 'Z', 'new-row')");
 
-    // An interrupted revert resumes; meanwhile the job may not run.
-    let child = db.spawn(&["revert", "j", "--rows-per-second", "2000"]);
-    db.wait_for(
-        "SELECT rows_done >= 500 FROM backfill.progress WHERE job = 'j:revert'",
+    // An interrupted revert resumes; meanwhile the job may not run. (Stopped while a chunk
+    // waits for a row the application holds: part-way by construction.)
+    let app = hold_row(&db, "t", "id", 2000);
+    let mut child = db.spawn(&["revert", "j"]);
+    db.wait_for_child(
+        &mut child,
+        &format!(
+            "{} AND coalesce((SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j:revert'), false)",
+            engine_lock_waits(1)
+        ),
         Duration::from_secs(60),
     );
     signal(&child, libc::SIGINT);
+    app.exec("COMMIT");
     let out = wait_out(child, Duration::from_secs(30));
     assert_eq!(out.code, 130, "{out:?}");
+    assert!(
+        db.i64("SELECT count(*) FROM t WHERE status LIKE 'code-%'") > 0,
+        "stopped part-way"
+    );
     let out = db.run(&["run", "j"]);
     assert_eq!(out.code, 3, "{out:?}");
     assert!(
@@ -212,7 +237,16 @@ fn a_revert_and_a_migration_past_the_gate_wait_for_each_other() {
     let migration = db.session();
     migration.exec("BEGIN; SELECT backfill.assert_done('j')");
     let mut child = db.spawn(&["revert", "j"]);
-    std::thread::sleep(Duration::from_millis(1500));
+    // The revert tried the job's lock, which the migration holds, and did not get it.
+    db.wait_for_child(
+        &mut child,
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity a
+                         WHERE a.datname = current_database() AND a.state = 'idle'
+                           AND a.query LIKE 'SELECT pg_try_advisory_lock%'
+                           AND NOT EXISTS (SELECT 1 FROM pg_locks l
+                                            WHERE l.pid = a.pid AND l.locktype = 'advisory'))",
+        Duration::from_secs(30),
+    );
     assert!(child.try_wait().unwrap().is_none(), "the revert waits");
     assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
     migration.exec("COMMIT");
@@ -237,4 +271,74 @@ fn a_revert_and_a_migration_past_the_gate_wait_for_each_other() {
     assert!(e.contains("55P03"), "{e}");
     signal(&child, libc::SIGINT);
     assert_eq!(wait_out(child, Duration::from_secs(30)).code, 130);
+}
+
+/// A run and a revert of one job started together both decide under the job's checkpoint row
+/// lock: exactly one goes on, the other is refused (exit 3). The test holds that row so both wait
+/// for it and decide one after the other, and holds a row of each one's way so the one that goes
+/// on is still running when the other decides.
+#[test]
+fn a_run_and_a_revert_started_together_cannot_both_go() {
+    let db = TestDb::new();
+    counter_table(&db, 2000);
+    db.write_job(
+        "j",
+        &counter_job(
+            "down_sql = \"UPDATE t SET n = n - 1 WHERE id BETWEEN :start AND :end AND n > 0\"\n\
+             lock_timeout = \"60s\"\n",
+        ),
+    );
+    // Half done and stopped: a run and a revert may each go.
+    let app = hold_row(&db, "t", "id", 1000);
+    let mut child = db.spawn(&["run", "j"]);
+    db.wait_for_child(&mut child, &engine_lock_waits(1), Duration::from_secs(60));
+    signal(&child, libc::SIGINT);
+    app.exec("COMMIT");
+    assert_eq!(wait_out(child, Duration::from_secs(30)).code, 130);
+    let done = db.i64("SELECT count(*) FROM t WHERE n = 1");
+    assert!(0 < done && done < 2000, "{done}");
+
+    let rows = db.session();
+    rows.exec(
+        "BEGIN; SELECT 1 FROM t WHERE id IN ((SELECT id FROM t ORDER BY id OFFSET 500 LIMIT 1),
+                                             (SELECT id FROM t ORDER BY id OFFSET 1500 LIMIT 1)) FOR UPDATE",
+    );
+    let gate = db.session();
+    gate.exec("BEGIN; SELECT 1 FROM backfill.checkpoints WHERE job = 'j' FOR UPDATE");
+    let mut run = db.spawn(&["run", "j"]);
+    let mut revert = db.spawn(&["revert", "j"]);
+    db.wait_for(&engine_lock_waits(2), Duration::from_secs(30));
+    assert!(run.try_wait().unwrap().is_none() && revert.try_wait().unwrap().is_none());
+    gate.exec("COMMIT");
+    let t = Instant::now();
+    let (loser, winner, run_won) = loop {
+        if run.try_wait().unwrap().is_some() {
+            break (run, revert, false);
+        }
+        if revert.try_wait().unwrap().is_some() {
+            break (revert, run, true);
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "neither the run nor the revert was refused"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The one that goes on waits at the held row meanwhile.
+    db.wait_for(&engine_lock_waits(1), Duration::from_secs(30));
+    let lost = wait_out(loser, Duration::from_secs(10));
+    assert_eq!(lost.code, 3, "{lost:?}");
+    rows.exec("COMMIT");
+    let won = wait_out(winner, Duration::from_secs(60));
+    assert_eq!(won.code, 0, "{won:?}\n--- the other\n{lost:?}");
+    if run_won {
+        assert!(lost.stderr.contains("is running"), "{lost:?}");
+        assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+    } else {
+        assert!(
+            lost.stderr.contains("revert of job j is unfinished"),
+            "{lost:?}"
+        );
+        assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 0"), 0);
+    }
 }
