@@ -145,7 +145,7 @@ fn a_statement_without_a_guard_is_not_swept() {
     let job = "table = \"o\"\nkey = \"id\"\nchunk_rows = 100\n\
          sql = \"UPDATE o SET status = upper(legacy) WHERE id BETWEEN :start AND :end\"\n\
          verify = \"SELECT count(*) FROM o WHERE status IS NULL\"\n\
-         throttle = { target_chunk_time = \"0s\" }\n";
+         throttle = { target_chunk_time = \"0s\" }\nlock_timeout = \"60s\"\n";
     db.write_job("j", job);
     let out = db.run(&["plan", "j"]);
     assert_eq!(out.code, 0, "a warning: {out:?}");
@@ -158,15 +158,22 @@ fn a_statement_without_a_guard_is_not_swept() {
             && !out.stdout.contains("up to 3 sweeps"),
         "{out:?}"
     );
-    let child = db.spawn(&["run", "j", "--rows-per-second", "4000"]);
-    db.wait_for(
-        "SELECT rows_done >= 2000 FROM backfill.progress WHERE job = 'j'",
+    // The run waits at a row held past the middle while the application writes behind it.
+    let held = hold_row(&db, "o", "id", 3000);
+    let mut child = db.spawn(&["run", "j"]);
+    db.wait_for_child(
+        &mut child,
+        &format!(
+            "{} AND coalesce((SELECT rows_done >= 2000 FROM backfill.progress WHERE job = 'j'), false)",
+            engine_lock_waits(1)
+        ),
         Duration::from_secs(60),
     );
     // New code changes a row already done; old code writes a row behind the cursor.
     db.exec(
         "UPDATE o SET status = 'refunded' WHERE id = 1; UPDATE o SET status = NULL WHERE id = 2",
     );
+    held.exec("COMMIT");
     let out = wait_out(child, Duration::from_secs(60));
     assert_eq!(out.code, 1, "{out:?}");
     assert!(
