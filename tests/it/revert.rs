@@ -169,22 +169,30 @@ fn a_revert_is_refused_while_the_job_runs_and_for_a_job_without_a_way_back() {
     db.write_job(
         "j",
         &counter_job(
-            "down_sql = \"UPDATE t SET n = n - 1 WHERE id BETWEEN :start AND :end AND n > 0\"",
+            "down_sql = \"UPDATE t SET n = n - 1 WHERE id BETWEEN :start AND :end AND n > 0\"\n\
+             lock_timeout = \"60s\"\n",
         ),
     );
     let out = db.run(&["revert", "j"]);
     assert_eq!(out.code, 3, "{out:?}");
     assert!(out.stderr.contains("never run"), "{out:?}");
-    let child = db.spawn(&["run", "j", "--rows-per-second", "500"]);
-    db.wait_for(
-        "SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j'",
+    // The run waits at a held row: it is running, part-way, when the revert is tried.
+    let app = hold_row(&db, "t", "id", 1000);
+    let mut child = db.spawn(&["run", "j"]);
+    db.wait_for_child(
+        &mut child,
+        &format!(
+            "{} AND coalesce((SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j'), false)",
+            engine_lock_waits(1)
+        ),
         Duration::from_secs(30),
     );
     let out = db.run(&["revert", "j"]);
     assert_eq!(out.code, 3, "{out:?}");
     assert!(out.stderr.contains("is running"), "{out:?}");
     signal(&child, libc::SIGINT);
-    let _ = wait_out(child, Duration::from_secs(30));
+    app.exec("COMMIT");
+    assert_eq!(wait_out(child, Duration::from_secs(30)).code, 130);
     // Once it has stopped, a half-done job can be reverted.
     assert!(db.i64("SELECT count(*) FROM t WHERE n = 1") > 0);
     db.run(&["revert", "j"]).expect(0);
@@ -230,7 +238,8 @@ fn a_revert_and_a_migration_past_the_gate_wait_for_each_other() {
     db.write_job(
         "j",
         &counter_job(
-            "down_sql = \"UPDATE t SET n = n - 1 WHERE id BETWEEN :start AND :end AND n > 0\"",
+            "down_sql = \"UPDATE t SET n = n - 1 WHERE id BETWEEN :start AND :end AND n > 0\"\n\
+             lock_timeout = \"60s\"\n",
         ),
     );
     db.run(&["run", "j"]).expect(0);
@@ -260,9 +269,16 @@ fn a_revert_and_a_migration_past_the_gate_wait_for_each_other() {
     assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 0"), 0);
 
     db.run(&["run", "j"]).expect(0);
-    let child = db.spawn(&["revert", "j", "--rows-per-second", "300"]);
-    db.wait_for(
-        "SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j:revert'",
+    // The revert waits at a held row: it is running, holding the job's lock, when the gate is
+    // called.
+    let app = hold_row(&db, "t", "id", 1000);
+    let mut child = db.spawn(&["revert", "j"]);
+    db.wait_for_child(
+        &mut child,
+        &format!(
+            "{} AND coalesce((SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j:revert'), false)",
+            engine_lock_waits(1)
+        ),
         Duration::from_secs(30),
     );
     let e = migration
@@ -270,6 +286,7 @@ fn a_revert_and_a_migration_past_the_gate_wait_for_each_other() {
         .unwrap_err();
     assert!(e.contains("55P03"), "{e}");
     signal(&child, libc::SIGINT);
+    app.exec("COMMIT");
     assert_eq!(wait_out(child, Duration::from_secs(30)).code, 130);
 }
 
