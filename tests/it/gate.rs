@@ -13,7 +13,7 @@ fn assert_done_raises_until_the_job_is_complete_and_verified() {
         "table = \"t\"\nkey = \"id\"\nchunk_rows = 100\non_error = \"skip\"\n\
          sql = \"UPDATE t SET n = 1 / (id - 7) * 0 + 1 WHERE id BETWEEN :start AND :end AND n = 0\"\n\
          verify = \"SELECT count(*) FROM t WHERE n = 0 AND id <> 7\"\n\
-         throttle = { target_chunk_time = \"0s\" }\n",
+         throttle = { target_chunk_time = \"0s\" }\nlock_timeout = \"60s\"\n",
     );
     let s = db.session();
     // The engine's schema is made by `init` (or the first run) before a contract can call it.
@@ -21,13 +21,20 @@ fn assert_done_raises_until_the_job_is_complete_and_verified() {
     let e = s.try_exec("SELECT backfill.assert_done('j')").unwrap_err();
     assert!(e.contains("has never run") && e.contains("P0001"), "{e}");
 
-    let child = db.spawn(&["run", "j", "--rows-per-second", "1000"]);
-    db.wait_for(
-        "SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j'",
+    // The run waits at a held row: it is running when the gate is called.
+    let app = hold_row(&db, "t", "id", 1000);
+    let mut child = db.spawn(&["run", "j"]);
+    db.wait_for_child(
+        &mut child,
+        &format!(
+            "{} AND coalesce((SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j'), false)",
+            engine_lock_waits(1)
+        ),
         Duration::from_secs(30),
     );
     let e = s.try_exec("SELECT backfill.assert_done('j')").unwrap_err();
     assert!(e.contains("not complete (state running)"), "{e}");
+    app.exec("COMMIT");
     let out = wait_out(child, Duration::from_secs(60));
     assert_eq!(out.code, 0, "{out:?}");
 
