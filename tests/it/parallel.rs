@@ -401,10 +401,20 @@ fn progress_saved_before_key_ranges_resumes_after_the_upgrade() {
 fn a_run_ending_during_a_split_never_deadlocks_with_it() {
     let db = TestDb::new();
     counter_table(&db, 3000);
-    db.write_job("j", &counter_job(""));
-    let child = db.spawn(&["run", "j", "--rows-per-second", "500"]);
-    db.wait_for(
-        "SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j'",
+    // After its first chunk the run holds (throttle_sql): it is running, between chunks, until
+    // it is stopped.
+    db.write_job(
+        "j",
+        &counter_job("").replace(
+            "target_chunk_time = \"0s\" }",
+            "target_chunk_time = \"0s\", check_interval = \"100ms\", \
+             throttle_sql = \"SELECT coalesce((SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j'), false)\" }",
+        ),
+    );
+    let mut child = db.spawn(&["run", "j"]);
+    db.wait_for_child(
+        &mut child,
+        "SELECT coalesce((SELECT hold_reason LIKE '%throttle_sql%' FROM backfill.runs WHERE job = 'j'), false)",
         Duration::from_secs(30),
     );
     let splitter = db.session();
