@@ -2,7 +2,7 @@
 //! chunk's own transaction, restored exactly), resumable, refused when it would be wrong.
 
 use crate::support::*;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// `t (id, legacy, status)`: status is what the job fills; some rows already hold a value.
 fn orders(db: &TestDb, rows: i64) {
@@ -292,8 +292,9 @@ fn a_revert_and_a_migration_past_the_gate_wait_for_each_other() {
 
 /// A run and a revert of one job started together both decide under the job's checkpoint row
 /// lock: exactly one goes on, the other is refused (exit 3). The test holds that row so both wait
-/// for it and decide one after the other, and holds a row of each one's way so the one that goes
-/// on is still running when the other decides.
+/// for it, in a known order (row lock waiters are served in turn), and holds a row of each one's
+/// way so the one that goes on is still running when the other decides. Both orders: the run
+/// first (the revert must see the run that just joined), then the revert first.
 #[test]
 fn a_run_and_a_revert_started_together_cannot_both_go() {
     let db = TestDb::new();
@@ -315,47 +316,42 @@ fn a_run_and_a_revert_started_together_cannot_both_go() {
     let done = db.i64("SELECT count(*) FROM t WHERE n = 1");
     assert!(0 < done && done < 2000, "{done}");
 
-    let rows = db.session();
-    rows.exec(
-        "BEGIN; SELECT 1 FROM t WHERE id IN ((SELECT id FROM t ORDER BY id OFFSET 500 LIMIT 1),
-                                             (SELECT id FROM t ORDER BY id OFFSET 1500 LIMIT 1)) FOR UPDATE",
-    );
-    let gate = db.session();
-    gate.exec("BEGIN; SELECT 1 FROM backfill.checkpoints WHERE job = 'j' FOR UPDATE");
-    let mut run = db.spawn(&["run", "j"]);
-    let mut revert = db.spawn(&["revert", "j"]);
-    db.wait_for(&engine_lock_waits(2), Duration::from_secs(30));
-    assert!(run.try_wait().unwrap().is_none() && revert.try_wait().unwrap().is_none());
-    gate.exec("COMMIT");
-    let t = Instant::now();
-    let (loser, winner, run_won) = loop {
-        if run.try_wait().unwrap().is_some() {
-            break (run, revert, false);
-        }
-        if revert.try_wait().unwrap().is_some() {
-            break (revert, run, true);
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "neither the run nor the revert was refused"
+    // Returns (the first one's output, the second one's).
+    let race = |first: &[&str], second: &[&str]| -> (Out, Out) {
+        let rows = db.session();
+        rows.exec(
+            "BEGIN; SELECT 1 FROM t WHERE id IN ((SELECT id FROM t ORDER BY id OFFSET 500 LIMIT 1),
+                                                 (SELECT id FROM t ORDER BY id OFFSET 1500 LIMIT 1)) FOR UPDATE",
         );
-        std::thread::sleep(Duration::from_millis(20));
+        let gate = db.session();
+        gate.exec("BEGIN; SELECT 1 FROM backfill.checkpoints WHERE job = 'j' FOR UPDATE");
+        let mut a = db.spawn(first);
+        db.wait_for_child(&mut a, &engine_lock_waits(1), Duration::from_secs(30));
+        let mut b = db.spawn(second);
+        db.wait_for_child(&mut b, &engine_lock_waits(2), Duration::from_secs(30));
+        gate.exec("COMMIT");
+        // The second is refused; the first goes on, waiting at a held row meanwhile.
+        let lost = wait_out(b, Duration::from_secs(30));
+        assert!(
+            a.try_wait().unwrap().is_none(),
+            "the first goes on\n--- the second\n{lost:?}"
+        );
+        rows.exec("COMMIT");
+        (wait_out(a, Duration::from_secs(60)), lost)
     };
-    // The one that goes on waits at the held row meanwhile.
-    db.wait_for(&engine_lock_waits(1), Duration::from_secs(30));
-    let lost = wait_out(loser, Duration::from_secs(10));
+
+    let (won, lost) = race(&["run", "j"], &["revert", "j"]);
     assert_eq!(lost.code, 3, "{lost:?}");
-    rows.exec("COMMIT");
-    let won = wait_out(winner, Duration::from_secs(60));
-    assert_eq!(won.code, 0, "{won:?}\n--- the other\n{lost:?}");
-    if run_won {
-        assert!(lost.stderr.contains("is running"), "{lost:?}");
-        assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
-    } else {
-        assert!(
-            lost.stderr.contains("revert of job j is unfinished"),
-            "{lost:?}"
-        );
-        assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 0"), 0);
-    }
+    assert!(lost.stderr.contains("is running"), "{lost:?}");
+    assert_eq!(won.code, 0, "{won:?}");
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+
+    let (won, lost) = race(&["revert", "j"], &["run", "j"]);
+    assert_eq!(lost.code, 3, "{lost:?}");
+    assert!(
+        lost.stderr.contains("revert of job j is unfinished"),
+        "{lost:?}"
+    );
+    assert_eq!(won.code, 0, "{won:?}");
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 0"), 0);
 }
