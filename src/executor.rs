@@ -333,6 +333,12 @@ pub async fn run(
                 progress.finish("stopped");
                 return Err(stopped_unrecorded(job, &e, &tally, &checkpoint, workers));
             }
+            // A run that failed (e.g. gave up waiting for the database) says why and where the
+            // next run resumes; that its end could not be recorded as well changes neither.
+            if let Err(failed) = result {
+                progress.finish("failed");
+                return Err(failed);
+            }
             return Err(e);
         }
     };

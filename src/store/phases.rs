@@ -177,12 +177,27 @@ impl Store {
     /// works on it. Locks its checkpoint row until the caller's transaction ends.
     pub(super) async fn may_revert(&self, tx: &impl GenericClient, job: &str) -> Result<()> {
         let err = |e| db::error(e, format!("job {job}: checking that it may be reverted"));
+        // Lock first, read after, in statements of their own: a statement that waited for the
+        // row lock still reads other tables as of its start, so it would miss a run that joined
+        // (and released the row) meanwhile; and the activity snapshot is per transaction.
+        tx.execute(
+            &format!(
+                "SELECT 1 FROM {s}.checkpoints WHERE job = $1 FOR UPDATE",
+                s = self.q
+            ),
+            &[&job],
+        )
+        .await
+        .map_err(err)?;
+        tx.execute("SELECT pg_stat_clear_snapshot()", &[])
+            .await
+            .map_err(err)?;
         let row = tx
             .query_opt(
                 &format!(
                     "SELECT c.state, c.bound_taken,
                             EXISTS (SELECT 1 FROM {s}.runs r WHERE r.job = c.job AND r.outcome IS NULL AND {alive})
-                       FROM {s}.checkpoints c WHERE c.job = $1 FOR UPDATE",
+                       FROM {s}.checkpoints c WHERE c.job = $1",
                     s = self.q,
                     alive = Self::run_alive_sql("r")
                 ),

@@ -1,6 +1,7 @@
 //! Bad job files and bad keys: exit 2 with the file, line, key and what to do.
 
 use crate::support::*;
+use std::time::Duration;
 
 const GOOD: &str = "table = \"t\"\nkey = [\"id\"]\nsql = \"UPDATE t SET n = n + 1 WHERE id BETWEEN :start AND :end\"\n";
 
@@ -316,4 +317,46 @@ fn an_undo_column_the_table_lacks_is_a_definition_error_before_any_work() {
     db.write_job("u", &format!("{GOOD}chunk_rows = 50\nundo = [\"n\"]\n"));
     db.run(&["run", "u"]).expect(0);
     assert_eq!(db.i64("SELECT count(*) FROM backfill.undo_u"), 300);
+}
+
+/// While a run works on the job, a run of another definition of it is refused (exit 3) — with or
+/// without --allow-changed-definition, which is about saved progress, not a live run — naming
+/// the running one; nothing of it is applied.
+#[test]
+fn a_run_with_another_definition_is_refused_while_the_job_runs() {
+    let db = TestDb::new();
+    counter_table(&db, 2000);
+    let job = counter_job("lock_timeout = \"60s\"\n");
+    db.write_job("j", &job);
+    let app = hold_row(&db, "t", "id", 1000);
+    let mut child = db.spawn(&["run", "j"]);
+    db.wait_for_child(
+        &mut child,
+        &format!(
+            "{} AND coalesce((SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j'), false)",
+            engine_lock_waits(1)
+        ),
+        Duration::from_secs(60),
+    );
+    db.write_job("j", &job.replace("n = n + 1", "n = n + 2"));
+    for args in [
+        &["run", "j"][..],
+        &["run", "j", "--allow-changed-definition"],
+    ] {
+        let out = db.run(args);
+        assert_eq!(out.code, 3, "{out:?}");
+        assert!(
+            out.stderr.contains("with another definition")
+                && out.stderr.contains(&format!("pid {}", child.id())),
+            "{out:?}"
+        );
+    }
+    app.exec("COMMIT");
+    let out = wait_out(child, Duration::from_secs(60));
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(
+        db.i64("SELECT count(*) FROM t WHERE n <> 1"),
+        0,
+        "every row once, by the running definition only"
+    );
 }

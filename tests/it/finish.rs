@@ -584,3 +584,23 @@ finish_sql = [
     assert_eq!(v["phase"], "done and verified");
     assert_eq!(v["checkpoint"]["finish_steps_done"], 4);
 }
+
+/// A job without a verify query is never "verified": after its finishing steps its phase is
+/// `done`, as the run itself records it when there is nothing to finish.
+#[test]
+fn a_job_without_verify_is_done_after_its_finishing_steps_not_verified() {
+    let db = TestDb::new();
+    counter_table(&db, 300);
+    db.write_job(
+        "nv",
+        "table = \"t\"\nkey = \"id\"\nchunk_rows = 100\n\
+         sql = \"UPDATE t SET n = n + 1 WHERE id BETWEEN :start AND :end\"\n\
+         finish_sql = [\"CREATE INDEX t_n ON t (n)\"]\n",
+    );
+    db.run(&["run", "nv"]).expect(0);
+    assert!(db.text("SELECT to_regclass('t_n')::text").is_some());
+    let v: serde_json::Value =
+        serde_json::from_str(&db.run(&["status", "nv", "--json"]).stdout).unwrap();
+    assert_eq!(v["phase"], "done", "{v}");
+    assert_eq!(v["checkpoint"]["finish_steps_done"], 1, "{v}");
+}

@@ -13,7 +13,7 @@ fn assert_done_raises_until_the_job_is_complete_and_verified() {
         "table = \"t\"\nkey = \"id\"\nchunk_rows = 100\non_error = \"skip\"\n\
          sql = \"UPDATE t SET n = 1 / (id - 7) * 0 + 1 WHERE id BETWEEN :start AND :end AND n = 0\"\n\
          verify = \"SELECT count(*) FROM t WHERE n = 0 AND id <> 7\"\n\
-         throttle = { target_chunk_time = \"0s\" }\n",
+         throttle = { target_chunk_time = \"0s\" }\nlock_timeout = \"60s\"\n",
     );
     let s = db.session();
     // The engine's schema is made by `init` (or the first run) before a contract can call it.
@@ -21,13 +21,20 @@ fn assert_done_raises_until_the_job_is_complete_and_verified() {
     let e = s.try_exec("SELECT backfill.assert_done('j')").unwrap_err();
     assert!(e.contains("has never run") && e.contains("P0001"), "{e}");
 
-    let child = db.spawn(&["run", "j", "--rows-per-second", "1000"]);
-    db.wait_for(
-        "SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j'",
+    // The run waits at a held row: it is running when the gate is called.
+    let app = hold_row(&db, "t", "id", 1000);
+    let mut child = db.spawn(&["run", "j"]);
+    db.wait_for_child(
+        &mut child,
+        &format!(
+            "{} AND coalesce((SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j'), false)",
+            engine_lock_waits(1)
+        ),
         Duration::from_secs(30),
     );
     let e = s.try_exec("SELECT backfill.assert_done('j')").unwrap_err();
     assert!(e.contains("not complete (state running)"), "{e}");
+    app.exec("COMMIT");
     let out = wait_out(child, Duration::from_secs(60));
     assert_eq!(out.code, 0, "{out:?}");
 
@@ -130,4 +137,39 @@ fn requires_sql_holds_the_run_and_wait_for_expand_waits_for_it() {
     let status = db.run(&["status", "j", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
     assert_eq!(v["phase"], "done and verified");
+}
+
+/// A runner stopped with Ctrl-C while it waits for its expand migration no longer shows as
+/// waiting: nobody waits any more.
+#[test]
+fn a_runner_stopped_while_waiting_for_expand_no_longer_shows_as_waiting() {
+    let db = TestDb::new();
+    db.exec("CREATE TABLE t (id bigint PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 50)");
+    db.write_job(
+        "j",
+        "table = \"t\"\nkey = \"id\"\n\
+         sql = \"UPDATE t SET n = 1 WHERE id BETWEEN :start AND :end AND n = 0\"\n\
+         requires_sql = \"SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 't' AND column_name = 'n')\"\n",
+    );
+    let mut child = db.spawn(&["run", "j", "--wait-for-expand"]);
+    db.wait_for_child(
+        &mut child,
+        "SELECT coalesce((SELECT phase = 'waiting for expand' FROM backfill.checkpoints WHERE job = 'j'), false)",
+        Duration::from_secs(30),
+    );
+    signal(&child, libc::SIGINT);
+    let out = wait_out(child, Duration::from_secs(30));
+    assert_eq!(out.code, 130, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("stopped while waiting for its expand migration"),
+        "{out:?}"
+    );
+    assert_eq!(
+        db.i64("SELECT count(*) FROM backfill.checkpoints WHERE phase = 'waiting for expand'"),
+        0,
+        "a runner that was stopped no longer shows as waiting"
+    );
+    let status = db.run(&["status", "j"]);
+    assert!(!status.stdout.contains("waiting for expand"), "{status:?}");
 }

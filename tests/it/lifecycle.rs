@@ -389,3 +389,54 @@ fn live_controls_refuse_a_job_that_does_not_exist_and_write_nothing() {
         Some("orders,orders:revert")
     );
 }
+
+/// The database away for longer than `--reconnect-for`: the run gives up with exit 1 and says
+/// where the next run resumes — after the last committed key, where it does resume.
+#[test]
+fn a_database_away_longer_than_reconnect_for_ends_the_run_saying_where_it_resumes() {
+    // Its own server: it is taken down while the run waits for a row.
+    let mut cluster = backfill::pgtemp::TempCluster::start().expect("a throwaway PostgreSQL");
+    let url = cluster.url("postgres");
+    let db = TestDb::on(&url, "reconnect");
+    counter_table(&db, 2000);
+    let job = counter_job("lock_timeout = \"60s\"\n");
+    db.write_job("r", &job);
+    let app = hold_row(&db, "t", "id", 1000);
+    let mut child = db.spawn(&["run", "r", "--reconnect-for", "2s"]);
+    db.wait_for_child(
+        &mut child,
+        &format!(
+            "{} AND coalesce((SELECT rows_done > 0 FROM backfill.progress WHERE job = 'r'), false)",
+            engine_lock_waits(1)
+        ),
+        Duration::from_secs(60),
+    );
+    let cursor = db
+        .text("SELECT cursor[1] FROM backfill.ranges WHERE job = 'r'")
+        .unwrap();
+    // Down while the row is still held: the run cannot have gone past it.
+    cluster.shut_down();
+    drop(app);
+    drop(db);
+    let out = wait_out(child, Duration::from_secs(60));
+    cluster.start_again().unwrap();
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("gave up (--reconnect-for)")
+            && out
+                .stderr
+                .contains(&format!("it resumes after key {cursor}")),
+        "{out:?}"
+    );
+    let db = TestDb::on(&url, "reconnect");
+    db.write_job("r", &job);
+    let out = db.run(&["run", "r"]);
+    out.expect(0);
+    assert!(
+        out.stderr.contains(&format!("resuming after key {cursor}")),
+        "{out:?}"
+    );
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0, "{out:?}");
+    drop(db);
+    cluster.stop().unwrap();
+}

@@ -83,20 +83,30 @@ fn every_key_type_with_skewed_keys_splits_by_rows_and_runs_exactly_once() {
             "CREATE TABLE {table} (k {ty} PRIMARY KEY, n int NOT NULL DEFAULT 0);
              INSERT INTO {table} (k) SELECT {expr} FROM generate_series(1, 2000) g;"
         ));
-        db.write_job(&table, &counting_job(&table, "\"k\"", "k", 50, "0.004"));
-        db.run(&["run", &table, "--workers", "2"]).expect(0);
+        // The workers hold (throttle_sql) until the second one has split the first range, so
+        // the split happens before any chunk: where it falls does not depend on timing.
+        let job = counting_job(&table, "\"k\"", "k", 50, "0.004").replace(
+            "target_chunk_time = \"0s\" }",
+            &format!(
+                "target_chunk_time = \"0s\", check_interval = \"100ms\", \
+                 throttle_sql = \"SELECT count(*) < 2 FROM backfill.ranges WHERE job = '{table}'\" }}"
+            ),
+        );
+        db.write_job(&table, &job);
+        let child = db.spawn(&["run", &table, "--workers", "2"]);
+        wait_out(child, Duration::from_secs(120)).expect(0);
         assert_eq!(
             db.i64(&format!("SELECT count(*) FROM {table} WHERE n <> 1")),
             0,
             "{ty}: every row exactly once"
         );
-        // The second worker split the first range at the middle of the keys left (range 0 had
-        // done a few chunks by then): about half of the 2000 rows lie above the split key.
+        // The second worker split the first range, untouched yet, at the middle of its keys:
+        // half of the 2000 rows lie above the split key.
         let above = db.i64(&format!(
             "SELECT count(*) FROM {table} WHERE k > (SELECT lower_bound[1] FROM backfill.ranges WHERE job = '{table}' AND id = 1)::{ty}"
         ));
         assert!(
-            (800..=1050).contains(&above),
+            (995..=1005).contains(&above),
             "{ty}: {above} of 2000 rows above the first split key"
         );
         db.run(&["gate", &table]).expect(0);
@@ -166,15 +176,20 @@ fn workers_in_several_processes_one_killed_apply_every_row_exactly_once() {
     let mut first = first;
     let _ = first.wait();
     let killed_at = Instant::now();
-    // Its ranges are free at once; the survivors take them as their workers come free.
+    // Its ranges are free at once (its session is gone), not after the 30 s lease: the survivors
+    // take them as their workers come free.
     db.wait_for(
         &format!(
             "SELECT NOT EXISTS (SELECT 1 FROM backfill.ranges g JOIN backfill.runs r ON r.id = g.owner_run
                                  WHERE g.job = 'm' AND NOT g.done AND r.pid = {victim})"
         ),
-        Duration::from_secs(60),
+        Duration::from_secs(10),
     );
     let taken_over = killed_at.elapsed();
+    assert!(
+        taken_over < Duration::from_secs(5),
+        "the killed process's ranges were taken over after {taken_over:?}"
+    );
     for child in procs {
         let out = wait_out(child, Duration::from_secs(120));
         out.expect(0);
@@ -201,7 +216,6 @@ fn workers_in_several_processes_one_killed_apply_every_row_exactly_once() {
             .as_deref(),
         Some("done")
     );
-    eprintln!("killed process's ranges taken over after {taken_over:?}");
 }
 
 #[test]
@@ -387,10 +401,20 @@ fn progress_saved_before_key_ranges_resumes_after_the_upgrade() {
 fn a_run_ending_during_a_split_never_deadlocks_with_it() {
     let db = TestDb::new();
     counter_table(&db, 3000);
-    db.write_job("j", &counter_job(""));
-    let child = db.spawn(&["run", "j", "--rows-per-second", "500"]);
-    db.wait_for(
-        "SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j'",
+    // After its first chunk the run holds (throttle_sql): it is running, between chunks, until
+    // it is stopped.
+    db.write_job(
+        "j",
+        &counter_job("").replace(
+            "target_chunk_time = \"0s\" }",
+            "target_chunk_time = \"0s\", check_interval = \"100ms\", \
+             throttle_sql = \"SELECT coalesce((SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j'), false)\" }",
+        ),
+    );
+    let mut child = db.spawn(&["run", "j"]);
+    db.wait_for_child(
+        &mut child,
+        "SELECT coalesce((SELECT hold_reason LIKE '%throttle_sql%' FROM backfill.runs WHERE job = 'j'), false)",
         Duration::from_secs(30),
     );
     let splitter = db.session();

@@ -70,19 +70,33 @@ fn undo_restores_the_original_values_exactly_even_after_kills() {
         "j",
         "table = \"t\"\nkey = \"id\"\nchunk_rows = 100\n\
          sql = \"UPDATE t SET status = 'code-' || legacy WHERE id BETWEEN :start AND :end\"\n\
-         undo = [\"status\"]\n",
+         undo = [\"status\"]\nlock_timeout = \"60s\"\n",
     );
-    // Killed mid-run: the chunks that committed kept their old values in the same transaction.
-    let child = db.spawn(&["run", "j", "--rows-per-second", "4000"]);
-    db.wait_for(
-        "SELECT rows_done >= 1000 FROM backfill.progress WHERE job = 'j'",
+    // Killed mid-run, while a chunk waits for a row the application holds: the chunks that
+    // committed kept their old values in the same transaction; the one in flight left nothing.
+    let app = hold_row(&db, "t", "id", 2000);
+    let mut child = db.spawn(&["run", "j"]);
+    db.wait_for_child(
+        &mut child,
+        &format!(
+            "{} AND coalesce((SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j'), false)",
+            engine_lock_waits(1)
+        ),
         Duration::from_secs(60),
     );
     signal(&child, libc::SIGKILL);
-    let _ = wait_out(child, Duration::from_secs(10));
+    let out = wait_out(child, Duration::from_secs(10));
+    assert_eq!(
+        out.code,
+        128 + libc::SIGKILL,
+        "killed while it ran: {out:?}"
+    );
+    let done = db.i64("SELECT rows_done FROM backfill.progress WHERE job = 'j'");
+    assert!(0 < done && done < 4000, "killed part-way: {done} rows done");
+    app.exec("COMMIT");
     assert_eq!(
         db.i64("SELECT count(*) FROM backfill.undo_j"),
-        db.i64("SELECT rows_done FROM backfill.progress WHERE job = 'j'"),
+        done,
         "one undo row per row done, no more"
     );
     db.run(&["run", "j"]).expect(0);
@@ -94,15 +108,26 @@ fn undo_restores_the_original_values_exactly_even_after_kills() {
     // A row the application adds afterwards has no undo data and is left alone.
     db.exec("INSERT INTO t VALUES (100000, 'Z', 'new-row')");
 
-    // An interrupted revert resumes; meanwhile the job may not run.
-    let child = db.spawn(&["revert", "j", "--rows-per-second", "2000"]);
-    db.wait_for(
-        "SELECT rows_done >= 500 FROM backfill.progress WHERE job = 'j:revert'",
+    // An interrupted revert resumes; meanwhile the job may not run. (Stopped while a chunk
+    // waits for a row the application holds: part-way by construction.)
+    let app = hold_row(&db, "t", "id", 2000);
+    let mut child = db.spawn(&["revert", "j"]);
+    db.wait_for_child(
+        &mut child,
+        &format!(
+            "{} AND coalesce((SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j:revert'), false)",
+            engine_lock_waits(1)
+        ),
         Duration::from_secs(60),
     );
     signal(&child, libc::SIGINT);
+    app.exec("COMMIT");
     let out = wait_out(child, Duration::from_secs(30));
     assert_eq!(out.code, 130, "{out:?}");
+    assert!(
+        db.i64("SELECT count(*) FROM t WHERE status LIKE 'code-%'") > 0,
+        "stopped part-way"
+    );
     let out = db.run(&["run", "j"]);
     assert_eq!(out.code, 3, "{out:?}");
     assert!(
@@ -144,22 +169,30 @@ fn a_revert_is_refused_while_the_job_runs_and_for_a_job_without_a_way_back() {
     db.write_job(
         "j",
         &counter_job(
-            "down_sql = \"UPDATE t SET n = n - 1 WHERE id BETWEEN :start AND :end AND n > 0\"",
+            "down_sql = \"UPDATE t SET n = n - 1 WHERE id BETWEEN :start AND :end AND n > 0\"\n\
+             lock_timeout = \"60s\"\n",
         ),
     );
     let out = db.run(&["revert", "j"]);
     assert_eq!(out.code, 3, "{out:?}");
     assert!(out.stderr.contains("never run"), "{out:?}");
-    let child = db.spawn(&["run", "j", "--rows-per-second", "500"]);
-    db.wait_for(
-        "SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j'",
+    // The run waits at a held row: it is running, part-way, when the revert is tried.
+    let app = hold_row(&db, "t", "id", 1000);
+    let mut child = db.spawn(&["run", "j"]);
+    db.wait_for_child(
+        &mut child,
+        &format!(
+            "{} AND coalesce((SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j'), false)",
+            engine_lock_waits(1)
+        ),
         Duration::from_secs(30),
     );
     let out = db.run(&["revert", "j"]);
     assert_eq!(out.code, 3, "{out:?}");
     assert!(out.stderr.contains("is running"), "{out:?}");
     signal(&child, libc::SIGINT);
-    let _ = wait_out(child, Duration::from_secs(30));
+    app.exec("COMMIT");
+    assert_eq!(wait_out(child, Duration::from_secs(30)).code, 130);
     // Once it has stopped, a half-done job can be reverted.
     assert!(db.i64("SELECT count(*) FROM t WHERE n = 1") > 0);
     db.run(&["revert", "j"]).expect(0);
@@ -205,14 +238,24 @@ fn a_revert_and_a_migration_past_the_gate_wait_for_each_other() {
     db.write_job(
         "j",
         &counter_job(
-            "down_sql = \"UPDATE t SET n = n - 1 WHERE id BETWEEN :start AND :end AND n > 0\"",
+            "down_sql = \"UPDATE t SET n = n - 1 WHERE id BETWEEN :start AND :end AND n > 0\"\n\
+             lock_timeout = \"60s\"\n",
         ),
     );
     db.run(&["run", "j"]).expect(0);
     let migration = db.session();
     migration.exec("BEGIN; SELECT backfill.assert_done('j')");
     let mut child = db.spawn(&["revert", "j"]);
-    std::thread::sleep(Duration::from_millis(1500));
+    // The revert tried the job's lock, which the migration holds, and did not get it.
+    db.wait_for_child(
+        &mut child,
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity a
+                         WHERE a.datname = current_database() AND a.state = 'idle'
+                           AND a.query LIKE 'SELECT pg_try_advisory_lock%'
+                           AND NOT EXISTS (SELECT 1 FROM pg_locks l
+                                            WHERE l.pid = a.pid AND l.locktype = 'advisory'))",
+        Duration::from_secs(30),
+    );
     assert!(child.try_wait().unwrap().is_none(), "the revert waits");
     assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
     migration.exec("COMMIT");
@@ -226,9 +269,16 @@ fn a_revert_and_a_migration_past_the_gate_wait_for_each_other() {
     assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 0"), 0);
 
     db.run(&["run", "j"]).expect(0);
-    let child = db.spawn(&["revert", "j", "--rows-per-second", "300"]);
-    db.wait_for(
-        "SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j:revert'",
+    // The revert waits at a held row: it is running, holding the job's lock, when the gate is
+    // called.
+    let app = hold_row(&db, "t", "id", 1000);
+    let mut child = db.spawn(&["revert", "j"]);
+    db.wait_for_child(
+        &mut child,
+        &format!(
+            "{} AND coalesce((SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j:revert'), false)",
+            engine_lock_waits(1)
+        ),
         Duration::from_secs(30),
     );
     let e = migration
@@ -236,5 +286,72 @@ fn a_revert_and_a_migration_past_the_gate_wait_for_each_other() {
         .unwrap_err();
     assert!(e.contains("55P03"), "{e}");
     signal(&child, libc::SIGINT);
+    app.exec("COMMIT");
     assert_eq!(wait_out(child, Duration::from_secs(30)).code, 130);
+}
+
+/// A run and a revert of one job started together both decide under the job's checkpoint row
+/// lock: exactly one goes on, the other is refused (exit 3). The test holds that row so both wait
+/// for it, in a known order (row lock waiters are served in turn), and holds a row of each one's
+/// way so the one that goes on is still running when the other decides. Both orders: the run
+/// first (the revert must see the run that just joined), then the revert first.
+#[test]
+fn a_run_and_a_revert_started_together_cannot_both_go() {
+    let db = TestDb::new();
+    counter_table(&db, 2000);
+    db.write_job(
+        "j",
+        &counter_job(
+            "down_sql = \"UPDATE t SET n = n - 1 WHERE id BETWEEN :start AND :end AND n > 0\"\n\
+             lock_timeout = \"60s\"\n",
+        ),
+    );
+    // Half done and stopped: a run and a revert may each go.
+    let app = hold_row(&db, "t", "id", 1000);
+    let mut child = db.spawn(&["run", "j"]);
+    db.wait_for_child(&mut child, &engine_lock_waits(1), Duration::from_secs(60));
+    signal(&child, libc::SIGINT);
+    app.exec("COMMIT");
+    assert_eq!(wait_out(child, Duration::from_secs(30)).code, 130);
+    let done = db.i64("SELECT count(*) FROM t WHERE n = 1");
+    assert!(0 < done && done < 2000, "{done}");
+
+    // Returns (the first one's output, the second one's).
+    let race = |first: &[&str], second: &[&str]| -> (Out, Out) {
+        let rows = db.session();
+        rows.exec(
+            "BEGIN; SELECT 1 FROM t WHERE id IN ((SELECT id FROM t ORDER BY id OFFSET 500 LIMIT 1),
+                                                 (SELECT id FROM t ORDER BY id OFFSET 1500 LIMIT 1)) FOR UPDATE",
+        );
+        let gate = db.session();
+        gate.exec("BEGIN; SELECT 1 FROM backfill.checkpoints WHERE job = 'j' FOR UPDATE");
+        let mut a = db.spawn(first);
+        db.wait_for_child(&mut a, &engine_lock_waits(1), Duration::from_secs(30));
+        let mut b = db.spawn(second);
+        db.wait_for_child(&mut b, &engine_lock_waits(2), Duration::from_secs(30));
+        gate.exec("COMMIT");
+        // The second is refused; the first goes on, waiting at a held row meanwhile.
+        let lost = wait_out(b, Duration::from_secs(30));
+        assert!(
+            a.try_wait().unwrap().is_none(),
+            "the first goes on\n--- the second\n{lost:?}"
+        );
+        rows.exec("COMMIT");
+        (wait_out(a, Duration::from_secs(60)), lost)
+    };
+
+    let (won, lost) = race(&["run", "j"], &["revert", "j"]);
+    assert_eq!(lost.code, 3, "{lost:?}");
+    assert!(lost.stderr.contains("is running"), "{lost:?}");
+    assert_eq!(won.code, 0, "{won:?}");
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+
+    let (won, lost) = race(&["revert", "j"], &["run", "j"]);
+    assert_eq!(lost.code, 3, "{lost:?}");
+    assert!(
+        lost.stderr.contains("revert of job j is unfinished"),
+        "{lost:?}"
+    );
+    assert_eq!(won.code, 0, "{won:?}");
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 0"), 0);
 }

@@ -413,3 +413,25 @@ pub fn counter_table(db: &TestDb, rows: i64) {
         half = rows / 2
     ));
 }
+
+/// Holds a row lock on the row at `offset` (in key order) of `table`, from a session of its own,
+/// so that a run's chunk reaching that row waits there (give the job a long `lock_timeout`): a
+/// point part-way through a run that a test can act at. `COMMIT` on the session lets it go.
+/// (Only that row: `ORDER BY … OFFSET … FOR UPDATE` would lock every row it skips.)
+pub fn hold_row(db: &TestDb, table: &str, key: &str, offset: i64) -> Session {
+    let s = db.session();
+    s.exec(&format!(
+        "BEGIN; SELECT 1 FROM {table} WHERE {key} = (SELECT {key} FROM {table} ORDER BY {key} OFFSET {offset} LIMIT 1) FOR UPDATE"
+    ));
+    s
+}
+
+/// SQL that is true once `n` sessions of the engine (or more) in this test's database wait
+/// for a lock.
+pub fn engine_lock_waits(n: i64) -> String {
+    format!(
+        "SELECT count(*) >= {n} FROM pg_stat_activity
+          WHERE datname = current_database() AND pid <> pg_backend_pid()
+            AND application_name = 'backfill' AND wait_event_type = 'Lock'"
+    )
+}

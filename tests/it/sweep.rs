@@ -18,10 +18,16 @@ fn guarded_job(extra: &str) -> String {
 fn rows_written_behind_the_cursor_are_swept() {
     let db = TestDb::new();
     counter_table(&db, 6000);
-    db.write_job("j", &guarded_job(""));
-    let child = db.spawn(&["run", "j", "--rows-per-second", "3000"]);
-    db.wait_for(
-        "SELECT rows_done >= 3000 FROM backfill.progress WHERE job = 'j'",
+    db.write_job("j", &guarded_job("lock_timeout = \"60s\"\n"));
+    // The run waits at a held row past the middle while old code writes.
+    let held = hold_row(&db, "t", "id", 4500);
+    let mut child = db.spawn(&["run", "j"]);
+    db.wait_for_child(
+        &mut child,
+        &format!(
+            "{} AND coalesce((SELECT rows_done >= 3000 FROM backfill.progress WHERE job = 'j'), false)",
+            engine_lock_waits(1)
+        ),
         Duration::from_secs(60),
     );
     // Old application code, still deployed: rows behind the cursor and beyond the bound.
@@ -29,6 +35,7 @@ fn rows_written_behind_the_cursor_are_swept() {
         "UPDATE t SET n = 0 WHERE id IN (SELECT id FROM t ORDER BY id LIMIT 50);
          INSERT INTO t (id) SELECT 5000000 + g FROM generate_series(1, 20) g;",
     );
+    held.exec("COMMIT");
     let out = wait_out(child, Duration::from_secs(120));
     assert_eq!(out.code, 0, "{out:?}");
     assert!(out.stderr.contains("sweep 1 of at most 3"), "{out:?}");
@@ -106,14 +113,22 @@ fn max_sweeps_zero_turns_sweeping_off() {
 fn two_runners_share_one_sweep() {
     let db = TestDb::new();
     counter_table(&db, 6000);
-    db.write_job("j", &guarded_job(""));
-    let a = db.spawn(&["run", "j", "--rows-per-second", "2000"]);
-    let b = db.spawn(&["run", "j", "--rows-per-second", "2000"]);
+    db.write_job("j", &guarded_job("lock_timeout = \"60s\"\n"));
+    // The pass cannot end while a row near its end is held: both runners are still in it when
+    // old code writes behind them.
+    let held = hold_row(&db, "t", "id", 5900);
+    let a = db.spawn(&["run", "j"]);
+    let b = db.spawn(&["run", "j"]);
     db.wait_for(
-        "SELECT rows_done >= 3000 FROM backfill.progress WHERE job = 'j'",
+        &format!(
+            "{} AND coalesce((SELECT rows_done >= 3000 FROM backfill.progress WHERE job = 'j'), false)
+               AND (SELECT count(*) = 2 FROM backfill.runs WHERE job = 'j' AND outcome IS NULL)",
+            engine_lock_waits(1)
+        ),
         Duration::from_secs(60),
     );
     db.exec("UPDATE t SET n = 0 WHERE id IN (SELECT id FROM t ORDER BY id LIMIT 30)");
+    held.exec("COMMIT");
     let (a, b) = (
         wait_out(a, Duration::from_secs(120)),
         wait_out(b, Duration::from_secs(120)),
@@ -145,7 +160,7 @@ fn a_statement_without_a_guard_is_not_swept() {
     let job = "table = \"o\"\nkey = \"id\"\nchunk_rows = 100\n\
          sql = \"UPDATE o SET status = upper(legacy) WHERE id BETWEEN :start AND :end\"\n\
          verify = \"SELECT count(*) FROM o WHERE status IS NULL\"\n\
-         throttle = { target_chunk_time = \"0s\" }\n";
+         throttle = { target_chunk_time = \"0s\" }\nlock_timeout = \"60s\"\n";
     db.write_job("j", job);
     let out = db.run(&["plan", "j"]);
     assert_eq!(out.code, 0, "a warning: {out:?}");
@@ -158,15 +173,22 @@ fn a_statement_without_a_guard_is_not_swept() {
             && !out.stdout.contains("up to 3 sweeps"),
         "{out:?}"
     );
-    let child = db.spawn(&["run", "j", "--rows-per-second", "4000"]);
-    db.wait_for(
-        "SELECT rows_done >= 2000 FROM backfill.progress WHERE job = 'j'",
+    // The run waits at a row held past the middle while the application writes behind it.
+    let held = hold_row(&db, "o", "id", 3000);
+    let mut child = db.spawn(&["run", "j"]);
+    db.wait_for_child(
+        &mut child,
+        &format!(
+            "{} AND coalesce((SELECT rows_done >= 2000 FROM backfill.progress WHERE job = 'j'), false)",
+            engine_lock_waits(1)
+        ),
         Duration::from_secs(60),
     );
     // New code changes a row already done; old code writes a row behind the cursor.
     db.exec(
         "UPDATE o SET status = 'refunded' WHERE id = 1; UPDATE o SET status = NULL WHERE id = 2",
     );
+    held.exec("COMMIT");
     let out = wait_out(child, Duration::from_secs(60));
     assert_eq!(out.code, 1, "{out:?}");
     assert!(
