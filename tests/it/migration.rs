@@ -111,6 +111,10 @@ fn alembic_expand_backfill_contract_with_a_branch_and_a_merge() {
     // Two heads now: the audit branch and the expand branch.
     alembic(&db, &["upgrade", "2e1d0c9b8a7f"]).expect(0);
     assert_eq!(db.i64("SELECT count(*) FROM alembic_version"), 2);
+    // The application holds the last row, so the run is still going when the contract step
+    // comes too early (the runner notices the expand step within 2 s: it cannot be done yet).
+    let last = db.i64("SELECT count(*) FROM orders") - 1;
+    let held = hold_row(&db, "orders", "id", last);
     db.wait_for(
         "SELECT rows_done > 0 FROM backfill.progress WHERE job = 'orders_status'",
         Duration::from_secs(30),
@@ -135,6 +139,11 @@ fn alembic_expand_backfill_contract_with_a_branch_and_a_merge() {
         1
     );
 
+    assert!(
+        db.i64("SELECT count(*) FROM orders WHERE status IS NULL") > 0,
+        "the run was still going when the contract step came"
+    );
+    held.exec("ROLLBACK");
     let out = wait_out(child, Duration::from_secs(120));
     assert_eq!(out.code, 0, "{out:?}");
     db.run(&["gate", "orders_status"]).expect(0);
