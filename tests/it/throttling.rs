@@ -104,58 +104,51 @@ fn the_rate_ceiling_holds_over_every_window() {
 
 #[test]
 fn the_chunk_size_shrinks_on_a_slow_stretch_and_grows_back() {
-    let db = polled_db(TestDb::new());
-    // Keys 4001..8000 cost 1 ms each (4 s in all); the rest cost microseconds.
+    let db = TestDb::new();
+    // Keys 4001..8000 cost 1 ms each (4 s in all); the rest cost microseconds. The server logs
+    // every chunk's first key and size (a transition table), so no chunk can be missed.
     db.exec(
         "CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
          INSERT INTO t (id) SELECT generate_series(1, 20000);
          CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
            BEGIN IF NEW.id BETWEEN 4001 AND 8000 THEN PERFORM pg_sleep(0.001); END IF; RETURN NEW; END $$;
-         CREATE TRIGGER slow BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION slow();",
+         CREATE TRIGGER slow BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION slow();
+         CREATE TABLE chunk_log (first bigint NOT NULL, size bigint NOT NULL);
+         CREATE FUNCTION log_chunk() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN INSERT INTO chunk_log SELECT min(id), count(*) FROM changed; RETURN NULL; END $$;
+         CREATE TRIGGER log_chunk AFTER UPDATE ON t REFERENCING NEW TABLE AS changed
+           FOR EACH STATEMENT EXECUTE FUNCTION log_chunk();",
     );
     db.write_job(
         "a",
         &job("", "target_chunk_time = \"50ms\"\nmax_chunk_rows = 1000\n"),
     );
-    let child = db.spawn(&["run", "a"]);
-    let mut seen: Vec<(i64, i64)> = Vec::new(); // (rows done, chunk size)
-    let t = Instant::now();
-    loop {
-        let row = db.text("SELECT (SELECT rows_done || ',' || coalesce(chunk_rows_now, 0) FROM backfill.progress WHERE job = 'a')");
-        if let Some((d, c)) = row.as_deref().and_then(|r| r.split_once(',')) {
-            seen.push((d.parse().unwrap(), c.parse().unwrap()));
-        }
-        if seen.last().is_some_and(|(d, _)| *d >= 20000) || t.elapsed() > Duration::from_secs(60) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    wait_out(child, Duration::from_secs(30)).expect(0);
-    let sizes = |lo: i64, hi: i64| -> Vec<i64> {
-        let mut v: Vec<i64> = seen
-            .iter()
-            .filter(|(d, _)| *d > lo && *d <= hi)
-            .map(|s| s.1)
-            .collect();
-        v.sort();
-        v
-    };
-    let before = sizes(0, 4000);
-    let during = sizes(5000, 8000);
-    let after = sizes(9000, 20000);
-    assert!(
-        before.last().is_some_and(|&n| n >= 500),
-        "grew on the fast stretch: {seen:?}"
-    );
-    assert!(
-        during.get(during.len() / 2).is_some_and(|&n| n <= 100),
-        "shrank on the slow stretch (1 ms a key, 50 ms target): {seen:?}"
-    );
-    assert!(
-        after.last().is_some_and(|&n| n >= 500),
-        "grew back: {seen:?}"
-    );
+    db.run(&["run", "a"]).expect(0);
     assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+    assert_eq!(db.i64("SELECT sum(size)::bigint FROM chunk_log"), 20000);
+    let largest = |lo: i64, hi: i64| {
+        db.i64(&format!(
+            "SELECT coalesce(max(size), 0) FROM chunk_log WHERE first > {lo} AND first <= {hi}"
+        ))
+    };
+    let median = |lo: i64, hi: i64| {
+        db.i64(&format!(
+            "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY size) FROM chunk_log WHERE first > {lo} AND first <= {hi}"
+        ))
+    };
+    let log =
+        || db.text("SELECT string_agg(first || ':' || size, ' ' ORDER BY first) FROM chunk_log");
+    assert!(
+        largest(0, 4000) >= 500,
+        "grew on the fast stretch: {:?}",
+        log()
+    );
+    assert!(
+        median(5000, 8000) <= 100,
+        "shrank on the slow stretch (1 ms a key, 50 ms target): {:?}",
+        log()
+    );
+    assert!(largest(9000, 20000) >= 500, "grew back: {:?}", log());
 }
 
 #[test]
@@ -244,45 +237,53 @@ fn an_application_session_queued_behind_a_chunk_makes_the_run_yield_and_shrink()
 fn a_fixed_pause_and_a_nice_ratio_rest_between_chunks() {
     let db = TestDb::new();
     counter_table(&db, 1000); // 10 chunks of 100
-    let timed_with = |throttle: &str, flags: &[&str]| {
-        db.exec("UPDATE t SET n = 0");
+                              // The server notes when each chunk's statement ended: the rest between chunks is read from
+                              // those times (a lower bound, whatever the machine's load), not compared with another run.
+    db.exec(
+        "CREATE TABLE chunk_log (at timestamptz NOT NULL);
+         CREATE FUNCTION log_chunk() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN INSERT INTO chunk_log VALUES (clock_timestamp()); RETURN NULL; END $$;
+         CREATE TRIGGER log_chunk AFTER UPDATE ON t FOR EACH STATEMENT EXECUTE FUNCTION log_chunk();",
+    );
+    // The shortest time between two chunks' ends, in ms, over a whole run.
+    let shortest_gap = |throttle: &str, flags: &[&str]| -> i64 {
+        db.exec("UPDATE t SET n = 0; DELETE FROM chunk_log");
         let _ = db.run(&["reset", "p", "--yes"]);
         db.write_job("p", &job("FROM (SELECT pg_sleep(0.03)) s", throttle));
-        let t = Instant::now();
         let mut args = vec!["run", "p"];
         args.extend_from_slice(flags);
         db.run(&args).expect(0);
         assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
-        t.elapsed()
+        assert_eq!(db.i64("SELECT count(*) FROM chunk_log"), 10);
+        db.i64(
+            "SELECT min(gap)::bigint FROM (SELECT extract(epoch FROM at - lag(at) OVER (ORDER BY at)) * 1000 AS gap FROM chunk_log) s",
+        )
     };
-    let timed = |throttle: &str| timed_with(throttle, &[]);
-    let plain = timed("target_chunk_time = \"0s\"\n");
-    // Nine rests of 150 ms between ten chunks.
-    let paused = timed("target_chunk_time = \"0s\"\npause = \"150ms\"\n");
-    assert!(
-        paused >= plain + Duration::from_millis(1300),
-        "{paused:?} vs {plain:?}"
-    );
+    // A rest of 150 ms, then the next chunk's 30 ms sleep.
+    let paused = shortest_gap("target_chunk_time = \"0s\"\npause = \"150ms\"\n", &[]);
+    assert!(paused >= 180, "{paused} ms between chunks");
     // Each chunk takes at least 30 ms; a ratio of 5 rests at least 150 ms after each.
-    let nice = timed("target_chunk_time = \"0s\"\nnice_ratio = 5.0\n");
-    assert!(
-        nice >= plain + Duration::from_millis(1300),
-        "{nice:?} vs {plain:?}"
-    );
+    let nice = shortest_gap("target_chunk_time = \"0s\"\nnice_ratio = 5.0\n", &[]);
+    assert!(nice >= 180, "{nice} ms between chunks");
     // Flags of `run` win over the job file.
-    let flagged = timed_with(
+    let flagged = shortest_gap(
         "target_chunk_time = \"0s\"\npause = \"0s\"\n",
         &["--pause", "150ms"],
     );
-    assert!(
-        flagged >= plain + Duration::from_millis(1300),
-        "{flagged:?} vs {plain:?}"
+    assert!(flagged >= 180, "{flagged} ms between chunks");
+    let t = Instant::now();
+    db.exec("UPDATE t SET n = 0");
+    let _ = db.run(&["reset", "p", "--yes"]);
+    db.write_job(
+        "p",
+        &job(
+            "FROM (SELECT pg_sleep(0.03)) s",
+            "target_chunk_time = \"0s\"\nrows_per_second = 1000000\n",
+        ),
     );
-    let capped = timed_with(
-        "target_chunk_time = \"0s\"\nrows_per_second = 1000000\n",
-        &["--rows-per-second", "400"],
-    );
+    db.run(&["run", "p", "--rows-per-second", "400"]).expect(0);
     // 1000 keys at 400 a second, the first second's burst free: at least 1.5 s.
+    let capped = t.elapsed();
     assert!(capped >= Duration::from_millis(1400), "{capped:?}");
 }
 
