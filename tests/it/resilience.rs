@@ -143,24 +143,40 @@ fn a_long_statement_is_cancelled_on_stop_and_rolled_back() {
         "table = \"t\"\nkey = [\"id\"]\nchunk_rows = 100\nstatement_timeout = \"5m\"\n\
          sql = \"UPDATE t SET n = n + 1 FROM (SELECT CASE WHEN :start::bigint > 300 THEN pg_sleep(60) END) s WHERE id BETWEEN :start AND :end\"\n",
     );
-    // Once: the chunk is cancelled after the grace period.
+    // The backend running the sleeping chunk (0: none).
+    let sleeping = "SELECT coalesce((SELECT pid::bigint FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'backfill' AND wait_event = 'PgSleep' LIMIT 1), 0)";
+    let wait_sleeping = || {
+        db.wait_for(
+            &format!("SELECT ({sleeping}) <> 0"),
+            Duration::from_secs(30),
+        );
+        db.i64(sleeping)
+    };
+    let still_sleeping = |pid: i64| {
+        db.i64(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = {pid} AND wait_event = 'PgSleep'"
+        ))
+    };
+    // Once: the chunk is given the 5 s grace period, then cancelled on the server.
     let child = db.spawn(&["run", "l"]);
-    db.wait_for("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'backfill' AND wait_event = 'PgSleep')", Duration::from_secs(30));
+    let pid = wait_sleeping();
     let t = Instant::now();
     signal(&child, libc::SIGINT);
     let out = wait_out(child, Duration::from_secs(30));
     assert_eq!(out.code, 130, "{out:?}");
     assert!(
-        t.elapsed() < Duration::from_secs(15),
-        "stop took {:?}",
+        t.elapsed() >= Duration::from_millis(4900) && t.elapsed() < Duration::from_secs(15),
+        "stop took {:?} (grace 5 s)",
         t.elapsed()
     );
+    assert_eq!(still_sleeping(pid), 0, "the server's statement was stopped");
     let done = db.i64("SELECT rows_done FROM backfill.progress WHERE job = 'l'");
     assert_eq!(db.i64("SELECT count(*) FROM t WHERE n = 1"), done);
     assert_eq!(db.i64("SELECT count(*) FROM t WHERE n > 1"), 0);
-    // Twice: out at once, still consistent.
+    // Twice: out at once, and the statement of this run's own backend stopped within 2 s.
+    assert_eq!(db.i64(sleeping), 0, "nothing left over from the first run");
     let child = db.spawn(&["run", "l"]);
-    db.wait_for("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'backfill' AND wait_event = 'PgSleep')", Duration::from_secs(30));
+    let pid = wait_sleeping();
     let t = Instant::now();
     signal(&child, libc::SIGINT);
     std::thread::sleep(Duration::from_millis(200));
@@ -173,8 +189,13 @@ fn a_long_statement_is_cancelled_on_stop_and_rolled_back() {
         t.elapsed()
     );
     db.wait_for(
-        "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'PgSleep')",
+        &format!("SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = {pid} AND wait_event = 'PgSleep')"),
         Duration::from_secs(10),
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(2200),
+        "the statement ran on for {:?} after the second Ctrl-C",
+        t.elapsed()
     );
     assert_eq!(
         db.i64("SELECT count(*) FROM t WHERE n = 1"),
