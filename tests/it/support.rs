@@ -414,14 +414,15 @@ pub fn counter_table(db: &TestDb, rows: i64) {
     ));
 }
 
-/// Holds a row lock on the row at `offset` (in key order) of `table`, from a session of its own,
+/// Holds a row lock on the row at `offset` (in key order) of `table`, from a session of its own
+/// (named `the_application`, not `backfill`),
 /// so that a run's chunk reaching that row waits there (give the job a long `lock_timeout`): a
 /// point part-way through a run that a test can act at. `COMMIT` on the session lets it go.
 /// (Only that row: `ORDER BY … OFFSET … FOR UPDATE` would lock every row it skips.)
 pub fn hold_row(db: &TestDb, table: &str, key: &str, offset: i64) -> Session {
     let s = db.session();
     s.exec(&format!(
-        "BEGIN; SELECT 1 FROM {table} WHERE {key} = (SELECT {key} FROM {table} ORDER BY {key} OFFSET {offset} LIMIT 1) FOR UPDATE"
+        "SET application_name = 'the_application'; BEGIN; SELECT 1 FROM {table} WHERE {key} = (SELECT {key} FROM {table} ORDER BY {key} OFFSET {offset} LIMIT 1) FOR UPDATE"
     ));
     s
 }
