@@ -545,3 +545,46 @@ fn sigterm_while_the_database_is_away_exits_130_at_once_and_the_next_run_resumes
     drop(db);
     cluster.stop().unwrap();
 }
+
+/// One key whose statement always outlasts `statement_timeout`: the chunk is halved down to that
+/// key, which is then tried `--max-attempts` times in a row before the run stops, saying so and
+/// where it resumes; every key before it is done exactly once.
+#[test]
+fn a_key_that_keeps_timing_out_stops_the_run_after_max_attempts() {
+    let db = TestDb::new();
+    counter_table(&db, 400);
+    let stuck = db.i64("SELECT id FROM t ORDER BY id OFFSET 250 LIMIT 1");
+    db.write_job(
+        "to",
+        &format!(
+            "table = \"t\"\nkey = [\"id\"]\nchunk_rows = 100\nstatement_timeout = \"300ms\"\n\
+             sql = \"UPDATE t SET n = n + 1 WHERE id BETWEEN :start AND :end AND (id <> {stuck} OR pg_sleep(2) IS NOT NULL)\"\n\
+             throttle = {{ target_chunk_time = \"0s\" }}\n"
+        ),
+    );
+    let out = db.run(&["run", "to", "--max-attempts", "2"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("gave up after 2 attempts")
+            && out.stderr.contains(&format!("key {stuck}"))
+            && out.stderr.contains("57014"),
+        "{out:?}"
+    );
+    // Every key before the stuck one is done once; none after it or at it.
+    assert_eq!(
+        db.i64(&format!(
+            "SELECT count(*) FROM t WHERE id < {stuck} AND n <> 1"
+        )),
+        0
+    );
+    assert_eq!(
+        db.i64(&format!(
+            "SELECT count(*) FROM t WHERE id >= {stuck} AND n <> 0"
+        )),
+        0
+    );
+    assert_eq!(
+        db.i64("SELECT rows_done FROM backfill.progress WHERE job = 'to'"),
+        250
+    );
+}

@@ -563,3 +563,27 @@ fn a_cancel_in_force_when_a_run_starts_is_honoured_before_any_write() {
     db.run(&["run", "z"]).expect(0);
     assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
 }
+
+/// Two processes on one job share its rate ceiling (each takes its part of it while both are
+/// alive): together they take at least as long as one process alone at the ceiling would.
+#[test]
+fn two_processes_share_the_jobs_rate_ceiling() {
+    let db = polled_db(TestDb::new());
+    counter_table(&db, 4000);
+    db.write_job("s", &job("", "rows_per_second = 400\n"));
+    let t = Instant::now();
+    let first = db.spawn(&["run", "s"]);
+    let second = db.spawn(&["run", "s"]);
+    wait_out(first, Duration::from_secs(120)).expect(0);
+    wait_out(second, Duration::from_secs(120)).expect(0);
+    let took = t.elapsed();
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+    // Both worked.
+    assert_eq!(
+        db.i64("SELECT count(*) FROM backfill.runs WHERE job = 's' AND rows_done > 0"),
+        2
+    );
+    // Shared: 4000 keys at 400 a second, less each process's first second of burst, is 8 s;
+    // each at the full ceiling would have taken 4 s.
+    assert!(took >= Duration::from_millis(7500), "{took:?}");
+}
