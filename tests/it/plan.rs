@@ -283,3 +283,68 @@ fn a_statement_that_ignores_end_is_an_error() {
         "{plan:#}"
     );
 }
+
+/// A planner that prefers to read the whole table although the key's index would serve (here:
+/// random page reads priced out for this database) is a warning naming ANALYZE, not an error;
+/// on a table of under ten chunks it is not reported at all.
+#[test]
+fn a_planner_that_prefers_a_full_scan_is_a_warning() {
+    let db = TestDb::new();
+    counter_table(&db, 20_000);
+    db.exec(&format!(
+        "ANALYZE t; ALTER DATABASE {} SET random_page_cost = 100000",
+        db.name
+    ));
+    db.write_job(
+        "fs",
+        "table = \"t\"\nkey = [\"id\"]\nchunk_rows = 1000\n\
+         sql = \"UPDATE t SET n = n + 1 WHERE id BETWEEN :start AND :end\"\n",
+    );
+    let (code, plan) = plan_json(&db, "fs", &[]);
+    assert_eq!(code, 0, "{plan:#}");
+    let f = finding(&plan, "planner_prefers_full_scan");
+    assert_eq!(f["severity"], "warning", "{plan:#}");
+    assert!(f["fix"].as_str().unwrap().contains("ANALYZE"), "{plan:#}");
+    assert!(!codes(&plan).contains(&"full_scan".to_string()), "{plan:#}");
+    // Under ten chunks: nothing to report.
+    db.write_job(
+        "fs_small",
+        "table = \"t\"\nkey = [\"id\"]\nchunk_rows = 5000\n\
+         sql = \"UPDATE t SET n = n + 1 WHERE id BETWEEN :start AND :end\"\n",
+    );
+    let (_, plan) = plan_json(&db, "fs_small", &[]);
+    assert!(
+        !codes(&plan).contains(&"planner_prefers_full_scan".to_string()),
+        "{plan:#}"
+    );
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 0"), 0);
+}
+
+/// A contract migration already applied to an unfinished job is reported by `plan`.
+#[test]
+fn a_contract_already_applied_is_reported() {
+    let db = TestDb::new();
+    counter_table(&db, 500);
+    db.exec(
+        "CREATE TABLE _sqlx_migrations (version bigint PRIMARY KEY, description text NOT NULL,
+             installed_on timestamptz NOT NULL DEFAULT now(), success boolean NOT NULL,
+             checksum bytea NOT NULL, execution_time bigint NOT NULL);
+         INSERT INTO _sqlx_migrations VALUES (1, 'expand', now(), true, '\\x00', 1), (2, 'contract', now(), true, '\\x00', 1);",
+    );
+    db.write_job(
+        "ca",
+        "table = \"t\"\nkey = [\"id\"]\n\
+         sql = \"UPDATE t SET n = n + 1 WHERE id BETWEEN :start AND :end AND n = 0\"\n\
+         [migration]\ntool = \"sqlx\"\nexpand = \"1\"\ncontract = \"2\"\n",
+    );
+    let (_, plan) = plan_json(&db, "ca", &[]);
+    let m = message(&plan, "contract_applied");
+    assert!(m.contains("refused"), "{m}");
+    // Not before the contract step.
+    db.exec("DELETE FROM _sqlx_migrations WHERE version = 2");
+    let (_, plan) = plan_json(&db, "ca", &[]);
+    assert!(
+        !codes(&plan).contains(&"contract_applied".to_string()),
+        "{plan:#}"
+    );
+}
