@@ -17,6 +17,7 @@ mod plan;
 mod privileges;
 mod resilience;
 mod revert;
+mod secrets;
 mod sweep;
 mod throttling;
 mod tls;
