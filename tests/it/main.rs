@@ -19,6 +19,7 @@ mod privileges;
 mod recovery;
 mod resilience;
 mod revert;
+mod secrets;
 mod sweep;
 mod throttling;
 mod tls;

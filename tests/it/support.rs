@@ -436,3 +436,24 @@ pub fn engine_lock_waits(n: i64) -> String {
             AND application_name = 'backfill' AND wait_event_type = 'Lock'"
     )
 }
+
+/// Serialises edits of the throwaway cluster's pg_hba.conf, which all tests share.
+static HBA: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Puts `lines` at the top of the throwaway cluster's pg_hba.conf (before its trust lines) and
+/// asks the server to reload it. The lines stay for the cluster's life, so they must name only
+/// a role of the caller's own. The reload is asynchronous: the caller waits for its effect.
+/// Returns false on an external server (`BACKFILL_TEST_DATABASE_URL`), whose file is not ours.
+pub fn hba_first(db: &TestDb, lines: &[&str]) -> bool {
+    let Some(cluster) = temp_cluster() else {
+        return false;
+    };
+    let _guard = HBA.lock().unwrap_or_else(|e| e.into_inner());
+    let path = cluster.data_dir().join("pg_hba.conf");
+    let old = std::fs::read_to_string(&path).unwrap();
+    let new = format!("{}\n{old}", lines.join("\n"));
+    // Written in place, so the file keeps the owner the server needs.
+    std::fs::write(&path, new).unwrap();
+    db.exec("SELECT pg_reload_conf()");
+    true
+}

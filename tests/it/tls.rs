@@ -1,4 +1,5 @@
-//! TLS against a real server with a certificate made for the test: libpq's sslmode semantics.
+//! TLS against a real server with a certificate made for the test: libpq's sslmode semantics,
+//! a server without TLS, `allow` reaching a server that accepts only TLS, and `sslrootcert=system`.
 
 use crate::support::*;
 use backfill::db::Target;
@@ -113,6 +114,22 @@ fn ssl_in_use(url: &str) -> Result<bool, String> {
     })
 }
 
+/// The binary run as an operator would, with nothing of the caller's connection settings: only
+/// `envs`, and HOME set to `home` (for `~/.postgresql/root.crt`).
+fn backfill_env(db: &TestDb, home: &Path, envs: &[(&str, String)], args: &[&str]) -> Out {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_backfill"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PG") || k == "DATABASE_URL" || k.starts_with("SSL_CERT_") {
+            c.env_remove(k);
+        }
+    }
+    c.env("HOME", home)
+        .envs(envs.iter().map(|(k, v)| (k, v)))
+        .stdin(std::process::Stdio::null());
+    c.arg("--jobs").arg(&db.jobs).args(args);
+    Out::from(c.output().unwrap())
+}
+
 #[test]
 fn sslmodes_encrypt_and_verify_as_libpq_does() {
     let Some(cluster) = temp_cluster() else {
@@ -123,6 +140,8 @@ fn sslmodes_encrypt_and_verify_as_libpq_does() {
     let dir =
         std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("tls-{}", db.name));
     make_certs(&dir);
+    let ca = dir.join("ca.crt").display().to_string();
+    let other = dir.join("other-ca.crt").display().to_string();
     let data = cluster.data_dir();
     for f in ["server.crt", "server.key"] {
         std::fs::copy(dir.join(f), data.join(f)).unwrap();
@@ -136,6 +155,57 @@ fn sslmodes_encrypt_and_verify_as_libpq_does() {
         std::fs::Permissions::from_mode(0o600),
     )
     .unwrap();
+    let port = cluster.port();
+    let url = |host: &str, params: &str| {
+        format!("postgresql://postgres@{host}:{port}/{}?{params}", db.name)
+    };
+
+    // A server without TLS: prefer and allow connect in plaintext; the modes that require
+    // encryption refuse to connect rather than fall back.
+    assert_eq!(
+        db.text("SELECT current_setting('ssl')").as_deref(),
+        Some("off")
+    );
+    assert_eq!(
+        ssl_in_use(&url("127.0.0.1", "application_name=x")),
+        Ok(false),
+        "prefer falls back to plaintext"
+    );
+    assert_eq!(ssl_in_use(&url("127.0.0.1", "sslmode=allow")), Ok(false));
+    for mode in ["require", "verify-ca", "verify-full"] {
+        let r = ssl_in_use(&url(
+            "localhost",
+            &format!("sslmode={mode}&sslrootcert={ca}"),
+        ));
+        assert!(r.is_err(), "sslmode={mode} on a server without TLS: {r:?}");
+    }
+    let empty_home = dir.join("home-empty");
+    std::fs::create_dir_all(&empty_home).unwrap();
+    let port_s = port.to_string();
+    let libpq = |host: &'static str, mode: &'static str| -> Vec<(&'static str, String)> {
+        vec![
+            ("PGHOST", host.into()),
+            ("PGPORT", port_s.clone()),
+            ("PGUSER", "postgres".into()),
+            ("PGDATABASE", db.name.clone()),
+            ("PGSSLMODE", mode.into()),
+        ]
+    };
+    for mode in ["prefer", "allow"] {
+        backfill_env(&db, &empty_home, &libpq("127.0.0.1", mode), &["status"]).expect(0);
+    }
+    let out = backfill_env(
+        &db,
+        &empty_home,
+        &libpq("127.0.0.1", "require"),
+        &["status"],
+    );
+    assert_eq!(out.code, 1, "require on a server without TLS: {out:?}");
+    assert!(
+        out.stderr.contains("cannot connect to postgres@127.0.0.1"),
+        "{out:?}"
+    );
+
     db.exec("ALTER SYSTEM SET ssl_cert_file = 'server.crt'");
     db.exec("ALTER SYSTEM SET ssl_key_file = 'server.key'");
     db.exec("ALTER SYSTEM SET ssl = on");
@@ -144,13 +214,6 @@ fn sslmodes_encrypt_and_verify_as_libpq_does() {
         "SELECT current_setting('ssl') = 'on'",
         std::time::Duration::from_secs(10),
     );
-
-    let port = cluster.port();
-    let ca = dir.join("ca.crt").display().to_string();
-    let other = dir.join("other-ca.crt").display().to_string();
-    let url = |host: &str, params: &str| {
-        format!("postgresql://postgres@{host}:{port}/{}?{params}", db.name)
-    };
 
     assert_eq!(ssl_in_use(&url("127.0.0.1", "sslmode=disable")), Ok(false));
     assert_eq!(
@@ -190,23 +253,81 @@ fn sslmodes_encrypt_and_verify_as_libpq_does() {
     // The binary, end to end, with the libpq variables instead of a URL.
     db.write_job("j", &counter_job(""));
     counter_table(&db, 100);
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_backfill"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("PG") || k == "DATABASE_URL" {
-            c.env_remove(k);
-        }
-    }
-    c.env("PGHOST", "localhost")
-        .env("PGPORT", port.to_string())
-        .env("PGUSER", "postgres")
-        .env("PGDATABASE", &db.name)
-        .env("PGSSLMODE", "verify-full")
-        .env("PGSSLROOTCERT", &ca)
-        .args(["--jobs"])
-        .arg(&db.jobs)
-        .args(["run", "j"]);
-    Out::from(c.output().unwrap()).expect(0);
+    let mut env = libpq("localhost", "verify-full");
+    env.push(("PGSSLROOTCERT", ca.clone()));
+    backfill_env(&db, &empty_home, &env, &["run", "j"]).expect(0);
     assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+
+    // sslrootcert=system: the system's trust store, not ~/.postgresql/root.crt. The test's CA is
+    // in neither until SSL_CERT_FILE (which the system store honours) or root.crt names it.
+    let ca_home = dir.join("home-ca");
+    std::fs::create_dir_all(ca_home.join(".postgresql")).unwrap();
+    std::fs::copy(&ca, ca_home.join(".postgresql/root.crt")).unwrap();
+    let mut system = libpq("localhost", "verify-full");
+    system.push(("PGSSLROOTCERT", "system".into()));
+    let out = backfill_env(&db, &ca_home, &system, &["status"]);
+    assert_eq!(
+        out.code, 1,
+        "system roots must not include ~/.postgresql/root.crt: {out:?}"
+    );
+    assert!(
+        out.stderr.contains("cannot connect to postgres@localhost")
+            && out.stderr.contains("certificate"),
+        "{out:?}"
+    );
+    backfill_env(
+        &db,
+        &ca_home,
+        &libpq("localhost", "verify-full"),
+        &["status"],
+    )
+    .expect(0);
+    let mut system_with_ca = system.clone();
+    system_with_ca.push(("SSL_CERT_FILE", ca.clone()));
+    backfill_env(&db, &empty_home, &system_with_ca, &["status"]).expect(0);
+    // In a URL too.
+    let out = Out::from(
+        db.cmd_at(
+            &url("localhost", "sslmode=verify-full&sslrootcert=system"),
+            &["status"],
+        )
+        .env("HOME", &ca_home)
+        .env_remove("SSL_CERT_FILE")
+        .env_remove("SSL_CERT_DIR")
+        .output()
+        .unwrap(),
+    );
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("certificate"), "{out:?}");
+
+    // allow reaches a server that accepts this role only over TLS (libpq: plaintext refused,
+    // then TLS); and, as prefer does, it tries TLS first when the server offers it.
+    db.exec("CREATE ROLE bf_tls_only LOGIN SUPERUSER");
+    assert!(hba_first(
+        &db,
+        &["hostnossl all bf_tls_only 127.0.0.1/32 reject"]
+    ));
+    let as_tls_only = |mode: &str| {
+        format!(
+            "postgresql://bf_tls_only@127.0.0.1:{port}/{}?sslmode={mode}",
+            db.name
+        )
+    };
+    let t = std::time::Instant::now();
+    while ssl_in_use(&as_tls_only("disable")).is_ok() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "the server never started refusing plaintext for bf_tls_only"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(ssl_in_use(&as_tls_only("allow")), Ok(true));
+    assert_eq!(ssl_in_use(&as_tls_only("prefer")), Ok(true));
+    assert_eq!(ssl_in_use(&url("127.0.0.1", "sslmode=allow")), Ok(true));
+    let mut env = libpq("127.0.0.1", "allow");
+    env[2] = ("PGUSER", "bf_tls_only".into());
+    backfill_env(&db, &empty_home, &env, &["status", "j"]).expect(0);
+    db.exec("DROP ROLE bf_tls_only");
 
     for setting in ["ssl", "ssl_cert_file", "ssl_key_file"] {
         db.exec(&format!("ALTER SYSTEM RESET {setting}"));
