@@ -173,3 +173,54 @@ fn a_runner_stopped_while_waiting_for_expand_no_longer_shows_as_waiting() {
     let status = db.run(&["status", "j"]);
     assert!(!status.stdout.contains("waiting for expand"), "{status:?}");
 }
+
+/// The SQL gate runs with the migration's rights, so it must never execute (or splice into SQL)
+/// anything stored in the engine's tables, which the runner's role can write: every text column
+/// it could read is filled with SQL that would create a table if it were ever executed.
+#[test]
+fn the_sql_gate_never_executes_what_is_stored_in_the_engines_tables() {
+    let db = TestDb::new();
+    counter_table(&db, 300);
+    db.write_job(
+        "g",
+        "table = \"t\"\nkey = \"id\"\nsql = \"UPDATE t SET n = 1 WHERE id BETWEEN :start AND :end AND n = 0\"\n\
+         verify = \"SELECT count(*) FROM t WHERE n = 0\"\non_error = \"skip\"\n",
+    );
+    db.run(&["run", "g"]).expect(0);
+    db.exec(
+        "INSERT INTO backfill.failures (job, key, sqlstate, message) VALUES ('g', ARRAY['1'], 'P0001', 'x')",
+    );
+    db.exec(
+        r#"DO $$
+        DECLARE col record;
+        BEGIN
+          FOR col IN SELECT table_name, column_name FROM information_schema.columns
+                      WHERE table_schema = 'backfill' AND data_type = 'text'
+                        AND column_name NOT IN ('job', 'state', 'outcome')
+          LOOP
+            BEGIN
+              EXECUTE format('UPDATE backfill.%I SET %I = %L', col.table_name, col.column_name,
+                             $p$'); CREATE TABLE pwned_a (); SELECT ('$p$ || ' ; CREATE TABLE pwned_b ()');
+            EXCEPTION WHEN OTHERS THEN NULL; -- a constraint on that column: leave it
+            END;
+          END LOOP;
+        END $$"#,
+    );
+    // The text really is in the tables the gate reads.
+    assert_eq!(
+        db.i64("SELECT count(*) FROM backfill.failures WHERE message LIKE '%pwned_a%'"),
+        1
+    );
+    assert!(
+        db.i64("SELECT count(*) FROM backfill.checkpoints WHERE row(checkpoints.*)::text LIKE '%pwned_a%'") > 0
+    );
+    let s = db.session();
+    let _ = s.try_exec("SELECT backfill.assert_done('g')");
+    let _ = s.try_exec("SELECT backfill.assert_done('g', 'SELECT 0')");
+    let _ = s.try_exec("SELECT backfill.assert_done($q$g'); CREATE TABLE pwned_c (); --$q$)");
+    assert_eq!(
+        db.i64("SELECT count(*) FROM pg_class WHERE relname LIKE 'pwned%'"),
+        0,
+        "the gate executed stored text"
+    );
+}
