@@ -16,6 +16,18 @@ fn counting_job(table: &str, key: &str, column: &str, chunk: u32, sleep: &str) -
     )
 }
 
+/// `counting_job` whose workers hold (throttle_sql) until job `job` has `n` key ranges, so that
+/// every worker has split before any chunk, whatever the machine's load.
+fn split_first(job_text: &str, job: &str, n: u32) -> String {
+    job_text.replace(
+        "target_chunk_time = \"0s\" }",
+        &format!(
+            "target_chunk_time = \"0s\", check_interval = \"100ms\", \
+             throttle_sql = \"SELECT count(*) < {n} FROM backfill.ranges WHERE job = '{job}'\" }}"
+        ),
+    )
+}
+
 fn ranges(db: &TestDb, job: &str) -> i64 {
     db.i64(&format!(
         "SELECT count(*) FROM backfill.ranges WHERE job = '{job}'"
@@ -26,7 +38,10 @@ fn ranges(db: &TestDb, job: &str) -> i64 {
 fn workers_split_the_job_and_apply_every_row_exactly_once() {
     let db = TestDb::new();
     counter_table(&db, 6000);
-    db.write_job("w", &counting_job("t", "[\"id\"]", "id", 50, "0.002"));
+    db.write_job(
+        "w",
+        &split_first(&counting_job("t", "[\"id\"]", "id", 50, "0.002"), "w", 4),
+    );
     let out = db.run(&["run", "w", "--workers", "4", "--json"]);
     out.expect(0);
     assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
@@ -85,13 +100,7 @@ fn every_key_type_with_skewed_keys_splits_by_rows_and_runs_exactly_once() {
         ));
         // The workers hold (throttle_sql) until the second one has split the first range, so
         // the split happens before any chunk: where it falls does not depend on timing.
-        let job = counting_job(&table, "\"k\"", "k", 50, "0.004").replace(
-            "target_chunk_time = \"0s\" }",
-            &format!(
-                "target_chunk_time = \"0s\", check_interval = \"100ms\", \
-                 throttle_sql = \"SELECT count(*) < 2 FROM backfill.ranges WHERE job = '{table}'\" }}"
-            ),
-        );
+        let job = split_first(&counting_job(&table, "\"k\"", "k", 50, "0.004"), &table, 2);
         db.write_job(&table, &job);
         let child = db.spawn(&["run", &table, "--workers", "2"]);
         wait_out(child, Duration::from_secs(120)).expect(0);
@@ -126,12 +135,16 @@ fn composite_skewed_and_identity_keys_with_workers() {
     );
     db.write_job(
         "comp",
-        &counting_job(
+        &split_first(
+            &counting_job(
+                "comp",
+                "[\"tenant_id\", \"id\"]",
+                "(tenant_id, id)",
+                50,
+                "0.002",
+            ),
             "comp",
-            "[\"tenant_id\", \"id\"]",
-            "(tenant_id, id)",
-            50,
-            "0.002",
+            3,
         ),
     );
     db.run(&["run", "comp", "--workers", "3"]).expect(0);
@@ -231,8 +244,11 @@ fn ctid_walks_a_table_without_a_key_by_pages() {
         "h",
         "table = \"heap\"\nkey = \"ctid\"\nchunk_rows = 500\n\
          sql = \"UPDATE heap SET done = true, n = n + 1 WHERE ctid BETWEEN :start AND :end AND done IS NULL\"\n\
-         verify = \"SELECT count(*) FROM heap WHERE done IS NULL\"\n",
+         verify = \"SELECT count(*) FROM heap WHERE done IS NULL\"\n\
+         [throttle]\nthrottle_sql = \"SELECT count(*) < 2 FROM backfill.ranges WHERE job = 'h'\"\n",
     );
+    // (The workers hold until the second has split the pages, so the split happens whatever
+    // the machine's load.)
     let plan = db.run(&["plan", "h", "--json"]);
     plan.expect(0);
     assert!(!plan.stdout.contains("full_scan\""), "{plan:?}");
