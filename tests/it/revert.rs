@@ -245,12 +245,25 @@ fn a_revert_and_a_migration_past_the_gate_wait_for_each_other() {
     db.run(&["run", "j"]).expect(0);
     let migration = db.session();
     migration.exec("BEGIN; SELECT backfill.assert_done('j')");
-    let mut child = db.spawn(&["revert", "j"]);
+    // The revert's sessions carry a name of their own, so that a session of the run before it,
+    // still ending, cannot be taken for the revert's.
+    let url = match (db.url.contains("://"), db.url.contains('?')) {
+        (true, true) => format!("{}&application_name=the_revert", db.url),
+        (true, false) => format!("{}?application_name=the_revert", db.url),
+        (false, _) => format!("{} application_name=the_revert", db.url),
+    };
+    let mut child = db
+        .cmd_at(&url, &["revert", "j"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     // The revert tried the job's lock, which the migration holds, and did not get it.
     db.wait_for_child(
         &mut child,
         "SELECT EXISTS (SELECT 1 FROM pg_stat_activity a
                          WHERE a.datname = current_database() AND a.state = 'idle'
+                           AND a.application_name = 'the_revert'
                            AND a.query LIKE 'SELECT pg_try_advisory_lock%'
                            AND NOT EXISTS (SELECT 1 FROM pg_locks l
                                             WHERE l.pid = a.pid AND l.locktype = 'advisory'))",
