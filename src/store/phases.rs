@@ -173,13 +173,12 @@ impl Store {
         }
     }
 
-    /// Whether `job` may be reverted now: it made progress, is not reverted already, and no run
-    /// works on it. Locks its checkpoint row until the caller's transaction ends.
-    pub(super) async fn may_revert(&self, tx: &impl GenericClient, job: &str) -> Result<()> {
-        let err = |e| db::error(e, format!("job {job}: checking that it may be reverted"));
-        // Lock first, read after, in statements of their own: a statement that waited for the
-        // row lock still reads other tables as of its start, so it would miss a run that joined
-        // (and released the row) meanwhile; and the activity snapshot is per transaction.
+    /// Locks the job's checkpoint row until the transaction ends.
+    async fn lock_checkpoint(
+        &self,
+        tx: &impl GenericClient,
+        job: &str,
+    ) -> Result<u64, tokio_postgres::Error> {
         tx.execute(
             &format!(
                 "SELECT 1 FROM {s}.checkpoints WHERE job = $1 FOR UPDATE",
@@ -188,7 +187,16 @@ impl Store {
             &[&job],
         )
         .await
-        .map_err(err)?;
+    }
+
+    /// Whether `job` may be reverted now: it made progress, is not reverted already, and no run
+    /// works on it. Locks its checkpoint row until the caller's transaction ends.
+    pub(super) async fn may_revert(&self, tx: &impl GenericClient, job: &str) -> Result<()> {
+        let err = |e| db::error(e, format!("job {job}: checking that it may be reverted"));
+        // Lock first, read after, in statements of their own: a statement that waited for the
+        // row lock still reads other tables as of its start, so it would miss a run that joined
+        // (and released the row) meanwhile; and the activity snapshot is per transaction.
+        self.lock_checkpoint(tx, job).await.map_err(err)?;
         tx.execute("SELECT pg_stat_clear_snapshot()", &[])
             .await
             .map_err(err)?;
@@ -239,15 +247,7 @@ impl Store {
     ) -> Result<()> {
         let err = |e| db::error(e, format!("job {job}: recording the revert"));
         let tx = client.transaction().await.map_err(err)?;
-        tx.execute(
-            &format!(
-                "SELECT 1 FROM {s}.checkpoints WHERE job = $1 FOR UPDATE",
-                s = self.q
-            ),
-            &[&job],
-        )
-        .await
-        .map_err(err)?;
+        self.lock_checkpoint(&tx, job).await.map_err(err)?;
         // The values are back in the table: kept ones would be stale in the job's next cycle.
         if let Some(undo_table) = undo_table {
             tx.batch_execute(&format!("DELETE FROM {undo_table}"))
