@@ -329,15 +329,7 @@ fn a_run_with_another_definition_is_refused_while_the_job_runs() {
     let job = counter_job("lock_timeout = \"60s\"\n");
     db.write_job("j", &job);
     let app = hold_row(&db, "t", "id", 1000);
-    let mut child = db.spawn(&["run", "j"]);
-    db.wait_for_child(
-        &mut child,
-        &format!(
-            "{} AND coalesce((SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j'), false)",
-            engine_lock_waits(1)
-        ),
-        Duration::from_secs(60),
-    );
+    let child = spawn_part_way(&db, &["run", "j"], "j", Duration::from_secs(60));
     db.write_job("j", &job.replace("n = n + 1", "n = n + 2"));
     for args in [
         &["run", "j"][..],

@@ -23,15 +23,7 @@ fn assert_done_raises_until_the_job_is_complete_and_verified() {
 
     // The run waits at a held row: it is running when the gate is called.
     let app = hold_row(&db, "t", "id", 1000);
-    let mut child = db.spawn(&["run", "j"]);
-    db.wait_for_child(
-        &mut child,
-        &format!(
-            "{} AND coalesce((SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j'), false)",
-            engine_lock_waits(1)
-        ),
-        Duration::from_secs(30),
-    );
+    let child = spawn_part_way(&db, &["run", "j"], "j", Duration::from_secs(30));
     let e = s.try_exec("SELECT backfill.assert_done('j')").unwrap_err();
     assert!(e.contains("not complete (state running)"), "{e}");
     app.exec("COMMIT");

@@ -75,15 +75,7 @@ fn undo_restores_the_original_values_exactly_even_after_kills() {
     // Killed mid-run, while a chunk waits for a row the application holds: the chunks that
     // committed kept their old values in the same transaction; the one in flight left nothing.
     let app = hold_row(&db, "t", "id", 2000);
-    let mut child = db.spawn(&["run", "j"]);
-    db.wait_for_child(
-        &mut child,
-        &format!(
-            "{} AND coalesce((SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j'), false)",
-            engine_lock_waits(1)
-        ),
-        Duration::from_secs(60),
-    );
+    let child = spawn_part_way(&db, &["run", "j"], "j", Duration::from_secs(60));
     signal(&child, libc::SIGKILL);
     let out = wait_out(child, Duration::from_secs(10));
     assert_eq!(
@@ -111,15 +103,7 @@ fn undo_restores_the_original_values_exactly_even_after_kills() {
     // An interrupted revert resumes; meanwhile the job may not run. (Stopped while a chunk
     // waits for a row the application holds: part-way by construction.)
     let app = hold_row(&db, "t", "id", 2000);
-    let mut child = db.spawn(&["revert", "j"]);
-    db.wait_for_child(
-        &mut child,
-        &format!(
-            "{} AND coalesce((SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j:revert'), false)",
-            engine_lock_waits(1)
-        ),
-        Duration::from_secs(60),
-    );
+    let child = spawn_part_way(&db, &["revert", "j"], "j:revert", Duration::from_secs(60));
     signal(&child, libc::SIGINT);
     app.exec("COMMIT");
     let out = wait_out(child, Duration::from_secs(30));
@@ -178,15 +162,7 @@ fn a_revert_is_refused_while_the_job_runs_and_for_a_job_without_a_way_back() {
     assert!(out.stderr.contains("never run"), "{out:?}");
     // The run waits at a held row: it is running, part-way, when the revert is tried.
     let app = hold_row(&db, "t", "id", 1000);
-    let mut child = db.spawn(&["run", "j"]);
-    db.wait_for_child(
-        &mut child,
-        &format!(
-            "{} AND coalesce((SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j'), false)",
-            engine_lock_waits(1)
-        ),
-        Duration::from_secs(30),
-    );
+    let child = spawn_part_way(&db, &["run", "j"], "j", Duration::from_secs(30));
     let out = db.run(&["revert", "j"]);
     assert_eq!(out.code, 3, "{out:?}");
     assert!(out.stderr.contains("is running"), "{out:?}");
@@ -285,15 +261,7 @@ fn a_revert_and_a_migration_past_the_gate_wait_for_each_other() {
     // The revert waits at a held row: it is running, holding the job's lock, when the gate is
     // called.
     let app = hold_row(&db, "t", "id", 1000);
-    let mut child = db.spawn(&["revert", "j"]);
-    db.wait_for_child(
-        &mut child,
-        &format!(
-            "{} AND coalesce((SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j:revert'), false)",
-            engine_lock_waits(1)
-        ),
-        Duration::from_secs(30),
-    );
+    let child = spawn_part_way(&db, &["revert", "j"], "j:revert", Duration::from_secs(30));
     let e = migration
         .try_exec("SET lock_timeout = '300ms'; SELECT backfill.assert_done('j')")
         .unwrap_err();

@@ -457,3 +457,19 @@ pub fn hba_first(db: &TestDb, lines: &[&str]) -> bool {
     db.exec("SELECT pg_reload_conf()");
     true
 }
+
+/// Spawns `args` and waits until job `job` has made progress and the engine waits for a lock
+/// (a row the test holds, see `hold_row`): the command is part-way, by construction. Fails early
+/// with the child's stderr if it exits first.
+pub fn spawn_part_way(db: &TestDb, args: &[&str], job: &str, limit: Duration) -> Child {
+    let mut child = db.spawn(args);
+    db.wait_for_child(
+        &mut child,
+        &format!(
+            "{} AND coalesce((SELECT rows_done > 0 FROM backfill.progress WHERE job = '{job}'), false)",
+            engine_lock_waits(1)
+        ),
+        limit,
+    );
+    child
+}
