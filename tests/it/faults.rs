@@ -273,10 +273,7 @@ fn a_deadlock_with_the_application_is_retried() {
     let app = db.session();
     app.exec("BEGIN; SET LOCAL deadlock_timeout = '10s'; UPDATE t SET n = n WHERE id = 950;");
     let child = db.spawn(&["run", "d"]);
-    db.wait_for(
-        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = 'backfill' AND datname = current_database() AND wait_event_type = 'Lock')",
-        Duration::from_secs(30),
-    );
+    db.wait_for(&engine_lock_waits(1), Duration::from_secs(30));
     // The engine holds 901..949 and waits for 950; the application now waits for 920: a cycle.
     // The engine's session detects it first (its deadlock_timeout is 1 s) and is the victim.
     app.exec("UPDATE t SET n = n WHERE id = 920");

@@ -212,16 +212,7 @@ fn odd_key_types_survive_a_kill_and_touch_every_row_once() {
             "SELECT 1 FROM {table} WHERE {expr} = (SELECT {columns} FROM {table} ORDER BY {expr} OFFSET {} LIMIT 1) FOR UPDATE",
             total / 2
         ));
-        let mut child = db.spawn(&["run", table]);
-        db.wait_for_child(
-            &mut child,
-            &format!(
-                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database()
-                                   AND application_name = 'backfill' AND wait_event_type = 'Lock')
-                        AND (SELECT rows_done > 0 FROM backfill.progress WHERE job = '{table}')"
-            ),
-            Duration::from_secs(60),
-        );
+        let child = spawn_part_way(&db, &["run", table], table, Duration::from_secs(60));
         signal(&child, libc::SIGKILL);
         let killed = wait_out(child, Duration::from_secs(30));
         assert_eq!(killed.code, 128 + libc::SIGKILL, "{table}: {killed:?}");

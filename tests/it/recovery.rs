@@ -19,10 +19,6 @@ fn engine_sessions(except: i64) -> String {
     )
 }
 
-const ENGINE_WAITS_FOR_A_LOCK: &str = "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-     WHERE datname = current_database() AND application_name = 'backfill'
-       AND wait_event_type = 'Lock')";
-
 #[test]
 fn a_session_lost_while_the_run_starts_is_reopened_and_the_run_finishes() {
     let db = TestDb::new();
@@ -34,7 +30,7 @@ fn a_session_lost_while_the_run_starts_is_reopened_and_the_run_finishes() {
     let holder_pid = holder.i64("SELECT pg_backend_pid()::bigint");
     holder.exec("BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE");
     let child = db.spawn(&["run", "s"]);
-    db.wait_for(ENGINE_WAITS_FOR_A_LOCK, Duration::from_secs(30));
+    db.wait_for(&engine_lock_waits(1), Duration::from_secs(30));
     db.exec(&engine_sessions(holder_pid));
     holder.exec("COMMIT");
     let out = wait_out(child, Duration::from_secs(60));
@@ -75,7 +71,7 @@ fn the_run_waits_through_a_server_restart_while_it_starts() {
     let holder = db.session();
     holder.exec("BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE");
     let child = db.spawn(&["run", "r", "--reconnect-for", "60s"]);
-    db.wait_for(ENGINE_WAITS_FOR_A_LOCK, Duration::from_secs(30));
+    db.wait_for(&engine_lock_waits(1), Duration::from_secs(30));
     // Down for a while: connecting is refused until it is back (the holder's lock goes too).
     cluster.restart(Duration::from_millis(1500)).unwrap();
     let out = wait_out(child, Duration::from_secs(90));
@@ -160,7 +156,7 @@ fn a_stale_plan_after_alter_table_is_prepared_again_and_the_run_goes_on() {
     let holder = db.session();
     holder.exec("BEGIN; SELECT 1 FROM t WHERE id = (SELECT id FROM t ORDER BY id OFFSET 1000 LIMIT 1) FOR UPDATE");
     let child = db.spawn(&["run", "ret"]);
-    db.wait_for(ENGINE_WAITS_FOR_A_LOCK, Duration::from_secs(30));
+    db.wait_for(&engine_lock_waits(1), Duration::from_secs(30));
     assert!(db.i64("SELECT rows_done FROM backfill.progress WHERE job = 'ret'") > 0);
     // The ALTER queues behind the chunk in flight and runs before the next one.
     let url = db.url.clone();

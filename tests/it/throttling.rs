@@ -164,10 +164,7 @@ fn an_application_session_waits_no_longer_than_lock_timeout() {
     a.exec("BEGIN; UPDATE t SET n = n WHERE id = 950");
     let child = db.spawn(&["run", "l", "--max-attempts", "100"]);
     // The engine has locked 901..949 and waits for 950, held by A.
-    db.wait_for(
-        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = 'backfill' AND datname = current_database() AND wait_event_type = 'Lock')",
-        Duration::from_secs(30),
-    );
+    db.wait_for(&engine_lock_waits(1), Duration::from_secs(30));
     // B wants 920: queued behind the engine, which gives up its locks within lock_timeout.
     let b = db.session();
     let t = Instant::now();
