@@ -338,6 +338,8 @@ impl Keyset {
             .map_err(|e| db::error(e, format!("job {}: reading columns of {table}", job.name)))?;
         let mut columns = Vec::new();
         let mut attnums = Vec::new();
+        // Each key column's own collation (oid, name), for the index check below.
+        let mut collations_of_columns: Vec<(u32, String)> = Vec::new();
         for k in &job.key {
             let Some(r) = rows.iter().find(|r| r.get::<_, String>(0) == *k) else {
                 let similar = rows
@@ -364,6 +366,7 @@ impl Keyset {
                 sql_type: r.get(1),
             });
             attnums.push(r.get::<_, i32>(3) as i16);
+            collations_of_columns.push((r.get(4), r.get(5)));
         }
         // Undo columns are copied by every chunk: a missing one would fail each chunk at run time
         // with an error that looks like a privilege or `sql` problem. It is the job file's.
@@ -428,12 +431,8 @@ impl Keyset {
         let collations: Vec<u32> = exact.get(2);
         let opclasses: Vec<String> = exact.get(3);
         for (i, k) in job.key.iter().enumerate() {
-            let column = rows
-                .iter()
-                .find(|r| r.get::<_, String>(0) == *k)
-                .expect("found above");
-            let (own, own_name): (u32, String) = (column.get(4), column.get(5));
-            if collations.get(i).is_some_and(|&c| c != own) {
+            let (own, own_name) = &collations_of_columns[i];
+            if collations.get(i).is_some_and(|c| c != own) {
                 return Err(Error::Usage(format!(
                     "job {}: the unique index {index} orders key column `{k}` ({}) by another collation than the column's own ({own_name}); the chunk bounds and the statement's `BETWEEN :start AND :end` compare in the column's collation, so the index cannot walk them — key the job on a unique index built with the column's collation",
                     job.name, columns[i].sql_type
