@@ -15,7 +15,7 @@
 
 use crate::db::{self, ErrorClass};
 use crate::error::{Error, Result};
-use crate::job::quote_ident;
+use crate::sql::quote_ident;
 use sha2::{Digest, Sha256};
 use std::time::{Duration, Instant};
 use tokio_postgres::{Client, GenericClient};

@@ -14,7 +14,8 @@
 
 use crate::db;
 use crate::error::{Error, Result};
-use crate::job::{JobSpec, TableName};
+use crate::job::JobSpec;
+use crate::sql::TableName;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::GenericClient;
 
@@ -568,7 +569,7 @@ impl Keyset {
     fn cols(&self, suffix: &str) -> String {
         self.columns
             .iter()
-            .map(|c| format!("{}{suffix}", crate::job::quote_ident(&c.name)))
+            .map(|c| format!("{}{suffix}", crate::sql::quote_ident(&c.name)))
             .collect::<Vec<_>>()
             .join(", ")
     }

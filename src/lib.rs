@@ -52,6 +52,7 @@ pub mod out;
 pub mod pgtemp;
 pub mod plan;
 pub mod signals;
+pub mod sql;
 pub mod store;
 pub mod telemetry;
 pub mod throttle;

@@ -7,8 +7,9 @@
 
 use crate::db;
 use crate::error::{Error, Result};
-use crate::job::{quote_ident, JobSpec, Revert};
+use crate::job::{JobSpec, Revert};
 use crate::keyset::{Keyset, SqlTemplate};
+use crate::sql::quote_ident;
 use crate::store::Store;
 use sha2::{Digest, Sha256};
 

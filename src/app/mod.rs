@@ -490,7 +490,7 @@ async fn grant_stats(client: &tokio_postgres::Client, role: &str) -> Result<()> 
         println!("role {role} already sees other roles' sessions ({STATS_ROLE})");
         return Ok(());
     }
-    let quoted = job::quote_ident(role);
+    let quoted = crate::sql::quote_ident(role);
     let grant = format!("GRANT {STATS_ROLE} TO {quoted}");
     match client.batch_execute(&grant).await {
         Ok(()) => {}

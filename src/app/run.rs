@@ -288,7 +288,7 @@ async fn preconditions(
     if let Some(why) = crate::migrator::contract_applied(&client, job).await? {
         return Err(Error::NotSatisfied(format!(
             "job {name} is not done, but {why}. The contract step ran before the backfill finished; check what it removed before going on (a contract migration should first call {}.assert_done('{name}'), or run `backfill gate {name}`)",
-            crate::job::quote_ident(store.schema())
+            crate::sql::quote_ident(store.schema())
         )));
     }
     let since = std::time::Instant::now();

@@ -43,7 +43,7 @@ impl StatsAccess {
 
     /// What is missing and how to grant it, e.g. for a hold reason or a plan finding.
     pub fn missing(&self) -> String {
-        let (role, quoted) = (&self.role, crate::job::quote_ident(&self.role));
+        let (role, quoted) = (&self.role, crate::sql::quote_ident(&self.role));
         format!(
             "role {role} lacks {STATS_ROLE}: grant it with `GRANT {STATS_ROLE} TO {quoted}` (or `backfill init --grant-to {role}` as a superuser or a role with ADMIN on {STATS_ROLE})"
         )

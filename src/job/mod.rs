@@ -11,8 +11,8 @@ pub use phases::{MigrationSpec, Revert, DEFAULT_MAX_SWEEPS};
 pub use throttle::{parse_bytes, OnSignalError, ThrottleSpec};
 
 pub use spec::{
-    check_stored_duration, parse_duration, parse_server_timeout, quote_ident, JobSpec, OnError,
-    TableName, DEFAULT_CHUNK_ROWS, DEFAULT_LOCK_TIMEOUT, DEFAULT_STATEMENT_TIMEOUT, MAX_TIMEOUT,
+    check_stored_duration, parse_duration, parse_server_timeout, JobSpec, OnError,
+    DEFAULT_CHUNK_ROWS, DEFAULT_LOCK_TIMEOUT, DEFAULT_STATEMENT_TIMEOUT, MAX_TIMEOUT,
 };
 
 use crate::error::{Error, Result};

@@ -250,7 +250,7 @@ fn migration(at: &Locator<'_>, m: &RawMigration) -> Result<MigrationSpec> {
         }
     }
     if let Some(t) = &m.history_table {
-        super::TableName::parse(t.get_ref())
+        crate::sql::TableName::parse(t.get_ref())
             .map_err(|e| at.err("history_table", t, format!("`{}`: {e}", t.get_ref())))?;
     }
     Ok(spec)

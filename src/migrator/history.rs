@@ -10,7 +10,7 @@
 use super::alembic::RevisionGraph;
 use crate::db;
 use crate::error::{Error, Result};
-use crate::job::TableName;
+use crate::sql::TableName;
 use std::path::{Path, PathBuf};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{GenericClient, Row};

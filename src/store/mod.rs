@@ -29,8 +29,9 @@ pub use schema::{
 
 use crate::db;
 use crate::error::{Error, Result};
-use crate::job::{quote_ident, JobSpec};
+use crate::job::JobSpec;
 use crate::keyset::KeyValue;
+use crate::sql::quote_ident;
 use std::time::Duration;
 use tokio_postgres::GenericClient;
 

@@ -312,7 +312,7 @@ pub async fn installed_version(
     }
     let sql = format!(
         "SELECT max(version) FROM {}.schema_version",
-        crate::job::quote_ident(schema)
+        crate::sql::quote_ident(schema)
     );
     let v: Option<i32> = client
         .query_one(&sql, &[])
@@ -337,7 +337,7 @@ pub async fn migrate_up_to(
     schema: &str,
     last: i32,
 ) -> Result<(Option<i32>, i32)> {
-    let quoted = crate::job::quote_ident(schema);
+    let quoted = crate::sql::quote_ident(schema);
     let fail = |e: tokio_postgres::Error| {
         if db::sqlstate(&e) == Some("42501") {
             Error::Runtime(format!(
@@ -404,8 +404,8 @@ pub async fn migrate_up_to(
 /// verify query just returned — two columns, so the one-argument SQL gate, which trusts the last
 /// recorded count, stays shut after a CLI gate that found rows left. No other write.
 pub fn gate_grants(schema: &str, role: &str) -> String {
-    let s = crate::job::quote_ident(schema);
-    let r = crate::job::quote_ident(role);
+    let s = crate::sql::quote_ident(schema);
+    let r = crate::sql::quote_ident(role);
     format!(
         "GRANT USAGE ON SCHEMA {s} TO {r};
          GRANT SELECT ON {s}.schema_version, {s}.checkpoints, {s}.failures, {s}.finish_steps, {s}.ranges, {s}.runs TO {r};
@@ -447,8 +447,8 @@ pub async fn gate_privileges_missing(
 
 /// The statements that give `role` what a run needs, and nothing more.
 pub fn grants(schema: &str, role: &str) -> String {
-    let s = crate::job::quote_ident(schema);
-    let r = crate::job::quote_ident(role);
+    let s = crate::sql::quote_ident(schema);
+    let r = crate::sql::quote_ident(role);
     format!(
         "GRANT USAGE, CREATE ON SCHEMA {s} TO {r};
          GRANT SELECT ON {s}.schema_version TO {r};

@@ -242,8 +242,8 @@ fn odd_key_types_survive_a_kill_and_touch_every_row_once() {
 /// does not move forward are refused, never walked again.
 #[test]
 fn a_chunk_that_would_not_move_forward_is_refused() {
-    use backfill::job::TableName;
     use backfill::keyset::{KeyColumn, Keyset, Stall, Walk};
+    use backfill::sql::TableName;
     let db = TestDb::new();
     db.exec(
         "CREATE TABLE cur (code char(3) PRIMARY KEY, n int NOT NULL DEFAULT 0);
@@ -383,8 +383,8 @@ fn text_keys_under_linguistic_collations_are_walked_and_split_exactly_once() {
 /// at most the upper bound, in index order; the last chunk short; nothing past the upper bound.
 #[test]
 fn the_bounds_query_returns_the_next_keys_after_the_cursor_up_to_the_upper_bound() {
-    use backfill::job::TableName;
     use backfill::keyset::{ChunkBounds, KeyColumn, Keyset, Walk};
+    use backfill::sql::TableName;
     let db = TestDb::new();
     db.exec(
         "CREATE TABLE c (a int NOT NULL, b bigint NOT NULL, PRIMARY KEY (a, b));
