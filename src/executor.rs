@@ -256,7 +256,7 @@ pub async fn run(
             first_bounds: keyset.next_chunk_sql(false),
             next_bounds: keyset.next_chunk_sql(true),
             undo_copy: crate::undo::copy_sql(store, job, &keyset),
-            statement: job.sql.render(&keyset),
+            statement: keyset.render(&job.sql),
             // A process that hangs inside a chunk (stopped, swapping, stuck) must not keep its
             // range's row locked forever: the server ends the idle transaction once the lease
             // has expired anyway, and another run can take the range.
@@ -1928,7 +1928,7 @@ pub async fn retry_failures(
     let mut client = target.connect().await?;
     store.ensure(&mut client).await?;
     let keyset = Keyset::resolve(&client, job).await?;
-    let statement = job.sql.render(&keyset);
+    let statement = keyset.render(&job.sql);
     crate::undo::ensure_table(&client, store, job).await?;
     let undo_copy = crate::undo::copy_sql(store, job, &keyset);
     let set_local = format!(

@@ -15,7 +15,7 @@
 use crate::db;
 use crate::error::{Error, Result};
 use crate::job::JobSpec;
-use crate::sql::TableName;
+use crate::sql::{SqlTemplate, TableName, CTID};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::GenericClient;
 
@@ -48,8 +48,6 @@ pub enum Stall {
     },
 }
 
-/// The key name that walks the heap by pages instead of an index.
-pub const CTID: &str = "ctid";
 /// The highest line pointer number a tuple id can name: `(p,65535)` is past every tuple of page p.
 const LAST_LINE_POINTER: u32 = 65535;
 
@@ -60,221 +58,6 @@ pub fn show_key(key: &[String]) -> String {
     } else {
         format!("({})", key.join(", "))
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Piece {
-    Text(String),
-    Start,
-    End,
-}
-
-/// A job statement split at its `:start` and `:end` placeholders.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SqlTemplate {
-    pieces: Vec<Piece>,
-}
-
-impl SqlTemplate {
-    /// Finds the placeholders, skipping string literals (incl. `E''` and dollar quoting), quoted
-    /// identifiers, comments and `::type` casts. Errors are plain sentences for the caller to locate.
-    pub fn parse(sql: &str) -> std::result::Result<SqlTemplate, String> {
-        let pieces = scan(sql)?;
-        let has = |p: &Piece| pieces.iter().any(|x| x == p);
-        match (has(&Piece::Start), has(&Piece::End)) {
-            (true, true) => Ok(SqlTemplate { pieces }),
-            (false, false) => Err("the statement uses neither :start nor :end; restrict it to the chunk, e.g. `WHERE id BETWEEN :start AND :end`".into()),
-            (false, true) => Err("the statement has no :start placeholder (the chunk's first key)".into()),
-            (true, false) => Err("the statement has no :end placeholder (the chunk's last key)".into()),
-        }
-    }
-
-    /// True when `sql` contains `:start` or `:end` outside literals and comments.
-    pub fn mentions_placeholder(sql: &str) -> bool {
-        scan(sql)
-            .map(|p| p.iter().any(|x| !matches!(x, Piece::Text(_))))
-            .unwrap_or(false)
-    }
-
-    /// The statement with placeholders replaced by parameter expressions: `:start` binds
-    /// parameters 1..=n, `:end` n+1..=2n, each cast to its key column's type.
-    pub fn render(&self, keyset: &Keyset) -> String {
-        let n = keyset.columns.len();
-        self.substitute(&keyset.bind_expr(1), &keyset.bind_expr(n + 1))
-    }
-
-    /// The statement with the bounds written as typed literals, for an operator to read and run
-    /// by hand (`backfill plan`). Runs never use this: they bind parameters.
-    pub fn render_with(&self, keyset: &Keyset, start: &[String], end: &[String]) -> String {
-        self.substitute(&keyset.literal(start), &keyset.literal(end))
-    }
-
-    fn substitute(&self, start: &str, end: &str) -> String {
-        self.pieces
-            .iter()
-            .map(|p| match p {
-                Piece::Text(t) => t.as_str(),
-                Piece::Start => start,
-                Piece::End => end,
-            })
-            .collect()
-    }
-
-    /// The statement as written.
-    pub fn source(&self) -> String {
-        self.substitute(":start", ":end")
-    }
-}
-
-fn is_ident_char(c: char) -> bool {
-    c.is_alphanumeric() || c == '_' || c == '$'
-}
-
-fn scan(sql: &str) -> std::result::Result<Vec<Piece>, String> {
-    let chars: Vec<char> = sql.chars().collect();
-    let mut pieces = Vec::new();
-    let mut text = String::new();
-    let mut i = 0;
-    let prev_is_ident = |i: usize| i > 0 && is_ident_char(chars[i - 1]);
-    while i < chars.len() {
-        let c = chars[i];
-        let next = chars.get(i + 1).copied();
-        match c {
-            '\'' => {
-                // E'...' strings take backslash escapes.
-                let escapes = i > 0
-                    && matches!(chars[i - 1], 'e' | 'E')
-                    && !(i > 1 && is_ident_char(chars[i - 2]));
-                let start = i;
-                i += 1;
-                loop {
-                    match chars.get(i) {
-                        None => return Err("unterminated string literal".into()),
-                        Some('\\') if escapes => i += 2,
-                        Some('\'') if chars.get(i + 1) == Some(&'\'') => i += 2,
-                        Some('\'') => {
-                            i += 1;
-                            break;
-                        }
-                        Some(_) => i += 1,
-                    }
-                }
-                text.extend(&chars[start..i.min(chars.len())]);
-            }
-            '"' => {
-                let start = i;
-                i += 1;
-                loop {
-                    match chars.get(i) {
-                        None => return Err("unterminated quoted identifier".into()),
-                        Some('"') if chars.get(i + 1) == Some(&'"') => i += 2,
-                        Some('"') => {
-                            i += 1;
-                            break;
-                        }
-                        Some(_) => i += 1,
-                    }
-                }
-                text.extend(&chars[start..i]);
-            }
-            '-' if next == Some('-') => {
-                let start = i;
-                while i < chars.len() && chars[i] != '\n' {
-                    i += 1;
-                }
-                text.extend(&chars[start..i]);
-            }
-            '/' if next == Some('*') => {
-                let start = i;
-                let mut depth = 0;
-                loop {
-                    match (chars.get(i), chars.get(i + 1)) {
-                        (None, _) => return Err("unterminated /* comment".into()),
-                        (Some('/'), Some('*')) => {
-                            depth += 1;
-                            i += 2;
-                        }
-                        (Some('*'), Some('/')) => {
-                            depth -= 1;
-                            i += 2;
-                            if depth == 0 {
-                                break;
-                            }
-                        }
-                        _ => i += 1,
-                    }
-                }
-                text.extend(&chars[start..i]);
-            }
-            '$' if !prev_is_ident(i) => {
-                // $1 is a positional parameter; $tag$ or $$ opens a dollar-quoted string.
-                if next.is_some_and(|d| d.is_ascii_digit()) {
-                    return Err("positional parameters ($1, $2, …) are not allowed: use :start and :end, the engine binds them".into());
-                }
-                let mut j = i + 1;
-                while j < chars.len() && (chars[j].is_alphanumeric() || chars[j] == '_') {
-                    j += 1;
-                }
-                if chars.get(j) == Some(&'$') {
-                    let tag: String = chars[i..=j].iter().collect();
-                    let start = i;
-                    i = j + 1;
-                    let tag_chars: Vec<char> = tag.chars().collect();
-                    loop {
-                        if i >= chars.len() {
-                            return Err(format!("unterminated dollar-quoted string {tag}"));
-                        }
-                        if chars[i..].starts_with(&tag_chars) {
-                            i += tag_chars.len();
-                            break;
-                        }
-                        i += 1;
-                    }
-                    text.extend(&chars[start..i]);
-                } else {
-                    text.push(c);
-                    i += 1;
-                }
-            }
-            ':' if next == Some(':') => {
-                text.push_str("::");
-                i += 2;
-            }
-            ':' => {
-                let mut j = i + 1;
-                while j < chars.len() && is_ident_char(chars[j]) {
-                    j += 1;
-                }
-                let word: String = chars[i + 1..j].iter().collect();
-                let piece = match word.as_str() {
-                    "start" => Some(Piece::Start),
-                    "end" => Some(Piece::End),
-                    _ => None,
-                };
-                match piece {
-                    Some(p) => {
-                        if !text.is_empty() {
-                            pieces.push(Piece::Text(std::mem::take(&mut text)));
-                        }
-                        pieces.push(p);
-                        i = j;
-                    }
-                    None => {
-                        text.push(c);
-                        i += 1;
-                    }
-                }
-            }
-            _ => {
-                text.push(c);
-                i += 1;
-            }
-        }
-    }
-    if !text.is_empty() {
-        pieces.push(Piece::Text(text));
-    }
-    Ok(pieces)
 }
 
 /// One key column and its SQL type, exactly as `format_type` names it with the column's type
@@ -586,6 +369,19 @@ impl Keyset {
         format!("ARRAY[{}]", self.cols("::text"))
     }
 
+    /// The job statement with placeholders replaced by parameter expressions: `:start` binds
+    /// parameters 1..=n, `:end` n+1..=2n, each cast to its key column's type.
+    pub fn render(&self, statement: &SqlTemplate) -> String {
+        let n = self.columns.len();
+        statement.substitute(&self.bind_expr(1), &self.bind_expr(n + 1))
+    }
+
+    /// The job statement with the bounds written as typed literals, for an operator to read and
+    /// run by hand (`backfill plan`). Runs never use this: they bind parameters.
+    pub fn render_with(&self, statement: &SqlTemplate, start: &[String], end: &[String]) -> String {
+        statement.substitute(&self.literal(start), &self.literal(end))
+    }
+
     /// The parameter expression for a key value starting at parameter `first`: `$1::text::bigint`
     /// or `($1::text::int, $2::text::bigint)`.
     pub fn bind_expr(&self, first: usize) -> String {
@@ -888,14 +684,13 @@ mod tests {
             walk: Walk::Index,
         }
     }
-
     #[test]
     fn bounds_render_as_typed_literals_for_reading() {
         let t =
             SqlTemplate::parse("UPDATE t SET n = 1 WHERE (a, b) BETWEEN :start AND :end").unwrap();
         let k = keyset(&["int", "text"]);
         assert_eq!(
-            t.render_with(&k, &["1".into(), "o'k".into()], &["2".into(), "z".into()]),
+            k.render_with(&t, &["1".into(), "o'k".into()], &["2".into(), "z".into()]),
             "UPDATE t SET n = 1 WHERE (a, b) BETWEEN ('1'::int, 'o''k'::text) AND ('2'::int, 'z'::text)"
         );
     }
@@ -905,51 +700,13 @@ mod tests {
         let t =
             SqlTemplate::parse("UPDATE t SET n = n + 1 WHERE id BETWEEN :start AND :end").unwrap();
         assert_eq!(
-            t.render(&keyset(&["bigint"])),
+            keyset(&["bigint"]).render(&t),
             "UPDATE t SET n = n + 1 WHERE id BETWEEN $1::text::bigint AND $2::text::bigint"
         );
         let c = SqlTemplate::parse("WHERE (a, b) BETWEEN :start AND :end").unwrap();
         assert_eq!(
-            c.render(&keyset(&["integer", "uuid"])),
+            keyset(&["integer", "uuid"]).render(&c),
             "WHERE (a, b) BETWEEN ($1::text::integer, $2::text::uuid) AND ($3::text::integer, $4::text::uuid)"
         );
-    }
-
-    #[test]
-    fn placeholders_inside_literals_comments_and_casts_are_text() {
-        let sql = "UPDATE t SET s = ':start', d = $$ :end $$, e = E'\\' :end', \"x:start\" = 1 -- :end\n /* :start /* :end */ */ WHERE v::start = 1 AND id BETWEEN :start AND :end";
-        let t = SqlTemplate::parse(sql).unwrap();
-        let r = t.render(&keyset(&["int"]));
-        assert!(
-            r.contains("':start'") && r.contains("$$ :end $$") && r.contains("-- :end"),
-            "{r}"
-        );
-        assert!(r.contains("v::start"), "{r}");
-        assert_eq!(r.matches("$1::text::int").count(), 1, "{r}");
-        assert_eq!(t.source(), sql);
-        assert!(SqlTemplate::parse("SELECT ':start', ':end'").is_err());
-        assert!(SqlTemplate::parse("SELECT x::end FROM t WHERE id > :start").is_err());
-    }
-
-    #[test]
-    fn words_that_merely_start_with_placeholder_names_are_not_placeholders() {
-        assert!(SqlTemplate::parse("WHERE id BETWEEN :starting AND :end").is_err());
-        assert!(SqlTemplate::parse("WHERE id BETWEEN :start AND :endpoint").is_err());
-    }
-
-    #[test]
-    fn positional_parameters_and_unterminated_literals_are_rejected() {
-        assert!(
-            SqlTemplate::parse("WHERE id BETWEEN $1 AND :end AND :start")
-                .unwrap_err()
-                .contains("positional")
-        );
-        assert!(
-            SqlTemplate::parse("WHERE id BETWEEN :start AND :end AND s = 'x")
-                .unwrap_err()
-                .contains("unterminated")
-        );
-        // `a$1` is an identifier, not a parameter.
-        assert!(SqlTemplate::parse("WHERE a$1 = 0 AND id BETWEEN :start AND :end").is_ok());
     }
 }

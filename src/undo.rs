@@ -8,8 +8,9 @@
 use crate::db;
 use crate::error::{Error, Result};
 use crate::job::{JobSpec, Revert};
-use crate::keyset::{Keyset, SqlTemplate};
+use crate::keyset::Keyset;
 use crate::sql::quote_ident;
+use crate::sql::SqlTemplate;
 use crate::store::Store;
 use sha2::{Digest, Sha256};
 
@@ -100,7 +101,7 @@ pub fn copy_sql(store: &Store, job: &JobSpec, keyset: &Keyset) -> Option<String>
         source = job.table.quoted()
     );
     let template = SqlTemplate::parse(&text).expect("the copy statement has both placeholders");
-    Some(template.render(keyset))
+    Some(keyset.render(&template))
 }
 
 /// The revert job: the job's `down_sql`, or a statement putting the undo columns back.

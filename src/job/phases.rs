@@ -5,7 +5,7 @@
 use super::raw::{RawJob, RawMigration};
 use super::spec::Locator;
 use crate::error::Result;
-use crate::keyset::{SqlTemplate, CTID};
+use crate::sql::{SqlTemplate, CTID};
 use std::path::PathBuf;
 use toml::Spanned;
 

@@ -2,8 +2,8 @@
 
 use super::raw::RawJob;
 use crate::error::{Error, Result};
-use crate::keyset::{SqlTemplate, CTID};
 use crate::sql::TableName;
+use crate::sql::{SqlTemplate, CTID};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::time::Duration;

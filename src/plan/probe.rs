@@ -51,7 +51,7 @@ pub(super) async fn run(
             .chain(chunk.end.iter())
             .map(|v| v as &(dyn ToSql + Sync))
             .collect();
-        let statement = job.sql.render(&keyset);
+        let statement = keyset.render(&job.sql);
         let small = estimates.table_rows.unwrap_or(0) < 10 * job.chunk_rows as i64;
         if let Some(written) = check_plan(
             tx,
@@ -215,7 +215,7 @@ async fn first_chunk(
     };
     let (start, end) = keyset.statement_bounds(&first, &last);
     Ok(Some(FirstChunk {
-        sql: job.sql.render_with(keyset, &start, &end),
+        sql: keyset.render_with(&job.sql, &start, &end),
         start,
         end,
         keys,

@@ -2,6 +2,13 @@
 //! PostgreSQL resolves them. Pure string work: nothing here touches the database, a job file or
 //! any other module of the crate.
 
+mod template;
+
+pub use template::SqlTemplate;
+
+/// The key name that walks the heap by pages instead of an index.
+pub const CTID: &str = "ctid";
+
 /// A table name as PostgreSQL resolves it: optional schema, unquoted parts folded to lower case.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableName {
