@@ -6,10 +6,12 @@
 //! key values written as text by one session read back identically in another.
 
 mod target;
+mod timeouts;
 mod tls;
 mod visibility;
 
 pub use target::{SslMode, Target};
+pub use timeouts::{Limit, Timeouts};
 pub use visibility::{StatsAccess, STATS_ROLE};
 
 use crate::error::Error;
