@@ -8,6 +8,43 @@
 
 use super::{row_value, ChunkBounds, KeyValue, Keyset, Stall, Walk, LAST_LINE_POINTER};
 use tokio_postgres::types::ToSql;
+use tokio_postgres::{GenericClient, ToStatement};
+
+/// Why [`Keyset::next_chunk`] found no chunk: the bounds query failed (the error is kept whole, so
+/// the caller can classify it by SQLSTATE), or the walk would not move forward.
+#[derive(Debug, thiserror::Error)]
+pub enum NextChunkError {
+    #[error(transparent)]
+    Query(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Stalled(#[from] Stall),
+}
+
+impl Keyset {
+    /// The next chunk of a walk, on any client (a run's chunk transaction, a plan's probe): the
+    /// next `limit` keys after `cursor` (from the first key when None) and at most `upper`, or
+    /// None when no key is left. Binds the parameters, runs the bounds query, and refuses a walk
+    /// that would not move forward ([`Keyset::read_bounds`]).
+    ///
+    /// `query` is [`Keyset::next_chunk_sql`]`(cursor.is_some())`, as text or as a statement the
+    /// caller prepared from that text (a run prepares it once per connection); given the other
+    /// one, the parameter count does not match and the query fails.
+    pub async fn next_chunk<Q>(
+        &self,
+        client: &impl GenericClient,
+        query: &Q,
+        cursor: Option<&KeyValue>,
+        upper: &KeyValue,
+        limit: i64,
+    ) -> Result<Option<ChunkBounds>, NextChunkError>
+    where
+        Q: ToStatement + Sync + Send + ?Sized,
+    {
+        let params = next_chunk_params(cursor, upper, &limit);
+        let row = client.query_one(query, &params).await?;
+        Ok(self.read_bounds(&row, cursor)?)
+    }
+}
 
 impl Keyset {
     /// Query for the next chunk after a cursor: returns (key count, first key, last key) of the

@@ -7,7 +7,7 @@ use super::{Estimates, Finding, FirstChunk, Plan, PlanOptions, Severity, LARGE_T
 use crate::db;
 use crate::error::{Error, Result};
 use crate::job::JobSpec;
-use crate::keyset::{self, ChunkBounds, KeyValue, Keyset};
+use crate::keyset::{ChunkBounds, KeyValue, Keyset, NextChunkError};
 use crate::store::Checkpoint;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -201,15 +201,18 @@ async fn first_chunk(
     let Some(upper) = upper else {
         return Ok(None);
     };
-    let limit = job.chunk_rows as i64;
-    let params = keyset::next_chunk_params(cursor.as_ref(), &upper, &limit);
-    let row = tx
-        .query_one(&keyset.next_chunk_sql(cursor.is_some()), &params)
-        .await
-        .map_err(|e| db::error(e, format!("job {name}: finding the first chunk")))?;
+    let query = keyset.next_chunk_sql(cursor.is_some());
     let found = keyset
-        .read_bounds(&row, cursor.as_ref())
-        .map_err(|stall| Error::Runtime(format!("job {name}: {stall}; a run would stop here")))?;
+        .next_chunk(tx, &query, cursor.as_ref(), &upper, job.chunk_rows as i64)
+        .await
+        .map_err(|e| match e {
+            NextChunkError::Query(e) => {
+                db::error(e, format!("job {name}: finding the first chunk"))
+            }
+            NextChunkError::Stalled(stall) => {
+                Error::Runtime(format!("job {name}: {stall}; a run would stop here"))
+            }
+        })?;
     let Some(ChunkBounds { keys, first, last }) = found else {
         return Ok(None);
     };

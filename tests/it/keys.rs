@@ -242,7 +242,7 @@ fn odd_key_types_survive_a_kill_and_touch_every_row_once() {
 /// does not move forward are refused, never walked again.
 #[test]
 fn a_chunk_that_would_not_move_forward_is_refused() {
-    use backfill::keyset::{KeyColumn, Keyset, Stall, Walk};
+    use backfill::keyset::{KeyColumn, Keyset, NextChunkError, Stall, Walk};
     use backfill::sql::TableName;
     let db = TestDb::new();
     db.exec(
@@ -264,11 +264,13 @@ fn a_chunk_that_would_not_move_forward_is_refused() {
     };
     let bounds = |k: &Keyset, cursor: &str| {
         let (cursor, upper, limit) = (vec![cursor.to_string()], vec!["USD".to_string()], 2i64);
-        let params = backfill::keyset::next_chunk_params(Some(&cursor), &upper, &limit);
-        let row = s
-            .block(s.client.query_one(&k.next_chunk_sql(true), &params))
-            .unwrap();
-        k.read_bounds(&row, Some(&cursor))
+        s.block(k.next_chunk(
+            &s.client,
+            &k.next_chunk_sql(true),
+            Some(&cursor),
+            &upper,
+            limit,
+        ))
     };
     // In the column's exact type the walk moves on: CHF -> EUR, GBP.
     let exact = bounds(&keyset("character(3)"), "CHF").unwrap().unwrap();
@@ -278,7 +280,9 @@ fn a_chunk_that_would_not_move_forward_is_refused() {
     );
     // Cast to `character` (one character) the bounds would be cut: refused.
     match bounds(&keyset("character"), "CHF") {
-        Err(Stall::Lossy { first, .. }) => assert_eq!(first, vec!["CHF".to_string()]),
+        Err(NextChunkError::Stalled(Stall::Lossy { first, .. })) => {
+            assert_eq!(first, vec!["CHF".to_string()])
+        }
         other => panic!("a lossy cast must be refused: {other:?}"),
     }
     // A row whose last key is not past the cursor (as a broken comparison would give).
@@ -410,11 +414,11 @@ fn the_bounds_query_returns_the_next_keys_after_the_cursor_up_to_the_upper_bound
         walk: Walk::Index,
     };
     let key = |a: i32, b: i64| vec![a.to_string(), b.to_string()];
+    // Through the one function runs and plans find chunks with.
     let next = |cursor: Option<Vec<String>>, upper: Vec<String>, limit: i64| {
-        let params = backfill::keyset::next_chunk_params(cursor.as_ref(), &upper, &limit);
         let sql = keyset.next_chunk_sql(cursor.is_some());
-        let row = s.block(s.client.query_one(&sql, &params)).unwrap();
-        keyset.read_bounds(&row, cursor.as_ref()).unwrap()
+        s.block(keyset.next_chunk(&s.client, &sql, cursor.as_ref(), &upper, limit))
+            .unwrap()
     };
     let chunk =
         |keys: i64, first: Vec<String>, last: Vec<String>| Some(ChunkBounds { keys, first, last });
