@@ -2,58 +2,15 @@
 //! change): one UPDATE, the loops migration guides show, the best hand-written loop, and the
 //! engine itself (the real binary, so its start-up, catalog checks and checkpoints are counted).
 
-use crate::report::{Measured, Report};
+use crate::engine::{self, EngineRun};
+use crate::measured::{Contender, Measured};
+use crate::report::Report;
 use crate::{connect, Args, Server};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 const EXPR: &str = "CASE legacy_status WHEN 'P' THEN 'pending' WHEN 'S' THEN 'shipped' \
                     WHEN 'D' THEN 'delivered' ELSE 'cancelled' END";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Contender {
-    /// (a) one statement over the whole table.
-    SingleUpdate,
-    /// (b) `WHERE id IN (SELECT id … WHERE col IS NULL LIMIT 1000)` until nothing changes.
-    NullScanLoop,
-    /// (c) `ORDER BY id LIMIT 1000 OFFSET k` batches.
-    OffsetLoop,
-    /// (d) a keyset loop in a plpgsql procedure, COMMIT per batch of 5000.
-    PlpgsqlKeyset,
-    /// Two (d) loops in parallel, each over half of the ids.
-    PlpgsqlKeysetTwice,
-    /// `backfill run`: default throttle (adaptive chunks toward 10 ms) starting at 5000 keys a
-    /// chunk, like (d); no `verify`.
-    Engine,
-    /// `backfill run --workers 2`.
-    Engine2,
-    /// `backfill run --workers 4`.
-    Engine4,
-}
-
-impl Contender {
-    pub fn label(self) -> &'static str {
-        match self {
-            Contender::SingleUpdate => "(a) single UPDATE",
-            Contender::NullScanLoop => "(b) IN (SELECT … IS NULL LIMIT 1000) loop",
-            Contender::OffsetLoop => "(c) LIMIT/OFFSET loop, 1000 a batch",
-            Contender::PlpgsqlKeyset => "(d) plpgsql keyset loop, COMMIT per 5000",
-            Contender::PlpgsqlKeysetTwice => "two (d) loops in parallel, half the ids each",
-            Contender::Engine => "backfill run, 1 worker, chunk_rows 5000 to start",
-            Contender::Engine2 => "backfill run --workers 2, chunk_rows 5000 to start",
-            Contender::Engine4 => "backfill run --workers 4, chunk_rows 5000 to start",
-        }
-    }
-
-    fn workers(self) -> Option<&'static str> {
-        match self {
-            Contender::Engine => Some("1"),
-            Contender::Engine2 => Some("2"),
-            Contender::Engine4 => Some("4"),
-            _ => None,
-        }
-    }
-}
 
 const ALL: [Contender; 8] = [
     Contender::SingleUpdate,
@@ -201,16 +158,15 @@ async fn measure(
             );
             std::fs::write(jobs.join(format!("{col}.toml")), job).unwrap();
             let workers = who.workers().expect("an engine contender");
-            let cmd =
-                crate::report::engine_command(server, jobs, &["run", col, "--workers", workers]);
-            match crate::report::run_measured(cmd, budget) {
+            let cmd = engine::command(server, jobs, &["run", col, "--workers", workers]);
+            match engine::run_measured(cmd, budget) {
                 Ok(usage) => {
                     m.cpu = Some(usage.cpu);
                     m.rss_kb = Some(usage.max_rss_kb);
                     true
                 }
-                Err(crate::report::EngineRun::OverBudget) => false,
-                Err(crate::report::EngineRun::Failed(status)) => {
+                Err(EngineRun::OverBudget) => false,
+                Err(EngineRun::Failed(status)) => {
                     panic!("{} failed (exit status {status}): the bench measures only runs that succeed", who.label())
                 }
             }
@@ -266,7 +222,7 @@ async fn rounds_at(
 pub async fn throughput(server: &Server, args: &Args, report: &mut Report) {
     let jobs = report.jobs_dir();
     // The engine's own schema exists before the first measured run, so no run pays for it.
-    crate::report::engine_init(server, &jobs);
+    engine::init(server, &jobs);
     let results = rounds_at(server, args.rows, &ALL, args, &jobs).await;
     report.throughput_rows = args.rows;
     report.throughput = results;

@@ -4,33 +4,12 @@
 //! starts from freshly initialised pgbench tables (the same state for every scenario); the
 //! scenarios alternate over the rounds and each figure is the median of its rounds.
 
-use crate::report::{ImpactRow, Report};
+use crate::engine;
+use crate::measured::{ImpactRow, Scenario};
+use crate::report::Report;
 use crate::{connect, Args, Server};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Scenario {
-    NoBackfill,
-    SingleUpdate,
-    EngineDefaults,
-    EngineCeiling(u32),
-    EngineTarget(u32),
-}
-
-impl Scenario {
-    pub fn label(self) -> String {
-        match self {
-            Scenario::NoBackfill => "(i) no backfill".into(),
-            Scenario::SingleUpdate => "(ii) single UPDATE".into(),
-            Scenario::EngineDefaults => "(iii) backfill run, default settings".into(),
-            Scenario::EngineCeiling(r) => format!("(iv) backfill run, rows_per_second = {r}"),
-            Scenario::EngineTarget(ms) => {
-                format!("(v) backfill run, target_chunk_time = {ms}ms")
-            }
-        }
-    }
-}
 
 fn now_us() -> u128 {
     SystemTime::now()
@@ -145,11 +124,10 @@ async fn measure(
                 ),
             )
             .unwrap();
-            let cmd = crate::report::engine_command(server, dir, &["run", &col]);
+            let cmd = engine::command(server, dir, &["run", &col]);
             let budget = Duration::from_secs(args.pgbench_seconds * 10);
-            let engine =
-                tokio::task::spawn_blocking(move || crate::report::run_measured(cmd, budget));
-            if let Err(e) = engine.await.unwrap() {
+            let run = tokio::task::spawn_blocking(move || engine::run_measured(cmd, budget));
+            if let Err(e) = run.await.unwrap() {
                 panic!("{}: the engine run gave no result: {e:?}", s.label());
             }
         }

@@ -15,7 +15,9 @@
 //! `BACKFILL_BENCH_OVERWRITE=yes`.
 
 mod contenders;
+mod engine;
 mod impact;
+mod measured;
 mod report;
 
 use backfill::db::Target;

@@ -1,128 +1,13 @@
-//! Measurements and the markdown report: medians, ratios, growth factors, the engine's own CPU
-//! and peak memory (from wait4's rusage of the engine process), and the machine it ran on.
+//! The report: the sections' measurements, collected, and their markdown: medians, ratios,
+//! growth factors, the engine's own CPU and peak memory, and the machine it ran on.
+//!
+//! Depends only on the measured data (`measured`); the sections that measure fill it in, and it
+//! never runs anything but the one query for the server's settings.
 
-use crate::contenders::Contender;
-use crate::impact::Scenario;
+use crate::measured::{Contender, ImpactRow, Measured, Results};
 use crate::Server;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-#[derive(Debug, Clone, Default)]
-pub struct Measured {
-    /// None: stopped at the time budget.
-    pub time: Option<Duration>,
-    /// The engine's own CPU time (user + system) and peak RSS.
-    pub cpu: Option<Duration>,
-    pub rss_kb: Option<i64>,
-}
-
-pub struct Usage {
-    pub cpu: Duration,
-    pub max_rss_kb: i64,
-}
-
-/// The engine binary with the benchmark's database and jobs.
-pub fn engine_command(server: &Server, jobs: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_backfill"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("PG") || k == "DATABASE_URL" || k.starts_with("BACKFILL_") {
-            c.env_remove(k);
-        }
-    }
-    c.arg("--database-url")
-        .arg(&server.url)
-        .arg("--jobs")
-        .arg(jobs)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    c
-}
-
-/// Why an engine run gave no measurement.
-#[derive(Debug)]
-pub enum EngineRun {
-    /// Still running at the budget: killed.
-    OverBudget,
-    /// Exited with this wait status (not 0).
-    Failed(i32),
-}
-
-/// Creates the engine's schema (`backfill init`), so that no measured run pays for it.
-pub fn engine_init(server: &Server, jobs: &Path) {
-    let status = engine_command(server, jobs, &["init"])
-        .status()
-        .expect("the backfill binary");
-    assert!(status.success(), "backfill init failed: {status}");
-}
-
-/// Runs the engine to completion and returns its own rusage, or why there is none.
-pub fn run_measured(mut cmd: Command, budget: Duration) -> Result<Usage, EngineRun> {
-    // Reaped below with wait4 (for its rusage), not through std's Child.
-    let pid = cmd.spawn().expect("the backfill binary").id() as libc::pid_t;
-    let t = Instant::now();
-    loop {
-        let mut status = 0;
-        // SAFETY: rusage is plain data that wait4 fills in; pid is our own child.
-        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
-        if r == pid {
-            if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
-                return Err(EngineRun::Failed(status));
-            }
-            let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-            return Ok(Usage {
-                cpu: tv(ru.ru_utime) + tv(ru.ru_stime),
-                max_rss_kb: ru.ru_maxrss,
-            });
-        }
-        if t.elapsed() > budget {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            let mut st = 0;
-            unsafe { libc::waitpid(pid, &mut st, 0) };
-            return Err(EngineRun::OverBudget);
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// Each contender's measurements over the rounds, at one table size.
-pub type Results = Vec<(Contender, Vec<Measured>)>;
-
-pub struct ImpactRow {
-    pub scenario: Scenario,
-    pub tps: f64,
-    pub p99_ms: f64,
-    pub max_ms: f64,
-    pub failed: u64,
-    pub backfill_seconds: Option<f64>,
-}
-
-fn median_f64(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
-
-impl ImpactRow {
-    /// Each figure's median over the rounds of one scenario.
-    pub fn median(scenario: Scenario, rows: Vec<ImpactRow>) -> ImpactRow {
-        let of = |f: fn(&ImpactRow) -> f64| median_f64(rows.iter().map(f).collect());
-        ImpactRow {
-            scenario,
-            tps: of(|r| r.tps),
-            p99_ms: of(|r| r.p99_ms),
-            max_ms: of(|r| r.max_ms),
-            failed: of(|r| r.failed as f64) as u64,
-            backfill_seconds: rows
-                .iter()
-                .all(|r| r.backfill_seconds.is_some())
-                .then(|| of(|r| r.backfill_seconds.unwrap_or(0.0))),
-        }
-    }
-}
+use std::path::PathBuf;
+use std::time::Duration;
 
 pub struct Report {
     machine: String,
