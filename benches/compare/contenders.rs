@@ -86,94 +86,27 @@ async fn measure(
         .unwrap();
     c.batch_execute("VACUUM orders").await.unwrap();
     c.batch_execute("CHECKPOINT").await.unwrap();
-    let t = Instant::now();
-    let over = |t: &Instant| t.elapsed() > budget;
+    let fill = Fill {
+        server,
+        c: &c,
+        col,
+        budget,
+        jobs,
+        started: Instant::now(),
+    };
     let mut m = Measured::default();
     let finished = match who {
-        Contender::SingleUpdate => {
-            c.batch_execute(&format!("SET statement_timeout = {}", budget.as_millis()))
-                .await
-                .unwrap();
-            within_budget(
-                c.execute(&format!("UPDATE orders SET {col} = {EXPR}"), &[])
-                    .await,
-            )
-        }
-        Contender::NullScanLoop => {
-            let sql = format!(
-                "UPDATE orders SET {col} = {EXPR} WHERE id IN (SELECT id FROM orders WHERE {col} IS NULL LIMIT 1000)"
-            );
-            loop {
-                if c.execute(&sql, &[]).await.unwrap() == 0 {
-                    break true;
-                }
-                if over(&t) {
-                    break false;
-                }
-            }
-        }
-        Contender::OffsetLoop => {
-            let sql = format!(
-                "UPDATE orders SET {col} = {EXPR} WHERE id IN (SELECT id FROM orders ORDER BY id LIMIT 1000 OFFSET $1)"
-            );
-            let mut offset: i64 = 0;
-            loop {
-                if c.execute(&sql, &[&offset]).await.unwrap() == 0 {
-                    break true;
-                }
-                offset += 1000;
-                if over(&t) {
-                    break false;
-                }
-            }
-        }
-        Contender::PlpgsqlKeyset => {
-            c.batch_execute(&format!("SET statement_timeout = {}", budget.as_millis()))
-                .await
-                .unwrap();
-            let last = max_id(&c).await;
-            within_budget(
-                c.batch_execute(&format!("CALL bench_keyset('{col}', 5000, 0, {last})"))
-                    .await,
-            )
-        }
-        Contender::PlpgsqlKeysetTwice => {
-            let last = max_id(&c).await;
-            let half = last / 2;
-            let other = connect(&server.url).await;
-            for s in [&c, &other] {
-                s.batch_execute(&format!("SET statement_timeout = {}", budget.as_millis()))
-                    .await
-                    .unwrap();
-            }
-            let low = format!("CALL bench_keyset('{col}', 5000, 0, {half})");
-            let high = format!("CALL bench_keyset('{col}', 5000, {half}, {last})");
-            let (a, b) = tokio::join!(c.batch_execute(&low), other.batch_execute(&high));
-            within_budget(a) & within_budget(b)
-        }
+        Contender::SingleUpdate => fill.single_update().await,
+        Contender::NullScanLoop => fill.null_scan_loop().await,
+        Contender::OffsetLoop => fill.offset_loop().await,
+        Contender::PlpgsqlKeyset => fill.plpgsql_keyset().await,
+        Contender::PlpgsqlKeysetTwice => fill.plpgsql_keyset_twice().await,
         Contender::Engine | Contender::Engine2 | Contender::Engine4 => {
-            let job = format!(
-                "table = \"orders\"\nkey = [\"id\"]\nchunk_rows = 5000\n\
-                 sql = \"UPDATE orders SET {col} = {EXPR} WHERE id BETWEEN :start AND :end AND {col} IS NULL\"\n"
-            );
-            std::fs::write(jobs.join(format!("{col}.toml")), job).unwrap();
-            let workers = who.workers().expect("an engine contender");
-            let cmd = engine::command(server, jobs, &["run", col, "--workers", workers]);
-            match engine::run_measured(cmd, budget) {
-                Ok(usage) => {
-                    m.cpu = Some(usage.cpu);
-                    m.rss_kb = Some(usage.max_rss_kb);
-                    true
-                }
-                Err(EngineRun::OverBudget) => false,
-                Err(EngineRun::Failed(status)) => {
-                    panic!("{} failed (exit status {status}): the bench measures only runs that succeed", who.label())
-                }
-            }
+            fill.engine(who, &mut m).await
         }
     };
     if finished {
-        m.time = Some(t.elapsed());
+        m.time = Some(fill.started.elapsed());
         let left: i64 = c
             .query_one(
                 &format!("SELECT count(*) FROM orders WHERE {col} IS NULL"),
@@ -188,6 +121,124 @@ async fn measure(
         .await
         .unwrap();
     m
+}
+
+/// One contender's fill of the new column `col`, timed from `started`. Each way returns whether
+/// it finished within the budget.
+struct Fill<'a> {
+    server: &'a Server,
+    c: &'a tokio_postgres::Client,
+    col: &'a str,
+    budget: Duration,
+    jobs: &'a Path,
+    started: Instant,
+}
+
+impl Fill<'_> {
+    fn over(&self) -> bool {
+        self.started.elapsed() > self.budget
+    }
+
+    /// Statements that run on the server alone are stopped at the budget by statement_timeout.
+    async fn bounded(&self, c: &tokio_postgres::Client) {
+        c.batch_execute(&format!(
+            "SET statement_timeout = {}",
+            self.budget.as_millis()
+        ))
+        .await
+        .unwrap();
+    }
+
+    async fn single_update(&self) -> bool {
+        let (c, col) = (self.c, self.col);
+        self.bounded(c).await;
+        within_budget(
+            c.execute(&format!("UPDATE orders SET {col} = {EXPR}"), &[])
+                .await,
+        )
+    }
+
+    async fn null_scan_loop(&self) -> bool {
+        let (c, col) = (self.c, self.col);
+        let sql = format!(
+            "UPDATE orders SET {col} = {EXPR} WHERE id IN (SELECT id FROM orders WHERE {col} IS NULL LIMIT 1000)"
+        );
+        loop {
+            if c.execute(&sql, &[]).await.unwrap() == 0 {
+                break true;
+            }
+            if self.over() {
+                break false;
+            }
+        }
+    }
+
+    async fn offset_loop(&self) -> bool {
+        let (c, col) = (self.c, self.col);
+        let sql = format!(
+            "UPDATE orders SET {col} = {EXPR} WHERE id IN (SELECT id FROM orders ORDER BY id LIMIT 1000 OFFSET $1)"
+        );
+        let mut offset: i64 = 0;
+        loop {
+            if c.execute(&sql, &[&offset]).await.unwrap() == 0 {
+                break true;
+            }
+            offset += 1000;
+            if self.over() {
+                break false;
+            }
+        }
+    }
+
+    async fn plpgsql_keyset(&self) -> bool {
+        let (c, col) = (self.c, self.col);
+        self.bounded(c).await;
+        let last = max_id(c).await;
+        within_budget(
+            c.batch_execute(&format!("CALL bench_keyset('{col}', 5000, 0, {last})"))
+                .await,
+        )
+    }
+
+    async fn plpgsql_keyset_twice(&self) -> bool {
+        let (c, col) = (self.c, self.col);
+        let last = max_id(c).await;
+        let half = last / 2;
+        let other = connect(&self.server.url).await;
+        for s in [c, &other] {
+            self.bounded(s).await;
+        }
+        let low = format!("CALL bench_keyset('{col}', 5000, 0, {half})");
+        let high = format!("CALL bench_keyset('{col}', 5000, {half}, {last})");
+        let (a, b) = tokio::join!(c.batch_execute(&low), other.batch_execute(&high));
+        within_budget(a) & within_budget(b)
+    }
+
+    /// `backfill run` on a job for the column; its own CPU and memory go into `m`.
+    async fn engine(&self, who: Contender, m: &mut Measured) -> bool {
+        let (col, jobs) = (self.col, self.jobs);
+        let job = format!(
+            "table = \"orders\"\nkey = [\"id\"]\nchunk_rows = 5000\n\
+             sql = \"UPDATE orders SET {col} = {EXPR} WHERE id BETWEEN :start AND :end AND {col} IS NULL\"\n"
+        );
+        std::fs::write(jobs.join(format!("{col}.toml")), job).unwrap();
+        let workers = who.workers().expect("an engine contender");
+        let cmd = engine::command(self.server, jobs, &["run", col, "--workers", workers]);
+        match engine::run_measured(cmd, self.budget) {
+            Ok(usage) => {
+                m.cpu = Some(usage.cpu);
+                m.rss_kb = Some(usage.max_rss_kb);
+                true
+            }
+            Err(EngineRun::OverBudget) => false,
+            Err(EngineRun::Failed(status)) => {
+                panic!(
+                    "{} failed (exit status {status}): the bench measures only runs that succeed",
+                    who.label()
+                )
+            }
+        }
+    }
 }
 
 /// Every contender, `rounds` times at `rows`, in a rotating order.

@@ -8,7 +8,7 @@ use crate::engine;
 use crate::measured::{ImpactRow, Scenario};
 use crate::report::Report;
 use crate::{connect, Args, Server};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 fn now_us() -> u128 {
@@ -68,7 +68,6 @@ async fn measure(
     dir: &std::path::Path,
 ) -> ImpactRow {
     init_pgbench(server, args);
-    let pgbench = server.bin_dir.join("pgbench");
     let col = format!("bf{i}");
     let c = connect(&server.url).await;
     c.batch_execute(&format!(
@@ -77,9 +76,49 @@ async fn measure(
     .await
     .unwrap();
     c.batch_execute("VACUUM pgbench_accounts").await.unwrap();
-    let prefix = dir.join(format!("pgbench{i}"));
     let load_ends = now_us() + args.pgbench_seconds as u128 * 1_000_000;
-    let load = Command::new(&pgbench)
+    let load = start_load(server, args, &dir.join(format!("pgbench{i}")));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let start = now_us();
+    let t = Instant::now();
+    backfill(server, args, s, &c, &col, dir).await;
+    let took = (s != Scenario::NoBackfill).then(|| t.elapsed().as_secs_f64());
+    let end = if s == Scenario::NoBackfill {
+        load_ends
+    } else {
+        now_us().min(load_ends)
+    }
+    .max(start + 1);
+    let out = load.wait_with_output().unwrap();
+    assert!(out.status.success(), "pgbench: {out:?}");
+    let mut tally = read_logs(dir, i, start, end);
+    tally.lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let lat = &tally.lat;
+    let window = ((end - start) as f64) / 1e6;
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    eprintln!(
+        "bench: pgbench during {}: {} tx in {window:.1}s",
+        s.label(),
+        lat.len()
+    );
+    ImpactRow {
+        scenario: s,
+        tps: tally.completed as f64 / window,
+        p99_ms: pct(0.99),
+        max_ms: lat.last().copied().unwrap_or(0.0),
+        failed: tally.failed,
+        backfill_seconds: took,
+    }
+}
+
+/// pgbench's load (4 clients, 2 threads) for `--pgbench-seconds`, logging every transaction
+/// under `prefix`.
+fn start_load(server: &Server, args: &Args, prefix: &std::path::Path) -> Child {
+    Command::new(server.bin_dir.join("pgbench"))
         .args([
             "-c",
             "4",
@@ -94,12 +133,20 @@ async fn measure(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("pgbench");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let start = now_us();
-    let t = Instant::now();
-    match s {
-        Scenario::NoBackfill => {}
+        .expect("pgbench")
+}
+
+/// The scenario's backfill of `col`, run to its end.
+async fn backfill(
+    server: &Server,
+    args: &Args,
+    s: Scenario,
+    c: &tokio_postgres::Client,
+    col: &str,
+    dir: &std::path::Path,
+) {
+    let throttle = match s {
+        Scenario::NoBackfill => return,
         Scenario::SingleUpdate => {
             c.execute(
                 &format!("UPDATE pgbench_accounts SET {col} = abalance"),
@@ -107,43 +154,48 @@ async fn measure(
             )
             .await
             .unwrap();
+            return;
         }
-        Scenario::EngineDefaults | Scenario::EngineCeiling(_) | Scenario::EngineTarget(_) => {
-            let throttle = match s {
-                Scenario::EngineCeiling(r) => format!("[throttle]\nrows_per_second = {r}\n"),
-                Scenario::EngineTarget(ms) => {
-                    format!("[throttle]\ntarget_chunk_time = \"{ms}ms\"\n")
-                }
-                _ => String::new(),
-            };
-            std::fs::write(
-                dir.join(format!("{col}.toml")),
-                format!(
-                    "table = \"pgbench_accounts\"\nkey = [\"aid\"]\n\
-                     sql = \"UPDATE pgbench_accounts SET {col} = abalance WHERE aid BETWEEN :start AND :end AND {col} IS NULL\"\n{throttle}"
-                ),
-            )
-            .unwrap();
-            let cmd = engine::command(server, dir, &["run", &col]);
-            let budget = Duration::from_secs(args.pgbench_seconds * 10);
-            let run = tokio::task::spawn_blocking(move || engine::run_measured(cmd, budget));
-            if let Err(e) = run.await.unwrap() {
-                panic!("{}: the engine run gave no result: {e:?}", s.label());
-            }
-        }
+        Scenario::EngineDefaults => String::new(),
+        Scenario::EngineCeiling(r) => format!("[throttle]\nrows_per_second = {r}\n"),
+        Scenario::EngineTarget(ms) => format!("[throttle]\ntarget_chunk_time = \"{ms}ms\"\n"),
+    };
+    std::fs::write(
+        dir.join(format!("{col}.toml")),
+        format!(
+            "table = \"pgbench_accounts\"\nkey = [\"aid\"]\n\
+             sql = \"UPDATE pgbench_accounts SET {col} = abalance WHERE aid BETWEEN :start AND :end AND {col} IS NULL\"\n{throttle}"
+        ),
+    )
+    .unwrap();
+    let cmd = engine::command(server, dir, &["run", col]);
+    let budget = Duration::from_secs(args.pgbench_seconds * 10);
+    let run = tokio::task::spawn_blocking(move || engine::run_measured(cmd, budget));
+    if let Err(e) = run.await.unwrap() {
+        panic!("{}: the engine run gave no result: {e:?}", s.label());
     }
-    let took = (s != Scenario::NoBackfill).then(|| t.elapsed().as_secs_f64());
-    let end = if s == Scenario::NoBackfill {
-        load_ends
-    } else {
-        now_us().min(load_ends)
-    }
-    .max(start + 1);
-    let out = load.wait_with_output().unwrap();
-    assert!(out.status.success(), "pgbench: {out:?}");
+}
+
+/// What pgbench's logs say about a window of time.
+struct Tally {
+    /// Latency (ms) of each transaction that overlapped the window, unsorted.
+    lat: Vec<f64>,
+    /// Transactions that completed inside the window.
+    completed: u64,
+    /// Transactions that overlapped the window and failed.
+    failed: u64,
+}
+
+/// Reads the per-transaction logs of measurement `i` for the window `start..=end` (µs since
+/// the epoch).
+fn read_logs(dir: &std::path::Path, i: usize, start: u128, end: u128) -> Tally {
     // Latency and failures count every transaction that overlapped the window (those the
     // backfill blocked finish after it); throughput counts those that completed inside it.
-    let (mut lat, mut completed, mut failed) = (Vec::new(), 0u64, 0u64);
+    let mut tally = Tally {
+        lat: Vec::new(),
+        completed: 0,
+        failed: 0,
+    };
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().to_string();
@@ -164,32 +216,13 @@ async fn measure(
                 continue;
             }
             if at <= end {
-                completed += 1;
+                tally.completed += 1;
             }
             match us {
-                Some(us) => lat.push(us / 1000.0),
-                None => failed += 1,
+                Some(us) => tally.lat.push(us / 1000.0),
+                None => tally.failed += 1,
             }
         }
     }
-    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let window = ((end - start) as f64) / 1e6;
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0.0)
-    };
-    eprintln!(
-        "bench: pgbench during {}: {} tx in {window:.1}s",
-        s.label(),
-        lat.len()
-    );
-    ImpactRow {
-        scenario: s,
-        tps: completed as f64 / window,
-        p99_ms: pct(0.99),
-        max_ms: lat.last().copied().unwrap_or(0.0),
-        failed,
-        backfill_seconds: took,
-    }
+    tally
 }

@@ -13,6 +13,11 @@
 //! `BACKFILL_BENCH_DATABASE_URL` benchmarks an existing (scratch) database instead of a throwaway
 //! one; it refuses to replace existing `orders` or pgbench tables unless
 //! `BACKFILL_BENCH_OVERWRITE=yes`.
+//!
+//! Modules, each importing only those before it: `measured` (the contenders, scenarios and
+//! measurements: plain data), `engine` (runs the `backfill` binary and reads its rusage),
+//! `report` (collects the measurements and writes the markdown), then the sections that measure,
+//! `contenders` and `impact`.
 
 mod contenders;
 mod engine;

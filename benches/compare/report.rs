@@ -94,19 +94,26 @@ impl Report {
 
     pub fn markdown(&self) -> String {
         let mut s = String::new();
-        let w = |s: &mut String, l: &str| {
-            s.push_str(l);
-            s.push('\n');
-        };
-        w(
-            &mut s,
-            &format!("Machine: {}. {}.", self.machine, self.server),
-        );
-        w(&mut s, "");
-        w(&mut s, &format!("**Throughput**, {} rows, median of the rounds; throughput relative to (a) and to (d):", self.throughput_rows));
-        w(&mut s, "");
-        w(&mut s, "| contender | time | rows/s | × (a) | × (d) |");
-        w(&mut s, "|---|---:|---:|---:|---:|");
+        self.machine_md(&mut s);
+        self.throughput_md(&mut s);
+        self.scaling_md(&mut s);
+        self.overhead_md(&mut s);
+        self.impact_md(&mut s);
+        s
+    }
+
+    /// The machine and the server the figures come from.
+    fn machine_md(&self, s: &mut String) {
+        push_line(s, &format!("Machine: {}. {}.", self.machine, self.server));
+        push_line(s, "");
+    }
+
+    /// Each contender at `--rows`: time, rows/s, and throughput relative to (a) and to (d).
+    fn throughput_md(&self, s: &mut String) {
+        push_line(s, &format!("**Throughput**, {} rows, median of the rounds; throughput relative to (a) and to (d):", self.throughput_rows));
+        push_line(s, "");
+        push_line(s, "| contender | time | rows/s | × (a) | × (d) |");
+        push_line(s, "|---|---:|---:|---:|---:|");
         let med = |c: Contender| {
             self.throughput
                 .iter()
@@ -121,8 +128,8 @@ impl Report {
                 (Some(b), Some(t)) => format!("{:.2}", b.as_secs_f64() / t.as_secs_f64()),
                 _ => "–".into(),
             };
-            w(
-                &mut s,
+            push_line(
+                s,
                 &format!(
                     "| {} | {} | {} | {} | {} |",
                     c.label(),
@@ -134,12 +141,17 @@ impl Report {
                 ),
             );
         }
-        w(&mut s, "");
-        w(
-            &mut s,
+        push_line(s, "");
+    }
+
+    /// Median time by table size for the engine and the two loops that slow down with it, and
+    /// the growth from the previous size.
+    fn scaling_md(&self, s: &mut String) {
+        push_line(
+            s,
             "**Scaling**, median time by table size, and growth from the previous size:",
         );
-        w(&mut s, "");
+        push_line(s, "");
         let who = [
             Contender::Engine,
             Contender::NullScanLoop,
@@ -151,8 +163,8 @@ impl Report {
             header.push_str(&format!(" {} | growth |", c.label()));
             rule.push_str("---:|---:|");
         }
-        w(&mut s, &header);
-        w(&mut s, &rule);
+        push_line(s, &header);
+        push_line(s, &rule);
         let mut prev: Vec<Option<Duration>> = vec![None; who.len()];
         let mut prev_rows = 0u64;
         for (rows, results) in &self.scaling {
@@ -174,22 +186,26 @@ impl Report {
                 prev[i] = t;
             }
             prev_rows = *rows;
-            w(&mut s, &line);
+            push_line(s, &line);
         }
-        w(&mut s, "");
-        w(
-            &mut s,
+        push_line(s, "");
+    }
+
+    /// The engine process's own CPU per million rows and peak memory, by table size.
+    fn overhead_md(&self, s: &mut String) {
+        push_line(
+            s,
             "**Engine overhead** (the `backfill` process itself, from wait4's rusage):",
         );
-        w(&mut s, "");
-        w(&mut s, "| rows | CPU s per million rows | peak RSS |");
-        w(&mut s, "|---:|---:|---:|");
+        push_line(s, "");
+        push_line(s, "| rows | CPU s per million rows | peak RSS |");
+        push_line(s, "|---:|---:|---:|");
         for (rows, results) in &self.scaling {
             if let Some((_, ms)) = results.iter().find(|(c, _)| *c == Contender::Engine) {
                 let cpu = median(ms.iter().filter_map(|m| m.cpu).collect());
                 let rss = ms.iter().filter_map(|m| m.rss_kb).max();
-                w(
-                    &mut s,
+                push_line(
+                    s,
                     &format!(
                         "| {rows} | {} | {} |",
                         cpu.map(|c| format!("{:.2}", c.as_secs_f64() * 1e6 / *rows as f64))
@@ -200,28 +216,33 @@ impl Report {
                 );
             }
         }
-        w(&mut s, "");
-        w(
-            &mut s,
+        push_line(s, "");
+    }
+
+    /// pgbench's throughput, latency and failures while each scenario ran, p99 relative to no
+    /// backfill.
+    fn impact_md(&self, s: &mut String) {
+        push_line(
+            s,
             &format!(
                 "**Impact on live traffic**: pgbench TPC-B-like, 4 clients, {} accounts, fresh tables for every measurement, scenarios alternating, median of {} round(s); figures over the time the backfill ran (for no backfill, the whole run):",
                 self.pgbench_accounts, self.impact_rounds
             ),
         );
-        w(&mut s, "");
-        w(
-            &mut s,
+        push_line(s, "");
+        push_line(
+            s,
             "| scenario | backfill took | tps | p99 latency | max latency | failed tx |",
         );
-        w(&mut s, "|---|---:|---:|---:|---:|---:|");
+        push_line(s, "|---|---:|---:|---:|---:|---:|");
         let base_p99 = self.impact.first().map(|r| r.p99_ms);
         for r in &self.impact {
             let rel = match base_p99 {
                 Some(b) if b > 0.0 => format!(" ({:.1}×)", r.p99_ms / b),
                 _ => String::new(),
             };
-            w(
-                &mut s,
+            push_line(
+                s,
                 &format!(
                     "| {} | {} | {:.0} | {:.1} ms{rel} | {:.1} ms | {} |",
                     r.scenario.label(),
@@ -235,8 +256,13 @@ impl Report {
                 ),
             );
         }
-        s
     }
+}
+
+/// Appends one line of markdown.
+fn push_line(s: &mut String, l: &str) {
+    s.push_str(l);
+    s.push('\n');
 }
 
 impl Drop for Report {
