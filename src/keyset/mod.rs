@@ -1,5 +1,6 @@
-//! Keys and the SQL built around them: the `:start`/`:end` placeholders in a job's statement, the
-//! catalog checks that a key is usable, and the index walk that finds each chunk's bounds.
+//! Keys and the SQL built around them: what a job statement's `:start`/`:end` placeholders (parsed
+//! by `sql::template`) become for this key, the catalog checks that a key is usable, and the index
+//! walk that finds each chunk's bounds.
 //!
 //! This file owns the key's types (a key value, a chunk's bounds, why a walk stalls, the resolved
 //! [`Keyset`]) and how a key value is written as SQL (binds, literals, the rendered statement).
