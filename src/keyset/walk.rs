@@ -223,3 +223,31 @@ pub fn next_chunk_params<'a>(
     params.push(limit);
     params
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(parts: &[&str]) -> KeyValue {
+        parts.iter().map(|p| p.to_string()).collect()
+    }
+
+    /// The bounds query's parameters in its order: [cursor…,] upper…, limit.
+    #[test]
+    fn bounds_parameters_are_cursor_then_upper_then_limit() {
+        let cases: &[(Option<KeyValue>, KeyValue, i64, &str)] = &[
+            (None, key(&["9"]), 5, r#"["9", 5]"#),
+            (Some(key(&["3"])), key(&["9"]), 5, r#"["3", "9", 5]"#),
+            (
+                Some(key(&["1", "40"])),
+                key(&["3", "50"]),
+                4,
+                r#"["1", "40", "3", "50", 4]"#,
+            ),
+        ];
+        for (cursor, upper, limit, want) in cases {
+            let params = next_chunk_params(cursor.as_ref(), upper, limit);
+            assert_eq!(format!("{params:?}"), *want, "cursor {cursor:?}");
+        }
+    }
+}
