@@ -12,7 +12,7 @@ mod probe;
 mod render;
 
 use crate::db::Target;
-use crate::error::{Error, Result};
+use crate::error::{ErrorKind, Result};
 use crate::job::JobSpec;
 use crate::keyset::KeyValue;
 use crate::store::Store;
@@ -183,11 +183,9 @@ async fn rolled_back(
     let result = probe::run(&tx, job, checkpoint, opts).await;
     // Whatever happened, nothing the probe did may stay.
     let _ = tx.rollback().await;
-    result.map_err(|e| match e {
-        Error::Runtime(m) => {
-            Error::Runtime(format!("{m} (the plan rolled back everything it did)"))
-        }
-        other => other,
+    result.map_err(|e| match e.kind() {
+        ErrorKind::Runtime => e.followed_by("the plan rolled back everything it did"),
+        _ => e,
     })
 }
 
