@@ -30,9 +30,17 @@ pub fn sqlstate(e: &tokio_postgres::Error) -> Option<&str> {
     e.code().map(SqlState::code)
 }
 
+/// The class of a driver error: by SQLSTATE when the server sent one; without one, the error is
+/// the client's, and only a failure of the connection itself (the socket's I/O, or a connection
+/// already closed) is [`ErrorClass::Connection`] — a value the driver cannot encode, a row it
+/// cannot decode or a bad configuration is [`ErrorClass::Fatal`], as retrying cannot fix it.
 pub fn classify(e: &tokio_postgres::Error) -> ErrorClass {
     let Some(code) = sqlstate(e) else {
-        return ErrorClass::Connection; // closed connection, I/O error, timeout talking to the server
+        return if e.is_closed() || transport_failed(e) {
+            ErrorClass::Connection
+        } else {
+            ErrorClass::Fatal
+        };
     };
     match code {
         "40001" | "40P01" | "55P03" => ErrorClass::Contention,
@@ -48,6 +56,21 @@ pub fn classify(e: &tokio_postgres::Error) -> ErrorClass {
         }
         _ => ErrorClass::Fatal,
     }
+}
+
+/// True when the driver error comes from the socket: an I/O error among its causes that is not
+/// about the bytes themselves (the driver reports a message it cannot encode or parse as invalid
+/// input or data, wrapped the same way as a reset connection).
+fn transport_failed(e: &tokio_postgres::Error) -> bool {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::{InvalidData, InvalidInput};
+            return !matches!(io.kind(), InvalidInput | InvalidData);
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// What an operator should do about a failure that retrying cannot fix.
