@@ -6,10 +6,18 @@
 //!
 //! The probe holds the first chunk's row locks for as long as the two executions take (about
 //! two chunks' time, under the job's lock_timeout and statement_timeout), then rolls back.
+//!
+//! `probe` runs the review in that transaction; `explain` reads EXPLAIN's JSON, `rows` compares
+//! the chunk's snapshots, `costs` reads what changed columns cost, `sessions` reads other
+//! sessions, `render` prints the plan. Nothing here commits, writes the engine's schema, or
+//! builds a timeout `SET` of its own (`db::Timeouts` does).
 
+mod costs;
 pub mod explain;
 mod probe;
 mod render;
+mod rows;
+mod sessions;
 
 use crate::db::Target;
 use crate::error::{ErrorKind, Result};
