@@ -5,7 +5,7 @@
 mod run;
 mod status;
 
-use crate::cli::{Cli, Command, LogFormat};
+use crate::cli::{Cli, Command, LogFormat, SetArgs};
 use crate::db::Target;
 use crate::error::{exit, Error, Result};
 use crate::executor::{self, RunOptions};
@@ -43,48 +43,17 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             verify_timeout,
             long_transaction,
         } => {
-            let job = job::load(&g.jobs, &name)?;
             let opts = crate::plan::PlanOptions {
                 verify_timeout,
                 long_transaction,
             };
-            let plan = crate::plan::plan(&target()?, &store, &job, &opts).await?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&plan).expect("serializable")
-                );
-            } else {
-                crate::plan::print_text(&plan);
-            }
-            Ok(if plan.has_errors() {
-                exit::USAGE
-            } else {
-                exit::SUCCESS
-            })
+            plan(&target()?, &store, &g.jobs, &name, &opts, json).await
         }
         Command::Gate {
             name,
             json,
             verify_timeout,
-        } => {
-            let job = job::load(&g.jobs, &name)?;
-            let client = target()?.connect().await?;
-            let report = crate::migrator::gate(&client, &store, &job, verify_timeout).await?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).expect("serializable")
-                );
-            } else {
-                println!("{}", report.reason);
-            }
-            Ok(if report.passed {
-                exit::SUCCESS
-            } else {
-                exit::NOT_SATISFIED
-            })
-        }
+        } => gate(&target()?, &store, &g.jobs, &name, verify_timeout, json).await,
         Command::Pause { name } => {
             control(&target()?, &store, &g.jobs, &name, Control::Pause).await
         }
@@ -95,27 +64,7 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             control(&target()?, &store, &g.jobs, &name, Control::Cancel).await
         }
         Command::Set(args) => {
-            let change = if args.clear {
-                ControlChange {
-                    rows_per_second: Some(None),
-                    target_chunk_time: Some(None),
-                    pause: Some(None),
-                    ..ControlChange::default()
-                }
-            } else {
-                if args.rows_per_second.is_none()
-                    && args.target_chunk_time.is_none()
-                    && args.pause.is_none()
-                {
-                    return Err(Error::Usage("nothing to set: give --rows-per-second, --target-chunk-time, --pause, or --clear".into()));
-                }
-                ControlChange {
-                    rows_per_second: args.rows_per_second.map(Some),
-                    target_chunk_time: args.target_chunk_time.map(Some),
-                    pause: args.pause.map(Some),
-                    ..ControlChange::default()
-                }
-            };
+            let change = control_change(&args)?;
             control(
                 &target()?,
                 &store,
@@ -139,6 +88,81 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             crate::demo::run(g.database_url.as_deref(), &store, &g.jobs, rows).await
         }
     }
+}
+
+async fn plan(
+    target: &Target,
+    store: &Store,
+    jobs: &Path,
+    name: &str,
+    opts: &crate::plan::PlanOptions,
+    json: bool,
+) -> Result<u8> {
+    let job = job::load(jobs, name)?;
+    let plan = crate::plan::plan(target, store, &job, opts).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&plan).expect("serializable")
+        );
+    } else {
+        crate::plan::print_text(&plan);
+    }
+    Ok(if plan.has_errors() {
+        exit::USAGE
+    } else {
+        exit::SUCCESS
+    })
+}
+
+async fn gate(
+    target: &Target,
+    store: &Store,
+    jobs: &Path,
+    name: &str,
+    verify_timeout: std::time::Duration,
+    json: bool,
+) -> Result<u8> {
+    let job = job::load(jobs, name)?;
+    let client = target.connect().await?;
+    let report = crate::migrator::gate(&client, store, &job, verify_timeout).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("serializable")
+        );
+    } else {
+        println!("{}", report.reason);
+    }
+    Ok(if report.passed {
+        exit::SUCCESS
+    } else {
+        exit::NOT_SATISFIED
+    })
+}
+
+/// The overrides `backfill set` asks for: each one given, or all cleared.
+fn control_change(args: &SetArgs) -> Result<ControlChange> {
+    if args.clear {
+        return Ok(ControlChange {
+            rows_per_second: Some(None),
+            target_chunk_time: Some(None),
+            pause: Some(None),
+            ..ControlChange::default()
+        });
+    }
+    if args.rows_per_second.is_none() && args.target_chunk_time.is_none() && args.pause.is_none() {
+        return Err(Error::Usage(
+            "nothing to set: give --rows-per-second, --target-chunk-time, --pause, or --clear"
+                .into(),
+        ));
+    }
+    Ok(ControlChange {
+        rows_per_second: args.rows_per_second.map(Some),
+        target_chunk_time: args.target_chunk_time.map(Some),
+        pause: args.pause.map(Some),
+        ..ControlChange::default()
+    })
 }
 
 async fn list(url: Option<&str>, store: &Store, jobs: &Path, json: bool) -> Result<u8> {
