@@ -1,6 +1,8 @@
 //! The commands: each turns parsed arguments into calls on the library and prints the result.
 //! Data goes to stdout (JSON with `--json`); progress and logs go to stderr. `run`/`revert` live
-//! in `run`, `status` in `status`; the smaller commands here.
+//! in `run`, `status` in `status`; the smaller commands here. A command decides nothing the
+//! library decides (states, classes, what "done" means): it calls, prints, and returns an exit
+//! code or a typed error for `main` to map.
 
 mod run;
 mod status;
@@ -16,6 +18,39 @@ use crate::telemetry::{Progress, ProgressOptions};
 use run::Mode;
 use status::state_of;
 use std::path::Path;
+
+/// The whole process after parsing: runs the command on a runtime of its own, and turns its
+/// outcome into the exit code, printing an error on stderr (a JSON line with `--log-format
+/// json`).
+pub fn main(cli: Cli) -> std::process::ExitCode {
+    let json = cli.global.log_format == LogFormat::Json;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = runtime.block_on(execute(cli));
+    // A reader that went away is a normal end (`out`); any other lost output is a failure.
+    let result = match (result, crate::out::stdout_error()) {
+        (Ok(_), Some(e)) => Err(Error::Runtime(format!(
+            "writing to stdout failed: {e}; the output is incomplete"
+        ))),
+        (r, _) => r,
+    };
+    match result {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(e) => {
+            if json {
+                crate::out::stderr(format_args!(
+                    "{}\n",
+                    serde_json::json!({ "level": "error", "msg": e.to_string(), "exit_code": e.exit_code() })
+                ));
+            } else {
+                crate::out::stderr(format_args!("error: {e}\n"));
+            }
+            e.process_exit_code()
+        }
+    }
+}
 
 /// Runs one command; returns the exit code for outcomes that are not errors.
 pub async fn execute(cli: Cli) -> Result<u8> {

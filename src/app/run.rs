@@ -1,6 +1,7 @@
 //! `run`, `revert` and `drop-undo`: what must hold before a run (preconditions, waiting for the
 //! expand migration, the job's lock for a revert), the run itself, and what follows it (the
-//! finishing steps, recording a revert), with the operator's summary.
+//! finishing steps, recording a revert), with the operator's summary. The chunk loop itself is
+//! the engine's: this module only starts it and reads its report.
 
 use crate::cli::RunArgs;
 use crate::db::Target;

@@ -4,6 +4,10 @@
 //!
 //! Every session the engine opens gets the same settings (UTC, ISO dates, exact float text) so that
 //! key values written as text by one session read back identically in another.
+//!
+//! A driver error becomes a [`DbError`] here (its class decided by SQLSTATE, see [`classify`]),
+//! with the caller's context; nothing here knows jobs, chunks or the engine's schema, and no
+//! error is classified by its message text.
 
 mod target;
 mod timeouts;

@@ -1,6 +1,8 @@
 //! The probe behind `backfill plan`, inside the caller's transaction (which it never commits):
 //! find the first chunk, EXPLAIN its statement, execute it twice and compare the chunk's rows
 //! before and after each execution, then read the catalog for what the changes will cost.
+//! Rolling back is the caller's (`plan::rolled_back`); nothing here commits or writes the
+//! engine's schema.
 
 use super::explain::{self, JsonText, Rel};
 use super::rows::{changed_columns, changed_rows, Rows};

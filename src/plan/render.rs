@@ -1,4 +1,5 @@
-//! The plan as an operator reads it in a terminal or a review.
+//! The plan as an operator reads it in a terminal or a review. Prints only what the `Plan`
+//! holds: it never reaches the database or decides a finding.
 
 use super::{Plan, Severity};
 use crate::keyset::show_key;
