@@ -1,11 +1,13 @@
 //! The commands: each turns parsed arguments into calls on the library and prints the result.
 //! Data goes to stdout (JSON with `--json`); progress and logs go to stderr. `run`/`revert` live
-//! in `run`, `status` in `status`; the smaller commands here.
+//! in `run`, `status` in `status`; the smaller commands here. A command decides nothing the
+//! library decides (states, classes, what "done" means): it calls, prints, and returns an exit
+//! code or a typed error for `main` to map.
 
 mod run;
 mod status;
 
-use crate::cli::{Cli, Command, LogFormat};
+use crate::cli::{Cli, Command, LogFormat, SetArgs};
 use crate::db::Target;
 use crate::error::{exit, Error, Result};
 use crate::executor::{self, RunOptions};
@@ -16,6 +18,39 @@ use crate::telemetry::{Progress, ProgressOptions};
 use run::Mode;
 use status::state_of;
 use std::path::Path;
+
+/// The whole process after parsing: runs the command on a runtime of its own, and turns its
+/// outcome into the exit code, printing an error on stderr (a JSON line with `--log-format
+/// json`).
+pub fn main(cli: Cli) -> std::process::ExitCode {
+    let json = cli.global.log_format == LogFormat::Json;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = runtime.block_on(execute(cli));
+    // A reader that went away is a normal end (`out`); any other lost output is a failure.
+    let result = match (result, crate::out::stdout_error()) {
+        (Ok(_), Some(e)) => Err(Error::Runtime(format!(
+            "writing to stdout failed: {e}; the output is incomplete"
+        ))),
+        (r, _) => r,
+    };
+    match result {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(e) => {
+            if json {
+                crate::out::stderr(format_args!(
+                    "{}\n",
+                    serde_json::json!({ "level": "error", "msg": e.to_string(), "exit_code": e.exit_code() })
+                ));
+            } else {
+                crate::out::stderr(format_args!("error: {e}\n"));
+            }
+            e.process_exit_code()
+        }
+    }
+}
 
 /// Runs one command; returns the exit code for outcomes that are not errors.
 pub async fn execute(cli: Cli) -> Result<u8> {
@@ -43,48 +78,17 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             verify_timeout,
             long_transaction,
         } => {
-            let job = job::load(&g.jobs, &name)?;
             let opts = crate::plan::PlanOptions {
                 verify_timeout,
                 long_transaction,
             };
-            let plan = crate::plan::plan(&target()?, &store, &job, &opts).await?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&plan).expect("serializable")
-                );
-            } else {
-                crate::plan::print_text(&plan);
-            }
-            Ok(if plan.has_errors() {
-                exit::USAGE
-            } else {
-                exit::SUCCESS
-            })
+            plan(&target()?, &store, &g.jobs, &name, &opts, json).await
         }
         Command::Gate {
             name,
             json,
             verify_timeout,
-        } => {
-            let job = job::load(&g.jobs, &name)?;
-            let client = target()?.connect().await?;
-            let report = crate::migrator::gate(&client, &store, &job, verify_timeout).await?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).expect("serializable")
-                );
-            } else {
-                println!("{}", report.reason);
-            }
-            Ok(if report.passed {
-                exit::SUCCESS
-            } else {
-                exit::NOT_SATISFIED
-            })
-        }
+        } => gate(&target()?, &store, &g.jobs, &name, verify_timeout, json).await,
         Command::Pause { name } => {
             control(&target()?, &store, &g.jobs, &name, Control::Pause).await
         }
@@ -95,27 +99,7 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             control(&target()?, &store, &g.jobs, &name, Control::Cancel).await
         }
         Command::Set(args) => {
-            let change = if args.clear {
-                ControlChange {
-                    rows_per_second: Some(None),
-                    target_chunk_time: Some(None),
-                    pause: Some(None),
-                    ..ControlChange::default()
-                }
-            } else {
-                if args.rows_per_second.is_none()
-                    && args.target_chunk_time.is_none()
-                    && args.pause.is_none()
-                {
-                    return Err(Error::Usage("nothing to set: give --rows-per-second, --target-chunk-time, --pause, or --clear".into()));
-                }
-                ControlChange {
-                    rows_per_second: args.rows_per_second.map(Some),
-                    target_chunk_time: args.target_chunk_time.map(Some),
-                    pause: args.pause.map(Some),
-                    ..ControlChange::default()
-                }
-            };
+            let change = control_change(&args)?;
             control(
                 &target()?,
                 &store,
@@ -139,6 +123,81 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             crate::demo::run(g.database_url.as_deref(), &store, &g.jobs, rows).await
         }
     }
+}
+
+async fn plan(
+    target: &Target,
+    store: &Store,
+    jobs: &Path,
+    name: &str,
+    opts: &crate::plan::PlanOptions,
+    json: bool,
+) -> Result<u8> {
+    let job = job::load(jobs, name)?;
+    let plan = crate::plan::plan(target, store, &job, opts).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&plan).expect("serializable")
+        );
+    } else {
+        crate::plan::print_text(&plan);
+    }
+    Ok(if plan.has_errors() {
+        exit::USAGE
+    } else {
+        exit::SUCCESS
+    })
+}
+
+async fn gate(
+    target: &Target,
+    store: &Store,
+    jobs: &Path,
+    name: &str,
+    verify_timeout: std::time::Duration,
+    json: bool,
+) -> Result<u8> {
+    let job = job::load(jobs, name)?;
+    let client = target.connect().await?;
+    let report = crate::migrator::gate(&client, store, &job, verify_timeout).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("serializable")
+        );
+    } else {
+        println!("{}", report.reason);
+    }
+    Ok(if report.passed {
+        exit::SUCCESS
+    } else {
+        exit::NOT_SATISFIED
+    })
+}
+
+/// The overrides `backfill set` asks for: each one given, or all cleared.
+fn control_change(args: &SetArgs) -> Result<ControlChange> {
+    if args.clear {
+        return Ok(ControlChange {
+            rows_per_second: Some(None),
+            target_chunk_time: Some(None),
+            pause: Some(None),
+            ..ControlChange::default()
+        });
+    }
+    if args.rows_per_second.is_none() && args.target_chunk_time.is_none() && args.pause.is_none() {
+        return Err(Error::Usage(
+            "nothing to set: give --rows-per-second, --target-chunk-time, --pause, or --clear"
+                .into(),
+        ));
+    }
+    Ok(ControlChange {
+        rows_per_second: args.rows_per_second.map(Some),
+        target_chunk_time: args.target_chunk_time.map(Some),
+        pause: args.pause.map(Some),
+        ..ControlChange::default()
+    })
 }
 
 async fn list(url: Option<&str>, store: &Store, jobs: &Path, json: bool) -> Result<u8> {

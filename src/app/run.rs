@@ -1,6 +1,7 @@
 //! `run`, `revert` and `drop-undo`: what must hold before a run (preconditions, waiting for the
 //! expand migration, the job's lock for a revert), the run itself, and what follows it (the
-//! finishing steps, recording a revert), with the operator's summary.
+//! finishing steps, recording a revert), with the operator's summary. The chunk loop itself is
+//! the engine's: this module only starts it and reads its report.
 
 use crate::cli::RunArgs;
 use crate::db::Target;
@@ -51,20 +52,7 @@ pub(super) async fn run(
     let p = progress.clone();
     let shutdown = Shutdown::install(move |line| p.log(line))
         .map_err(|e| Error::Runtime(format!("cannot install signal handlers: {e}")))?;
-    let opts = RunOptions {
-        allow_changed_definition: args.allow_changed_definition,
-        lock_timeout: args.lock_timeout,
-        statement_timeout: args.statement_timeout,
-        chunk_rows: args.chunk_rows,
-        max_attempts: args.max_attempts,
-        contention_budget: args.contention_budget,
-        verify_timeout: args.verify_timeout,
-        reconnect_for: args.reconnect_for,
-        rows_per_second: args.rows_per_second,
-        target_chunk_time: args.target_chunk_time,
-        pause: args.pause,
-        workers: args.workers,
-    };
+    let opts = run_options(args);
     progress.log(&format!(
         "{}: running on {} ({})",
         job.name,
@@ -93,17 +81,7 @@ pub(super) async fn run(
     let report = result?;
     let complete = matches!(report.outcome, Outcome::Done { .. } | Outcome::AlreadyDone);
     if mode == Mode::Revert && complete {
-        let mut client = target.connect().await?;
-        let undo_table = crate::undo::exists(&client, store, &forward.name)
-            .await?
-            .then(|| crate::undo::undo_table(store, &forward.name));
-        store
-            .mark_reverted(&mut client, &forward.name, &job.name, undo_table.as_deref())
-            .await?;
-        progress.log(&format!(
-            "{}: reverted; its progress is forgotten and its next `backfill run` starts over",
-            forward.name
-        ));
+        record_revert(target, store, &forward, &job, &progress).await?;
     }
     if mode == Mode::Forward && complete && !job.finish_sql.is_empty() {
         finish(target, store, &job, &progress).await?;
@@ -114,6 +92,51 @@ pub(super) async fn run(
             serde_json::to_string_pretty(&report).expect("serializable")
         );
     }
+    conclude(&job, report, &progress)
+}
+
+/// The run's options from its command line.
+fn run_options(args: &RunArgs) -> RunOptions {
+    RunOptions {
+        allow_changed_definition: args.allow_changed_definition,
+        lock_timeout: args.lock_timeout,
+        statement_timeout: args.statement_timeout,
+        chunk_rows: args.chunk_rows,
+        max_attempts: args.max_attempts,
+        contention_budget: args.contention_budget,
+        verify_timeout: args.verify_timeout,
+        reconnect_for: args.reconnect_for,
+        rows_per_second: args.rows_per_second,
+        target_chunk_time: args.target_chunk_time,
+        pause: args.pause,
+        workers: args.workers,
+    }
+}
+
+/// A completed revert: the job's progress is forgotten (and the undo table named in the record).
+async fn record_revert(
+    target: &Target,
+    store: &Store,
+    forward: &JobSpec,
+    job: &JobSpec,
+    progress: &Progress,
+) -> Result<()> {
+    let mut client = target.connect().await?;
+    let undo_table = crate::undo::exists(&client, store, &forward.name)
+        .await?
+        .then(|| crate::undo::undo_table(store, &forward.name));
+    store
+        .mark_reverted(&mut client, &forward.name, &job.name, undo_table.as_deref())
+        .await?;
+    progress.log(&format!(
+        "{}: reverted; its progress is forgotten and its next `backfill run` starts over",
+        forward.name
+    ));
+    Ok(())
+}
+
+/// The operator's summary of a finished run, and its exit code (or the error it ends with).
+fn conclude(job: &JobSpec, report: executor::Report, progress: &Progress) -> Result<u8> {
     let rate = report.rows as f64 / report.elapsed_seconds.max(0.001);
     let resume = match (&report.cursor, report.ranges) {
         (Some(c), _) => format!("resumes after key {}", show_key(c)),

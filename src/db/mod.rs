@@ -4,6 +4,10 @@
 //!
 //! Every session the engine opens gets the same settings (UTC, ISO dates, exact float text) so that
 //! key values written as text by one session read back identically in another.
+//!
+//! A driver error becomes a [`DbError`] here (its class decided by SQLSTATE, see [`classify`]),
+//! with the caller's context; nothing here knows jobs, chunks or the engine's schema, and no
+//! error is classified by its message text.
 
 mod target;
 mod timeouts;
@@ -14,7 +18,9 @@ pub use target::{SslMode, Target};
 pub use timeouts::{Limit, Timeouts};
 pub use visibility::{StatsAccess, STATS_ROLE};
 
-use crate::error::Error;
+pub use crate::error::{describe, DbError, ErrorClass};
+
+use crate::error::{DbCause, Error};
 use std::time::Duration;
 use tokio_postgres::error::SqlState;
 
@@ -28,43 +34,17 @@ pub fn sqlstate(e: &tokio_postgres::Error) -> Option<&str> {
     e.code().map(SqlState::code)
 }
 
-/// What a failure means for the chunk that hit it, decided by SQLSTATE only (servers are
-/// localised, so message text is never looked at).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
-    /// Contention with other sessions (40001 serialization, 40P01 deadlock, 55P03 lock timeout):
-    /// the same chunk is retried after a jittered backoff.
-    Contention,
-    /// 57014 from `statement_timeout`: the chunk is too big for the time allowed; it is halved.
-    Timeout,
-    /// The connection or the server went away (08xxx, 57P01–57P03 shutdown, 53300 too many
-    /// connections, a closed socket): reconnect and retry while `--reconnect-for` allows.
-    Connection,
-    /// The data of some row made the statement fail (22xxx data exception, 23xxx constraint,
-    /// P0001 raised by a trigger or function, 2F/38/39 function errors, 44 check option): the
-    /// chunk is halved down to the failing key, which `on_error` then stops at or skips.
-    Data,
-    /// Anything else — read-only server, permission denied, missing table, disk full, bad SQL:
-    /// retrying cannot help; the run stops with the reason and keeps its progress.
-    Fatal,
-}
-
-impl ErrorClass {
-    /// The metric label of the class.
-    pub fn label(self) -> &'static str {
-        match self {
-            ErrorClass::Contention => "contention",
-            ErrorClass::Timeout => "timeout",
-            ErrorClass::Connection => "connection",
-            ErrorClass::Data => "data",
-            ErrorClass::Fatal => "fatal",
-        }
-    }
-}
-
+/// The class of a driver error: by SQLSTATE when the server sent one; without one, the error is
+/// the client's, and only a failure of the connection itself (the socket's I/O, or a connection
+/// already closed) is [`ErrorClass::Connection`] — a value the driver cannot encode, a row it
+/// cannot decode or a bad configuration is [`ErrorClass::Fatal`], as retrying cannot fix it.
 pub fn classify(e: &tokio_postgres::Error) -> ErrorClass {
     let Some(code) = sqlstate(e) else {
-        return ErrorClass::Connection; // closed connection, I/O error, timeout talking to the server
+        return if e.is_closed() || transport_failed(e) {
+            ErrorClass::Connection
+        } else {
+            ErrorClass::Fatal
+        };
     };
     match code {
         "40001" | "40P01" | "55P03" => ErrorClass::Contention,
@@ -82,6 +62,21 @@ pub fn classify(e: &tokio_postgres::Error) -> ErrorClass {
     }
 }
 
+/// True when the driver error comes from the socket: an I/O error among its causes that is not
+/// about the bytes themselves (the driver reports a message it cannot encode or parse as invalid
+/// input or data, wrapped the same way as a reset connection).
+fn transport_failed(e: &tokio_postgres::Error) -> bool {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::{InvalidData, InvalidInput};
+            return !matches!(io.kind(), InvalidInput | InvalidData);
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// What an operator should do about a failure that retrying cannot fix.
 pub fn advice(code: Option<&str>) -> &'static str {
     match code {
@@ -96,53 +91,22 @@ pub fn advice(code: Option<&str>) -> &'static str {
     }
 }
 
-/// A one-line description of a database error: SQLSTATE, message, and the server's detail and hint.
-pub fn describe(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => {
-            let mut s = format!("SQLSTATE {}: {}", db.code().code(), db.message());
-            if let Some(d) = db.detail() {
-                s.push_str(&format!(" (detail: {d})"));
-            }
-            if let Some(h) = db.hint() {
-                s.push_str(&format!(" (hint: {h})"));
-            }
-            if let Some(w) = db.where_() {
-                s.push_str(&format!(" (where: {})", w.replace('\n', " / ")));
-            }
-            s
-        }
-        None => {
-            let mut s = e.to_string();
-            let mut src = std::error::Error::source(e);
-            while let Some(inner) = src {
-                let t = inner.to_string();
-                if !s.contains(&t) {
-                    s.push_str(&format!(": {t}"));
-                }
-                src = inner.source();
-            }
-            if e.is_closed() {
-                s.push_str(" (the connection to the server was lost)");
-            }
-            s
-        }
-    }
+/// Wraps a database error with what was being done: its class (see [`classify`]) decides the
+/// variant — a lost connection or an unreachable server becomes [`Error::Unavailable`], which
+/// callers may wait out — and a fatal one carries the advice for its SQLSTATE.
+pub fn error(e: tokio_postgres::Error, context: impl std::fmt::Display) -> Error {
+    database_error(e).with_context(context).into_error()
 }
 
-/// Wraps a database error as a runtime error with context; a lost connection or an unreachable
-/// server (by SQLSTATE, see [`classify`]) becomes [`Error::Unavailable`], which callers may wait
-/// out.
-pub fn error(e: tokio_postgres::Error, context: impl std::fmt::Display) -> Error {
+/// The structured form of a driver error: class, SQLSTATE, the error itself, and for a failure
+/// that retrying cannot fix, what to do about it.
+pub fn database_error(e: tokio_postgres::Error) -> DbError {
     let class = classify(&e);
-    let advice = match class {
-        ErrorClass::Fatal => format!("; {}", advice(sqlstate(&e))),
-        _ => String::new(),
-    };
-    let message = format!("{context}: {}{advice}", describe(&e));
-    match class {
-        ErrorClass::Connection => Error::Unavailable(message),
-        _ => Error::Runtime(message),
+    let advice = (class == ErrorClass::Fatal).then(|| advice(sqlstate(&e)));
+    let d = DbError::driver(e, class);
+    match advice {
+        Some(a) => d.with_advice(a),
+        None => d,
     }
 }
 
@@ -168,18 +132,14 @@ async fn prepare_session(client: &tokio_postgres::Client) -> Result<(), tokio_po
 }
 
 impl Target {
-    fn connect_error(&self, e: &tokio_postgres::Error) -> Error {
-        let message = format!(
-            "cannot connect to {}: {}; check --database-url / DATABASE_URL or the PG* variables, and that the server is up",
-            self.describe(),
-            describe(e)
-        );
+    fn connect_error(&self, e: tokio_postgres::Error) -> Error {
         // Refused, reset, starting up, too many connections: worth waiting for. A wrong password
         // or a missing database is not.
-        match classify(e) {
-            ErrorClass::Connection => Error::Unavailable(message),
-            _ => Error::Runtime(message),
-        }
+        let class = classify(&e);
+        DbError::driver(e, class)
+            .with_context(format!("cannot connect to {}", self.describe()))
+            .with_advice("check --database-url / DATABASE_URL or the PG* variables, and that the server is up")
+            .into_error()
     }
 
     /// One dedicated connection (not from the pool), for session-scoped work such as the lease.
@@ -187,13 +147,16 @@ impl Target {
         let limit = self.connect_timeout() * 2;
         let attempt = self.config.connect(self.tls.clone());
         let (client, connection) = match tokio::time::timeout(limit, attempt).await {
-            Ok(r) => r.map_err(|e| self.connect_error(&e))?,
+            Ok(r) => r.map_err(|e| self.connect_error(e))?,
             Err(_) => {
-                return Err(Error::Unavailable(format!(
-                    "cannot connect to {}: no answer within {}s; check the host, port and network",
-                    self.describe(),
-                    limit.as_secs()
-                )))
+                return Err(DbError {
+                    class: ErrorClass::Connection,
+                    sqlstate: None,
+                    cause: DbCause::NoAnswer(limit),
+                    context: vec![format!("cannot connect to {}", self.describe())],
+                    advice: Some("check the host, port and network".into()),
+                }
+                .into_error())
             }
         };
         tokio::spawn(async move {
@@ -201,7 +164,7 @@ impl Target {
         });
         prepare_session(&client)
             .await
-            .map_err(|e| self.connect_error(&e))?;
+            .map_err(|e| self.connect_error(e))?;
         Ok(client)
     }
 
@@ -234,10 +197,10 @@ impl Target {
     /// Takes a connection from the pool, with an operator-readable error.
     pub async fn get(&self, pool: &Pool) -> Result<deadpool_postgres::Object, Error> {
         pool.get().await.map_err(|e| match e {
-            deadpool_postgres::PoolError::Backend(e) => self.connect_error(&e),
+            deadpool_postgres::PoolError::Backend(e) => self.connect_error(e),
             deadpool_postgres::PoolError::PostCreateHook(
                 deadpool_postgres::HookError::Backend(e),
-            ) => self.connect_error(&e),
+            ) => self.connect_error(e),
             other => Error::Runtime(format!(
                 "cannot get a connection to {}: {other}",
                 self.describe()

@@ -801,7 +801,7 @@ mod tests {
 
     fn usage(r: Result<impl std::fmt::Debug>) -> String {
         match r {
-            Err(Error::Usage(m)) => m,
+            Err(e) if e.kind() == crate::error::ErrorKind::Usage => e.to_string(),
             other => panic!("expected a usage error, got {other:?}"),
         }
     }

@@ -6,13 +6,21 @@
 //!
 //! The probe holds the first chunk's row locks for as long as the two executions take (about
 //! two chunks' time, under the job's lock_timeout and statement_timeout), then rolls back.
+//!
+//! `probe` runs the review in that transaction; `explain` reads EXPLAIN's JSON, `rows` compares
+//! the chunk's snapshots, `costs` reads what changed columns cost, `sessions` reads other
+//! sessions, `render` prints the plan. Nothing here commits, writes the engine's schema, or
+//! builds a timeout `SET` of its own (`db::Timeouts` does).
 
+mod costs;
 pub mod explain;
 mod probe;
 mod render;
+mod rows;
+mod sessions;
 
 use crate::db::Target;
-use crate::error::{Error, Result};
+use crate::error::{ErrorKind, Result};
 use crate::job::JobSpec;
 use crate::keyset::KeyValue;
 use crate::store::Store;
@@ -183,11 +191,9 @@ async fn rolled_back(
     let result = probe::run(&tx, job, checkpoint, opts).await;
     // Whatever happened, nothing the probe did may stay.
     let _ = tx.rollback().await;
-    result.map_err(|e| match e {
-        Error::Runtime(m) => {
-            Error::Runtime(format!("{m} (the plan rolled back everything it did)"))
-        }
-        other => other,
+    result.map_err(|e| match e.kind() {
+        ErrorKind::Runtime => e.followed_by("the plan rolled back everything it did"),
+        _ => e,
     })
 }
 

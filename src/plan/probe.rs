@@ -1,21 +1,20 @@
 //! The probe behind `backfill plan`, inside the caller's transaction (which it never commits):
 //! find the first chunk, EXPLAIN its statement, execute it twice and compare the chunk's rows
 //! before and after each execution, then read the catalog for what the changes will cost.
+//! Rolling back is the caller's (`plan::rolled_back`); nothing here commits or writes the
+//! engine's schema.
 
 use super::explain::{self, JsonText, Rel};
+use super::rows::{changed_columns, changed_rows, Rows};
 use super::{Estimates, Finding, FirstChunk, Plan, PlanOptions, Severity, LARGE_TABLE_ROWS};
-use crate::db;
+use crate::db::{self, Limit, Timeouts};
 use crate::error::{Error, Result};
 use crate::job::JobSpec;
 use crate::keyset::{ChunkBounds, KeyValue, Keyset, NextChunkError};
 use crate::store::Checkpoint;
-use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{GenericClient, Transaction};
-
-/// The chunk's rows, by key (text form), as JSON objects of column → value.
-type Rows = BTreeMap<Vec<String>, serde_json::Map<String, serde_json::Value>>;
 
 pub(super) async fn run(
     tx: &Transaction<'_>,
@@ -27,13 +26,14 @@ pub(super) async fn run(
     let fail = |what: &'static str| {
         move |e: tokio_postgres::Error| db::error(e, format!("job {name}: {what}"))
     };
-    tx.batch_execute(&format!(
-        "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}",
-        db::millis(job.lock_timeout),
-        db::millis(job.statement_timeout)
-    ))
-    .await
-    .map_err(fail("setting timeouts"))?;
+    let timeouts = Timeouts {
+        lock: Some(Limit::Within(job.lock_timeout)),
+        statement: Some(Limit::Within(job.statement_timeout)),
+        idle_in_transaction: None,
+    };
+    tx.batch_execute(&timeouts.set_local())
+        .await
+        .map_err(fail("setting timeouts"))?;
     let keyset = Keyset::resolve(tx, job).await?;
     let table = table_info(tx, job).await?;
     let mut findings = Vec::new();
@@ -45,45 +45,23 @@ pub(super) async fn run(
 
     let first = first_chunk(tx, job, &keyset, checkpoint).await?;
     if let Some(chunk) = &first {
-        let bounds: Vec<&(dyn ToSql + Sync)> = chunk
-            .start
-            .iter()
-            .chain(chunk.end.iter())
-            .map(|v| v as &(dyn ToSql + Sync))
-            .collect();
-        let statement = keyset.render(&job.sql);
-        let small = estimates.table_rows.unwrap_or(0) < 10 * job.chunk_rows as i64;
-        if let Some(written) = check_plan(
+        probe_chunk(
             tx,
             job,
-            &table.rel,
-            &statement,
-            &bounds,
-            small,
+            &keyset,
+            &table,
+            chunk,
+            &mut estimates,
             &mut findings,
         )
-        .await?
-        {
-            probe_statement(
-                tx,
-                job,
-                &keyset,
-                &table,
-                &statement,
-                &bounds,
-                &written,
-                &mut estimates,
-                &mut findings,
-            )
-            .await?;
-        }
+        .await?;
     }
     // A statement that writes outside its chunk is often planned as a full scan (it does read
     // the rest of the table); ANALYZE would not help, so only the real cause is reported.
     if findings.iter().any(|f| f.code == "writes_outside_chunk") {
         findings.retain(|f| f.code != "planner_prefers_full_scan");
     }
-    long_transactions(tx, job, opts, &mut findings).await?;
+    super::sessions::long_transactions(tx, job, opts, &mut findings).await?;
     if estimates.table_rows.unwrap_or(0) >= LARGE_TABLE_ROWS && !super::has_brakes(job) {
         findings.push(Finding {
             severity: Severity::Warning,
@@ -96,19 +74,7 @@ pub(super) async fn run(
             fix: "set [throttle] max_replication_lag (and/or rows_per_second, max_wal_rate, throttle_sql)".into(),
         });
     }
-    let to_do = estimates
-        .rows_to_do
-        .or(estimates.table_rows)
-        .map(|n| n.max(0));
-    estimates.chunks = to_do.map(|n| (n + job.chunk_rows as i64 - 1) / job.chunk_rows as i64);
-    if let (Some(chunks), Some(ms)) = (estimates.chunks, estimates.sample_chunk_ms) {
-        let by_chunks = chunks as f64 * ms / 1000.0;
-        let by_ceiling = match (job.throttle.rows_per_second, to_do) {
-            (Some(r), Some(n)) => n as f64 / r as f64,
-            _ => 0.0,
-        };
-        estimates.expected_seconds = Some(by_chunks.max(by_ceiling));
-    }
+    expected_duration(job, &mut estimates);
     Ok(Plan {
         job: job.name.clone(),
         file: job.path.display().to_string(),
@@ -125,6 +91,53 @@ pub(super) async fn run(
         estimates,
         findings,
     })
+}
+
+/// EXPLAINs the statement on the first chunk, then, when it can be planned, executes it.
+async fn probe_chunk(
+    tx: &Transaction<'_>,
+    job: &JobSpec,
+    keyset: &Keyset,
+    table: &TableInfo,
+    chunk: &FirstChunk,
+    estimates: &mut Estimates,
+    findings: &mut Vec<Finding>,
+) -> Result<()> {
+    let bounds: Vec<&(dyn ToSql + Sync)> = chunk
+        .start
+        .iter()
+        .chain(chunk.end.iter())
+        .map(|v| v as &(dyn ToSql + Sync))
+        .collect();
+    let statement = keyset.render(&job.sql);
+    let small = estimates.table_rows.unwrap_or(0) < 10 * job.chunk_rows as i64;
+    let Some(written) =
+        check_plan(tx, job, &table.rel, &statement, &bounds, small, findings).await?
+    else {
+        return Ok(());
+    };
+    probe_statement(
+        tx, job, keyset, table, &statement, &bounds, &written, estimates, findings,
+    )
+    .await
+}
+
+/// Chunks to do at the starting chunk size, and how long they take at the sample chunk's time
+/// or the rate ceiling, whichever is slower.
+fn expected_duration(job: &JobSpec, estimates: &mut Estimates) {
+    let to_do = estimates
+        .rows_to_do
+        .or(estimates.table_rows)
+        .map(|n| n.max(0));
+    estimates.chunks = to_do.map(|n| (n + job.chunk_rows as i64 - 1) / job.chunk_rows as i64);
+    if let (Some(chunks), Some(ms)) = (estimates.chunks, estimates.sample_chunk_ms) {
+        let by_chunks = chunks as f64 * ms / 1000.0;
+        let by_ceiling = match (job.throttle.rows_per_second, to_do) {
+            (Some(r), Some(n)) => n as f64 / r as f64,
+            _ => 0.0,
+        };
+        estimates.expected_seconds = Some(by_chunks.max(by_ceiling));
+    }
 }
 
 /// Runs `verify` under a short statement_timeout, inside a savepoint so a timeout leaves the
@@ -147,11 +160,11 @@ async fn verify_estimate(
     };
     sql("SAVEPOINT bf_verify").await?;
     let counted = async {
-        tx.batch_execute(&format!(
-            "SET LOCAL statement_timeout = {}",
-            db::millis(opts.verify_timeout)
-        ))
-        .await?;
+        let timeouts = Timeouts {
+            statement: Some(Limit::Within(opts.verify_timeout)),
+            ..Timeouts::default()
+        };
+        tx.batch_execute(&timeouts.set_local()).await?;
         tx.query_one(verify.as_str(), &[]).await
     }
     .await;
@@ -362,6 +375,62 @@ async fn table_info(tx: &Transaction<'_>, job: &JobSpec) -> Result<TableInfo> {
     })
 }
 
+/// The first chunk's statement, executed inside savepoints, and the chunk's rows around it.
+struct ChunkProbe<'a> {
+    tx: &'a Transaction<'a>,
+    job: &'a JobSpec,
+    statement: &'a str,
+    bounds: &'a [&'a (dyn ToSql + Sync)],
+    /// The chunk's rows, as key text and row JSON.
+    rows_sql: String,
+    /// Rows of the job's table the transaction has written so far (the statement may target
+    /// another table, or reach rows outside the chunk through a join or a trigger).
+    written_sql: String,
+}
+
+impl ChunkProbe<'_> {
+    fn fail(&self, what: &'static str) -> impl Fn(tokio_postgres::Error) -> Error + '_ {
+        move |e| db::error(e, format!("job {}: {what}", self.job.name))
+    }
+
+    async fn snapshot(&self) -> Result<Rows> {
+        let rows = self
+            .tx
+            .query(&self.rows_sql, self.bounds)
+            .await
+            .map_err(self.fail("reading the chunk's rows"))?;
+        let mut out = Rows::new();
+        for r in rows {
+            let key: Vec<String> = r.get(0);
+            let json: String = r.get(1);
+            if let Ok(serde_json::Value::Object(m)) = serde_json::from_str(&json) {
+                out.insert(key, m);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Rows affected and time taken; the inner error is the statement's own (rolled back to the
+    /// savepoint), the outer one the savepoint's.
+    async fn execute(&self) -> Result<std::result::Result<(u64, Duration), tokio_postgres::Error>> {
+        let t = Instant::now();
+        guarded(self.tx, self.tx.execute(self.statement, self.bounds))
+            .await
+            .map(|r| r.map(|n| (n, t.elapsed())))
+    }
+
+    async fn table_rows_written(&self) -> Result<i64> {
+        self.tx
+            .query_one(&self.written_sql, &[])
+            .await
+            .map(|r| r.get::<_, i64>(0))
+            .map_err(self.fail("reading what the statement wrote"))
+    }
+}
+
+/// Executes the statement twice on the first chunk and compares the chunk's rows before and
+/// after each execution: how long it takes, whether it writes outside the chunk, whether a second
+/// execution changes rows again, and what the changed columns cost.
 #[allow(clippy::too_many_arguments)]
 async fn probe_statement(
     tx: &Transaction<'_>,
@@ -374,41 +443,17 @@ async fn probe_statement(
     estimates: &mut Estimates,
     findings: &mut Vec<Finding>,
 ) -> Result<()> {
-    let name = &job.name;
-    let rows_sql = keyset.rows_between_sql();
-    let snapshot = || async {
-        let rows = tx
-            .query(&rows_sql, bounds)
-            .await
-            .map_err(|e| db::error(e, format!("job {name}: reading the chunk's rows")))?;
-        let mut out = Rows::new();
-        for r in rows {
-            let key: Vec<String> = r.get(0);
-            let json: String = r.get(1);
-            if let Ok(serde_json::Value::Object(m)) = serde_json::from_str(&json) {
-                out.insert(key, m);
-            }
-        }
-        Ok::<_, Error>(out)
+    let probe = ChunkProbe {
+        tx,
+        job,
+        statement,
+        bounds,
+        rows_sql: keyset.rows_between_sql(),
+        written_sql: format!("SELECT {}", keyset.written_sql()),
     };
-    let execute = || async {
-        let t = Instant::now();
-        guarded(tx, tx.execute(statement, bounds))
-            .await
-            .map(|r| r.map(|n| (n, t.elapsed())))
-    };
-    // Rows of the job's table the transaction has written so far (the statement may target
-    // another table, or reach rows outside the chunk through a join or a trigger).
-    let written_sql = format!("SELECT {}", keyset.written_sql());
-    let table_rows_written = || async {
-        tx.query_one(&written_sql, &[])
-            .await
-            .map(|r| r.get::<_, i64>(0))
-            .map_err(|e| db::error(e, format!("job {name}: reading what the statement wrote")))
-    };
-    let before = snapshot().await?;
-    let written_before = table_rows_written().await?;
-    let (_, took) = match execute().await? {
+    let before = probe.snapshot().await?;
+    let written_before = probe.table_rows_written().await?;
+    let (_, took) = match probe.execute().await? {
         Ok(r) => r,
         Err(e) => {
             findings.push(Finding {
@@ -424,28 +469,13 @@ async fn probe_statement(
         }
     };
     estimates.sample_chunk_ms = Some(took.as_secs_f64() * 1000.0);
-    let wrote = table_rows_written().await? - written_before;
-    let once = snapshot().await?;
+    let wrote = probe.table_rows_written().await? - written_before;
+    let once = probe.snapshot().await?;
     let held = before.len().max(once.len()) as i64;
     if wrote > held {
-        findings.push(Finding {
-            severity: Severity::Error,
-            code: "writes_outside_chunk",
-            message: format!(
-                "executed on the first chunk ({held} rows of {}), the statement wrote {wrote} rows of it: it changes rows outside :start..:end, so every chunk would rewrite rows of other chunks (a run stops at the first chunk)",
-                job.table
-            ),
-            fix: format!(
-                "restrict every row it changes to the chunk, e.g. `WHERE {} BETWEEN :start AND :end`; a trigger on {} that writes other rows of it has the same effect",
-                match job.key.as_slice() {
-                    [one] => one.clone(),
-                    many => format!("({})", many.join(", ")),
-                },
-                job.table
-            ),
-        });
+        findings.push(writes_outside_chunk(job, held, wrote));
     }
-    let again = match execute().await? {
+    let again = match probe.execute().await? {
         Ok((n, _)) => n,
         Err(e) => {
             findings.push(Finding {
@@ -461,22 +491,58 @@ async fn probe_statement(
         }
     };
     estimates.rows_reapplied = Some(again as i64);
-    let twice = snapshot().await?;
+    let twice = probe.snapshot().await?;
 
     let changed = changed_columns(&before, &once);
-    let rechanged = changed_rows(&once, &twice);
     let table_written = written.contains(&table.rel);
+    findings.extend(not_idempotent(
+        changed_rows(&once, &twice),
+        again,
+        table_written,
+        written,
+    ));
+    super::costs::catalog_findings(tx, job, table.oid, &changed, table_written, findings).await
+}
+
+/// The statement wrote more rows of the job's table than the chunk holds.
+fn writes_outside_chunk(job: &JobSpec, held: i64, wrote: i64) -> Finding {
+    Finding {
+        severity: Severity::Error,
+        code: "writes_outside_chunk",
+        message: format!(
+            "executed on the first chunk ({held} rows of {}), the statement wrote {wrote} rows of it: it changes rows outside :start..:end, so every chunk would rewrite rows of other chunks (a run stops at the first chunk)",
+            job.table
+        ),
+        fix: format!(
+            "restrict every row it changes to the chunk, e.g. `WHERE {} BETWEEN :start AND :end`; a trigger on {} that writes other rows of it has the same effect",
+            match job.key.as_slice() {
+                [one] => one.clone(),
+                many => format!("({})", many.join(", ")),
+            },
+            job.table
+        ),
+    }
+}
+
+/// A second execution on the same chunk that changed its rows again (or, for a statement that
+/// writes other tables, affected rows again).
+fn not_idempotent(
+    rechanged: usize,
+    again: u64,
+    table_written: bool,
+    written: &[Rel],
+) -> Option<Finding> {
     if rechanged > 0 {
-        findings.push(Finding {
+        Some(Finding {
             severity: Severity::Warning,
             code: "not_idempotent",
             message: format!(
                 "executed twice on the first chunk, the statement changed {rechanged} of its rows again: a chunk applied twice (by hand, or by a tool without exactly-once checkpoints) corrupts data"
             ),
             fix: "compute the new value from other columns only, and guard it (e.g. `AND new_col IS DISTINCT FROM <value>`)".into(),
-        });
+        })
     } else if !table_written && again > 0 {
-        findings.push(Finding {
+        Some(Finding {
             severity: Severity::Warning,
             code: "not_idempotent",
             message: format!(
@@ -484,208 +550,8 @@ async fn probe_statement(
                 written.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
             ),
             fix: "make a second execution a no-op (e.g. `ON CONFLICT DO NOTHING`, or a NOT EXISTS guard)".into(),
-        });
+        })
+    } else {
+        None
     }
-    catalog_findings(tx, job, table.oid, &changed, table_written, findings).await
-}
-
-/// Columns whose value differs between two snapshots, with the number of rows each changed in.
-fn changed_columns(a: &Rows, b: &Rows) -> BTreeMap<String, usize> {
-    let mut out = BTreeMap::new();
-    for (key, row) in b {
-        let old = a.get(key);
-        for (col, v) in row {
-            if old.and_then(|o| o.get(col)) != Some(v) {
-                *out.entry(col.clone()).or_insert(0) += 1;
-            }
-        }
-    }
-    out
-}
-
-/// Rows that differ (or appeared, or vanished) between two snapshots.
-fn changed_rows(a: &Rows, b: &Rows) -> usize {
-    let keys: BTreeSet<_> = a.keys().chain(b.keys()).collect();
-    keys.into_iter().filter(|k| a.get(*k) != b.get(*k)).count()
-}
-
-/// What the changed columns cost: indexes (no HOT updates), foreign keys checked, row triggers.
-async fn catalog_findings(
-    tx: &Transaction<'_>,
-    job: &JobSpec,
-    oid: u32,
-    changed: &BTreeMap<String, usize>,
-    table_written: bool,
-    findings: &mut Vec<Finding>,
-) -> Result<()> {
-    let cols: Vec<String> = changed.keys().cloned().collect();
-    if !cols.is_empty() {
-        // Plain index columns are in indkey; columns used by expressions and predicates are
-        // recorded in pg_depend.
-        let indexed = names(
-            tx,
-            job,
-            "reading the table's indexes",
-            "SELECT a.attname || ' (in ' || string_agg(DISTINCT i.indexrelid::regclass::text, ', ') || ')'
-               FROM pg_index i
-               JOIN pg_attribute a ON a.attrelid = i.indrelid
-              WHERE i.indrelid = $1 AND a.attname = ANY ($2)
-                AND (a.attnum = ANY (i.indkey::int2[])
-                     OR EXISTS (SELECT 1 FROM pg_depend d
-                                 WHERE d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid
-                                   AND d.refclassid = 'pg_class'::regclass AND d.refobjid = i.indrelid
-                                   AND d.refobjsubid = a.attnum))
-              GROUP BY a.attname ORDER BY a.attname",
-            &[&oid, &cols],
-        )
-        .await?;
-        if !indexed.is_empty() {
-            findings.push(Finding {
-                severity: Severity::Warning,
-                code: "writes_indexed_column",
-                message: format!(
-                    "the statement changes indexed column(s) {}: no update can be HOT, every row gets new index entries and the table and its indexes bloat",
-                    indexed.join(", ")
-                ),
-                fix: "if the index exists only for the new column, create it after the backfill (CREATE INDEX CONCURRENTLY)".into(),
-            });
-        }
-        let fks = names(
-            tx,
-            job,
-            "reading foreign keys",
-            "SELECT c.conname || ' → ' || c.confrelid::regclass::text
-               FROM pg_constraint c
-              WHERE c.conrelid = $1 AND c.contype = 'f'
-                AND EXISTS (SELECT 1 FROM pg_attribute a
-                             WHERE a.attrelid = c.conrelid AND a.attnum = ANY (c.conkey)
-                               AND a.attname = ANY ($2))
-              ORDER BY 1",
-            &[&oid, &cols],
-        )
-        .await?;
-        if !fks.is_empty() {
-            findings.push(Finding {
-                severity: Severity::Warning,
-                code: "foreign_keys",
-                message: format!(
-                    "the statement changes columns of foreign key(s) {}: each changed row is checked against the referenced table (a lookup and a share lock per row)",
-                    fks.join(", ")
-                ),
-                fix: "expected for a new reference column; make sure the referenced key is indexed, or add the constraint NOT VALID and VALIDATE it after the backfill".into(),
-            });
-        }
-    }
-    if table_written {
-        let triggers = names(
-            tx,
-            job,
-            "reading triggers",
-            "SELECT tgname::text FROM pg_trigger
-              WHERE tgrelid = $1 AND NOT tgisinternal AND tgenabled <> 'D' AND (tgtype & 1) = 1
-              ORDER BY 1",
-            &[&oid],
-        )
-        .await?;
-        if !triggers.is_empty() {
-            findings.push(Finding {
-                severity: Severity::Warning,
-                code: "row_triggers",
-                message: format!(
-                    "row trigger(s) {} on {} fire for every row the statement writes",
-                    triggers.join(", "),
-                    job.table
-                ),
-                fix: "check they are meant to fire for a backfill (audit rows, notifications, denormalised copies); their cost is in the sample chunk's time".into(),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// A catalog query whose single text column names what it found.
-async fn names(
-    tx: &Transaction<'_>,
-    job: &JobSpec,
-    what: &str,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<Vec<String>> {
-    Ok(tx
-        .query(sql, params)
-        .await
-        .map_err(|e| db::error(e, format!("job {}: {what}", job.name)))?
-        .iter()
-        .map(|r| r.get(0))
-        .collect())
-}
-
-/// Transactions open for longer than the threshold hold back vacuum of every row version the
-/// backfill leaves behind. A role without `pg_read_all_stats` sees no `xact_start` for other
-/// roles' sessions: that is reported as such, never as "no long transaction".
-async fn long_transactions(
-    tx: &Transaction<'_>,
-    job: &JobSpec,
-    opts: &PlanOptions,
-    findings: &mut Vec<Finding>,
-) -> Result<()> {
-    let access = db::StatsAccess::read(tx)
-        .await
-        .map_err(|e| db::error(e, "asking whether this role sees other roles' sessions"))?;
-    if !access.sees_all {
-        // Their transaction ids and snapshots stay visible, only the start time is hidden.
-        let hidden: i64 = tx
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                  WHERE xact_start IS NULL AND pid <> pg_backend_pid()
-                    AND coalesce(datname = current_database(), true)
-                    AND (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL)",
-                &[],
-            )
-            .await
-            .map_err(|e| db::error(e, "reading pg_stat_activity"))?
-            .get(0);
-        let run = match job.throttle.on_signal_error {
-            crate::job::OnSignalError::Hold => "a run would hold until it is granted (on_signal_error = \"hold\"): its lock-wait yield cannot see application sessions queued behind a chunk".to_string(),
-            crate::job::OnSignalError::Ignore => "a run would go on blind (on_signal_error = \"ignore\"): application sessions queued behind a chunk would not make it yield".to_string(),
-        };
-        findings.push(Finding {
-            severity: Severity::Warning,
-            code: "sessions_hidden",
-            message: format!(
-                "role {} cannot see other roles' sessions: how long their transactions have been open is hidden ({hidden} of them hold a transaction or snapshot in this database now), so a long transaction cannot be ruled out; {run}",
-                access.role
-            ),
-            fix: access.missing(),
-        });
-    }
-    let rows = tx
-        .query(
-            "SELECT pid, coalesce(usename::text, '?'), coalesce(application_name, ''), coalesce(state, '?'),
-                    extract(epoch FROM now() - xact_start)::float8
-               FROM pg_stat_activity
-              WHERE xact_start < now() - make_interval(secs => $1)
-                AND pid <> pg_backend_pid()
-                -- other databases' transactions do not hold back this database's vacuum
-                AND coalesce(datname = current_database(), true)
-                AND (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL)
-              ORDER BY xact_start",
-            &[&opts.long_transaction.as_secs_f64()],
-        )
-        .await
-        .map_err(|e| db::error(e, "reading pg_stat_activity"))?;
-    for r in rows {
-        let (pid, user, app, state, age): (i32, String, String, String, f64) =
-            (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
-        findings.push(Finding {
-            severity: Severity::Warning,
-            code: "long_transaction",
-            message: format!(
-                "a transaction has been open for {} (pid {pid}, user {user}, application '{app}', {state}): until it ends, vacuum cannot remove any row version the backfill replaces",
-                humantime::format_duration(Duration::from_secs(age as u64))
-            ),
-            fix: format!("end it (or `SELECT pg_terminate_backend({pid})` if it is abandoned) before a long run"),
-        });
-    }
-    Ok(())
 }

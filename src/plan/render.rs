@@ -1,11 +1,11 @@
-//! The plan as an operator reads it in a terminal or a review.
+//! The plan as an operator reads it in a terminal or a review. Prints only what the `Plan`
+//! holds: it never reaches the database or decides a finding.
 
 use super::{Plan, Severity};
 use crate::keyset::show_key;
 use std::time::Duration;
 
 pub fn print_text(p: &Plan) {
-    let line = |k: &str, v: &str| println!("{k:<20} {v}");
     line("job", &format!("{} ({})", p.job, p.file));
     line(
         "table",
@@ -34,6 +34,17 @@ pub fn print_text(p: &Plan) {
     for (i, t) in p.phases.iter().enumerate() {
         line(if i == 0 { "phases" } else { "" }, t);
     }
+    print_first_chunk(p);
+    print_estimates(p);
+    print_findings(p);
+}
+
+/// One labelled line, the values aligned.
+fn line(k: &str, v: &str) {
+    println!("{k:<20} {v}");
+}
+
+fn print_first_chunk(p: &Plan) {
     match &p.first_chunk {
         Some(c) => {
             line(
@@ -64,6 +75,9 @@ pub fn print_text(p: &Plan) {
         }
         None => line("first chunk", "none: no key left to process"),
     }
+}
+
+fn print_estimates(p: &Plan) {
     let e = &p.estimates;
     println!("estimates");
     line(
@@ -102,6 +116,9 @@ pub fn print_text(p: &Plan) {
             ),
         );
     }
+}
+
+fn print_findings(p: &Plan) {
     println!("findings");
     if p.findings.is_empty() {
         println!("  none");

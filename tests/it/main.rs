@@ -5,6 +5,7 @@ mod tools;
 
 mod alembic_graph;
 mod definitions;
+mod errors;
 mod faults;
 mod finish;
 mod gate;

@@ -39,7 +39,7 @@ fn not_applied(db: &TestDb, h: &History, revision: &str) -> Applied {
 #[track_caller]
 fn usage_error(db: &TestDb, h: &History, revision: &str) -> String {
     match check(db, h, revision) {
-        Err(Error::Usage(m)) => m,
+        Err(e) if e.kind() == backfill::error::ErrorKind::Usage => e.to_string(),
         other => panic!("{revision}: expected a usage error, got {other:?}"),
     }
 }
@@ -98,8 +98,8 @@ fn sqlx_table_of_another_shape_is_a_database_error() {
          INSERT INTO _sqlx_migrations VALUES ('1', 'init', 'now', true);",
     );
     match check(&db, &history(Tool::Sqlx), "1") {
-        Err(Error::Runtime(m)) => contains(
-            &m,
+        Err(e @ Error::Database(_)) => contains(
+            &e.to_string(),
             &["reading sqlx's history in _sqlx_migrations", "SQLSTATE"],
         ),
         other => panic!("expected a runtime error, got {other:?}"),
