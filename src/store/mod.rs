@@ -20,7 +20,7 @@ mod schema;
 pub use control::{ControlChange, Controls};
 pub use failures::{FailedKey, Poison};
 pub use lease::LeaseState;
-pub use phases::Sweep;
+pub use phases::{revert_name, Sweep};
 pub use ranges::{Acquired, Advance, RangeInfo, RangeLease, Splitter};
 pub use schema::{
     gate_grants, gate_privileges_missing, grants, installed_version, migrate, migrate_up_to,
@@ -461,7 +461,7 @@ impl Store {
         let mut checkpoint = Self::from_row(&row);
         self.detail(&tx, &mut checkpoint).await?;
         if job.reverts.is_none() {
-            let revert = crate::undo::revert_name(name);
+            let revert = revert_name(name);
             if let Some(r) = tx
                 .query_opt(
                     &format!(

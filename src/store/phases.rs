@@ -11,6 +11,12 @@ use crate::job::JobSpec;
 use crate::keyset::KeyValue;
 use tokio_postgres::GenericClient;
 
+/// The revert job of `job` is checkpointed under this name (the store refuses to run a job while
+/// its revert is unfinished, so the name is the store's to give).
+pub fn revert_name(job: &str) -> String {
+    format!("{job}:revert")
+}
+
 /// What asking for a sweep gave.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Sweep {
