@@ -11,6 +11,7 @@ pub mod history;
 use crate::db;
 use crate::error::{Error, Result};
 use crate::job::JobSpec;
+use crate::state::{JobState, ShownState};
 use crate::store::Store;
 use std::time::Duration;
 
@@ -200,8 +201,8 @@ pub async fn gate(
     let checkpoint = store.load(client, name).await?;
     let state = checkpoint
         .as_ref()
-        .map(|c| c.state.clone())
-        .unwrap_or_else(|| "new".into());
+        .map(|c| c.state.to_string())
+        .unwrap_or_else(|| JobState::New.to_string());
     let fail = |reason: String, remaining| GateReport {
         job: name.clone(),
         passed: false,
@@ -221,11 +222,15 @@ pub async fn gate(
             None,
         ));
     }
-    if c.state != "done" {
-        let detail = match c.state.as_str() {
-            "running" => format!("it is running ({} rows done)", c.rows_done),
-            "reverted" => "it was reverted (`backfill revert`)".to_string(),
-            "incomplete" => format!(
+    if c.state != JobState::Done {
+        let detail = match c.state {
+            ShownState::Recorded(JobState::Running) => {
+                format!("it is running ({} rows done)", c.rows_done)
+            }
+            ShownState::Recorded(JobState::Reverted) => {
+                "it was reverted (`backfill revert`)".to_string()
+            }
+            ShownState::Recorded(JobState::Incomplete) => format!(
                 "verify counted {} rows still to do when the run ended",
                 c.verify_remaining.unwrap_or(-1)
             ),
@@ -260,7 +265,7 @@ pub async fn gate(
         return Ok(GateReport {
             job: name.clone(),
             passed: true,
-            state: c.state,
+            state: c.state.to_string(),
             verify_remaining: None,
             reason: format!("job {name} is complete ({} rows); it has no verify query, so completion was not re-checked", c.rows_done),
         });
@@ -276,7 +281,7 @@ pub async fn gate(
     Ok(GateReport {
         job: name.clone(),
         passed: true,
-        state: c.state,
+        state: c.state.to_string(),
         verify_remaining: Some(0),
         reason: format!("job {name} is complete and verified: verify returned 0 just now"),
     })

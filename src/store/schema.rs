@@ -457,3 +457,46 @@ pub fn grants(schema: &str, role: &str) -> String {
          GRANT USAGE ON SEQUENCE {s}.runs_id_seq, {s}.failures_id_seq TO {r};"
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{JobState, StepState};
+
+    /// The texts the last CHECK constraint on `table.state` allows, from the migrations.
+    fn checked_states(table: &str) -> Vec<String> {
+        let constraint = MIGRATIONS
+            .iter()
+            .flat_map(|(_, sql)| {
+                // A CHECK is either added to the table by name or written in its CREATE TABLE.
+                sql.match_indices("CHECK (state IN (")
+                    .filter_map(move |(at, m)| {
+                        let before = &sql[..at];
+                        let owner = before
+                            .rfind(&format!("ALTER TABLE {{s}}.{table} "))
+                            .max(before.rfind(&format!("CREATE TABLE {{s}}.{table} ")));
+                        let other = before
+                            .rfind("ALTER TABLE ")
+                            .max(before.rfind("CREATE TABLE "));
+                        (owner.is_some() && owner == other).then(|| {
+                            let list = &sql[at + m.len()..];
+                            list[..list.find("))").expect("a closed list")].to_string()
+                        })
+                    })
+            })
+            .last()
+            .unwrap_or_else(|| panic!("no CHECK on {table}.state"));
+        constraint
+            .split(',')
+            .map(|t| t.trim().trim_matches('\'').to_string())
+            .collect()
+    }
+
+    #[test]
+    fn the_schema_allows_exactly_the_states_the_engine_knows() {
+        let job: Vec<String> = JobState::ALL.iter().map(|s| s.as_sql().into()).collect();
+        assert_eq!(checked_states("checkpoints"), job);
+        let step: Vec<String> = StepState::ALL.iter().map(|s| s.as_sql().into()).collect();
+        assert_eq!(checked_states("finish_steps"), step);
+    }
+}
