@@ -147,6 +147,19 @@ text_enum! {
     }
 }
 
+text_enum! {
+    /// What keeps a job from being complete, its verify aside: the answer of the engine's SQL
+    /// function `completion_gap` (schema v9), which the SQL gate `assert_done` and `backfill gate`
+    /// both ask, so the two cannot disagree.
+    CompletionGap, "completion gap" {
+        NeverRan = "never run",
+        NotDone = "not done",
+        /// Keys skipped for a data error and not resolved since.
+        FailedKeys = "failed keys",
+        FinishingSteps = "finishing steps",
+    }
+}
+
 /// How a run ends by itself: what it records as its outcome and as the job's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunEnd {
@@ -302,6 +315,11 @@ mod tests {
         check(Phase::ALL, Phase::as_sql, Phase::parse);
         check(RunOutcome::ALL, RunOutcome::as_sql, RunOutcome::parse);
         check(StepState::ALL, StepState::as_sql, StepState::parse);
+        check(
+            CompletionGap::ALL,
+            CompletionGap::as_sql,
+            CompletionGap::parse,
+        );
         assert_eq!(
             JobState::parse("interrupted"),
             Err(UnknownText {

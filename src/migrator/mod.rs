@@ -12,7 +12,7 @@ use crate::db;
 use crate::error::{Error, Result};
 use crate::job::JobSpec;
 use crate::state::{JobState, ShownState};
-use crate::store::Store;
+use crate::store::{Gap, Store};
 use std::time::Duration;
 
 /// Why the job may not run yet (`requires_sql` false, expand not applied), or None when it may.
@@ -222,44 +222,54 @@ pub async fn gate(
             None,
         ));
     }
-    if c.state != JobState::Done {
-        let detail = match c.state {
-            ShownState::Recorded(JobState::Running) => {
-                format!("it is running ({} rows done)", c.rows_done)
-            }
-            ShownState::Recorded(JobState::Reverted) => {
-                "it was reverted (`backfill revert`)".to_string()
-            }
-            ShownState::Recorded(JobState::Incomplete) => format!(
-                "verify counted {} rows still to do when the run ended",
-                c.verify_remaining.unwrap_or(-1)
-            ),
-            s => format!(
-                "its state is {s} ({} rows done{})",
-                c.rows_done,
-                c.last_error
-                    .as_deref()
-                    .map(|e| format!("; last error: {e}"))
-                    .unwrap_or_default()
-            ),
-        };
-        return Ok(fail(
-            format!("job {name} is not complete: {detail}; run `backfill run {name}` to finish it"),
-            None,
-        ));
-    }
-    if c.failed_keys > 0 {
-        return Ok(fail(
-            format!("job {name} skipped {} keys whose rows made its statement fail; `backfill failures {name}` lists them, `backfill retry-failures {name}` retries them once fixed", c.failed_keys),
-            None,
-        ));
-    }
-    let declared = job.finish_sql.len() as i64;
-    if c.finish_steps_done < declared {
-        return Ok(fail(
-            format!("job {name}: {} of its {declared} finishing steps succeeded; `backfill run {name}` runs the rest (`backfill status {name}` shows the last error)", c.finish_steps_done),
-            None,
-        ));
+    // Whether it is complete, its verify aside, is the one decision the SQL gate takes too.
+    let declared = job.finish_sql.len() as i32;
+    match store.completion_gap(client, name, Some(declared)).await? {
+        None => {}
+        Some(Gap::NeverRan) => {
+            return Ok(fail(
+                format!("job {name} has never run: run `backfill run {name}` first"),
+                None,
+            ))
+        }
+        Some(Gap::NotDone) => {
+            let detail = match c.state {
+                ShownState::Recorded(JobState::Running) => {
+                    format!("it is running ({} rows done)", c.rows_done)
+                }
+                ShownState::Recorded(JobState::Reverted) => {
+                    "it was reverted (`backfill revert`)".to_string()
+                }
+                ShownState::Recorded(JobState::Incomplete) => format!(
+                    "verify counted {} rows still to do when the run ended",
+                    c.verify_remaining.unwrap_or(-1)
+                ),
+                s => format!(
+                    "its state is {s} ({} rows done{})",
+                    c.rows_done,
+                    c.last_error
+                        .as_deref()
+                        .map(|e| format!("; last error: {e}"))
+                        .unwrap_or_default()
+                ),
+            };
+            return Ok(fail(
+                format!("job {name} is not complete: {detail}; run `backfill run {name}` to finish it"),
+                None,
+            ));
+        }
+        Some(Gap::FailedKeys(n)) => {
+            return Ok(fail(
+                format!("job {name} skipped {n} keys whose rows made its statement fail; `backfill failures {name}` lists them, `backfill retry-failures {name}` retries them once fixed"),
+                None,
+            ))
+        }
+        Some(Gap::FinishingSteps { done, declared }) => {
+            return Ok(fail(
+                format!("job {name}: {done} of its {declared} finishing steps succeeded; `backfill run {name}` runs the rest (`backfill status {name}` shows the last error)"),
+                None,
+            ))
+        }
     }
     if job.verify.is_none() {
         return Ok(GateReport {

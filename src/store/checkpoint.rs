@@ -6,7 +6,7 @@ use super::{ts, RangeInfo, Store};
 use crate::db;
 use crate::error::Result;
 use crate::keyset::KeyValue;
-use crate::state::{JobState, Phase, RunOutcome, ShownState, StepState};
+use crate::state::{CompletionGap, JobState, Phase, RunOutcome, ShownState, StepState};
 use tokio_postgres::GenericClient;
 
 /// A job's persisted progress, as `status` shows it.
@@ -237,4 +237,51 @@ impl Store {
         }
         Ok(all)
     }
+
+    /// What keeps `job` from being complete, its verify aside; None when nothing does. Asks the
+    /// engine's SQL function `completion_gap`, the one definition the SQL gate uses too.
+    /// `declared_steps`: the finishing steps the job's file declares now (None: those its last
+    /// run recorded).
+    pub async fn completion_gap(
+        &self,
+        client: &impl GenericClient,
+        job: &str,
+        declared_steps: Option<i32>,
+    ) -> Result<Option<Gap>> {
+        let err = |e| db::error(e, format!("job {job}: checking that it is complete"));
+        let row = client
+            .query_one(
+                &format!(
+                    "SELECT gap, failed_keys, steps_done, steps_declared FROM {s}.completion_gap($1, $2)",
+                    s = self.q
+                ),
+                &[&job, &declared_steps],
+            )
+            .await
+            .map_err(err)?;
+        let gap: Option<CompletionGap> = row.try_get(0).map_err(err)?;
+        Ok(gap.map(|gap| match gap {
+            CompletionGap::NeverRan => Gap::NeverRan,
+            CompletionGap::NotDone => Gap::NotDone,
+            CompletionGap::FailedKeys => Gap::FailedKeys(row.get(1)),
+            CompletionGap::FinishingSteps => Gap::FinishingSteps {
+                done: row.get(2),
+                declared: row.get(3),
+            },
+        }))
+    }
+}
+
+/// What keeps a job from being complete, its verify aside (see [`Store::completion_gap`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gap {
+    NeverRan,
+    /// Its state is not done (the checkpoint says which).
+    NotDone,
+    /// This many keys were skipped for a data error and are unresolved.
+    FailedKeys(i64),
+    FinishingSteps {
+        done: i64,
+        declared: i32,
+    },
 }

@@ -20,7 +20,7 @@ mod ranges;
 mod runs;
 mod schema;
 
-pub use checkpoint::{Checkpoint, Owner};
+pub use checkpoint::{Checkpoint, Gap, Owner};
 
 pub use control::{ControlChange, Controls};
 pub use failures::{FailedKey, Poison};
