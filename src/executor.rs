@@ -41,7 +41,7 @@ use crate::job::ThrottleSpec;
 use crate::job::{JobSpec, OnError};
 use crate::keyset::{self, show_key, ChunkBounds, KeyValue, Keyset};
 use crate::signals::Shutdown;
-use crate::state::{Phase, RunEnd};
+use crate::state::{JobState, Phase, RunEnd};
 use crate::store::{
     self, Acquired, Claim, LeaseState, Poison, RangeLease, Runner, Splitter, Store, Sweep,
 };
@@ -331,20 +331,20 @@ pub async fn run(
         Err(e) => {
             heartbeat.abort();
             if let Ok(LoopEnd::Stopped | LoopEnd::Cancelled) = result {
-                progress.finish("stopped");
+                progress.finish(JobState::Stopped);
                 return Err(stopped_unrecorded(job, &e, &tally, &checkpoint, workers));
             }
             // A run that failed (e.g. gave up waiting for the database) says why and where the
             // next run resumes; that its end could not be recorded as well changes neither.
             if let Err(failed) = result {
-                progress.finish("failed");
+                progress.finish(JobState::Failed);
                 return Err(failed);
             }
             return Err(e);
         }
     };
     let name = job.name.as_str();
-    let end = |state: RunEnd| progress.finish(state.state().as_sql());
+    let end = |state: RunEnd| progress.finish(state.state());
     let (state, error, remaining, outcome) = match result {
         Ok(LoopEnd::Cancelled) => (RunEnd::Cancelled, None, None, Ok(Outcome::Cancelled)),
         Ok(LoopEnd::Stopped) => (RunEnd::Stopped, None, None, Ok(Outcome::Stopped)),

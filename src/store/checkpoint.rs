@@ -51,8 +51,8 @@ pub struct Checkpoint {
     /// Why a live run is held right now, with the value seen and the threshold.
     pub hold_reason: Option<String>,
     pub held_since: Option<String>,
-    /// What the job is doing or last did: running, verifying, sweeping, finishing, done and
-    /// verified, reverting, reverted… (`status` adds waiting for expand and contract applied).
+    /// What the job is doing or last did (waiting for expand, running, verifying, sweeping,
+    /// finishing, done and verified, reverted…; `status` adds contract applied).
     pub phase: Option<Phase>,
     /// Sweep passes started after the main pass (rows written behind the cursor).
     pub sweeps: i32,

@@ -9,6 +9,15 @@
 //! over within moments; a hung runner whose session stays open loses them after the timeout.
 //! Every chunk locks its range row and checks the owner inside its own transaction, so even a
 //! runner that lost its lease cannot commit a chunk twice.
+//!
+//! Every statement on the engine's schema is here, one submodule per concern: `schema`
+//! (versioned migrations, grants, the SQL gate), `checkpoint` (reading a job's checkpoint, and
+//! the one completeness decision), `join` (a run joining a job), `runs` (a run's history row
+//! and its end), `lease` (heartbeat), `ranges` (key ranges and a chunk's checkpoint), `phases`
+//! (phase, sweeps, revert bookkeeping, the job's locks), `control` (pause, cancel, set) and
+//! `failures` (poison keys). States, phases and outcomes are `crate::state` enums: outside the
+//! fixed texts of its migrations, this module never spells them. It touches no application
+//! table (the undo table a finished revert empties lives in the engine's schema).
 
 mod checkpoint;
 mod control;
