@@ -12,7 +12,7 @@ use crate::db;
 use crate::error::{Error, Result};
 use crate::job::JobSpec;
 use crate::state::{JobState, ShownState};
-use crate::store::{Gap, Store};
+use crate::store::{Checkpoint, Gap, Store};
 use std::time::Duration;
 
 /// Why the job may not run yet (`requires_sql` false, expand not applied), or None when it may.
@@ -168,6 +168,30 @@ pub async fn verify(
     })
 }
 
+/// Why a job that is not done is not, as the gate says it.
+fn not_done_detail(c: &Checkpoint) -> String {
+    match c.state {
+        ShownState::Recorded(JobState::Running) => {
+            format!("it is running ({} rows done)", c.rows_done)
+        }
+        ShownState::Recorded(JobState::Reverted) => {
+            "it was reverted (`backfill revert`)".to_string()
+        }
+        ShownState::Recorded(JobState::Incomplete) => format!(
+            "verify counted {} rows still to do when the run ended",
+            c.verify_remaining.unwrap_or(-1)
+        ),
+        s => format!(
+            "its state is {s} ({} rows done{})",
+            c.rows_done,
+            c.last_error
+                .as_deref()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
+        ),
+    }
+}
+
 /// What the gate found.
 #[derive(Debug, serde::Serialize)]
 pub struct GateReport {
@@ -233,28 +257,11 @@ pub async fn gate(
             ))
         }
         Some(Gap::NotDone) => {
-            let detail = match c.state {
-                ShownState::Recorded(JobState::Running) => {
-                    format!("it is running ({} rows done)", c.rows_done)
-                }
-                ShownState::Recorded(JobState::Reverted) => {
-                    "it was reverted (`backfill revert`)".to_string()
-                }
-                ShownState::Recorded(JobState::Incomplete) => format!(
-                    "verify counted {} rows still to do when the run ended",
-                    c.verify_remaining.unwrap_or(-1)
-                ),
-                s => format!(
-                    "its state is {s} ({} rows done{})",
-                    c.rows_done,
-                    c.last_error
-                        .as_deref()
-                        .map(|e| format!("; last error: {e}"))
-                        .unwrap_or_default()
-                ),
-            };
             return Ok(fail(
-                format!("job {name} is not complete: {detail}; run `backfill run {name}` to finish it"),
+                format!(
+                    "job {name} is not complete: {}; run `backfill run {name}` to finish it",
+                    not_done_detail(&c)
+                ),
                 None,
             ));
         }
