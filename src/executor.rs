@@ -41,6 +41,7 @@ use crate::job::ThrottleSpec;
 use crate::job::{JobSpec, OnError};
 use crate::keyset::{self, show_key, ChunkBounds, KeyValue, Keyset};
 use crate::signals::Shutdown;
+use crate::state::{JobState, Phase, RunEnd};
 use crate::store::{
     self, Acquired, Claim, LeaseState, Poison, RangeLease, Runner, Splitter, Store, Sweep,
 };
@@ -330,26 +331,26 @@ pub async fn run(
         Err(e) => {
             heartbeat.abort();
             if let Ok(LoopEnd::Stopped | LoopEnd::Cancelled) = result {
-                progress.finish("stopped");
+                progress.finish(JobState::Stopped);
                 return Err(stopped_unrecorded(job, &e, &tally, &checkpoint, workers));
             }
             // A run that failed (e.g. gave up waiting for the database) says why and where the
             // next run resumes; that its end could not be recorded as well changes neither.
             if let Err(failed) = result {
-                progress.finish("failed");
+                progress.finish(JobState::Failed);
                 return Err(failed);
             }
             return Err(e);
         }
     };
     let name = job.name.as_str();
-    let end = |state: &'static str| progress.finish(state);
+    let end = |state: RunEnd| progress.finish(state.state());
     let (state, error, remaining, outcome) = match result {
-        Ok(LoopEnd::Cancelled) => ("cancelled", None, None, Ok(Outcome::Cancelled)),
-        Ok(LoopEnd::Stopped) => ("stopped", None, None, Ok(Outcome::Stopped)),
+        Ok(LoopEnd::Cancelled) => (RunEnd::Cancelled, None, None, Ok(Outcome::Cancelled)),
+        Ok(LoopEnd::Stopped) => (RunEnd::Stopped, None, None, Ok(Outcome::Stopped)),
         Ok(LoopEnd::Finished) => match verified {
             Some(Err((n, why, not_swept))) => (
-                "incomplete",
+                RunEnd::Incomplete,
                 Some(format!(
                     "every key up to the bound was processed, but {why}"
                 )),
@@ -361,7 +362,7 @@ pub async fn run(
                 }),
             ),
             Some(Ok(())) => (
-                "done",
+                RunEnd::Done,
                 None,
                 Some(0),
                 Ok(Outcome::Done {
@@ -369,7 +370,7 @@ pub async fn run(
                 }),
             ),
             None => (
-                "done",
+                RunEnd::Done,
                 None,
                 None,
                 Ok(Outcome::Done {
@@ -377,7 +378,7 @@ pub async fn run(
                 }),
             ),
         },
-        Err(e) => ("failed", Some(e.to_string()), None, Err(e)),
+        Err(e) => (RunEnd::Failed, Some(e.to_string()), None, Err(e)),
     };
     end(state);
     let saved = store
@@ -527,7 +528,14 @@ async fn start_once(
         Err(e @ Error::Unavailable(_)) => Err(e),
         Err(e) => {
             let _ = store
-                .finish(&lease, name, run_id, "failed", Some(&e.to_string()), None)
+                .finish(
+                    &lease,
+                    name,
+                    run_id,
+                    RunEnd::Failed,
+                    Some(&e.to_string()),
+                    None,
+                )
                 .await;
             Err(e)
         }
@@ -779,7 +787,7 @@ impl Shared<'_> {
             self.shutdown,
         )
         .await?;
-        store.set_phase(&client, name, "verifying").await?;
+        store.set_phase(&client, name, Phase::Verifying).await?;
         let seen = store.sweeps(&client, name).await?;
         let n = crate::migrator::verify(&client, job, self.opts.verify_timeout).await?;
         if n == 0 {

@@ -16,6 +16,7 @@
 use crate::db::{self, ErrorClass};
 use crate::error::{Error, Result};
 use crate::sql::quote_ident;
+use crate::state::StepState;
 use sha2::{Digest, Sha256};
 use std::time::{Duration, Instant};
 use tokio_postgres::{Client, GenericClient};
@@ -317,7 +318,7 @@ impl Finisher<'_> {
             )
             .await
             .map_err(|e| self.db_err(e, "reading its finishing steps"))?;
-        let recorded: Vec<(i32, String, String)> = recorded
+        let recorded: Vec<(i32, String, StepState)> = recorded
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect();
@@ -326,7 +327,7 @@ impl Finisher<'_> {
         for step in steps {
             let before = recorded.iter().find(|(n, _, _)| *n == step.n);
             let outcome = match before {
-                Some((_, hash, state)) if state == "done" && *hash == step.hash => {
+                Some((_, hash, state)) if *state == StepState::Done && *hash == step.hash => {
                     (self.log)(&format!(
                         "job {job}: finishing step {}/{} already done; skipping",
                         step.n, self.total
@@ -338,12 +339,10 @@ impl Finisher<'_> {
                         Some((_, hash, _)) if *hash != step.hash => {
                             " (its statement changed since it was recorded)"
                         }
-                        Some((_, _, state)) if state == "running" => {
+                        Some((_, _, StepState::Running)) => {
                             " (an earlier run was interrupted in it)"
                         }
-                        Some((_, _, state)) if state == "failed" => {
-                            " (it failed in an earlier run)"
-                        }
+                        Some((_, _, StepState::Failed)) => " (it failed in an earlier run)",
                         _ => "",
                     };
                     (self.log)(&format!(
@@ -353,7 +352,7 @@ impl Finisher<'_> {
                         shorten(&step.sql)
                     ));
                     let interrupted =
-                        matches!(before, Some((_, h, st)) if st == "running" && *h == step.hash);
+                        matches!(before, Some((_, h, StepState::Running)) if *h == step.hash);
                     self.run_step(step, interrupted).await?
                 }
             };
@@ -382,7 +381,8 @@ impl Finisher<'_> {
             let code = db::sqlstate(&failure.error).map(str::to_string);
             let class = db::classify(&failure.error);
             if class == ErrorClass::Contention && attempt < self.opts.max_attempts {
-                self.record(step, "running", Some(&described)).await?;
+                self.record(step, StepState::Running, Some(&described))
+                    .await?;
                 let wait = backoff(attempt);
                 (self.log)(&format!(
                     "job {}: finishing step {}/{}: retrying after {} because {}{} ({}); attempt {} of {}",
@@ -420,7 +420,8 @@ impl Finisher<'_> {
             // With the connection gone the row cannot be updated: it stays `running`, which is
             // the honest state (the statement may or may not have taken effect).
             if class != ErrorClass::Connection {
-                self.record(step, "failed", Some(&described)).await?;
+                self.record(step, StepState::Failed, Some(&described))
+                    .await?;
             }
             return Err(self.failure_message(
                 step,
@@ -433,7 +434,7 @@ impl Finisher<'_> {
                 interrupted_before,
             ));
         }
-        self.record(step, "done", None).await?;
+        self.record(step, StepState::Done, None).await?;
         (self.log)(&format!(
             "job {}: finishing step {}/{} done ({} attempt{}, {})",
             self.job,
@@ -533,16 +534,18 @@ impl Finisher<'_> {
     async fn record_attempt(&self, step: &Step, first_of_call: bool) -> Result<()> {
         let sql = format!(
             "INSERT INTO {s}.finish_steps AS f (job, step, sql, sql_hash, state, attempts, started_at)
-             VALUES ($1, $2, $3, $4, 'running', 1, now())
+             VALUES ($1, $2, $3, $4, {running}, 1, now())
              ON CONFLICT (job, step) DO UPDATE
-                SET attempts = CASE WHEN f.sql_hash = EXCLUDED.sql_hash AND f.state <> 'done'
+                SET attempts = CASE WHEN f.sql_hash = EXCLUDED.sql_hash AND f.state <> {done}
                                     THEN f.attempts + 1 ELSE 1 END,
-                    last_error = CASE WHEN f.sql_hash = EXCLUDED.sql_hash AND f.state <> 'done'
+                    last_error = CASE WHEN f.sql_hash = EXCLUDED.sql_hash AND f.state <> {done}
                                       THEN f.last_error END,
                     started_at = CASE WHEN $5 THEN now() ELSE f.started_at END,
                     sql = EXCLUDED.sql, sql_hash = EXCLUDED.sql_hash,
-                    state = 'running', done_at = NULL",
-            s = self.s
+                    state = {running}, done_at = NULL",
+            s = self.s,
+            running = StepState::Running.literal(),
+            done = StepState::Done.literal(),
         );
         self.client
             .execute(
@@ -559,16 +562,17 @@ impl Finisher<'_> {
         Ok(())
     }
 
-    async fn record(&self, step: &Step, state: &str, error: Option<&str>) -> Result<()> {
+    async fn record(&self, step: &Step, state: StepState, error: Option<&str>) -> Result<()> {
         let sql = format!(
             "UPDATE {}.finish_steps
                 SET state = $3, last_error = $4,
-                    done_at = CASE WHEN $3 = 'done' THEN now() END
+                    done_at = CASE WHEN $3 = {done} THEN now() END
               WHERE job = $1 AND step = $2",
-            self.s
+            self.s,
+            done = StepState::Done.literal(),
         );
         self.client
-            .execute(&sql, &[&self.job, &step.n, &state, &error])
+            .execute(&sql, &[&self.job, &step.n, &state.as_sql(), &error])
             .await
             .map_err(|e| {
                 self.db_err(

@@ -53,6 +53,7 @@ pub mod pgtemp;
 pub mod plan;
 pub mod signals;
 pub mod sql;
+pub mod state;
 pub mod store;
 pub mod telemetry;
 pub mod throttle;

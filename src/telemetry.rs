@@ -6,6 +6,7 @@
 //! `suspend`, so they never break it. Metrics use the `metrics` facade; the exporter is installed
 //! (by [`serve_metrics`]) before any handle is created, or the handles would stay no-ops.
 
+use crate::state::JobState;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use std::io::IsTerminal;
@@ -115,13 +116,14 @@ pub const HOLD_REASONS: &[&str] = &[
 ];
 pub const ERROR_CLASSES: &[&str] = &["contention", "timeout", "connection", "data"];
 pub const CHUNK_OUTCOMES: &[&str] = &["committed", "failed", "skipped"];
-pub const STATES: &[&str] = &[
-    "running",
-    "stopped",
-    "cancelled",
-    "failed",
-    "done",
-    "incomplete",
+/// The job states the `backfill_state` gauge reports (a run's own: running, then how it ended).
+pub const STATES: &[JobState] = &[
+    JobState::Running,
+    JobState::Stopped,
+    JobState::Cancelled,
+    JobState::Failed,
+    JobState::Done,
+    JobState::Incomplete,
 ];
 
 /// Serves Prometheus metrics on `addr` until the process exits. Call before creating a
@@ -302,7 +304,7 @@ impl Progress {
             s.started = Instant::now();
             s.last_line = Instant::now();
         }
-        self.set_state("running");
+        self.set_state(JobState::Running);
         self.m.workers.set(1.0);
         self.m.total.set(total.unwrap_or(0) as f64);
         self.m.rows_done.set(done as f64);
@@ -431,9 +433,9 @@ impl Progress {
         self.m.lag.set(seconds);
     }
 
-    fn set_state(&self, state: &str) {
+    fn set_state(&self, state: JobState) {
         for s in STATES {
-            gauge!("backfill_state", "job" => self.job.clone(), "state" => *s)
+            gauge!("backfill_state", "job" => self.job.clone(), "state" => s.as_sql())
                 .set(if *s == state { 1.0 } else { 0.0 });
         }
     }
@@ -536,13 +538,13 @@ impl Progress {
     }
 
     /// Ends the display and records the final state.
-    pub fn finish(&self, state: &str) {
+    pub fn finish(&self, state: JobState) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
         self.set_state(state);
         self.m.workers.set(0.0);
-        if state == "done" {
+        if state == JobState::Done {
             self.m.eta.set(0.0);
         }
     }

@@ -11,13 +11,9 @@ use crate::job::{JobSpec, Revert};
 use crate::keyset::Keyset;
 use crate::sql::quote_ident;
 use crate::sql::SqlTemplate;
+pub use crate::store::revert_name;
 use crate::store::Store;
 use sha2::{Digest, Sha256};
-
-/// The revert job of `job` is checkpointed under this name.
-pub fn revert_name(job: &str) -> String {
-    format!("{job}:revert")
-}
 
 /// The undo table of a job (quoted, in the engine's schema). Long job names are shortened with a
 /// hash so the name stays within PostgreSQL's 63 bytes.

@@ -13,6 +13,7 @@ use crate::error::{exit, Error, Result};
 use crate::executor::{self, RunOptions};
 use crate::job;
 use crate::keyset::show_key;
+use crate::state::{JobState, RunOutcome};
 use crate::store::{self, ControlChange, Store};
 use crate::telemetry::{Progress, ProgressOptions};
 use run::Mode;
@@ -394,7 +395,8 @@ async fn history(target: &Target, store: &Store, name: &str, json: bool) -> Resu
             r.pid,
             r.rows_done,
             r.chunks_done,
-            r.outcome.as_deref().unwrap_or("running"),
+            r.outcome
+                .map_or(JobState::Running.as_sql(), RunOutcome::as_sql),
             r.last_error
                 .as_deref()
                 .map(|e| format!(": {e}"))

@@ -10,6 +10,7 @@ use crate::executor::{self, NotSwept, Outcome, RunOptions};
 use crate::job::{self, JobSpec};
 use crate::keyset::show_key;
 use crate::signals::Shutdown;
+use crate::state::{JobState, Phase};
 use crate::store::Store;
 use crate::telemetry::{Progress, ProgressOptions};
 use std::path::Path;
@@ -204,7 +205,9 @@ fn conclude(job: &JobSpec, report: executor::Report, progress: &Progress) -> Res
 /// Runs the job's finishing steps (those not done yet), once it is done and verified.
 async fn finish(target: &Target, store: &Store, job: &JobSpec, progress: &Progress) -> Result<()> {
     let client = target.connect().await?;
-    store.set_phase(&client, &job.name, "finishing").await?;
+    store
+        .set_phase(&client, &job.name, Phase::Finishing)
+        .await?;
     let log = |line: &str| progress.log(line);
     let opts = crate::finish::FinishOptions::default();
     match crate::finish::run_steps(
@@ -218,17 +221,14 @@ async fn finish(target: &Target, store: &Store, job: &JobSpec, progress: &Progre
     .await
     {
         Ok(_) => {
-            // As the run recorded it: "verified" only when there is a verify query.
-            let done = match job.verify {
-                Some(_) => "done and verified",
-                None => "done",
-            };
+            // As the run recorded it: the job is done, so a verify query it has counted 0.
+            let done = Phase::done(job.verify.is_some());
             store.set_phase(&client, &job.name, done).await?;
             Ok(())
         }
         Err(e) => {
             let _ = store
-                .set_phase(&client, &job.name, "finishing failed")
+                .set_phase(&client, &job.name, Phase::FinishingFailed)
                 .await;
             Err(e)
         }
@@ -304,7 +304,7 @@ async fn preconditions(
     if store
         .load(&client, name)
         .await?
-        .is_some_and(|c| c.state == "done")
+        .is_some_and(|c| c.state == JobState::Done)
     {
         return Ok(());
     }

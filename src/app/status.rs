@@ -5,6 +5,7 @@ use crate::db::Target;
 use crate::error::{exit, Error, Result};
 use crate::job::{self, JobSpec};
 use crate::keyset::show_key;
+use crate::state::{JobState, Phase, ShownState};
 use crate::store::{Checkpoint, Controls, Store};
 use std::path::Path;
 
@@ -92,8 +93,8 @@ pub(super) async fn status(
     Ok(exit::SUCCESS)
 }
 
-pub(super) fn state_of(c: Option<&Checkpoint>) -> &str {
-    c.map(|c| c.state.as_str()).unwrap_or("new")
+pub(super) fn state_of(c: Option<&Checkpoint>) -> &'static str {
+    c.map_or(JobState::New.as_sql(), |c| c.state.as_str())
 }
 
 fn progress_text(c: &Checkpoint) -> String {
@@ -112,8 +113,8 @@ fn progress_text(c: &Checkpoint) -> String {
 fn recorded_phase(c: Option<&Checkpoint>) -> String {
     match c {
         None => "not started".to_string(),
-        Some(c) if c.state == "interrupted" => "interrupted (no live runner)".to_string(),
-        Some(c) => c.phase.clone().unwrap_or_else(|| c.state.clone()),
+        Some(c) if c.state == ShownState::Interrupted => "interrupted (no live runner)".to_string(),
+        Some(c) => c.phase.map_or(c.state.as_str(), Phase::as_sql).to_string(),
     }
 }
 
@@ -128,7 +129,7 @@ async fn phase_of(
     let recorded = recorded_phase(c);
     let Some(spec) = spec else { return recorded };
     match crate::migrator::contract_applied(client, spec).await {
-        Ok(Some(_)) if c.is_some_and(|c| c.state == "done") => "contract applied".into(),
+        Ok(Some(_)) if c.is_some_and(|c| c.state == JobState::Done) => "contract applied".into(),
         Ok(Some(_)) => format!("{recorded}; contract applied before the backfill finished"),
         Ok(None) => recorded,
         Err(e) => format!("{recorded} (the migrator's history could not be read: {e})"),
@@ -154,6 +155,13 @@ fn print_status(
         line("progress", "never run");
         return;
     };
+    print_progress(c, &line);
+    print_activity(c, &line);
+    print_problems(name, spec, c, &line);
+}
+
+/// How far the job got: its table, counts, key ranges or cursor, and upper bound.
+fn print_progress(c: &Checkpoint, line: &impl Fn(&str, &str)) {
     line(
         "table",
         &format!("{} key ({})", c.table, c.key_columns.join(", ")),
@@ -215,6 +223,11 @@ fn print_status(
             (None, false) => "not yet taken".into(),
         },
     );
+}
+
+/// What the job is doing and did: rate, chunk size, hold, sweeps, finishing steps, verify, times
+/// and runners.
+fn print_activity(c: &Checkpoint, line: &impl Fn(&str, &str)) {
     if let Some(r) = c.rate_rows_per_second {
         let of = match c.runners.iter().filter(|o| o.alive).count() {
             0 => "last run".to_string(),
@@ -279,6 +292,10 @@ fn print_status(
             ),
         );
     }
+}
+
+/// What needs the operator: failed keys, the last error, a definition changed since.
+fn print_problems(name: &str, spec: Option<&JobSpec>, c: &Checkpoint, line: &impl Fn(&str, &str)) {
     if c.failed_keys > 0 {
         line(
             "failed keys",

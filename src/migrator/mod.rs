@@ -11,7 +11,8 @@ pub mod history;
 use crate::db;
 use crate::error::{Error, Result};
 use crate::job::JobSpec;
-use crate::store::Store;
+use crate::state::{JobState, ShownState};
+use crate::store::{Checkpoint, Gap, Store};
 use std::time::Duration;
 
 /// Why the job may not run yet (`requires_sql` false, expand not applied), or None when it may.
@@ -167,6 +168,30 @@ pub async fn verify(
     })
 }
 
+/// Why a job that is not done is not, as the gate says it.
+fn not_done_detail(c: &Checkpoint) -> String {
+    match c.state {
+        ShownState::Recorded(JobState::Running) => {
+            format!("it is running ({} rows done)", c.rows_done)
+        }
+        ShownState::Recorded(JobState::Reverted) => {
+            "it was reverted (`backfill revert`)".to_string()
+        }
+        ShownState::Recorded(JobState::Incomplete) => format!(
+            "verify counted {} rows still to do when the run ended",
+            c.verify_remaining.unwrap_or(-1)
+        ),
+        s => format!(
+            "its state is {s} ({} rows done{})",
+            c.rows_done,
+            c.last_error
+                .as_deref()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
+        ),
+    }
+}
+
 /// What the gate found.
 #[derive(Debug, serde::Serialize)]
 pub struct GateReport {
@@ -200,8 +225,8 @@ pub async fn gate(
     let checkpoint = store.load(client, name).await?;
     let state = checkpoint
         .as_ref()
-        .map(|c| c.state.clone())
-        .unwrap_or_else(|| "new".into());
+        .map(|c| c.state.to_string())
+        .unwrap_or_else(|| JobState::New.to_string());
     let fail = |reason: String, remaining| GateReport {
         job: name.clone(),
         passed: false,
@@ -221,46 +246,43 @@ pub async fn gate(
             None,
         ));
     }
-    if c.state != "done" {
-        let detail = match c.state.as_str() {
-            "running" => format!("it is running ({} rows done)", c.rows_done),
-            "reverted" => "it was reverted (`backfill revert`)".to_string(),
-            "incomplete" => format!(
-                "verify counted {} rows still to do when the run ended",
-                c.verify_remaining.unwrap_or(-1)
-            ),
-            s => format!(
-                "its state is {s} ({} rows done{})",
-                c.rows_done,
-                c.last_error
-                    .as_deref()
-                    .map(|e| format!("; last error: {e}"))
-                    .unwrap_or_default()
-            ),
-        };
-        return Ok(fail(
-            format!("job {name} is not complete: {detail}; run `backfill run {name}` to finish it"),
-            None,
-        ));
-    }
-    if c.failed_keys > 0 {
-        return Ok(fail(
-            format!("job {name} skipped {} keys whose rows made its statement fail; `backfill failures {name}` lists them, `backfill retry-failures {name}` retries them once fixed", c.failed_keys),
-            None,
-        ));
-    }
-    let declared = job.finish_sql.len() as i64;
-    if c.finish_steps_done < declared {
-        return Ok(fail(
-            format!("job {name}: {} of its {declared} finishing steps succeeded; `backfill run {name}` runs the rest (`backfill status {name}` shows the last error)", c.finish_steps_done),
-            None,
-        ));
+    // Whether it is complete, its verify aside, is the one decision the SQL gate takes too.
+    let declared = job.finish_sql.len() as i32;
+    match store.completion_gap(client, name, Some(declared)).await? {
+        None => {}
+        Some(Gap::NeverRan) => {
+            return Ok(fail(
+                format!("job {name} has never run: run `backfill run {name}` first"),
+                None,
+            ))
+        }
+        Some(Gap::NotDone) => {
+            return Ok(fail(
+                format!(
+                    "job {name} is not complete: {}; run `backfill run {name}` to finish it",
+                    not_done_detail(&c)
+                ),
+                None,
+            ));
+        }
+        Some(Gap::FailedKeys(n)) => {
+            return Ok(fail(
+                format!("job {name} skipped {n} keys whose rows made its statement fail; `backfill failures {name}` lists them, `backfill retry-failures {name}` retries them once fixed"),
+                None,
+            ))
+        }
+        Some(Gap::FinishingSteps { done, declared }) => {
+            return Ok(fail(
+                format!("job {name}: {done} of its {declared} finishing steps succeeded; `backfill run {name}` runs the rest (`backfill status {name}` shows the last error)"),
+                None,
+            ))
+        }
     }
     if job.verify.is_none() {
         return Ok(GateReport {
             job: name.clone(),
             passed: true,
-            state: c.state,
+            state: c.state.to_string(),
             verify_remaining: None,
             reason: format!("job {name} is complete ({} rows); it has no verify query, so completion was not re-checked", c.rows_done),
         });
@@ -276,7 +298,7 @@ pub async fn gate(
     Ok(GateReport {
         job: name.clone(),
         passed: true,
-        state: c.state,
+        state: c.state.to_string(),
         verify_remaining: Some(0),
         reason: format!("job {name} is complete and verified: verify returned 0 just now"),
     })

@@ -23,6 +23,7 @@ use crate::db::Target;
 use crate::error::{ErrorKind, Result};
 use crate::job::JobSpec;
 use crate::keyset::KeyValue;
+use crate::state::JobState;
 use crate::store::Store;
 use std::time::Duration;
 
@@ -132,7 +133,7 @@ pub async fn plan(
     // so that is the chunk to probe (whether the statement may be applied again is the question).
     let sweeps_next = checkpoint
         .as_ref()
-        .is_some_and(|c| c.state == "incomplete" && c.ranges.iter().all(|r| r.done));
+        .is_some_and(|c| c.state == JobState::Incomplete && c.ranges.iter().all(|r| r.done));
     let from = if sweeps_next {
         None
     } else {

@@ -9,7 +9,14 @@ use crate::db;
 use crate::error::{Error, Result};
 use crate::job::JobSpec;
 use crate::keyset::KeyValue;
+use crate::state::{revert_refusal, JobState, Phase, RevertRefusal};
 use tokio_postgres::GenericClient;
+
+/// The revert job of `job` is checkpointed under this name (the store refuses to run a job while
+/// its revert is unfinished, so the name is the store's to give).
+pub fn revert_name(job: &str) -> String {
+    format!("{job}:revert")
+}
 
 /// What asking for a sweep gave.
 #[derive(Debug, PartialEq, Eq)]
@@ -23,12 +30,12 @@ pub enum Sweep {
 }
 
 impl Store {
-    /// Sets the phase shown by `status` (free text, e.g. "sweeping").
+    /// Sets the phase shown by `status`.
     pub async fn set_phase(
         &self,
         client: &impl GenericClient,
         job: &str,
-        phase: &str,
+        phase: Phase,
     ) -> Result<()> {
         client
             .execute(
@@ -36,7 +43,7 @@ impl Store {
                     "UPDATE {s}.checkpoints SET phase = $2, updated_at = now() WHERE job = $1",
                     s = self.q
                 ),
-                &[&job, &phase],
+                &[&job, &phase.as_sql()],
             )
             .await
             .map_err(|e| db::error(e, format!("job {job}: recording its phase ({phase})")))?;
@@ -88,9 +95,9 @@ impl Store {
             )
             .await
             .map_err(err)?;
-        let (passes, estimate, state): (i32, Option<i64>, String) =
-            (row.get(0), row.get(1), row.get(2));
-        if state == "done" {
+        let (passes, estimate): (i32, Option<i64>) = (row.get(0), row.get(1));
+        let state: JobState = row.try_get(2).map_err(err)?;
+        if state == JobState::Done {
             return Ok(Sweep::Done);
         }
         // Another run started a pass since (or one is still being walked): join it rather than
@@ -127,11 +134,11 @@ impl Store {
         .map_err(err)?;
         tx.execute(
             &format!(
-                "UPDATE {s}.checkpoints SET sweeps = sweeps + 1, phase = 'sweeping', updated_at = now()
+                "UPDATE {s}.checkpoints SET sweeps = sweeps + 1, phase = $2, updated_at = now()
                   WHERE job = $1",
                 s = self.q
             ),
-            &[&name],
+            &[&name, &Phase::Sweeping.as_sql()],
         )
         .await
         .map_err(err)?;
@@ -174,7 +181,7 @@ impl Store {
     }
 
     /// Locks the job's checkpoint row until the transaction ends.
-    async fn lock_checkpoint(
+    pub(super) async fn lock_checkpoint(
         &self,
         tx: &impl GenericClient,
         job: &str,
@@ -220,19 +227,20 @@ impl Store {
                 self.schema
             ));
         };
-        let (state, taken, running): (String, bool, bool) = (row.get(0), row.get(1), row.get(2));
-        if running {
-            return refuse(format!(
+        let state: JobState = row.try_get(0).map_err(err)?;
+        let (taken, running): (bool, bool) = (row.get(1), row.get(2));
+        match revert_refusal(state, taken, running) {
+            None => Ok(()),
+            Some(RevertRefusal::Running) => refuse(format!(
                 "is running; stop it (Ctrl-C, or `backfill cancel {job}`) before reverting"
-            ));
+            )),
+            Some(RevertRefusal::AlreadyReverted) => {
+                refuse("is already reverted; nothing to revert until it runs again".into())
+            }
+            Some(RevertRefusal::NothingProcessed) => {
+                refuse("has not processed anything yet; nothing to revert".into())
+            }
         }
-        if state == "reverted" {
-            return refuse("is already reverted; nothing to revert until it runs again".into());
-        }
-        if !taken {
-            return refuse("has not processed anything yet; nothing to revert".into());
-        }
-        Ok(())
     }
 
     /// After a complete revert: the job's progress is forgotten (its next run starts over), its
@@ -256,14 +264,14 @@ impl Store {
         }
         tx.execute(
             &format!(
-                "UPDATE {s}.checkpoints SET state = 'reverted', phase = 'reverted', bound_taken = false,
+                "UPDATE {s}.checkpoints SET state = $2, phase = $3, bound_taken = false,
                         upper_bound = NULL, total_estimate = NULL, total_exact = false, sweeps = 0,
                         verify_remaining = NULL, verified_at = NULL, finished_at = now(), updated_at = now(),
                         last_error = NULL
                   WHERE job = $1",
                 s = self.q
             ),
-            &[&job],
+            &[&job, &JobState::Reverted.as_sql(), &Phase::Reverted.as_sql()],
         )
         .await
         .map_err(err)?;
@@ -291,10 +299,10 @@ impl Store {
             .execute(
                 &format!(
                     "UPDATE {s}.checkpoints SET phase = NULL, updated_at = now()
-                      WHERE job = $1 AND phase = 'waiting for expand'",
+                      WHERE job = $1 AND phase = $2",
                     s = self.q
                 ),
-                &[&job],
+                &[&job, &Phase::WaitingForExpand.as_sql()],
             )
             .await
             .map_err(|e| db::error(e, format!("job {job}: recording that it no longer waits")))?;
@@ -314,12 +322,20 @@ impl Store {
             .execute(
                 &format!(
                     "INSERT INTO {s}.checkpoints AS c (job, fingerprint, table_name, key_columns, phase, last_error)
-                     VALUES ($1, $2, $3, $4, 'waiting for expand', $5)
-                     ON CONFLICT (job) DO UPDATE SET phase = 'waiting for expand', last_error = $5, updated_at = now()
-                      WHERE c.state <> 'running'",
+                     VALUES ($1, $2, $3, $4, $6, $5)
+                     ON CONFLICT (job) DO UPDATE SET phase = $6, last_error = $5, updated_at = now()
+                      WHERE c.state <> $7",
                     s = self.q
                 ),
-                &[&name, &job.fingerprint, &job.table.to_string(), &job.key, &why],
+                &[
+                    &name,
+                    &job.fingerprint,
+                    &job.table.to_string(),
+                    &job.key,
+                    &why,
+                    &Phase::WaitingForExpand.as_sql(),
+                    &JobState::Running.as_sql(),
+                ],
             )
             .await
             .map_err(|e| db::error(e, format!("job {name}: recording that it waits for its expand migration")))?;

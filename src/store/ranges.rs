@@ -18,6 +18,7 @@
 
 use super::{ts, Store};
 use crate::keyset::{KeyValue, Keyset};
+use crate::state::RunOutcome;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::GenericClient;
 
@@ -194,11 +195,12 @@ impl Store {
             if let Some(gone) = previous.filter(|p| *p != run_id) {
                 tx.execute(
                     &format!(
-                        "UPDATE {s}.runs SET outcome = 'abandoned', ended_at = coalesce(heartbeat_at, now()),
+                        "UPDATE {s}.runs SET outcome = {abandoned}, ended_at = coalesce(heartbeat_at, now()),
                                 last_error = 'the runner stopped without finishing (killed, crashed or lost its connection); its ranges were taken over',
                                 {counts}
                           WHERE id = $1 AND outcome IS NULL",
                         counts = self.run_counts_sql("$1"),
+                        abandoned = RunOutcome::Abandoned.literal(),
                         s = self.q
                     ),
                     &[&gone],

@@ -287,6 +287,88 @@ CREATE TABLE {s}.run_workers (
 );
 "#,
     ),
+    (
+        9,
+        // Whether a job is complete, its verify aside, is decided once, here: the SQL gate and
+        // `backfill gate` both ask `completion_gap` (the texts of `gap` are `state::Gap`'s). It
+        // reads only the engine's tables and executes nothing stored in them. `declared` is the
+        // number of finishing steps the job's file declares now, which the CLI gate knows; the
+        // SQL gate passes none and the count the job's last run recorded is used.
+        r#"
+CREATE FUNCTION {s}.completion_gap(job_name text, declared integer DEFAULT NULL,
+    OUT gap text, OUT job_state text, OUT failed_keys bigint, OUT steps_done bigint,
+    OUT steps_declared integer, OUT has_verify boolean, OUT verify_remaining bigint)
+LANGUAGE plpgsql STABLE AS $fn$
+DECLARE
+    c record;
+BEGIN
+    SELECT k.state, k.finish_steps, k.has_verify, k.verify_remaining INTO c
+      FROM {s}.checkpoints k WHERE k.job = job_name;
+    IF NOT FOUND THEN
+        gap := 'never run';
+        RETURN;
+    END IF;
+    job_state := c.state;
+    has_verify := c.has_verify;
+    verify_remaining := c.verify_remaining;
+    IF c.state <> 'done' THEN
+        gap := 'not done';
+        RETURN;
+    END IF;
+    SELECT count(*) INTO failed_keys FROM {s}.failures f
+     WHERE f.job = job_name AND f.resolved_at IS NULL;
+    IF failed_keys > 0 THEN
+        gap := 'failed keys';
+        RETURN;
+    END IF;
+    SELECT count(*) INTO steps_done FROM {s}.finish_steps f WHERE f.job = job_name AND f.state = 'done';
+    steps_declared := coalesce(declared, c.finish_steps);
+    IF steps_done < steps_declared THEN
+        gap := 'finishing steps';
+    END IF;
+END
+$fn$;
+CREATE OR REPLACE FUNCTION {s}.assert_done(job_name text, verify_query text DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    g          record;
+    remaining  bigint;
+    run_hint   text := format('run `backfill run %s` and let it finish; `backfill gate %s` says what is missing', job_name, job_name);
+    redo_hint  text := format('rows were written behind the backfill (old code still deployed?); once the writers are fixed: `backfill reset %s --yes` and `backfill run %s`', job_name, job_name);
+BEGIN
+    -- Held until the caller's transaction ends: a revert or reset of the job waits for the
+    -- migration that passed the gate, and the gate waits while a revert runs.
+    PERFORM pg_advisory_xact_lock_shared(hashtext('backfill job {s}.' || job_name));
+    SELECT * INTO g FROM {s}.completion_gap(job_name);
+    IF g.gap = 'never run' THEN
+        RAISE EXCEPTION 'backfill job % has never run: the contract step must wait for it', job_name
+              USING HINT = run_hint;
+    ELSIF g.gap = 'not done' THEN
+        RAISE EXCEPTION 'backfill job % is not complete (state %): the contract step must wait for it', job_name, g.job_state
+              USING HINT = run_hint;
+    ELSIF g.gap = 'failed keys' THEN
+        RAISE EXCEPTION 'backfill job % skipped % keys whose rows made its statement fail', job_name, g.failed_keys
+              USING HINT = format('`backfill failures %s` lists them; `backfill retry-failures %s` once fixed', job_name, job_name);
+    ELSIF g.gap = 'finishing steps' THEN
+        RAISE EXCEPTION 'backfill job %: % of its % finishing steps succeeded', job_name, g.steps_done, g.steps_declared
+              USING HINT = run_hint;
+    ELSIF g.gap IS NOT NULL THEN
+        RAISE EXCEPTION 'backfill job % is not complete (%)', job_name, g.gap USING HINT = run_hint;
+    END IF;
+    IF verify_query IS NOT NULL THEN
+        EXECUTE format('SELECT (%s)::bigint', verify_query) INTO remaining;
+        IF remaining IS DISTINCT FROM 0 THEN
+            RAISE EXCEPTION 'backfill job %: the verify query counts % rows still to do', job_name, coalesce(remaining::text, 'NULL')
+                  USING HINT = redo_hint;
+        END IF;
+    ELSIF g.has_verify AND g.verify_remaining IS DISTINCT FROM 0 THEN
+        RAISE EXCEPTION 'backfill job %: its last verify counted % rows still to do', job_name, coalesce(g.verify_remaining::text, 'no result')
+              USING HINT = redo_hint;
+    END IF;
+END
+$fn$;
+"#,
+    ),
 ];
 
 pub const LATEST: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -410,7 +492,8 @@ pub fn gate_grants(schema: &str, role: &str) -> String {
         "GRANT USAGE ON SCHEMA {s} TO {r};
          GRANT SELECT ON {s}.schema_version, {s}.checkpoints, {s}.failures, {s}.finish_steps, {s}.ranges, {s}.runs TO {r};
          GRANT UPDATE (verify_remaining, verified_at) ON {s}.checkpoints TO {r};
-         GRANT EXECUTE ON FUNCTION {s}.assert_done(text, text) TO {r};"
+         GRANT EXECUTE ON FUNCTION {s}.assert_done(text, text) TO {r};
+         GRANT EXECUTE ON FUNCTION {s}.completion_gap(text, integer) TO {r};"
     )
 }
 
@@ -437,7 +520,11 @@ pub async fn gate_privileges_missing(
                     ) w (rel, priv, col)
                JOIN pg_class c ON c.relnamespace = ns.oid AND c.relname = w.rel
               WHERE CASE WHEN w.col IS NULL THEN NOT has_table_privilege(c.oid, w.priv)
-                         ELSE NOT has_column_privilege(c.oid, w.col, w.priv) END",
+                         ELSE NOT has_column_privilege(c.oid, w.col, w.priv) END
+             UNION ALL
+             SELECT 'EXECUTE on function ' || quote_ident($1) || '.completion_gap(text, integer)'
+               FROM ns JOIN pg_proc p ON p.pronamespace = ns.oid AND p.proname = 'completion_gap'
+              WHERE NOT has_function_privilege(p.oid, 'EXECUTE')",
             &[&schema],
         )
         .await
@@ -456,4 +543,70 @@ pub fn grants(schema: &str, role: &str) -> String {
          GRANT SELECT ON {s}.progress TO {r};
          GRANT USAGE ON SEQUENCE {s}.runs_id_seq, {s}.failures_id_seq TO {r};"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{CompletionGap, JobState, StepState};
+
+    /// The texts the last CHECK constraint on `table.state` allows, from the migrations.
+    fn checked_states(table: &str) -> Vec<String> {
+        let constraint = MIGRATIONS
+            .iter()
+            .flat_map(|(_, sql)| {
+                // A CHECK is either added to the table by name or written in its CREATE TABLE.
+                sql.match_indices("CHECK (state IN (")
+                    .filter_map(move |(at, m)| {
+                        let before = &sql[..at];
+                        let owner = before
+                            .rfind(&format!("ALTER TABLE {{s}}.{table} "))
+                            .max(before.rfind(&format!("CREATE TABLE {{s}}.{table} ")));
+                        let other = before
+                            .rfind("ALTER TABLE ")
+                            .max(before.rfind("CREATE TABLE "));
+                        (owner.is_some() && owner == other).then(|| {
+                            let list = &sql[at + m.len()..];
+                            list[..list.find("))").expect("a closed list")].to_string()
+                        })
+                    })
+            })
+            .last()
+            .unwrap_or_else(|| panic!("no CHECK on {table}.state"));
+        constraint
+            .split(',')
+            .map(|t| t.trim().trim_matches('\'').to_string())
+            .collect()
+    }
+
+    #[test]
+    fn the_schema_allows_exactly_the_states_the_engine_knows() {
+        let job: Vec<String> = JobState::ALL.iter().map(|s| s.as_sql().into()).collect();
+        assert_eq!(checked_states("checkpoints"), job);
+        let step: Vec<String> = StepState::ALL.iter().map(|s| s.as_sql().into()).collect();
+        assert_eq!(checked_states("finish_steps"), step);
+    }
+
+    #[test]
+    fn completion_gap_answers_with_the_texts_the_engine_parses() {
+        let (_, sql) = MIGRATIONS
+            .iter()
+            .rfind(|(_, sql)| sql.contains("FUNCTION {s}.completion_gap("))
+            .expect("completion_gap is defined");
+        let answered: Vec<&str> = sql
+            .match_indices("gap := '")
+            .map(|(at, m)| {
+                let text = &sql[at + m.len()..];
+                &text[..text.find('\'').expect("a closed literal")]
+            })
+            .collect();
+        let known: Vec<&str> = CompletionGap::ALL.iter().map(|g| g.as_sql()).collect();
+        assert_eq!(answered, known);
+        for gap in known {
+            assert!(
+                sql.contains(&format!("g.gap = '{gap}'")),
+                "assert_done names {gap}"
+            );
+        }
+    }
 }

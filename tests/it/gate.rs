@@ -216,3 +216,65 @@ fn the_sql_gate_never_executes_what_is_stored_in_the_engines_tables() {
         "the gate executed stored text"
     );
 }
+
+/// Schema v9 moved the SQL gate's decision into `completion_gap`, which `backfill gate` asks too:
+/// on a database upgraded from v8, `assert_done` answers every case exactly as before, word for
+/// word (passes, never ran, not done, skipped keys, finishing steps, the last verify).
+#[test]
+fn the_sql_gate_answers_as_before_after_the_upgrade_to_one_completeness_decision() {
+    let db = TestDb::new();
+    block_on(async {
+        let mut client = db.connect().await;
+        backfill::store::migrate_up_to(&mut client, "backfill", 8)
+            .await
+            .unwrap();
+    });
+    db.exec(
+        "INSERT INTO backfill.checkpoints (job, state, fingerprint, table_name, key_columns, has_verify,
+                                           verify_remaining, finish_steps)
+         VALUES ('complete', 'done', 'f', 't', ARRAY['id'], true, 0, 1),
+                ('steps_left', 'done', 'f', 't', ARRAY['id'], true, 0, 2),
+                ('skipped', 'done', 'f', 't', ARRAY['id'], false, NULL, 0),
+                ('stopped', 'stopped', 'f', 't', ARRAY['id'], false, NULL, 0),
+                ('rows_left', 'done', 'f', 't', ARRAY['id'], true, 3, 0),
+                ('unverified', 'done', 'f', 't', ARRAY['id'], false, NULL, 0);
+         INSERT INTO backfill.finish_steps (job, step, sql, sql_hash, state)
+         VALUES ('complete', 1, 'SELECT 1', 'h', 'done'), ('steps_left', 1, 'SELECT 1', 'h', 'done'),
+                ('steps_left', 2, 'SELECT 2', 'h', 'failed');
+         INSERT INTO backfill.failures (job, key, message) VALUES ('skipped', ARRAY['7'], 'division by zero');",
+    );
+    let jobs = [
+        "complete",
+        "steps_left",
+        "skipped",
+        "stopped",
+        "rows_left",
+        "unverified",
+        "never_ran",
+    ];
+    let answers = || {
+        let s = db.session();
+        // The message and hint, not the line of the function that raised it.
+        jobs.map(|job| {
+            s.try_exec(&format!("SELECT backfill.assert_done('{job}')"))
+                .map_err(|e| e.split(" (where: ").next().unwrap().to_string())
+        })
+    };
+    let before = answers();
+    assert!(before[0].is_ok() && before[5].is_ok(), "{before:?}");
+    for (answer, says) in before[1..5].iter().zip([
+        "1 of its 2 finishing steps succeeded",
+        "skipped 1 keys",
+        "is not complete (state stopped)",
+        "its last verify counted 3 rows",
+    ]) {
+        assert!(answer.as_ref().unwrap_err().contains(says), "{answer:?}");
+    }
+    assert!(before[6].as_ref().unwrap_err().contains("has never run"));
+    db.run(&["init"]).expect(0);
+    assert_eq!(
+        db.i64("SELECT max(version)::bigint FROM backfill.schema_version"),
+        backfill::store::SCHEMA_VERSION as i64
+    );
+    assert_eq!(answers(), before);
+}
