@@ -15,6 +15,7 @@
 
 use crate::db::{self, ErrorClass};
 use crate::error::{Error, Result};
+use crate::sql::lex::{self, Kind, LexError};
 use crate::sql::quote_ident;
 use sha2::{Digest, Sha256};
 use std::time::{Duration, Instant};
@@ -705,132 +706,26 @@ enum Tok {
     Other,
 }
 
-fn ident_start(c: u8) -> bool {
-    c.is_ascii_alphabetic() || c == b'_' || c >= 0x80
-}
-
-/// Splits SQL into tokens, skipping comments and the contents of quoted strings, so that a `;`
-/// inside them is not mistaken for the end of a statement. Errs on unterminated text.
+/// Reads SQL into [`Tok`]s with the one SQL tokenizer, which skips comments and the contents of
+/// quoted strings, so that a `;` inside them is not mistaken for the end of a statement. Errs on
+/// unterminated text, naming what is left open.
 fn tokens(sql: &str) -> Result<Vec<Tok>, &'static str> {
-    let b = sql.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        let c = b[i];
-        let next = b.get(i + 1).copied();
-        if c.is_ascii_whitespace() {
-            i += 1;
-        } else if c == b'-' && next == Some(b'-') {
-            while i < b.len() && b[i] != b'\n' {
-                i += 1;
-            }
-        } else if c == b'/' && next == Some(b'*') {
-            // Block comments nest in PostgreSQL.
-            let mut depth = 0;
-            loop {
-                match (b.get(i), b.get(i + 1)) {
-                    (None, _) => return Err("an unterminated /* comment"),
-                    (Some(b'/'), Some(b'*')) => {
-                        depth += 1;
-                        i += 2;
-                    }
-                    (Some(b'*'), Some(b'/')) => {
-                        depth -= 1;
-                        i += 2;
-                        if depth == 0 {
-                            break;
-                        }
-                    }
-                    _ => i += 1,
-                }
-            }
-        } else if c == b'\'' {
-            i = skip_string(b, i, false)?;
-            out.push(Tok::Other);
-        } else if c == b'"' {
-            let mut ident = Vec::new();
-            i += 1;
-            loop {
-                match (b.get(i), b.get(i + 1)) {
-                    (None, _) => return Err("an unterminated quoted identifier"),
-                    (Some(b'"'), Some(b'"')) => {
-                        ident.push(b'"');
-                        i += 2;
-                    }
-                    (Some(b'"'), _) => {
-                        i += 1;
-                        break;
-                    }
-                    (Some(&x), _) => {
-                        ident.push(x);
-                        i += 1;
-                    }
-                }
-            }
-            out.push(Tok::Quoted(String::from_utf8_lossy(&ident).into_owned()));
-        } else if c == b'$' {
-            // `$tag$ … $tag$` (or `$$ … $$`) quotes a string; `$1` is a parameter.
-            let mut j = i + 1;
-            while j < b.len() && (ident_start(b[j]) || (j > i + 1 && b[j].is_ascii_digit())) {
-                j += 1;
-            }
-            if b.get(j) == Some(&b'$') {
-                let tag = &b[i..=j];
-                let end = b[j + 1..]
-                    .windows(tag.len())
-                    .position(|w| w == tag)
-                    .ok_or("an unterminated dollar-quoted string")?;
-                i = j + 1 + end + tag.len();
-            } else {
-                i += 1;
-                while i < b.len() && b[i].is_ascii_digit() {
-                    i += 1;
-                }
-            }
-            out.push(Tok::Other);
-        } else if ident_start(c) {
-            let start = i;
-            // `$` continues an identifier, so `a$b$` is no dollar quote.
-            while i < b.len() && (ident_start(b[i]) || b[i].is_ascii_digit() || b[i] == b'$') {
-                i += 1;
-            }
-            let word = &sql[start..i];
-            if b.get(i) == Some(&b'\'') && word.eq_ignore_ascii_case("e") {
-                i = skip_string(b, i, true)?;
-                out.push(Tok::Other);
-            } else {
-                out.push(Tok::Word(word.to_ascii_lowercase()));
-            }
-        } else if c.is_ascii_digit() {
-            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.' || b[i] == b'_') {
-                i += 1;
-            }
-            out.push(Tok::Other);
-        } else {
-            out.push(match c {
-                b';' => Tok::Semi,
-                b'.' => Tok::Dot,
-                _ => Tok::Other,
-            });
-            i += 1;
-        }
-    }
-    Ok(out)
-}
-
-/// The index just past the string literal starting at `b[i]` (a quote); `''` is a quote inside,
-/// and with `backslash` (E'…') so is `\'`.
-fn skip_string(b: &[u8], mut i: usize, backslash: bool) -> Result<usize, &'static str> {
-    i += 1;
-    loop {
-        match (b.get(i), b.get(i + 1)) {
-            (None, _) => return Err("an unterminated quoted string"),
-            (Some(b'\\'), Some(_)) if backslash => i += 2,
-            (Some(b'\''), Some(b'\'')) => i += 2,
-            (Some(b'\''), _) => return Ok(i + 1),
-            _ => i += 1,
-        }
-    }
+    let lexed = lex::tokenize(sql).map_err(|e| match e {
+        LexError::UnterminatedString => "an unterminated quoted string",
+        LexError::UnterminatedQuotedIdent => "an unterminated quoted identifier",
+        LexError::UnterminatedComment => "an unterminated /* comment",
+        LexError::UnterminatedDollarQuote(_) => "an unterminated dollar-quoted string",
+    })?;
+    Ok(lexed
+        .iter()
+        .map(|t| match t.kind {
+            Kind::Word => Tok::Word(t.text(sql).to_ascii_lowercase()),
+            Kind::QuotedIdent => Tok::Quoted(lex::unquote_ident(t.text(sql))),
+            Kind::Punct(';') => Tok::Semi,
+            Kind::Punct('.') => Tok::Dot,
+            _ => Tok::Other,
+        })
+        .collect())
 }
 
 /// Reads the head of a statement token by token.
