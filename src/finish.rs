@@ -15,6 +15,7 @@
 
 use crate::db::{self, ErrorClass};
 use crate::error::{Error, Result};
+use crate::job::JobSpec;
 use crate::sql::lex::{self, Kind, LexError};
 use crate::sql::quote_ident;
 use sha2::{Digest, Sha256};
@@ -69,6 +70,22 @@ pub struct StepReport {
     pub outcome: StepOutcome,
 }
 
+/// Checks each finishing step of the job offline (one statement, not a transaction command); the
+/// error names the job file, the line and the key `finish_sql`.
+pub fn check_steps(job: &JobSpec) -> Result<()> {
+    // Named by the file it came from, as the error's other half names the file.
+    let name = job
+        .path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    for (i, sql) in job.finish_sql.iter().enumerate() {
+        Step::parse(&name, i + 1, job.finish_sql.len(), sql)
+            .map_err(|e| Error::Usage(format!("{}: {e}", job.file_key("finish_sql"))))?;
+    }
+    Ok(())
+}
+
 /// Runs the job's finishing steps in order on `client` (a dedicated session, not inside a
 /// transaction), skipping those already recorded as done with the same SQL.
 ///
@@ -78,14 +95,6 @@ pub struct StepReport {
 /// then finds the steps done. If this future is dropped midway, the lock stays with the session
 /// until it closes. `attempts` in the table counts every attempt since the step's statement last
 /// changed; [`StepOutcome::Ran`] counts those of this call.
-/// Checks each step offline (one statement, not a transaction command), as a job file is read.
-pub fn check_steps(job: &str, steps: &[String]) -> Result<()> {
-    for (i, sql) in steps.iter().enumerate() {
-        Step::parse(job, i + 1, steps.len(), sql)?;
-    }
-    Ok(())
-}
-
 pub async fn run_steps(
     client: &Client,
     schema: &str,

@@ -43,7 +43,7 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             verify_timeout,
             long_transaction,
         } => {
-            let job = job::load(&g.jobs, &name)?;
+            let job = crate::resolve::load(&g.jobs, &name)?;
             let opts = crate::plan::PlanOptions {
                 verify_timeout,
                 long_transaction,
@@ -68,7 +68,7 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             json,
             verify_timeout,
         } => {
-            let job = job::load(&g.jobs, &name)?;
+            let job = crate::resolve::load(&g.jobs, &name)?;
             let client = target()?.connect().await?;
             let report = crate::migrator::gate(&client, &store, &job, verify_timeout).await?;
             if json {
@@ -142,7 +142,7 @@ pub async fn execute(cli: Cli) -> Result<u8> {
 }
 
 async fn list(url: Option<&str>, store: &Store, jobs: &Path, json: bool) -> Result<u8> {
-    let specs = job::load_all(jobs)?;
+    let specs = crate::resolve::load_all(jobs)?;
     let checkpoints = match Target::resolve(url) {
         Ok(t) => match t.connect().await {
             Ok(client) => store.load_all(&client).await.map_err(|e| e.to_string()),
@@ -190,8 +190,8 @@ async fn list(url: Option<&str>, store: &Store, jobs: &Path, json: bool) -> Resu
 
 fn check(jobs: &Path, name: Option<&str>) -> Result<u8> {
     let results = match name {
-        Some(n) => vec![(n.to_string(), job::load(jobs, n))],
-        None => job::load_all(jobs)?,
+        Some(n) => vec![(n.to_string(), crate::resolve::load(jobs, n))],
+        None => crate::resolve::load_all(jobs)?,
     };
     if results.is_empty() {
         return Err(Error::Usage(format!(
@@ -379,7 +379,7 @@ async fn failures(target: &Target, store: &Store, name: &str, all: bool, json: b
 }
 
 async fn retry_failures(target: &Target, store: &Store, jobs: &Path, name: &str) -> Result<u8> {
-    let job = job::load(jobs, name)?;
+    let job = crate::resolve::load(jobs, name)?;
     let progress = Progress::new(name, ProgressOptions::default());
     let (fixed, still) =
         executor::retry_failures(target, store, &job, &RunOptions::default(), &progress).await?;

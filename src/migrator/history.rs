@@ -10,68 +10,17 @@
 use super::alembic::RevisionGraph;
 use crate::db;
 use crate::error::{Error, Result};
+use crate::job::MigrationSpec;
 use crate::sql::TableName;
 use std::path::{Path, PathBuf};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{GenericClient, Row};
 
-/// A schema migration tool whose history table we can read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Tool {
-    Alembic,
-    Sqlx,
-    Refinery,
-    Flyway,
-    GolangMigrate,
-    Diesel,
-    Rails,
-    Django,
-}
+pub use crate::job::Tool;
 
+/// What the history module knows of each tool: where it keeps its history and how it spells a
+/// revision.
 impl Tool {
-    /// The accepted names, for error messages.
-    pub const NAMES: &'static [&'static str] = &[
-        "alembic",
-        "sqlx",
-        "refinery",
-        "flyway",
-        "golang-migrate",
-        "diesel",
-        "rails",
-        "django",
-    ];
-
-    const ALL: [Tool; 8] = [
-        Tool::Alembic,
-        Tool::Sqlx,
-        Tool::Refinery,
-        Tool::Flyway,
-        Tool::GolangMigrate,
-        Tool::Diesel,
-        Tool::Rails,
-        Tool::Django,
-    ];
-
-    pub fn parse(s: &str) -> Option<Tool> {
-        let s = s.trim();
-        Tool::ALL
-            .into_iter()
-            .find(|t| t.name().eq_ignore_ascii_case(s))
-    }
-
-    pub fn name(&self) -> &'static str {
-        match self {
-            Tool::Alembic => "alembic",
-            Tool::Sqlx => "sqlx",
-            Tool::Refinery => "refinery",
-            Tool::Flyway => "flyway",
-            Tool::GolangMigrate => "golang-migrate",
-            Tool::Diesel => "diesel",
-            Tool::Rails => "rails",
-            Tool::Django => "django",
-        }
-    }
-
     /// The table the tool creates when not configured otherwise.
     pub fn default_table(&self) -> &'static str {
         match self {
@@ -119,12 +68,6 @@ impl Tool {
             Tool::Rails => "20240101120000 or 20240101120000_add_status",
             Tool::Django => "orders.0002_add_status (the app label, a dot, the migration name)",
         }
-    }
-}
-
-impl std::fmt::Display for Tool {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
     }
 }
 
@@ -185,6 +128,16 @@ enum Revision {
 }
 
 impl History {
+    /// Where the history of a job's `[migration]` is, and how to read it.
+    pub fn of(m: &MigrationSpec) -> History {
+        History {
+            tool: m.tool,
+            table: m.history_table.clone(),
+            alembic_dir: m.alembic_dir.clone(),
+            alembic_recursive: m.alembic_recursive,
+        }
+    }
+
     /// Offline validation of a revision string for this tool.
     pub fn check_revision(&self, revision: &str) -> Result<()> {
         self.parse_revision(revision).map(|_| ())

@@ -14,6 +14,24 @@ use crate::job::JobSpec;
 use crate::store::Store;
 use std::time::Duration;
 
+/// Checks, offline, that the job's expand and contract revisions are written as its migrator
+/// writes them; the error names the job file, the line and the key. The revision files and the
+/// history are read only when a command asks whether a revision is applied.
+pub fn check_revisions(job: &JobSpec) -> Result<()> {
+    let Some(m) = &job.migration else {
+        return Ok(());
+    };
+    let history = history::History::of(m);
+    for (key, revision) in [("expand", &m.expand), ("contract", &m.contract)] {
+        if let Some(r) = revision {
+            history
+                .check_revision(r)
+                .map_err(|e| Error::Usage(format!("{}: {e}", job.file_key(key))))?;
+        }
+    }
+    Ok(())
+}
+
 /// Why the job may not run yet (`requires_sql` false, expand not applied), or None when it may.
 pub async fn not_ready(client: &tokio_postgres::Client, job: &JobSpec) -> Result<Option<String>> {
     if let Some(why) = requires_unmet(client, job).await? {
@@ -93,7 +111,7 @@ pub async fn revision(
     let Some(id) = which(m) else {
         return Ok(None);
     };
-    let applied = m.history().is_applied(client, id).await?;
+    let applied = history::History::of(m).is_applied(client, id).await?;
     Ok(Some(Revision {
         id: id.clone(),
         tool: m.tool.name(),
