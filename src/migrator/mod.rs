@@ -8,7 +8,7 @@
 pub mod alembic;
 pub mod history;
 
-use crate::db;
+use crate::db::{self, Limit, Timeouts};
 use crate::error::{Error, Result};
 use crate::job::JobSpec;
 use crate::store::Store;
@@ -168,8 +168,12 @@ pub async fn verify(
     };
     client
         .batch_execute(&format!(
-            "BEGIN READ ONLY; SET LOCAL statement_timeout = {}",
-            db::millis(timeout)
+            "BEGIN READ ONLY; {}",
+            Timeouts {
+                statement: Some(Limit::Within(timeout)),
+                ..Timeouts::default()
+            }
+            .set_local()
         ))
         .await
         .map_err(err)?;
@@ -203,18 +207,7 @@ pub async fn gate(
     timeout: Duration,
 ) -> Result<GateReport> {
     let name = &job.name;
-    let missing = crate::store::gate_privileges_missing(client, store.schema()).await?;
-    if !missing.is_empty() {
-        let role: String = client
-            .query_one("SELECT current_user::text", &[])
-            .await
-            .map_err(|e| db::error(e, "reading the current role"))?
-            .get(0);
-        return Err(Error::Runtime(format!(
-            "job {name}: role {role} may not read the engine's schema as the gate does (missing: {}); run `backfill init --grant-gate-to {role}` once as the schema's owner",
-            missing.join(", ")
-        )));
-    }
+    check_gate_privileges(client, store, name).await?;
     let checkpoint = store.load(client, name).await?;
     let state = checkpoint
         .as_ref()
@@ -240,22 +233,7 @@ pub async fn gate(
         ));
     }
     if c.state != "done" {
-        let detail = match c.state.as_str() {
-            "running" => format!("it is running ({} rows done)", c.rows_done),
-            "reverted" => "it was reverted (`backfill revert`)".to_string(),
-            "incomplete" => format!(
-                "verify counted {} rows still to do when the run ended",
-                c.verify_remaining.unwrap_or(-1)
-            ),
-            s => format!(
-                "its state is {s} ({} rows done{})",
-                c.rows_done,
-                c.last_error
-                    .as_deref()
-                    .map(|e| format!("; last error: {e}"))
-                    .unwrap_or_default()
-            ),
-        };
+        let detail = not_done_detail(&c);
         return Ok(fail(
             format!("job {name} is not complete: {detail}; run `backfill run {name}` to finish it"),
             None,
@@ -298,4 +276,45 @@ pub async fn gate(
         verify_remaining: Some(0),
         reason: format!("job {name} is complete and verified: verify returned 0 just now"),
     })
+}
+
+/// Fails unless the role may read the engine's schema as the gate does.
+async fn check_gate_privileges(
+    client: &tokio_postgres::Client,
+    store: &Store,
+    name: &str,
+) -> Result<()> {
+    let missing = crate::store::gate_privileges_missing(client, store.schema()).await?;
+    if !missing.is_empty() {
+        let role: String = client
+            .query_one("SELECT current_user::text", &[])
+            .await
+            .map_err(|e| db::error(e, "reading the current role"))?
+            .get(0);
+        return Err(Error::Runtime(format!(
+            "job {name}: role {role} may not read the engine's schema as the gate does (missing: {}); run `backfill init --grant-gate-to {role}` once as the schema's owner",
+            missing.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// Why a job whose checkpoint is not `done` is not complete, for the gate's reason.
+fn not_done_detail(c: &crate::store::Checkpoint) -> String {
+    match c.state.as_str() {
+        "running" => format!("it is running ({} rows done)", c.rows_done),
+        "reverted" => "it was reverted (`backfill revert`)".to_string(),
+        "incomplete" => format!(
+            "verify counted {} rows still to do when the run ended",
+            c.verify_remaining.unwrap_or(-1)
+        ),
+        s => format!(
+            "its state is {s} ({} rows done{})",
+            c.rows_done,
+            c.last_error
+                .as_deref()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
+        ),
+    }
 }
