@@ -20,7 +20,7 @@ const SAMPLE_JOB: &str = include_str!("../jobs/orders_status.toml");
 fn sample_job(jobs: &Path) -> Result<JobSpec> {
     let path = job::path_for(jobs, "orders_status");
     if path.exists() {
-        job::load(jobs, "orders_status")
+        crate::resolve::load(jobs, "orders_status")
     } else {
         JobSpec::parse(
             "orders_status",

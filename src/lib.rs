@@ -51,6 +51,7 @@ pub mod migrator;
 pub mod out;
 pub mod pgtemp;
 pub mod plan;
+pub mod resolve;
 pub mod signals;
 pub mod sql;
 pub mod state;

@@ -134,7 +134,7 @@ async fn plan(
     opts: &crate::plan::PlanOptions,
     json: bool,
 ) -> Result<u8> {
-    let job = job::load(jobs, name)?;
+    let job = crate::resolve::load(jobs, name)?;
     let plan = crate::plan::plan(target, store, &job, opts).await?;
     if json {
         println!(
@@ -159,7 +159,7 @@ async fn gate(
     verify_timeout: std::time::Duration,
     json: bool,
 ) -> Result<u8> {
-    let job = job::load(jobs, name)?;
+    let job = crate::resolve::load(jobs, name)?;
     let client = target.connect().await?;
     let report = crate::migrator::gate(&client, store, &job, verify_timeout).await?;
     if json {
@@ -202,7 +202,7 @@ fn control_change(args: &SetArgs) -> Result<ControlChange> {
 }
 
 async fn list(url: Option<&str>, store: &Store, jobs: &Path, json: bool) -> Result<u8> {
-    let specs = job::load_all(jobs)?;
+    let specs = crate::resolve::load_all(jobs)?;
     let checkpoints = match Target::resolve(url) {
         Ok(t) => match t.connect().await {
             Ok(client) => store.load_all(&client).await.map_err(|e| e.to_string()),
@@ -250,8 +250,8 @@ async fn list(url: Option<&str>, store: &Store, jobs: &Path, json: bool) -> Resu
 
 fn check(jobs: &Path, name: Option<&str>) -> Result<u8> {
     let results = match name {
-        Some(n) => vec![(n.to_string(), job::load(jobs, n))],
-        None => job::load_all(jobs)?,
+        Some(n) => vec![(n.to_string(), crate::resolve::load(jobs, n))],
+        None => crate::resolve::load_all(jobs)?,
     };
     if results.is_empty() {
         return Err(Error::Usage(format!(
@@ -440,7 +440,7 @@ async fn failures(target: &Target, store: &Store, name: &str, all: bool, json: b
 }
 
 async fn retry_failures(target: &Target, store: &Store, jobs: &Path, name: &str) -> Result<u8> {
-    let job = job::load(jobs, name)?;
+    let job = crate::resolve::load(jobs, name)?;
     let progress = Progress::new(name, ProgressOptions::default());
     let (fixed, still) =
         executor::retry_failures(target, store, &job, &RunOptions::default(), &progress).await?;

@@ -30,7 +30,7 @@ pub(super) async fn run(
     log_json: bool,
     mode: Mode,
 ) -> Result<u8> {
-    let forward = job::load(jobs, &args.name)?;
+    let forward = crate::resolve::load(jobs, &args.name)?;
     let job = match mode {
         Mode::Forward => forward.clone(),
         Mode::Revert => crate::undo::revert_job(store, &forward)?,

@@ -32,7 +32,7 @@ pub(super) async fn status(
         Some(name) => {
             let c = store.load(&client, name).await?;
             let controls = store.controls_for_status(&client, name).await?;
-            let spec = job::load(jobs, name).ok();
+            let spec = crate::resolve::load(jobs, name).ok();
             if c.is_none() && spec.is_none() {
                 return Err(Error::Usage(format!(
                     "job `{name}`: no checkpoint in schema {} and no file {}",

@@ -1,18 +1,24 @@
 //! Job definitions: `jobs/<name>.toml` files, parsed into a [`raw::RawJob`] and validated into a
-//! [`JobSpec`]. Everything here works offline; checks that need the database (does the key column
-//! exist, is it backed by a unique index) live in `keyset`.
+//! [`JobSpec`]. Everything here works offline and depends only on `crate::sql` and `crate::error`:
+//! it never reads a migrator's files or touches the database. Checks that need the database (does
+//! the key column exist, is it backed by a unique index) live in `keyset`; those that need the
+//! project around the job (finishing steps, migrator revisions) in `crate::resolve`.
 
+mod duration;
+mod locate;
+mod migration;
 mod phases;
 pub mod raw;
 mod spec;
 mod throttle;
 
-pub use phases::{MigrationSpec, Revert, DEFAULT_MAX_SWEEPS};
+pub use migration::{MigrationSpec, Tool};
+pub use phases::{Revert, DEFAULT_MAX_SWEEPS};
 pub use throttle::{parse_bytes, OnSignalError, ThrottleSpec};
 
+pub use duration::{check_stored_duration, parse_duration, parse_server_timeout, MAX_TIMEOUT};
 pub use spec::{
-    check_stored_duration, parse_duration, parse_server_timeout, JobSpec, OnError,
-    DEFAULT_CHUNK_ROWS, DEFAULT_LOCK_TIMEOUT, DEFAULT_STATEMENT_TIMEOUT, MAX_TIMEOUT,
+    JobSpec, OnError, DEFAULT_CHUNK_ROWS, DEFAULT_LOCK_TIMEOUT, DEFAULT_STATEMENT_TIMEOUT,
 };
 
 use crate::error::{Error, Result};

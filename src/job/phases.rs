@@ -1,44 +1,19 @@
-//! What a job declares around its main pass: the precondition (`requires_sql`, the migrator's
-//! expand and contract revisions), how many sweeps may chase rows written behind the cursor, the
-//! finishing steps, and how the job is reverted (`down_sql` or `undo` columns).
+//! What a job declares around its main pass: the precondition (`requires_sql`; the migrator's
+//! expand and contract revisions are read by [`super::migration`]), how many sweeps may chase rows
+//! written behind the cursor, the finishing steps, and how the job is reverted (`down_sql` or
+//! `undo` columns). Offline like all of job parsing: that each finishing step is one statement is
+//! checked when the job is resolved against the project (`crate::resolve`), not here.
 
-use super::raw::{RawJob, RawMigration};
-use super::spec::Locator;
+use super::locate::Locator;
+use super::migration::MigrationSpec;
+use super::raw::RawJob;
 use crate::error::Result;
 use crate::sql::{SqlTemplate, CTID};
-use std::path::PathBuf;
 use toml::Spanned;
 
 /// Sweeps after the main pass when `verify` still counts rows, unless the job says otherwise.
 pub const DEFAULT_MAX_SWEEPS: u32 = 3;
 const MAX_SWEEPS_LIMIT: i64 = 100;
-
-/// The job's place in an expand-and-contract change.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MigrationSpec {
-    pub tool: crate::migrator::history::Tool,
-    /// Must be applied before the backfill may run.
-    pub expand: Option<String>,
-    /// Must not be applied before the backfill is done and verified.
-    pub contract: Option<String>,
-    /// Alembic's versions directory (relative paths are taken from the working directory).
-    pub alembic_dir: Option<PathBuf>,
-    /// Alembic's `recursive_version_locations`: revision files in subdirectories count too.
-    pub alembic_recursive: bool,
-    /// Where the migrator keeps its history, when not its default table on the search_path.
-    pub history_table: Option<String>,
-}
-
-impl MigrationSpec {
-    pub fn history(&self) -> crate::migrator::history::History {
-        crate::migrator::history::History {
-            tool: self.tool,
-            table: self.history_table.clone(),
-            alembic_dir: self.alembic_dir.clone(),
-            alembic_recursive: self.alembic_recursive,
-        }
-    }
-}
 
 /// How `backfill revert` undoes the job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,8 +66,6 @@ pub(super) fn parse(at: &Locator<'_>, raw: &RawJob, key: &[String]) -> Result<Ph
                 }
                 steps.push(s.to_string());
             }
-            crate::finish::check_steps(&at.job_name(), &steps)
-                .map_err(|e| at.err("finish_sql", list, e.to_string()))?;
             steps
         }
     };
@@ -111,7 +84,7 @@ pub(super) fn parse(at: &Locator<'_>, raw: &RawJob, key: &[String]) -> Result<Ph
         };
     let migration = match &raw.migration {
         None => None,
-        Some(m) => Some(migration(at, m.get_ref())?),
+        Some(m) => Some(super::migration::parse(at, m.get_ref())?),
     };
     Ok(Phases {
         requires_sql,
@@ -163,97 +136,6 @@ fn undo_columns(at: &Locator<'_>, u: &Spanned<Vec<String>>, key: &[String]) -> R
         ));
     }
     Ok(cols)
-}
-
-fn migration(at: &Locator<'_>, m: &RawMigration) -> Result<MigrationSpec> {
-    use crate::migrator::history::Tool;
-    let tool = Tool::parse(m.tool.get_ref().trim()).ok_or_else(|| {
-        at.err(
-            "tool",
-            &m.tool,
-            format!(
-                "`{}` is not one of {}",
-                m.tool.get_ref(),
-                Tool::NAMES.join(", ")
-            ),
-        )
-    })?;
-    let revision = |key: &str, v: &Option<Spanned<String>>| -> Result<Option<String>> {
-        let Some(v) = v else { return Ok(None) };
-        let r = v.get_ref().trim();
-        if r.is_empty() {
-            return Err(at.err(key, v, "empty revision"));
-        }
-        Ok(Some(r.to_string()))
-    };
-    let spec = MigrationSpec {
-        tool,
-        expand: revision("expand", &m.expand)?,
-        contract: revision("contract", &m.contract)?,
-        alembic_dir: m.alembic_dir.as_ref().map(|d| PathBuf::from(d.get_ref())),
-        alembic_recursive: m
-            .recursive_version_locations
-            .as_ref()
-            .is_some_and(|r| *r.get_ref()),
-        history_table: m
-            .history_table
-            .as_ref()
-            .map(|t| t.get_ref().trim().to_string()),
-    };
-    if spec.expand.is_none() && spec.contract.is_none() {
-        return Err(at.err(
-            "tool",
-            &m.tool,
-            "[migration] names neither `expand` nor `contract`: give the revision the backfill follows and/or the one that must wait for it",
-        ));
-    }
-    if let (Some(e), Some(c)) = (&spec.expand, &spec.contract) {
-        if e == c {
-            return Err(at.err(
-                "contract",
-                m.contract.as_ref().expect("contract given"),
-                "expand and contract are the same revision",
-            ));
-        }
-    }
-    match (tool, &m.alembic_dir) {
-        (Tool::Alembic, None) => {
-            return Err(at.err(
-                "tool",
-                &m.tool,
-                "alembic keeps only its current heads, so the engine reads the revision graph: add alembic_dir = \"migrations/versions\" (the directory of your revision files)",
-            ))
-        }
-        (Tool::Alembic, Some(_)) | (_, None) => {
-            if let (false, Some(r)) = (tool == Tool::Alembic, &m.recursive_version_locations) {
-                return Err(at.err(
-                    "recursive_version_locations",
-                    r,
-                    format!("recursive_version_locations is for tool = \"alembic\" only (tool is \"{}\")", tool.name()),
-                ));
-            }
-        }
-        (_, Some(d)) => {
-            return Err(at.err(
-                "alembic_dir",
-                d,
-                format!("alembic_dir is for tool = \"alembic\" only (tool is \"{}\")", tool.name()),
-            ))
-        }
-    }
-    let history = spec.history();
-    for (key, v) in [("expand", &m.expand), ("contract", &m.contract)] {
-        if let Some(v) = v {
-            history
-                .check_revision(v.get_ref().trim())
-                .map_err(|e| at.err(key, v, e.to_string()))?;
-        }
-    }
-    if let Some(t) = &m.history_table {
-        crate::sql::TableName::parse(t.get_ref())
-            .map_err(|e| at.err("history_table", t, format!("`{}`: {e}", t.get_ref())))?;
-    }
-    Ok(spec)
 }
 
 #[cfg(test)]
@@ -313,8 +195,8 @@ mod tests {
     fn finish_steps_are_single_statements() {
         let j = parse("finish_sql = [\"ALTER TABLE t VALIDATE CONSTRAINT c;\"]\n").unwrap();
         assert_eq!(j.finish_sql, ["ALTER TABLE t VALIDATE CONSTRAINT c"]);
-        let m = parse("finish_sql = [\"SELECT 1; SELECT 2\"]\n").unwrap_err();
-        assert!(m.contains("finish_sql"), "{m}");
+        // One statement per step is checked when the job is resolved (crate::resolve).
+        assert!(parse("finish_sql = [\"SELECT 1; SELECT 2\"]\n").is_ok());
         let m = parse("finish_sql = [\" \"]\n").unwrap_err();
         assert!(m.contains("step 1 is empty"), "{m}");
         let m = parse("max_sweeps = -1\n").unwrap_err();
@@ -333,8 +215,8 @@ mod tests {
         assert!(m.contains("alembic_dir"), "{m}");
         let m = parse("[migration]\ntool = \"sqlx\"\n").unwrap_err();
         assert!(m.contains("neither"), "{m}");
-        let m = parse("[migration]\ntool = \"sqlx\"\nexpand = \"one\"\n").unwrap_err();
-        assert!(m.contains("expand"), "{m}");
+        // How a revision is spelled is the migrator's to check (crate::resolve).
+        assert!(parse("[migration]\ntool = \"sqlx\"\nexpand = \"one\"\n").is_ok());
         let m = parse("[migration]\ntool = \"sqlx\"\nexpand = \"1\"\nalembic_dir = \"x\"\n")
             .unwrap_err();
         assert!(m.contains("for tool = \"alembic\" only"), "{m}");

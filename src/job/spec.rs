@@ -1,5 +1,7 @@
 //! Validation of a raw job into a typed [`JobSpec`], with errors that name file, line and key.
 
+use super::duration::{parse_duration, parse_server_timeout};
+use super::locate::Locator;
 use super::raw::RawJob;
 use crate::error::{Error, Result};
 use crate::sql::TableName;
@@ -16,10 +18,6 @@ pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(1);
 /// No chunk statement may run longer than this: it bounds how long the chunk's row locks are held.
 pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_CHUNK_ROWS: i64 = 10_000_000;
-/// The longest `lock_timeout`/`statement_timeout` PostgreSQL accepts: INT_MAX milliseconds (about
-/// 24.8 days). Anything longer passes a duration parser but makes every chunk's `SET LOCAL` fail
-/// with 22023, so it is refused where it is written.
-pub const MAX_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
 
 /// What a run does with a key whose row makes the statement fail (a "poison row").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -62,8 +60,10 @@ pub struct JobSpec {
     /// Stable hash of what the job does to the data (table, key, sql). Progress made under one
     /// fingerprint is not resumed under another without `--allow-changed-definition`.
     pub fingerprint: String,
-    /// The line each of `table`, `key` and `undo` is written on, for the checks that need the
-    /// catalog (at run and plan time) and must still name the file, the line and the key.
+    /// The line each of `table`, `key`, `undo`, `finish_sql` and the migration's `expand` and
+    /// `contract` is written on, for the checks made after parsing (against the catalog at run
+    /// and plan time, against the project in `crate::resolve`) that must still name the file, the
+    /// line and the key.
     pub lines: Vec<(&'static str, usize)>,
 }
 
@@ -81,66 +81,9 @@ impl JobSpec {
     }
 }
 
-/// Builds "file:line: key `k`: message" errors from spans.
-pub(super) struct Locator<'a> {
-    path: &'a Path,
-    text: &'a str,
-}
-
-impl Locator<'_> {
-    /// The job's name: the file stem.
-    pub(super) fn job_name(&self) -> String {
-        self.path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    }
-
-    /// The line a value starts on.
-    pub(super) fn line<T>(&self, span: &Spanned<T>) -> usize {
-        self.text[..span.span().start.min(self.text.len())]
-            .matches('\n')
-            .count()
-            + 1
-    }
-
-    pub(super) fn err<T>(
-        &self,
-        key: &str,
-        span: &Spanned<T>,
-        msg: impl std::fmt::Display,
-    ) -> Error {
-        Error::Usage(format!(
-            "invalid job file {}:{}: key `{key}`: {msg}",
-            self.path.display(),
-            self.line(span)
-        ))
-    }
-}
-
 impl JobSpec {
     pub fn parse(name: &str, path: &Path, text: &str) -> Result<JobSpec> {
-        let raw: RawJob = toml::from_str(text).map_err(|e| {
-            let msg = e.message().trim_end().to_string();
-            let Some(span) = e.span() else {
-                return Error::Usage(format!("invalid job file {}: {msg}", path.display()));
-            };
-            let start = span.start.min(text.len());
-            let line = text[..start].matches('\n').count() + 1;
-            // Type errors point at the value; name the key written before it on that line.
-            let line_start = text[..start].rfind('\n').map(|i| i + 1).unwrap_or(0);
-            let key = text[line_start..start]
-                .split_once('=')
-                .map(|(k, _)| k.trim().trim_matches('"'))
-                .filter(|k| !k.is_empty() && !msg.contains(&format!("`{k}`")));
-            match key {
-                Some(k) => Error::Usage(format!(
-                    "invalid job file {}:{line}: key `{k}`: {msg}",
-                    path.display()
-                )),
-                None => Error::Usage(format!("invalid job file {}:{line}: {msg}", path.display())),
-            }
-        })?;
+        let raw = parse_raw(path, text)?;
         let at = Locator { path, text };
         reject_nul(&at, &raw)?;
 
@@ -152,83 +95,11 @@ impl JobSpec {
             )
         })?;
 
-        let names: Vec<&str> = match raw.key.get_ref() {
-            toml::Value::String(one) => vec![one.as_str()],
-            toml::Value::Array(many) => many
-                .iter()
-                .map(|v| v.as_str())
-                .collect::<Option<_>>()
-                .ok_or_else(|| {
-                    at.err("key", &raw.key, "every key column must be a string, e.g. key = [\"tenant_id\", \"id\"]")
-                })?,
-            _ => {
-                return Err(at.err(
-                    "key",
-                    &raw.key,
-                    "expected a column name or a list of them, e.g. key = [\"id\"] (or key = \"ctid\" for a table without a usable key)",
-                ))
-            }
-        };
-        if names.is_empty() {
-            return Err(at.err(
-                "key",
-                &raw.key,
-                "the key list is empty: name the primary key column(s), e.g. key = [\"id\"]",
-            ));
-        }
-        let mut key = Vec::new();
-        for col in names {
-            let c = col.trim();
-            if c.is_empty() {
-                return Err(at.err("key", &raw.key, "empty column name"));
-            }
-            if key.iter().any(|k: &String| k == c) {
-                return Err(at.err("key", &raw.key, format!("column `{c}` is listed twice")));
-            }
-            key.push(c.to_string());
-        }
-        if key.len() > 1 && key.iter().any(|k| k == CTID) {
-            return Err(at.err(
-                "key",
-                &raw.key,
-                "`ctid` walks the table's pages and cannot be combined with other key columns: use key = \"ctid\" alone",
-            ));
-        }
+        let key = key_columns(&at, &raw)?;
 
         let sql = SqlTemplate::parse(raw.sql.get_ref()).map_err(|m| at.err("sql", &raw.sql, m))?;
 
-        let chunk_rows = match &raw.chunk_rows {
-            None => DEFAULT_CHUNK_ROWS,
-            Some(n) => {
-                let v = *n.get_ref();
-                if !(1..=MAX_CHUNK_ROWS).contains(&v) {
-                    return Err(at.err(
-                        "chunk_rows",
-                        n,
-                        format!("{v} is out of range: use 1 to {MAX_CHUNK_ROWS}"),
-                    ));
-                }
-                v as u32
-            }
-        };
-
-        let verify = match &raw.verify {
-            None => None,
-            Some(v) => {
-                let q = v.get_ref().trim();
-                if q.is_empty() {
-                    return Err(at.err("verify", v, "empty query: give a query returning the number of rows still to do, or remove the key"));
-                }
-                if SqlTemplate::mentions_placeholder(q) {
-                    return Err(at.err(
-                        "verify",
-                        v,
-                        "`verify` runs over the whole table and takes no :start/:end placeholders",
-                    ));
-                }
-                Some(q.trim_end_matches(';').to_string())
-            }
-        };
+        let (chunk_rows, verify) = chunk_rows_and_verify(&at, &raw)?;
 
         let lock_timeout = parse_timeout(
             &at,
@@ -250,20 +121,7 @@ impl JobSpec {
             }
         };
 
-        let on_error = match raw.on_error.as_ref() {
-            None => OnError::Stop,
-            Some(v) => match v.get_ref().as_str() {
-                "stop" => OnError::Stop,
-                "skip" => OnError::Skip,
-                other => {
-                    return Err(at.err(
-                        "on_error",
-                        v,
-                        format!("`{other}` is not one of \"stop\", \"skip\""),
-                    ))
-                }
-            },
-        };
+        let on_error = on_error(&at, &raw)?;
 
         let throttle = super::ThrottleSpec::parse(&at, raw.throttle.as_ref())?;
         let phases = super::phases::parse(&at, &raw, &key)?;
@@ -272,10 +130,7 @@ impl JobSpec {
             _ => &[],
         };
         let fingerprint = fingerprint(&table, &key, raw.sql.get_ref(), undo);
-        let mut lines = vec![("table", at.line(&raw.table)), ("key", at.line(&raw.key))];
-        if let Some(u) = &raw.undo {
-            lines.push(("undo", at.line(u)));
-        }
+        let lines = key_lines(&at, &raw);
         Ok(JobSpec {
             name: name.to_string(),
             path: path.to_path_buf(),
@@ -300,6 +155,154 @@ impl JobSpec {
             lines,
         })
     }
+}
+
+/// The job file as written, or an error naming the file, the line and (for a wrong type) the key.
+fn parse_raw(path: &Path, text: &str) -> Result<RawJob> {
+    toml::from_str(text).map_err(|e| {
+        let msg = e.message().trim_end().to_string();
+        let Some(span) = e.span() else {
+            return Error::Usage(format!("invalid job file {}: {msg}", path.display()));
+        };
+        let start = span.start.min(text.len());
+        let line = text[..start].matches('\n').count() + 1;
+        // Type errors point at the value; name the key written before it on that line.
+        let line_start = text[..start].rfind('\n').map(|i| i + 1).unwrap_or(0);
+        let key = text[line_start..start]
+            .split_once('=')
+            .map(|(k, _)| k.trim().trim_matches('"'))
+            .filter(|k| !k.is_empty() && !msg.contains(&format!("`{k}`")));
+        match key {
+            Some(k) => Error::Usage(format!(
+                "invalid job file {}:{line}: key `{k}`: {msg}",
+                path.display()
+            )),
+            None => Error::Usage(format!("invalid job file {}:{line}: {msg}", path.display())),
+        }
+    })
+}
+
+/// The key columns: one name or a list, none empty or repeated, `ctid` only alone.
+fn key_columns(at: &Locator<'_>, raw: &RawJob) -> Result<Vec<String>> {
+    let names: Vec<&str> = match raw.key.get_ref() {
+        toml::Value::String(one) => vec![one.as_str()],
+        toml::Value::Array(many) => many
+            .iter()
+            .map(|v| v.as_str())
+            .collect::<Option<_>>()
+            .ok_or_else(|| {
+                at.err("key", &raw.key, "every key column must be a string, e.g. key = [\"tenant_id\", \"id\"]")
+            })?,
+        _ => {
+            return Err(at.err(
+                "key",
+                &raw.key,
+                "expected a column name or a list of them, e.g. key = [\"id\"] (or key = \"ctid\" for a table without a usable key)",
+            ))
+        }
+    };
+    if names.is_empty() {
+        return Err(at.err(
+            "key",
+            &raw.key,
+            "the key list is empty: name the primary key column(s), e.g. key = [\"id\"]",
+        ));
+    }
+    let mut key = Vec::new();
+    for col in names {
+        let c = col.trim();
+        if c.is_empty() {
+            return Err(at.err("key", &raw.key, "empty column name"));
+        }
+        if key.iter().any(|k: &String| k == c) {
+            return Err(at.err("key", &raw.key, format!("column `{c}` is listed twice")));
+        }
+        key.push(c.to_string());
+    }
+    if key.len() > 1 && key.iter().any(|k| k == CTID) {
+        return Err(at.err(
+            "key",
+            &raw.key,
+            "`ctid` walks the table's pages and cannot be combined with other key columns: use key = \"ctid\" alone",
+        ));
+    }
+    Ok(key)
+}
+
+/// `chunk_rows` (or the default) and the `verify` query, which takes no placeholders.
+fn chunk_rows_and_verify(at: &Locator<'_>, raw: &RawJob) -> Result<(u32, Option<String>)> {
+    let chunk_rows = match &raw.chunk_rows {
+        None => DEFAULT_CHUNK_ROWS,
+        Some(n) => {
+            let v = *n.get_ref();
+            if !(1..=MAX_CHUNK_ROWS).contains(&v) {
+                return Err(at.err(
+                    "chunk_rows",
+                    n,
+                    format!("{v} is out of range: use 1 to {MAX_CHUNK_ROWS}"),
+                ));
+            }
+            v as u32
+        }
+    };
+
+    let verify = match &raw.verify {
+        None => None,
+        Some(v) => {
+            let q = v.get_ref().trim();
+            if q.is_empty() {
+                return Err(at.err("verify", v, "empty query: give a query returning the number of rows still to do, or remove the key"));
+            }
+            if SqlTemplate::mentions_placeholder(q) {
+                return Err(at.err(
+                    "verify",
+                    v,
+                    "`verify` runs over the whole table and takes no :start/:end placeholders",
+                ));
+            }
+            Some(q.trim_end_matches(';').to_string())
+        }
+    };
+    Ok((chunk_rows, verify))
+}
+
+/// What a poison row does: `stop` (the default) or `skip`.
+fn on_error(at: &Locator<'_>, raw: &RawJob) -> Result<OnError> {
+    let on_error = match raw.on_error.as_ref() {
+        None => OnError::Stop,
+        Some(v) => match v.get_ref().as_str() {
+            "stop" => OnError::Stop,
+            "skip" => OnError::Skip,
+            other => {
+                return Err(at.err(
+                    "on_error",
+                    v,
+                    format!("`{other}` is not one of \"stop\", \"skip\""),
+                ))
+            }
+        },
+    };
+    Ok(on_error)
+}
+
+/// The lines of the keys checked after parsing (see [`JobSpec::lines`]).
+fn key_lines(at: &Locator<'_>, raw: &RawJob) -> Vec<(&'static str, usize)> {
+    let mut lines = vec![("table", at.line(&raw.table)), ("key", at.line(&raw.key))];
+    if let Some(u) = &raw.undo {
+        lines.push(("undo", at.line(u)));
+    }
+    if let Some(f) = &raw.finish_sql {
+        lines.push(("finish_sql", at.line(f)));
+    }
+    if let Some(m) = &raw.migration {
+        let m = m.get_ref();
+        for (key, v) in [("expand", &m.expand), ("contract", &m.contract)] {
+            if let Some(v) = v {
+                lines.push((key, at.line(v)));
+            }
+        }
+    }
+    lines
 }
 
 /// PostgreSQL takes no NUL character anywhere: not in an identifier (22021 when bound, as in a
@@ -382,41 +385,6 @@ fn parse_timeout(
     Ok(d)
 }
 
-/// Parses a duration that becomes a server timeout (`lock_timeout`, `statement_timeout`): at
-/// least 1 ms and at most [`MAX_TIMEOUT`].
-pub fn parse_server_timeout(text: &str) -> std::result::Result<Duration, String> {
-    let d = parse_duration(text)?;
-    if d > MAX_TIMEOUT {
-        return Err(format!(
-            "`{text}` is longer than PostgreSQL accepts for a timeout ({}ms, about 24 days): use e.g. \"30s\" or \"24d\"",
-            MAX_TIMEOUT.as_millis()
-        ));
-    }
-    Ok(d)
-}
-
-/// Limits a duration stored in milliseconds by the engine (`backfill set`) to [`MAX_TIMEOUT`].
-pub fn check_stored_duration(text: &str, d: Duration) -> std::result::Result<Duration, String> {
-    if d > MAX_TIMEOUT {
-        return Err(format!(
-            "`{text}` is too long: use at most {}ms (about 24 days)",
-            MAX_TIMEOUT.as_millis()
-        ));
-    }
-    Ok(d)
-}
-
-/// Parses a human duration (`500ms`, `2s`, `1m 30s`) that must be at least 1 ms.
-pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
-    let d = humantime::parse_duration(text.trim()).map_err(|e| {
-        format!("`{text}` is not a duration ({e}); write e.g. \"500ms\", \"2s\" or \"1m\"")
-    })?;
-    if d < Duration::from_millis(1) {
-        return Err(format!("`{text}` is too short: use at least 1ms"));
-    }
-    Ok(d)
-}
-
 /// The fingerprint covers what the job does to the data; chunk size, timeouts, description and
 /// verify may change between runs without invalidating progress. Undo columns count: a chunk
 /// done without keeping its old values could not be reverted.
@@ -439,6 +407,7 @@ fn fingerprint(table: &TableName, key: &[String], sql: &str, undo: &[String]) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::MAX_TIMEOUT;
 
     fn parse(text: &str) -> Result<JobSpec> {
         JobSpec::parse("t", Path::new("jobs/t.toml"), text)

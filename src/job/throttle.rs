@@ -1,8 +1,9 @@
 //! The `[throttle]` table of a job: how fast, in what chunk sizes, and on which health signals a
 //! run holds. Validated offline, with file, line and key in every error.
 
+use super::duration::parse_duration;
+use super::locate::Locator;
 use super::raw::RawThrottle;
-use super::spec::{parse_duration, Locator};
 use crate::error::Result;
 use std::time::Duration;
 use toml::Spanned;
@@ -105,6 +106,14 @@ impl ThrottleSpec {
         let Some(raw) = raw.map(Spanned::get_ref) else {
             return Ok(t);
         };
+        t.parse_pace(at, raw)?;
+        t.parse_signals(at, raw)?;
+        Ok(t)
+    }
+
+    /// How fast a run may go: rate, chunk size bounds and target, pauses between chunks.
+    fn parse_pace(&mut self, at: &Locator<'_>, raw: &RawThrottle) -> Result<()> {
+        let t = self;
         if let Some(v) = &raw.rows_per_second {
             let n = *v.get_ref();
             if !(1..=u32::MAX as i64).contains(&n) {
@@ -173,6 +182,12 @@ impl ThrottleSpec {
             }
             t.nice_ratio = r;
         }
+        Ok(())
+    }
+
+    /// What the run watches and holds for: replication lag, WAL rate, autovacuum, `throttle_sql`.
+    fn parse_signals(&mut self, at: &Locator<'_>, raw: &RawThrottle) -> Result<()> {
+        let t = self;
         if let Some(v) = &raw.max_replication_lag {
             t.max_replication_lag = duration_or_off(v.get_ref())
                 .map_err(|m| at.err("throttle.max_replication_lag", v, m))?;
@@ -212,7 +227,7 @@ impl ThrottleSpec {
             t.check_interval =
                 parse_duration(v.get_ref()).map_err(|m| at.err("throttle.check_interval", v, m))?;
         }
-        Ok(t)
+        Ok(())
     }
 }
 

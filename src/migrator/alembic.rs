@@ -3,14 +3,17 @@
 //! `alembic_version` holds only the current head(s), so "is revision R applied?" cannot be answered
 //! from the database alone: R is applied when some head is R or descends from it, and descent is
 //! written down only in the revision files (`down_revision`, `depends_on`). This module reads those
-//! assignments with a small tokenizer — never by running Python — and answers ancestry questions
+//! assignments ([`pyfile`], a small tokenizer — never by running Python) and answers ancestry questions
 //! by Alembic's own rules: which files are read (`recursive_version_locations`), what a file must
 //! declare, how duplicates, branch labels, `label@head` and partial ids resolve. Ancestry needs
 //! only `revision`, `down_revision` and `depends_on`; any other value the tokenizer cannot
 //! evaluate (a `branch_labels` imported from a module, say) is kept as unknown and matters only
 //! when a job names a label. It does not touch the database; `history` does.
 
+mod pyfile;
+
 use crate::error::{Error, Result};
+use pyfile::{parse_revision_file, Labels};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -37,6 +40,9 @@ pub struct RevisionGraph {
     /// What Alembic would warn about (a revision id defined twice), for messages.
     warnings: Vec<String>,
 }
+
+/// What each revision declares besides its parents: (id, branch labels, `depends_on` as written).
+type Declared = Vec<(String, Vec<String>, Vec<String>)>;
 
 /// Graphs already read by this process, by directory and recursion: each revision file is read
 /// once per command, however many revisions the command asks about.
@@ -81,7 +87,26 @@ impl RevisionGraph {
             unknown_labels: Vec::new(),
             warnings: Vec::new(),
         };
-        let mut declared: Vec<(String, Vec<String>, Vec<String>)> = Vec::new();
+        let declared = graph.read_files(files)?;
+        if graph.revisions.is_empty() {
+            let hint = if recursive {
+                ""
+            } else {
+                " (subdirectories are read only with recursive_version_locations = true, as in alembic)"
+            };
+            return Err(Error::Usage(format!(
+                "no alembic revisions found in {shown}{hint}: no .py file assigns `revision = \"…\"`; point `alembic_dir` at the versions directory (e.g. migrations/versions)"
+            )));
+        }
+        graph.add_labels(&declared)?;
+        graph.link(declared, recursive)?;
+        Ok(graph)
+    }
+
+    /// Reads each revision file into the graph's revisions; returns what each declares beyond its
+    /// parents (labels, `depends_on`), for once every file is known.
+    fn read_files(&mut self, files: Vec<PathBuf>) -> Result<Declared> {
+        let mut declared: Declared = Vec::new();
         for file in files {
             let text = std::fs::read_to_string(&file).map_err(|e| {
                 Error::Usage(format!(
@@ -93,9 +118,9 @@ impl RevisionGraph {
                 |e: String| Error::Usage(format!("alembic revision file {}: {e}", file.display()));
             let parsed = parse_revision_file(&text).map_err(bad)?;
             let read = parsed.revision_of(&file).map_err(bad)?;
-            if let Some(earlier) = graph.revisions.get(&read.revision) {
+            if let Some(earlier) = self.revisions.get(&read.revision) {
                 // Alembic warns and keeps the file it read last.
-                graph.warnings.push(format!(
+                self.warnings.push(format!(
                     "revision {} is defined in {} and again in {}; alembic uses the later one",
                     read.revision,
                     earlier.file.display(),
@@ -108,11 +133,11 @@ impl RevisionGraph {
                     declared.push((read.revision.clone(), labels, read.depends_on))
                 }
                 Labels::Unknown(expr) => {
-                    graph.unknown_labels.push((file.clone(), expr));
+                    self.unknown_labels.push((file.clone(), expr));
                     declared.push((read.revision.clone(), Vec::new(), read.depends_on));
                 }
             }
-            graph.revisions.insert(
+            self.revisions.insert(
                 read.revision,
                 Revision {
                     file,
@@ -121,34 +146,36 @@ impl RevisionGraph {
                 },
             );
         }
-        if graph.revisions.is_empty() {
-            let hint = if recursive {
-                ""
-            } else {
-                " (subdirectories are read only with recursive_version_locations = true, as in alembic)"
-            };
-            return Err(Error::Usage(format!(
-                "no alembic revisions found in {shown}{hint}: no .py file assigns `revision = \"…\"`; point `alembic_dir` at the versions directory (e.g. migrations/versions)"
-            )));
-        }
-        for (id, labels, _) in &declared {
+        Ok(declared)
+    }
+
+    /// Registers each branch label; a label used twice (or equal to a revision id) is refused,
+    /// as Alembic refuses it.
+    fn add_labels(&mut self, declared: &Declared) -> Result<()> {
+        for (id, labels, _) in declared {
             for label in labels {
-                let taken = graph
+                let taken = self
                     .labels
                     .get(label)
                     .cloned()
-                    .or_else(|| graph.revisions.contains_key(label).then(|| label.clone()));
+                    .or_else(|| self.revisions.contains_key(label).then(|| label.clone()));
                 if let Some(other) = taken {
                     return Err(Error::Usage(format!(
                         "alembic branch label `{label}` of revision {id} ({}) is already used by revision {other}; alembic refuses this history too",
-                        graph.revisions[id].file.display()
+                        self.revisions[id].file.display()
                     )));
                 }
-                graph.labels.insert(label.clone(), id.clone());
+                self.labels.insert(label.clone(), id.clone());
             }
         }
-        for rev in graph.revisions.values() {
-            if let Some(missing) = rev.down.iter().find(|d| !graph.revisions.contains_key(*d)) {
+        Ok(())
+    }
+
+    /// Checks that every `down_revision` is defined and resolves each `depends_on` to an id.
+    fn link(&mut self, declared: Declared, recursive: bool) -> Result<()> {
+        let shown = self.dir.display().to_string();
+        for rev in self.revisions.values() {
+            if let Some(missing) = rev.down.iter().find(|d| !self.revisions.contains_key(*d)) {
                 let hint = if recursive {
                     ""
                 } else {
@@ -164,24 +191,24 @@ impl RevisionGraph {
             let mut resolved = Vec::new();
             for w in wanted {
                 // Alembic looks depends_on up exactly: a revision id or a branch label.
-                let target = match (graph.revisions.contains_key(&w), graph.labels.get(&w)) {
+                let target = match (self.revisions.contains_key(&w), self.labels.get(&w)) {
                     (true, _) => w,
                     (false, Some(labelled)) => labelled.clone(),
                     (false, None) => {
                         return Err(Error::Usage(format!(
                             "alembic revision file {}: depends_on names {w}, which is neither a revision id nor a branch label in {shown}{}",
-                            graph.revisions[&id].file.display(),
-                            graph.unknown_labels_hint()
+                            self.revisions[&id].file.display(),
+                            self.unknown_labels_hint()
                         )))
                     }
                 };
                 resolved.push(target);
             }
-            if let Some(rev) = graph.revisions.get_mut(&id) {
+            if let Some(rev) = self.revisions.get_mut(&id) {
                 rev.depends = resolved;
             }
         }
-        Ok(graph)
+        Ok(())
     }
 
     /// The directory the graph was read from, for messages.
@@ -390,369 +417,9 @@ fn list_revision_files(dir: &Path, recursive: bool, out: &mut Vec<PathBuf>) -> s
     Ok(())
 }
 
-/// A module-level assignment as read without running Python.
-#[derive(Debug, Clone, PartialEq)]
-enum Value {
-    Absent,
-    /// `None`, a string, or a tuple or list of strings.
-    Strings(Vec<String>),
-    /// Anything else, as written (e.g. `(cli.EXPAND_BRANCH,)`).
-    Expression(String),
-}
-
-/// The assignments of one revision file that matter here (the last one of each name counts).
-#[derive(Debug, PartialEq)]
-struct ParsedFile {
-    revision: Value,
-    down_revision: Value,
-    depends_on: Value,
-    branch_labels: Value,
-}
-
-enum Labels {
-    Known(Vec<String>),
-    Unknown(String),
-}
-
-/// What the graph needs of one file.
-struct ReadRevision {
-    revision: String,
-    down_revision: Vec<String>,
-    depends_on: Vec<String>,
-    labels: Labels,
-}
-
-impl ParsedFile {
-    /// Applies Alembic's rules for a file in the versions directory: it must declare `revision`
-    /// (or, as Alembic's legacy rule, be named by a hexadecimal id) and `down_revision`.
-    fn revision_of(self, file: &Path) -> std::result::Result<ReadRevision, String> {
-        let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        let revision = match self.revision {
-            Value::Strings(ids) => match ids.as_slice() {
-                [one] if !one.is_empty() => one.clone(),
-                _ => return Err("`revision` must be one non-empty string".into()),
-            },
-            Value::Expression(e) => {
-                return Err(format!(
-                    "`revision = {e}` is an expression the engine does not evaluate; write the id as a string literal"
-                ))
-            }
-            Value::Absent => match name.strip_suffix(".py") {
-                Some(stem) if !stem.is_empty() && stem.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) => stem.to_string(),
-                _ => {
-                    return Err("it does not assign `revision = \"…\"`, and alembic refuses such a file in the versions directory too (\"Could not determine revision id\"); move helper modules out of the versions directory".into())
-                }
-            },
-        };
-        let needed = |field: &str, v: Value, required: bool| {
-            match v {
-            Value::Strings(ids) => Ok(ids),
-            Value::Absent if !required => Ok(Vec::new()),
-            Value::Absent => Err(format!(
-                "it does not assign `{field}` (alembic fails on it too); write `{field} = None` for a first revision"
-            )),
-            Value::Expression(e) => Err(format!(
-                "`{field} = {e}` is an expression the engine does not evaluate, and the revision graph needs it; write it as None, a string, or a tuple of strings"
-            )),
-        }
-        };
-        Ok(ReadRevision {
-            revision,
-            down_revision: needed("down_revision", self.down_revision, true)?,
-            depends_on: needed("depends_on", self.depends_on, false)?,
-            labels: match self.branch_labels {
-                Value::Strings(l) => Labels::Known(l),
-                Value::Absent => Labels::Known(Vec::new()),
-                Value::Expression(e) => Labels::Unknown(e),
-            },
-        })
-    }
-}
-
-/// The module-level assignments of `revision`, `down_revision`, `depends_on` and
-/// `branch_labels`.
-fn parse_revision_file(text: &str) -> std::result::Result<ParsedFile, String> {
-    let mut parsed = ParsedFile {
-        revision: Value::Absent,
-        down_revision: Value::Absent,
-        depends_on: Value::Absent,
-        branch_labels: Value::Absent,
-    };
-    for line in logical_lines(text)? {
-        if line.indented {
-            continue;
-        }
-        let Some((target, value)) = assignment(&line.tokens) else {
-            continue;
-        };
-        let slot = match target {
-            "revision" => &mut parsed.revision,
-            "down_revision" => &mut parsed.down_revision,
-            "depends_on" => &mut parsed.depends_on,
-            "branch_labels" => &mut parsed.branch_labels,
-            _ => continue,
-        };
-        *slot = match string_list(value) {
-            Some(ids) => Value::Strings(ids),
-            None => Value::Expression(show_tokens(value)),
-        };
-    }
-    Ok(parsed)
-}
-
-/// Tokens as source-like text, for messages.
-fn show_tokens(tokens: &[Token]) -> String {
-    let mut out = String::new();
-    for t in tokens {
-        match t {
-            Token::Name(n) => {
-                if out.ends_with(|c: char| c.is_alphanumeric() || c == '_') {
-                    out.push(' ');
-                }
-                out.push_str(n);
-            }
-            Token::Str(s) => out.push_str(&format!("{s:?}")),
-            Token::Op(o) if o == "," => out.push_str(", "),
-            Token::Op(o) => {
-                if matches!(o.as_str(), ")" | "]" | "}") {
-                    out.truncate(out.trim_end().len());
-                }
-                out.push_str(o);
-            }
-        }
-    }
-    out.trim_end().to_string()
-}
-
-#[derive(Debug, Clone, PartialEq)]
-enum Token {
-    Name(String),
-    Str(String),
-    Op(String),
-}
-
-/// A Python logical line: brackets and backslashes join physical lines.
-struct Line {
-    indented: bool,
-    tokens: Vec<Token>,
-}
-
-/// Just enough of Python's tokenizer to find module-level assignments: strings (all quote forms,
-/// with prefixes), comments, bracket nesting and line continuation. Anything else becomes an
-/// operator token that the assignment matcher ignores.
-fn logical_lines(text: &str) -> std::result::Result<Vec<Line>, String> {
-    let chars: Vec<char> = text.chars().collect();
-    let mut lines = Vec::new();
-    let mut tokens = Vec::new();
-    let mut depth = 0usize;
-    let mut at_line_start = true;
-    let mut indented = false;
-    let mut i = 0;
-    let mut lineno = 1;
-    while i < chars.len() {
-        let c = chars[i];
-        if at_line_start {
-            if c == ' ' || c == '\t' || c == '\x0c' {
-                indented = true;
-                i += 1;
-                continue;
-            }
-            at_line_start = false;
-        }
-        match c {
-            '\n' => {
-                lineno += 1;
-                i += 1;
-                if depth == 0 {
-                    if !tokens.is_empty() {
-                        lines.push(Line {
-                            indented,
-                            tokens: std::mem::take(&mut tokens),
-                        });
-                    }
-                    at_line_start = true;
-                    indented = false;
-                }
-            }
-            '#' => {
-                while i < chars.len() && chars[i] != '\n' {
-                    i += 1;
-                }
-            }
-            '\\' if chars.get(i + 1) == Some(&'\n') => {
-                lineno += 1;
-                i += 2;
-            }
-            '\\' if chars.get(i + 1) == Some(&'\r') && chars.get(i + 2) == Some(&'\n') => {
-                lineno += 1;
-                i += 3;
-            }
-            '\'' | '"' => {
-                let (s, next, lines_in) = read_string(&chars, i, lineno)?;
-                lineno += lines_in;
-                tokens.push(Token::Str(s));
-                i = next;
-            }
-            c if c.is_alphabetic() || c == '_' => {
-                let start = i;
-                while i < chars.len() && (chars[i].is_alphanumeric() || chars[i] == '_') {
-                    i += 1;
-                }
-                let word: String = chars[start..i].iter().collect();
-                // A string prefix (r"", b'', u"", f"", rb"" …) glued to its quote.
-                if word.len() <= 2
-                    && word.chars().all(|p| "rRbBuUfF".contains(p))
-                    && matches!(chars.get(i), Some('\'') | Some('"'))
-                {
-                    let (s, next, lines_in) = read_string(&chars, i, lineno)?;
-                    lineno += lines_in;
-                    tokens.push(Token::Str(s));
-                    i = next;
-                } else {
-                    tokens.push(Token::Name(word));
-                }
-            }
-            '(' | '[' | '{' => {
-                depth += 1;
-                tokens.push(Token::Op(c.to_string()));
-                i += 1;
-            }
-            ')' | ']' | '}' => {
-                depth = depth.saturating_sub(1);
-                tokens.push(Token::Op(c.to_string()));
-                i += 1;
-            }
-            c if c.is_whitespace() => i += 1,
-            c => {
-                // `==`, `<=`, `:=` … must not read as an assignment.
-                if "=<>!:+-*/%&|^@".contains(c) && chars.get(i + 1) == Some(&'=') {
-                    tokens.push(Token::Op(format!("{c}=")));
-                    i += 2;
-                } else {
-                    tokens.push(Token::Op(c.to_string()));
-                    i += 1;
-                }
-            }
-        }
-    }
-    if !tokens.is_empty() {
-        lines.push(Line { indented, tokens });
-    }
-    Ok(lines)
-}
-
-/// Reads the string literal whose opening quote is at `start`; returns its value (escapes kept
-/// verbatim except `\\`, `\'` and `\"`, which is all a revision id could need), the index after
-/// it and the number of newlines inside.
-fn read_string(
-    chars: &[char],
-    start: usize,
-    lineno: usize,
-) -> std::result::Result<(String, usize, usize), String> {
-    let quote = chars[start];
-    let triple = chars.get(start + 1) == Some(&quote) && chars.get(start + 2) == Some(&quote);
-    let mut i = start + if triple { 3 } else { 1 };
-    let mut value = String::new();
-    let mut newlines = 0;
-    loop {
-        let Some(&c) = chars.get(i) else {
-            return Err(format!("unterminated string starting on line {lineno}"));
-        };
-        if c == '\\' {
-            match chars.get(i + 1) {
-                Some(&n) if n == '\\' || n == '\'' || n == '"' => value.push(n),
-                Some('\n') => newlines += 1,
-                Some(&n) => {
-                    value.push('\\');
-                    value.push(n);
-                }
-                None => return Err(format!("unterminated string starting on line {lineno}")),
-            }
-            i += 2;
-            continue;
-        }
-        if c == quote {
-            if !triple {
-                return Ok((value, i + 1, newlines));
-            }
-            if chars.get(i + 1) == Some(&quote) && chars.get(i + 2) == Some(&quote) {
-                return Ok((value, i + 3, newlines));
-            }
-        }
-        if c == '\n' {
-            if !triple {
-                return Err(format!("unterminated string on line {}", lineno + newlines));
-            }
-            newlines += 1;
-        }
-        value.push(c);
-        i += 1;
-    }
-}
-
-/// `name = value` or `name: annotation = value`: the target and the value's tokens.
-fn assignment(tokens: &[Token]) -> Option<(&str, &[Token])> {
-    let Some(Token::Name(target)) = tokens.first() else {
-        return None;
-    };
-    let mut depth = 0i32;
-    let rest = &tokens[1..];
-    match rest.first() {
-        Some(Token::Op(op)) if op == "=" || op == ":" => {}
-        _ => return None,
-    }
-    for (i, t) in rest.iter().enumerate() {
-        if let Token::Op(op) = t {
-            match op.as_str() {
-                "(" | "[" | "{" => depth += 1,
-                ")" | "]" | "}" => depth -= 1,
-                "=" if depth == 0 => return Some((target, &rest[i + 1..])),
-                _ => {}
-            }
-        }
-    }
-    None
-}
-
-/// `None`, a string, or a tuple/list of strings (trailing comma allowed), as a list. Adjacent
-/// literals concatenate, as in Python.
-fn string_list(value: &[Token]) -> Option<Vec<String>> {
-    // A trailing `;` ends the statement.
-    let value = match value.last() {
-        Some(Token::Op(op)) if op == ";" => &value[..value.len() - 1],
-        _ => value,
-    };
-    match value {
-        [Token::Name(n)] if n == "None" => return Some(Vec::new()),
-        [Token::Op(open), inner @ .., Token::Op(close)]
-            if (open == "(" && close == ")") || (open == "[" && close == "]") =>
-        {
-            return items(inner);
-        }
-        _ => {}
-    }
-    // A bare tuple: `down_revision = "a", "b"`.
-    items(value)
-}
-
-fn items(tokens: &[Token]) -> Option<Vec<String>> {
-    let mut out = Vec::new();
-    let mut current: Option<String> = None;
-    for t in tokens {
-        match t {
-            Token::Str(s) => current.get_or_insert_with(String::new).push_str(s),
-            Token::Op(op) if op == "," => out.push(current.take()?),
-            _ => return None,
-        }
-    }
-    if let Some(last) = current {
-        out.push(last);
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
+    use super::pyfile::Value;
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 

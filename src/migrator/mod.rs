@@ -8,12 +8,30 @@
 pub mod alembic;
 pub mod history;
 
-use crate::db;
+use crate::db::{self, Limit, Timeouts};
 use crate::error::{Error, Result};
 use crate::job::JobSpec;
 use crate::state::{JobState, ShownState};
 use crate::store::{Checkpoint, Gap, Store};
 use std::time::Duration;
+
+/// Checks, offline, that the job's expand and contract revisions are written as its migrator
+/// writes them; the error names the job file, the line and the key. The revision files and the
+/// history are read only when a command asks whether a revision is applied.
+pub fn check_revisions(job: &JobSpec) -> Result<()> {
+    let Some(m) = &job.migration else {
+        return Ok(());
+    };
+    let history = history::History::of(m);
+    for (key, revision) in [("expand", &m.expand), ("contract", &m.contract)] {
+        if let Some(r) = revision {
+            history
+                .check_revision(r)
+                .map_err(|e| Error::Usage(format!("{}: {e}", job.file_key(key))))?;
+        }
+    }
+    Ok(())
+}
 
 /// Why the job may not run yet (`requires_sql` false, expand not applied), or None when it may.
 pub async fn not_ready(client: &tokio_postgres::Client, job: &JobSpec) -> Result<Option<String>> {
@@ -94,7 +112,7 @@ pub async fn revision(
     let Some(id) = which(m) else {
         return Ok(None);
     };
-    let applied = m.history().is_applied(client, id).await?;
+    let applied = history::History::of(m).is_applied(client, id).await?;
     Ok(Some(Revision {
         id: id.clone(),
         tool: m.tool.name(),
@@ -151,8 +169,12 @@ pub async fn verify(
     };
     client
         .batch_execute(&format!(
-            "BEGIN READ ONLY; SET LOCAL statement_timeout = {}",
-            db::millis(timeout)
+            "BEGIN READ ONLY; {}",
+            Timeouts {
+                statement: Some(Limit::Within(timeout)),
+                ..Timeouts::default()
+            }
+            .set_local()
         ))
         .await
         .map_err(err)?;
@@ -210,18 +232,7 @@ pub async fn gate(
     timeout: Duration,
 ) -> Result<GateReport> {
     let name = &job.name;
-    let missing = crate::store::gate_privileges_missing(client, store.schema()).await?;
-    if !missing.is_empty() {
-        let role: String = client
-            .query_one("SELECT current_user::text", &[])
-            .await
-            .map_err(|e| db::error(e, "reading the current role"))?
-            .get(0);
-        return Err(Error::Runtime(format!(
-            "job {name}: role {role} may not read the engine's schema as the gate does (missing: {}); run `backfill init --grant-gate-to {role}` once as the schema's owner",
-            missing.join(", ")
-        )));
-    }
+    check_gate_privileges(client, store, name).await?;
     let checkpoint = store.load(client, name).await?;
     let state = checkpoint
         .as_ref()
@@ -302,4 +313,25 @@ pub async fn gate(
         verify_remaining: Some(0),
         reason: format!("job {name} is complete and verified: verify returned 0 just now"),
     })
+}
+
+/// Fails unless the role may read the engine's schema as the gate does.
+async fn check_gate_privileges(
+    client: &tokio_postgres::Client,
+    store: &Store,
+    name: &str,
+) -> Result<()> {
+    let missing = crate::store::gate_privileges_missing(client, store.schema()).await?;
+    if !missing.is_empty() {
+        let role: String = client
+            .query_one("SELECT current_user::text", &[])
+            .await
+            .map_err(|e| db::error(e, "reading the current role"))?
+            .get(0);
+        return Err(Error::Runtime(format!(
+            "job {name}: role {role} may not read the engine's schema as the gate does (missing: {}); run `backfill init --grant-gate-to {role}` once as the schema's owner",
+            missing.join(", ")
+        )));
+    }
+    Ok(())
 }

@@ -1,7 +1,9 @@
-//! SQL text helpers at the bottom of the dependency order: identifier quoting and table names as
-//! PostgreSQL resolves them. Pure string work: nothing here touches the database, a job file or
+//! SQL text helpers at the bottom of the dependency order: identifier quoting, table names as
+//! PostgreSQL resolves them, the one SQL tokenizer ([`lex`]) and the `:start`/`:end` template
+//! built on it. Pure string work: nothing here touches the database, a job file or
 //! any other module of the crate.
 
+pub mod lex;
 mod template;
 
 pub use template::SqlTemplate;

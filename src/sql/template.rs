@@ -1,7 +1,9 @@
 //! A job statement split at its `:start` and `:end` placeholders. The scan skips string literals
 //! (incl. `E''` and dollar quoting), quoted identifiers, comments and `::type` casts, so text that
-//! merely looks like a placeholder stays text. Pure string work: key types and binds are the key
-//! module's business.
+//! merely looks like a placeholder stays text; the borders of those come from the one SQL
+//! tokenizer ([`super::lex`]). Pure string work: key types and binds are the key module's business.
+
+use super::lex::{tokenize, Kind, LexError};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Piece {
@@ -56,153 +58,41 @@ impl SqlTemplate {
     }
 }
 
-fn is_ident_char(c: char) -> bool {
-    c.is_alphanumeric() || c == '_' || c == '$'
-}
-
+/// Splits `sql` at `:start` and `:end`: a `:` token directly followed by the word `start` or
+/// `end` (so `:starting` and `x::start` stay text). Everything between placeholders is kept
+/// exactly as written.
 fn scan(sql: &str) -> std::result::Result<Vec<Piece>, String> {
-    let chars: Vec<char> = sql.chars().collect();
-    let mut pieces = Vec::new();
-    let mut text = String::new();
-    let mut i = 0;
-    let prev_is_ident = |i: usize| i > 0 && is_ident_char(chars[i - 1]);
-    while i < chars.len() {
-        let c = chars[i];
-        let next = chars.get(i + 1).copied();
-        match c {
-            '\'' => {
-                // E'...' strings take backslash escapes.
-                let escapes = i > 0
-                    && matches!(chars[i - 1], 'e' | 'E')
-                    && !(i > 1 && is_ident_char(chars[i - 2]));
-                let start = i;
-                i += 1;
-                loop {
-                    match chars.get(i) {
-                        None => return Err("unterminated string literal".into()),
-                        Some('\\') if escapes => i += 2,
-                        Some('\'') if chars.get(i + 1) == Some(&'\'') => i += 2,
-                        Some('\'') => {
-                            i += 1;
-                            break;
-                        }
-                        Some(_) => i += 1,
-                    }
-                }
-                text.extend(&chars[start..i.min(chars.len())]);
-            }
-            '"' => {
-                let start = i;
-                i += 1;
-                loop {
-                    match chars.get(i) {
-                        None => return Err("unterminated quoted identifier".into()),
-                        Some('"') if chars.get(i + 1) == Some(&'"') => i += 2,
-                        Some('"') => {
-                            i += 1;
-                            break;
-                        }
-                        Some(_) => i += 1,
-                    }
-                }
-                text.extend(&chars[start..i]);
-            }
-            '-' if next == Some('-') => {
-                let start = i;
-                while i < chars.len() && chars[i] != '\n' {
-                    i += 1;
-                }
-                text.extend(&chars[start..i]);
-            }
-            '/' if next == Some('*') => {
-                let start = i;
-                let mut depth = 0;
-                loop {
-                    match (chars.get(i), chars.get(i + 1)) {
-                        (None, _) => return Err("unterminated /* comment".into()),
-                        (Some('/'), Some('*')) => {
-                            depth += 1;
-                            i += 2;
-                        }
-                        (Some('*'), Some('/')) => {
-                            depth -= 1;
-                            i += 2;
-                            if depth == 0 {
-                                break;
-                            }
-                        }
-                        _ => i += 1,
-                    }
-                }
-                text.extend(&chars[start..i]);
-            }
-            '$' if !prev_is_ident(i) => {
-                // $1 is a positional parameter; $tag$ or $$ opens a dollar-quoted string.
-                if next.is_some_and(|d| d.is_ascii_digit()) {
-                    return Err("positional parameters ($1, $2, …) are not allowed: use :start and :end, the engine binds them".into());
-                }
-                let mut j = i + 1;
-                while j < chars.len() && (chars[j].is_alphanumeric() || chars[j] == '_') {
-                    j += 1;
-                }
-                if chars.get(j) == Some(&'$') {
-                    let tag: String = chars[i..=j].iter().collect();
-                    let start = i;
-                    i = j + 1;
-                    let tag_chars: Vec<char> = tag.chars().collect();
-                    loop {
-                        if i >= chars.len() {
-                            return Err(format!("unterminated dollar-quoted string {tag}"));
-                        }
-                        if chars[i..].starts_with(&tag_chars) {
-                            i += tag_chars.len();
-                            break;
-                        }
-                        i += 1;
-                    }
-                    text.extend(&chars[start..i]);
-                } else {
-                    text.push(c);
-                    i += 1;
-                }
-            }
-            ':' if next == Some(':') => {
-                text.push_str("::");
-                i += 2;
-            }
-            ':' => {
-                let mut j = i + 1;
-                while j < chars.len() && is_ident_char(chars[j]) {
-                    j += 1;
-                }
-                let word: String = chars[i + 1..j].iter().collect();
-                let piece = match word.as_str() {
-                    "start" => Some(Piece::Start),
-                    "end" => Some(Piece::End),
-                    _ => None,
-                };
-                match piece {
-                    Some(p) => {
-                        if !text.is_empty() {
-                            pieces.push(Piece::Text(std::mem::take(&mut text)));
-                        }
-                        pieces.push(p);
-                        i = j;
-                    }
-                    None => {
-                        text.push(c);
-                        i += 1;
-                    }
-                }
-            }
-            _ => {
-                text.push(c);
-                i += 1;
-            }
+    let tokens = tokenize(sql).map_err(|e| match e {
+        LexError::UnterminatedString => "unterminated string literal".to_string(),
+        LexError::UnterminatedQuotedIdent => "unterminated quoted identifier".to_string(),
+        LexError::UnterminatedComment => "unterminated /* comment".to_string(),
+        LexError::UnterminatedDollarQuote(tag) => {
+            format!("unterminated dollar-quoted string {tag}")
         }
+    })?;
+    if tokens.iter().any(|t| t.kind == Kind::Param) {
+        return Err("positional parameters ($1, $2, …) are not allowed: use :start and :end, the engine binds them".into());
     }
-    if !text.is_empty() {
-        pieces.push(Piece::Text(text));
+    let mut pieces = Vec::new();
+    let mut text_from = 0;
+    for pair in tokens.windows(2) {
+        let (colon, word) = (pair[0], pair[1]);
+        if colon.kind != Kind::Punct(':') || word.kind != Kind::Word || word.start != colon.end {
+            continue;
+        }
+        let piece = match word.text(sql) {
+            "start" => Piece::Start,
+            "end" => Piece::End,
+            _ => continue,
+        };
+        if colon.start > text_from {
+            pieces.push(Piece::Text(sql[text_from..colon.start].to_string()));
+        }
+        pieces.push(piece);
+        text_from = word.end;
+    }
+    if text_from < sql.len() {
+        pieces.push(Piece::Text(sql[text_from..].to_string()));
     }
     Ok(pieces)
 }
