@@ -17,7 +17,9 @@
 //!   a takeover or a lost lease can never make a key be processed twice.
 
 use super::{ts, Store};
+use crate::db::{Limit, Timeouts};
 use crate::keyset::{KeyValue, Keyset};
+use std::time::Duration;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::GenericClient;
 
@@ -39,7 +41,7 @@ enum Split {
 }
 
 /// How long a splitter waits for the chunk in flight on the range it wants to split.
-const SPLIT_LOCK_WAIT_MS: u32 = 2000;
+const SPLIT_LOCK_WAIT: Duration = Duration::from_secs(2);
 
 /// A range as `status` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -67,6 +69,14 @@ pub struct RangeLease {
     pub id: i32,
     pub run_id: i64,
     pub worker: i32,
+}
+
+impl RangeLease {
+    /// The parameters `$1`..`$4` (job, range, owner run, owner worker) of the statements that
+    /// touch a range only while this lease owns it.
+    pub fn owner_params<'a>(&'a self, job: &'a &'a str) -> [&'a (dyn ToSql + Sync); 4] {
+        [job, &self.id, &self.run_id, &self.worker]
+    }
 }
 
 /// What a worker looking for work found.
@@ -273,8 +283,11 @@ impl Store {
         id: i32,
         splitter: &Splitter<'_>,
     ) -> Result<Split, tokio_postgres::Error> {
-        tx.batch_execute(&format!("SET LOCAL lock_timeout = {SPLIT_LOCK_WAIT_MS}"))
-            .await?;
+        let wait = Timeouts {
+            lock: Some(Limit::Within(SPLIT_LOCK_WAIT)),
+            ..Default::default()
+        };
+        tx.batch_execute(&wait.set_local()).await?;
         let row = tx
             .query_one(
                 &format!(
@@ -383,6 +396,49 @@ impl Store {
         Ok(Split::Made(new_id))
     }
 
+    /// Locks a range's row for a chunk and reads (cursor, upper bound, done); no row when the
+    /// worker (`$3`, `$4`) no longer owns range `$2` of job `$1`. See `executor::chunk`.
+    pub fn lock_range_sql(&self) -> String {
+        format!(
+            "SELECT cursor, upper_bound, done FROM {s}.ranges
+              WHERE job = $1 AND id = $2 AND owner_run = $3 AND owner_worker = $4 FOR UPDATE",
+            s = self.q
+        )
+    }
+
+    /// Moves an owned range's cursor from `$5` to `$6` and books `$7` keys, `$8` rows affected
+    /// and a chunk size of `$9` on the range and on the run's worker, in one statement; returns
+    /// a row only when the range is still owned and its cursor is still `$5`.
+    pub fn advance_sql(&self) -> String {
+        format!(
+            "WITH moved AS (
+               UPDATE {s}.ranges SET cursor = $6, rows_done = rows_done + $7,
+                      rows_affected = rows_affected + $8, chunks_done = chunks_done + 1,
+                      chunk_rows_now = $9, updated_at = now()
+                WHERE job = $1 AND id = $2 AND owner_run = $3 AND owner_worker = $4
+                  AND cursor IS NOT DISTINCT FROM $5
+               RETURNING 1),
+             counted AS (
+               INSERT INTO {s}.run_workers AS w (run_id, worker, rows_done, rows_affected, chunks_done)
+               SELECT $3, $4, $7, $8, 1 FROM moved
+               ON CONFLICT (run_id, worker) DO UPDATE
+                  SET rows_done = w.rows_done + EXCLUDED.rows_done,
+                      rows_affected = w.rows_affected + EXCLUDED.rows_affected,
+                      chunks_done = w.chunks_done + 1)
+             SELECT 1 FROM moved",
+            s = self.q
+        )
+    }
+
+    /// Marks an owned range finished and lets it go (parameters as [`Store::lock_range_sql`]).
+    pub fn range_done_sql(&self) -> String {
+        format!(
+            "UPDATE {s}.ranges SET done = true, owner_run = NULL, owner_worker = NULL, updated_at = now()
+              WHERE job = $1 AND id = $2 AND owner_run = $3 AND owner_worker = $4",
+            s = self.q
+        )
+    }
+
     /// Locks the range for a chunk and returns (cursor, upper bound, done); None when `lease` no
     /// longer owns it.
     pub async fn lock_range(
@@ -392,14 +448,7 @@ impl Store {
         lease: &RangeLease,
     ) -> Result<Option<(Option<KeyValue>, KeyValue, bool)>, tokio_postgres::Error> {
         let row = tx
-            .query_opt(
-                &format!(
-                    "SELECT cursor, upper_bound, done FROM {s}.ranges
-                      WHERE job = $1 AND id = $2 AND owner_run = $3 AND owner_worker = $4 FOR UPDATE",
-                    s = self.q
-                ),
-                &[&job, &lease.id, &lease.run_id, &lease.worker],
-            )
+            .query_opt(&self.lock_range_sql(), &lease.owner_params(&job))
             .await?;
         Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
     }
@@ -416,24 +465,7 @@ impl Store {
         step: Advance<'_>,
     ) -> Result<u64, tokio_postgres::Error> {
         tx.execute(
-            &format!(
-                "WITH moved AS (
-                   UPDATE {s}.ranges SET cursor = $6, rows_done = rows_done + $7,
-                          rows_affected = rows_affected + $8, chunks_done = chunks_done + 1,
-                          chunk_rows_now = $9, updated_at = now()
-                    WHERE job = $1 AND id = $2 AND owner_run = $3 AND owner_worker = $4
-                      AND cursor IS NOT DISTINCT FROM $5
-                   RETURNING 1),
-                 counted AS (
-                   INSERT INTO {s}.run_workers AS w (run_id, worker, rows_done, rows_affected, chunks_done)
-                   SELECT $3, $4, $7, $8, 1 FROM moved
-                   ON CONFLICT (run_id, worker) DO UPDATE
-                      SET rows_done = w.rows_done + EXCLUDED.rows_done,
-                          rows_affected = w.rows_affected + EXCLUDED.rows_affected,
-                          chunks_done = w.chunks_done + 1)
-                 SELECT 1 FROM moved",
-                s = self.q
-            ),
+            &self.advance_sql(),
             &[
                 &job,
                 &lease.id,
@@ -456,15 +488,8 @@ impl Store {
         job: &str,
         lease: &RangeLease,
     ) -> Result<u64, tokio_postgres::Error> {
-        tx.execute(
-            &format!(
-                "UPDATE {s}.ranges SET done = true, owner_run = NULL, owner_worker = NULL, updated_at = now()
-                  WHERE job = $1 AND id = $2 AND owner_run = $3 AND owner_worker = $4",
-                s = self.q
-            ),
-            &[&job, &lease.id, &lease.run_id, &lease.worker],
-        )
-        .await
+        tx.execute(&self.range_done_sql(), &lease.owner_params(&job))
+            .await
     }
 
     /// Lets a range go unfinished (the worker stops), so another worker may take it at once.

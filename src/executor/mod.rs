@@ -5,11 +5,8 @@
 //! key's index → run the job's statement on them → advance the range's cursor → commit → report.
 //! When no range is left, the run verifies and records the outcome.
 //!
-//! Exactly-once comes from the single transaction: the statement and the cursor advance commit
-//! together or not at all, and the range row is locked and its owner checked inside that
-//! transaction, so a chunk can never be applied twice — whatever crashes, kills, retries, splits
-//! or takeovers happen around it. After any failure a worker simply goes on from the cursor as
-//! committed (a COMMIT whose answer was lost may still have happened).
+//! One chunk's transaction, and the exactly-once rule it enforces, is `chunk` (top to bottom,
+//! every statement it sends, built once per run in a `ChunkPlan`).
 //!
 //! The workers of a run share one pace: the rate ceiling (divided evenly among live runs), the
 //! adaptive chunk size, the health signals and the live controls.
@@ -36,16 +33,20 @@
 //! commits: left to go on, every chunk would rewrite other chunks' rows.
 
 use crate::db::{self, ErrorClass, Target};
+
+mod chunk;
+
 use crate::error::{Error, Result};
 use crate::job::ThrottleSpec;
 use crate::job::{JobSpec, OnError};
-use crate::keyset::{self, show_key, ChunkBounds, KeyValue, Keyset};
+use crate::keyset::{show_key, KeyValue, Keyset};
 use crate::signals::Shutdown;
 use crate::store::{
     self, Acquired, Claim, LeaseState, Poison, RangeLease, Runner, Splitter, Store, Sweep,
 };
 use crate::telemetry::Progress;
 use crate::throttle::{Hold, Throttle};
+use chunk::{cancellable, failed, stalled, ChunkDone, ChunkError, ChunkPlan, Failure, Step};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -118,16 +119,6 @@ const CONTROLS_EVERY: Duration = Duration::from_millis(200);
 const IDLE_POLL: Duration = Duration::from_secs(1);
 /// A range is split only when at least this many chunks are left in it.
 const SPLIT_MIN_CHUNKS: i64 = 2;
-/// Where a chunk's transaction keeps the count of rows of the job's table it had written before
-/// the statement ran (a transaction-local setting).
-const WRITTEN_BEFORE: &str = "backfill.written_before";
-/// Application sessions waiting for a lock that this session holds (other workers of the
-/// engine, e.g. waiting to extend the table, are not the application: yielding would not help).
-const BLOCKED_SQL: &str = "SELECT count(*) FROM pg_stat_activity
-     WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()
-       AND application_name IS DISTINCT FROM current_setting('application_name')
-       AND pg_backend_pid() = ANY (pg_blocking_pids(pid))";
-
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case", tag = "outcome")]
 pub enum Outcome {
@@ -252,29 +243,12 @@ pub async fn run(
         pool: target.pool(workers as usize + 1)?,
         keyset: &keyset,
         workers,
-        sql: ChunkSql {
-            first_bounds: keyset.next_chunk_sql(false),
-            next_bounds: keyset.next_chunk_sql(true),
-            undo_copy: crate::undo::copy_sql(store, job, &keyset),
-            statement: keyset.render(&job.sql),
-            // A process that hangs inside a chunk (stopped, swapping, stuck) must not keep its
-            // range's row locked forever: the server ends the idle transaction once the lease
-            // has expired anyway, and another run can take the range.
-            // The transaction also notes how many rows of the job's table it has written so far
-            // (nothing yet), in the same round trip: `after_statement` subtracts it.
-            set_local: format!(
-                "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}; SET LOCAL idle_in_transaction_session_timeout = {}; SELECT set_config('{WRITTEN_BEFORE}', {}::text, true)",
-                db::millis(lock_timeout),
-                db::millis(statement_timeout),
-                store::LEASE_TIMEOUT.as_millis(),
-                keyset.written_sql()
-            ),
-            after_statement: format!(
-                "SELECT ({BLOCKED_SQL}), {} - current_setting('{WRITTEN_BEFORE}')::bigint",
-                keyset.written_sql()
-            ),
-            count_chunk: keyset.count_between_sql(),
-        },
+        chunk: ChunkPlan::new(
+            store,
+            job,
+            &keyset,
+            chunk::chunk_timeouts(lock_timeout, statement_timeout),
+        ),
         pace: tokio::sync::Mutex::new(Pace {
             throttle: Throttle::new(
                 ThrottleSpec {
@@ -701,21 +675,6 @@ impl Tally {
     }
 }
 
-/// What stays fixed for every chunk of a run.
-struct ChunkSql {
-    first_bounds: String,
-    next_bounds: String,
-    /// Copies the chunk's old values of the job's undo columns (same parameters as `statement`).
-    undo_copy: Option<String>,
-    statement: String,
-    set_local: String,
-    /// After the statement: sessions blocked on the chunk's locks, and the rows of the job's
-    /// table the statement wrote.
-    after_statement: String,
-    /// The rows in the chunk's bounds now (parameters as `statement`'s).
-    count_chunk: String,
-}
-
 /// What the workers of one run share.
 struct Shared<'a> {
     target: &'a Target,
@@ -729,7 +688,7 @@ struct Shared<'a> {
     pool: db::Pool,
     keyset: &'a Keyset,
     workers: u32,
-    sql: ChunkSql,
+    chunk: ChunkPlan<'a>,
     pace: tokio::sync::Mutex<Pace>,
     /// A worker failed: the others stop after their chunk in flight.
     aborted: AtomicBool,
@@ -888,109 +847,6 @@ struct Pace {
 struct Shown {
     reason: String,
     since: Option<String>,
-}
-
-/// What one chunk attempt came to.
-enum Step {
-    Committed(ChunkDone),
-    /// No keys left in the range: it is marked done and let go.
-    RangeDone,
-}
-
-struct ChunkDone {
-    last: KeyValue,
-    keys: i64,
-    affected: i64,
-    took: Duration,
-    /// The chunk size asked for.
-    asked: i64,
-    /// Sessions that were waiting on this chunk's locks just before it committed.
-    blocked: i64,
-}
-
-/// A failed attempt at a chunk, with what is known of where it failed.
-struct Failure {
-    class: ErrorClass,
-    sqlstate: Option<String>,
-    text: String,
-    stage: &'static str,
-    range: Option<(KeyValue, KeyValue)>,
-    keys: Option<i64>,
-}
-
-enum ChunkError {
-    Failed(Failure),
-    /// The walk would not move forward (see [`keyset::Stall`]): fatal, never retried.
-    Stalled(keyset::Stall),
-    /// The range is no longer this worker's: the run was declared gone and its ranges taken.
-    Lost,
-}
-
-/// The run's end when its walk would not move forward: fatal, since the same bounds would come
-/// back and the statement would be applied to the same rows again.
-fn stalled(name: &str, stall: &keyset::Stall) -> Error {
-    Error::Runtime(format!(
-        "job {name}: {stall}; nothing of this chunk was committed, and the run stops rather than apply the statement to the same rows again; this is a defect of backfill with this key type: report it with the key's type, or key the job on another unique index"
-    ))
-}
-
-/// Turns a database error at `stage` of a chunk into a [`ChunkError`] naming the key range.
-fn failed(
-    stage: &'static str,
-    chunk: Option<&(KeyValue, KeyValue, i64)>,
-) -> impl FnOnce(tokio_postgres::Error) -> ChunkError {
-    let chunk = chunk.cloned();
-    move |e| {
-        ChunkError::Failed(Failure {
-            class: db::classify(&e),
-            sqlstate: db::sqlstate(&e).map(str::to_string),
-            text: db::describe(&e),
-            stage,
-            keys: chunk.as_ref().map(|c| c.2),
-            range: chunk.map(|(a, b, _)| (a, b)),
-        })
-    }
-}
-
-/// A statement from the connection's statement cache, and whether an earlier transaction
-/// prepared it (its saved plan may then be stale, see [`failed_cached`]). One prepared in this
-/// transaction cannot be: the locks it took keep the tables from changing until the end.
-async fn cached(
-    tx: &deadpool_postgres::Transaction<'_>,
-    sql: &str,
-) -> Result<(tokio_postgres::Statement, bool), tokio_postgres::Error> {
-    let before = tx.statement_cache.size();
-    let stmt = tx.prepare_cached(sql).await?;
-    Ok((stmt, tx.statement_cache.size() == before))
-}
-
-/// Like [`failed`], for executing a statement from the cache. SQLSTATE 0A000 from a statement an
-/// earlier transaction prepared means its saved plan went stale — the table changed under it,
-/// e.g. `ALTER TABLE … ADD COLUMN` under `RETURNING *` ("cached plan must not change result
-/// type"). That is transient: the connection's cache is emptied, so the retry prepares every
-/// statement again, and the chunk is retried like contention (nothing of it was committed). A
-/// 0A000 from a statement prepared afresh is a real "feature not supported" and stays fatal.
-fn failed_cached(
-    stage: &'static str,
-    chunk: Option<&(KeyValue, KeyValue, i64)>,
-    reused: bool,
-    tx: &deadpool_postgres::Transaction<'_>,
-) -> impl FnOnce(tokio_postgres::Error) -> ChunkError {
-    let cache = tx.statement_cache.clone();
-    let fail = failed(stage, chunk);
-    move |e| {
-        let stale = reused && db::sqlstate(&e) == Some("0A000");
-        let mut error = fail(e);
-        if let (true, ChunkError::Failed(f)) = (stale, &mut error) {
-            cache.clear();
-            f.class = ErrorClass::Contention;
-            f.text = format!(
-                "the statement's saved plan is stale, the table changed ({}); prepared again",
-                f.text
-            );
-        }
-        error
-    }
 }
 
 /// One worker's walk: the range it holds and its own connection and failure state.
@@ -1208,7 +1064,7 @@ impl<'s, 'a> Worker<'s, 'a> {
         let limit = self.limit;
         let conn = self.connection().await?;
         let token = conn.cancel_token();
-        let chunk = run_chunk(conn, shared, &range, limit);
+        let chunk = chunk::run(conn, &shared.chunk, &range, limit);
         cancellable(chunk, &token, shared.target, shared.shutdown).await
     }
 
@@ -1614,18 +1470,7 @@ impl<'s, 'a> Worker<'s, 'a> {
                     Ok(c) => c,
                     Err(_) => return Ok(()), // retried from the top once the database answers
                 };
-                let recorded = async {
-                    let tx = conn.transaction().await?;
-                    tx.batch_execute(&shared.sql.set_local).await?;
-                    let Some((cursor, _, _)) = shared.store.lock_range(&*tx, &name, &range).await? else {
-                        return Ok(false);
-                    };
-                    if shared.store.skip_key(&*tx, &name, &range, cursor.as_ref(), &poison).await? != 1 {
-                        return Ok(false);
-                    }
-                    tx.commit().await?;
-                    Ok(true)
-                };
+                let recorded = chunk::skip_key(conn, &shared.chunk, shared.store, &range, &poison);
                 match recorded.await {
                     Ok(true) => {}
                     Ok(false) => return Err(store::lost(&name)),
@@ -1661,199 +1506,6 @@ impl<'s, 'a> Worker<'s, 'a> {
     }
 }
 
-/// Runs one chunk of at most `limit` keys of `range` in one transaction.
-async fn run_chunk(
-    conn: &mut deadpool_postgres::Object,
-    shared: &Shared<'_>,
-    range: &RangeLease,
-    limit: i64,
-) -> Result<Step, ChunkError> {
-    let (store, job, sql) = (shared.store, shared.job.name.as_str(), &shared.sql);
-    let started = Instant::now();
-    let tx = conn
-        .transaction()
-        .await
-        .map_err(failed("starting the transaction", None))?;
-    tx.batch_execute(&sql.set_local)
-        .await
-        .map_err(failed("setting timeouts", None))?;
-    let Some((cursor, upper, done)) = store
-        .lock_range(&*tx, job, range)
-        .await
-        .map_err(failed("locking the key range", None))?
-    else {
-        let _ = tx.rollback().await;
-        return Err(ChunkError::Lost);
-    };
-    let bounds_sql = match cursor {
-        Some(_) => &sql.next_bounds,
-        None => &sql.first_bounds,
-    };
-    let row = if done {
-        None
-    } else {
-        let params = keyset::next_chunk_params(cursor.as_ref(), &upper, &limit);
-        let (stmt, reused) = cached(&tx, bounds_sql)
-            .await
-            .map_err(failed("finding the chunk bounds", None))?;
-        let row = tx.query_one(&stmt, &params).await.map_err(failed_cached(
-            "finding the chunk bounds",
-            None,
-            reused,
-            &tx,
-        ))?;
-        match shared.keyset.read_bounds(&row, cursor.as_ref()) {
-            Ok(found) => found,
-            Err(stall) => {
-                let _ = tx.rollback().await;
-                return Err(ChunkError::Stalled(stall));
-            }
-        }
-    };
-    let Some(ChunkBounds { keys, first, last }) = row else {
-        store
-            .range_done(&*tx, job, range)
-            .await
-            .map_err(failed("closing the key range", None))?;
-        tx.commit()
-            .await
-            .map_err(failed("closing the key range", None))?;
-        return Ok(Step::RangeDone);
-    };
-    let chunk: (KeyValue, KeyValue, i64) = (first, last, keys);
-    let at = Some(&chunk);
-    let (from, to) = shared.keyset.statement_bounds(&chunk.0, &chunk.1);
-    let args: Vec<&(dyn ToSql + Sync)> = from
-        .iter()
-        .chain(to.iter())
-        .map(|v| v as &(dyn ToSql + Sync))
-        .collect();
-    if let Some(copy) = &sql.undo_copy {
-        let (stmt, reused) = cached(&tx, copy)
-            .await
-            .map_err(failed("preparing the undo copy", at))?;
-        tx.execute(&stmt, &args).await.map_err(failed_cached(
-            "copying the rows' old values to the undo table",
-            at,
-            reused,
-            &tx,
-        ))?;
-    }
-    let (stmt, reused) = cached(&tx, &sql.statement)
-        .await
-        .map_err(failed("preparing the job's statement", at))?;
-    let affected = tx.execute(&stmt, &args).await.map_err(failed_cached(
-        "running the job's statement",
-        at,
-        reused,
-        &tx,
-    ))? as i64;
-
-    // Application sessions queued behind this chunk's row locks: commit now (which releases
-    // them) and tell the caller, which yields by shrinking the next chunks. The same round trip
-    // reads how many rows of the job's table the statement wrote (`affected` counts the rows of
-    // whatever table the statement targets).
-    let after = tx
-        .prepare_cached(&sql.after_statement)
-        .await
-        .map_err(failed("looking for blocked sessions", at))?;
-    let row = tx
-        .query_one(&after, &[])
-        .await
-        .map_err(failed("looking for blocked sessions", at))?;
-    let (blocked, written): (i64, i64) = (row.get(0), row.get(1));
-    if written > keys {
-        outside_the_chunk(&tx, shared, &chunk, &args, written).await?;
-    }
-    let step = store::Advance {
-        previous: cursor.as_ref(),
-        last: &chunk.1,
-        keys,
-        affected,
-        chunk_rows: limit.min(i32::MAX as i64) as i32,
-    };
-    let advanced = store
-        .advance(&*tx, job, range, step)
-        .await
-        .map_err(failed("saving the checkpoint", at))?;
-    if advanced != 1 {
-        let _ = tx.rollback().await;
-        return Err(ChunkError::Lost);
-    }
-    tx.commit().await.map_err(failed("committing", at))?;
-    Ok(Step::Committed(ChunkDone {
-        last: chunk.1,
-        keys,
-        affected,
-        took: started.elapsed(),
-        asked: limit,
-        blocked,
-    }))
-}
-
-/// A statement that wrote more rows of the job's table than the chunk holds writes outside the
-/// chunk's bounds (`id >= :start` without `:end`, a join that reaches other rows): left to go on,
-/// every chunk would rewrite rows of others, and the pass would stall on ever-larger writes. Rows
-/// inserted into the range after its keys were counted (same transaction, next statement) are
-/// legitimate, so the chunk is counted again, only in this rare case, before the run is stopped
-/// with nothing of the chunk committed.
-async fn outside_the_chunk(
-    tx: &deadpool_postgres::Transaction<'_>,
-    shared: &Shared<'_>,
-    chunk: &(KeyValue, KeyValue, i64),
-    args: &[&(dyn ToSql + Sync)],
-    written: i64,
-) -> Result<(), ChunkError> {
-    let at = Some(chunk);
-    let now: i64 = tx
-        .query_one(&shared.sql.count_chunk, args)
-        .await
-        .map_err(failed("counting the chunk's rows", at))?
-        .get(0);
-    let keys = chunk.2;
-    if written <= now {
-        return Ok(());
-    }
-    let (job, table) = (&shared.job.name, &shared.job.table);
-    let key = match shared.job.key.as_slice() {
-        [one] => one.clone(),
-        many => format!("({})", many.join(", ")),
-    };
-    let held = if shared.keyset.is_ctid() {
-        format!("the chunk's pages held {keys} rows")
-    } else {
-        format!("the chunk holds {keys} keys")
-    };
-    Err(ChunkError::Failed(Failure {
-        class: ErrorClass::Fatal,
-        sqlstate: None,
-        text: format!(
-            "the statement wrote {written} rows of {table}, but {held} ({now} rows are in its bounds now): it writes rows outside :start..:end, so every chunk would rewrite rows of other chunks. Restrict every row it changes to the chunk, e.g. `WHERE {key} BETWEEN :start AND :end` (`backfill plan {job}` shows what a chunk writes); a trigger on {table} that writes other rows of it has the same effect"
-        ),
-        stage: "checking which rows the statement wrote",
-        range: Some((chunk.0.clone(), chunk.1.clone())),
-        keys: Some(keys),
-    }))
-}
-
-/// Awaits `fut`; if a cancel is requested meanwhile, asks the server to cancel the session's
-/// statement and keeps awaiting, so the transaction ends cleanly (dropping the future would not
-/// stop the server and could leave the transaction half-open).
-async fn cancellable<T>(
-    fut: impl std::future::Future<Output = T>,
-    token: &tokio_postgres::CancelToken,
-    target: &Target,
-    shutdown: &Shutdown,
-) -> T {
-    tokio::pin!(fut);
-    tokio::select! {
-        r = &mut fut => return r,
-        _ = shutdown.cancelled() => {}
-    }
-    target.cancel(token).await;
-    fut.await
-}
-
 /// Jittered exponential backoff: random in [d/2, d] for d = base·2^(n-1), capped.
 fn backoff(attempt: u32) -> Duration {
     let exp = BACKOFF_BASE
@@ -1881,11 +1533,12 @@ pub async fn estimate_rows(
     let lost = |e: &tokio_postgres::Error| db::classify(e) == ErrorClass::Connection;
     // In a savepoint: the timeout and a cancelled count end with it, the caller's work stays.
     let count = |sql: String, within: Duration| async move {
-        tx.batch_execute(&format!(
-            "SAVEPOINT bf_count; SET LOCAL statement_timeout = {}",
-            db::millis(within)
-        ))
-        .await?;
+        let timeout = db::Timeouts {
+            statement: Some(db::Limit::Within(within)),
+            ..Default::default()
+        };
+        tx.batch_execute(&format!("SAVEPOINT bf_count; {}", timeout.set_local()))
+            .await?;
         let r = tx.query_one(&sql, &[]).await;
         tx.batch_execute("ROLLBACK TO SAVEPOINT bf_count").await?;
         r.map(|row| row.get::<_, i64>(0))
@@ -1931,11 +1584,12 @@ pub async fn retry_failures(
     let statement = keyset.render(&job.sql);
     crate::undo::ensure_table(&client, store, job).await?;
     let undo_copy = crate::undo::copy_sql(store, job, &keyset);
-    let set_local = format!(
-        "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}",
-        db::millis(opts.lock_timeout.unwrap_or(job.lock_timeout)),
-        db::millis(opts.statement_timeout.unwrap_or(job.statement_timeout))
-    );
+    // The same timeouts as a chunk: the retried key is applied under the same limits.
+    let set_local = chunk::chunk_timeouts(
+        opts.lock_timeout.unwrap_or(job.lock_timeout),
+        opts.statement_timeout.unwrap_or(job.statement_timeout),
+    )
+    .set_local();
     let failures = store.failures(&client, name, false).await?;
     let (mut fixed, mut still) = (0, 0);
     for f in &failures {
