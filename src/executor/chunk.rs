@@ -11,10 +11,11 @@
 //! 7. advance the range's cursor (or mark the range done when no key is left);
 //! 8. `COMMIT`.
 //!
-//! It returns a typed outcome: committed with its counts, the range done, or a [`ChunkError`]
+//! It returns a typed outcome: committed with its counts, the range done, or a [`Failure`]
 //! saying what failed where. Owns only the transaction; it must not decide what a failure means
 //! (that is `recovery`'s), format operator text, sleep, or touch the run's pace.
 
+use super::recovery::Problem;
 use crate::db::{self, ErrorClass, Limit, Target, Timeouts};
 use crate::error::Error;
 use crate::job::JobSpec;
@@ -121,7 +122,7 @@ pub(super) struct ChunkDone {
 
 /// A failed attempt at a chunk, with what is known of where it failed.
 pub(super) struct Failure {
-    pub class: ErrorClass,
+    pub problem: Problem,
     pub sqlstate: Option<String>,
     pub text: String,
     pub stage: &'static str,
@@ -129,37 +130,61 @@ pub(super) struct Failure {
     pub keys: Option<i64>,
 }
 
-pub(super) enum ChunkError {
-    Failed(Failure),
-    /// The walk would not move forward (see [`keyset::Stall`]): fatal, never retried.
-    Stalled(keyset::Stall),
+impl Failure {
     /// The range is no longer this worker's: the run was declared gone and its ranges taken.
-    Lost,
+    fn lost(stage: &'static str) -> Self {
+        Failure {
+            problem: Problem::Lost,
+            sqlstate: None,
+            text: "the key range is no longer this run's".into(),
+            stage,
+            range: None,
+            keys: None,
+        }
+    }
+
+    /// The walk would not move forward (see [`keyset::Stall`]): fatal, never retried.
+    fn stalled(stall: &keyset::Stall) -> Self {
+        Failure {
+            problem: Problem::Stalled,
+            sqlstate: None,
+            text: stall.to_string(),
+            stage: "finding the chunk bounds",
+            range: None,
+            keys: None,
+        }
+    }
+
+    /// The database class of the failure, if it is a database error.
+    pub fn class(&self) -> Option<ErrorClass> {
+        match self.problem {
+            Problem::Db(class) => Some(class),
+            Problem::Stalled | Problem::Lost => None,
+        }
+    }
 }
 
-/// The run's end when its walk would not move forward: fatal, since the same bounds would come
-/// back and the statement would be applied to the same rows again.
-pub(super) fn stalled(name: &str, stall: &keyset::Stall) -> Error {
+/// The run's end when its walk would not move forward (`stall` says how): fatal, since the same
+/// bounds would come back and the statement would be applied to the same rows again.
+pub(super) fn stalled(name: &str, stall: &str) -> Error {
     Error::Runtime(format!(
         "job {name}: {stall}; nothing of this chunk was committed, and the run stops rather than apply the statement to the same rows again; this is a defect of backfill with this key type: report it with the key's type, or key the job on another unique index"
     ))
 }
 
-/// Turns a database error at `stage` of a chunk into a [`ChunkError`] naming the key range.
+/// Turns a database error at `stage` of a chunk into a [`Failure`] naming the key range.
 pub(super) fn failed(
     stage: &'static str,
     chunk: Option<&(KeyValue, KeyValue, i64)>,
-) -> impl FnOnce(tokio_postgres::Error) -> ChunkError {
+) -> impl FnOnce(tokio_postgres::Error) -> Failure {
     let chunk = chunk.cloned();
-    move |e| {
-        ChunkError::Failed(Failure {
-            class: db::classify(&e),
-            sqlstate: db::sqlstate(&e).map(str::to_string),
-            text: db::describe(&e),
-            stage,
-            keys: chunk.as_ref().map(|c| c.2),
-            range: chunk.map(|(a, b, _)| (a, b)),
-        })
+    move |e| Failure {
+        problem: Problem::Db(db::classify(&e)),
+        sqlstate: db::sqlstate(&e).map(str::to_string),
+        text: db::describe(&e),
+        stage,
+        keys: chunk.as_ref().map(|c| c.2),
+        range: chunk.map(|(a, b, _)| (a, b)),
     }
 }
 
@@ -186,18 +211,18 @@ fn failed_cached(
     chunk: Option<&(KeyValue, KeyValue, i64)>,
     reused: bool,
     tx: &deadpool_postgres::Transaction<'_>,
-) -> impl FnOnce(tokio_postgres::Error) -> ChunkError {
+) -> impl FnOnce(tokio_postgres::Error) -> Failure {
     let cache = tx.statement_cache.clone();
     let fail = failed(stage, chunk);
     move |e| {
         let stale = reused && db::sqlstate(&e) == Some("0A000");
         let mut error = fail(e);
-        if let (true, ChunkError::Failed(f)) = (stale, &mut error) {
+        if stale {
             cache.clear();
-            f.class = ErrorClass::Contention;
-            f.text = format!(
+            error.problem = Problem::Db(ErrorClass::Contention);
+            error.text = format!(
                 "the statement's saved plan is stale, the table changed ({}); prepared again",
-                f.text
+                error.text
             );
         }
         error
@@ -210,7 +235,7 @@ fn failed_cached(
 /// neither does. The range's row is locked with its owner checked (`lock_range`) before anything
 /// else, and the advance moves the cursor only from the value read under that lock (`cursor IS
 /// NOT DISTINCT FROM`) and only while this worker still owns the range; either check failing
-/// rolls everything back as [`ChunkError::Lost`]. So no crash, kill, retry, split or takeover
+/// rolls everything back as a lost range. So no crash, kill, retry, split or takeover
 /// around a chunk can make it apply twice, and after any failure the worker simply goes on from
 /// the cursor as committed (a COMMIT whose answer was lost may still have happened).
 pub(super) async fn run(
@@ -218,7 +243,7 @@ pub(super) async fn run(
     plan: &ChunkPlan<'_>,
     range: &RangeLease,
     limit: i64,
-) -> Result<Step, ChunkError> {
+) -> Result<Step, Failure> {
     let job = plan.job.name.as_str();
     let owner = range.owner_params(&job);
     let started = Instant::now();
@@ -235,7 +260,7 @@ pub(super) async fn run(
         .map_err(failed("locking the key range", None))?
     else {
         let _ = tx.rollback().await;
-        return Err(ChunkError::Lost);
+        return Err(Failure::lost("locking the key range"));
     };
     let (cursor, upper, done): (Option<KeyValue>, KeyValue, bool) =
         (locked.get(0), locked.get(1), locked.get(2));
@@ -260,7 +285,7 @@ pub(super) async fn run(
             Ok(found) => found,
             Err(stall) => {
                 let _ = tx.rollback().await;
-                return Err(ChunkError::Stalled(stall));
+                return Err(Failure::stalled(&stall));
             }
         }
     };
@@ -336,7 +361,7 @@ pub(super) async fn run(
         .map_err(failed("saving the checkpoint", at))?;
     if advanced != 1 {
         let _ = tx.rollback().await;
-        return Err(ChunkError::Lost);
+        return Err(Failure::lost("saving the checkpoint"));
     }
     tx.commit().await.map_err(failed("committing", at))?;
     Ok(Step::Committed(ChunkDone {
@@ -392,7 +417,7 @@ async fn outside_the_chunk(
     chunk: &(KeyValue, KeyValue, i64),
     args: &[&(dyn ToSql + Sync)],
     written: i64,
-) -> Result<(), ChunkError> {
+) -> Result<(), Failure> {
     let at = Some(chunk);
     let now: i64 = tx
         .query_one(&plan.count_chunk, args)
@@ -413,8 +438,8 @@ async fn outside_the_chunk(
     } else {
         format!("the chunk holds {keys} keys")
     };
-    Err(ChunkError::Failed(Failure {
-        class: ErrorClass::Fatal,
+    Err(Failure {
+        problem: Problem::Db(ErrorClass::Fatal),
         sqlstate: None,
         text: format!(
             "the statement wrote {written} rows of {table}, but {held} ({now} rows are in its bounds now): it writes rows outside :start..:end, so every chunk would rewrite rows of other chunks. Restrict every row it changes to the chunk, e.g. `WHERE {key} BETWEEN :start AND :end` (`backfill plan {job}` shows what a chunk writes); a trigger on {table} that writes other rows of it has the same effect"
@@ -422,7 +447,7 @@ async fn outside_the_chunk(
         stage: "checking which rows the statement wrote",
         range: Some((chunk.0.clone(), chunk.1.clone())),
         keys: Some(keys),
-    }))
+    })
 }
 
 /// Awaits `fut`; if a cancel is requested meanwhile, asks the server to cancel the session's

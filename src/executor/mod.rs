@@ -37,8 +37,8 @@ use crate::db::{self, ErrorClass, Target};
 mod chunk;
 
 use crate::error::{Error, Result};
+use crate::job::JobSpec;
 use crate::job::ThrottleSpec;
-use crate::job::{JobSpec, OnError};
 use crate::keyset::{show_key, KeyValue, Keyset};
 use crate::signals::Shutdown;
 use crate::store::{
@@ -46,7 +46,10 @@ use crate::store::{
 };
 use crate::telemetry::Progress;
 use crate::throttle::{Hold, Throttle};
-use chunk::{cancellable, failed, stalled, ChunkDone, ChunkError, ChunkPlan, Failure, Step};
+mod recovery;
+
+use chunk::{cancellable, failed, stalled, ChunkDone, ChunkPlan, Failure, Step};
+use recovery::{Action, Problem, Situation, Span, Stop, BACKOFF_BASE, RECONNECT_POLL_MAX};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -103,12 +106,10 @@ pub const DEFAULT_VERIFY_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_RECONNECT_FOR: Duration = Duration::from_secs(300);
 /// The most workers one run may start (each holds a connection).
 pub const MAX_WORKERS: u32 = 64;
-const BACKOFF_BASE: Duration = Duration::from_millis(200);
 /// Short enough that a released lock is noticed within seconds, however long the contention.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// While a chunk keeps meeting contention, a log line at most this often (status shows it live).
 const CONTENTION_LOG_EVERY: Duration = Duration::from_secs(30);
-const RECONNECT_POLL_MAX: Duration = Duration::from_secs(2);
 /// After a stop, how long recording the run's end may wait for the database to answer: a stop
 /// must not wait out `reconnect_for`; a run whose end is not recorded is taken over anyway.
 const STOP_CONNECT_WITHIN: Duration = Duration::from_secs(3);
@@ -933,9 +934,7 @@ impl<'s, 'a> Worker<'s, 'a> {
             match self.read_controls().await {
                 Ok(true) => return Ok(LoopEnd::Cancelled),
                 Ok(false) => {}
-                Err(ChunkError::Lost) => return Err(store::lost(&name)),
-                Err(ChunkError::Stalled(stall)) => return Err(stalled(&name, &stall)),
-                Err(ChunkError::Failed(f)) => {
+                Err(f) => {
                     self.recover(f).await?;
                     continue;
                 }
@@ -954,9 +953,7 @@ impl<'s, 'a> Worker<'s, 'a> {
                         continue;
                     }
                     Ok(Acquired::AllDone) => return Ok(LoopEnd::Finished),
-                    Err(ChunkError::Lost) => return Err(store::lost(&name)),
-                    Err(ChunkError::Stalled(stall)) => return Err(stalled(&name, &stall)),
-                    Err(ChunkError::Failed(f)) => {
+                    Err(f) => {
                         self.recover(f).await?;
                         continue;
                     }
@@ -990,9 +987,7 @@ impl<'s, 'a> Worker<'s, 'a> {
                     self.range = None;
                     self.shared.range_finished.notify_waiters();
                 }
-                Err(ChunkError::Lost) => return Err(store::lost(&name)),
-                Err(ChunkError::Stalled(stall)) => return Err(stalled(&name, &stall)),
-                Err(ChunkError::Failed(f)) => {
+                Err(f) => {
                     if self.shared.shutdown.cancel_requested()
                         && f.sqlstate.as_deref() == Some("57014")
                     {
@@ -1005,26 +1000,22 @@ impl<'s, 'a> Worker<'s, 'a> {
     }
 
     /// A connection from the run's pool (a new one after a failure closed the old).
-    async fn connection(&mut self) -> Result<&mut deadpool_postgres::Object, ChunkError> {
+    async fn connection(&mut self) -> Result<&mut deadpool_postgres::Object, Failure> {
         if self.conn.as_ref().is_none_or(|c| c.is_closed()) {
             self.conn = None;
-            let conn = self.shared.pool.get().await.map_err(|e| {
-                ChunkError::Failed(Failure {
-                    class: ErrorClass::Connection,
-                    sqlstate: match &e {
-                        deadpool_postgres::PoolError::Backend(e) => {
-                            db::sqlstate(e).map(str::to_string)
-                        }
-                        _ => None,
-                    },
-                    text: match &e {
-                        deadpool_postgres::PoolError::Backend(e) => db::describe(e),
-                        other => other.to_string(),
-                    },
-                    stage: "connecting",
-                    range: None,
-                    keys: None,
-                })
+            let conn = self.shared.pool.get().await.map_err(|e| Failure {
+                problem: Problem::Db(ErrorClass::Connection),
+                sqlstate: match &e {
+                    deadpool_postgres::PoolError::Backend(e) => db::sqlstate(e).map(str::to_string),
+                    _ => None,
+                },
+                text: match &e {
+                    deadpool_postgres::PoolError::Backend(e) => db::describe(e),
+                    other => other.to_string(),
+                },
+                stage: "connecting",
+                range: None,
+                keys: None,
             })?;
             self.conn = Some(conn);
         }
@@ -1032,7 +1023,7 @@ impl<'s, 'a> Worker<'s, 'a> {
     }
 
     /// Looks for a range to work on: a free one, or half of the busiest.
-    async fn acquire(&mut self) -> Result<Acquired, ChunkError> {
+    async fn acquire(&mut self) -> Result<Acquired, Failure> {
         let shared = self.shared;
         let min_keys = SPLIT_MIN_CHUNKS * shared.pace.lock().await.throttle.chunk_rows();
         let (run_id, worker) = (shared.run_id, self.id);
@@ -1058,7 +1049,7 @@ impl<'s, 'a> Worker<'s, 'a> {
     }
 
     /// One attempt at the next chunk of the worker's range.
-    async fn step(&mut self) -> Result<Step, ChunkError> {
+    async fn step(&mut self) -> Result<Step, Failure> {
         let shared = self.shared;
         let range = self.range.expect("a range is held");
         let limit = self.limit;
@@ -1093,7 +1084,7 @@ impl<'s, 'a> Worker<'s, 'a> {
     /// connection of its own if it has none yet: a job paused or cancelled before the run started
     /// must not write a chunk first. Until one read has succeeded, a failed read is a failed
     /// attempt (waited out like any other); after that, the last controls read stay in force.
-    async fn read_controls(&mut self) -> Result<bool, ChunkError> {
+    async fn read_controls(&mut self) -> Result<bool, Failure> {
         let shared = self.shared;
         {
             let mut pace = shared.pace.lock().await;
@@ -1289,7 +1280,31 @@ impl<'s, 'a> Worker<'s, 'a> {
         }
     }
 
-    /// Decides what a failed attempt means; Ok to try again, Err to stop the run.
+    /// What the recovery policy sees of a failed attempt now.
+    fn situation(&self, f: &Failure) -> Situation {
+        let shared = self.shared;
+        Situation {
+            problem: f.problem,
+            span: match (&f.range, f.keys) {
+                (Some((a, b)), _) if a == b => Span::Single,
+                (Some(_), keys) => Span::Several {
+                    keys: keys.unwrap_or(0),
+                },
+                (None, _) => Span::Unknown,
+            },
+            stopping: shared.shutdown.stop_requested(),
+            attempts: self.attempt,
+            max_attempts: shared.opts.max_attempts,
+            outage: self.outage.map(|since| since.elapsed()),
+            reconnect_for: shared.opts.reconnect_for,
+            contention: self.contention.as_ref().map(|c| c.since.elapsed()),
+            contention_budget: shared.contention_budget(),
+            on_error: shared.job.on_error,
+        }
+    }
+
+    /// Carries out what the recovery policy (`recovery::decide`) says about a failed attempt;
+    /// Ok to try again, Err to stop the run.
     async fn recover(&mut self, f: Failure) -> Result<()> {
         let shared = self.shared;
         let name = self.name().to_string();
@@ -1303,15 +1318,13 @@ impl<'s, 'a> Worker<'s, 'a> {
             Some((a, b)) => format!("keys {}..={}", show_key(a), show_key(b)),
             None => format!("the chunk {resume_at}"),
         };
-        let keys = f.keys.unwrap_or(0);
-        let single = f.range.as_ref().is_some_and(|(a, b)| a == b);
-        if f.class != ErrorClass::Fatal {
-            shared.progress.chunk_failed(f.class.label());
+        if let Some(class) = f.class().filter(|c| *c != ErrorClass::Fatal) {
+            shared.progress.chunk_failed(class.label());
         }
-        match f.class {
+        match recovery::decide(&self.situation(&f)) {
             // Stopping: nothing is in flight any more (the chunk failed), so there is nothing to
             // wait for; the caller's loop ends the walk.
-            ErrorClass::Connection if shared.shutdown.stop_requested() => {
+            Action::LetGo => {
                 shared.progress.log(&format!(
                     "{name}: lost the database while {} ({}) while stopping; nothing uncommitted was kept",
                     f.stage, f.text
@@ -1319,30 +1332,19 @@ impl<'s, 'a> Worker<'s, 'a> {
                 self.conn = None;
                 Ok(())
             }
-            ErrorClass::Connection => {
-                let first = self.outage.is_none();
-                let since = *self.outage.get_or_insert_with(Instant::now);
-                if since.elapsed() >= shared.opts.reconnect_for {
-                    return Err(Error::Runtime(format!(
-                        "job {name}: the database has been unreachable for {}s (last error while {}: {}); gave up (--reconnect-for); nothing uncommitted was kept; run `backfill run {name}` again when it is back: it resumes {resume_at}",
-                        since.elapsed().as_secs(),
-                        f.stage,
-                        f.text
-                    )));
-                }
-                if first {
+            Action::Reconnect { pause } => {
+                if self.outage.is_none() {
+                    self.outage = Some(Instant::now());
                     shared.progress.log(&format!("{name}: lost the database while {} ({}); waiting for it to come back (up to {}s)", f.stage, f.text, shared.opts.reconnect_for.as_secs()));
                 }
                 shared.progress.set_held(Some("waiting for database"));
                 self.conn = None;
-                // Poll quickly at first (a terminated session reconnects at once), then every 2 s.
-                let pause = (since.elapsed() / 2).clamp(BACKOFF_BASE, RECONNECT_POLL_MAX);
                 shared.shutdown.sleep(pause).await;
                 shared.progress.held("database_unavailable", pause);
                 Ok(())
             }
-            ErrorClass::Timeout | ErrorClass::Data if f.range.is_some() && !single => {
-                self.limit = (keys / 2).max(1);
+            Action::Narrow { to, keys } => {
+                self.limit = to;
                 self.narrow_left = self.narrow_left.max(keys);
                 shared.progress.set_chunk_size(self.limit as u64);
                 shared.progress.log(&format!(
@@ -1351,158 +1353,194 @@ impl<'s, 'a> Worker<'s, 'a> {
                 ));
                 Ok(())
             }
-            ErrorClass::Data if single => {
+            Action::Skip => {
                 let (key, _) = f.range.clone().expect("a single-key chunk has a range");
-                self.poison(&key, &f).await
+                self.skip(&key, &f).await
             }
-            ErrorClass::Contention => {
-                let budget = shared.contention_budget();
-                let now = Instant::now();
-                let first = self.contention.is_none();
-                let c = self.contention.get_or_insert_with(|| Contention {
-                    since: now,
-                    reason: format!("lock contention on {where_}"),
-                    since_utc: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
-                        .to_string(),
-                    logged: now,
-                    unbooked: now,
-                });
-                // The failed attempt waited for the lock: that is time held too.
-                shared
-                    .progress
-                    .held("lock_contention", now.duration_since(c.unbooked));
-                c.unbooked = now;
-                let spent = c.since.elapsed();
-                if spent >= budget {
-                    return Err(Error::Runtime(format!(
-                        "job {name}: {where_} kept meeting lock contention for {}s, the whole contention budget ({}; --contention-budget or the job's contention_budget), last while {}: {}; nothing of this chunk was committed; find the session holding the lock (pg_locks, pg_blocking_pids) or give a longer budget, then run `backfill run {name}` again: it resumes {resume_at}",
-                        spent.as_secs(),
-                        humantime::format_duration(budget),
-                        f.stage,
-                        f.text
-                    )));
-                }
-                self.attempt += 1;
-                let delay = backoff(self.attempt).min(budget - spent);
-                if first || c.logged.elapsed() >= CONTENTION_LOG_EVERY {
-                    c.logged = now;
-                    shared.progress.log(&format!(
-                        "{name}: {where_} failed while {}: {}; lock contention for {}s so far: retrying in {} ms, for up to {} in all",
-                        f.stage,
-                        f.text,
-                        spent.as_secs(),
-                        delay.as_millis(),
-                        humantime::format_duration(budget)
-                    ));
-                }
-                let shown = Shown {
-                    reason: c.reason.clone(),
-                    since: Some(c.since_utc.clone()),
-                };
-                {
-                    let mut pace = shared.pace.lock().await;
-                    pace.contended.insert(self.id, shown);
-                    // Not over another reason (a pause, a health signal): that one shows first.
-                    let other = pace
-                        .holding
-                        .as_ref()
-                        .is_some_and(|h| !pace.contended.values().any(|c| &c.reason == h));
-                    if !other {
-                        let shown = pace.contended.values().next().cloned();
-                        self.show_hold(&mut pace, shown).await;
-                    }
-                }
-                shared.shutdown.sleep(delay).await;
-                let c = self.contention.as_mut().expect("set above");
-                shared
-                    .progress
-                    .held("lock_contention", c.unbooked.elapsed());
-                c.unbooked = Instant::now();
+            Action::OutlastContention { attempt, at_most } => {
+                self.attempt = attempt;
+                self.outlast_contention(&f, &where_, backoff(attempt).min(at_most))
+                    .await;
                 Ok(())
             }
-            ErrorClass::Timeout => {
-                self.attempt += 1;
-                if self.attempt >= shared.opts.max_attempts {
-                    return Err(Error::Runtime(format!(
-                        "job {name}: {where_} failed while {} (gave up after {} attempts, --max-attempts): {}; nothing of this chunk was committed; run `backfill run {name}` again (perhaps with a longer --statement-timeout): it resumes {resume_at}",
-                        f.stage, self.attempt, f.text
-                    )));
-                }
-                let delay = backoff(self.attempt);
+            Action::RetryAfterBackoff { attempt } => {
+                self.attempt = attempt;
+                let delay = backoff(attempt);
                 shared.progress.log(&format!(
                     "{name}: {where_} failed while {}: {}; retrying in {} ms (attempt {}/{})",
                     f.stage,
                     f.text,
                     delay.as_millis(),
-                    self.attempt + 1,
+                    attempt + 1,
                     shared.opts.max_attempts
                 ));
-                shared.progress.set_held(Some("retrying after a statement timeout"));
+                shared
+                    .progress
+                    .set_held(Some("retrying after a statement timeout"));
                 shared.shutdown.sleep(delay).await;
                 shared.progress.held("retry_backoff", delay);
                 Ok(())
             }
-            ErrorClass::Data | ErrorClass::Fatal => Err(Error::Runtime(format!(
+            Action::Stop(stop) => {
+                if let (Stop::ContentionBudget, Some(c)) = (stop, &self.contention) {
+                    // The failed attempt waited for the lock: that is time held too.
+                    shared
+                        .progress
+                        .held("lock_contention", c.unbooked.elapsed());
+                }
+                Err(self.stop_error(stop, &f, &where_, &resume_at))
+            }
+        }
+    }
+
+    /// The error a run ends with, saying where the next run resumes.
+    fn stop_error(&self, stop: Stop, f: &Failure, where_: &str, resume_at: &str) -> Error {
+        let name = self.name();
+        match stop {
+            Stop::Lost => store::lost(name),
+            Stop::Stalled => stalled(name, &f.text),
+            Stop::Unreachable => Error::Runtime(format!(
+                "job {name}: the database has been unreachable for {}s (last error while {}: {}); gave up (--reconnect-for); nothing uncommitted was kept; run `backfill run {name}` again when it is back: it resumes {resume_at}",
+                self.outage.map(|since| since.elapsed()).unwrap_or_default().as_secs(),
+                f.stage,
+                f.text
+            )),
+            Stop::ContentionBudget => {
+                let budget = self.shared.contention_budget();
+                Error::Runtime(format!(
+                    "job {name}: {where_} kept meeting lock contention for {}s, the whole contention budget ({}; --contention-budget or the job's contention_budget), last while {}: {}; nothing of this chunk was committed; find the session holding the lock (pg_locks, pg_blocking_pids) or give a longer budget, then run `backfill run {name}` again: it resumes {resume_at}",
+                    self.contention.as_ref().map(|c| c.since.elapsed()).unwrap_or_default().as_secs(),
+                    humantime::format_duration(budget),
+                    f.stage,
+                    f.text
+                ))
+            }
+            Stop::Attempts(attempts) => Error::Runtime(format!(
+                "job {name}: {where_} failed while {} (gave up after {attempts} attempts, --max-attempts): {}; nothing of this chunk was committed; run `backfill run {name}` again (perhaps with a longer --statement-timeout): it resumes {resume_at}",
+                f.stage, f.text
+            )),
+            // The key and the error go to the checkpoint's last_error and the run's history;
+            // the failures table holds only skipped keys, which nothing else would revisit.
+            Stop::PoisonKey => Error::Runtime(format!(
+                "job {name}: key {} makes the statement fail: {}; every key before it is done (on_error = \"stop\"); fix the row or the statement and run again — it resumes at this key — or set on_error = \"skip\" to record such keys and go on",
+                show_key(&f.range.as_ref().expect("a single-key chunk has a range").0),
+                f.text
+            )),
+            Stop::Fatal => Error::Runtime(format!(
                 "job {name}: {where_} failed while {}: {}; {}; nothing of this chunk was committed: `backfill run {name}` resumes {resume_at}",
                 f.stage,
                 f.text,
                 db::advice(f.sqlstate.as_deref())
-            ))),
+            )),
         }
     }
 
-    /// A data error at one key: stop there, or record it and move past it.
-    async fn poison(&mut self, key: &KeyValue, f: &Failure) -> Result<()> {
+    /// Waits `delay` before the chunk that met lock contention is tried again, showing the run
+    /// as held (a log line at most every `CONTENTION_LOG_EVERY`) and booking the time held.
+    async fn outlast_contention(&mut self, f: &Failure, where_: &str, delay: Duration) {
         let shared = self.shared;
         let name = self.name().to_string();
-        match shared.job.on_error {
-            // The key and the error go to the checkpoint's last_error and the run's history;
-            // the failures table holds only skipped keys, which nothing else would revisit.
-            OnError::Stop => Err(Error::Runtime(format!(
-                "job {name}: key {} makes the statement fail: {}; every key before it is done (on_error = \"stop\"); fix the row or the statement and run again — it resumes at this key — or set on_error = \"skip\" to record such keys and go on",
-                show_key(key),
-                f.text
-            ))),
-            OnError::Skip => {
-                let poison = Poison { key, sqlstate: f.sqlstate.as_deref(), message: &f.text };
-                let range = self.range.expect("a range is held");
-                let conn = match self.connection().await {
-                    Ok(c) => c,
-                    Err(_) => return Ok(()), // retried from the top once the database answers
-                };
-                let recorded = chunk::skip_key(conn, &shared.chunk, shared.store, &range, &poison);
-                match recorded.await {
-                    Ok(true) => {}
-                    Ok(false) => return Err(store::lost(&name)),
-                    // Nothing was committed: the chunk is tried again from the cursor (and
-                    // narrowed to this key again) once the lock or the database is back.
-                    Err(e) if matches!(db::classify(&e), ErrorClass::Contention | ErrorClass::Connection) => {
-                        shared.progress.log(&format!(
-                            "{name}: recording the failure at key {} was interrupted ({}); trying again",
-                            show_key(key),
-                            db::describe(&e)
-                        ));
-                        return Ok(());
-                    }
-                    Err(e) => {
-                        return Err(db::error(
-                            e,
-                            format!("job {name}: recording the failure at key {}", show_key(key)),
-                        ))
-                    }
-                }
-                shared.progress.log(&format!(
-                    "{name}: skipped key {} ({}); recorded in the failures table — `backfill failures {name}` lists it, `backfill retry-failures {name}` retries it",
-                    show_key(key),
-                    f.text
-                ));
-                self.cursor = Some(key.clone());
-                self.tally.skipped += 1;
-                self.passed(1).await;
-                shared.progress.key_skipped();
-                Ok(())
+        let budget = shared.contention_budget();
+        let now = Instant::now();
+        let first = self.contention.is_none();
+        let c = self.contention.get_or_insert_with(|| Contention {
+            since: now,
+            reason: format!("lock contention on {where_}"),
+            since_utc: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            logged: now,
+            unbooked: now,
+        });
+        // The failed attempt waited for the lock: that is time held too.
+        shared
+            .progress
+            .held("lock_contention", now.duration_since(c.unbooked));
+        c.unbooked = now;
+        let spent = c.since.elapsed();
+        if first || c.logged.elapsed() >= CONTENTION_LOG_EVERY {
+            c.logged = now;
+            shared.progress.log(&format!(
+                "{name}: {where_} failed while {}: {}; lock contention for {}s so far: retrying in {} ms, for up to {} in all",
+                f.stage,
+                f.text,
+                spent.as_secs(),
+                delay.as_millis(),
+                humantime::format_duration(budget)
+            ));
+        }
+        let shown = Shown {
+            reason: c.reason.clone(),
+            since: Some(c.since_utc.clone()),
+        };
+        {
+            let mut pace = shared.pace.lock().await;
+            pace.contended.insert(self.id, shown);
+            // Not over another reason (a pause, a health signal): that one shows first.
+            let other = pace
+                .holding
+                .as_ref()
+                .is_some_and(|h| !pace.contended.values().any(|c| &c.reason == h));
+            if !other {
+                let shown = pace.contended.values().next().cloned();
+                self.show_hold(&mut pace, shown).await;
             }
         }
+        shared.shutdown.sleep(delay).await;
+        let c = self.contention.as_mut().expect("set above");
+        shared
+            .progress
+            .held("lock_contention", c.unbooked.elapsed());
+        c.unbooked = Instant::now();
+    }
+
+    /// A data error at one key with `on_error = "skip"`: record it and move past it.
+    async fn skip(&mut self, key: &KeyValue, f: &Failure) -> Result<()> {
+        let shared = self.shared;
+        let name = self.name().to_string();
+        let poison = Poison {
+            key,
+            sqlstate: f.sqlstate.as_deref(),
+            message: &f.text,
+        };
+        let range = self.range.expect("a range is held");
+        let conn = match self.connection().await {
+            Ok(c) => c,
+            Err(_) => return Ok(()), // retried from the top once the database answers
+        };
+        match chunk::skip_key(conn, &shared.chunk, shared.store, &range, &poison).await {
+            Ok(true) => {}
+            Ok(false) => return Err(store::lost(&name)),
+            // Nothing was committed: the chunk is tried again from the cursor (and
+            // narrowed to this key again) once the lock or the database is back.
+            Err(e)
+                if matches!(
+                    db::classify(&e),
+                    ErrorClass::Contention | ErrorClass::Connection
+                ) =>
+            {
+                shared.progress.log(&format!(
+                    "{name}: recording the failure at key {} was interrupted ({}); trying again",
+                    show_key(key),
+                    db::describe(&e)
+                ));
+                return Ok(());
+            }
+            Err(e) => {
+                return Err(db::error(
+                    e,
+                    format!("job {name}: recording the failure at key {}", show_key(key)),
+                ))
+            }
+        }
+        shared.progress.log(&format!(
+            "{name}: skipped key {} ({}); recorded in the failures table — `backfill failures {name}` lists it, `backfill retry-failures {name}` retries it",
+            show_key(key),
+            f.text
+        ));
+        self.cursor = Some(key.clone());
+        self.tally.skipped += 1;
+        self.passed(1).await;
+        shared.progress.key_skipped();
+        Ok(())
     }
 }
 
