@@ -39,6 +39,7 @@ macro_rules! eprint {
 }
 
 pub mod app;
+pub mod backoff;
 pub mod cli;
 pub mod db;
 pub mod demo;

@@ -264,24 +264,10 @@ pub(super) async fn run(
     };
     let (cursor, upper, done): (Option<KeyValue>, KeyValue, bool) =
         (locked.get(0), locked.get(1), locked.get(2));
-    let bounds_sql = match cursor {
-        Some(_) => &plan.next_bounds,
-        None => &plan.first_bounds,
-    };
     let row = if done {
         None
     } else {
-        let params = keyset::next_chunk_params(cursor.as_ref(), &upper, &limit);
-        let (stmt, reused) = cached(&tx, bounds_sql)
-            .await
-            .map_err(failed("finding the chunk bounds", None))?;
-        let row = tx.query_one(&stmt, &params).await.map_err(failed_cached(
-            "finding the chunk bounds",
-            None,
-            reused,
-            &tx,
-        ))?;
-        match plan.keyset.read_bounds(&row, cursor.as_ref()) {
+        match next_bounds(&tx, plan, cursor.as_ref(), &upper, limit).await? {
             Ok(found) => found,
             Err(stall) => {
                 let _ = tx.rollback().await;
@@ -301,31 +287,8 @@ pub(super) async fn run(
     let chunk: (KeyValue, KeyValue, i64) = (first, last, keys);
     let at = Some(&chunk);
     let (from, to) = plan.keyset.statement_bounds(&chunk.0, &chunk.1);
-    let args: Vec<&(dyn ToSql + Sync)> = from
-        .iter()
-        .chain(to.iter())
-        .map(|v| v as &(dyn ToSql + Sync))
-        .collect();
-    if let Some(copy) = &plan.undo_copy {
-        let (stmt, reused) = cached(&tx, copy)
-            .await
-            .map_err(failed("preparing the undo copy", at))?;
-        tx.execute(&stmt, &args).await.map_err(failed_cached(
-            "copying the rows' old values to the undo table",
-            at,
-            reused,
-            &tx,
-        ))?;
-    }
-    let (stmt, reused) = cached(&tx, &plan.statement)
-        .await
-        .map_err(failed("preparing the job's statement", at))?;
-    let affected = tx.execute(&stmt, &args).await.map_err(failed_cached(
-        "running the job's statement",
-        at,
-        reused,
-        &tx,
-    ))? as i64;
+    let args: Vec<&(dyn ToSql + Sync)> = from.iter().chain(&to).map(|v| v as _).collect();
+    let affected = apply(&tx, plan, &chunk, &args).await?;
 
     // Application sessions queued behind this chunk's row locks: commit now (which releases
     // them) and tell the caller, which yields by shrinking the next chunks. The same round trip
@@ -344,17 +307,8 @@ pub(super) async fn run(
         outside_the_chunk(&tx, plan, &chunk, &args, written).await?;
     }
     let chunk_rows = limit.min(i32::MAX as i64) as i32;
-    let advance: [&(dyn ToSql + Sync); 9] = [
-        owner[0],
-        owner[1],
-        owner[2],
-        owner[3],
-        &cursor,
-        &chunk.1,
-        &keys,
-        &affected,
-        &chunk_rows,
-    ];
+    let moved: [&(dyn ToSql + Sync); 5] = [&cursor, &chunk.1, &keys, &affected, &chunk_rows];
+    let advance: Vec<_> = owner.into_iter().chain(moved).collect();
     let advanced = tx
         .execute(&plan.advance, &advance)
         .await
@@ -372,6 +326,64 @@ pub(super) async fn run(
         asked: limit,
         blocked,
     }))
+}
+
+/// The chunk's bounds: the next `limit` keys after `cursor`, up to `upper`, found by walking the
+/// key's index (None: no key left in the range); Err when the walk would not move forward.
+async fn next_bounds(
+    tx: &deadpool_postgres::Transaction<'_>,
+    plan: &ChunkPlan<'_>,
+    cursor: Option<&KeyValue>,
+    upper: &KeyValue,
+    limit: i64,
+) -> Result<Result<Option<ChunkBounds>, keyset::Stall>, Failure> {
+    let bounds_sql = match cursor {
+        Some(_) => &plan.next_bounds,
+        None => &plan.first_bounds,
+    };
+    let params = keyset::next_chunk_params(cursor, upper, &limit);
+    let (stmt, reused) = cached(tx, bounds_sql)
+        .await
+        .map_err(failed("finding the chunk bounds", None))?;
+    let row = tx.query_one(&stmt, &params).await.map_err(failed_cached(
+        "finding the chunk bounds",
+        None,
+        reused,
+        tx,
+    ))?;
+    Ok(plan.keyset.read_bounds(&row, cursor))
+}
+
+/// The undo copy (jobs with `undo`), then the job's statement, on the chunk's bounds; returns
+/// the rows the statement reported changing.
+async fn apply(
+    tx: &deadpool_postgres::Transaction<'_>,
+    plan: &ChunkPlan<'_>,
+    chunk: &(KeyValue, KeyValue, i64),
+    args: &[&(dyn ToSql + Sync)],
+) -> Result<i64, Failure> {
+    let at = Some(chunk);
+    if let Some(copy) = &plan.undo_copy {
+        let (stmt, reused) = cached(tx, copy)
+            .await
+            .map_err(failed("preparing the undo copy", at))?;
+        tx.execute(&stmt, args).await.map_err(failed_cached(
+            "copying the rows' old values to the undo table",
+            at,
+            reused,
+            tx,
+        ))?;
+    }
+    let (stmt, reused) = cached(tx, &plan.statement)
+        .await
+        .map_err(failed("preparing the job's statement", at))?;
+    let affected = tx.execute(&stmt, args).await.map_err(failed_cached(
+        "running the job's statement",
+        at,
+        reused,
+        tx,
+    ))?;
+    Ok(affected as i64)
 }
 
 /// Records a poison key as skipped and moves the range's cursor past it, in one transaction

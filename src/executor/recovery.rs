@@ -11,12 +11,20 @@
 //! - a data error at a single key (a poison row): stop, or skip it (`on_error`);
 //! - anything else, a walk that would not move forward, or a range taken from the worker: stop.
 
+use crate::backoff::Backoff;
 use crate::db::ErrorClass;
 use crate::job::OnError;
 use std::time::Duration;
 
 /// The first pause while waiting for the database, and the base of the retry backoff.
 pub(super) const BACKOFF_BASE: Duration = Duration::from_millis(200);
+/// Short enough that a released lock is noticed within seconds, however long the contention.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The backoff between attempts at a chunk (contention, a statement timeout at one key).
+pub(super) const RETRY_BACKOFF: Backoff = Backoff {
+    base: BACKOFF_BASE,
+    max: BACKOFF_MAX,
+};
 /// The longest pause between two attempts to reach the database.
 pub(super) const RECONNECT_POLL_MAX: Duration = Duration::from_secs(2);
 
