@@ -383,7 +383,11 @@ impl Finisher<'_> {
             let class = db::classify(&failure.error);
             if class == ErrorClass::Contention && attempt < self.opts.max_attempts {
                 self.record(step, "running", Some(&described)).await?;
-                let wait = backoff(attempt);
+                let wait = crate::backoff::Backoff {
+                    base: BACKOFF_BASE,
+                    max: BACKOFF_MAX,
+                }
+                .delay(attempt);
                 (self.log)(&format!(
                     "job {}: finishing step {}/{}: retrying after {} because {}{} ({}); attempt {} of {}",
                     self.job,
@@ -665,15 +669,6 @@ fn contention_reason(code: Option<&str>) -> &'static str {
         Some("40001") => "serialization failure",
         _ => "contention",
     }
-}
-
-/// Jittered exponential backoff: base·2^(n-1), capped, then ±50 %, so that finishers and the
-/// application's own retries do not fall back into step.
-fn backoff(attempt: u32) -> Duration {
-    let exp = BACKOFF_BASE
-        .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
-        .min(BACKOFF_MAX);
-    exp.mul_f64(0.5 + fastrand::f64())
 }
 
 /// A statement on one line, cut to a length that fits an error message.
@@ -1070,16 +1065,6 @@ mod tests {
             Some("s.t")
         );
         assert_eq!(table("VACUUM t"), None);
-    }
-
-    #[test]
-    fn backoff_doubles_with_jitter_and_is_capped() {
-        for _ in 0..100 {
-            let first = backoff(1);
-            assert!(first >= Duration::from_millis(100) && first <= Duration::from_millis(300));
-            let late = backoff(30);
-            assert!(late >= Duration::from_secs(5) && late <= Duration::from_secs(15));
-        }
     }
 
     #[test]

@@ -40,7 +40,8 @@ pub(super) struct Shown {
 }
 
 impl Worker<'_, '_> {
-    /// Every few seconds, the largest replay lag of the streaming standbys, for the metrics.
+    /// Every few seconds, the largest replication lag of the streaming standbys, for the
+    /// metrics, read as the `max_replication_lag` hold reads it (`Throttle::replication_lag`).
     /// (Unreadable without pg_monitor's rights on other roles' senders; then not reported.)
     pub(super) async fn sample_replication_lag(&mut self) {
         let mut pace = self.shared.pace.lock().await;
@@ -54,9 +55,8 @@ impl Worker<'_, '_> {
             return;
         };
         pace.lag_sampled = Some(Instant::now());
-        let sql = "SELECT coalesce(max(extract(epoch FROM replay_lag)), 0)::float8 FROM pg_stat_replication";
-        if let Ok(row) = conn.query_one(sql, &[]).await {
-            self.shared.progress.replication_lag(row.get(0));
+        if let Ok((lag, _)) = pace.throttle.replication_lag(conn).await {
+            self.shared.progress.replication_lag(lag);
         }
     }
 
@@ -137,10 +137,15 @@ impl Worker<'_, '_> {
                     ),
                 })
             } else {
-                match self.conn.as_ref().filter(|c| !c.is_closed()) {
+                let hold = match self.conn.as_ref().filter(|c| !c.is_closed()) {
                     Some(conn) => pace.throttle.check(conn).await,
                     None => None,
+                };
+                // The lag the hold just read shows on the gauge too, also while it holds.
+                if let Some(lag) = pace.throttle.last_replication_lag() {
+                    shared.progress.replication_lag(lag);
                 }
+                hold
             };
             // A worker's lock contention shows while nothing else holds the run.
             let shown = hold
