@@ -44,6 +44,7 @@ pub mod cli;
 pub mod db;
 pub mod demo;
 pub mod error;
+pub mod events;
 pub mod executor;
 pub mod finish;
 pub mod job;

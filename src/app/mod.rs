@@ -297,7 +297,7 @@ async fn control(
         };
         println!(
             "job {name}: overrides now {}; {applies}",
-            executor::describe_controls(&controls)
+            crate::telemetry::describe_controls(&controls)
         );
     } else {
         println!("{done}");

@@ -45,13 +45,13 @@ pub use options::{
     RunOptions, DEFAULT_CONTENTION_BUDGET, DEFAULT_MAX_ATTEMPTS, DEFAULT_RECONNECT_FOR,
     DEFAULT_VERIFY_TIMEOUT, MAX_WORKERS,
 };
-pub use pace::describe_controls;
 pub use retry::retry_failures;
 pub use start::{estimate_rows, EXACT_COUNT_WITHIN};
 pub use verify::NotSwept;
 
 use crate::db::{self, Target};
 use crate::error::Result;
+use crate::events::{Event, Listener};
 use crate::job::{JobSpec, ThrottleSpec};
 use crate::keyset::{show_key, KeyValue, Keyset};
 use crate::signals::Shutdown;
@@ -471,6 +471,11 @@ impl<'a> Shared<'a> {
             verified,
             tally,
         }
+    }
+
+    /// Tells the run's listeners (the progress display, the log, the metrics) what happened.
+    fn emit(&self, event: Event<'_>) {
+        self.progress.on(event);
     }
 
     /// How long one chunk may keep meeting lock contention: the run's flag, else the job's.

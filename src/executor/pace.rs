@@ -6,6 +6,7 @@
 use super::chunk::{failed, Failure};
 use super::worker::{Contention, Worker};
 use crate::error::Result;
+use crate::events::Event;
 use crate::store;
 use crate::throttle::{Hold, Throttle};
 use std::time::{Duration, Instant};
@@ -56,7 +57,7 @@ impl Worker<'_, '_> {
         };
         pace.lag_sampled = Some(Instant::now());
         if let Ok((lag, _)) = pace.throttle.replication_lag(conn).await {
-            self.shared.progress.replication_lag(lag);
+            self.shared.emit(Event::ReplicationLag(lag));
         }
     }
 
@@ -71,9 +72,7 @@ impl Worker<'_, '_> {
             let mut pace = shared.pace.lock().await;
             if !pace.rate_shown {
                 pace.rate_shown = true;
-                shared
-                    .progress
-                    .set_rate_limit(pace.throttle.spec().rows_per_second);
+                shared.emit(Event::RateLimit(pace.throttle.spec().rows_per_second));
             }
             if pace
                 .controls_read
@@ -101,21 +100,13 @@ impl Worker<'_, '_> {
         pace.controls_read = Some(Instant::now());
         if c != pace.controls {
             pace.throttle.apply(&c);
-            shared
-                .progress
-                .set_chunk_size(pace.throttle.chunk_rows() as u64);
-            shared
-                .progress
-                .set_rate_limit(pace.throttle.spec().rows_per_second);
+            shared.emit(Event::ChunkSize(pace.throttle.chunk_rows() as u64));
+            shared.emit(Event::RateLimit(pace.throttle.spec().rows_per_second));
             if c.rows_per_second != pace.controls.rows_per_second
                 || c.target_chunk_time != pace.controls.target_chunk_time
                 || c.pause != pace.controls.pause
             {
-                shared.progress.log(&format!(
-                    "{}: new settings from `backfill set`: {}",
-                    shared.job.name,
-                    describe_controls(&c)
-                ));
+                shared.emit(Event::SettingsChanged(&c));
             }
             pace.controls = c;
         }
@@ -143,7 +134,7 @@ impl Worker<'_, '_> {
                 };
                 // The lag the hold just read shows on the gauge too, also while it holds.
                 if let Some(lag) = pace.throttle.last_replication_lag() {
-                    shared.progress.replication_lag(lag);
+                    shared.emit(Event::ReplicationLag(lag));
                 }
                 hold
             };
@@ -165,7 +156,10 @@ impl Worker<'_, '_> {
         };
         let Some(hold) = hold else { return Ok(false) };
         shared.shutdown.sleep(nap).await;
-        shared.progress.held(hold.reason, nap);
+        shared.emit(Event::Held {
+            reason: hold.reason,
+            time: nap,
+        });
         Ok(true)
     }
 
@@ -177,7 +171,6 @@ impl Worker<'_, '_> {
         if detail == pace.holding {
             return;
         }
-        let name = shared.job.name.as_str();
         if let Some(conn) = self.conn.as_ref().filter(|c| !c.is_closed()) {
             let _ = shared
                 .store
@@ -188,13 +181,7 @@ impl Worker<'_, '_> {
             Some(t) => format!("{} since {t}", h.reason),
             None => h.reason,
         });
-        match &text {
-            Some(d) => shared.progress.log(&format!("{name}: holding: {d}")),
-            None => shared
-                .progress
-                .log(&format!("{name}: no longer held; continuing")),
-        }
-        shared.progress.set_held(text.as_deref());
+        shared.emit(Event::HoldChanged(text.as_deref()));
         pace.holding = detail;
     }
 
@@ -204,11 +191,9 @@ impl Worker<'_, '_> {
             return;
         };
         let shared = self.shared;
-        shared.progress.log(&format!(
-            "{}: the lock contention is over after {}s; continuing",
-            shared.job.name,
-            c.since.elapsed().as_secs()
-        ));
+        shared.emit(Event::ContentionOver {
+            lasted: c.since.elapsed(),
+        });
         let mut pace = shared.pace.lock().await;
         pace.contended.remove(&self.id);
         // Nothing else held the run, or this worker would not have run its chunk.
@@ -220,7 +205,6 @@ impl Worker<'_, '_> {
     /// as held (a log line at most every `CONTENTION_LOG_EVERY`) and booking the time held.
     pub(super) async fn outlast_contention(&mut self, f: &Failure, where_: &str, delay: Duration) {
         let shared = self.shared;
-        let name = self.name().to_string();
         let budget = shared.contention_budget();
         let now = Instant::now();
         let first = self.contention.is_none();
@@ -232,21 +216,22 @@ impl Worker<'_, '_> {
             unbooked: now,
         });
         // The failed attempt waited for the lock: that is time held too.
-        shared
-            .progress
-            .held("lock_contention", now.duration_since(c.unbooked));
+        shared.emit(Event::Held {
+            reason: "lock_contention",
+            time: now.duration_since(c.unbooked),
+        });
         c.unbooked = now;
         let spent = c.since.elapsed();
         if first || c.logged.elapsed() >= CONTENTION_LOG_EVERY {
             c.logged = now;
-            shared.progress.log(&format!(
-                "{name}: {where_} failed while {}: {}; lock contention for {}s so far: retrying in {} ms, for up to {} in all",
-                f.stage,
-                f.text,
-                spent.as_secs(),
-                delay.as_millis(),
-                humantime::format_duration(budget)
-            ));
+            shared.emit(Event::Contended {
+                chunk: where_,
+                stage: f.stage,
+                error: &f.text,
+                so_far: spent,
+                delay,
+                budget,
+            });
         }
         let shown = Shown {
             reason: c.reason.clone(),
@@ -267,25 +252,10 @@ impl Worker<'_, '_> {
         }
         shared.shutdown.sleep(delay).await;
         let c = self.contention.as_mut().expect("set above");
-        shared
-            .progress
-            .held("lock_contention", c.unbooked.elapsed());
+        shared.emit(Event::Held {
+            reason: "lock_contention",
+            time: c.unbooked.elapsed(),
+        });
         c.unbooked = Instant::now();
     }
-}
-
-/// The live settings `backfill set` gave, as the log line and `backfill set` show them.
-pub fn describe_controls(c: &store::Controls) -> String {
-    format!(
-        "rows_per_second {}, target_chunk_time {}, pause {}",
-        c.rows_per_second
-            .map(|r| r.to_string())
-            .unwrap_or_else(|| "(job's)".into()),
-        c.target_chunk_time
-            .map(|d| humantime::format_duration(d).to_string())
-            .unwrap_or_else(|| "(job's)".into()),
-        c.pause
-            .map(|d| humantime::format_duration(d).to_string())
-            .unwrap_or_else(|| "(job's)".into()),
-    )
 }

@@ -7,6 +7,7 @@ use super::recovery::{self, Action, Problem, Situation, Span, Stop, RETRY_BACKOF
 use super::{LoopEnd, Shared, Tally};
 use crate::db::{self, ErrorClass};
 use crate::error::{Error, Result};
+use crate::events::Event;
 use crate::keyset::{show_key, KeyValue};
 use crate::store::{self, Acquired, Poison, RangeLease, Splitter};
 use std::sync::atomic::Ordering;
@@ -139,14 +140,20 @@ impl<'s, 'a> Worker<'s, 'a> {
             };
             if let Some(bucket) = bucket {
                 let waited = bucket.admit(self.limit).await;
-                self.shared.progress.held("rate_limit", waited);
+                self.shared.emit(Event::Held {
+                    reason: "rate_limit",
+                    time: waited,
+                });
             }
             match self.step().await {
                 Ok(Step::Committed(done)) => {
                     let rest = self.committed(done).await;
                     if !rest.is_zero() {
                         self.shared.shutdown.sleep(rest).await;
-                        self.shared.progress.held("pause", rest);
+                        self.shared.emit(Event::Held {
+                            reason: "pause",
+                            time: rest,
+                        });
                     }
                 }
                 Ok(Step::RangeDone) => {
@@ -206,10 +213,10 @@ impl<'s, 'a> Worker<'s, 'a> {
             .map_err(failed("claiming a key range", None))?;
         if let Acquired::Range(r) = &got {
             if r.id > 0 || shared.opts.workers > 1 {
-                shared.progress.log(&format!(
-                    "{}: worker {worker} took range {}",
-                    shared.job.name, r.id
-                ));
+                shared.emit(Event::RangeTaken {
+                    worker,
+                    range: r.id,
+                });
             }
         }
         Ok(got)
@@ -232,9 +239,7 @@ impl<'s, 'a> Worker<'s, 'a> {
         self.attempt = 0;
         self.contention_over().await;
         if self.outage.take().is_some() {
-            shared
-                .progress
-                .log(&format!("{}: database is back; continuing", self.name()));
+            shared.emit(Event::DatabaseBack);
         }
         self.tally.rows += done.keys;
         self.tally.affected += done.affected;
@@ -242,11 +247,10 @@ impl<'s, 'a> Worker<'s, 'a> {
         let mut pace = shared.pace.lock().await;
         if done.blocked > 0 {
             let size = pace.throttle.shrink();
-            shared.progress.log(&format!(
-                "{}: {} application session(s) waited on this chunk's locks; chunks shrink to {size} keys",
-                shared.job.name,
-                done.blocked
-            ));
+            shared.emit(Event::Yielded {
+                blocked: done.blocked,
+                size,
+            });
         } else if self.narrow_left == 0 {
             pace.throttle.adapt(done.keys, done.asked, done.took);
         }
@@ -255,11 +259,13 @@ impl<'s, 'a> Worker<'s, 'a> {
         self.tally.last = Some(done.last.clone());
         self.cursor = Some(done.last);
         self.passed(done.keys).await;
-        shared
-            .progress
-            .chunk_committed(done.keys as u64, done.affected.max(0) as u64, done.took);
+        shared.emit(Event::ChunkCommitted {
+            keys: done.keys as u64,
+            changed: done.affected.max(0) as u64,
+            took: done.took,
+        });
         if let Some(n) = shared.lease.job_rows_done() {
-            shared.progress.sync_job_rows(n.max(0) as u64);
+            shared.emit(Event::JobRowsDone(n.max(0) as u64));
         }
         rest
     }
@@ -271,7 +277,7 @@ impl<'s, 'a> Worker<'s, 'a> {
             if self.narrow_left <= 0 {
                 self.narrow_left = 0;
                 self.limit = self.shared.pace.lock().await.throttle.chunk_rows();
-                self.shared.progress.set_chunk_size(self.limit as u64);
+                self.shared.emit(Event::ChunkSize(self.limit as u64));
             }
         }
     }
@@ -303,7 +309,6 @@ impl<'s, 'a> Worker<'s, 'a> {
     /// Ok to try again, Err to stop the run.
     pub(super) async fn recover(&mut self, f: Failure) -> Result<()> {
         let shared = self.shared;
-        let name = self.name().to_string();
         let resume_at = match (&self.range, &self.cursor) {
             (_, Some(c)) => format!("after key {}", show_key(c)),
             (Some(r), None) => format!("at the saved cursor of key range {}", r.id),
@@ -315,38 +320,49 @@ impl<'s, 'a> Worker<'s, 'a> {
             None => format!("the chunk {resume_at}"),
         };
         if let Some(class) = f.class().filter(|c| *c != ErrorClass::Fatal) {
-            shared.progress.chunk_failed(class.label());
+            shared.emit(Event::AttemptFailed {
+                class: class.label(),
+            });
         }
         match recovery::decide(&self.situation(&f)) {
             // Stopping: nothing is in flight any more (the chunk failed), so there is nothing to
             // wait for; the caller's loop ends the walk.
             Action::LetGo => {
-                shared.progress.log(&format!(
-                    "{name}: lost the database while {} ({}) while stopping; nothing uncommitted was kept",
-                    f.stage, f.text
-                ));
+                shared.emit(Event::LostWhileStopping {
+                    stage: f.stage,
+                    error: &f.text,
+                });
                 self.conn = None;
                 Ok(())
             }
             Action::Reconnect { pause } => {
                 if self.outage.is_none() {
                     self.outage = Some(Instant::now());
-                    shared.progress.log(&format!("{name}: lost the database while {} ({}); waiting for it to come back (up to {}s)", f.stage, f.text, shared.opts.reconnect_for.as_secs()));
+                    shared.emit(Event::DatabaseLost {
+                        stage: f.stage,
+                        error: &f.text,
+                        patience: shared.opts.reconnect_for,
+                    });
                 }
-                shared.progress.set_held(Some("waiting for database"));
+                shared.emit(Event::Waiting("waiting for database"));
                 self.conn = None;
                 shared.shutdown.sleep(pause).await;
-                shared.progress.held("database_unavailable", pause);
+                shared.emit(Event::Held {
+                    reason: "database_unavailable",
+                    time: pause,
+                });
                 Ok(())
             }
             Action::Narrow { to, keys } => {
                 self.limit = to;
                 self.narrow_left = self.narrow_left.max(keys);
-                shared.progress.set_chunk_size(self.limit as u64);
-                shared.progress.log(&format!(
-                    "{name}: {where_} failed while {} ({}); retrying in chunks of {} to narrow it down",
-                    f.stage, f.text, self.limit
-                ));
+                shared.emit(Event::ChunkSize(self.limit as u64));
+                shared.emit(Event::Narrowed {
+                    chunk: &where_,
+                    stage: f.stage,
+                    error: &f.text,
+                    size: self.limit,
+                });
                 Ok(())
             }
             Action::Skip => {
@@ -362,27 +378,28 @@ impl<'s, 'a> Worker<'s, 'a> {
             Action::RetryAfterBackoff { attempt } => {
                 self.attempt = attempt;
                 let delay = RETRY_BACKOFF.delay(attempt);
-                shared.progress.log(&format!(
-                    "{name}: {where_} failed while {}: {}; retrying in {} ms (attempt {}/{})",
-                    f.stage,
-                    f.text,
-                    delay.as_millis(),
-                    attempt + 1,
-                    shared.opts.max_attempts
-                ));
-                shared
-                    .progress
-                    .set_held(Some("retrying after a statement timeout"));
+                shared.emit(Event::Retrying {
+                    chunk: &where_,
+                    stage: f.stage,
+                    error: &f.text,
+                    delay,
+                    attempt,
+                    max_attempts: shared.opts.max_attempts,
+                });
                 shared.shutdown.sleep(delay).await;
-                shared.progress.held("retry_backoff", delay);
+                shared.emit(Event::Held {
+                    reason: "retry_backoff",
+                    time: delay,
+                });
                 Ok(())
             }
             Action::Stop(stop) => {
                 if let (Stop::ContentionBudget, Some(c)) = (stop, &self.contention) {
                     // The failed attempt waited for the lock: that is time held too.
-                    shared
-                        .progress
-                        .held("lock_contention", c.unbooked.elapsed());
+                    shared.emit(Event::Held {
+                        reason: "lock_contention",
+                        time: c.unbooked.elapsed(),
+                    });
                 }
                 Err(self.stop_error(stop, &f, &where_, &resume_at))
             }
@@ -462,11 +479,10 @@ impl<'s, 'a> Worker<'s, 'a> {
                     ErrorClass::Contention | ErrorClass::Connection
                 ) =>
             {
-                shared.progress.log(&format!(
-                    "{name}: recording the failure at key {} was interrupted ({}); trying again",
-                    show_key(key),
-                    db::describe(&e)
-                ));
+                shared.emit(Event::SkipInterrupted {
+                    key: &show_key(key),
+                    error: &db::describe(&e),
+                });
                 return Ok(());
             }
             Err(e) => {
@@ -476,15 +492,13 @@ impl<'s, 'a> Worker<'s, 'a> {
                 ))
             }
         }
-        shared.progress.log(&format!(
-            "{name}: skipped key {} ({}); recorded in the failures table — `backfill failures {name}` lists it, `backfill retry-failures {name}` retries it",
-            show_key(key),
-            f.text
-        ));
+        shared.emit(Event::Skipped {
+            key: &show_key(key),
+            error: &f.text,
+        });
         self.cursor = Some(key.clone());
         self.tally.skipped += 1;
         self.passed(1).await;
-        shared.progress.key_skipped();
         Ok(())
     }
 }

@@ -6,6 +6,10 @@
 //! `suspend`, so they never break it. Metrics use the `metrics` facade; the exporter is installed
 //! (by [`serve_metrics`]) before any handle is created, or the handles would stay no-ops.
 
+mod listen;
+
+pub use listen::describe_controls;
+
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use std::io::IsTerminal;
