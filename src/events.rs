@@ -9,6 +9,47 @@ use std::time::Duration;
 /// One thing that happened in a run. Borrowed fields live as long as the emitting call.
 #[derive(Debug, Clone, Copy)]
 pub enum Event<'a> {
+    /// The database went away while the run was starting; it waits for up to `patience`.
+    LostWhileStarting { error: &'a str, patience: Duration },
+    /// The database answers again, and the run starts.
+    BackWhileStarting,
+    /// The run's earlier self was declared gone while the database was away.
+    Rejoining { run_id: i64 },
+    /// The table has no row estimate, so its key range cannot be split.
+    NoEstimate { table: &'a str },
+    /// The job's key range was fixed: keys up to `upper` (None: the table was empty).
+    KeyRange {
+        table: &'a str,
+        upper: Option<&'a str>,
+        rows: Option<i64>,
+    },
+    /// The run starts walking: rows already done, rows in all, the chunk size, its workers.
+    RunStarted {
+        done: u64,
+        total: Option<u64>,
+        chunk_size: u64,
+        workers: u32,
+    },
+    /// A job with a single range resumes after this key.
+    ResumingAfter { key: &'a str, rows_done: i64 },
+    /// A job split into key ranges resumes.
+    ResumingRanges {
+        rows_done: i64,
+        finished: usize,
+        ranges: usize,
+    },
+    /// `verify` still counts rows and no (further) sweep will run: why.
+    Incomplete { why: &'a str },
+    /// `verify` counts `remaining` rows: sweep `pass` of at most `max` starts.
+    Sweeping { remaining: i64, pass: i32, max: u32 },
+    /// Another run completed the job meanwhile (its verify returned 0).
+    CompletedElsewhere,
+    /// The run ended in this state (as recorded in its history).
+    RunEnded(&'static str),
+    /// `retry-failures`: the key now succeeds and is resolved.
+    FailureResolved { key: &'a str },
+    /// `retry-failures`: the key still fails.
+    FailureRemains { key: &'a str, error: &'a str },
     /// A worker took a key range (a free one, or the upper half of a busy one).
     RangeTaken { worker: i32, range: i32 },
     /// A chunk committed with its checkpoint.

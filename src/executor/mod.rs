@@ -56,7 +56,6 @@ use crate::job::{JobSpec, ThrottleSpec};
 use crate::keyset::{show_key, KeyValue, Keyset};
 use crate::signals::Shutdown;
 use crate::store::{self, LeaseState, Store};
-use crate::telemetry::Progress;
 use crate::throttle::Throttle;
 use chunk::ChunkPlan;
 use pace::Pace;
@@ -139,7 +138,7 @@ struct Context<'a> {
     job: &'a JobSpec,
     opts: &'a RunOptions,
     shutdown: &'a Shutdown,
-    progress: &'a Progress,
+    events: &'a dyn Listener,
     /// This run's workers.
     workers: u32,
 }
@@ -151,7 +150,7 @@ pub async fn run(
     job: &JobSpec,
     opts: &RunOptions,
     shutdown: &Shutdown,
-    progress: &Progress,
+    events: &dyn Listener,
 ) -> Result<Report> {
     let started = Instant::now();
     let workers = opts.workers.clamp(1, MAX_WORKERS);
@@ -161,11 +160,11 @@ pub async fn run(
         job,
         opts,
         shutdown,
-        progress,
+        events,
         workers,
     };
     // Join the job, and fix its key range on its first run.
-    let joined = match start(target, store, job, opts, workers, shutdown, progress).await? {
+    let joined = match start(target, store, job, opts, workers, shutdown, events).await? {
         Start::Owned(s) => *s,
         Start::AlreadyDone(c) => {
             let outcome = Outcome::AlreadyDone;
@@ -207,28 +206,24 @@ pub async fn run(
 
 /// Shows the run starting: the progress display, and where a resumed job goes on.
 fn announce(cx: &Context<'_>, checkpoint: &store::Checkpoint, total: Option<i64>, chunk_rows: u32) {
-    let (job, progress) = (cx.job, cx.progress);
-    progress.start(
-        checkpoint.rows_done.max(0) as u64,
-        total.map(|t| t.max(0) as u64),
-        chunk_rows as u64,
-    );
-    progress.set_workers(cx.workers);
+    let events = cx.events;
+    events.on(Event::RunStarted {
+        done: checkpoint.rows_done.max(0) as u64,
+        total: total.map(|t| t.max(0) as u64),
+        chunk_size: chunk_rows as u64,
+        workers: cx.workers,
+    });
     if let Some(c) = &checkpoint.cursor {
-        progress.log(&format!(
-            "{}: resuming after key {} ({} rows already done)",
-            job.name,
-            show_key(c),
-            checkpoint.rows_done
-        ));
+        events.on(Event::ResumingAfter {
+            key: &show_key(c),
+            rows_done: checkpoint.rows_done,
+        });
     } else if checkpoint.ranges.len() > 1 {
-        progress.log(&format!(
-            "{}: resuming ({} rows already done; {} of {} key ranges finished)",
-            job.name,
-            checkpoint.rows_done,
-            checkpoint.ranges.iter().filter(|r| r.done).count(),
-            checkpoint.ranges.len()
-        ));
+        events.on(Event::ResumingRanges {
+            rows_done: checkpoint.rows_done,
+            finished: checkpoint.ranges.iter().filter(|r| r.done).count(),
+            ranges: checkpoint.ranges.len(),
+        });
     }
 }
 
@@ -253,19 +248,19 @@ async fn record_end(
     passes: Passes,
     checkpoint: &store::Checkpoint,
 ) -> Result<(Outcome, Tally, Option<store::Checkpoint>)> {
-    let (store, progress) = (cx.store, cx.progress);
+    let (store, events) = (cx.store, cx.events);
     let Passes {
         result,
         verified,
         mut tally,
     } = passes;
     let finisher =
-        match connect_patiently(cx.target, cx.opts.reconnect_for, progress, cx.shutdown).await {
+        match connect_patiently(cx.target, cx.opts.reconnect_for, events, cx.shutdown).await {
             Ok(c) => c,
             Err(e) => {
                 heartbeat.abort();
                 if let Ok(LoopEnd::Stopped | LoopEnd::Cancelled) = result {
-                    progress.finish("stopped");
+                    events.on(Event::RunEnded("stopped"));
                     return Err(stopped_unrecorded(
                         cx.job, &e, &tally, checkpoint, cx.workers,
                     ));
@@ -273,7 +268,7 @@ async fn record_end(
                 // A run that failed (e.g. gave up waiting for the database) says why and where the
                 // next run resumes; that its end could not be recorded as well changes neither.
                 if let Err(failed) = result {
-                    progress.finish("failed");
+                    events.on(Event::RunEnded("failed"));
                     return Err(failed);
                 }
                 return Err(e);
@@ -281,7 +276,7 @@ async fn record_end(
         };
     let name = cx.job.name.as_str();
     let (state, error, remaining, outcome) = ending(result, verified);
-    progress.finish(state);
+    events.on(Event::RunEnded(state));
     let saved = store
         .finish(&finisher, name, run_id, state, error.as_deref(), remaining)
         .await;
@@ -378,7 +373,7 @@ struct Shared<'a> {
     opts: &'a RunOptions,
     run_id: i64,
     shutdown: &'a Shutdown,
-    progress: &'a Progress,
+    events: &'a dyn Listener,
     lease: &'a LeaseState,
     pool: db::Pool,
     keyset: &'a Keyset,
@@ -419,7 +414,7 @@ impl<'a> Shared<'a> {
             opts,
             run_id,
             shutdown: cx.shutdown,
-            progress: cx.progress,
+            events: cx.events,
             lease,
             pool: cx.target.pool(cx.workers as usize + 1)?,
             keyset,
@@ -475,7 +470,7 @@ impl<'a> Shared<'a> {
 
     /// Tells the run's listeners (the progress display, the log, the metrics) what happened.
     fn emit(&self, event: Event<'_>) {
-        self.progress.on(event);
+        self.events.on(event);
     }
 
     /// How long one chunk may keep meeting lock contention: the run's flag, else the job's.

@@ -6,10 +6,10 @@ use super::chunk;
 use super::RunOptions;
 use crate::db::{self, Target};
 use crate::error::Result;
+use crate::events::{Event, Listener};
 use crate::job::JobSpec;
 use crate::keyset::{show_key, Keyset};
 use crate::store::{Poison, Store};
-use crate::telemetry::Progress;
 use tokio_postgres::types::ToSql;
 
 /// Re-runs only the keys a job recorded as failing; each success is marked resolved in the same
@@ -19,7 +19,7 @@ pub async fn retry_failures(
     store: &Store,
     job: &JobSpec,
     opts: &RunOptions,
-    progress: &Progress,
+    events: &dyn Listener,
 ) -> Result<(usize, usize)> {
     let name = &job.name;
     let mut client = target.connect().await?;
@@ -61,10 +61,9 @@ pub async fn retry_failures(
                 store.resolve_failure(&tx, f.id).await.map_err(err)?;
                 tx.commit().await.map_err(err)?;
                 fixed += 1;
-                progress.log(&format!(
-                    "{name}: key {} now succeeds; resolved",
-                    show_key(&f.key)
-                ));
+                events.on(Event::FailureResolved {
+                    key: &show_key(&f.key),
+                });
             }
             Err(e) => {
                 tx.batch_execute("ROLLBACK TO SAVEPOINT retry")
@@ -82,10 +81,10 @@ pub async fn retry_failures(
                     .map_err(err)?;
                 tx.commit().await.map_err(err)?;
                 still += 1;
-                progress.log(&format!(
-                    "{name}: key {} still fails: {text}",
-                    show_key(&f.key)
-                ));
+                events.on(Event::FailureRemains {
+                    key: &show_key(&f.key),
+                    error: &text,
+                });
             }
         }
     }

@@ -7,11 +7,11 @@ use super::recovery::{BACKOFF_BASE, RECONNECT_POLL_MAX};
 use super::{RunOptions, Tally};
 use crate::db::{self, ErrorClass, Target};
 use crate::error::{Error, Result};
+use crate::events::{Event, Listener};
 use crate::job::JobSpec;
 use crate::keyset::{show_key, KeyValue, Keyset};
 use crate::signals::Shutdown;
 use crate::store::{self, Claim, Runner, Store};
-use crate::telemetry::Progress;
 use std::time::{Duration, Instant};
 
 /// After a stop, how long recording the run's end may wait for the database to answer: a stop
@@ -46,28 +46,26 @@ pub(super) async fn start(
     opts: &RunOptions,
     workers: u32,
     shutdown: &Shutdown,
-    progress: &Progress,
+    events: &dyn Listener,
 ) -> Result<Start> {
     let name = job.name.as_str();
     let mut joined = None;
     let mut outage: Option<Instant> = None;
     loop {
-        let lost = match start_once(target, store, job, opts, workers, progress, &mut joined).await
-        {
+        let lost = match start_once(target, store, job, opts, workers, events, &mut joined).await {
             Err(Error::Unavailable(why)) => why,
             done => {
                 if outage.is_some() {
-                    progress.set_held(None);
-                    progress.log(&format!("{name}: database is back; starting"));
+                    events.on(Event::BackWhileStarting);
                 }
                 return done;
             }
         };
         let since = *outage.get_or_insert_with(|| {
-            progress.log(&format!(
-                "{name}: lost the database while starting the run ({lost}); waiting for it to come back (up to {}s)",
-                opts.reconnect_for.as_secs()
-            ));
+            events.on(Event::LostWhileStarting {
+                error: &lost,
+                patience: opts.reconnect_for,
+            });
             Instant::now()
         });
         if since.elapsed() >= opts.reconnect_for {
@@ -76,11 +74,14 @@ pub(super) async fn start(
                 since.elapsed().as_secs()
             )));
         }
-        progress.set_held(Some("waiting for database"));
+        events.on(Event::Waiting("waiting for database"));
         // Poll quickly at first (a terminated session reconnects at once), then every 2 s.
         let pause = (since.elapsed() / 2).clamp(BACKOFF_BASE, RECONNECT_POLL_MAX);
         shutdown.sleep(pause).await;
-        progress.held("database_unavailable", pause);
+        events.on(Event::Held {
+            reason: "database_unavailable",
+            time: pause,
+        });
         if shutdown.stop_requested() {
             return Err(Error::Interrupted(format!(
                 "job {name}: stopped while waiting for the database to start the run; nothing was processed by this run: `backfill run {name}` starts it again"
@@ -97,7 +98,7 @@ pub(super) async fn start_once(
     job: &JobSpec,
     opts: &RunOptions,
     workers: u32,
-    progress: &Progress,
+    events: &dyn Listener,
     joined: &mut Option<(i64, store::Checkpoint)>,
 ) -> Result<Start> {
     let name = job.name.as_str();
@@ -116,9 +117,7 @@ pub(super) async fn start_once(
         earlier => {
             if let Some((run_id, _)) = earlier {
                 // Declared gone meanwhile: its ranges may be someone else's now.
-                progress.log(&format!(
-                    "{name}: run {run_id} was declared gone while the database was away; joining the job again"
-                ));
+                events.on(Event::Rejoining { run_id });
             }
             let runner = Runner::this_process();
             let claim = store
@@ -137,7 +136,7 @@ pub(super) async fn start_once(
         }
     };
     *joined = Some((run_id, checkpoint.clone()));
-    match key_range(&mut lease, store, job, &keyset, progress).await {
+    match key_range(&mut lease, store, job, &keyset, events).await {
         Ok(total) => Ok(Start::Owned(Box::new(Started {
             lease,
             keyset,
@@ -164,7 +163,7 @@ async fn key_range(
     store: &Store,
     job: &JobSpec,
     keyset: &Keyset,
-    progress: &Progress,
+    events: &dyn Listener,
 ) -> Result<Option<i64>> {
     let name = &job.name;
     let err = |e| {
@@ -196,26 +195,19 @@ async fn key_range(
             )
         })?;
     if total.is_none() {
-        progress.log(&format!(
-            "{name}: no row estimate for {} (never analyzed, and counting takes long): its key range cannot be split, so only one worker will work; run ANALYZE {} first to use several",
-            job.table, job.table
-        ));
+        events.on(Event::NoEstimate {
+            table: &job.table.to_string(),
+        });
     }
     store
         .set_bound(&tx, name, upper.as_ref(), total, exact)
         .await?;
     tx.commit().await.map_err(err)?;
-    match &upper {
-        Some(u) => progress.log(&format!(
-            "{name}: processing keys up to {} (~{} rows)",
-            show_key(u),
-            total.map(|t| t.to_string()).unwrap_or_else(|| "?".into())
-        )),
-        None => progress.log(&format!(
-            "{name}: table {} was empty when the job started; nothing to do",
-            job.table
-        )),
-    }
+    events.on(Event::KeyRange {
+        table: &job.table.to_string(),
+        upper: upper.as_ref().map(|u| show_key(u)).as_deref(),
+        rows: total,
+    });
     Ok(total)
 }
 
@@ -226,7 +218,7 @@ async fn key_range(
 pub(super) async fn connect_patiently(
     target: &Target,
     patience: Duration,
-    progress: &Progress,
+    events: &dyn Listener,
     shutdown: &Shutdown,
 ) -> Result<tokio_postgres::Client> {
     let since = Instant::now();
@@ -248,10 +240,13 @@ pub(super) async fn connect_patiently(
             Some(Ok(c)) => return Ok(c),
             Some(Err(e @ Error::Unavailable(_))) if gave_up => return Err(e),
             Some(Err(Error::Unavailable(_))) | None if !gave_up => {
-                progress.set_held(Some("waiting for database"));
+                events.on(Event::Waiting("waiting for database"));
                 let t = Instant::now();
                 shutdown.sleep(RECONNECT_POLL_MAX).await;
-                progress.held("database_unavailable", t.elapsed());
+                events.on(Event::Held {
+                    reason: "database_unavailable",
+                    time: t.elapsed(),
+                });
             }
             Some(Err(e)) => return Err(e),
             None => {

@@ -5,6 +5,7 @@
 use super::start::connect_patiently;
 use super::Shared;
 use crate::error::Result;
+use crate::events::Event;
 use crate::store::Sweep;
 
 impl Shared<'_> {
@@ -16,7 +17,7 @@ impl Shared<'_> {
         let mut client = connect_patiently(
             self.target,
             self.opts.reconnect_for,
-            self.progress,
+            self.events,
             self.shutdown,
         )
         .await?;
@@ -27,7 +28,7 @@ impl Shared<'_> {
             return Ok(AfterPass::Verified);
         }
         let incomplete = |why: String, not_swept| {
-            self.progress.log(&format!("{name}: {why}"));
+            self.emit(Event::Incomplete { why: &why });
             Ok(AfterPass::Incomplete {
                 remaining: n,
                 why,
@@ -51,16 +52,15 @@ impl Shared<'_> {
             .await?;
         match sweep {
             Sweep::Ready { pass } => {
-                self.progress.log(&format!(
-                    "{name}: verify counts {n} rows still to do (written behind the cursor?); sweep {pass} of at most {}: walking every key again (the statement's guard skips rows already done)",
-                    job.max_sweeps
-                ));
+                self.emit(Event::Sweeping {
+                    remaining: n,
+                    pass,
+                    max: job.max_sweeps,
+                });
                 Ok(AfterPass::Sweep)
             }
             Sweep::Done => {
-                self.progress.log(&format!(
-                    "{name}: another run completed the job meanwhile (its verify returned 0)"
-                ));
+                self.emit(Event::CompletedElsewhere);
                 Ok(AfterPass::Verified)
             }
             Sweep::Exhausted { passes } => incomplete(

@@ -10,6 +10,66 @@ impl Listener for Progress {
     fn on(&self, event: Event<'_>) {
         let name = self.job.as_str();
         match event {
+            Event::LostWhileStarting { error, patience } => self.log(&format!(
+                "{name}: lost the database while starting the run ({error}); waiting for it to come back (up to {}s)",
+                patience.as_secs()
+            )),
+            Event::BackWhileStarting => {
+                self.set_held(None);
+                self.log(&format!("{name}: database is back; starting"));
+            }
+            Event::Rejoining { run_id } => self.log(&format!(
+                "{name}: run {run_id} was declared gone while the database was away; joining the job again"
+            )),
+            Event::NoEstimate { table } => self.log(&format!(
+                "{name}: no row estimate for {table} (never analyzed, and counting takes long): its key range cannot be split, so only one worker will work; run ANALYZE {table} first to use several"
+            )),
+            Event::KeyRange { table, upper, rows } => match upper {
+                Some(u) => self.log(&format!(
+                    "{name}: processing keys up to {u} (~{} rows)",
+                    rows.map(|t| t.to_string()).unwrap_or_else(|| "?".into())
+                )),
+                None => self.log(&format!(
+                    "{name}: table {table} was empty when the job started; nothing to do"
+                )),
+            },
+            Event::RunStarted {
+                done,
+                total,
+                chunk_size,
+                workers,
+            } => {
+                self.start(done, total, chunk_size);
+                self.set_workers(workers);
+            }
+            Event::ResumingAfter { key, rows_done } => self.log(&format!(
+                "{name}: resuming after key {key} ({rows_done} rows already done)"
+            )),
+            Event::ResumingRanges {
+                rows_done,
+                finished,
+                ranges,
+            } => self.log(&format!(
+                "{name}: resuming ({rows_done} rows already done; {finished} of {ranges} key ranges finished)"
+            )),
+            Event::Incomplete { why } => self.log(&format!("{name}: {why}")),
+            Event::Sweeping {
+                remaining,
+                pass,
+                max,
+            } => self.log(&format!(
+                "{name}: verify counts {remaining} rows still to do (written behind the cursor?); sweep {pass} of at most {max}: walking every key again (the statement's guard skips rows already done)"
+            )),
+            Event::CompletedElsewhere => self.log(&format!(
+                "{name}: another run completed the job meanwhile (its verify returned 0)"
+            )),
+            Event::RunEnded(state) => self.finish(state),
+            Event::FailureResolved { key } => {
+                self.log(&format!("{name}: key {key} now succeeds; resolved"))
+            }
+            Event::FailureRemains { key, error } => {
+                self.log(&format!("{name}: key {key} still fails: {error}"))
+            }
             Event::RangeTaken { worker, range } => {
                 self.log(&format!("{name}: worker {worker} took range {range}"))
             }
