@@ -1,36 +1,21 @@
-//! The chunk loop. A run joins the job (alongside any other live runs, on any host), fixes the
-//! job's key range on its first run, and starts its workers. Each worker takes a key range (see
-//! `store::ranges`: a free one, or half of the busiest) and walks it chunk by chunk; for each
-//! chunk, in one transaction: lock the range and read its cursor → find the bounds by walking the
-//! key's index → run the job's statement on them → advance the range's cursor → commit → report.
-//! When no range is left, the run verifies and records the outcome.
+//! The run of a job. A run joins the job (alongside any other live runs, on any host), fixes the
+//! job's key range on its first run, and starts its workers; each worker takes a key range (see
+//! `store::ranges`: a free one, or half of the busiest) and walks it chunk by chunk. When no
+//! range is left, the run verifies (and sweeps), then records its outcome. [`run`] reads as that
+//! sequence; each step lives in its own module:
 //!
-//! One chunk's transaction, and the exactly-once rule it enforces, is `chunk` (top to bottom,
-//! every statement it sends, built once per run in a `ChunkPlan`).
+//! - `start`: join the job, fix its key range and row estimate, connect patiently;
+//! - `worker`: one worker's walk, and carrying out the recovery policy's action after a failure;
+//! - `chunk`: one chunk's transaction top to bottom — every statement it sends, built once per
+//!   run in a `ChunkPlan` — and the exactly-once rule it enforces;
+//! - `recovery`: the pure recovery policy (failure × attempts × narrowing → action);
+//! - `pace`: what the workers share — rate ceiling, adaptive chunk size, health holds, live
+//!   controls — and why the run is held;
+//! - `verify`: verify and sweep; `retry`: `backfill retry-failures`; `options`: the run's flags.
 //!
-//! The workers of a run share one pace: the rate ceiling (divided evenly among live runs), the
-//! adaptive chunk size, the health signals and the live controls.
-//!
-//! What a failure does depends on its class (`db::classify`, by SQLSTATE):
-//! - contention (lock timeout, deadlock, serialization, a saved plan gone stale under an
-//!   `ALTER TABLE`): normal on a live database, so the run outlasts it: it retries the chunk
-//!   after a jittered backoff (capped at a few seconds) for up to the contention budget
-//!   (minutes), held with the reason "lock contention on keys …";
-//! - a statement timeout at a single key: retried at most `max_attempts` times in a row;
-//! - connection lost or server restarting: wait for the database ("waiting for database") and go
-//!   on, for up to `reconnect_for` — in the chunk loop and while the run starts alike;
-//! - statement timeout or a data error in a chunk of several keys: halve the chunk and go on; the
-//!   halves that succeed commit, so the failure narrows to the smallest failing range. Once past
-//!   the range that failed, the chunk size returns to the configured one;
-//! - a data error at a single key (a poison row; for the page walk, a single page):
-//!   `on_error = "stop"` records it and stops; `"skip"` records it and moves the cursor past it,
-//!   in one transaction;
-//! - anything else (read-only server, permission denied, table dropped, disk full): stop with the
-//!   reason; progress is kept. The run's other workers stop after their chunk in flight.
-//!
-//! A statement that wrote more rows of the job's table than its chunk holds (it ignores `:end`,
-//! or reaches other rows by a join or a trigger) stops the run the same way, before the chunk
-//! commits: left to go on, every chunk would rewrite other chunks' rows.
+//! The run tells the world what happens as typed events (`crate::events`) to a listener
+//! (telemetry's progress display, log lines and metrics); it formats no operator text of its own
+//! except the errors it ends with. It must not touch the engine's schema except through `store`.
 
 mod chunk;
 mod options;

@@ -8,6 +8,16 @@ use crate::store::Controls;
 
 impl Listener for Progress {
     fn on(&self, event: Event<'_>) {
+        if !self.run_event(event) {
+            self.walk_event(event);
+        }
+    }
+}
+
+impl Progress {
+    /// The events of the run as a whole (start-up, key range, verify and sweep, its end); false
+    /// for any other.
+    fn run_event(&self, event: Event<'_>) -> bool {
         let name = self.job.as_str();
         match event {
             Event::LostWhileStarting { error, patience } => self.log(&format!(
@@ -70,6 +80,15 @@ impl Listener for Progress {
             Event::FailureRemains { key, error } => {
                 self.log(&format!("{name}: key {key} still fails: {error}"))
             }
+            _ => return false,
+        }
+        true
+    }
+
+    /// The events of the workers' walk (chunks, holds, failures and what is done about them).
+    fn walk_event(&self, event: Event<'_>) {
+        let name = self.job.as_str();
+        match event {
             Event::RangeTaken { worker, range } => {
                 self.log(&format!("{name}: worker {worker} took range {range}"))
             }
@@ -160,7 +179,13 @@ impl Listener for Progress {
                 ));
                 self.key_skipped();
             }
+            _ => self.run_event_missed(event),
         }
+    }
+
+    /// Every event is either the run's or the walk's: a new one must be added to one of them.
+    fn run_event_missed(&self, event: Event<'_>) {
+        debug_assert!(false, "event not shown: {event:?}");
     }
 }
 

@@ -1,4 +1,6 @@
-//! What the operator sees while a job runs, and what Prometheus scrapes.
+//! What the operator sees while a job runs, and what Prometheus scrapes. It listens to the
+//! engine's events (`listen`: each event becomes a log line, a metric or the bar's state), so
+//! the engine formats none of it; it must not reach back into the engine.
 //!
 //! On a terminal: a progress bar on stderr (rows of the estimated total, percent, rate, ETA, chunk
 //! size, workers, and why the run is held, if it is). Otherwise: one plain line every
