@@ -41,7 +41,11 @@ enum Split {
 }
 
 /// How long a splitter waits for the chunk in flight on the range it wants to split.
-const SPLIT_LOCK_WAIT: Duration = Duration::from_secs(2);
+const SPLIT_LOCK_WAIT: Timeouts = Timeouts {
+    lock: Some(Limit::Within(Duration::from_secs(2))),
+    statement: None,
+    idle_in_transaction: None,
+};
 
 /// A range as `status` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -175,46 +179,7 @@ impl Store {
     ) -> Result<Option<Acquired>, tokio_postgres::Error> {
         let lease = |id| RangeLease { id, run_id, worker };
         let tx = client.transaction().await?;
-        let free = tx
-            .query_opt(
-                &format!(
-                    "SELECT g.id, g.owner_run FROM {s}.ranges g
-                      WHERE g.job = $1 AND NOT g.done
-                        AND (g.owner_run IS NULL
-                             OR (g.owner_run <> $2 -- our own run is alive, even while its lease reconnects
-                                 AND NOT EXISTS (SELECT 1 FROM {s}.runs r WHERE r.id = g.owner_run AND {alive})))
-                      ORDER BY g.id LIMIT 1 FOR UPDATE SKIP LOCKED",
-                    s = self.q,
-                    alive = Self::run_alive_sql("r")
-                ),
-                &[&job, &run_id],
-            )
-            .await?;
-        if let Some(row) = free {
-            let id: i32 = row.get(0);
-            let previous: Option<i64> = row.get(1);
-            tx.execute(
-                &format!(
-                    "UPDATE {s}.ranges SET owner_run = $3, owner_worker = $4 WHERE job = $1 AND id = $2",
-                    s = self.q
-                ),
-                &[&job, &id, &run_id, &worker],
-            )
-            .await?;
-            if let Some(gone) = previous.filter(|p| *p != run_id) {
-                tx.execute(
-                    &format!(
-                        "UPDATE {s}.runs SET outcome = 'abandoned', ended_at = coalesce(heartbeat_at, now()),
-                                last_error = 'the runner stopped without finishing (killed, crashed or lost its connection); its ranges were taken over',
-                                {counts}
-                          WHERE id = $1 AND outcome IS NULL",
-                        counts = self.run_counts_sql("$1"),
-                        s = self.q
-                    ),
-                    &[&gone],
-                )
-                .await?;
-            }
+        if let Some(id) = self.take_free(&tx, job, run_id, worker).await? {
             tx.commit().await?;
             return Ok(Some(Acquired::Range(lease(id))));
         }
@@ -250,14 +215,7 @@ impl Store {
         let id: i32 = busiest.get(0);
         match self.split(&tx, job, id, splitter).await {
             Ok(Split::Made(new_id)) => {
-                tx.execute(
-                    &format!(
-                        "UPDATE {s}.ranges SET owner_run = $3, owner_worker = $4 WHERE job = $1 AND id = $2",
-                        s = self.q
-                    ),
-                    &[&job, &new_id, &run_id, &worker],
-                )
-                .await?;
+                self.own(&tx, job, new_id, run_id, worker).await?;
                 tx.commit().await?;
                 Ok(Some(Acquired::Range(lease(new_id))))
             }
@@ -275,38 +233,80 @@ impl Store {
         }
     }
 
-    /// Splits range `id` at the middle of the keys it has left; returns the new (upper) range.
-    async fn split(
+    /// Takes a free range — never owned, or owned by a run that is gone (whose history row is
+    /// then closed as abandoned) — for `worker` of `run_id`; None when there is none.
+    async fn take_free(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        job: &str,
+        run_id: i64,
+        worker: i32,
+    ) -> Result<Option<i32>, tokio_postgres::Error> {
+        let free = tx
+            .query_opt(
+                &format!(
+                    "SELECT g.id, g.owner_run FROM {s}.ranges g
+                      WHERE g.job = $1 AND NOT g.done
+                        AND (g.owner_run IS NULL
+                             OR (g.owner_run <> $2 -- our own run is alive, even while its lease reconnects
+                                 AND NOT EXISTS (SELECT 1 FROM {s}.runs r WHERE r.id = g.owner_run AND {alive})))
+                      ORDER BY g.id LIMIT 1 FOR UPDATE SKIP LOCKED",
+                    s = self.q,
+                    alive = Self::run_alive_sql("r")
+                ),
+                &[&job, &run_id],
+            )
+            .await?;
+        let Some(row) = free else { return Ok(None) };
+        let id: i32 = row.get(0);
+        let previous: Option<i64> = row.get(1);
+        self.own(tx, job, id, run_id, worker).await?;
+        if let Some(gone) = previous.filter(|p| *p != run_id) {
+            tx.execute(
+                &format!(
+                    "UPDATE {s}.runs SET outcome = 'abandoned', ended_at = coalesce(heartbeat_at, now()),
+                            last_error = 'the runner stopped without finishing (killed, crashed or lost its connection); its ranges were taken over',
+                            {counts}
+                      WHERE id = $1 AND outcome IS NULL",
+                    counts = self.run_counts_sql("$1"),
+                    s = self.q
+                ),
+                &[&gone],
+            )
+            .await?;
+        }
+        Ok(Some(id))
+    }
+
+    /// Makes range `id` the range of `worker` of `run_id` (its row is locked by the caller).
+    async fn own(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
         job: &str,
         id: i32,
-        splitter: &Splitter<'_>,
-    ) -> Result<Split, tokio_postgres::Error> {
-        let wait = Timeouts {
-            lock: Some(Limit::Within(SPLIT_LOCK_WAIT)),
-            ..Default::default()
-        };
-        tx.batch_execute(&wait.set_local()).await?;
-        let row = tx
-            .query_one(
-                &format!(
-                    // Not locked yet: finding the middle may walk a million index entries, and
-                    // the owner's chunks must not wait for that (they would hit lock_timeout).
-                    "SELECT cursor, upper_bound, coalesce(estimate, 0) - rows_done, done
-                       FROM {s}.ranges WHERE job = $1 AND id = $2",
-                    s = self.q
-                ),
-                &[&job, &id],
-            )
-            .await?;
-        let cursor: Option<KeyValue> = row.get(0);
-        let upper: KeyValue = row.get(1);
-        let left: i64 = row.get(2);
-        if row.get::<_, bool>(3) || left < splitter.min_keys.max(2) {
-            return Ok(Split::NotWorth);
-        }
-        let keyset = splitter.keyset;
+        run_id: i64,
+        worker: i32,
+    ) -> Result<u64, tokio_postgres::Error> {
+        tx.execute(
+            &format!(
+                "UPDATE {s}.ranges SET owner_run = $3, owner_worker = $4 WHERE job = $1 AND id = $2",
+                s = self.q
+            ),
+            &[&job, &id, &run_id, &worker],
+        )
+        .await
+    }
+
+    /// The key in the middle of the `left` keys after `cursor` up to `upper`: by walking the
+    /// key's index, or — above `EXACT_SPLIT_MAX` keys — from a page sample. None when fewer keys
+    /// are left than that.
+    async fn middle(
+        tx: &tokio_postgres::Transaction<'_>,
+        keyset: &Keyset,
+        cursor: Option<&KeyValue>,
+        upper: &KeyValue,
+        left: i64,
+    ) -> Result<Option<KeyValue>, tokio_postgres::Error> {
         let sampled = left > EXACT_SPLIT_MAX && !keyset.is_ctid();
         let sql = keyset.split_sql(cursor.is_some(), sampled);
         let offset = left / 2;
@@ -321,7 +321,37 @@ impl Store {
         } else {
             params.push(&offset);
         }
-        let middle: Option<KeyValue> = tx.query_opt(&sql, &params).await?.map(|r| r.get(0));
+        Ok(tx.query_opt(&sql, &params).await?.map(|r| r.get(0)))
+    }
+
+    /// Splits range `id` at the middle of the keys it has left; returns the new (upper) range.
+    async fn split(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        job: &str,
+        id: i32,
+        splitter: &Splitter<'_>,
+    ) -> Result<Split, tokio_postgres::Error> {
+        tx.batch_execute(&SPLIT_LOCK_WAIT.set_local()).await?;
+        let row = tx
+            .query_one(
+                &format!(
+                    // Not locked yet: finding the middle may walk a million index entries, and
+                    // the owner's chunks must not wait for that (they would hit lock_timeout).
+                    "SELECT cursor, upper_bound, coalesce(estimate, 0) - rows_done, done
+                       FROM {s}.ranges WHERE job = $1 AND id = $2",
+                    s = self.q
+                ),
+                &[&job, &id],
+            )
+            .await?;
+        let (cursor, upper, left): (Option<KeyValue>, KeyValue, i64) =
+            (row.get(0), row.get(1), row.get(2));
+        if row.get::<_, bool>(3) || left < splitter.min_keys.max(2) {
+            return Ok(Split::NotWorth);
+        }
+        let keyset = splitter.keyset;
+        let middle = Self::middle(tx, keyset, cursor.as_ref(), &upper, left).await?;
         let Some(middle) = middle else {
             // Fewer keys left than estimated: remember that, so it is not picked again at once.
             tx.execute(
