@@ -487,3 +487,68 @@ impl<'a> Shared<'a> {
         result
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Error;
+
+    #[test]
+    fn each_end_of_the_passes_is_recorded_and_reported_once() {
+        let incomplete = Some(Err((7, "verify counts 7".to_string(), NotSwept::Disabled)));
+        // The passes' end, verify's answer → the state recorded, verify's count, an error text.
+        type Case = (Result<LoopEnd>, Verified, &'static str, Option<i64>, bool);
+        let cases: Vec<Case> = vec![
+            (Ok(LoopEnd::Cancelled), None, "cancelled", None, false),
+            (Ok(LoopEnd::Stopped), Some(Ok(())), "stopped", None, false),
+            (Ok(LoopEnd::Finished), None, "done", None, false),
+            (Ok(LoopEnd::Finished), Some(Ok(())), "done", Some(0), false),
+            (
+                Ok(LoopEnd::Finished),
+                incomplete,
+                "incomplete",
+                Some(7),
+                true,
+            ),
+            (
+                Err(Error::Runtime("boom".into())),
+                None,
+                "failed",
+                None,
+                true,
+            ),
+        ];
+        for (result, verified, state, remaining, has_error) in cases {
+            let (s, error, r, outcome) = ending(result, verified);
+            assert_eq!(
+                (s, r, error.is_some()),
+                (state, remaining, has_error),
+                "{state}"
+            );
+            match (s, outcome) {
+                ("failed", Err(_)) => {}
+                ("cancelled", Ok(Outcome::Cancelled)) | ("stopped", Ok(Outcome::Stopped)) => {}
+                ("done", Ok(Outcome::Done { verify_remaining })) => {
+                    assert_eq!(verify_remaining, remaining)
+                }
+                (
+                    "incomplete",
+                    Ok(Outcome::Incomplete {
+                        verify_remaining,
+                        why,
+                        ..
+                    }),
+                ) => {
+                    assert_eq!(verify_remaining, 7);
+                    assert_eq!(
+                        error.as_deref(),
+                        Some(
+                            format!("every key up to the bound was processed, but {why}").as_str()
+                        )
+                    );
+                }
+                (s, o) => panic!("{s}: {o:?}"),
+            }
+        }
+    }
+}
