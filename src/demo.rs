@@ -114,7 +114,7 @@ async fn demo(target: &Target, store: &Store, job: &JobSpec, rows: u64) -> Resul
         job,
         &RunOptions::default(),
         &shutdown,
-        &progress,
+        &*progress,
     )
     .await?;
     let rate = report.rows as f64 / report.elapsed_seconds.max(0.001);

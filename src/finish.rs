@@ -306,27 +306,3 @@ impl Finisher<'_> {
         Ok(reports)
     }
 }
-
-/// Jittered exponential backoff: base·2^(n-1), capped, then ±50 %, so that finishers and the
-/// application's own retries do not fall back into step.
-fn backoff(attempt: u32) -> Duration {
-    let exp = BACKOFF_BASE
-        .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
-        .min(BACKOFF_MAX);
-    exp.mul_f64(0.5 + fastrand::f64())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_with_jitter_and_is_capped() {
-        for _ in 0..100 {
-            let first = backoff(1);
-            assert!(first >= Duration::from_millis(100) && first <= Duration::from_millis(300));
-            let late = backoff(30);
-            assert!(late >= Duration::from_secs(5) && late <= Duration::from_secs(15));
-        }
-    }
-}

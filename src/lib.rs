@@ -39,10 +39,12 @@ macro_rules! eprint {
 }
 
 pub mod app;
+pub mod backoff;
 pub mod cli;
 pub mod db;
 pub mod demo;
 pub mod error;
+pub mod events;
 pub mod executor;
 pub mod finish;
 pub mod job;

@@ -77,6 +77,8 @@ pub struct Throttle {
     wal: Option<(Instant, i64)>,
     /// Per standby: the replay position last seen and since when it has not moved.
     replay: HashMap<String, (String, Instant)>,
+    /// The replication lag last read (seconds), for the gauge.
+    lag: Option<f64>,
     /// Whether this run's role was seen to see other roles' sessions (asked until it does).
     sees_all: bool,
 }
@@ -95,6 +97,7 @@ impl Throttle {
             verdict: None,
             wal: None,
             replay: HashMap::new(),
+            lag: None,
             sees_all: false,
         };
         t.reset_limiter();
@@ -319,10 +322,18 @@ impl Throttle {
         }
     }
 
+    /// The replication lag last read by [`Throttle::replication_lag`] (by the hold or for the
+    /// gauge), in seconds.
+    pub fn last_replication_lag(&self) -> Option<f64> {
+        self.lag
+    }
+
     /// The largest lag over the streaming standbys, in seconds, and which standby. A standby
     /// whose replay position has not moved while it is behind counts as lagging for as long as
-    /// it has not moved (its `replay_lag` stops being updated when replay is stuck).
-    async fn replication_lag(
+    /// it has not moved (its `replay_lag` stops being updated when replay is stuck). The one
+    /// reader of replication lag: the `max_replication_lag` hold and the lag gauge both use it,
+    /// so the gauge shows the lag the run holds for.
+    pub async fn replication_lag(
         &mut self,
         client: &tokio_postgres::Client,
     ) -> Result<(f64, String), String> {
@@ -364,6 +375,7 @@ impl Throttle {
             }
         }
         self.replay = seen;
+        self.lag = Some(worst.0);
         Ok(worst)
     }
 

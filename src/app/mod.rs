@@ -356,10 +356,8 @@ async fn control(
             None => "they apply when the job next runs".into(),
         };
         println!(
-            "job {name}: overrides now rows_per_second {}, target_chunk_time {}, pause {}; {applies}",
-            controls.rows_per_second.map(|r| r.to_string()).unwrap_or_else(|| "(job's)".into()),
-            controls.target_chunk_time.map(|d| humantime::format_duration(d).to_string()).unwrap_or_else(|| "(job's)".into()),
-            controls.pause.map(|d| humantime::format_duration(d).to_string()).unwrap_or_else(|| "(job's)".into()),
+            "job {name}: overrides now {}; {applies}",
+            crate::telemetry::describe_controls(&controls)
         );
     } else {
         println!("{done}");

@@ -68,7 +68,7 @@ pub(super) async fn run(
     };
     let result =
         match preconditions(target, store, &forward, mode, args, &shutdown, &progress).await {
-            Ok(()) => executor::run(target, store, &job, &opts, &shutdown, &progress).await,
+            Ok(()) => executor::run(target, store, &job, &opts, &shutdown, &*progress).await,
             Err(e) => Err(e),
         };
     if metrics.is_some() && !args.metrics_linger.is_zero() {

@@ -5,7 +5,7 @@
 //! the lock that keeps finishers apart are `super`'s.
 
 use super::step::{display, render, shorten, IndexName, Step};
-use super::{backoff, Finisher, StepOutcome};
+use super::{Finisher, StepOutcome, BACKOFF_BASE, BACKOFF_MAX};
 use crate::db::{self, ErrorClass, Limit, Timeouts};
 use crate::error::{Error, Result};
 use crate::state::StepState;
@@ -41,7 +41,11 @@ impl Finisher<'_> {
             if class == ErrorClass::Contention && attempt < self.opts.max_attempts {
                 self.record(step, StepState::Running, Some(&described))
                     .await?;
-                let wait = backoff(attempt);
+                let wait = crate::backoff::Backoff {
+                    base: BACKOFF_BASE,
+                    max: BACKOFF_MAX,
+                }
+                .delay(attempt);
                 (self.log)(&format!(
                     "job {}: finishing step {}/{}: retrying after {} because {}{} ({}); attempt {} of {}",
                     self.job,

@@ -33,7 +33,7 @@ mod catalog;
 mod range;
 mod walk;
 
-pub use walk::{next_chunk_params, NextChunkError};
+pub use walk::NextChunkError;
 
 /// A key value: one text-form value per key column, in key order.
 pub type KeyValue = Vec<String>;

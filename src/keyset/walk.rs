@@ -210,7 +210,7 @@ impl Keyset {
 }
 
 /// The parameters of [`Keyset::next_chunk_sql`], in its order: [cursor…,] upper…, limit.
-pub fn next_chunk_params<'a>(
+fn next_chunk_params<'a>(
     cursor: Option<&'a KeyValue>,
     upper: &'a KeyValue,
     limit: &'a i64,

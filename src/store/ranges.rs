@@ -17,8 +17,10 @@
 //!   a takeover or a lost lease can never make a key be processed twice.
 
 use super::{ts, Store};
+use crate::db::{Limit, Timeouts};
 use crate::keyset::{KeyValue, Keyset};
 use crate::state::RunOutcome;
+use std::time::Duration;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::GenericClient;
 
@@ -40,7 +42,11 @@ enum Split {
 }
 
 /// How long a splitter waits for the chunk in flight on the range it wants to split.
-const SPLIT_LOCK_WAIT_MS: u32 = 2000;
+const SPLIT_LOCK_WAIT: Timeouts = Timeouts {
+    lock: Some(Limit::Within(Duration::from_secs(2))),
+    statement: None,
+    idle_in_transaction: None,
+};
 
 /// A range as `status` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -68,6 +74,14 @@ pub struct RangeLease {
     pub id: i32,
     pub run_id: i64,
     pub worker: i32,
+}
+
+impl RangeLease {
+    /// The parameters `$1`..`$4` (job, range, owner run, owner worker) of the statements that
+    /// touch a range only while this lease owns it.
+    pub fn owner_params<'a>(&'a self, job: &'a &'a str) -> [&'a (dyn ToSql + Sync); 4] {
+        [job, &self.id, &self.run_id, &self.worker]
+    }
 }
 
 /// What a worker looking for work found.
@@ -166,47 +180,7 @@ impl Store {
     ) -> Result<Option<Acquired>, tokio_postgres::Error> {
         let lease = |id| RangeLease { id, run_id, worker };
         let tx = client.transaction().await?;
-        let free = tx
-            .query_opt(
-                &format!(
-                    "SELECT g.id, g.owner_run FROM {s}.ranges g
-                      WHERE g.job = $1 AND NOT g.done
-                        AND (g.owner_run IS NULL
-                             OR (g.owner_run <> $2 -- our own run is alive, even while its lease reconnects
-                                 AND NOT EXISTS (SELECT 1 FROM {s}.runs r WHERE r.id = g.owner_run AND {alive})))
-                      ORDER BY g.id LIMIT 1 FOR UPDATE SKIP LOCKED",
-                    s = self.q,
-                    alive = Self::run_alive_sql("r")
-                ),
-                &[&job, &run_id],
-            )
-            .await?;
-        if let Some(row) = free {
-            let id: i32 = row.get(0);
-            let previous: Option<i64> = row.get(1);
-            tx.execute(
-                &format!(
-                    "UPDATE {s}.ranges SET owner_run = $3, owner_worker = $4 WHERE job = $1 AND id = $2",
-                    s = self.q
-                ),
-                &[&job, &id, &run_id, &worker],
-            )
-            .await?;
-            if let Some(gone) = previous.filter(|p| *p != run_id) {
-                tx.execute(
-                    &format!(
-                        "UPDATE {s}.runs SET outcome = {abandoned}, ended_at = coalesce(heartbeat_at, now()),
-                                last_error = 'the runner stopped without finishing (killed, crashed or lost its connection); its ranges were taken over',
-                                {counts}
-                          WHERE id = $1 AND outcome IS NULL",
-                        counts = self.run_counts_sql("$1"),
-                        abandoned = RunOutcome::Abandoned.literal(),
-                        s = self.q
-                    ),
-                    &[&gone],
-                )
-                .await?;
-            }
+        if let Some(id) = self.take_free(&tx, job, run_id, worker).await? {
             tx.commit().await?;
             return Ok(Some(Acquired::Range(lease(id))));
         }
@@ -242,14 +216,7 @@ impl Store {
         let id: i32 = busiest.get(0);
         match self.split(&tx, job, id, splitter).await {
             Ok(Split::Made(new_id)) => {
-                tx.execute(
-                    &format!(
-                        "UPDATE {s}.ranges SET owner_run = $3, owner_worker = $4 WHERE job = $1 AND id = $2",
-                        s = self.q
-                    ),
-                    &[&job, &new_id, &run_id, &worker],
-                )
-                .await?;
+                self.own(&tx, job, new_id, run_id, worker).await?;
                 tx.commit().await?;
                 Ok(Some(Acquired::Range(lease(new_id))))
             }
@@ -267,35 +234,81 @@ impl Store {
         }
     }
 
-    /// Splits range `id` at the middle of the keys it has left; returns the new (upper) range.
-    async fn split(
+    /// Takes a free range — never owned, or owned by a run that is gone (whose history row is
+    /// then closed as abandoned) — for `worker` of `run_id`; None when there is none.
+    async fn take_free(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        job: &str,
+        run_id: i64,
+        worker: i32,
+    ) -> Result<Option<i32>, tokio_postgres::Error> {
+        let free = tx
+            .query_opt(
+                &format!(
+                    "SELECT g.id, g.owner_run FROM {s}.ranges g
+                      WHERE g.job = $1 AND NOT g.done
+                        AND (g.owner_run IS NULL
+                             OR (g.owner_run <> $2 -- our own run is alive, even while its lease reconnects
+                                 AND NOT EXISTS (SELECT 1 FROM {s}.runs r WHERE r.id = g.owner_run AND {alive})))
+                      ORDER BY g.id LIMIT 1 FOR UPDATE SKIP LOCKED",
+                    s = self.q,
+                    alive = Self::run_alive_sql("r")
+                ),
+                &[&job, &run_id],
+            )
+            .await?;
+        let Some(row) = free else { return Ok(None) };
+        let id: i32 = row.get(0);
+        let previous: Option<i64> = row.get(1);
+        self.own(tx, job, id, run_id, worker).await?;
+        if let Some(gone) = previous.filter(|p| *p != run_id) {
+            tx.execute(
+                &format!(
+                    "UPDATE {s}.runs SET outcome = {abandoned}, ended_at = coalesce(heartbeat_at, now()),
+                            last_error = 'the runner stopped without finishing (killed, crashed or lost its connection); its ranges were taken over',
+                            {counts}
+                      WHERE id = $1 AND outcome IS NULL",
+                    counts = self.run_counts_sql("$1"),
+                    abandoned = RunOutcome::Abandoned.literal(),
+                    s = self.q
+                ),
+                &[&gone],
+            )
+            .await?;
+        }
+        Ok(Some(id))
+    }
+
+    /// Makes range `id` the range of `worker` of `run_id` (its row is locked by the caller).
+    async fn own(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
         job: &str,
         id: i32,
-        splitter: &Splitter<'_>,
-    ) -> Result<Split, tokio_postgres::Error> {
-        tx.batch_execute(&format!("SET LOCAL lock_timeout = {SPLIT_LOCK_WAIT_MS}"))
-            .await?;
-        let row = tx
-            .query_one(
-                &format!(
-                    // Not locked yet: finding the middle may walk a million index entries, and
-                    // the owner's chunks must not wait for that (they would hit lock_timeout).
-                    "SELECT cursor, upper_bound, coalesce(estimate, 0) - rows_done, done
-                       FROM {s}.ranges WHERE job = $1 AND id = $2",
-                    s = self.q
-                ),
-                &[&job, &id],
-            )
-            .await?;
-        let cursor: Option<KeyValue> = row.get(0);
-        let upper: KeyValue = row.get(1);
-        let left: i64 = row.get(2);
-        if row.get::<_, bool>(3) || left < splitter.min_keys.max(2) {
-            return Ok(Split::NotWorth);
-        }
-        let keyset = splitter.keyset;
+        run_id: i64,
+        worker: i32,
+    ) -> Result<u64, tokio_postgres::Error> {
+        tx.execute(
+            &format!(
+                "UPDATE {s}.ranges SET owner_run = $3, owner_worker = $4 WHERE job = $1 AND id = $2",
+                s = self.q
+            ),
+            &[&job, &id, &run_id, &worker],
+        )
+        .await
+    }
+
+    /// The key in the middle of the `left` keys after `cursor` up to `upper`: by walking the
+    /// key's index, or — above `EXACT_SPLIT_MAX` keys — from a page sample. None when fewer keys
+    /// are left than that.
+    async fn middle(
+        tx: &tokio_postgres::Transaction<'_>,
+        keyset: &Keyset,
+        cursor: Option<&KeyValue>,
+        upper: &KeyValue,
+        left: i64,
+    ) -> Result<Option<KeyValue>, tokio_postgres::Error> {
         let sampled = left > EXACT_SPLIT_MAX && !keyset.is_ctid();
         let sql = keyset.split_sql(cursor.is_some(), sampled);
         let offset = left / 2;
@@ -310,7 +323,37 @@ impl Store {
         } else {
             params.push(&offset);
         }
-        let middle: Option<KeyValue> = tx.query_opt(&sql, &params).await?.map(|r| r.get(0));
+        Ok(tx.query_opt(&sql, &params).await?.map(|r| r.get(0)))
+    }
+
+    /// Splits range `id` at the middle of the keys it has left; returns the new (upper) range.
+    async fn split(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        job: &str,
+        id: i32,
+        splitter: &Splitter<'_>,
+    ) -> Result<Split, tokio_postgres::Error> {
+        tx.batch_execute(&SPLIT_LOCK_WAIT.set_local()).await?;
+        let row = tx
+            .query_one(
+                &format!(
+                    // Not locked yet: finding the middle may walk a million index entries, and
+                    // the owner's chunks must not wait for that (they would hit lock_timeout).
+                    "SELECT cursor, upper_bound, coalesce(estimate, 0) - rows_done, done
+                       FROM {s}.ranges WHERE job = $1 AND id = $2",
+                    s = self.q
+                ),
+                &[&job, &id],
+            )
+            .await?;
+        let (cursor, upper, left): (Option<KeyValue>, KeyValue, i64) =
+            (row.get(0), row.get(1), row.get(2));
+        if row.get::<_, bool>(3) || left < splitter.min_keys.max(2) {
+            return Ok(Split::NotWorth);
+        }
+        let keyset = splitter.keyset;
+        let middle = Self::middle(tx, keyset, cursor.as_ref(), &upper, left).await?;
         let Some(middle) = middle else {
             // Fewer keys left than estimated: remember that, so it is not picked again at once.
             tx.execute(
@@ -385,6 +428,49 @@ impl Store {
         Ok(Split::Made(new_id))
     }
 
+    /// Locks a range's row for a chunk and reads (cursor, upper bound, done); no row when the
+    /// worker (`$3`, `$4`) no longer owns range `$2` of job `$1`. See `executor::chunk`.
+    pub fn lock_range_sql(&self) -> String {
+        format!(
+            "SELECT cursor, upper_bound, done FROM {s}.ranges
+              WHERE job = $1 AND id = $2 AND owner_run = $3 AND owner_worker = $4 FOR UPDATE",
+            s = self.q
+        )
+    }
+
+    /// Moves an owned range's cursor from `$5` to `$6` and books `$7` keys, `$8` rows affected
+    /// and a chunk size of `$9` on the range and on the run's worker, in one statement; returns
+    /// a row only when the range is still owned and its cursor is still `$5`.
+    pub fn advance_sql(&self) -> String {
+        format!(
+            "WITH moved AS (
+               UPDATE {s}.ranges SET cursor = $6, rows_done = rows_done + $7,
+                      rows_affected = rows_affected + $8, chunks_done = chunks_done + 1,
+                      chunk_rows_now = $9, updated_at = now()
+                WHERE job = $1 AND id = $2 AND owner_run = $3 AND owner_worker = $4
+                  AND cursor IS NOT DISTINCT FROM $5
+               RETURNING 1),
+             counted AS (
+               INSERT INTO {s}.run_workers AS w (run_id, worker, rows_done, rows_affected, chunks_done)
+               SELECT $3, $4, $7, $8, 1 FROM moved
+               ON CONFLICT (run_id, worker) DO UPDATE
+                  SET rows_done = w.rows_done + EXCLUDED.rows_done,
+                      rows_affected = w.rows_affected + EXCLUDED.rows_affected,
+                      chunks_done = w.chunks_done + 1)
+             SELECT 1 FROM moved",
+            s = self.q
+        )
+    }
+
+    /// Marks an owned range finished and lets it go (parameters as [`Store::lock_range_sql`]).
+    pub fn range_done_sql(&self) -> String {
+        format!(
+            "UPDATE {s}.ranges SET done = true, owner_run = NULL, owner_worker = NULL, updated_at = now()
+              WHERE job = $1 AND id = $2 AND owner_run = $3 AND owner_worker = $4",
+            s = self.q
+        )
+    }
+
     /// Locks the range for a chunk and returns (cursor, upper bound, done); None when `lease` no
     /// longer owns it.
     pub async fn lock_range(
@@ -394,14 +480,7 @@ impl Store {
         lease: &RangeLease,
     ) -> Result<Option<(Option<KeyValue>, KeyValue, bool)>, tokio_postgres::Error> {
         let row = tx
-            .query_opt(
-                &format!(
-                    "SELECT cursor, upper_bound, done FROM {s}.ranges
-                      WHERE job = $1 AND id = $2 AND owner_run = $3 AND owner_worker = $4 FOR UPDATE",
-                    s = self.q
-                ),
-                &[&job, &lease.id, &lease.run_id, &lease.worker],
-            )
+            .query_opt(&self.lock_range_sql(), &lease.owner_params(&job))
             .await?;
         Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
     }
@@ -418,24 +497,7 @@ impl Store {
         step: Advance<'_>,
     ) -> Result<u64, tokio_postgres::Error> {
         tx.execute(
-            &format!(
-                "WITH moved AS (
-                   UPDATE {s}.ranges SET cursor = $6, rows_done = rows_done + $7,
-                          rows_affected = rows_affected + $8, chunks_done = chunks_done + 1,
-                          chunk_rows_now = $9, updated_at = now()
-                    WHERE job = $1 AND id = $2 AND owner_run = $3 AND owner_worker = $4
-                      AND cursor IS NOT DISTINCT FROM $5
-                   RETURNING 1),
-                 counted AS (
-                   INSERT INTO {s}.run_workers AS w (run_id, worker, rows_done, rows_affected, chunks_done)
-                   SELECT $3, $4, $7, $8, 1 FROM moved
-                   ON CONFLICT (run_id, worker) DO UPDATE
-                      SET rows_done = w.rows_done + EXCLUDED.rows_done,
-                          rows_affected = w.rows_affected + EXCLUDED.rows_affected,
-                          chunks_done = w.chunks_done + 1)
-                 SELECT 1 FROM moved",
-                s = self.q
-            ),
+            &self.advance_sql(),
             &[
                 &job,
                 &lease.id,
@@ -458,15 +520,8 @@ impl Store {
         job: &str,
         lease: &RangeLease,
     ) -> Result<u64, tokio_postgres::Error> {
-        tx.execute(
-            &format!(
-                "UPDATE {s}.ranges SET done = true, owner_run = NULL, owner_worker = NULL, updated_at = now()
-                  WHERE job = $1 AND id = $2 AND owner_run = $3 AND owner_worker = $4",
-                s = self.q
-            ),
-            &[&job, &lease.id, &lease.run_id, &lease.worker],
-        )
-        .await
+        tx.execute(&self.range_done_sql(), &lease.owner_params(&job))
+            .await
     }
 
     /// Lets a range go unfinished (the worker stops), so another worker may take it at once.

@@ -1,10 +1,16 @@
-//! What the operator sees while a job runs, and what Prometheus scrapes.
+//! What the operator sees while a job runs, and what Prometheus scrapes. It listens to the
+//! engine's events (`listen`: each event becomes a log line, a metric or the bar's state), so
+//! the engine formats none of it; it must not reach back into the engine.
 //!
 //! On a terminal: a progress bar on stderr (rows of the estimated total, percent, rate, ETA, chunk
 //! size, workers, and why the run is held, if it is). Otherwise: one plain line every
 //! `--progress-interval`, as text or JSON (`--log-format json`). Log lines go through the bar's
 //! `suspend`, so they never break it. Metrics use the `metrics` facade; the exporter is installed
 //! (by [`serve_metrics`]) before any handle is created, or the handles would stay no-ops.
+
+mod listen;
+
+pub use listen::describe_controls;
 
 use crate::state::JobState;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};

@@ -1,0 +1,504 @@
+//! One worker's walk: take a key range, run its chunks one after another (`chunk::run`), book
+//! what committed, and carry out the recovery policy's action after a failure (`recovery`). Must
+//! not build or send a chunk's statements itself, nor decide what a failure means.
+
+use super::chunk::{self, cancellable, failed, stalled, ChunkDone, Failure, Step};
+use super::recovery::{self, Action, Problem, Situation, Span, Stop, RETRY_BACKOFF};
+use super::{LoopEnd, Shared, Tally};
+use crate::db::{self, ErrorClass};
+use crate::error::{Error, Result};
+use crate::events::Event;
+use crate::keyset::{show_key, KeyValue};
+use crate::store::{self, Acquired, Poison, RangeLease, Splitter};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// How often a worker with nothing to take looks again (for a range freed by a runner that died).
+const IDLE_POLL: Duration = Duration::from_secs(1);
+/// A range is split only when at least this many chunks are left in it.
+const SPLIT_MIN_CHUNKS: i64 = 2;
+
+/// One worker's walk: the range it holds and its own connection and failure state.
+pub(super) struct Worker<'s, 'a> {
+    pub(super) shared: &'s Shared<'a>,
+    pub(super) id: i32,
+    pub(super) conn: Option<deadpool_postgres::Object>,
+    pub(super) range: Option<RangeLease>,
+    /// The last key this worker committed in its range (for messages).
+    pub(super) cursor: Option<KeyValue>,
+    /// Keys per chunk now.
+    pub(super) limit: i64,
+    /// Keys still inside a range that failed at a larger size; the size is restored after them.
+    pub(super) narrow_left: i64,
+    /// Consecutive failed attempts at the same chunk.
+    pub(super) attempt: u32,
+    /// When the database became unreachable, while it is.
+    pub(super) outage: Option<Instant>,
+    /// While the worker's chunk keeps meeting lock contention.
+    pub(super) contention: Option<Contention>,
+    pub(super) tally: Tally,
+}
+
+/// A chunk that keeps meeting lock contention (reset when a chunk commits).
+pub(super) struct Contention {
+    pub(super) since: Instant,
+    /// The hold reason: "lock contention on keys A..=B".
+    pub(super) reason: String,
+    /// When it started, as shown: "since T".
+    pub(super) since_utc: String,
+    pub(super) logged: Instant,
+    /// From when the time held is not booked on the metrics yet.
+    pub(super) unbooked: Instant,
+}
+
+impl<'s, 'a> Worker<'s, 'a> {
+    pub(super) fn new(shared: &'s Shared<'a>, id: i32, limit: i64) -> Self {
+        Worker {
+            shared,
+            id,
+            conn: None,
+            range: None,
+            cursor: None,
+            limit,
+            narrow_left: 0,
+            attempt: 0,
+            outage: None,
+            contention: None,
+            tally: Tally::default(),
+        }
+    }
+
+    pub(super) fn name(&self) -> &str {
+        &self.shared.job.name
+    }
+
+    /// Walks ranges until none is left, a stop, or a failure; then lets its range go.
+    pub(super) async fn drive(mut self) -> (Result<LoopEnd>, Tally) {
+        let end = self.walk().await;
+        if end.is_err() {
+            self.shared.aborted.store(true, Ordering::SeqCst);
+        }
+        if let (Some(range), Some(conn)) = (self.range.take(), self.conn.as_ref()) {
+            if !conn.is_closed() {
+                let _ = self
+                    .shared
+                    .store
+                    .release(&***conn, self.name(), &range)
+                    .await;
+            }
+        }
+        (end, self.tally)
+    }
+
+    pub(super) async fn walk(&mut self) -> Result<LoopEnd> {
+        let name = self.name().to_string();
+        loop {
+            if self.shared.shutdown.stop_requested() || self.shared.aborted.load(Ordering::SeqCst) {
+                return Ok(LoopEnd::Stopped);
+            }
+            if self.shared.lease.is_lost() {
+                return Err(store::lost(&name));
+            }
+            match self.read_controls().await {
+                Ok(true) => return Ok(LoopEnd::Cancelled),
+                Ok(false) => {}
+                Err(f) => {
+                    self.recover(f).await?;
+                    continue;
+                }
+            }
+            if self.range.is_none() {
+                match self.acquire().await {
+                    Ok(Acquired::Range(r)) => {
+                        self.range = Some(r);
+                        self.cursor = None;
+                    }
+                    Ok(Acquired::Wait) => {
+                        tokio::select! {
+                            _ = self.shared.shutdown.sleep(IDLE_POLL) => {}
+                            _ = self.shared.range_finished.notified() => {}
+                        }
+                        continue;
+                    }
+                    Ok(Acquired::AllDone) => return Ok(LoopEnd::Finished),
+                    Err(f) => {
+                        self.recover(f).await?;
+                        continue;
+                    }
+                }
+            }
+            if self.hold_while_unhealthy().await? {
+                continue;
+            }
+            self.sample_replication_lag().await;
+            let bucket = {
+                let pace = self.shared.pace.lock().await;
+                if self.narrow_left == 0 {
+                    self.limit = pace.throttle.chunk_rows();
+                }
+                pace.throttle.bucket()
+            };
+            if let Some(bucket) = bucket {
+                let waited = bucket.admit(self.limit).await;
+                self.shared.emit(Event::Held {
+                    reason: "rate_limit",
+                    time: waited,
+                });
+            }
+            match self.step().await {
+                Ok(Step::Committed(done)) => {
+                    let rest = self.committed(done).await;
+                    if !rest.is_zero() {
+                        self.shared.shutdown.sleep(rest).await;
+                        self.shared.emit(Event::Held {
+                            reason: "pause",
+                            time: rest,
+                        });
+                    }
+                }
+                Ok(Step::RangeDone) => {
+                    self.contention_over().await;
+                    self.range = None;
+                    self.shared.range_finished.notify_waiters();
+                }
+                Err(f) => {
+                    if self.shared.shutdown.cancel_requested()
+                        && f.sqlstate.as_deref() == Some("57014")
+                    {
+                        return Ok(LoopEnd::Stopped);
+                    }
+                    self.recover(f).await?;
+                }
+            }
+        }
+    }
+
+    /// A connection from the run's pool (a new one after a failure closed the old).
+    pub(super) async fn connection(&mut self) -> Result<&mut deadpool_postgres::Object, Failure> {
+        if self.conn.as_ref().is_none_or(|c| c.is_closed()) {
+            self.conn = None;
+            let conn = self.shared.pool.get().await.map_err(|e| Failure {
+                problem: Problem::Db(ErrorClass::Connection),
+                sqlstate: match &e {
+                    deadpool_postgres::PoolError::Backend(e) => db::sqlstate(e).map(str::to_string),
+                    _ => None,
+                },
+                text: match &e {
+                    deadpool_postgres::PoolError::Backend(e) => db::describe(e),
+                    other => other.to_string(),
+                },
+                stage: "connecting",
+                range: None,
+                keys: None,
+            })?;
+            self.conn = Some(conn);
+        }
+        Ok(self.conn.as_mut().expect("connected above"))
+    }
+
+    /// Looks for a range to work on: a free one, or half of the busiest.
+    pub(super) async fn acquire(&mut self) -> Result<Acquired, Failure> {
+        let shared = self.shared;
+        let min_keys = SPLIT_MIN_CHUNKS * shared.pace.lock().await.throttle.chunk_rows();
+        let (run_id, worker) = (shared.run_id, self.id);
+        let conn = self.connection().await?;
+        let splitter = Splitter {
+            keyset: shared.keyset,
+            min_keys,
+        };
+        let got = shared
+            .store
+            .acquire(conn, &shared.job.name, run_id, worker, &splitter)
+            .await
+            .map_err(failed("claiming a key range", None))?;
+        if let Acquired::Range(r) = &got {
+            if r.id > 0 || shared.opts.workers > 1 {
+                shared.emit(Event::RangeTaken {
+                    worker,
+                    range: r.id,
+                });
+            }
+        }
+        Ok(got)
+    }
+
+    /// One attempt at the next chunk of the worker's range.
+    pub(super) async fn step(&mut self) -> Result<Step, Failure> {
+        let shared = self.shared;
+        let range = self.range.expect("a range is held");
+        let limit = self.limit;
+        let conn = self.connection().await?;
+        let token = conn.cancel_token();
+        let chunk = chunk::run(conn, &shared.chunk, &range, limit);
+        cancellable(chunk, &token, shared.target, shared.shutdown).await
+    }
+
+    /// Books a committed chunk and adapts the pace; returns the rest to take before the next.
+    pub(super) async fn committed(&mut self, done: ChunkDone) -> Duration {
+        let shared = self.shared;
+        self.attempt = 0;
+        self.contention_over().await;
+        if self.outage.take().is_some() {
+            shared.emit(Event::DatabaseBack);
+        }
+        self.tally.rows += done.keys;
+        self.tally.affected += done.affected;
+        self.tally.chunks += 1;
+        let mut pace = shared.pace.lock().await;
+        if done.blocked > 0 {
+            let size = pace.throttle.shrink();
+            shared.emit(Event::Yielded {
+                blocked: done.blocked,
+                size,
+            });
+        } else if self.narrow_left == 0 {
+            pace.throttle.adapt(done.keys, done.asked, done.took);
+        }
+        let rest = pace.throttle.rest(done.took);
+        drop(pace);
+        self.tally.last = Some(done.last.clone());
+        self.cursor = Some(done.last);
+        self.passed(done.keys).await;
+        shared.emit(Event::ChunkCommitted {
+            keys: done.keys as u64,
+            changed: done.affected.max(0) as u64,
+            took: done.took,
+        });
+        if let Some(n) = shared.lease.job_rows_done() {
+            shared.emit(Event::JobRowsDone(n.max(0) as u64));
+        }
+        rest
+    }
+
+    /// Counts keys passed inside a narrowed range; past it, the configured size returns.
+    pub(super) async fn passed(&mut self, keys: i64) {
+        if self.narrow_left > 0 {
+            self.narrow_left -= keys;
+            if self.narrow_left <= 0 {
+                self.narrow_left = 0;
+                self.limit = self.shared.pace.lock().await.throttle.chunk_rows();
+                self.shared.emit(Event::ChunkSize(self.limit as u64));
+            }
+        }
+    }
+
+    /// What the recovery policy sees of a failed attempt now.
+    pub(super) fn situation(&self, f: &Failure) -> Situation {
+        let shared = self.shared;
+        Situation {
+            problem: f.problem,
+            span: match (&f.range, f.keys) {
+                (Some((a, b)), _) if a == b => Span::Single,
+                (Some(_), keys) => Span::Several {
+                    keys: keys.unwrap_or(0),
+                },
+                (None, _) => Span::Unknown,
+            },
+            stopping: shared.shutdown.stop_requested(),
+            attempts: self.attempt,
+            max_attempts: shared.opts.max_attempts,
+            outage: self.outage.map(|since| since.elapsed()),
+            reconnect_for: shared.opts.reconnect_for,
+            contention: self.contention.as_ref().map(|c| c.since.elapsed()),
+            contention_budget: shared.contention_budget(),
+            on_error: shared.job.on_error,
+        }
+    }
+
+    /// Carries out what the recovery policy (`recovery::decide`) says about a failed attempt;
+    /// Ok to try again, Err to stop the run.
+    pub(super) async fn recover(&mut self, f: Failure) -> Result<()> {
+        let shared = self.shared;
+        let resume_at = match (&self.range, &self.cursor) {
+            (_, Some(c)) => format!("after key {}", show_key(c)),
+            (Some(r), None) => format!("at the saved cursor of key range {}", r.id),
+            (None, None) => "where it stopped".into(),
+        };
+        let where_ = match &f.range {
+            Some((a, b)) if a == b => format!("key {}", show_key(a)),
+            Some((a, b)) => format!("keys {}..={}", show_key(a), show_key(b)),
+            None => format!("the chunk {resume_at}"),
+        };
+        if let Some(class) = f.class().filter(|c| *c != ErrorClass::Fatal) {
+            shared.emit(Event::AttemptFailed {
+                class: class.label(),
+            });
+        }
+        match recovery::decide(&self.situation(&f)) {
+            // Stopping: nothing is in flight any more (the chunk failed), so there is nothing to
+            // wait for; the caller's loop ends the walk.
+            Action::LetGo => {
+                shared.emit(Event::LostWhileStopping {
+                    stage: f.stage,
+                    error: &f.text,
+                });
+                self.conn = None;
+                Ok(())
+            }
+            Action::Reconnect { pause } => {
+                if self.outage.is_none() {
+                    self.outage = Some(Instant::now());
+                    shared.emit(Event::DatabaseLost {
+                        stage: f.stage,
+                        error: &f.text,
+                        patience: shared.opts.reconnect_for,
+                    });
+                }
+                shared.emit(Event::Waiting("waiting for database"));
+                self.conn = None;
+                shared.shutdown.sleep(pause).await;
+                shared.emit(Event::Held {
+                    reason: "database_unavailable",
+                    time: pause,
+                });
+                Ok(())
+            }
+            Action::Narrow { to, keys } => {
+                self.limit = to;
+                self.narrow_left = self.narrow_left.max(keys);
+                shared.emit(Event::ChunkSize(self.limit as u64));
+                shared.emit(Event::Narrowed {
+                    chunk: &where_,
+                    stage: f.stage,
+                    error: &f.text,
+                    size: self.limit,
+                });
+                Ok(())
+            }
+            Action::Skip => {
+                let (key, _) = f.range.clone().expect("a single-key chunk has a range");
+                self.skip(&key, &f).await
+            }
+            Action::OutlastContention { attempt, at_most } => {
+                self.attempt = attempt;
+                self.outlast_contention(&f, &where_, RETRY_BACKOFF.delay(attempt).min(at_most))
+                    .await;
+                Ok(())
+            }
+            Action::RetryAfterBackoff { attempt } => {
+                self.attempt = attempt;
+                let delay = RETRY_BACKOFF.delay(attempt);
+                shared.emit(Event::Retrying {
+                    chunk: &where_,
+                    stage: f.stage,
+                    error: &f.text,
+                    delay,
+                    attempt,
+                    max_attempts: shared.opts.max_attempts,
+                });
+                shared.shutdown.sleep(delay).await;
+                shared.emit(Event::Held {
+                    reason: "retry_backoff",
+                    time: delay,
+                });
+                Ok(())
+            }
+            Action::Stop(stop) => {
+                if let (Stop::ContentionBudget, Some(c)) = (stop, &self.contention) {
+                    // The failed attempt waited for the lock: that is time held too.
+                    shared.emit(Event::Held {
+                        reason: "lock_contention",
+                        time: c.unbooked.elapsed(),
+                    });
+                }
+                Err(self.stop_error(stop, &f, &where_, &resume_at))
+            }
+        }
+    }
+
+    /// The error a run ends with, saying where the next run resumes.
+    pub(super) fn stop_error(
+        &self,
+        stop: Stop,
+        f: &Failure,
+        where_: &str,
+        resume_at: &str,
+    ) -> Error {
+        let name = self.name();
+        match stop {
+            Stop::Lost => store::lost(name),
+            Stop::Stalled => stalled(name, &f.text),
+            Stop::Unreachable => Error::Runtime(format!(
+                "job {name}: the database has been unreachable for {}s (last error while {}: {}); gave up (--reconnect-for); nothing uncommitted was kept; run `backfill run {name}` again when it is back: it resumes {resume_at}",
+                self.outage.map(|since| since.elapsed()).unwrap_or_default().as_secs(),
+                f.stage,
+                f.text
+            )),
+            Stop::ContentionBudget => {
+                let budget = self.shared.contention_budget();
+                Error::Runtime(format!(
+                    "job {name}: {where_} kept meeting lock contention for {}s, the whole contention budget ({}; --contention-budget or the job's contention_budget), last while {}: {}; nothing of this chunk was committed; find the session holding the lock (pg_locks, pg_blocking_pids) or give a longer budget, then run `backfill run {name}` again: it resumes {resume_at}",
+                    self.contention.as_ref().map(|c| c.since.elapsed()).unwrap_or_default().as_secs(),
+                    humantime::format_duration(budget),
+                    f.stage,
+                    f.text
+                ))
+            }
+            Stop::Attempts(attempts) => Error::Runtime(format!(
+                "job {name}: {where_} failed while {} (gave up after {attempts} attempts, --max-attempts): {}; nothing of this chunk was committed; run `backfill run {name}` again (perhaps with a longer --statement-timeout): it resumes {resume_at}",
+                f.stage, f.text
+            )),
+            // The key and the error go to the checkpoint's last_error and the run's history;
+            // the failures table holds only skipped keys, which nothing else would revisit.
+            Stop::PoisonKey => Error::Runtime(format!(
+                "job {name}: key {} makes the statement fail: {}; every key before it is done (on_error = \"stop\"); fix the row or the statement and run again — it resumes at this key — or set on_error = \"skip\" to record such keys and go on",
+                show_key(&f.range.as_ref().expect("a single-key chunk has a range").0),
+                f.text
+            )),
+            Stop::Fatal => Error::Runtime(format!(
+                "job {name}: {where_} failed while {}: {}; {}; nothing of this chunk was committed: `backfill run {name}` resumes {resume_at}",
+                f.stage,
+                f.text,
+                db::advice(f.sqlstate.as_deref())
+            )),
+        }
+    }
+
+    /// A data error at one key with `on_error = "skip"`: record it and move past it.
+    pub(super) async fn skip(&mut self, key: &KeyValue, f: &Failure) -> Result<()> {
+        let shared = self.shared;
+        let name = self.name().to_string();
+        let poison = Poison {
+            key,
+            sqlstate: f.sqlstate.as_deref(),
+            message: &f.text,
+        };
+        let range = self.range.expect("a range is held");
+        let conn = match self.connection().await {
+            Ok(c) => c,
+            Err(_) => return Ok(()), // retried from the top once the database answers
+        };
+        match chunk::skip_key(conn, &shared.chunk, shared.store, &range, &poison).await {
+            Ok(true) => {}
+            Ok(false) => return Err(store::lost(&name)),
+            // Nothing was committed: the chunk is tried again from the cursor (and
+            // narrowed to this key again) once the lock or the database is back.
+            Err(e)
+                if matches!(
+                    db::classify(&e),
+                    ErrorClass::Contention | ErrorClass::Connection
+                ) =>
+            {
+                shared.emit(Event::SkipInterrupted {
+                    key: &show_key(key),
+                    error: &db::describe(&e),
+                });
+                return Ok(());
+            }
+            Err(e) => {
+                return Err(db::error(
+                    e,
+                    format!("job {name}: recording the failure at key {}", show_key(key)),
+                ))
+            }
+        }
+        shared.emit(Event::Skipped {
+            key: &show_key(key),
+            error: &f.text,
+        });
+        self.cursor = Some(key.clone());
+        self.tally.skipped += 1;
+        self.passed(1).await;
+        Ok(())
+    }
+}
