@@ -5,13 +5,34 @@
 //! transaction that runs the statement and advances the job's checkpoint, so a committed chunk is
 //! never re-applied and an interrupted run resumes exactly where it stopped.
 //!
-//! One chunk's path, top to bottom: [`job`] (file → spec) → [`keyset`] (key checked against the
-//! catalog; bounds SQL) → [`executor`] (claim, chunk loop, verify) → [`store`] (checkpoint,
-//! history, lease). [`db`] owns connections and error classification; [`signals`] the clean stop;
-//! [`telemetry`] what the operator sees; [`throttle`] how fast a run may go; [`migrator`] the gate;
-//! [`finish`] the schema steps run after a backfill (`finish_sql`); [`plan`] the review before a
-//! run; [`pgtemp`] throwaway servers for the demo, the tests and the benchmarks; [`out`] writes
-//! stdout and stderr (a closed pipe is a normal end, never a panic).
+//! One chunk's path, top to bottom, in four files: [`job`] (`jobs/NAME.toml` → a validated
+//! `JobSpec`, offline) → [`keyset`] (the key checked against the catalog → a `Keyset`) →
+//! `executor::chunk` (a `ChunkPlan` of every statement of a chunk's transaction, built once per
+//! run, and the transaction itself, where the exactly-once rule is stated and enforced) →
+//! `executor::recovery` (what a failed attempt leads to: a pure function).
+//!
+//! Dependency order, each layer using only those before it (no import circles):
+//! `sql`, `error`, `state`, `backoff`, `out`, `pgtemp` → `job` → `db` → `keyset` → `store` →
+//! `undo`, `migrator`, `finish` → `resolve`, `plan`, `events`, `throttle`, `signals` →
+//! `telemetry`, `executor` → `demo`, `cli` → `app`.
+//!
+//! - [`sql`]: identifier quoting, table names, the one SQL tokenizer, the `:start`/`:end` template.
+//! - [`error`]: the error type (kind → exit code; a database error keeps its class, SQLSTATE,
+//!   driver error and context). [`state`]: job states, phases, run outcomes and step states as
+//!   enums, their SQL text, and every decision on them. [`backoff`]: the one retry backoff.
+//! - [`job`]: job files, parsed and validated offline. [`db`]: connections, TLS, SQLSTATE
+//!   classes, the one place timeouts are set. [`keyset`]: keys, the catalog checks, the one
+//!   bounds query (runs and plans).
+//! - [`store`]: every statement on the engine's schema but a chunk's own (checkpoints, joining,
+//!   runs, ranges, leases, phases, controls, failures, schema migrations). [`undo`]: undo data and
+//!   reverts. [`migrator`]: preconditions, the gate, each migrator's history. [`finish`]: the
+//!   schema steps after a backfill. [`resolve`]: a job checked against its project (steps,
+//!   revisions). [`plan`]: the review before a run.
+//! - [`events`]: what a run reports, as typed events; [`telemetry`] listens (progress, log
+//!   lines, metrics). [`throttle`]: rate, chunk size, health signals. [`signals`]: the clean stop.
+//! - [`executor`]: a run (join → key range → workers → verify/sweep → record), its workers, the
+//!   chunk and the recovery policy. [`app`] and [`cli`]: the commands. [`demo`], [`pgtemp`]:
+//!   throwaway servers. [`out`]: stdout and stderr (a closed pipe is a normal end, never a panic).
 
 // The library's `println!` and friends: a closed stdout (`backfill status | head -1`) ends the
 // output quietly instead of panicking (see `out`). Defined before the modules so that their

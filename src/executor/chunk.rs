@@ -86,7 +86,7 @@ impl<'a> ChunkPlan<'a> {
                 timeouts.set_local(),
                 keyset.written_sql()
             ),
-            lock_range: store.lock_range_sql(),
+            lock_range: lock_range_sql(store.quoted_schema()),
             first_bounds: keyset.next_chunk_sql(false),
             next_bounds: keyset.next_chunk_sql(true),
             undo_copy: crate::undo::copy_sql(store, job, keyset),
@@ -96,10 +96,54 @@ impl<'a> ChunkPlan<'a> {
                 keyset.written_sql()
             ),
             count_chunk: keyset.count_between_sql(),
-            advance: store.advance_sql(),
-            range_done: store.range_done_sql(),
+            advance: advance_sql(store.quoted_schema()),
+            range_done: range_done_sql(store.quoted_schema()),
         }
     }
+}
+
+// The statements on the range's row, `$1`..`$4` being job, range, owner run and owner worker
+// (`RangeLease::owner_params`): with the transaction in [`run`], they are the exactly-once rule.
+
+/// Locks the range's row and reads (cursor, upper bound, done); no row when the worker no longer
+/// owns the range.
+fn lock_range_sql(s: &str) -> String {
+    format!(
+        "SELECT cursor, upper_bound, done FROM {s}.ranges
+          WHERE job = $1 AND id = $2 AND owner_run = $3 AND owner_worker = $4 FOR UPDATE"
+    )
+}
+
+/// Moves an owned range's cursor from `$5` (the value read under the lock) to `$6` and books
+/// `$7` keys, `$8` rows affected and a chunk size of `$9` on the range and on the run's worker,
+/// in one statement, so the run's history holds exactly what its committed chunks did even when
+/// a COMMIT's answer was lost. A row only when the range is still owned and its cursor still `$5`.
+fn advance_sql(s: &str) -> String {
+    format!(
+        "WITH moved AS (
+           UPDATE {s}.ranges SET cursor = $6, rows_done = rows_done + $7,
+                  rows_affected = rows_affected + $8, chunks_done = chunks_done + 1,
+                  chunk_rows_now = $9, updated_at = now()
+            WHERE job = $1 AND id = $2 AND owner_run = $3 AND owner_worker = $4
+              AND cursor IS NOT DISTINCT FROM $5
+           RETURNING 1),
+         counted AS (
+           INSERT INTO {s}.run_workers AS w (run_id, worker, rows_done, rows_affected, chunks_done)
+           SELECT $3, $4, $7, $8, 1 FROM moved
+           ON CONFLICT (run_id, worker) DO UPDATE
+              SET rows_done = w.rows_done + EXCLUDED.rows_done,
+                  rows_affected = w.rows_affected + EXCLUDED.rows_affected,
+                  chunks_done = w.chunks_done + 1)
+         SELECT 1 FROM moved"
+    )
+}
+
+/// Marks an owned range finished (no key left in it) and lets it go.
+fn range_done_sql(s: &str) -> String {
+    format!(
+        "UPDATE {s}.ranges SET done = true, owner_run = NULL, owner_worker = NULL, updated_at = now()
+          WHERE job = $1 AND id = $2 AND owner_run = $3 AND owner_worker = $4"
+    )
 }
 
 /// What one chunk attempt came to.
@@ -411,11 +455,16 @@ pub(super) async fn skip_key(
         return Ok(false);
     };
     let cursor: Option<KeyValue> = locked.get(0);
-    if store
-        .skip_key(&*tx, job, range, cursor.as_ref(), poison)
-        .await?
-        != 1
-    {
+    store
+        .record_failure(&*tx, job, Some(range.run_id), poison)
+        .await?;
+    let skipped: [&(dyn ToSql + Sync); 5] = [&cursor, poison.key, &1i64, &0i64, &1i32];
+    let advance: Vec<_> = range
+        .owner_params(&job)
+        .into_iter()
+        .chain(skipped)
+        .collect();
+    if tx.execute(&plan.advance, &advance).await? != 1 {
         return Ok(false);
     }
     tx.commit().await?;

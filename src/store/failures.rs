@@ -2,7 +2,7 @@
 //! `on_error = "skip"` a run records them here and goes on; `retry-failures` re-runs just those
 //! keys; the gate fails while any is unresolved.
 
-use super::{Advance, RangeLease, Store};
+use super::Store;
 use crate::db;
 use crate::error::Result;
 use crate::keyset::KeyValue;
@@ -49,28 +49,6 @@ impl Store {
             )
             .await?;
         Ok(())
-    }
-
-    /// Skips a poison key: records it and moves the cursor past it, in the caller's transaction,
-    /// so the skip happens exactly once. Returns the rows the advance updated (see `advance`).
-    pub async fn skip_key(
-        &self,
-        tx: &impl GenericClient,
-        job: &str,
-        lease: &RangeLease,
-        previous: Option<&KeyValue>,
-        poison: &Poison<'_>,
-    ) -> Result<u64, tokio_postgres::Error> {
-        self.record_failure(tx, job, Some(lease.run_id), poison)
-            .await?;
-        let step = Advance {
-            chunk_rows: 1,
-            previous,
-            last: poison.key,
-            keys: 1,
-            affected: 0,
-        };
-        self.advance(tx, job, lease, step).await
     }
 
     /// The job's failing keys (unresolved only, unless `all`), oldest first.

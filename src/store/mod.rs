@@ -10,10 +10,12 @@
 //! Every chunk locks its range row and checks the owner inside its own transaction, so even a
 //! runner that lost its lease cannot commit a chunk twice.
 //!
-//! Every statement on the engine's schema is here, one submodule per concern: `schema`
+//! Every statement on the engine's schema is here, one submodule per concern, except the three a
+//! chunk sends on its range's row (lock, advance, range done): those are the exactly-once rule
+//! and live with the chunk's transaction in `executor::chunk`. Here: `schema`
 //! (versioned migrations, grants, the SQL gate), `checkpoint` (reading a job's checkpoint, and
 //! the one completeness decision), `join` (a run joining a job), `runs` (a run's history row
-//! and its end), `lease` (heartbeat), `ranges` (key ranges and a chunk's checkpoint), `phases`
+//! and its end), `lease` (heartbeat), `ranges` (key ranges: taking, splitting, releasing), `phases`
 //! (phase, sweeps, revert bookkeeping, the job's locks), `control` (pause, cancel, set) and
 //! `failures` (poison keys). States, phases and outcomes are `crate::state` enums: outside the
 //! fixed texts of its migrations, this module never spells them. It touches no application
@@ -36,7 +38,7 @@ pub use failures::{FailedKey, Poison};
 pub use join::{Claim, Runner};
 pub use lease::LeaseState;
 pub use phases::{revert_name, Sweep};
-pub use ranges::{Acquired, Advance, RangeInfo, RangeLease, Splitter};
+pub use ranges::{Acquired, RangeInfo, RangeLease, Splitter};
 pub use runs::{lost, RunRecord};
 pub use schema::{
     gate_grants, gate_privileges_missing, grants, installed_version, migrate, migrate_up_to,
@@ -75,6 +77,11 @@ impl Store {
 
     pub fn schema(&self) -> &str {
         &self.schema
+    }
+
+    /// The engine's schema, quoted for SQL.
+    pub fn quoted_schema(&self) -> &str {
+        &self.q
     }
 
     /// Makes sure the engine's schema is at the current version, creating or upgrading it when

@@ -13,8 +13,9 @@
 //!   range. The owner sees its shorter range at its next chunk. So workers that start together
 //!   split the job evenly, and workers that finish early take half of a slower one's
 //!   work, until what is left is too small to be worth splitting;
-//! - every chunk locks its range's row and checks the owner in its own transaction, so a split,
-//!   a takeover or a lost lease can never make a key be processed twice.
+//! - every chunk locks its range's row and checks the owner in its own transaction
+//!   (`executor::chunk` owns those statements), so a split, a takeover or a lost lease can never
+//!   make a key be processed twice.
 
 use super::{ts, Store};
 use crate::db::{Limit, Timeouts};
@@ -97,16 +98,6 @@ pub enum Acquired {
 pub struct Splitter<'a> {
     pub keyset: &'a Keyset,
     pub min_keys: i64,
-}
-
-/// One chunk's move of a range's cursor: from `previous` (None: the range's start) to `last`.
-pub struct Advance<'a> {
-    pub previous: Option<&'a KeyValue>,
-    pub last: &'a KeyValue,
-    pub keys: i64,
-    pub affected: i64,
-    /// The chunk size in force (for `status`).
-    pub chunk_rows: i32,
 }
 
 impl Store {
@@ -426,102 +417,6 @@ impl Store {
         )
         .await?;
         Ok(Split::Made(new_id))
-    }
-
-    /// Locks a range's row for a chunk and reads (cursor, upper bound, done); no row when the
-    /// worker (`$3`, `$4`) no longer owns range `$2` of job `$1`. See `executor::chunk`.
-    pub fn lock_range_sql(&self) -> String {
-        format!(
-            "SELECT cursor, upper_bound, done FROM {s}.ranges
-              WHERE job = $1 AND id = $2 AND owner_run = $3 AND owner_worker = $4 FOR UPDATE",
-            s = self.q
-        )
-    }
-
-    /// Moves an owned range's cursor from `$5` to `$6` and books `$7` keys, `$8` rows affected
-    /// and a chunk size of `$9` on the range and on the run's worker, in one statement; returns
-    /// a row only when the range is still owned and its cursor is still `$5`.
-    pub fn advance_sql(&self) -> String {
-        format!(
-            "WITH moved AS (
-               UPDATE {s}.ranges SET cursor = $6, rows_done = rows_done + $7,
-                      rows_affected = rows_affected + $8, chunks_done = chunks_done + 1,
-                      chunk_rows_now = $9, updated_at = now()
-                WHERE job = $1 AND id = $2 AND owner_run = $3 AND owner_worker = $4
-                  AND cursor IS NOT DISTINCT FROM $5
-               RETURNING 1),
-             counted AS (
-               INSERT INTO {s}.run_workers AS w (run_id, worker, rows_done, rows_affected, chunks_done)
-               SELECT $3, $4, $7, $8, 1 FROM moved
-               ON CONFLICT (run_id, worker) DO UPDATE
-                  SET rows_done = w.rows_done + EXCLUDED.rows_done,
-                      rows_affected = w.rows_affected + EXCLUDED.rows_affected,
-                      chunks_done = w.chunks_done + 1)
-             SELECT 1 FROM moved",
-            s = self.q
-        )
-    }
-
-    /// Marks an owned range finished and lets it go (parameters as [`Store::lock_range_sql`]).
-    pub fn range_done_sql(&self) -> String {
-        format!(
-            "UPDATE {s}.ranges SET done = true, owner_run = NULL, owner_worker = NULL, updated_at = now()
-              WHERE job = $1 AND id = $2 AND owner_run = $3 AND owner_worker = $4",
-            s = self.q
-        )
-    }
-
-    /// Locks the range for a chunk and returns (cursor, upper bound, done); None when `lease` no
-    /// longer owns it.
-    pub async fn lock_range(
-        &self,
-        tx: &impl GenericClient,
-        job: &str,
-        lease: &RangeLease,
-    ) -> Result<Option<(Option<KeyValue>, KeyValue, bool)>, tokio_postgres::Error> {
-        let row = tx
-            .query_opt(&self.lock_range_sql(), &lease.owner_params(&job))
-            .await?;
-        Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
-    }
-
-    /// Advances the range's cursor past a chunk, inside the chunk's own transaction (which holds
-    /// the range's row lock), and counts the chunk for the run's worker in the same statement:
-    /// the run's history then holds exactly what its committed chunks did, even when a COMMIT's
-    /// answer was lost. Returns the rows updated: 1, or 0 when the range is no longer ours.
-    pub async fn advance(
-        &self,
-        tx: &impl GenericClient,
-        job: &str,
-        lease: &RangeLease,
-        step: Advance<'_>,
-    ) -> Result<u64, tokio_postgres::Error> {
-        tx.execute(
-            &self.advance_sql(),
-            &[
-                &job,
-                &lease.id,
-                &lease.run_id,
-                &lease.worker,
-                &step.previous,
-                step.last,
-                &step.keys,
-                &step.affected,
-                &step.chunk_rows,
-            ],
-        )
-        .await
-    }
-
-    /// Marks the range finished (no keys left in it) and lets it go.
-    pub async fn range_done(
-        &self,
-        tx: &impl GenericClient,
-        job: &str,
-        lease: &RangeLease,
-    ) -> Result<u64, tokio_postgres::Error> {
-        tx.execute(&self.range_done_sql(), &lease.owner_params(&job))
-            .await
     }
 
     /// Lets a range go unfinished (the worker stops), so another worker may take it at once.
