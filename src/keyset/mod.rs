@@ -153,6 +153,20 @@ impl Keyset {
         statement.substitute(&self.literal(start), &self.literal(end))
     }
 
+    /// The lower end of a key range in SQL, for statements whose parameters are `[cursor…,]
+    /// upper…, …`: `(row) > (cursor) AND ` after a cursor (empty from the first key), and the
+    /// parameter number where the upper bound starts.
+    pub(crate) fn after_cursor(&self, after_cursor: bool) -> (String, usize) {
+        if after_cursor {
+            (
+                format!("{} > {} AND ", self.row(), self.bind_expr(1)),
+                self.columns.len() + 1,
+            )
+        } else {
+            (String::new(), 1)
+        }
+    }
+
     /// The parameter expression for a key value starting at parameter `first`: `$1::text::bigint`
     /// or `($1::text::int, $2::text::bigint)`.
     pub fn bind_expr(&self, first: usize) -> String {

@@ -13,16 +13,8 @@ impl Keyset {
     /// of the table. Returns one text array, or no row. Parameters: [cursor…,] upper…, offset
     /// (bigint) or percent (float8). Always strictly inside (cursor, upper).
     pub fn split_sql(&self, after_cursor: bool, sampled: bool) -> String {
-        let n = self.columns.len();
-        let (lower, upper_at) = if after_cursor {
-            (
-                format!("{} > {} AND ", self.row(), self.bind_expr(1)),
-                n + 1,
-            )
-        } else {
-            (String::new(), 1)
-        };
-        let last = upper_at + n;
+        let (lower, upper_at) = self.after_cursor(after_cursor);
+        let last = upper_at + self.columns.len();
         if self.is_ctid() {
             let cursor = if after_cursor {
                 "$1::text::bigint"

@@ -154,16 +154,8 @@ impl Keyset {
     }
 
     fn next_keys_sql(&self, after_cursor: bool) -> String {
-        let n = self.columns.len();
-        let (lower, upper_at) = if after_cursor {
-            (
-                format!("{} > {} AND ", self.row(), self.bind_expr(1)),
-                n + 1,
-            )
-        } else {
-            (String::new(), 1)
-        };
-        let limit_at = upper_at + n;
+        let (lower, upper_at) = self.after_cursor(after_cursor);
+        let limit_at = upper_at + self.columns.len();
         let range = format!(
             "FROM {table} WHERE {lower}{row} <= {upper}",
             table = self.table.quoted(),

@@ -375,25 +375,13 @@ impl Progress {
 
     /// Shows why the run is not making progress right now (None: it is).
     pub fn set_held(&self, reason: Option<&str>) {
-        let mut s = self.state.lock().unwrap();
-        s.held = reason.map(str::to_string);
-        let msg = self.bar_message(&s);
-        drop(s);
-        if let Some(bar) = &self.bar {
-            bar.set_message(msg);
-        }
+        self.update_message(|s| s.held = reason.map(str::to_string));
     }
 
     /// Workers of this run.
     pub fn set_workers(&self, n: u32) {
         self.m.workers.set(n as f64);
-        let mut s = self.state.lock().unwrap();
-        s.workers = n;
-        let msg = self.bar_message(&s);
-        drop(s);
-        if let Some(bar) = &self.bar {
-            bar.set_message(msg);
-        }
+        self.update_message(|s| s.workers = n);
     }
 
     /// The job's keys done by all its runs together (read from the database), so that progress,
@@ -420,13 +408,7 @@ impl Progress {
 
     pub fn set_chunk_size(&self, rows: u64) {
         self.m.chunk_size.set(rows as f64);
-        let mut s = self.state.lock().unwrap();
-        s.chunk_size = rows;
-        let msg = self.bar_message(&s);
-        drop(s);
-        if let Some(bar) = &self.bar {
-            bar.set_message(msg);
-        }
+        self.update_message(|s| s.chunk_size = rows);
     }
 
     /// The rate ceiling in force (None: none).
@@ -443,6 +425,17 @@ impl Progress {
         for s in STATES {
             gauge!("backfill_state", "job" => self.job.clone(), "state" => s.as_sql())
                 .set(if *s == state { 1.0 } else { 0.0 });
+        }
+    }
+
+    /// Changes what the bar's message shows, then redraws it (outside the lock).
+    fn update_message(&self, change: impl FnOnce(&mut State)) {
+        let mut s = self.state.lock().unwrap();
+        change(&mut s);
+        let msg = self.bar_message(&s);
+        drop(s);
+        if let Some(bar) = &self.bar {
+            bar.set_message(msg);
         }
     }
 
