@@ -1,6 +1,7 @@
 //! `backfill demo`: the whole product on one screen. Starts a throwaway PostgreSQL from the
 //! installed binaries (unless a database URL is given), creates and fills `orders`, runs the
 //! sample job `orders_status` with progress, prints its status, and removes the server again.
+//! Touches only the throwaway server or the database it is given, and its own `orders` table.
 
 use crate::db::Target;
 use crate::error::{exit, Error, Result};

@@ -6,6 +6,8 @@
 //! by the flag here, not by the message). A second signal cancels at once and exits 130 within a
 //! second: the open transaction, if any, is rolled back by the server, so the checkpoint and the
 //! data stay consistent either way.
+//! Owns only the stop flag and the cancel of the in-flight query; it never commits, rolls back
+//! or records anything itself.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -1,6 +1,8 @@
 //! The contenders, each filling a fresh column of `orders` from `legacy_status` (the sample job's
 //! change): one UPDATE, the loops migration guides show, the best hand-written loop, and the
 //! engine itself (the real binary, so its start-up, catalog checks and checkpoints are counted).
+//!
+//! Measures; never prints the report (that is `report`) and never asserts a speed.
 
 use crate::engine::{self, EngineRun};
 use crate::measured::{Contender, Measured};

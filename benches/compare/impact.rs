@@ -3,6 +3,8 @@
 //! and max latency, and failed transactions over the time the backfill ran. Every measurement
 //! starts from freshly initialised pgbench tables (the same state for every scenario); the
 //! scenarios alternate over the rounds and each figure is the median of its rounds.
+//!
+//! Measures; never prints the report (that is `report`) and never asserts a speed.
 
 use crate::engine;
 use crate::measured::{ImpactRow, Scenario};

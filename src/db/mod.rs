@@ -110,11 +110,6 @@ pub fn database_error(e: tokio_postgres::Error) -> DbError {
     }
 }
 
-/// Formats a duration as whole milliseconds for `SET`, which takes no bind parameters.
-pub fn millis(d: Duration) -> u128 {
-    d.as_millis().max(1)
-}
-
 /// Server-side settings applied to every new session after it connects.
 async fn prepare_session(client: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
     let version: i32 = client

@@ -1,6 +1,7 @@
 //! Where to connect: a URL or key=value string, else the libpq environment variables, with
 //! `.pgpass` for the password, libpq's `sslmode` values, and connect/keepalive defaults.
 //! Knows how to describe the target without its password.
+//! Never prints or logs a password; opens no connection itself beyond what it is asked to.
 
 use super::tls;
 use crate::error::{Error, Result};

@@ -32,6 +32,18 @@ pub struct Timeouts {
 }
 
 impl Timeouts {
+    /// The timeouts of every transaction that applies a job's statement (a chunk, a skipped key,
+    /// a retried failure, the plan's probe of the first chunk): the job's lock and statement
+    /// timeouts, and an idle-in-transaction limit of `lease`, so that a process hanging inside one
+    /// (stopped, swapping, stuck) does not keep the rows locked after its lease has expired.
+    pub fn chunk(lock: Duration, statement: Duration, lease: Duration) -> Timeouts {
+        Timeouts {
+            lock: Some(Limit::Within(lock)),
+            statement: Some(Limit::Within(statement)),
+            idle_in_transaction: Some(Limit::Within(lease)),
+        }
+    }
+
     /// `SET LOCAL …` for each setting given, `; `-separated: they end with the transaction.
     pub fn set_local(&self) -> String {
         self.set("SET LOCAL")

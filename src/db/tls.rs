@@ -2,6 +2,7 @@
 //! (as libpq does unless a root certificate is given), `verify-ca` checks the chain, `verify-full`
 //! checks the chain and the host name. Roots come from `sslrootcert` (a PEM file, or `system`),
 //! else `~/.postgresql/root.crt` when present, else the system's trust store.
+//! Owns only the TLS configuration; never weakens a mode's checks and never logs key material.
 
 use super::SslMode;
 use crate::error::{Error, Result};

@@ -1,5 +1,6 @@
 //! The job file exactly as written: a serde struct that rejects unknown keys and keeps the span of
 //! every value, so that validation errors can name the file, the line and the key.
+//! Shape only: no validation beyond what serde does (that is `spec`), no defaults.
 
 use serde::Deserialize;
 use toml::Spanned;

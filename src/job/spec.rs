@@ -1,4 +1,6 @@
 //! Validation of a raw job into a typed [`JobSpec`], with errors that name file, line and key.
+//! Offline: never reads another file, connects, or checks anything against the database or the
+//! migrator's project (that is `keyset` and `resolve`).
 
 use super::duration::{parse_duration, parse_server_timeout};
 use super::locate::Locator;

@@ -2,6 +2,7 @@
 //! how each relation is scanned. A scan that reads a relation whole (a `Seq Scan`, or an index
 //! scan with no index condition) on a table the statement walks or writes is what makes a
 //! backfill quadratic: every chunk pays for the whole table.
+//! Reads a plan it is given; runs no statement itself and decides nothing about the job.
 
 use serde_json::Value;
 use tokio_postgres::types::{FromSql, Type};

@@ -26,11 +26,11 @@ pub(super) async fn run(
     let fail = |what: &'static str| {
         move |e: tokio_postgres::Error| db::error(e, format!("job {name}: {what}"))
     };
-    let timeouts = Timeouts {
-        lock: Some(Limit::Within(job.lock_timeout)),
-        statement: Some(Limit::Within(job.statement_timeout)),
-        idle_in_transaction: None,
-    };
+    let timeouts = Timeouts::chunk(
+        job.lock_timeout,
+        job.statement_timeout,
+        crate::store::LEASE_TIMEOUT,
+    );
     tx.batch_execute(&timeouts.set_local())
         .await
         .map_err(fail("setting timeouts"))?;

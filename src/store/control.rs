@@ -1,6 +1,7 @@
 //! Live control of a running job from any host, through the engine's schema: pause, resume,
 //! cancel, and new throttle values. The running process reads its row before its next chunk and
 //! writes back what it is doing (chunk size, hold reason) for `status`.
+//! Owns the control columns of a job's checkpoint row; never its state, ranges or runs.
 
 use super::Store;
 use crate::db;

@@ -1,6 +1,8 @@
 //! Poison keys: keys whose row made the job's statement fail with a data error. With
 //! `on_error = "skip"` a run records them here and goes on; `retry-failures` re-runs just those
 //! keys; the gate fails while any is unresolved.
+//! Owns the `failures` table only; a key's cursor move past a skipped key is the chunk's
+//! (`executor::chunk`).
 
 use super::Store;
 use crate::db;

@@ -3,6 +3,7 @@
 //! the run — unless the run was declared gone meanwhile (its ranges may be someone else's now), in
 //! which case the workers are told the run is lost. The same task reads the job's progress over
 //! all runs every second, for this process's progress display and metrics.
+//! Owns the run's lease session and heartbeat; never a chunk's transaction or a range's cursor.
 
 use super::{Store, HEARTBEAT_EVERY};
 use crate::db::Target;
