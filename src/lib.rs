@@ -5,11 +5,12 @@
 //! transaction that runs the statement and advances the job's checkpoint, so a committed chunk is
 //! never re-applied and an interrupted run resumes exactly where it stopped.
 //!
-//! One chunk's path, top to bottom, in four files: [`job`] (`jobs/NAME.toml` → a validated
-//! `JobSpec`, offline) → [`keyset`] (the key checked against the catalog → a `Keyset`) →
-//! `executor::chunk` (a `ChunkPlan` of every statement of a chunk's transaction, built once per
-//! run, and the transaction itself, where the exactly-once rule is stated and enforced) →
-//! `executor::recovery` (what a failed attempt leads to: a pure function).
+//! One chunk's path, top to bottom: `job::spec` (`jobs/NAME.toml` → a validated `JobSpec`,
+//! offline) → [`keyset`] (`catalog`: the key checked against the catalog → a `Keyset`; `walk`:
+//! the bounds query) → `executor::chunk` (a `ChunkPlan` of every statement of a chunk's
+//! transaction, built once per run, and the transaction itself, where the exactly-once rule is
+//! stated and enforced) → `executor::recovery` (what a failed attempt leads to: a pure function)
+//! → `executor::pace` and [`throttle`] (the next chunk's size and when it may start).
 //!
 //! Dependency order, each layer using only those before it (no import circles):
 //! `sql`, `error`, `state`, `backoff`, `out`, `pgtemp` → `job` → `db` → `keyset` → `store` →
