@@ -61,6 +61,13 @@ pub enum Error {
         source: Box<Error>,
         note: String,
     },
+    /// A run stopped at a chunk it could not get through (exit 1): why, where, and where the
+    /// next run resumes, with the database error when there was one.
+    #[error("{0}")]
+    ChunkStopped(Box<ChunkStop>),
+    /// A run gave up waiting for the database while starting (`--reconnect-for`; exit 1).
+    #[error("{0}")]
+    StartGaveUp(Box<StartGaveUp>),
 }
 
 /// What kind of failure an [`Error`] is, whatever context wraps it: decides the exit code.
@@ -80,7 +87,10 @@ impl Error {
             Error::Usage(_) => ErrorKind::Usage,
             Error::NotSatisfied(_) => ErrorKind::NotSatisfied,
             Error::Interrupted(_) => ErrorKind::Interrupted,
-            Error::Runtime(_) | Error::Database(_) => ErrorKind::Runtime,
+            Error::Runtime(_)
+            | Error::Database(_)
+            | Error::ChunkStopped(_)
+            | Error::StartGaveUp(_) => ErrorKind::Runtime,
             Error::Unavailable(_) => ErrorKind::Unavailable,
             Error::Context { source, .. } | Error::Followed { source, .. } => source.kind(),
         }
@@ -103,6 +113,8 @@ impl Error {
     pub fn database(&self) -> Option<&DbError> {
         match self {
             Error::Unavailable(d) | Error::Database(d) => Some(d),
+            Error::ChunkStopped(stop) => stop.cause.database(),
+            Error::StartGaveUp(gave_up) => Some(&gave_up.last),
             Error::Context { source, .. } | Error::Followed { source, .. } => source.database(),
             _ => None,
         }
@@ -257,6 +269,209 @@ impl std::error::Error for DbError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         self.driver_error()
             .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// What a failed chunk attempt failed with: the database's error, kept whole, or a failure of
+/// the engine's own (rendered as its text).
+#[derive(Debug)]
+pub enum ChunkCause {
+    /// A statement of the chunk failed.
+    Database {
+        error: Box<DbError>,
+        /// 0A000 from a statement an earlier transaction prepared: its saved plan went stale
+        /// because the table changed; the connection's statements are prepared again.
+        stale_plan: bool,
+    },
+    /// Not a database error: the walk would not move forward, the statement wrote outside the
+    /// chunk, the range is no longer the run's, no connection from the pool.
+    Engine(String),
+}
+
+impl ChunkCause {
+    /// A driver error, with the class `db` decided for it (no context, no advice: the chunk's
+    /// stop says those).
+    pub fn driver(e: tokio_postgres::Error, class: ErrorClass) -> ChunkCause {
+        ChunkCause::Database {
+            error: Box::new(DbError::driver(e, class)),
+            stale_plan: false,
+        }
+    }
+
+    pub fn database(&self) -> Option<&DbError> {
+        match self {
+            ChunkCause::Database { error, .. } => Some(error),
+            ChunkCause::Engine(_) => None,
+        }
+    }
+
+    /// The SQLSTATE, when the server sent one.
+    pub fn sqlstate(&self) -> Option<&str> {
+        self.database()?.sqlstate.as_ref().map(SqlState::code)
+    }
+}
+
+impl std::fmt::Display for ChunkCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChunkCause::Database {
+                error,
+                stale_plan: true,
+            } => write!(
+                f,
+                "the statement's saved plan is stale, the table changed ({error}); prepared again"
+            ),
+            ChunkCause::Database { error, .. } => write!(f, "{error}"),
+            ChunkCause::Engine(text) => f.write_str(text),
+        }
+    }
+}
+
+/// Why a run stopped at a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The database was unreachable for this long, past `--reconnect-for`.
+    Unreachable { for_: Duration },
+    /// The chunk met lock contention for this long, past the whole budget.
+    ContentionBudget { for_: Duration, budget: Duration },
+    /// The chunk failed this many attempts in a row (`--max-attempts`).
+    Attempts(u32),
+    /// The statement fails at one key, and `on_error = "stop"`.
+    PoisonKey,
+    /// Retrying cannot help.
+    Fatal,
+    /// The walk would not move forward.
+    Stalled,
+}
+
+/// Where the next run resumes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// After the last key this worker committed (as shown).
+    AfterKey(String),
+    /// At the committed cursor of the key range the worker held.
+    AtRangeCursor(i64),
+    /// Nothing is known of the worker's place.
+    WhereItStopped,
+}
+
+impl std::fmt::Display for Resume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Resume::AfterKey(k) => write!(f, "after key {k}"),
+            Resume::AtRangeCursor(id) => write!(f, "at the saved cursor of key range {id}"),
+            Resume::WhereItStopped => f.write_str("where it stopped"),
+        }
+    }
+}
+
+/// A run stopped at a chunk: the job, why, what the chunk was doing, its keys when known, where
+/// the next run resumes, what failed (`source()`: the database error, keeping class and
+/// SQLSTATE) and what to do. Its text is the operator's message.
+#[derive(Debug)]
+pub struct ChunkStop {
+    pub job: String,
+    pub why: StopReason,
+    /// What the chunk was doing ("running the job's statement").
+    pub stage: &'static str,
+    /// The chunk's first and last key (as shown), when known.
+    pub chunk: Option<(String, String)>,
+    pub resume: Resume,
+    pub cause: ChunkCause,
+    /// What to do, for a [`StopReason::Fatal`] stop (from the SQLSTATE); the other reasons say it
+    /// in their own words.
+    pub advice: Option<&'static str>,
+}
+
+impl ChunkStop {
+    /// The chunk's keys ("key K", "keys A..=B"), or where it would have started.
+    fn chunk_keys(&self) -> String {
+        match &self.chunk {
+            Some((a, b)) if a == b => format!("key {a}"),
+            Some((a, b)) => format!("keys {a}..={b}"),
+            None => format!("the chunk {}", self.resume),
+        }
+    }
+}
+
+impl std::fmt::Display for ChunkStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ChunkStop {
+            job: name,
+            stage,
+            resume,
+            cause,
+            ..
+        } = self;
+        let keys = self.chunk_keys();
+        match self.why {
+            StopReason::Unreachable { for_ } => write!(
+                f,
+                "job {name}: the database has been unreachable for {}s (last error while {stage}: {cause}); gave up (--reconnect-for); nothing uncommitted was kept; run `backfill run {name}` again when it is back: it resumes {resume}",
+                for_.as_secs()
+            ),
+            StopReason::ContentionBudget { for_, budget } => write!(
+                f,
+                "job {name}: {keys} kept meeting lock contention for {}s, the whole contention budget ({}; --contention-budget or the job's contention_budget), last while {stage}: {cause}; nothing of this chunk was committed; find the session holding the lock (pg_locks, pg_blocking_pids) or give a longer budget, then run `backfill run {name}` again: it resumes {resume}",
+                for_.as_secs(),
+                humantime::format_duration(budget)
+            ),
+            StopReason::Attempts(attempts) => write!(
+                f,
+                "job {name}: {keys} failed while {stage} (gave up after {attempts} attempts, --max-attempts): {cause}; nothing of this chunk was committed; run `backfill run {name}` again (perhaps with a longer --statement-timeout): it resumes {resume}"
+            ),
+            StopReason::PoisonKey => write!(
+                f,
+                "job {name}: key {} makes the statement fail: {cause}; every key before it is done (on_error = \"stop\"); fix the row or the statement and run again — it resumes at this key — or set on_error = \"skip\" to record such keys and go on",
+                self.chunk.as_ref().map_or("?", |(first, _)| first.as_str())
+            ),
+            StopReason::Fatal => write!(
+                f,
+                "job {name}: {keys} failed while {stage}: {cause}; {}; nothing of this chunk was committed: `backfill run {name}` resumes {resume}",
+                self.advice.unwrap_or("fix the cause, then run again")
+            ),
+            StopReason::Stalled => write!(
+                f,
+                "job {name}: {cause}; nothing of this chunk was committed, and the run stops rather than apply the statement to the same rows again; this is a defect of backfill with this key type: report it with the key's type, or key the job on another unique index"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ChunkStop {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause
+            .database()
+            .map(|d| d as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// A run that gave up waiting for the database while starting: nothing was processed.
+#[derive(Debug)]
+pub struct StartGaveUp {
+    pub job: String,
+    /// How long the database had been unreachable.
+    pub waited: Duration,
+    /// The last error while trying to start.
+    pub last: Box<DbError>,
+}
+
+impl std::fmt::Display for StartGaveUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let StartGaveUp {
+            job: name, last, ..
+        } = self;
+        write!(
+            f,
+            "job {name}: the database has been unreachable for {}s while the run was starting (last error: {last}); gave up (--reconnect-for); nothing was processed by this run: run `backfill run {name}` again when it is back",
+            self.waited.as_secs()
+        )
+    }
+}
+
+impl std::error::Error for StartGaveUp {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.last)
     }
 }
 

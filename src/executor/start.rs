@@ -6,7 +6,7 @@
 use super::recovery::{BACKOFF_BASE, RECONNECT_POLL_MAX};
 use super::{RunOptions, Tally};
 use crate::db::{self, ErrorClass, Target};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, StartGaveUp};
 use crate::events::{Event, Listener};
 use crate::job::JobSpec;
 use crate::keyset::{show_key, KeyValue, Keyset};
@@ -70,10 +70,11 @@ pub(super) async fn start(
             Instant::now()
         });
         if since.elapsed() >= opts.reconnect_for {
-            return Err(Error::Runtime(format!(
-                "job {name}: the database has been unreachable for {}s while the run was starting (last error: {lost}); gave up (--reconnect-for); nothing was processed by this run: run `backfill run {name}` again when it is back",
-                since.elapsed().as_secs()
-            )));
+            return Err(Error::StartGaveUp(Box::new(StartGaveUp {
+                job: name.to_string(),
+                waited: since.elapsed(),
+                last: lost,
+            })));
         }
         events.on(Event::Waiting("waiting for database"));
         // Poll quickly at first (a terminated session reconnects at once), then every 2 s.
