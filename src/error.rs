@@ -622,4 +622,142 @@ mod tests {
         assert_eq!(wrapped.database().map(|d| d.class), Some(ErrorClass::Data));
         assert!(Error::Runtime("r".into()).database().is_none());
     }
+
+    fn stop(why: StopReason, chunk: Option<(&str, &str)>, cause: ChunkCause) -> ChunkStop {
+        ChunkStop {
+            job: "orders".into(),
+            why,
+            stage: "running the job's statement",
+            chunk: chunk.map(|(a, b)| (a.to_string(), b.to_string())),
+            resume: Resume::AfterKey("41".into()),
+            cause,
+            advice: None,
+        }
+    }
+
+    fn boom() -> ChunkCause {
+        ChunkCause::Engine("boom".into())
+    }
+
+    #[test]
+    fn each_reason_a_run_stops_at_a_chunk_renders_its_message() {
+        let fatal = ChunkStop {
+            advice: Some("point --database-url at the primary"),
+            ..stop(StopReason::Fatal, Some(("42", "50")), boom())
+        };
+        let stale = ChunkCause::Database {
+            error: Box::new(no_answer(ErrorClass::Contention)),
+            stale_plan: true,
+        };
+        let cases: [(ChunkStop, &str); 7] = [
+            (
+                stop(
+                    StopReason::Unreachable {
+                        for_: Duration::from_millis(30_900),
+                    },
+                    None,
+                    boom(),
+                ),
+                "job orders: the database has been unreachable for 30s (last error while running the job's statement: boom); gave up (--reconnect-for); nothing uncommitted was kept; run `backfill run orders` again when it is back: it resumes after key 41",
+            ),
+            (
+                stop(
+                    StopReason::ContentionBudget {
+                        for_: Duration::from_secs(61),
+                        budget: Duration::from_secs(60),
+                    },
+                    Some(("42", "50")),
+                    stale,
+                ),
+                "job orders: keys 42..=50 kept meeting lock contention for 61s, the whole contention budget (1m; --contention-budget or the job's contention_budget), last while running the job's statement: the statement's saved plan is stale, the table changed (no answer within 20s); prepared again; nothing of this chunk was committed; find the session holding the lock (pg_locks, pg_blocking_pids) or give a longer budget, then run `backfill run orders` again: it resumes after key 41",
+            ),
+            (
+                stop(StopReason::Attempts(5), Some(("42", "42")), boom()),
+                "job orders: key 42 failed while running the job's statement (gave up after 5 attempts, --max-attempts): boom; nothing of this chunk was committed; run `backfill run orders` again (perhaps with a longer --statement-timeout): it resumes after key 41",
+            ),
+            (
+                stop(StopReason::PoisonKey, Some(("42", "42")), boom()),
+                "job orders: key 42 makes the statement fail: boom; every key before it is done (on_error = \"stop\"); fix the row or the statement and run again — it resumes at this key — or set on_error = \"skip\" to record such keys and go on",
+            ),
+            (
+                fatal,
+                "job orders: keys 42..=50 failed while running the job's statement: boom; point --database-url at the primary; nothing of this chunk was committed: `backfill run orders` resumes after key 41",
+            ),
+            (
+                ChunkStop {
+                    resume: Resume::AtRangeCursor(3),
+                    ..stop(StopReason::Fatal, None, boom())
+                },
+                "job orders: the chunk at the saved cursor of key range 3 failed while running the job's statement: boom; fix the cause, then run again; nothing of this chunk was committed: `backfill run orders` resumes at the saved cursor of key range 3",
+            ),
+            (
+                ChunkStop {
+                    resume: Resume::WhereItStopped,
+                    ..stop(StopReason::Stalled, None, ChunkCause::Engine("the walk is stuck".into()))
+                },
+                "job orders: the walk is stuck; nothing of this chunk was committed, and the run stops rather than apply the statement to the same rows again; this is a defect of backfill with this key type: report it with the key's type, or key the job on another unique index",
+            ),
+        ];
+        for (stop, text) in cases {
+            assert_eq!(stop.to_string(), text);
+            let e = Error::ChunkStopped(Box::new(stop));
+            assert_eq!(e.to_string(), text);
+            assert_eq!(e.kind(), ErrorKind::Runtime);
+            assert_eq!(e.exit_code(), exit::FAILURE);
+        }
+    }
+
+    #[test]
+    fn a_chunk_stop_keeps_the_database_error_its_class_and_sqlstate() {
+        let cause = ChunkCause::Database {
+            error: Box::new(no_answer(ErrorClass::Contention)),
+            stale_plan: false,
+        };
+        assert_eq!(cause.sqlstate(), Some("55P03"));
+        let e = Error::ChunkStopped(Box::new(stop(StopReason::Attempts(2), None, cause)))
+            .context("outer");
+        assert_eq!(e.exit_code(), exit::FAILURE);
+        let d = e.database().expect("the database error survives");
+        assert_eq!(d.class, ErrorClass::Contention);
+        assert_eq!(d.sqlstate, Some(SqlState::LOCK_NOT_AVAILABLE));
+        let Error::Context { source, .. } = &e else {
+            panic!("{e:?}")
+        };
+        let Error::ChunkStopped(stop) = &**source else {
+            panic!("{source:?}")
+        };
+        let inner = std::error::Error::source(&**stop).expect("a source");
+        let inner = inner.downcast_ref::<DbError>().expect("the DbError");
+        assert_eq!(inner.sqlstate, Some(SqlState::LOCK_NOT_AVAILABLE));
+        let engine = Error::ChunkStopped(Box::new(stop_engine()));
+        assert!(engine.database().is_none());
+        assert!(std::error::Error::source(&stop_engine()).is_none());
+    }
+
+    fn stop_engine() -> ChunkStop {
+        stop(StopReason::Stalled, None, boom())
+    }
+
+    #[test]
+    fn a_start_up_that_gave_up_renders_its_message_and_keeps_the_last_error() {
+        let e = Error::StartGaveUp(Box::new(StartGaveUp {
+            job: "orders".into(),
+            waited: Duration::from_millis(10_400),
+            last: Box::new(no_answer(ErrorClass::Connection).with_context("cannot connect to h")),
+        }));
+        assert_eq!(
+            e.to_string(),
+            "job orders: the database has been unreachable for 10s while the run was starting (last error: cannot connect to h: no answer within 20s); gave up (--reconnect-for); nothing was processed by this run: run `backfill run orders` again when it is back"
+        );
+        assert_eq!(e.kind(), ErrorKind::Runtime);
+        assert_eq!(e.exit_code(), exit::FAILURE);
+        let d = e.database().expect("the last error");
+        assert_eq!(d.class, ErrorClass::Connection);
+        assert_eq!(d.sqlstate, Some(SqlState::LOCK_NOT_AVAILABLE));
+        let Error::StartGaveUp(gave_up) = &e else {
+            panic!("{e:?}")
+        };
+        let source = std::error::Error::source(&**gave_up).expect("a source");
+        assert!(source.downcast_ref::<DbError>().is_some());
+    }
 }
