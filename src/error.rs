@@ -68,6 +68,10 @@ pub enum Error {
     /// A run gave up waiting for the database while starting (`--reconnect-for`; exit 1).
     #[error("{0}")]
     StartGaveUp(Box<StartGaveUp>),
+    /// A run stopped (signal or `backfill cancel`) while the database was unreachable, so that
+    /// its end could not be recorded (exit 130: its committed chunks are saved).
+    #[error("{0}")]
+    StoppedUnrecorded(Box<StoppedUnrecorded>),
 }
 
 /// What kind of failure an [`Error`] is, whatever context wraps it: decides the exit code.
@@ -86,7 +90,7 @@ impl Error {
         match self {
             Error::Usage(_) => ErrorKind::Usage,
             Error::NotSatisfied(_) => ErrorKind::NotSatisfied,
-            Error::Interrupted(_) => ErrorKind::Interrupted,
+            Error::Interrupted(_) | Error::StoppedUnrecorded(_) => ErrorKind::Interrupted,
             Error::Runtime(_)
             | Error::Database(_)
             | Error::ChunkStopped(_)
@@ -115,6 +119,7 @@ impl Error {
             Error::Unavailable(d) | Error::Database(d) => Some(d),
             Error::ChunkStopped(stop) => stop.cause.database(),
             Error::StartGaveUp(gave_up) => Some(&gave_up.last),
+            Error::StoppedUnrecorded(stop) => stop.why.database(),
             Error::Context { source, .. } | Error::Followed { source, .. } => source.database(),
             _ => None,
         }
@@ -475,6 +480,64 @@ impl std::error::Error for StartGaveUp {
     }
 }
 
+/// Where the next run goes on after a run stopped unrecorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NextRun {
+    /// Several key ranges: each after its own last committed key.
+    EachRange,
+    /// After this key (as shown).
+    AfterKey(String),
+    /// Nothing was committed yet.
+    FirstKey,
+}
+
+impl std::fmt::Display for NextRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NextRun::EachRange => {
+                f.write_str("resumes each key range after its last committed key")
+            }
+            NextRun::AfterKey(k) => write!(f, "resumes after key {k}"),
+            NextRun::FirstKey => f.write_str("starts at the first key"),
+        }
+    }
+}
+
+/// A run stopped while the database was unreachable: every chunk it committed is saved with its
+/// checkpoint, but its end could not be recorded (`why`), so the next run finds it gone.
+#[derive(Debug)]
+pub struct StoppedUnrecorded {
+    pub job: String,
+    /// Keys and chunks this run committed.
+    pub rows: i64,
+    pub chunks: i64,
+    pub next: NextRun,
+    /// Why the end could not be recorded.
+    pub why: Error,
+}
+
+impl std::fmt::Display for StoppedUnrecorded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let StoppedUnrecorded {
+            job: name,
+            rows,
+            chunks,
+            next,
+            why,
+        } = self;
+        write!(
+            f,
+            "{name}: stopped while the database is unreachable: {rows} rows in {chunks} chunks this run, each committed with its checkpoint; the stop itself could not be recorded ({why}), so the run will show as abandoned; `backfill run {name}` {next} once the database is back"
+        )
+    }
+}
+
+impl std::error::Error for StoppedUnrecorded {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.why)
+    }
+}
+
 /// A one-line description of a driver error: SQLSTATE, message, and the server's detail, hint
 /// and where; or the client's error with its causes.
 pub fn describe(e: &tokio_postgres::Error) -> String {
@@ -759,5 +822,38 @@ mod tests {
         };
         let source = std::error::Error::source(&**gave_up).expect("a source");
         assert!(source.downcast_ref::<DbError>().is_some());
+    }
+
+    #[test]
+    fn a_stop_that_could_not_be_recorded_renders_each_resume_and_exits_130() {
+        let why = || {
+            no_answer(ErrorClass::Connection)
+                .with_context("cannot connect to h")
+                .into_error()
+        };
+        let cases: [(NextRun, &str); 3] = [
+            (
+                NextRun::EachRange,
+                "resumes each key range after its last committed key",
+            ),
+            (NextRun::AfterKey("7".into()), "resumes after key 7"),
+            (NextRun::FirstKey, "starts at the first key"),
+        ];
+        for (next, resume) in cases {
+            let e = Error::StoppedUnrecorded(Box::new(StoppedUnrecorded {
+                job: "orders".into(),
+                rows: 300,
+                chunks: 3,
+                next,
+                why: why(),
+            }));
+            assert_eq!(
+                e.to_string(),
+                format!("orders: stopped while the database is unreachable: 300 rows in 3 chunks this run, each committed with its checkpoint; the stop itself could not be recorded (cannot connect to h: no answer within 20s), so the run will show as abandoned; `backfill run orders` {resume} once the database is back")
+            );
+            assert_eq!(e.kind(), ErrorKind::Interrupted);
+            assert_eq!(e.exit_code(), exit::INTERRUPTED);
+            assert_eq!(e.database().map(|d| d.class), Some(ErrorClass::Connection));
+        }
     }
 }
