@@ -278,7 +278,7 @@ impl std::error::Error for DbError {
 }
 
 /// What a failed chunk attempt failed with: the database's error, kept whole, or a failure of
-/// the engine's own (rendered as its text).
+/// the engine's own.
 #[derive(Debug)]
 pub enum ChunkCause {
     /// A statement of the chunk failed.
@@ -288,9 +288,55 @@ pub enum ChunkCause {
         /// because the table changed; the connection's statements are prepared again.
         stale_plan: bool,
     },
-    /// Not a database error: the walk would not move forward, the statement wrote outside the
-    /// chunk, the range is no longer the run's, no connection from the pool.
-    Engine(String),
+    /// The key range is no longer the run's (its runner was declared gone, the range taken).
+    RangeLost,
+    /// The walk would not move forward (the keyset's description of why).
+    Stalled(String),
+    /// The job's statement wrote rows of its table outside the chunk's bounds.
+    WroteOutside(Box<WroteOutside>),
+    /// No connection from the run's pool, for a reason of the pool's own (a timeout, a closed
+    /// pool; a server's refusal is [`ChunkCause::Database`]).
+    Pool(String),
+}
+
+/// A chunk whose statement wrote more rows of the job's table than the chunk's bounds hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WroteOutside {
+    pub job: String,
+    pub table: String,
+    /// The key columns as a `WHERE` would name them: `id`, `(tenant_id, id)`.
+    pub key: String,
+    /// Rows of the job's table the statement wrote.
+    pub written: i64,
+    /// Keys in the chunk when its bounds were found (rows, for the page walk).
+    pub keys: i64,
+    /// The chunk is a range of pages (`ctid`), not of keys.
+    pub pages: bool,
+    /// Rows in the chunk's bounds after the statement.
+    pub now: i64,
+}
+
+impl std::fmt::Display for WroteOutside {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let WroteOutside {
+            job,
+            table,
+            key,
+            written,
+            keys,
+            pages,
+            now,
+        } = self;
+        let held = if *pages {
+            format!("the chunk's pages held {keys} rows")
+        } else {
+            format!("the chunk holds {keys} keys")
+        };
+        write!(
+            f,
+            "the statement wrote {written} rows of {table}, but {held} ({now} rows are in its bounds now): it writes rows outside :start..:end, so every chunk would rewrite rows of other chunks. Restrict every row it changes to the chunk, e.g. `WHERE {key} BETWEEN :start AND :end` (`backfill plan {job}` shows what a chunk writes); a trigger on {table} that writes other rows of it has the same effect"
+        )
+    }
 }
 
 impl ChunkCause {
@@ -306,7 +352,10 @@ impl ChunkCause {
     pub fn database(&self) -> Option<&DbError> {
         match self {
             ChunkCause::Database { error, .. } => Some(error),
-            ChunkCause::Engine(_) => None,
+            ChunkCause::RangeLost
+            | ChunkCause::Stalled(_)
+            | ChunkCause::WroteOutside(_)
+            | ChunkCause::Pool(_) => None,
         }
     }
 
@@ -327,7 +376,9 @@ impl std::fmt::Display for ChunkCause {
                 "the statement's saved plan is stale, the table changed ({error}); prepared again"
             ),
             ChunkCause::Database { error, .. } => write!(f, "{error}"),
-            ChunkCause::Engine(text) => f.write_str(text),
+            ChunkCause::RangeLost => f.write_str("the key range is no longer this run's"),
+            ChunkCause::Stalled(why) | ChunkCause::Pool(why) => f.write_str(why),
+            ChunkCause::WroteOutside(w) => write!(f, "{w}"),
         }
     }
 }
@@ -699,7 +750,7 @@ mod tests {
     }
 
     fn boom() -> ChunkCause {
-        ChunkCause::Engine("boom".into())
+        ChunkCause::Pool("boom".into())
     }
 
     #[test]
@@ -756,7 +807,7 @@ mod tests {
             (
                 ChunkStop {
                     resume: Resume::WhereItStopped,
-                    ..stop(StopReason::Stalled, None, ChunkCause::Engine("the walk is stuck".into()))
+                    ..stop(StopReason::Stalled, None, ChunkCause::Stalled("the walk is stuck".into()))
                 },
                 "job orders: the walk is stuck; nothing of this chunk was committed, and the run stops rather than apply the statement to the same rows again; this is a defect of backfill with this key type: report it with the key's type, or key the job on another unique index",
             ),
@@ -855,5 +906,37 @@ mod tests {
             assert_eq!(e.exit_code(), exit::INTERRUPTED);
             assert_eq!(e.database().map(|d| d.class), Some(ErrorClass::Connection));
         }
+    }
+
+    #[test]
+    fn a_statement_writing_outside_its_chunk_names_the_table_key_and_counts() {
+        let wrote = |key: &str, pages: bool| WroteOutside {
+            job: "orders".into(),
+            table: "public.orders".into(),
+            key: key.into(),
+            written: 30,
+            keys: 10,
+            pages,
+            now: 10,
+        };
+        let cases: [(WroteOutside, &str); 2] = [
+            (
+                wrote("id", false),
+                "the statement wrote 30 rows of public.orders, but the chunk holds 10 keys (10 rows are in its bounds now): it writes rows outside :start..:end, so every chunk would rewrite rows of other chunks. Restrict every row it changes to the chunk, e.g. `WHERE id BETWEEN :start AND :end` (`backfill plan orders` shows what a chunk writes); a trigger on public.orders that writes other rows of it has the same effect",
+            ),
+            (
+                wrote("(tenant, id)", true),
+                "the statement wrote 30 rows of public.orders, but the chunk's pages held 10 rows (10 rows are in its bounds now): it writes rows outside :start..:end, so every chunk would rewrite rows of other chunks. Restrict every row it changes to the chunk, e.g. `WHERE (tenant, id) BETWEEN :start AND :end` (`backfill plan orders` shows what a chunk writes); a trigger on public.orders that writes other rows of it has the same effect",
+            ),
+        ];
+        for (w, text) in cases {
+            let cause = ChunkCause::WroteOutside(Box::new(w));
+            assert_eq!(cause.to_string(), text);
+            assert!(cause.database().is_none() && cause.sqlstate().is_none());
+        }
+        assert_eq!(
+            ChunkCause::RangeLost.to_string(),
+            "the key range is no longer this run's"
+        );
     }
 }

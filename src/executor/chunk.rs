@@ -17,7 +17,7 @@
 
 use super::recovery::Problem;
 use crate::db::{self, ErrorClass, Limit, Target, Timeouts};
-use crate::error::ChunkCause;
+use crate::error::{ChunkCause, WroteOutside};
 use crate::job::JobSpec;
 use crate::keyset::{self, ChunkBounds, KeyValue, Keyset, NextChunkError};
 use crate::signals::Shutdown;
@@ -180,7 +180,7 @@ impl Failure {
     fn lost(stage: &'static str) -> Self {
         Failure {
             problem: Problem::Lost,
-            cause: ChunkCause::Engine("the key range is no longer this run's".into()),
+            cause: ChunkCause::RangeLost,
             stage,
             range: None,
             keys: None,
@@ -191,7 +191,7 @@ impl Failure {
     fn stalled(stall: &keyset::Stall) -> Self {
         Failure {
             problem: Problem::Stalled,
-            cause: ChunkCause::Engine(stall.to_string()),
+            cause: ChunkCause::Stalled(stall.to_string()),
             stage: "finding the chunk bounds",
             range: None,
             keys: None,
@@ -497,21 +497,21 @@ async fn outside_the_chunk(
     if written <= now {
         return Ok(());
     }
-    let (job, table) = (&plan.job.name, &plan.job.table);
     let key = match plan.job.key.as_slice() {
         [one] => one.clone(),
         many => format!("({})", many.join(", ")),
     };
-    let held = if plan.keyset.is_ctid() {
-        format!("the chunk's pages held {keys} rows")
-    } else {
-        format!("the chunk holds {keys} keys")
-    };
     Err(Failure {
         problem: Problem::Db(ErrorClass::Fatal),
-        cause: ChunkCause::Engine(format!(
-            "the statement wrote {written} rows of {table}, but {held} ({now} rows are in its bounds now): it writes rows outside :start..:end, so every chunk would rewrite rows of other chunks. Restrict every row it changes to the chunk, e.g. `WHERE {key} BETWEEN :start AND :end` (`backfill plan {job}` shows what a chunk writes); a trigger on {table} that writes other rows of it has the same effect"
-        )),
+        cause: ChunkCause::WroteOutside(Box::new(WroteOutside {
+            job: plan.job.name.clone(),
+            table: plan.job.table.to_string(),
+            key,
+            written,
+            keys,
+            pages: plan.keyset.is_ctid(),
+            now,
+        })),
         stage: "checking which rows the statement wrote",
         range: Some((chunk.0.clone(), chunk.1.clone())),
         keys: Some(keys),

@@ -181,7 +181,7 @@ impl<'s, 'a> Worker<'s, 'a> {
                     deadpool_postgres::PoolError::Backend(e) => {
                         ChunkCause::driver(e, ErrorClass::Connection)
                     }
-                    other => ChunkCause::Engine(other.to_string()),
+                    other => ChunkCause::Pool(other.to_string()),
                 },
                 stage: "connecting",
                 range: None,
