@@ -1,6 +1,9 @@
 //! The engine's error type, the exit code each kind of failure maps to, and the database error
 //! that keeps its class, SQLSTATE, driver error and context instead of flattening them into text.
 //!
+//! The errors a run stops with (at a chunk, giving up while starting, stopped unrecorded) are
+//! values with fields, in `error/stop.rs`, re-exported here.
+//!
 //! Every message is written for an operator: lowercase, naming the job, file, key range or SQLSTATE
 //! involved, and saying what to do next. Exit codes are part of the public contract (README).
 //!
@@ -12,6 +15,12 @@ use std::borrow::Cow;
 use std::process::ExitCode;
 use std::time::Duration;
 use tokio_postgres::error::SqlState;
+
+mod stop;
+pub use stop::{
+    ChunkCause, ChunkStop, NextRun, Resume, StartGaveUp, StopReason, StoppedUnrecorded,
+    WroteOutside,
+};
 
 /// Documented exit codes.
 pub mod exit {
@@ -61,6 +70,17 @@ pub enum Error {
         source: Box<Error>,
         note: String,
     },
+    /// A run stopped at a chunk it could not get through (exit 1): why, where, and where the
+    /// next run resumes, with the database error when there was one.
+    #[error("{0}")]
+    ChunkStopped(Box<ChunkStop>),
+    /// A run gave up waiting for the database while starting (`--reconnect-for`; exit 1).
+    #[error("{0}")]
+    StartGaveUp(Box<StartGaveUp>),
+    /// A run stopped (signal or `backfill cancel`) while the database was unreachable, so that
+    /// its end could not be recorded (exit 130: its committed chunks are saved).
+    #[error("{0}")]
+    StoppedUnrecorded(Box<StoppedUnrecorded>),
 }
 
 /// What kind of failure an [`Error`] is, whatever context wraps it: decides the exit code.
@@ -79,8 +99,11 @@ impl Error {
         match self {
             Error::Usage(_) => ErrorKind::Usage,
             Error::NotSatisfied(_) => ErrorKind::NotSatisfied,
-            Error::Interrupted(_) => ErrorKind::Interrupted,
-            Error::Runtime(_) | Error::Database(_) => ErrorKind::Runtime,
+            Error::Interrupted(_) | Error::StoppedUnrecorded(_) => ErrorKind::Interrupted,
+            Error::Runtime(_)
+            | Error::Database(_)
+            | Error::ChunkStopped(_)
+            | Error::StartGaveUp(_) => ErrorKind::Runtime,
             Error::Unavailable(_) => ErrorKind::Unavailable,
             Error::Context { source, .. } | Error::Followed { source, .. } => source.kind(),
         }
@@ -103,6 +126,9 @@ impl Error {
     pub fn database(&self) -> Option<&DbError> {
         match self {
             Error::Unavailable(d) | Error::Database(d) => Some(d),
+            Error::ChunkStopped(stop) => stop.cause.database(),
+            Error::StartGaveUp(gave_up) => Some(&gave_up.last),
+            Error::StoppedUnrecorded(stop) => stop.why.database(),
             Error::Context { source, .. } | Error::Followed { source, .. } => source.database(),
             _ => None,
         }

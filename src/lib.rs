@@ -19,7 +19,8 @@
 //!
 //! - [`sql`]: identifier quoting, table names, the one SQL tokenizer, the `:start`/`:end` template.
 //! - [`error`]: the error type (kind → exit code; a database error keeps its class, SQLSTATE,
-//!   driver error and context). [`state`]: job states, phases, run outcomes and step states as
+//!   driver error and context; a run's stop at a chunk or at start-up is a value with fields, its
+//!   database error kept). [`state`]: job states, phases, run outcomes and step states as
 //!   enums, their SQL text, and every decision on them. [`backoff`]: the one retry backoff.
 //! - [`job`]: job files, parsed and validated offline. [`db`]: connections, TLS, SQLSTATE
 //!   classes, the one place timeouts are set. [`keyset`]: keys, the catalog checks, the one

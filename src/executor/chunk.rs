@@ -17,7 +17,7 @@
 
 use super::recovery::Problem;
 use crate::db::{self, ErrorClass, Limit, Target, Timeouts};
-use crate::error::Error;
+use crate::error::{ChunkCause, WroteOutside};
 use crate::job::JobSpec;
 use crate::keyset::{self, ChunkBounds, KeyValue, Keyset, NextChunkError};
 use crate::signals::Shutdown;
@@ -167,8 +167,9 @@ pub(super) struct ChunkDone {
 /// A failed attempt at a chunk, with what is known of where it failed.
 pub(super) struct Failure {
     pub problem: Problem,
-    pub sqlstate: Option<String>,
-    pub text: String,
+    /// What failed: the database error itself (its SQLSTATE and class read from it), or the
+    /// engine's own reason.
+    pub cause: ChunkCause,
     pub stage: &'static str,
     pub range: Option<(KeyValue, KeyValue)>,
     pub keys: Option<i64>,
@@ -179,8 +180,7 @@ impl Failure {
     fn lost(stage: &'static str) -> Self {
         Failure {
             problem: Problem::Lost,
-            sqlstate: None,
-            text: "the key range is no longer this run's".into(),
+            cause: ChunkCause::RangeLost,
             stage,
             range: None,
             keys: None,
@@ -191,8 +191,7 @@ impl Failure {
     fn stalled(stall: &keyset::Stall) -> Self {
         Failure {
             problem: Problem::Stalled,
-            sqlstate: None,
-            text: stall.to_string(),
+            cause: ChunkCause::Stalled(stall.to_string()),
             stage: "finding the chunk bounds",
             range: None,
             keys: None,
@@ -206,14 +205,16 @@ impl Failure {
             Problem::Stalled | Problem::Lost => None,
         }
     }
-}
 
-/// The run's end when its walk would not move forward (`stall` says how): fatal, since the same
-/// bounds would come back and the statement would be applied to the same rows again.
-pub(super) fn stalled(name: &str, stall: &str) -> Error {
-    Error::Runtime(format!(
-        "job {name}: {stall}; nothing of this chunk was committed, and the run stops rather than apply the statement to the same rows again; this is a defect of backfill with this key type: report it with the key's type, or key the job on another unique index"
-    ))
+    /// The SQLSTATE, when the server sent one.
+    pub fn sqlstate(&self) -> Option<&str> {
+        self.cause.sqlstate()
+    }
+
+    /// The failure as the operator reads it.
+    pub fn text(&self) -> String {
+        self.cause.to_string()
+    }
 }
 
 /// Turns a database error at `stage` of a chunk into a [`Failure`] naming the key range.
@@ -222,13 +223,15 @@ pub(super) fn failed(
     chunk: Option<&(KeyValue, KeyValue, i64)>,
 ) -> impl FnOnce(tokio_postgres::Error) -> Failure {
     let chunk = chunk.cloned();
-    move |e| Failure {
-        problem: Problem::Db(db::classify(&e)),
-        sqlstate: db::sqlstate(&e).map(str::to_string),
-        text: db::describe(&e),
-        stage,
-        keys: chunk.as_ref().map(|c| c.2),
-        range: chunk.map(|(a, b, _)| (a, b)),
+    move |e| {
+        let class = db::classify(&e);
+        Failure {
+            problem: Problem::Db(class),
+            cause: ChunkCause::driver(e, class),
+            stage,
+            keys: chunk.as_ref().map(|c| c.2),
+            range: chunk.map(|(a, b, _)| (a, b)),
+        }
     }
 }
 
@@ -264,10 +267,10 @@ fn failed_cached(
         if stale {
             cache.clear();
             error.problem = Problem::Db(ErrorClass::Contention);
-            error.text = format!(
-                "the statement's saved plan is stale, the table changed ({}); prepared again",
-                error.text
-            );
+            if let ChunkCause::Database { error, stale_plan } = &mut error.cause {
+                error.class = ErrorClass::Contention;
+                *stale_plan = true;
+            }
         }
         error
     }
@@ -494,22 +497,21 @@ async fn outside_the_chunk(
     if written <= now {
         return Ok(());
     }
-    let (job, table) = (&plan.job.name, &plan.job.table);
     let key = match plan.job.key.as_slice() {
         [one] => one.clone(),
         many => format!("({})", many.join(", ")),
     };
-    let held = if plan.keyset.is_ctid() {
-        format!("the chunk's pages held {keys} rows")
-    } else {
-        format!("the chunk holds {keys} keys")
-    };
     Err(Failure {
         problem: Problem::Db(ErrorClass::Fatal),
-        sqlstate: None,
-        text: format!(
-            "the statement wrote {written} rows of {table}, but {held} ({now} rows are in its bounds now): it writes rows outside :start..:end, so every chunk would rewrite rows of other chunks. Restrict every row it changes to the chunk, e.g. `WHERE {key} BETWEEN :start AND :end` (`backfill plan {job}` shows what a chunk writes); a trigger on {table} that writes other rows of it has the same effect"
-        ),
+        cause: ChunkCause::WroteOutside(Box::new(WroteOutside {
+            job: plan.job.name.clone(),
+            table: plan.job.table.to_string(),
+            key,
+            written,
+            keys,
+            pages: plan.keyset.is_ctid(),
+            now,
+        })),
         stage: "checking which rows the statement wrote",
         range: Some((chunk.0.clone(), chunk.1.clone())),
         keys: Some(keys),

@@ -248,7 +248,7 @@ async fn record_end(
                 if let Ok(LoopEnd::Stopped | LoopEnd::Cancelled) = result {
                     events.on(Event::RunEnded(JobState::Stopped));
                     return Err(stopped_unrecorded(
-                        cx.job, &e, &tally, checkpoint, cx.workers,
+                        cx.job, e, &tally, checkpoint, cx.workers,
                     ));
                 }
                 // A run that failed (e.g. gave up waiting for the database) says why and where the

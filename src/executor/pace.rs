@@ -227,7 +227,7 @@ impl Worker<'_, '_> {
             shared.emit(Event::Contended {
                 chunk: where_,
                 stage: f.stage,
-                error: &f.text,
+                error: &f.text(),
                 so_far: spent,
                 delay,
                 budget,

@@ -6,7 +6,7 @@
 use super::recovery::{BACKOFF_BASE, RECONNECT_POLL_MAX};
 use super::{RunOptions, Tally};
 use crate::db::{self, ErrorClass, Target};
-use crate::error::{Error, Result};
+use crate::error::{Error, NextRun, Result, StartGaveUp, StoppedUnrecorded};
 use crate::events::{Event, Listener};
 use crate::job::JobSpec;
 use crate::keyset::{show_key, KeyValue, Keyset};
@@ -70,10 +70,11 @@ pub(super) async fn start(
             Instant::now()
         });
         if since.elapsed() >= opts.reconnect_for {
-            return Err(Error::Runtime(format!(
-                "job {name}: the database has been unreachable for {}s while the run was starting (last error: {lost}); gave up (--reconnect-for); nothing was processed by this run: run `backfill run {name}` again when it is back",
-                since.elapsed().as_secs()
-            )));
+            return Err(Error::StartGaveUp(Box::new(StartGaveUp {
+                job: name.to_string(),
+                waited: since.elapsed(),
+                last: lost,
+            })));
         }
         events.on(Event::Waiting("waiting for database"));
         // Poll quickly at first (a terminated session reconnects at once), then every 2 s.
@@ -278,23 +279,23 @@ pub(super) async fn connect_patiently(
 /// the next run finds it gone (history: `abandoned`) and takes over at once.
 pub(super) fn stopped_unrecorded(
     job: &JobSpec,
-    why: &Error,
+    why: Error,
     tally: &Tally,
     at_start: &store::Checkpoint,
     workers: u32,
 ) -> Error {
-    let name = &job.name;
-    let resume = match (&tally.last, &at_start.cursor) {
-        _ if workers > 1 || at_start.ranges.len() > 1 => {
-            "resumes each key range after its last committed key".to_string()
-        }
-        (Some(k), _) | (None, Some(k)) => format!("resumes after key {}", show_key(k)),
-        (None, None) => "starts at the first key".to_string(),
+    let next = match (&tally.last, &at_start.cursor) {
+        _ if workers > 1 || at_start.ranges.len() > 1 => NextRun::EachRange,
+        (Some(k), _) | (None, Some(k)) => NextRun::AfterKey(show_key(k)),
+        (None, None) => NextRun::FirstKey,
     };
-    Error::Interrupted(format!(
-        "{name}: stopped while the database is unreachable: {} rows in {} chunks this run, each committed with its checkpoint; the stop itself could not be recorded ({why}), so the run will show as abandoned; `backfill run {name}` {resume} once the database is back",
-        tally.rows, tally.chunks
-    ))
+    Error::StoppedUnrecorded(Box::new(StoppedUnrecorded {
+        job: job.name.clone(),
+        rows: tally.rows,
+        chunks: tally.chunks,
+        next,
+        why,
+    }))
 }
 
 /// How long the exact count of a job's rows may take before an estimate is used instead.

@@ -2,11 +2,11 @@
 //! what committed, and carry out the recovery policy's action after a failure (`recovery`). Must
 //! not build or send a chunk's statements itself, nor decide what a failure means.
 
-use super::chunk::{self, cancellable, failed, stalled, ChunkDone, Failure, Step};
+use super::chunk::{self, cancellable, failed, ChunkDone, Failure, Step};
 use super::recovery::{self, Action, Problem, Situation, Span, Stop, RETRY_BACKOFF};
 use super::{LoopEnd, Shared, Tally};
 use crate::db::{self, ErrorClass};
-use crate::error::{Error, Result};
+use crate::error::{ChunkCause, ChunkStop, Error, Result, Resume, StopReason};
 use crate::events::Event;
 use crate::keyset::{show_key, KeyValue};
 use crate::store::{self, Acquired, Poison, RangeLease, Splitter};
@@ -162,9 +162,7 @@ impl<'s, 'a> Worker<'s, 'a> {
                     self.shared.range_finished.notify_waiters();
                 }
                 Err(f) => {
-                    if self.shared.shutdown.cancel_requested()
-                        && f.sqlstate.as_deref() == Some("57014")
-                    {
+                    if self.shared.shutdown.cancel_requested() && f.sqlstate() == Some("57014") {
                         return Ok(LoopEnd::Stopped);
                     }
                     self.recover(f).await?;
@@ -179,13 +177,11 @@ impl<'s, 'a> Worker<'s, 'a> {
             self.conn = None;
             let conn = self.shared.pool.get().await.map_err(|e| Failure {
                 problem: Problem::Db(ErrorClass::Connection),
-                sqlstate: match &e {
-                    deadpool_postgres::PoolError::Backend(e) => db::sqlstate(e).map(str::to_string),
-                    _ => None,
-                },
-                text: match &e {
-                    deadpool_postgres::PoolError::Backend(e) => db::describe(e),
-                    other => other.to_string(),
+                cause: match e {
+                    deadpool_postgres::PoolError::Backend(e) => {
+                        ChunkCause::driver(e, ErrorClass::Connection)
+                    }
+                    other => ChunkCause::Pool(other.to_string()),
                 },
                 stage: "connecting",
                 range: None,
@@ -309,16 +305,17 @@ impl<'s, 'a> Worker<'s, 'a> {
     /// Ok to try again, Err to stop the run.
     pub(super) async fn recover(&mut self, f: Failure) -> Result<()> {
         let shared = self.shared;
-        let resume_at = match (&self.range, &self.cursor) {
-            (_, Some(c)) => format!("after key {}", show_key(c)),
-            (Some(r), None) => format!("at the saved cursor of key range {}", r.id),
-            (None, None) => "where it stopped".into(),
+        let resume = match (&self.range, &self.cursor) {
+            (_, Some(c)) => Resume::AfterKey(show_key(c)),
+            (Some(r), None) => Resume::AtRangeCursor(r.id.into()),
+            (None, None) => Resume::WhereItStopped,
         };
         let where_ = match &f.range {
             Some((a, b)) if a == b => format!("key {}", show_key(a)),
             Some((a, b)) => format!("keys {}..={}", show_key(a), show_key(b)),
-            None => format!("the chunk {resume_at}"),
+            None => format!("the chunk {resume}"),
         };
+        let text = f.text();
         if let Some(class) = f.class().filter(|c| *c != ErrorClass::Fatal) {
             shared.emit(Event::AttemptFailed {
                 class: class.label(),
@@ -330,7 +327,7 @@ impl<'s, 'a> Worker<'s, 'a> {
             Action::LetGo => {
                 shared.emit(Event::LostWhileStopping {
                     stage: f.stage,
-                    error: &f.text,
+                    error: &text,
                 });
                 self.conn = None;
                 Ok(())
@@ -340,7 +337,7 @@ impl<'s, 'a> Worker<'s, 'a> {
                     self.outage = Some(Instant::now());
                     shared.emit(Event::DatabaseLost {
                         stage: f.stage,
-                        error: &f.text,
+                        error: &text,
                         patience: shared.opts.reconnect_for,
                     });
                 }
@@ -360,7 +357,7 @@ impl<'s, 'a> Worker<'s, 'a> {
                 shared.emit(Event::Narrowed {
                     chunk: &where_,
                     stage: f.stage,
-                    error: &f.text,
+                    error: &text,
                     size: self.limit,
                 });
                 Ok(())
@@ -381,7 +378,7 @@ impl<'s, 'a> Worker<'s, 'a> {
                 shared.emit(Event::Retrying {
                     chunk: &where_,
                     stage: f.stage,
-                    error: &f.text,
+                    error: &text,
                     delay,
                     attempt,
                     max_attempts: shared.opts.max_attempts,
@@ -401,67 +398,52 @@ impl<'s, 'a> Worker<'s, 'a> {
                         time: c.unbooked.elapsed(),
                     });
                 }
-                Err(self.stop_error(stop, &f, &where_, &resume_at))
+                Err(self.stop_error(stop, f, resume))
             }
         }
     }
 
     /// The error a run ends with, saying where the next run resumes.
-    pub(super) fn stop_error(
-        &self,
-        stop: Stop,
-        f: &Failure,
-        where_: &str,
-        resume_at: &str,
-    ) -> Error {
-        let name = self.name();
-        match stop {
-            Stop::Lost => store::lost(name),
-            Stop::Stalled => stalled(name, &f.text),
-            Stop::Unreachable => Error::Runtime(format!(
-                "job {name}: the database has been unreachable for {}s (last error while {}: {}); gave up (--reconnect-for); nothing uncommitted was kept; run `backfill run {name}` again when it is back: it resumes {resume_at}",
-                self.outage.map(|since| since.elapsed()).unwrap_or_default().as_secs(),
-                f.stage,
-                f.text
-            )),
-            Stop::ContentionBudget => {
-                let budget = self.shared.contention_budget();
-                Error::Runtime(format!(
-                    "job {name}: {where_} kept meeting lock contention for {}s, the whole contention budget ({}; --contention-budget or the job's contention_budget), last while {}: {}; nothing of this chunk was committed; find the session holding the lock (pg_locks, pg_blocking_pids) or give a longer budget, then run `backfill run {name}` again: it resumes {resume_at}",
-                    self.contention.as_ref().map(|c| c.since.elapsed()).unwrap_or_default().as_secs(),
-                    humantime::format_duration(budget),
-                    f.stage,
-                    f.text
-                ))
-            }
-            Stop::Attempts(attempts) => Error::Runtime(format!(
-                "job {name}: {where_} failed while {} (gave up after {attempts} attempts, --max-attempts): {}; nothing of this chunk was committed; run `backfill run {name}` again (perhaps with a longer --statement-timeout): it resumes {resume_at}",
-                f.stage, f.text
-            )),
+    pub(super) fn stop_error(&self, stop: Stop, f: Failure, resume: Resume) -> Error {
+        let why = match stop {
+            Stop::Lost => return store::lost(self.name()),
+            Stop::Stalled => StopReason::Stalled,
+            Stop::Unreachable => StopReason::Unreachable {
+                for_: self.outage.map(|since| since.elapsed()).unwrap_or_default(),
+            },
+            Stop::ContentionBudget => StopReason::ContentionBudget {
+                for_: (self.contention.as_ref())
+                    .map(|c| c.since.elapsed())
+                    .unwrap_or_default(),
+                budget: self.shared.contention_budget(),
+            },
+            Stop::Attempts(attempts) => StopReason::Attempts(attempts),
             // The key and the error go to the checkpoint's last_error and the run's history;
             // the failures table holds only skipped keys, which nothing else would revisit.
-            Stop::PoisonKey => Error::Runtime(format!(
-                "job {name}: key {} makes the statement fail: {}; every key before it is done (on_error = \"stop\"); fix the row or the statement and run again — it resumes at this key — or set on_error = \"skip\" to record such keys and go on",
-                show_key(&f.range.as_ref().expect("a single-key chunk has a range").0),
-                f.text
-            )),
-            Stop::Fatal => Error::Runtime(format!(
-                "job {name}: {where_} failed while {}: {}; {}; nothing of this chunk was committed: `backfill run {name}` resumes {resume_at}",
-                f.stage,
-                f.text,
-                db::advice(f.sqlstate.as_deref())
-            )),
-        }
+            Stop::PoisonKey => StopReason::PoisonKey,
+            Stop::Fatal => StopReason::Fatal,
+        };
+        let advice = (why == StopReason::Fatal).then(|| db::advice(f.sqlstate()));
+        Error::ChunkStopped(Box::new(ChunkStop {
+            job: self.name().to_string(),
+            why,
+            stage: f.stage,
+            chunk: f.range.map(|(a, b)| (show_key(&a), show_key(&b))),
+            resume,
+            cause: f.cause,
+            advice,
+        }))
     }
 
     /// A data error at one key with `on_error = "skip"`: record it and move past it.
     pub(super) async fn skip(&mut self, key: &KeyValue, f: &Failure) -> Result<()> {
         let shared = self.shared;
         let name = self.name().to_string();
+        let message = f.text();
         let poison = Poison {
             key,
-            sqlstate: f.sqlstate.as_deref(),
-            message: &f.text,
+            sqlstate: f.sqlstate(),
+            message: &message,
         };
         let range = self.range.expect("a range is held");
         let conn = match self.connection().await {
@@ -494,7 +476,7 @@ impl<'s, 'a> Worker<'s, 'a> {
         }
         shared.emit(Event::Skipped {
             key: &show_key(key),
-            error: &f.text,
+            error: &message,
         });
         self.cursor = Some(key.clone());
         self.tally.skipped += 1;
