@@ -81,6 +81,10 @@ pub enum Error {
     /// its end could not be recorded (exit 130: its committed chunks are saved).
     #[error("{0}")]
     StoppedUnrecorded(Box<StoppedUnrecorded>),
+    /// This run lost ownership of the job while it ran (its lease expired, or another runner
+    /// took its ranges over); exit 1. Nothing was committed twice.
+    #[error("job {job}: this run lost ownership of the job (its lease expired or another runner took over); no chunk was committed twice; check `backfill status {job}` before running again")]
+    RunLost { job: String },
 }
 
 /// What kind of failure an [`Error`] is, whatever context wraps it: decides the exit code.
@@ -103,7 +107,8 @@ impl Error {
             Error::Runtime(_)
             | Error::Database(_)
             | Error::ChunkStopped(_)
-            | Error::StartGaveUp(_) => ErrorKind::Runtime,
+            | Error::StartGaveUp(_)
+            | Error::RunLost { .. } => ErrorKind::Runtime,
             Error::Unavailable(_) => ErrorKind::Unavailable,
             Error::Context { source, .. } | Error::Followed { source, .. } => source.kind(),
         }
@@ -337,8 +342,13 @@ mod tests {
 
     #[test]
     fn each_kind_exits_with_its_documented_code_through_any_context() {
-        let cases: [(Error, ErrorKind, u8); 8] = [
+        let cases: [(Error, ErrorKind, u8); 9] = [
             (Error::Usage("u".into()), ErrorKind::Usage, exit::USAGE),
+            (
+                Error::RunLost { job: "j".into() },
+                ErrorKind::Runtime,
+                exit::FAILURE,
+            ),
             (
                 Error::NotSatisfied("n".into()),
                 ErrorKind::NotSatisfied,

@@ -186,8 +186,9 @@ impl Store {
     }
 }
 
+/// The error of a run that lost ownership of its job.
 pub fn lost(job: &str) -> Error {
-    Error::Runtime(format!(
-        "job {job}: this run lost ownership of the job (its lease expired or another runner took over); no chunk was committed twice; check `backfill status {job}` before running again"
-    ))
+    Error::RunLost {
+        job: job.to_string(),
+    }
 }
