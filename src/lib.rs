@@ -68,6 +68,7 @@ pub mod error;
 pub mod events;
 pub mod executor;
 pub mod finish;
+pub mod hold;
 pub mod job;
 pub mod keyset;
 pub mod migrator;

@@ -75,7 +75,7 @@ pub(super) async fn start(
                 since.elapsed().as_secs()
             )));
         }
-        events.on(Event::Waiting("waiting for database"));
+        events.on(Event::WaitingForDatabase);
         // Poll quickly at first (a terminated session reconnects at once), then every 2 s.
         let pause = (since.elapsed() / 2).clamp(BACKOFF_BASE, RECONNECT_POLL_MAX);
         shutdown.sleep(pause).await;
@@ -248,7 +248,7 @@ pub(super) async fn connect_patiently(
             Some(Ok(c)) => return Ok(c),
             Some(Err(e @ Error::Unavailable(_))) if gave_up => return Err(e),
             Some(Err(Error::Unavailable(_))) | None if !gave_up => {
-                events.on(Event::Waiting("waiting for database"));
+                events.on(Event::WaitingForDatabase);
                 let t = Instant::now();
                 shutdown.sleep(RECONNECT_POLL_MAX).await;
                 events.on(Event::Held {

@@ -42,8 +42,8 @@ pub(super) struct Worker<'s, 'a> {
 /// A chunk that keeps meeting lock contention (reset when a chunk commits).
 pub(super) struct Contention {
     pub(super) since: Instant,
-    /// The hold reason: "lock contention on keys A..=B".
-    pub(super) reason: String,
+    /// The hold reason: lock contention on the chunk first met.
+    pub(super) reason: crate::hold::Hold,
     /// When it started, as shown: "since T".
     pub(super) since_utc: String,
     pub(super) logged: Instant,
@@ -344,7 +344,7 @@ impl<'s, 'a> Worker<'s, 'a> {
                         patience: shared.opts.reconnect_for,
                     });
                 }
-                shared.emit(Event::Waiting("waiting for database"));
+                shared.emit(Event::WaitingForDatabase);
                 self.conn = None;
                 shared.shutdown.sleep(pause).await;
                 shared.emit(Event::Held {

@@ -8,6 +8,7 @@
 //! `suspend`, so they never break it. Metrics use the `metrics` facade; the exporter is installed
 //! (by [`serve_metrics`]) before any handle is created, or the handles would stay no-ops.
 
+mod finishing;
 mod listen;
 
 pub use listen::describe_controls;
