@@ -3,7 +3,7 @@
 //! listens. Owns only the vocabulary; it must not format operator text (telemetry does) nor
 //! depend on the engine (the engine depends on it).
 
-use crate::hold::Shown;
+use crate::hold::{HoldReason, Shown};
 use crate::state::JobState;
 use crate::store::Controls;
 use std::time::Duration;
@@ -73,10 +73,7 @@ pub enum Event<'a> {
     /// The largest replication lag of the standbys, in seconds.
     ReplicationLag(f64),
     /// Time the run spent held, booked under a metric `reason`.
-    Held {
-        reason: &'static str,
-        time: Duration,
-    },
+    Held { reason: HoldReason, time: Duration },
     /// Why the run is held now (None: it is not held any more).
     HoldChanged(Option<&'a Shown>),
     /// The run waits for the database without a hold of the run's own (`status` is not told).

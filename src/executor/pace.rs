@@ -7,7 +7,7 @@ use super::chunk::{failed, Failure};
 use super::worker::{Contention, Worker};
 use crate::error::Result;
 use crate::events::Event;
-use crate::hold::{Hold, Shown};
+use crate::hold::{Hold, HoldReason, Shown};
 use crate::store;
 use crate::throttle::Throttle;
 use std::time::{Duration, Instant};
@@ -148,7 +148,7 @@ impl Worker<'_, '_> {
         let Some(hold) = hold else { return Ok(false) };
         shared.shutdown.sleep(nap).await;
         shared.emit(Event::Held {
-            reason: hold.label(),
+            reason: hold.reason(),
             time: nap,
         });
         Ok(true)
@@ -206,7 +206,7 @@ impl Worker<'_, '_> {
         });
         // The failed attempt waited for the lock: that is time held too.
         shared.emit(Event::Held {
-            reason: "lock_contention",
+            reason: HoldReason::LockContention,
             time: now.duration_since(c.unbooked),
         });
         c.unbooked = now;
@@ -242,7 +242,7 @@ impl Worker<'_, '_> {
         shared.shutdown.sleep(delay).await;
         let c = self.contention.as_mut().expect("set above");
         shared.emit(Event::Held {
-            reason: "lock_contention",
+            reason: HoldReason::LockContention,
             time: c.unbooked.elapsed(),
         });
         c.unbooked = Instant::now();

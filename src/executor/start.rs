@@ -8,6 +8,7 @@ use super::{RunOptions, Tally};
 use crate::db::{self, ErrorClass, Target};
 use crate::error::{Error, Result};
 use crate::events::{Event, Listener};
+use crate::hold::HoldReason;
 use crate::job::JobSpec;
 use crate::keyset::{show_key, KeyValue, Keyset};
 use crate::signals::Shutdown;
@@ -80,7 +81,7 @@ pub(super) async fn start(
         let pause = (since.elapsed() / 2).clamp(BACKOFF_BASE, RECONNECT_POLL_MAX);
         shutdown.sleep(pause).await;
         events.on(Event::Held {
-            reason: "database_unavailable",
+            reason: HoldReason::DatabaseUnavailable,
             time: pause,
         });
         if shutdown.stop_requested() {
@@ -252,7 +253,7 @@ pub(super) async fn connect_patiently(
                 let t = Instant::now();
                 shutdown.sleep(RECONNECT_POLL_MAX).await;
                 events.on(Event::Held {
-                    reason: "database_unavailable",
+                    reason: HoldReason::DatabaseUnavailable,
                     time: t.elapsed(),
                 });
             }

@@ -8,6 +8,7 @@ use super::{LoopEnd, Shared, Tally};
 use crate::db::{self, ErrorClass};
 use crate::error::{Error, Result};
 use crate::events::Event;
+use crate::hold::HoldReason;
 use crate::keyset::{show_key, KeyValue};
 use crate::store::{self, Acquired, Poison, RangeLease, Splitter};
 use std::sync::atomic::Ordering;
@@ -141,7 +142,7 @@ impl<'s, 'a> Worker<'s, 'a> {
             if let Some(bucket) = bucket {
                 let waited = bucket.admit(self.limit).await;
                 self.shared.emit(Event::Held {
-                    reason: "rate_limit",
+                    reason: HoldReason::RateLimit,
                     time: waited,
                 });
             }
@@ -151,7 +152,7 @@ impl<'s, 'a> Worker<'s, 'a> {
                     if !rest.is_zero() {
                         self.shared.shutdown.sleep(rest).await;
                         self.shared.emit(Event::Held {
-                            reason: "pause",
+                            reason: HoldReason::Pause,
                             time: rest,
                         });
                     }
@@ -348,7 +349,7 @@ impl<'s, 'a> Worker<'s, 'a> {
                 self.conn = None;
                 shared.shutdown.sleep(pause).await;
                 shared.emit(Event::Held {
-                    reason: "database_unavailable",
+                    reason: HoldReason::DatabaseUnavailable,
                     time: pause,
                 });
                 Ok(())
@@ -388,7 +389,7 @@ impl<'s, 'a> Worker<'s, 'a> {
                 });
                 shared.shutdown.sleep(delay).await;
                 shared.emit(Event::Held {
-                    reason: "retry_backoff",
+                    reason: HoldReason::RetryBackoff,
                     time: delay,
                 });
                 Ok(())
@@ -397,7 +398,7 @@ impl<'s, 'a> Worker<'s, 'a> {
                 if let (Stop::ContentionBudget, Some(c)) = (stop, &self.contention) {
                     // The failed attempt waited for the lock: that is time held too.
                     shared.emit(Event::Held {
-                        reason: "lock_contention",
+                        reason: HoldReason::LockContention,
                         time: c.unbooked.elapsed(),
                     });
                 }
