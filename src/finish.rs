@@ -12,7 +12,9 @@
 //! (`checkpoints.finish_steps`, which the gate `assert_done` compares with the done rows). It
 //! never touches the checkpoint's state, ranges or runs: the executor decides when a job is done
 //! and calls in here afterwards. Here: the order of the steps and the lock that keeps finishers
-//! apart; [`step`] reads one step offline, [`attempt`] runs one step to its end.
+//! apart; [`step`] reads one step offline, [`attempt`] runs one step to its end. What happens
+//! (waiting for another finisher, a step started, retried, done, skipped) is told as typed events
+//! (`events::Finishing`) to a listener; telemetry writes the lines, this module writes none.
 
 mod attempt;
 mod step;
