@@ -3,6 +3,7 @@
 //! listens. Owns only the vocabulary; it must not format operator text (telemetry does) nor
 //! depend on the engine (the engine depends on it).
 
+use crate::hold::{HoldReason, Shown};
 use crate::state::JobState;
 use crate::store::Controls;
 use std::time::Duration;
@@ -72,14 +73,11 @@ pub enum Event<'a> {
     /// The largest replication lag of the standbys, in seconds.
     ReplicationLag(f64),
     /// Time the run spent held, booked under a metric `reason`.
-    Held {
-        reason: &'static str,
-        time: Duration,
-    },
-    /// Why the run is held now, as `status` shows it (None: it is not held any more).
-    HoldChanged(Option<&'a str>),
-    /// The run waits without a hold reason of its own, e.g. "waiting for database".
-    Waiting(&'static str),
+    Held { reason: HoldReason, time: Duration },
+    /// Why the run is held now (None: it is not held any more).
+    HoldChanged(Option<&'a Shown>),
+    /// The run waits for the database without a hold of the run's own (`status` is not told).
+    WaitingForDatabase,
     /// An attempt at a chunk failed with this class (the metric's label).
     AttemptFailed { class: &'static str },
     /// The database went away while the run stops: nothing uncommitted was kept.
@@ -123,6 +121,68 @@ pub enum Event<'a> {
     SkipInterrupted { key: &'a str, error: &'a str },
     /// A poison key was recorded in the failures table and passed.
     Skipped { key: &'a str, error: &'a str },
+    /// Something happened to the job's finishing steps.
+    Finishing(Finishing<'a>),
+}
+
+/// Which finishing step: step `n` (1-based) of the job's `total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepOf {
+    pub n: i32,
+    pub total: usize,
+}
+
+/// What the record of a finishing step said before this call ran it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepBefore {
+    /// Nothing worth telling (not recorded yet, or pending).
+    Nothing,
+    /// Recorded with a statement that has changed since.
+    StatementChanged,
+    /// An earlier run was interrupted in it (still `running`).
+    Interrupted,
+    /// It failed in an earlier run.
+    Failed,
+}
+
+/// What happened to a job's finishing steps (`finish::run_steps`).
+#[derive(Debug, Clone, Copy)]
+pub enum Finishing<'a> {
+    /// Another runner holds the job's finishing lock; this one waits for it.
+    WaitingForOtherFinisher { job: &'a str },
+    /// The step is recorded as done with the same statement: not run again.
+    AlreadyDone { job: &'a str, step: StepOf },
+    /// The step starts; `statement` is its SQL on one line, shortened as errors show it.
+    Started {
+        job: &'a str,
+        step: StepOf,
+        before: StepBefore,
+        statement: &'a str,
+    },
+    /// An attempt met contention (`sqlstate`); attempt `next` of `max_attempts` follows `wait`.
+    /// `in_drop`: it was the drop of the invalid index left behind, not the step, that met it.
+    Retrying {
+        job: &'a str,
+        step: StepOf,
+        wait: Duration,
+        in_drop: bool,
+        sqlstate: Option<&'a str>,
+        next: u32,
+        max_attempts: u32,
+    },
+    /// An invalid index left by a concurrent build was dropped before building it again.
+    DroppedInvalidIndex {
+        job: &'a str,
+        step: StepOf,
+        index: &'a str,
+    },
+    /// The step is done after `attempts` attempts of this call, which took `took`.
+    Done {
+        job: &'a str,
+        step: StepOf,
+        attempts: u32,
+        took: Duration,
+    },
 }
 
 /// Whoever listens to a run's events.

@@ -12,13 +12,18 @@
 //! (`checkpoints.finish_steps`, which the gate `assert_done` compares with the done rows). It
 //! never touches the checkpoint's state, ranges or runs: the executor decides when a job is done
 //! and calls in here afterwards. Here: the order of the steps and the lock that keeps finishers
-//! apart; [`step`] reads one step offline, [`attempt`] runs one step to its end.
+//! apart; [`step`] reads one step offline, [`attempt`] runs one step to its end. What happens
+//! (waiting for another finisher, a step started, retried, done, skipped) is told as typed events
+//! (`events::Finishing`) to a listener; telemetry writes the lines, this module writes none.
 
 mod attempt;
 mod step;
 
+pub use attempt::contention_reason;
+
 use crate::db::{self, Limit, Timeouts};
 use crate::error::{Error, Result};
+use crate::events::{Event, Finishing, Listener, StepBefore, StepOf};
 use crate::job::JobSpec;
 use crate::sql::quote_ident;
 use crate::state::StepState;
@@ -105,7 +110,7 @@ pub async fn run_steps(
     job: &str,
     steps: &[String],
     opts: &FinishOptions,
-    log: &(dyn Fn(&str) + Sync),
+    events: &dyn Listener,
 ) -> Result<Vec<StepReport>> {
     let parsed = steps
         .iter()
@@ -122,7 +127,7 @@ pub async fn run_steps(
         s: quote_ident(schema),
         job,
         opts,
-        log,
+        events,
         total: steps.len(),
     };
     run.lock(schema).await?;
@@ -168,11 +173,23 @@ struct Finisher<'a> {
     s: String,
     job: &'a str,
     opts: &'a FinishOptions,
-    log: &'a (dyn Fn(&str) + Sync),
+    events: &'a dyn Listener,
     total: usize,
 }
 
 impl Finisher<'_> {
+    fn emit(&self, happened: Finishing<'_>) {
+        self.events.on(Event::Finishing(happened));
+    }
+
+    /// Which step `step` is, for the events.
+    fn of(&self, step: &Step) -> StepOf {
+        StepOf {
+            n: step.n,
+            total: self.total,
+        }
+    }
+
     fn db_err(&self, e: tokio_postgres::Error, what: &str) -> Error {
         db::error(e, format!("job {}: {what}", self.job))
     }
@@ -193,10 +210,7 @@ impl Finisher<'_> {
         if got {
             return Ok(());
         }
-        (self.log)(&format!(
-            "job {}: another runner is running its finishing steps; waiting for it to end",
-            self.job
-        ));
+        self.emit(Finishing::WaitingForOtherFinisher { job: self.job });
         // The other finisher may be building an index for hours: wait without a lock timeout.
         let unlimited = Timeouts {
             lock: Some(Limit::Unlimited),
@@ -269,29 +283,25 @@ impl Finisher<'_> {
             let before = recorded.iter().find(|(n, _, _)| *n == step.n);
             let outcome = match before {
                 Some((_, hash, state)) if *state == StepState::Done && *hash == step.hash => {
-                    (self.log)(&format!(
-                        "job {job}: finishing step {}/{} already done; skipping",
-                        step.n, self.total
-                    ));
+                    self.emit(Finishing::AlreadyDone {
+                        job,
+                        step: self.of(step),
+                    });
                     StepOutcome::AlreadyDone
                 }
                 _ => {
-                    let note = match before {
-                        Some((_, hash, _)) if *hash != step.hash => {
-                            " (its statement changed since it was recorded)"
-                        }
-                        Some((_, _, StepState::Running)) => {
-                            " (an earlier run was interrupted in it)"
-                        }
-                        Some((_, _, StepState::Failed)) => " (it failed in an earlier run)",
-                        _ => "",
+                    let before_now = match before {
+                        Some((_, hash, _)) if *hash != step.hash => StepBefore::StatementChanged,
+                        Some((_, _, StepState::Running)) => StepBefore::Interrupted,
+                        Some((_, _, StepState::Failed)) => StepBefore::Failed,
+                        _ => StepBefore::Nothing,
                     };
-                    (self.log)(&format!(
-                        "job {job}: starting finishing step {}/{}{note}: `{}`",
-                        step.n,
-                        self.total,
-                        shorten(&step.sql)
-                    ));
+                    self.emit(Finishing::Started {
+                        job,
+                        step: self.of(step),
+                        before: before_now,
+                        statement: &shorten(&step.sql),
+                    });
                     let interrupted =
                         matches!(before, Some((_, h, StepState::Running)) if *h == step.hash);
                     self.run_step(step, interrupted).await?

@@ -13,8 +13,8 @@
 //! → `executor::pace` and [`throttle`] (the next chunk's size and when it may start).
 //!
 //! Dependency order, each layer using only those before it (no import circles):
-//! `sql`, `error`, `state`, `backoff`, `out`, `pgtemp` → `job` → `db` → `keyset` → `store` →
-//! `undo`, `migrator`, `finish` → `resolve`, `plan`, `events`, `throttle`, `signals` →
+//! `sql`, `error`, `state`, `backoff`, `hold`, `out`, `pgtemp` → `job` → `db` → `keyset` →
+//! `store` → `events` → `undo`, `migrator`, `finish` → `resolve`, `plan`, `throttle`, `signals` →
 //! `telemetry`, `executor` → `demo`, `cli` → `app`.
 //!
 //! - [`sql`]: identifier quoting, table names, the one SQL tokenizer, the `:start`/`:end` template.
@@ -30,8 +30,10 @@
 //!   reverts. [`migrator`]: preconditions, the gate, each migrator's history. [`finish`]: the
 //!   schema steps after a backfill. [`resolve`]: a job checked against its project (steps,
 //!   revisions). [`plan`]: the review before a run.
-//! - [`events`]: what a run reports, as typed events; [`telemetry`] listens (progress, log
-//!   lines, metrics). [`throttle`]: rate, chunk size, health signals. [`signals`]: the clean stop.
+//! - [`events`]: what a run and its finishing steps report, as typed events; [`telemetry`]
+//!   listens (progress, log lines, metrics) and writes the sentences. [`hold`]: why a run is held,
+//!   typed, with the one sentence `status` and the log show for it. [`throttle`]: rate, chunk
+//!   size, health signals. [`signals`]: the clean stop.
 //! - [`executor`]: a run (join → key range → workers → verify/sweep → record), its workers, the
 //!   chunk and the recovery policy. [`app`] and [`cli`]: the commands. [`demo`], [`pgtemp`]:
 //!   throwaway servers. [`out`]: stdout and stderr (a closed pipe is a normal end, never a panic).
@@ -70,6 +72,7 @@ pub mod error;
 pub mod events;
 pub mod executor;
 pub mod finish;
+pub mod hold;
 pub mod job;
 pub mod keyset;
 pub mod migrator;

@@ -27,6 +27,7 @@
 //! on as soon as the grant is given.
 
 use crate::db::StatsAccess;
+use crate::hold::Hold;
 use crate::job::{OnSignalError, ThrottleSpec};
 use crate::store::Controls;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -53,15 +54,6 @@ impl Bucket {
         }
         started.elapsed()
     }
-}
-
-/// Why a run is held, for the metrics label and for people.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Hold {
-    /// One of the `telemetry::HOLD_REASONS`.
-    pub reason: &'static str,
-    /// The value seen and the threshold, e.g. "replication lag 3.2s > max_replication_lag 1s".
-    pub detail: String,
 }
 
 pub struct Throttle {
@@ -231,13 +223,7 @@ impl Throttle {
         if let Some(max) = self.spec.max_replication_lag {
             match self.replication_lag(client).await {
                 Ok((lag, standby)) if lag > max.as_secs_f64() => {
-                    return Some(Hold {
-                        reason: "replication_lag",
-                        detail: format!(
-                        "replication lag {lag:.1}s on standby {standby} > max_replication_lag {}",
-                        humantime::format_duration(max)
-                    ),
-                    })
+                    return Some(Hold::ReplicationLag { lag, standby, max })
                 }
                 Ok(_) => {}
                 Err(e) => return self.unreadable("replication lag", e),
@@ -245,16 +231,7 @@ impl Throttle {
         }
         if let Some(max) = self.spec.max_wal_rate {
             match self.wal_rate(client).await {
-                Ok(Some(rate)) if rate > max as f64 => {
-                    return Some(Hold {
-                        reason: "wal_rate",
-                        detail: format!(
-                            "WAL rate {:.1} MB/s > max_wal_rate {:.1} MB/s",
-                            rate / 1e6,
-                            max as f64 / 1e6
-                        ),
-                    })
-                }
+                Ok(Some(rate)) if rate > max as f64 => return Some(Hold::WalRate { rate, max }),
                 Ok(_) => {}
                 Err(e) => return self.unreadable("WAL rate", e),
             }
@@ -263,12 +240,8 @@ impl Throttle {
             let q = "SELECT count(*) FROM pg_stat_progress_vacuum WHERE relid = to_regclass($1)";
             match client.query_one(q, &[&self.table]).await {
                 Ok(r) if r.get::<_, i64>(0) > 0 => {
-                    return Some(Hold {
-                        reason: "autovacuum",
-                        detail: format!(
-                            "a vacuum is running on {} (hold_during_autovacuum)",
-                            self.table
-                        ),
+                    return Some(Hold::Autovacuum {
+                        table: self.table.clone(),
                     })
                 }
                 Ok(_) => {}
@@ -279,12 +252,7 @@ impl Throttle {
             let q = format!("SELECT ({sql})::boolean");
             match client.query_one(&q, &[]).await {
                 Ok(r) => match r.get::<_, Option<bool>>(0) {
-                    Some(true) => {
-                        return Some(Hold {
-                            reason: "throttle_sql",
-                            detail: "throttle_sql returned true".into(),
-                        })
-                    }
+                    Some(true) => return Some(Hold::ThrottleSql),
                     Some(false) => {}
                     None => return self.unreadable("throttle_sql", "it returned NULL".into()),
                 },
@@ -312,11 +280,9 @@ impl Throttle {
 
     fn unreadable(&self, what: &str, why: String) -> Option<Hold> {
         match self.spec.on_signal_error {
-            OnSignalError::Hold => Some(Hold {
-                reason: "signal_error",
-                detail: format!(
-                    "cannot read {what} ({why}); holding because on_signal_error = \"hold\""
-                ),
+            OnSignalError::Hold => Some(Hold::SignalUnreadable {
+                what: what.to_string(),
+                why,
             }),
             OnSignalError::Ignore => None,
         }

@@ -208,7 +208,6 @@ async fn finish(target: &Target, store: &Store, job: &JobSpec, progress: &Progre
     store
         .set_phase(&client, &job.name, Phase::Finishing)
         .await?;
-    let log = |line: &str| progress.log(line);
     let opts = crate::finish::FinishOptions::default();
     match crate::finish::run_steps(
         &client,
@@ -216,7 +215,7 @@ async fn finish(target: &Target, store: &Store, job: &JobSpec, progress: &Progre
         &job.name,
         &job.finish_sql,
         &opts,
-        &log,
+        progress,
     )
     .await
     {

@@ -14,8 +14,12 @@
 //! - `verify`: verify and sweep; `retry`: `backfill retry-failures`; `options`: the run's flags.
 //!
 //! The run tells the world what happens as typed events (`crate::events`) to a listener
-//! (telemetry's progress display, log lines and metrics); it formats no operator text of its own
-//! except the errors it ends with. It must not touch the engine's schema except through `store`.
+//! (telemetry's progress display, log lines and metrics), which writes the sentences; a hold is a
+//! typed `crate::hold::Hold` whose one `Display` is also what `status` stores. What the run still
+//! writes as text itself: the errors it ends with, why rows that verify still counts stay undone
+//! (`verify`: recorded as the run's error and reported in its outcome), and how a chunk or a
+//! failed key is named in an event ("keys A..=B", "after key K"). It must not touch the engine's
+//! schema except through `store`.
 
 mod chunk;
 mod options;

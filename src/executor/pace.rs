@@ -7,8 +7,9 @@ use super::chunk::{failed, Failure};
 use super::worker::{Contention, Worker};
 use crate::error::Result;
 use crate::events::Event;
+use crate::hold::{Hold, HoldReason, Shown};
 use crate::store;
-use crate::throttle::{Hold, Throttle};
+use crate::throttle::Throttle;
 use std::time::{Duration, Instant};
 
 const LAG_SAMPLE_EVERY: Duration = Duration::from_secs(5);
@@ -23,21 +24,14 @@ pub(super) struct Pace {
     /// When the controls were last read.
     pub(super) controls_read: Option<Instant>,
     pub(super) controls: store::Controls,
-    /// The hold reason last written to the run's row.
+    /// The hold reason last written to the run's row, as written: a hold whose sentence did
+    /// not change (a lag of 3.21s, then 3.24s) is not news.
     pub(super) holding: Option<String>,
     /// Workers whose chunk keeps meeting lock contention, with the hold reason each shows.
     pub(super) contended: std::collections::BTreeMap<i32, Shown>,
     /// When replication lag was last sampled.
     pub(super) lag_sampled: Option<Instant>,
     pub(super) rate_shown: bool,
-}
-
-/// A hold as shown: the reason stored for `status` (which adds when it started), and when it
-/// started for the progress display and the log, where that is part of the news.
-#[derive(Debug, Clone, PartialEq)]
-pub(super) struct Shown {
-    pub(super) reason: String,
-    pub(super) since: Option<String>,
 }
 
 impl Worker<'_, '_> {
@@ -121,11 +115,8 @@ impl Worker<'_, '_> {
         let (hold, nap) = {
             let mut pace = shared.pace.lock().await;
             let hold = if pace.controls.paused {
-                Some(Hold {
-                    reason: "paused",
-                    detail: format!(
-                        "paused by `backfill pause` (resume with `backfill resume {name}`)"
-                    ),
+                Some(Hold::Paused {
+                    job: name.to_string(),
                 })
             } else {
                 let hold = match self.conn.as_ref().filter(|c| !c.is_closed()) {
@@ -142,7 +133,7 @@ impl Worker<'_, '_> {
             let shown = hold
                 .as_ref()
                 .map(|h| Shown {
-                    reason: h.detail.clone(),
+                    hold: h.clone(),
                     since: None,
                 })
                 .or_else(|| pace.contended.values().next().cloned());
@@ -157,7 +148,7 @@ impl Worker<'_, '_> {
         let Some(hold) = hold else { return Ok(false) };
         shared.shutdown.sleep(nap).await;
         shared.emit(Event::Held {
-            reason: hold.reason,
+            reason: hold.reason(),
             time: nap,
         });
         Ok(true)
@@ -167,7 +158,7 @@ impl Worker<'_, '_> {
     /// log, when that changed.
     pub(super) async fn show_hold(&self, pace: &mut Pace, shown: Option<Shown>) {
         let shared = self.shared;
-        let detail = shown.as_ref().map(|h| h.reason.clone());
+        let detail = shown.as_ref().map(|h| h.hold.to_string());
         if detail == pace.holding {
             return;
         }
@@ -177,11 +168,7 @@ impl Worker<'_, '_> {
                 .set_hold(&***conn, shared.run_id, detail.as_deref())
                 .await;
         }
-        let text = shown.map(|h| match h.since {
-            Some(t) => format!("{} since {t}", h.reason),
-            None => h.reason,
-        });
-        shared.emit(Event::HoldChanged(text.as_deref()));
+        shared.emit(Event::HoldChanged(shown.as_ref()));
         pace.holding = detail;
     }
 
@@ -210,14 +197,16 @@ impl Worker<'_, '_> {
         let first = self.contention.is_none();
         let c = self.contention.get_or_insert_with(|| Contention {
             since: now,
-            reason: format!("lock contention on {where_}"),
+            reason: Hold::LockContention {
+                chunk: where_.to_string(),
+            },
             since_utc: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
             logged: now,
             unbooked: now,
         });
         // The failed attempt waited for the lock: that is time held too.
         shared.emit(Event::Held {
-            reason: "lock_contention",
+            reason: HoldReason::LockContention,
             time: now.duration_since(c.unbooked),
         });
         c.unbooked = now;
@@ -234,7 +223,7 @@ impl Worker<'_, '_> {
             });
         }
         let shown = Shown {
-            reason: c.reason.clone(),
+            hold: c.reason.clone(),
             since: Some(c.since_utc.clone()),
         };
         {
@@ -244,7 +233,7 @@ impl Worker<'_, '_> {
             let other = pace
                 .holding
                 .as_ref()
-                .is_some_and(|h| !pace.contended.values().any(|c| &c.reason == h));
+                .is_some_and(|h| !pace.contended.values().any(|c| c.hold.to_string() == *h));
             if !other {
                 let shown = pace.contended.values().next().cloned();
                 self.show_hold(&mut pace, shown).await;
@@ -253,7 +242,7 @@ impl Worker<'_, '_> {
         shared.shutdown.sleep(delay).await;
         let c = self.contention.as_mut().expect("set above");
         shared.emit(Event::Held {
-            reason: "lock_contention",
+            reason: HoldReason::LockContention,
             time: c.unbooked.elapsed(),
         });
         c.unbooked = Instant::now();

@@ -8,6 +8,7 @@ use super::{RunOptions, Tally};
 use crate::db::{self, ErrorClass, Target};
 use crate::error::{Error, NextRun, Result, StartGaveUp, StoppedUnrecorded};
 use crate::events::{Event, Listener};
+use crate::hold::HoldReason;
 use crate::job::JobSpec;
 use crate::keyset::{show_key, KeyValue, Keyset};
 use crate::signals::Shutdown;
@@ -76,12 +77,12 @@ pub(super) async fn start(
                 last: lost,
             })));
         }
-        events.on(Event::Waiting("waiting for database"));
+        events.on(Event::WaitingForDatabase);
         // Poll quickly at first (a terminated session reconnects at once), then every 2 s.
         let pause = (since.elapsed() / 2).clamp(BACKOFF_BASE, RECONNECT_POLL_MAX);
         shutdown.sleep(pause).await;
         events.on(Event::Held {
-            reason: "database_unavailable",
+            reason: HoldReason::DatabaseUnavailable,
             time: pause,
         });
         if shutdown.stop_requested() {
@@ -249,11 +250,11 @@ pub(super) async fn connect_patiently(
             Some(Ok(c)) => return Ok(c),
             Some(Err(e @ Error::Unavailable(_))) if gave_up => return Err(e),
             Some(Err(Error::Unavailable(_))) | None if !gave_up => {
-                events.on(Event::Waiting("waiting for database"));
+                events.on(Event::WaitingForDatabase);
                 let t = Instant::now();
                 shutdown.sleep(RECONNECT_POLL_MAX).await;
                 events.on(Event::Held {
-                    reason: "database_unavailable",
+                    reason: HoldReason::DatabaseUnavailable,
                     time: t.elapsed(),
                 });
             }

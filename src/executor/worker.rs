@@ -8,6 +8,7 @@ use super::{LoopEnd, Shared, Tally};
 use crate::db::{self, ErrorClass};
 use crate::error::{ChunkCause, ChunkStop, Error, Result, Resume, StopReason};
 use crate::events::Event;
+use crate::hold::HoldReason;
 use crate::keyset::{show_key, KeyValue};
 use crate::store::{self, Acquired, Poison, RangeLease, Splitter};
 use std::sync::atomic::Ordering;
@@ -42,8 +43,8 @@ pub(super) struct Worker<'s, 'a> {
 /// A chunk that keeps meeting lock contention (reset when a chunk commits).
 pub(super) struct Contention {
     pub(super) since: Instant,
-    /// The hold reason: "lock contention on keys A..=B".
-    pub(super) reason: String,
+    /// The hold reason: lock contention on the chunk first met.
+    pub(super) reason: crate::hold::Hold,
     /// When it started, as shown: "since T".
     pub(super) since_utc: String,
     pub(super) logged: Instant,
@@ -141,7 +142,7 @@ impl<'s, 'a> Worker<'s, 'a> {
             if let Some(bucket) = bucket {
                 let waited = bucket.admit(self.limit).await;
                 self.shared.emit(Event::Held {
-                    reason: "rate_limit",
+                    reason: HoldReason::RateLimit,
                     time: waited,
                 });
             }
@@ -151,7 +152,7 @@ impl<'s, 'a> Worker<'s, 'a> {
                     if !rest.is_zero() {
                         self.shared.shutdown.sleep(rest).await;
                         self.shared.emit(Event::Held {
-                            reason: "pause",
+                            reason: HoldReason::Pause,
                             time: rest,
                         });
                     }
@@ -341,11 +342,11 @@ impl<'s, 'a> Worker<'s, 'a> {
                         patience: shared.opts.reconnect_for,
                     });
                 }
-                shared.emit(Event::Waiting("waiting for database"));
+                shared.emit(Event::WaitingForDatabase);
                 self.conn = None;
                 shared.shutdown.sleep(pause).await;
                 shared.emit(Event::Held {
-                    reason: "database_unavailable",
+                    reason: HoldReason::DatabaseUnavailable,
                     time: pause,
                 });
                 Ok(())
@@ -385,7 +386,7 @@ impl<'s, 'a> Worker<'s, 'a> {
                 });
                 shared.shutdown.sleep(delay).await;
                 shared.emit(Event::Held {
-                    reason: "retry_backoff",
+                    reason: HoldReason::RetryBackoff,
                     time: delay,
                 });
                 Ok(())
@@ -394,7 +395,7 @@ impl<'s, 'a> Worker<'s, 'a> {
                 if let (Stop::ContentionBudget, Some(c)) = (stop, &self.contention) {
                     // The failed attempt waited for the lock: that is time held too.
                     shared.emit(Event::Held {
-                        reason: "lock_contention",
+                        reason: HoldReason::LockContention,
                         time: c.unbooked.elapsed(),
                     });
                 }

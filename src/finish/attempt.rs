@@ -8,8 +8,9 @@ use super::step::{display, render, shorten, IndexName, Step};
 use super::{Finisher, StepOutcome, BACKOFF_BASE, BACKOFF_MAX};
 use crate::db::{self, ErrorClass, Limit, Timeouts};
 use crate::error::{Error, Result};
+use crate::events::Finishing;
 use crate::state::StepState;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// How one attempt went wrong.
 struct Failure {
@@ -46,18 +47,15 @@ impl Finisher<'_> {
                     max: BACKOFF_MAX,
                 }
                 .delay(attempt);
-                (self.log)(&format!(
-                    "job {}: finishing step {}/{}: retrying after {} because {}{} ({}); attempt {} of {}",
-                    self.job,
-                    step.n,
-                    self.total,
-                    humantime::format_duration(Duration::from_millis(wait.as_millis() as u64)),
-                    if failure.in_drop { "dropping the invalid index hit " } else { "" },
-                    contention_reason(code.as_deref()),
-                    code.as_deref().unwrap_or("?"),
-                    attempt + 1,
-                    self.opts.max_attempts
-                ));
+                self.emit(Finishing::Retrying {
+                    job: self.job,
+                    step: self.of(step),
+                    wait,
+                    in_drop: failure.in_drop,
+                    sqlstate: code.as_deref(),
+                    next: attempt + 1,
+                    max_attempts: self.opts.max_attempts,
+                });
                 tokio::time::sleep(wait).await;
                 continue;
             }
@@ -97,15 +95,12 @@ impl Finisher<'_> {
             ));
         }
         self.record(step, StepState::Done, None).await?;
-        (self.log)(&format!(
-            "job {}: finishing step {}/{} done ({} attempt{}, {})",
-            self.job,
-            step.n,
-            self.total,
-            attempt,
-            if attempt == 1 { "" } else { "s" },
-            humantime::format_duration(Duration::from_millis(t.elapsed().as_millis() as u64))
-        ));
+        self.emit(Finishing::Done {
+            job: self.job,
+            step: self.of(step),
+            attempts: attempt,
+            took: t.elapsed(),
+        });
         Ok(StepOutcome::Ran {
             attempts: attempt,
             dropped_invalid_index: dropped,
@@ -185,10 +180,11 @@ impl Finisher<'_> {
         let name: String = row.get(0);
         self.timed(&format!("DROP INDEX CONCURRENTLY IF EXISTS {name}"))
             .await?;
-        (self.log)(&format!(
-            "job {}: finishing step {}/{}: dropped the invalid index {name} left by an interrupted or failed CREATE INDEX CONCURRENTLY",
-            self.job, step.n, self.total
-        ));
+        self.emit(Finishing::DroppedInvalidIndex {
+            job: self.job,
+            step: self.of(step),
+            index: &name,
+        });
         Ok(Some(name))
     }
 
@@ -315,7 +311,8 @@ impl Finisher<'_> {
     }
 }
 
-fn contention_reason(code: Option<&str>) -> &'static str {
+/// The kind of contention a SQLSTATE names, for the step's error and its retry line.
+pub fn contention_reason(code: Option<&str>) -> &'static str {
     match code {
         Some("55P03") => "lock timeout",
         Some("40P01") => "deadlock",

@@ -2,8 +2,10 @@
 //! the metrics and the log lines an operator reads. Owns the text of those lines; must not
 //! reach back into the engine (it only sees events).
 
+use super::finishing::finishing_line;
 use super::Progress;
 use crate::events::{Event, Listener};
+use crate::hold::{Hold, Shown};
 use crate::store::Controls;
 
 impl Listener for Progress {
@@ -15,7 +17,8 @@ impl Listener for Progress {
 }
 
 impl Progress {
-    /// The events of the run as a whole (start-up, key range, verify and sweep, its end); false
+    /// The events of the run as a whole (start-up, key range, verify and sweep, its end, the
+    /// finishing steps); false
     /// for any other.
     fn run_event(&self, event: Event<'_>) -> bool {
         let name = self.job.as_str();
@@ -80,6 +83,7 @@ impl Progress {
             Event::FailureRemains { key, error } => {
                 self.log(&format!("{name}: key {key} still fails: {error}"))
             }
+            Event::Finishing(happened) => self.log(&finishing_line(&happened)),
             _ => return false,
         }
         true
@@ -110,13 +114,14 @@ impl Progress {
             Event::ReplicationLag(lag) => self.replication_lag(lag),
             Event::Held { reason, time } => self.held(reason, time),
             Event::HoldChanged(shown) => {
-                match shown {
+                let shown = shown.map(Shown::to_string);
+                match &shown {
                     Some(d) => self.log(&format!("{name}: holding: {d}")),
                     None => self.log(&format!("{name}: no longer held; continuing")),
                 }
-                self.set_held(shown);
+                self.set_held(shown.as_deref());
             }
-            Event::Waiting(why) => self.set_held(Some(why)),
+            Event::WaitingForDatabase => self.show_hold(&Hold::WaitingForDatabase),
             Event::AttemptFailed { class } => self.chunk_failed(class),
             Event::LostWhileStopping { stage, error } => self.log(&format!(
                 "{name}: lost the database while {stage} ({error}) while stopping; nothing uncommitted was kept"
@@ -151,7 +156,7 @@ impl Progress {
                     delay.as_millis(),
                     attempt + 1,
                 ));
-                self.set_held(Some("retrying after a statement timeout"));
+                self.show_hold(&Hold::RetryingAfterTimeout);
             }
             Event::Contended {
                 chunk,
@@ -181,6 +186,11 @@ impl Progress {
             }
             _ => self.run_event_missed(event),
         }
+    }
+
+    /// Shows a hold the run's row does not store on the progress line.
+    fn show_hold(&self, hold: &Hold) {
+        self.set_held(Some(&hold.to_string()));
     }
 
     /// Every event is either the run's or the walk's: a new one must be added to one of them.

@@ -8,10 +8,12 @@
 //! `suspend`, so they never break it. Metrics use the `metrics` facade; the exporter is installed
 //! (by [`serve_metrics`]) before any handle is created, or the handles would stay no-ops.
 
+mod finishing;
 mod listen;
 
 pub use listen::describe_controls;
 
+use crate::hold::HoldReason;
 use crate::state::JobState;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
@@ -107,19 +109,6 @@ pub const METRICS: &[(&str, &str, &str)] = &[
     ),
 ];
 
-pub const HOLD_REASONS: &[&str] = &[
-    "database_unavailable",
-    "retry_backoff",
-    "lock_contention",
-    "rate_limit",
-    "pause",
-    "paused",
-    "replication_lag",
-    "wal_rate",
-    "autovacuum",
-    "throttle_sql",
-    "signal_error",
-];
 pub const ERROR_CLASSES: &[&str] = &["contention", "timeout", "connection", "data"];
 pub const CHUNK_OUTCOMES: &[&str] = &["committed", "failed", "skipped"];
 /// The job states the `backfill_state` gauge reports (a run's own: running, then how it ended).
@@ -203,7 +192,7 @@ struct State {
     chunk_size: u64,
     workers: u32,
     held: Option<String>,
-    held_carry: [f64; HOLD_REASONS.len()],
+    held_carry: [f64; HoldReason::ALL.len()],
 }
 
 fn workers(n: u32) -> String {
@@ -254,8 +243,8 @@ impl Progress {
         for o in CHUNK_OUTCOMES {
             counter!("backfill_chunks_total", "job" => j.clone(), "outcome" => *o).increment(0);
         }
-        for r in HOLD_REASONS {
-            counter!("backfill_held_seconds_total", "job" => j.clone(), "reason" => *r)
+        for r in HoldReason::ALL {
+            counter!("backfill_held_seconds_total", "job" => j.clone(), "reason" => r.label())
                 .increment(0);
         }
         for c in ERROR_CLASSES {
@@ -276,7 +265,7 @@ impl Progress {
                 chunk_size: 0,
                 workers: 1,
                 held: None,
-                held_carry: [0.0; HOLD_REASONS.len()],
+                held_carry: [0.0; HoldReason::ALL.len()],
             }),
             m,
         }
@@ -343,12 +332,12 @@ impl Progress {
             .increment(1);
     }
 
-    /// The run was held for `d` for `reason` (one of [`HOLD_REASONS`]). Prometheus counters are
+    /// The run was held for `d` for `reason`. Prometheus counters are
     /// integers here, so whole seconds are exported and the remainder is carried to the next hold.
     /// Without a terminal, a held run still prints its progress line every interval (no chunk
     /// commits to trigger one), saying why it is held.
-    pub fn held(&self, reason: &'static str, d: Duration) {
-        let i = HOLD_REASONS.iter().position(|r| *r == reason).unwrap_or(0);
+    pub fn held(&self, reason: HoldReason, d: Duration) {
+        let i = reason as usize;
         let (whole, line) = {
             let mut s = self.state.lock().unwrap();
             s.held_carry[i] += d.as_secs_f64();
@@ -368,7 +357,7 @@ impl Progress {
             eprintln!("{line}");
         }
         if whole > 0 {
-            counter!("backfill_held_seconds_total", "job" => self.job.clone(), "reason" => reason)
+            counter!("backfill_held_seconds_total", "job" => self.job.clone(), "reason" => reason.label())
                 .increment(whole);
         }
     }
@@ -596,7 +585,7 @@ mod tests {
             chunk_size: 10,
             workers: 1,
             held: None,
-            held_carry: [0.0; HOLD_REASONS.len()],
+            held_carry: [0.0; HoldReason::ALL.len()],
         };
         let (ratio, eta, rate) = figures(&s);
         assert_eq!(ratio, Some(1.0));
