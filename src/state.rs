@@ -239,6 +239,14 @@ impl ShownState {
         }
     }
 
+    /// The state its row records (`interrupted` is a running one whose runner is gone).
+    pub fn recorded(self) -> JobState {
+        match self {
+            ShownState::Recorded(state) => state,
+            ShownState::Interrupted => JobState::Running,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ShownState::Recorded(state) => state.as_sql(),
@@ -277,18 +285,33 @@ pub enum RevertRefusal {
     NothingProcessed,
 }
 
-/// Whether a job may be reverted: it made progress, is not reverted already, and no run works on
-/// it (in that order of precedence). The one place this is decided.
+/// Whether a job made progress a definition change or a revert must reckon with: its key range
+/// was fixed (the first step of its first run) or rows were done. A revert clears both, so a
+/// reverted job made none. The one definition: a joining run, the plan and the revert ask here.
+pub fn made_progress(rows_done: i64, bound_taken: bool) -> bool {
+    rows_done > 0 || bound_taken
+}
+
+/// Whether the next run of a job sweeps (walks every key again from the first, its sweep count
+/// started afresh) rather than continuing a pass: its last pass ended incomplete and none of its
+/// key ranges is left to walk. The one place this is decided: the plan probes the chunk a sweep
+/// starts with, and a joining run resets the sweep count.
+pub fn next_run_sweeps(state: JobState, ranges_all_done: bool) -> bool {
+    state == JobState::Incomplete && ranges_all_done
+}
+
+/// Whether a job may be reverted: it made progress ([`made_progress`]), is not reverted already,
+/// and no run works on it (in that order of precedence). The one place this is decided.
 pub fn revert_refusal(
     state: JobState,
-    bound_taken: bool,
+    made_progress: bool,
     run_alive: bool,
 ) -> Option<RevertRefusal> {
     if run_alive {
         Some(RevertRefusal::Running)
     } else if state == JobState::Reverted {
         Some(RevertRefusal::AlreadyReverted)
-    } else if !bound_taken {
+    } else if !made_progress {
         Some(RevertRefusal::NothingProcessed)
     } else {
         None
@@ -396,6 +419,8 @@ mod tests {
             let alive = ShownState::of(state, true);
             assert_eq!(alive, state);
             let dead = ShownState::of(state, false);
+            assert_eq!(alive.recorded(), state);
+            assert_eq!(dead.recorded(), state);
             if state == JobState::Running {
                 assert_eq!(dead, ShownState::Interrupted);
                 assert_ne!(dead, JobState::Running);
@@ -410,7 +435,7 @@ mod tests {
     #[test]
     fn revert_is_refused_while_running_when_reverted_or_before_any_progress() {
         use RevertRefusal::*;
-        // (state, bound taken, a run alive, refusal)
+        // (state, made progress, a run alive, refusal)
         let cases = [
             (JobState::Done, true, false, None),
             (JobState::Failed, true, false, None),
@@ -424,12 +449,44 @@ mod tests {
             (JobState::New, false, false, Some(NothingProcessed)),
             (JobState::Stopped, false, false, Some(NothingProcessed)),
         ];
-        for (state, taken, alive, want) in cases {
+        for (state, progress, alive, want) in cases {
             assert_eq!(
-                revert_refusal(state, taken, alive),
+                revert_refusal(state, progress, alive),
                 want,
-                "{state:?} taken={taken} alive={alive}"
+                "{state:?} progress={progress} alive={alive}"
             );
+        }
+    }
+
+    #[test]
+    fn progress_is_rows_done_or_a_fixed_key_range() {
+        // (rows done, bound taken, made progress)
+        let cases = [
+            (0, false, false),
+            (0, true, true),
+            (5, true, true),
+            (5, false, true),
+        ];
+        for (rows, taken, want) in cases {
+            assert_eq!(
+                made_progress(rows, taken),
+                want,
+                "rows={rows} taken={taken}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_an_incomplete_job_with_every_range_walked_sweeps_next() {
+        for &state in JobState::ALL {
+            for all_done in [false, true] {
+                let want = state == JobState::Incomplete && all_done;
+                assert_eq!(
+                    next_run_sweeps(state, all_done),
+                    want,
+                    "{state:?} {all_done}"
+                );
+            }
         }
     }
 }
