@@ -160,8 +160,8 @@ async fn gate(
     json: bool,
 ) -> Result<u8> {
     let job = crate::resolve::load(jobs, name)?;
-    let client = target.connect().await?;
-    let report = crate::migrator::gate(&client, store, &job, verify_timeout).await?;
+    let mut client = target.connect().await?;
+    let report = crate::migrator::gate(&mut client, store, &job, verify_timeout).await?;
     if json {
         println!(
             "{}",
