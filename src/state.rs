@@ -160,6 +160,33 @@ text_enum! {
     }
 }
 
+impl JobState {
+    /// Whether the job is finished: every key processed and, with a verify query, verified to
+    /// 0. A run then has nothing left to do (joining returns at once, no sweep starts, its
+    /// preconditions are not asked), and its contract step may follow (`status` shows "contract
+    /// applied" as expected). Not the gate's verdict: that also asks for failed keys, finishing
+    /// steps and verify now (`completion_gap`).
+    pub fn is_finished(self) -> bool {
+        self == JobState::Done
+    }
+
+    /// Whether a run's end may record `next` over this state: a finished job stays finished, so
+    /// that a run ending late (stopped, failed) does not undo another run's finish.
+    pub fn may_become(self, next: JobState) -> bool {
+        !self.is_finished() || next.is_finished()
+    }
+
+    /// The states a run's end may record `next` over ([`JobState::may_become`]), as texts to bind
+    /// for an update that checks the row's state in the same statement.
+    pub fn may_become_from(next: JobState) -> Vec<&'static str> {
+        JobState::ALL
+            .iter()
+            .filter(|s| s.may_become(next))
+            .map(|s| s.as_sql())
+            .collect()
+    }
+}
+
 /// How a run ends by itself: what it records as its outcome and as the job's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunEnd {
@@ -201,7 +228,7 @@ impl RunEnd {
     /// query counted at the end (None: the job has none).
     pub fn phase(self, verify_remaining: Option<i64>) -> Phase {
         match self {
-            RunEnd::Done => Phase::done(verify_remaining == Some(0)),
+            RunEnd::Done => Phase::done(verify_remaining),
             RunEnd::Incomplete => Phase::Incomplete,
             RunEnd::Stopped => Phase::Stopped,
             RunEnd::Cancelled => Phase::Cancelled,
@@ -211,11 +238,12 @@ impl RunEnd {
 }
 
 impl Phase {
-    /// The phase of a job that is done: "done and verified" only when its verify query
-    /// confirmed it (counted 0); a job without one is just "done". The one place this is decided
-    /// (a run's end and the end of its finishing steps both ask here).
-    pub fn done(verified: bool) -> Phase {
-        if verified {
+    /// The phase of a job that is done, from the count its verify query recorded (None: it has
+    /// none): "done and verified" only when verify confirmed it (counted 0), else just "done".
+    /// The one place this is decided (a run's end and the end of its finishing steps both ask
+    /// here, with the recorded count).
+    pub fn done(verify_remaining: Option<i64>) -> Phase {
+        if verify_remaining == Some(0) {
             Phase::DoneAndVerified
         } else {
             Phase::Done
@@ -409,8 +437,28 @@ mod tests {
         }
         // Done with rows still counted is not verified (an incomplete run records that instead).
         assert_eq!(RunEnd::Done.phase(Some(3)), Phase::Done);
-        assert_eq!(Phase::done(true), Phase::DoneAndVerified);
-        assert_eq!(Phase::done(false), Phase::Done);
+        assert_eq!(Phase::done(Some(0)), Phase::DoneAndVerified);
+        assert_eq!(Phase::done(Some(2)), Phase::Done);
+        assert_eq!(Phase::done(None), Phase::Done);
+    }
+
+    #[test]
+    fn only_done_is_finished_and_only_a_finish_replaces_it() {
+        for &from in JobState::ALL {
+            assert_eq!(from.is_finished(), from == JobState::Done, "{from:?}");
+            for &next in JobState::ALL {
+                let want = from != JobState::Done || next == JobState::Done;
+                assert_eq!(from.may_become(next), want, "{from:?} -> {next:?}");
+                assert_eq!(
+                    JobState::may_become_from(next).contains(&from.as_sql()),
+                    want,
+                    "{from:?} -> {next:?}"
+                );
+            }
+        }
+        assert!(!JobState::Done.may_become(JobState::Stopped));
+        assert!(JobState::Done.may_become(JobState::Done));
+        assert!(JobState::Incomplete.may_become(JobState::Failed));
     }
 
     #[test]

@@ -80,7 +80,7 @@ impl Store {
         }
         let live: Vec<&Owner> = checkpoint.runners.iter().filter(|o| o.alive).collect();
         refuse_changed_definition(job, &checkpoint, &live, allow_changed_definition)?;
-        if checkpoint.state == JobState::Done {
+        if checkpoint.state.recorded().is_finished() {
             tx.commit().await.map_err(err)?;
             return Ok(Claim::AlreadyDone(checkpoint));
         }

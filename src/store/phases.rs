@@ -97,7 +97,7 @@ impl Store {
             .map_err(err)?;
         let (passes, estimate): (i32, Option<i64>) = (row.get(0), row.get(1));
         let state: JobState = row.try_get(2).map_err(err)?;
-        if state == JobState::Done {
+        if state.is_finished() {
             return Ok(Sweep::Done);
         }
         // Another run started a pass since (or one is still being walked): join it rather than
