@@ -1,9 +1,12 @@
 //! The engine's persisted states as types: a job's state, the phase `status` shows, a run's
 //! outcome in the history, and a finishing step's state. Each enum's SQL text is written once, in
 //! the table of its `text_enum!` below; every statement binds or formats that text, and every
-//! row read parses it back, so no other module spells a state. The decisions taken on them
-//! (whether a pass ended, which phase a finished run shows, whether a job may be reverted) are
-//! made here too, as pure functions with their tests.
+//! row read parses it back, so no other module spells a state. The decisions taken on them are
+//! made here too, as pure functions with their tests: whether a job is finished and which states
+//! a run's end may replace, whether a pass ended, which phase a finished job shows (from its
+//! recorded verify count), whether it made progress, whether its next run sweeps, whether it may
+//! be reverted. What keeps a job from being complete is the one exception: the SQL function
+//! `completion_gap` decides it (the SQL gate must too), and `CompletionGap` names its answers.
 //!
 //! Bottom of the dependency order: this module imports nothing of the crate and sends no SQL.
 //! The CHECK constraints of the engine's schema (`store/schema.rs`) list the same texts; a unit
