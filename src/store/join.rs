@@ -269,7 +269,11 @@ fn refuse_changed_definition(
     }
     // A pass that ended incomplete has processed every key: the new statement would only drive
     // sweeps — the usual change then is adding the guard they need.
-    let how = if checkpoint.state == JobState::Incomplete {
+    let sweeps_next = next_run_sweeps(
+        checkpoint.state.recorded(),
+        checkpoint.ranges.iter().all(|r| r.done),
+    );
+    let how = if sweeps_next {
         format!(
             "Every key was processed under the old definition; what is left is a sweep, which applies the new statement to every key again and runs only if applying it twice changes nothing (a guard, e.g. `AND new_col IS NULL`). If you added or fixed the guard and changed nothing else, run `backfill run {name} --allow-changed-definition`; if you changed what it writes, `backfill reset {name} --yes` starts over"
         )
