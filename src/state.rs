@@ -1,9 +1,12 @@
 //! The engine's persisted states as types: a job's state, the phase `status` shows, a run's
 //! outcome in the history, and a finishing step's state. Each enum's SQL text is written once, in
 //! the table of its `text_enum!` below; every statement binds or formats that text, and every
-//! row read parses it back, so no other module spells a state. The decisions taken on them
-//! (whether a pass ended, which phase a finished run shows, whether a job may be reverted) are
-//! made here too, as pure functions with their tests.
+//! row read parses it back, so no other module spells a state. The decisions taken on them are
+//! made here too, as pure functions with their tests: whether a job is finished and which states
+//! a run's end may replace, whether a pass ended, which phase a finished job shows (from its
+//! recorded verify count), whether it made progress, whether its next run sweeps, whether it may
+//! be reverted. What keeps a job from being complete is the one exception: the SQL function
+//! `completion_gap` decides it (the SQL gate must too), and `CompletionGap` names its answers.
 //!
 //! Bottom of the dependency order: this module imports nothing of the crate and sends no SQL.
 //! The CHECK constraints of the engine's schema (`store/schema.rs`) list the same texts; a unit
@@ -160,6 +163,33 @@ text_enum! {
     }
 }
 
+impl JobState {
+    /// Whether the job is finished: every key processed and, with a verify query, verified to
+    /// 0. A run then has nothing left to do (joining returns at once, no sweep starts, its
+    /// preconditions are not asked), and its contract step may follow (`status` shows "contract
+    /// applied" as expected). Not the gate's verdict: that also asks for failed keys, finishing
+    /// steps and verify now (`completion_gap`).
+    pub fn is_finished(self) -> bool {
+        self == JobState::Done
+    }
+
+    /// Whether a run's end may record `next` over this state: a finished job stays finished, so
+    /// that a run ending late (stopped, failed) does not undo another run's finish.
+    pub fn may_become(self, next: JobState) -> bool {
+        !self.is_finished() || next.is_finished()
+    }
+
+    /// The states a run's end may record `next` over ([`JobState::may_become`]), as texts to bind
+    /// for an update that checks the row's state in the same statement.
+    pub fn may_become_from(next: JobState) -> Vec<&'static str> {
+        JobState::ALL
+            .iter()
+            .filter(|s| s.may_become(next))
+            .map(|s| s.as_sql())
+            .collect()
+    }
+}
+
 /// How a run ends by itself: what it records as its outcome and as the job's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunEnd {
@@ -201,7 +231,7 @@ impl RunEnd {
     /// query counted at the end (None: the job has none).
     pub fn phase(self, verify_remaining: Option<i64>) -> Phase {
         match self {
-            RunEnd::Done => Phase::done(verify_remaining == Some(0)),
+            RunEnd::Done => Phase::done(verify_remaining),
             RunEnd::Incomplete => Phase::Incomplete,
             RunEnd::Stopped => Phase::Stopped,
             RunEnd::Cancelled => Phase::Cancelled,
@@ -211,11 +241,12 @@ impl RunEnd {
 }
 
 impl Phase {
-    /// The phase of a job that is done: "done and verified" only when its verify query
-    /// confirmed it (counted 0); a job without one is just "done". The one place this is decided
-    /// (a run's end and the end of its finishing steps both ask here).
-    pub fn done(verified: bool) -> Phase {
-        if verified {
+    /// The phase of a job that is done, from the count its verify query recorded (None: it has
+    /// none): "done and verified" only when verify confirmed it (counted 0), else just "done".
+    /// The one place this is decided (a run's end and the end of its finishing steps both ask
+    /// here, with the recorded count).
+    pub fn done(verify_remaining: Option<i64>) -> Phase {
+        if verify_remaining == Some(0) {
             Phase::DoneAndVerified
         } else {
             Phase::Done
@@ -236,6 +267,14 @@ impl ShownState {
         match recorded {
             JobState::Running if !runner_alive => ShownState::Interrupted,
             state => ShownState::Recorded(state),
+        }
+    }
+
+    /// The state its row records (`interrupted` is a running one whose runner is gone).
+    pub fn recorded(self) -> JobState {
+        match self {
+            ShownState::Recorded(state) => state,
+            ShownState::Interrupted => JobState::Running,
         }
     }
 
@@ -277,18 +316,33 @@ pub enum RevertRefusal {
     NothingProcessed,
 }
 
-/// Whether a job may be reverted: it made progress, is not reverted already, and no run works on
-/// it (in that order of precedence). The one place this is decided.
+/// Whether a job made progress a definition change or a revert must reckon with: its key range
+/// was fixed (the first step of its first run) or rows were done. A revert clears both, so a
+/// reverted job made none. The one definition: a joining run, the plan and the revert ask here.
+pub fn made_progress(rows_done: i64, bound_taken: bool) -> bool {
+    rows_done > 0 || bound_taken
+}
+
+/// Whether the next run of a job sweeps (walks every key again from the first, its sweep count
+/// started afresh) rather than continuing a pass: its last pass ended incomplete and none of its
+/// key ranges is left to walk. The one place this is decided: the plan probes the chunk a sweep
+/// starts with, and a joining run resets the sweep count.
+pub fn next_run_sweeps(state: JobState, ranges_all_done: bool) -> bool {
+    state == JobState::Incomplete && ranges_all_done
+}
+
+/// Whether a job may be reverted: it made progress ([`made_progress`]), is not reverted already,
+/// and no run works on it (in that order of precedence). The one place this is decided.
 pub fn revert_refusal(
     state: JobState,
-    bound_taken: bool,
+    made_progress: bool,
     run_alive: bool,
 ) -> Option<RevertRefusal> {
     if run_alive {
         Some(RevertRefusal::Running)
     } else if state == JobState::Reverted {
         Some(RevertRefusal::AlreadyReverted)
-    } else if !bound_taken {
+    } else if !made_progress {
         Some(RevertRefusal::NothingProcessed)
     } else {
         None
@@ -386,8 +440,28 @@ mod tests {
         }
         // Done with rows still counted is not verified (an incomplete run records that instead).
         assert_eq!(RunEnd::Done.phase(Some(3)), Phase::Done);
-        assert_eq!(Phase::done(true), Phase::DoneAndVerified);
-        assert_eq!(Phase::done(false), Phase::Done);
+        assert_eq!(Phase::done(Some(0)), Phase::DoneAndVerified);
+        assert_eq!(Phase::done(Some(2)), Phase::Done);
+        assert_eq!(Phase::done(None), Phase::Done);
+    }
+
+    #[test]
+    fn only_done_is_finished_and_only_a_finish_replaces_it() {
+        for &from in JobState::ALL {
+            assert_eq!(from.is_finished(), from == JobState::Done, "{from:?}");
+            for &next in JobState::ALL {
+                let want = from != JobState::Done || next == JobState::Done;
+                assert_eq!(from.may_become(next), want, "{from:?} -> {next:?}");
+                assert_eq!(
+                    JobState::may_become_from(next).contains(&from.as_sql()),
+                    want,
+                    "{from:?} -> {next:?}"
+                );
+            }
+        }
+        assert!(!JobState::Done.may_become(JobState::Stopped));
+        assert!(JobState::Done.may_become(JobState::Done));
+        assert!(JobState::Incomplete.may_become(JobState::Failed));
     }
 
     #[test]
@@ -396,6 +470,8 @@ mod tests {
             let alive = ShownState::of(state, true);
             assert_eq!(alive, state);
             let dead = ShownState::of(state, false);
+            assert_eq!(alive.recorded(), state);
+            assert_eq!(dead.recorded(), state);
             if state == JobState::Running {
                 assert_eq!(dead, ShownState::Interrupted);
                 assert_ne!(dead, JobState::Running);
@@ -410,7 +486,7 @@ mod tests {
     #[test]
     fn revert_is_refused_while_running_when_reverted_or_before_any_progress() {
         use RevertRefusal::*;
-        // (state, bound taken, a run alive, refusal)
+        // (state, made progress, a run alive, refusal)
         let cases = [
             (JobState::Done, true, false, None),
             (JobState::Failed, true, false, None),
@@ -424,12 +500,44 @@ mod tests {
             (JobState::New, false, false, Some(NothingProcessed)),
             (JobState::Stopped, false, false, Some(NothingProcessed)),
         ];
-        for (state, taken, alive, want) in cases {
+        for (state, progress, alive, want) in cases {
             assert_eq!(
-                revert_refusal(state, taken, alive),
+                revert_refusal(state, progress, alive),
                 want,
-                "{state:?} taken={taken} alive={alive}"
+                "{state:?} progress={progress} alive={alive}"
             );
+        }
+    }
+
+    #[test]
+    fn progress_is_rows_done_or_a_fixed_key_range() {
+        // (rows done, bound taken, made progress)
+        let cases = [
+            (0, false, false),
+            (0, true, true),
+            (5, true, true),
+            (5, false, true),
+        ];
+        for (rows, taken, want) in cases {
+            assert_eq!(
+                made_progress(rows, taken),
+                want,
+                "rows={rows} taken={taken}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_an_incomplete_job_with_every_range_walked_sweeps_next() {
+        for &state in JobState::ALL {
+            for all_done in [false, true] {
+                let want = state == JobState::Incomplete && all_done;
+                assert_eq!(
+                    next_run_sweeps(state, all_done),
+                    want,
+                    "{state:?} {all_done}"
+                );
+            }
         }
     }
 }

@@ -10,7 +10,7 @@ use crate::executor::{self, NotSwept, Outcome, RunOptions};
 use crate::job::{self, JobSpec};
 use crate::keyset::show_key;
 use crate::signals::Shutdown;
-use crate::state::{JobState, Phase};
+use crate::state::Phase;
 use crate::store::Store;
 use crate::telemetry::{Progress, ProgressOptions};
 use std::path::Path;
@@ -220,8 +220,9 @@ async fn finish(target: &Target, store: &Store, job: &JobSpec, progress: &Progre
     .await
     {
         Ok(_) => {
-            // As the run recorded it: the job is done, so a verify query it has counted 0.
-            let done = Phase::done(job.verify.is_some());
+            // From the count the job's verify recorded, as the run's end decided its phase.
+            let recorded = store.load(&client, &job.name).await?;
+            let done = Phase::done(recorded.and_then(|c| c.verify_remaining));
             store.set_phase(&client, &job.name, done).await?;
             Ok(())
         }
@@ -303,7 +304,7 @@ async fn preconditions(
     if store
         .load(&client, name)
         .await?
-        .is_some_and(|c| c.state == JobState::Done)
+        .is_some_and(|c| c.state.recorded().is_finished())
     {
         return Ok(());
     }

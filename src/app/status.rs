@@ -129,7 +129,9 @@ async fn phase_of(
     let recorded = recorded_phase(c);
     let Some(spec) = spec else { return recorded };
     match crate::migrator::contract_applied(client, spec).await {
-        Ok(Some(_)) if c.is_some_and(|c| c.state == JobState::Done) => "contract applied".into(),
+        Ok(Some(_)) if c.is_some_and(|c| c.state.recorded().is_finished()) => {
+            "contract applied".into()
+        }
         Ok(Some(_)) => format!("{recorded}; contract applied before the backfill finished"),
         Ok(None) => recorded,
         Err(e) => format!("{recorded} (the migrator's history could not be read: {e})"),

@@ -11,8 +11,8 @@ pub mod history;
 use crate::db::{self, Limit, Timeouts};
 use crate::error::{Error, Result};
 use crate::job::JobSpec;
-use crate::state::{JobState, ShownState};
-use crate::store::{Checkpoint, Gap, Store};
+use crate::state::{CompletionGap, JobState, ShownState};
+use crate::store::{Checkpoint, Incomplete, Store};
 use std::time::Duration;
 
 /// Checks, offline, that the job's expand and contract revisions are written as its migrator
@@ -226,14 +226,14 @@ pub struct GateReport {
 
 /// Passes only when the job is done and its verify query returns 0 now.
 pub async fn gate(
-    client: &tokio_postgres::Client,
+    client: &mut tokio_postgres::Client,
     store: &Store,
     job: &JobSpec,
     timeout: Duration,
 ) -> Result<GateReport> {
     let name = &job.name;
     check_gate_privileges(client, store, name).await?;
-    let checkpoint = store.load(client, name).await?;
+    let (checkpoint, incomplete) = read_completion(client, store, job).await?;
     let state = checkpoint
         .as_ref()
         .map(|c| c.state.to_string())
@@ -257,17 +257,15 @@ pub async fn gate(
             None,
         ));
     }
-    // Whether it is complete, its verify aside, is the one decision the SQL gate takes too.
-    let declared = job.finish_sql.len() as i32;
-    match store.completion_gap(client, name, Some(declared)).await? {
+    match incomplete.map(|i| (i.gap, i)) {
         None => {}
-        Some(Gap::NeverRan) => {
+        Some((CompletionGap::NeverRan, _)) => {
             return Ok(fail(
                 format!("job {name} has never run: run `backfill run {name}` first"),
                 None,
             ))
         }
-        Some(Gap::NotDone) => {
+        Some((CompletionGap::NotDone, _)) => {
             return Ok(fail(
                 format!(
                     "job {name} is not complete: {}; run `backfill run {name}` to finish it",
@@ -276,17 +274,19 @@ pub async fn gate(
                 None,
             ));
         }
-        Some(Gap::FailedKeys(n)) => {
+        Some((CompletionGap::FailedKeys, i)) => {
+            let n = i.failed_keys;
             return Ok(fail(
                 format!("job {name} skipped {n} keys whose rows made its statement fail; `backfill failures {name}` lists them, `backfill retry-failures {name}` retries them once fixed"),
                 None,
-            ))
+            ));
         }
-        Some(Gap::FinishingSteps { done, declared }) => {
+        Some((CompletionGap::FinishingSteps, i)) => {
+            let (done, declared) = (i.steps_done, i.steps_declared);
             return Ok(fail(
                 format!("job {name}: {done} of its {declared} finishing steps succeeded; `backfill run {name}` runs the rest (`backfill status {name}` shows the last error)"),
                 None,
-            ))
+            ));
         }
     }
     if job.verify.is_none() {
@@ -313,6 +313,37 @@ pub async fn gate(
         verify_remaining: Some(0),
         reason: format!("job {name} is complete and verified: verify returned 0 just now"),
     })
+}
+
+/// The job's checkpoint and what keeps it from being complete (its verify aside), read in one
+/// read-only REPEATABLE READ transaction: both from one snapshot, so the reason the gate gives
+/// cannot contradict its verdict when the job changes in between. Whether it is complete is the
+/// one decision the SQL gate takes too (`completion_gap`).
+async fn read_completion(
+    client: &mut tokio_postgres::Client,
+    store: &Store,
+    job: &JobSpec,
+) -> Result<(Option<Checkpoint>, Option<Incomplete>)> {
+    let name = &job.name;
+    let err = |e| db::error(e, format!("job {name}: checking that it is complete"));
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(err)?;
+    let checkpoint = store.load(&tx, name).await?;
+    let incomplete = match &checkpoint {
+        // Never run: the schema may not even exist; the gate says so without asking.
+        None => None,
+        Some(_) => {
+            let declared = job.finish_sql.len() as i32;
+            store.completion_gap(&tx, name, Some(declared)).await?
+        }
+    };
+    tx.commit().await.map_err(err)?;
+    Ok((checkpoint, incomplete))
 }
 
 /// Fails unless the role may read the engine's schema as the gate does.

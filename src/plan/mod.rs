@@ -23,7 +23,7 @@ use crate::db::Target;
 use crate::error::{ErrorKind, Result};
 use crate::job::JobSpec;
 use crate::keyset::KeyValue;
-use crate::state::JobState;
+use crate::state::{made_progress, next_run_sweeps};
 use crate::store::Store;
 use std::time::Duration;
 
@@ -133,7 +133,7 @@ pub async fn plan(
     // so that is the chunk to probe (whether the statement may be applied again is the question).
     let sweeps_next = checkpoint
         .as_ref()
-        .is_some_and(|c| c.state == JobState::Incomplete && c.ranges.iter().all(|r| r.done));
+        .is_some_and(|c| next_run_sweeps(c.state.recorded(), c.ranges.iter().all(|r| r.done)));
     let from = if sweeps_next {
         None
     } else {
@@ -145,7 +145,7 @@ pub async fn plan(
     }
     if let Some(c) = checkpoint
         .as_ref()
-        .filter(|c| c.fingerprint != job.fingerprint && (c.rows_done > 0 || c.bound_taken))
+        .filter(|c| c.fingerprint != job.fingerprint && made_progress(c.rows_done, c.bound_taken))
     {
         plan.findings.push(Finding {
             severity: Severity::Warning,

@@ -247,7 +247,7 @@ impl Store {
         client: &impl GenericClient,
         job: &str,
         declared_steps: Option<i32>,
-    ) -> Result<Option<Gap>> {
+    ) -> Result<Option<Incomplete>> {
         let err = |e| db::error(e, format!("job {job}: checking that it is complete"));
         let row = client
             .query_one(
@@ -260,28 +260,25 @@ impl Store {
             .await
             .map_err(err)?;
         let gap: Option<CompletionGap> = row.try_get(0).map_err(err)?;
-        Ok(gap.map(|gap| match gap {
-            CompletionGap::NeverRan => Gap::NeverRan,
-            CompletionGap::NotDone => Gap::NotDone,
-            CompletionGap::FailedKeys => Gap::FailedKeys(row.get(1)),
-            CompletionGap::FinishingSteps => Gap::FinishingSteps {
-                done: row.get(2),
-                declared: row.get(3),
-            },
+        // The function stops counting at the first gap it finds: later counts are NULL.
+        let count = |i| row.get::<_, Option<i64>>(i).unwrap_or(0);
+        Ok(gap.map(|gap| Incomplete {
+            gap,
+            failed_keys: count(1),
+            steps_done: count(2),
+            steps_declared: row.get::<_, Option<i32>>(3).unwrap_or(0),
         }))
     }
 }
 
-/// What keeps a job from being complete, its verify aside (see [`Store::completion_gap`]).
+/// What keeps a job from being complete, its verify aside (see [`Store::completion_gap`]): the
+/// gap, and the counts its message names (0 where the gap was found before they were counted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Gap {
-    NeverRan,
-    /// Its state is not done (the checkpoint says which).
-    NotDone,
-    /// This many keys were skipped for a data error and are unresolved.
-    FailedKeys(i64),
-    FinishingSteps {
-        done: i64,
-        declared: i32,
-    },
+pub struct Incomplete {
+    pub gap: CompletionGap,
+    /// Keys skipped for a data error and unresolved.
+    pub failed_keys: i64,
+    /// Finishing steps that succeeded, of those declared.
+    pub steps_done: i64,
+    pub steps_declared: i32,
 }

@@ -7,7 +7,7 @@ use crate::db;
 use crate::db::{Limit, Timeouts};
 use crate::error::{Error, Result};
 use crate::job::JobSpec;
-use crate::state::{JobState, Phase, RunOutcome};
+use crate::state::{made_progress, next_run_sweeps, JobState, Phase, RunOutcome};
 use std::time::Duration;
 use tokio_postgres::GenericClient;
 
@@ -80,12 +80,20 @@ impl Store {
         }
         let live: Vec<&Owner> = checkpoint.runners.iter().filter(|o| o.alive).collect();
         refuse_changed_definition(job, &checkpoint, &live, allow_changed_definition)?;
-        if checkpoint.state == JobState::Done {
+        if checkpoint.state.recorded().is_finished() {
             tx.commit().await.map_err(err)?;
             return Ok(Claim::AlreadyDone(checkpoint));
         }
+        let alone = live.is_empty();
+        // A new run after an incomplete pass may sweep again (the writers were fixed): unless
+        // another run is still at it, the sweep count starts afresh.
+        let sweeps_afresh = alone
+            && next_run_sweeps(
+                checkpoint.state.recorded(),
+                checkpoint.ranges.iter().all(|r| r.done),
+            );
         let run_id = self
-            .record_run(&tx, job, runner, workers, live.is_empty())
+            .record_run(&tx, job, runner, workers, alone, sweeps_afresh)
             .await
             .map_err(err)?;
         tx.commit().await.map_err(err)?;
@@ -161,7 +169,7 @@ impl Store {
     }
 
     /// Records the new run and the job as running under it; returns the run's id. `alone`: no
-    /// other run is alive on the job.
+    /// other run is alive on the job; `sweeps_afresh`: its sweep count starts again at 0.
     async fn record_run(
         &self,
         tx: &impl GenericClient,
@@ -169,6 +177,7 @@ impl Store {
         runner: &Runner,
         workers: u32,
         alone: bool,
+        sweeps_afresh: bool,
     ) -> Result<i64, tokio_postgres::Error> {
         let name = job.name.as_str();
         let run_id: i64 = tx
@@ -193,11 +202,9 @@ impl Store {
                 "UPDATE {s}.checkpoints SET state = $5, fingerprint = $2, last_error = NULL,
                         started_at = coalesce(started_at, now()), updated_at = now(),
                         has_verify = $3, finish_steps = $4, phase = $6,
-                        -- a new run after an incomplete one may sweep again (the writers were fixed)
-                        sweeps = CASE WHEN state = $7 AND NOT {live} THEN 0 ELSE sweeps END
+                        sweeps = CASE WHEN $7 THEN 0 ELSE sweeps END
                   WHERE job = $1",
                 s = self.q,
-                live = if alone { "false" } else { "true" }
             ),
             &[
                 &name,
@@ -206,7 +213,7 @@ impl Store {
                 &(job.finish_sql.len() as i32),
                 &JobState::Running.as_sql(),
                 &Phase::Running.as_sql(),
-                &JobState::Incomplete.as_sql(),
+                &sweeps_afresh,
             ],
         )
         .await?;
@@ -257,13 +264,16 @@ fn refuse_changed_definition(
             job.path.display(), other.pid
         )));
     }
-    let made_progress = checkpoint.rows_done > 0 || checkpoint.bound_taken;
-    if !made_progress || allow_changed_definition {
+    if !made_progress(checkpoint.rows_done, checkpoint.bound_taken) || allow_changed_definition {
         return Ok(());
     }
     // A pass that ended incomplete has processed every key: the new statement would only drive
     // sweeps — the usual change then is adding the guard they need.
-    let how = if checkpoint.state == JobState::Incomplete {
+    let sweeps_next = next_run_sweeps(
+        checkpoint.state.recorded(),
+        checkpoint.ranges.iter().all(|r| r.done),
+    );
+    let how = if sweeps_next {
         format!(
             "Every key was processed under the old definition; what is left is a sweep, which applies the new statement to every key again and runs only if applying it twice changes nothing (a guard, e.g. `AND new_col IS NULL`). If you added or fixed the guard and changed nothing else, run `backfill run {name} --allow-changed-definition`; if you changed what it writes, `backfill reset {name} --yes` starts over"
         )

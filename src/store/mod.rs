@@ -31,7 +31,7 @@ mod ranges;
 mod runs;
 mod schema;
 
-pub use checkpoint::{Checkpoint, Gap, Owner};
+pub use checkpoint::{Checkpoint, Incomplete, Owner};
 
 pub use control::{ControlChange, Controls};
 pub use failures::{FailedKey, Poison};

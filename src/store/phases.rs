@@ -9,7 +9,7 @@ use crate::db;
 use crate::error::{Error, Result};
 use crate::job::JobSpec;
 use crate::keyset::KeyValue;
-use crate::state::{revert_refusal, JobState, Phase, RevertRefusal};
+use crate::state::{made_progress, revert_refusal, JobState, Phase, RevertRefusal};
 use tokio_postgres::GenericClient;
 
 /// The revert job of `job` is checkpointed under this name (the store refuses to run a job while
@@ -97,7 +97,7 @@ impl Store {
             .map_err(err)?;
         let (passes, estimate): (i32, Option<i64>) = (row.get(0), row.get(1));
         let state: JobState = row.try_get(2).map_err(err)?;
-        if state == JobState::Done {
+        if state.is_finished() {
             return Ok(Sweep::Done);
         }
         // Another run started a pass since (or one is still being walked): join it rather than
@@ -211,6 +211,7 @@ impl Store {
             .query_opt(
                 &format!(
                     "SELECT c.state, c.bound_taken,
+                            coalesce((SELECT sum(g.rows_done) FROM {s}.ranges g WHERE g.job = c.job), 0)::bigint,
                             EXISTS (SELECT 1 FROM {s}.runs r WHERE r.job = c.job AND r.outcome IS NULL AND {alive})
                        FROM {s}.checkpoints c WHERE c.job = $1",
                     s = self.q,
@@ -228,8 +229,8 @@ impl Store {
             ));
         };
         let state: JobState = row.try_get(0).map_err(err)?;
-        let (taken, running): (bool, bool) = (row.get(1), row.get(2));
-        match revert_refusal(state, taken, running) {
+        let (taken, rows_done, running): (bool, i64, bool) = (row.get(1), row.get(2), row.get(3));
+        match revert_refusal(state, made_progress(rows_done, taken), running) {
             None => Ok(()),
             Some(RevertRefusal::Running) => refuse(format!(
                 "is running; stop it (Ctrl-C, or `backfill cancel {job}`) before reverting"

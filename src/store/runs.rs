@@ -103,7 +103,8 @@ impl Store {
                                 ELSE total_estimate END,
                             total_exact = total_exact OR $8
                       WHERE c.job = $1 AND EXISTS (SELECT 1 FROM run)
-                        AND (c.state <> {done} OR $6 = {done})
+                        -- nothing but a finish replaces a finished job's state
+                        AND c.state = ANY($9)
                         -- another run's sweep still being walked: that run records the outcome
                         AND (NOT $8
                              OR NOT EXISTS (SELECT 1 FROM {s}.ranges g WHERE g.job = $1 AND NOT g.done))
@@ -112,7 +113,6 @@ impl Store {
                     s = self.q,
                     alive = Self::run_alive_sql("r"),
                     counts = self.run_counts_sql("$2"),
-                    done = JobState::Done.literal(),
                 ),
                 &[
                     &job,
@@ -123,6 +123,7 @@ impl Store {
                     &state.as_sql(),
                     &end.phase(verify_remaining).as_sql(),
                     &end.ends_pass(),
+                    &JobState::may_become_from(state),
                 ],
             )
             .await

@@ -290,7 +290,7 @@ CREATE TABLE {s}.run_workers (
     (
         9,
         // Whether a job is complete, its verify aside, is decided once, here: the SQL gate and
-        // `backfill gate` both ask `completion_gap` (the texts of `gap` are `state::Gap`'s). It
+        // `backfill gate` both ask `completion_gap` (the texts of `gap` are `state::CompletionGap`'s). It
         // reads only the engine's tables and executes nothing stored in them. `declared` is the
         // number of finishing steps the job's file declares now, which the CLI gate knows; the
         // SQL gate passes none and the count the job's last run recorded is used.

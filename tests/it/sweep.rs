@@ -247,3 +247,42 @@ fn a_statement_without_a_guard_is_not_swept() {
         "the sweep's guard kept the application's write"
     );
 }
+
+/// Whether the next run sweeps afresh is one decision (`state::next_run_sweeps`): only when the
+/// last pass ended incomplete *and* no key range is left to walk. A sweep pass left unfinished by
+/// a run that died (state still incomplete from the run before) is continued, and its count is
+/// not started again; the plan says the same (no sweep chunk).
+#[test]
+fn an_unfinished_sweep_pass_is_continued_not_counted_afresh() {
+    let db = TestDb::new();
+    counter_table(&db, 500);
+    db.exec("CREATE TABLE blocked (id bigint); INSERT INTO blocked SELECT min(id) FROM t;");
+    db.write_job(
+        "j",
+        &guarded_job("max_sweeps = 2").replace(
+            "AND n = 0\"",
+            "AND n = 0 AND NOT EXISTS (SELECT 1 FROM blocked b WHERE b.id = t.id)\"",
+        ),
+    );
+    assert_eq!(db.run(&["run", "j"]).code, 1);
+    assert_eq!(
+        db.i64("SELECT sweeps::bigint FROM backfill.checkpoints WHERE job = 'j'"),
+        2
+    );
+    // What a run that died walking a third pass leaves behind: a key range not done.
+    db.exec(
+        "INSERT INTO backfill.ranges (job, id, upper_bound)
+         SELECT job, 99, upper_bound FROM backfill.checkpoints WHERE job = 'j'",
+    );
+    db.exec("DELETE FROM blocked");
+    let plan = db.run(&["plan", "j", "--json"]);
+    assert!(!plan.stdout.contains("\"sweep\": true"), "{plan:?}");
+    let out = db.run(&["run", "j"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+    assert_eq!(
+        db.i64("SELECT sweeps::bigint FROM backfill.checkpoints WHERE job = 'j'"),
+        2
+    );
+    db.run(&["gate", "j"]).expect(0);
+}
