@@ -16,7 +16,7 @@
 //! (that is `recovery`'s), format operator text, sleep, or touch the run's pace.
 
 use super::recovery::Problem;
-use crate::db::{self, ErrorClass, Limit, Target, Timeouts};
+use crate::db::{self, ErrorClass, Target, Timeouts};
 use crate::error::{ChunkCause, WroteOutside};
 use crate::job::JobSpec;
 use crate::keyset::{self, ChunkBounds, KeyValue, Keyset, NextChunkError};
@@ -40,11 +40,7 @@ const BLOCKED_SQL: &str = "SELECT count(*) FROM pg_stat_activity
 /// its range's row locked forever: the server ends the idle transaction once the lease has
 /// expired anyway, and another run can take the range.
 pub(super) fn chunk_timeouts(lock: Duration, statement: Duration) -> Timeouts {
-    Timeouts {
-        lock: Some(Limit::Within(lock)),
-        statement: Some(Limit::Within(statement)),
-        idle_in_transaction: Some(Limit::Within(store::LEASE_TIMEOUT)),
-    }
+    Timeouts::chunk(lock, statement, store::LEASE_TIMEOUT)
 }
 
 /// Every statement of a chunk's transaction, built once per run (in the order they are sent).

@@ -28,6 +28,12 @@ pub(super) const RETRY_BACKOFF: Backoff = Backoff {
 /// The longest pause between two attempts to reach the database.
 pub(super) const RECONNECT_POLL_MAX: Duration = Duration::from_secs(2);
 
+/// How long to wait before the next try while the database has been unreachable for `down`:
+/// quickly at first (a terminated session reconnects at once), then every 2 s.
+pub(super) fn reconnect_pause(down: Duration) -> Duration {
+    (down / 2).clamp(BACKOFF_BASE, RECONNECT_POLL_MAX)
+}
+
 /// What went wrong, as far as recovery cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Problem {
@@ -121,9 +127,8 @@ pub(super) fn decide(s: &Situation) -> Action {
             if down >= s.reconnect_for {
                 return Action::Stop(Stop::Unreachable);
             }
-            // Poll quickly at first (a terminated session reconnects at once), then every 2 s.
             Action::Reconnect {
-                pause: (down / 2).clamp(BACKOFF_BASE, RECONNECT_POLL_MAX),
+                pause: reconnect_pause(down),
             }
         }
         (ErrorClass::Timeout | ErrorClass::Data, Span::Several { keys }) => Action::Narrow {

@@ -3,7 +3,7 @@
 //! job's key range and row estimate on its first run, and connecting patiently while the
 //! database is away. Must not run chunks or decide anything about a chunk's failure.
 
-use super::recovery::{BACKOFF_BASE, RECONNECT_POLL_MAX};
+use super::recovery::{reconnect_pause, RECONNECT_POLL_MAX};
 use super::{RunOptions, Tally};
 use crate::db::{self, ErrorClass, Target};
 use crate::error::{Error, NextRun, Result, StartGaveUp, StoppedUnrecorded};
@@ -78,8 +78,7 @@ pub(super) async fn start(
             })));
         }
         events.on(Event::WaitingForDatabase);
-        // Poll quickly at first (a terminated session reconnects at once), then every 2 s.
-        let pause = (since.elapsed() / 2).clamp(BACKOFF_BASE, RECONNECT_POLL_MAX);
+        let pause = reconnect_pause(since.elapsed());
         shutdown.sleep(pause).await;
         events.on(Event::Held {
             reason: HoldReason::DatabaseUnavailable,
