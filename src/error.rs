@@ -330,7 +330,8 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
 mod tests {
     use super::*;
 
-    fn no_answer(class: ErrorClass) -> DbError {
+    /// A database error without a server behind it, for the tests of this module and `stop`.
+    pub(super) fn no_answer(class: ErrorClass) -> DbError {
         DbError {
             class,
             sqlstate: Some(SqlState::LOCK_NOT_AVAILABLE),

@@ -326,17 +326,8 @@ impl std::error::Error for StoppedUnrecorded {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::{exit, DbCause, ErrorKind};
-
-    fn no_answer(class: ErrorClass) -> DbError {
-        DbError {
-            class,
-            sqlstate: Some(SqlState::LOCK_NOT_AVAILABLE),
-            cause: DbCause::NoAnswer(Duration::from_secs(20)),
-            context: Vec::new(),
-            advice: None,
-        }
-    }
+    use crate::error::tests::no_answer;
+    use crate::error::{exit, ErrorKind};
 
     fn stop(why: StopReason, chunk: Option<(&str, &str)>, cause: ChunkCause) -> ChunkStop {
         ChunkStop {

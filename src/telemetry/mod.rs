@@ -382,13 +382,7 @@ impl Progress {
         }
         let more = done - s.rows;
         s.rows = done;
-        if let Some(t) = s.total {
-            s.total = Some(t.max(s.rows));
-        }
-        let (ratio, eta, _) = figures(&s);
-        self.m.rows_done.set(s.rows as f64);
-        self.m.ratio.set(ratio.unwrap_or(0.0));
-        self.m.eta.set(eta.unwrap_or(0.0));
+        self.rows_moved(&mut s);
         drop(s);
         if let Some(bar) = &self.bar {
             bar.inc(more);
@@ -437,17 +431,22 @@ impl Progress {
         format!("chunk {} · {}{held}", s.chunk_size, workers(s.workers))
     }
 
+    /// After the rows done changed: the total is at least that, and the gauges follow.
+    fn rows_moved(&self, s: &mut State) {
+        if let Some(t) = s.total {
+            s.total = Some(t.max(s.rows));
+        }
+        let (ratio, eta, _) = figures(s);
+        self.m.rows_done.set(s.rows as f64);
+        self.m.ratio.set(ratio.unwrap_or(0.0));
+        self.m.eta.set(eta.unwrap_or(0.0));
+    }
+
     fn update(&self, keys: u64) {
         self.m.rows.increment(keys);
         let mut s = self.state.lock().unwrap();
         s.rows += keys;
-        if let Some(t) = s.total {
-            s.total = Some(t.max(s.rows));
-        }
-        let (ratio, eta, _) = figures(&s);
-        self.m.rows_done.set(s.rows as f64);
-        self.m.ratio.set(ratio.unwrap_or(0.0));
-        self.m.eta.set(eta.unwrap_or(0.0));
+        self.rows_moved(&mut s);
         if let Some(bar) = &self.bar {
             bar.inc(keys);
             if bar.length().is_some_and(|l| bar.position() > l) {
