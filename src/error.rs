@@ -127,6 +127,13 @@ impl Error {
         ExitCode::from(self.exit_code())
     }
 
+    /// This run lost ownership of job `job` (see [`Error::RunLost`]).
+    pub fn run_lost(job: &str) -> Error {
+        Error::RunLost {
+            job: job.to_string(),
+        }
+    }
+
     /// The database error inside, if this is one (through any context).
     pub fn database(&self) -> Option<&DbError> {
         match self {

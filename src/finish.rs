@@ -31,9 +31,11 @@ use std::time::Duration;
 use step::{shorten, Step};
 use tokio_postgres::{Client, GenericClient};
 
-/// First wait after a contended attempt; it doubles up to [`BACKOFF_MAX`].
-const BACKOFF_BASE: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// The wait after a contended attempt: 200 ms, doubling up to 10 s.
+const STEP_BACKOFF: crate::backoff::Backoff = crate::backoff::Backoff {
+    base: Duration::from_millis(200),
+    max: Duration::from_secs(10),
+};
 
 /// How the finishing steps run.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use crate::error::{ChunkCause, ChunkStop, Error, Result, Resume, StopReason};
 use crate::events::Event;
 use crate::hold::HoldReason;
 use crate::keyset::{show_key, KeyValue};
-use crate::store::{self, Acquired, Poison, RangeLease, Splitter};
+use crate::store::{Acquired, Poison, RangeLease, Splitter};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -98,7 +98,7 @@ impl<'s, 'a> Worker<'s, 'a> {
                 return Ok(LoopEnd::Stopped);
             }
             if self.shared.lease.is_lost() {
-                return Err(store::lost(&name));
+                return Err(Error::run_lost(&name));
             }
             match self.read_controls().await {
                 Ok(true) => return Ok(LoopEnd::Cancelled),
@@ -407,7 +407,7 @@ impl<'s, 'a> Worker<'s, 'a> {
     /// The error a run ends with, saying where the next run resumes.
     pub(super) fn stop_error(&self, stop: Stop, f: Failure, resume: Resume) -> Error {
         let why = match stop {
-            Stop::Lost => return store::lost(self.name()),
+            Stop::Lost => return Error::run_lost(self.name()),
             Stop::Stalled => StopReason::Stalled,
             Stop::Unreachable => StopReason::Unreachable {
                 for_: self.outage.map(|since| since.elapsed()).unwrap_or_default(),
@@ -453,7 +453,7 @@ impl<'s, 'a> Worker<'s, 'a> {
         };
         match chunk::skip_key(conn, &shared.chunk, shared.store, &range, &poison).await {
             Ok(true) => {}
-            Ok(false) => return Err(store::lost(&name)),
+            Ok(false) => return Err(Error::run_lost(&name)),
             // Nothing was committed: the chunk is tried again from the cursor (and
             // narrowed to this key again) once the lock or the database is back.
             Err(e)

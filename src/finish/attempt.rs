@@ -5,7 +5,7 @@
 //! the lock that keeps finishers apart are `super`'s.
 
 use super::step::{display, render, shorten, IndexName, Step};
-use super::{Finisher, StepOutcome, BACKOFF_BASE, BACKOFF_MAX};
+use super::{Finisher, StepOutcome, STEP_BACKOFF};
 use crate::db::{self, ErrorClass, Limit, Timeouts};
 use crate::error::{Error, Result};
 use crate::events::Finishing;
@@ -42,11 +42,7 @@ impl Finisher<'_> {
             if class == ErrorClass::Contention && attempt < self.opts.max_attempts {
                 self.record(step, StepState::Running, Some(&described))
                     .await?;
-                let wait = crate::backoff::Backoff {
-                    base: BACKOFF_BASE,
-                    max: BACKOFF_MAX,
-                }
-                .delay(attempt);
+                let wait = STEP_BACKOFF.delay(attempt);
                 self.emit(Finishing::Retrying {
                     job: self.job,
                     step: self.of(step),

@@ -3,7 +3,7 @@
 
 use super::{ts, Store};
 use crate::db;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::state::{JobState, RunEnd, RunOutcome};
 use tokio_postgres::GenericClient;
 
@@ -184,12 +184,5 @@ impl Store {
                 })
             })
             .collect()
-    }
-}
-
-/// The error of a run that lost ownership of its job.
-pub fn lost(job: &str) -> Error {
-    Error::RunLost {
-        job: job.to_string(),
     }
 }
