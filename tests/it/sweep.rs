@@ -52,11 +52,10 @@ fn rows_written_behind_the_cursor_are_swept() {
     db.run(&["gate", "j"]).expect(0);
 }
 
-#[test]
-fn a_sweep_that_cannot_converge_ends_incomplete_and_a_new_run_sweeps_again() {
-    let db = TestDb::new();
-    counter_table(&db, 500);
-    // One row the statement cannot fix yet (say, it waits for data from elsewhere).
+/// 500 rows and job `j` (guarded, `max_sweeps = 2`) whose statement cannot fix one row yet (say,
+/// it waits for data from elsewhere): the row listed in table `blocked`.
+fn job_with_a_row_it_cannot_fix(db: &TestDb) {
+    counter_table(db, 500);
     db.exec("CREATE TABLE blocked (id bigint); INSERT INTO blocked SELECT min(id) FROM t;");
     db.write_job(
         "j",
@@ -65,6 +64,12 @@ fn a_sweep_that_cannot_converge_ends_incomplete_and_a_new_run_sweeps_again() {
             "AND n = 0 AND NOT EXISTS (SELECT 1 FROM blocked b WHERE b.id = t.id)\"",
         ),
     );
+}
+
+#[test]
+fn a_sweep_that_cannot_converge_ends_incomplete_and_a_new_run_sweeps_again() {
+    let db = TestDb::new();
+    job_with_a_row_it_cannot_fix(&db);
     let out = db.run(&["run", "j"]);
     assert_eq!(out.code, 1, "{out:?}");
     assert!(
@@ -255,15 +260,7 @@ fn a_statement_without_a_guard_is_not_swept() {
 #[test]
 fn an_unfinished_sweep_pass_is_continued_not_counted_afresh() {
     let db = TestDb::new();
-    counter_table(&db, 500);
-    db.exec("CREATE TABLE blocked (id bigint); INSERT INTO blocked SELECT min(id) FROM t;");
-    db.write_job(
-        "j",
-        &guarded_job("max_sweeps = 2").replace(
-            "AND n = 0\"",
-            "AND n = 0 AND NOT EXISTS (SELECT 1 FROM blocked b WHERE b.id = t.id)\"",
-        ),
-    );
+    job_with_a_row_it_cannot_fix(&db);
     assert_eq!(db.run(&["run", "j"]).code, 1);
     assert_eq!(
         db.i64("SELECT sweeps::bigint FROM backfill.checkpoints WHERE job = 'j'"),
