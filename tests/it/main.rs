@@ -1,5 +1,6 @@
 //! All integration tests in one binary (one throwaway PostgreSQL for all of them).
 
+mod latency_proxy;
 mod support;
 mod tools;
 
@@ -13,6 +14,7 @@ mod keys;
 mod lifecycle;
 mod migration;
 mod migrators;
+mod network;
 mod observability;
 mod parallel;
 mod plan;
