@@ -59,6 +59,8 @@ pub enum Event<'a> {
         keys: u64,
         changed: u64,
         took: Duration,
+        /// Round trips to the database the chunk waited for.
+        round_trips: u32,
     },
     /// Rows done by every run of the job, as its checkpoint now says.
     JobRowsDone(u64),

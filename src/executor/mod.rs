@@ -6,8 +6,10 @@
 //!
 //! - `start`: join the job, fix its key range and row estimate, connect patiently;
 //! - `worker`: one worker's walk, and carrying out the recovery policy's action after a failure;
-//! - `chunk`: one chunk's transaction top to bottom — every statement it sends, built once per
-//!   run in a `ChunkPlan` — and the exactly-once rule it enforces;
+//! - `chunk`: one chunk's transaction top to bottom, in two round trips — every statement it
+//!   sends, built once per run in a `ChunkPlan` — and the exactly-once rule it enforces;
+//! - `failure`: a failed attempt (`Failure`) and how a driver error becomes one, with the
+//!   statement cache's stale-plan rule;
 //! - `recovery`: the pure recovery policy (failure × attempts × narrowing → action);
 //! - `pace`: what the workers share — rate ceiling, adaptive chunk size, health holds, live
 //!   controls — and why the run is held;
@@ -22,6 +24,7 @@
 //! schema except through `store`.
 
 mod chunk;
+mod failure;
 mod options;
 mod pace;
 mod recovery;
@@ -85,6 +88,9 @@ pub struct Report {
     /// Rows the statement reported changing in this run.
     pub rows_affected: i64,
     pub chunks: i64,
+    /// Round trips to the database that this run's committed chunks waited for (two per chunk
+    /// in the steady state).
+    pub round_trips: i64,
     /// Poison keys this run skipped (`on_error = "skip"`).
     pub skipped: i64,
     pub workers: u32,
@@ -111,6 +117,7 @@ impl Report {
             rows: tally.rows,
             rows_affected: tally.affected,
             chunks: tally.chunks,
+            round_trips: tally.round_trips,
             skipped: tally.skipped,
             workers: cx.workers,
             elapsed_seconds: started.elapsed().as_secs_f64(),
@@ -338,6 +345,8 @@ struct Tally {
     rows: i64,
     affected: i64,
     chunks: i64,
+    /// Round trips the committed chunks waited for.
+    round_trips: i64,
     skipped: i64,
     /// The last key committed (for a run of one worker on one range: its cursor).
     last: Option<KeyValue>,
@@ -348,6 +357,7 @@ impl Tally {
         self.rows += t.rows;
         self.affected += t.affected;
         self.chunks += t.chunks;
+        self.round_trips += t.round_trips;
         self.skipped += t.skipped;
         if t.last.is_some() {
             self.last = t.last.clone();

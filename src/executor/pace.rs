@@ -3,7 +3,7 @@
 //! what `status`, the progress display and the log are told about why the run is held. Must not
 //! run chunks or decide what a failure means.
 
-use super::chunk::{failed, Failure};
+use super::failure::{failed, Failure};
 use super::worker::{Contention, Worker};
 use crate::error::Result;
 use crate::events::Event;

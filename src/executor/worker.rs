@@ -2,14 +2,16 @@
 //! what committed, and carry out the recovery policy's action after a failure (`recovery`). Must
 //! not build or send a chunk's statements itself, nor decide what a failure means.
 
-use super::chunk::{self, cancellable, failed, ChunkDone, Failure, Step};
+use super::chunk::{self, ChunkDone, NextChunk, Step};
+use super::failure::{failed, Failure};
 use super::recovery::{self, Action, Problem, Situation, Span, Stop, RETRY_BACKOFF};
 use super::{LoopEnd, Shared, Tally};
-use crate::db::{self, ErrorClass};
+use crate::db::{self, ErrorClass, Target};
 use crate::error::{ChunkCause, ChunkStop, Error, Result, Resume, StopReason};
 use crate::events::Event;
 use crate::hold::HoldReason;
 use crate::keyset::{show_key, KeyValue};
+use crate::signals::Shutdown;
 use crate::store::{Acquired, Poison, RangeLease, Splitter};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -27,6 +29,8 @@ pub(super) struct Worker<'s, 'a> {
     pub(super) range: Option<RangeLease>,
     /// The last key this worker committed in its range (for messages).
     pub(super) cursor: Option<KeyValue>,
+    /// The next chunk's bounds, as the last committed chunk found them.
+    pub(super) next: Option<NextChunk>,
     /// Keys per chunk now.
     pub(super) limit: i64,
     /// Keys still inside a range that failed at a larger size; the size is restored after them.
@@ -60,6 +64,7 @@ impl<'s, 'a> Worker<'s, 'a> {
             conn: None,
             range: None,
             cursor: None,
+            next: None,
             limit,
             narrow_left: 0,
             attempt: 0,
@@ -113,6 +118,7 @@ impl<'s, 'a> Worker<'s, 'a> {
                     Ok(Acquired::Range(r)) => {
                         self.range = Some(r);
                         self.cursor = None;
+                        self.next = None;
                     }
                     Ok(Acquired::Wait) => {
                         tokio::select! {
@@ -224,15 +230,17 @@ impl<'s, 'a> Worker<'s, 'a> {
         let shared = self.shared;
         let range = self.range.expect("a range is held");
         let limit = self.limit;
+        let next = self.next.take();
         let conn = self.connection().await?;
         let token = conn.cancel_token();
-        let chunk = chunk::run(conn, &shared.chunk, &range, limit);
+        let chunk = chunk::run(conn, &shared.chunk, &range, limit, next);
         cancellable(chunk, &token, shared.target, shared.shutdown).await
     }
 
     /// Books a committed chunk and adapts the pace; returns the rest to take before the next.
-    pub(super) async fn committed(&mut self, done: ChunkDone) -> Duration {
+    pub(super) async fn committed(&mut self, mut done: ChunkDone) -> Duration {
         let shared = self.shared;
+        self.next = done.next.take();
         self.attempt = 0;
         self.contention_over().await;
         if self.outage.take().is_some() {
@@ -241,6 +249,7 @@ impl<'s, 'a> Worker<'s, 'a> {
         self.tally.rows += done.keys;
         self.tally.affected += done.affected;
         self.tally.chunks += 1;
+        self.tally.round_trips += i64::from(done.round_trips);
         let mut pace = shared.pace.lock().await;
         if done.blocked > 0 {
             let size = pace.throttle.shrink();
@@ -249,9 +258,9 @@ impl<'s, 'a> Worker<'s, 'a> {
                 size,
             });
         } else if self.narrow_left == 0 {
-            pace.throttle.adapt(done.keys, done.asked, done.took);
+            pace.throttle.adapt(done.keys, done.asked, done.work);
         }
-        let rest = pace.throttle.rest(done.took);
+        let rest = pace.throttle.rest(done.work);
         drop(pace);
         self.tally.last = Some(done.last.clone());
         self.cursor = Some(done.last);
@@ -260,6 +269,7 @@ impl<'s, 'a> Worker<'s, 'a> {
             keys: done.keys as u64,
             changed: done.affected.max(0) as u64,
             took: done.took,
+            round_trips: done.round_trips,
         });
         if let Some(n) = shared.lease.job_rows_done() {
             shared.emit(Event::JobRowsDone(n.max(0) as u64));
@@ -484,4 +494,22 @@ impl<'s, 'a> Worker<'s, 'a> {
         self.passed(1).await;
         Ok(())
     }
+}
+
+/// Awaits `fut`; if a cancel is requested meanwhile, asks the server to cancel the session's
+/// statement and keeps awaiting, so the transaction ends cleanly (dropping the future would not
+/// stop the server and could leave the transaction half-open).
+pub(super) async fn cancellable<T>(
+    fut: impl std::future::Future<Output = T>,
+    token: &tokio_postgres::CancelToken,
+    target: &Target,
+    shutdown: &Shutdown,
+) -> T {
+    tokio::pin!(fut);
+    tokio::select! {
+        r = &mut fut => return r,
+        _ = shutdown.cancelled() => {}
+    }
+    target.cancel(token).await;
+    fut.await
 }

@@ -100,7 +100,8 @@ impl Progress {
                 keys,
                 changed,
                 took,
-            } => self.chunk_committed(keys, changed, took),
+                round_trips,
+            } => self.chunk_committed(keys, changed, took, round_trips),
             Event::JobRowsDone(n) => self.sync_job_rows(n),
             Event::Yielded { blocked, size } => self.log(&format!(
                 "{name}: {blocked} application session(s) waited on this chunk's locks; chunks shrink to {size} keys"

@@ -53,6 +53,11 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "Duration of committed chunks",
     ),
     (
+        "backfill_round_trips_total",
+        "counter",
+        "Round trips to the database that committed chunks waited for (two per chunk in the steady state)",
+    ),
+    (
         "backfill_chunk_size_rows",
         "gauge",
         "Keys per chunk right now",
@@ -173,6 +178,7 @@ impl Default for ProgressOptions {
 struct Handles {
     rows: Counter,
     changed: Counter,
+    round_trips: Counter,
     duration: Histogram,
     chunk_size: Gauge,
     ratio: Gauge,
@@ -230,6 +236,7 @@ impl Progress {
         let m = Handles {
             rows: counter!("backfill_rows_processed_total", "job" => j.clone()),
             changed: counter!("backfill_rows_changed_total", "job" => j.clone()),
+            round_trips: counter!("backfill_round_trips_total", "job" => j.clone()),
             duration: histogram!("backfill_chunk_duration_seconds", "job" => j.clone()),
             chunk_size: gauge!("backfill_chunk_size_rows", "job" => j.clone()),
             ratio: gauge!("backfill_progress_ratio", "job" => j.clone()),
@@ -308,10 +315,11 @@ impl Progress {
     }
 
     /// A chunk committed: `keys` processed, `changed` rows changed, in `took`.
-    pub fn chunk_committed(&self, keys: u64, changed: u64, took: Duration) {
+    pub fn chunk_committed(&self, keys: u64, changed: u64, took: Duration, round_trips: u32) {
         counter!("backfill_chunks_total", "job" => self.job.clone(), "outcome" => "committed")
             .increment(1);
         self.m.changed.increment(changed);
+        self.m.round_trips.increment(u64::from(round_trips));
         self.m.duration.record(took.as_secs_f64());
         self.set_held(None);
         self.update(keys);
