@@ -4,6 +4,9 @@
 //! after the server has answered something (a round trip the client waited for), which is how
 //! the tests and the benchmark count round trips without trusting the engine's own counter.
 //!
+//! [`LatencyProxy::cut`] drops every open connection at once, as a failing network does: the
+//! engine sees an I/O error (no SQLSTATE), possibly with a COMMIT sent and its answer lost.
+//!
 //! A fixture of the integration tests and of `cargo bench` (which includes this file by path);
 //! not part of the product. It runs on a thread of its own, so sync tests can use it.
 
@@ -20,6 +23,7 @@ pub struct LatencyProxy {
     addr: SocketAddr,
     flights: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
 }
 
 impl LatencyProxy {
@@ -27,11 +31,14 @@ impl LatencyProxy {
     /// (`host:port`), delaying each direction by `rtt / 2`.
     pub fn start(upstream: &str, rtt: Duration) -> LatencyProxy {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
-        listener.set_nonblocking(true).expect("a non-blocking listener");
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
         let addr = listener.local_addr().expect("the proxy's address");
         let flights = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (upstream, counted, stopping) = (upstream.to_string(), flights.clone(), stop.clone());
+        let (cut, cuts) = tokio::sync::watch::channel(0u64);
         std::thread::Builder::new()
             .name("latency-proxy".into())
             .spawn(move || {
@@ -40,7 +47,7 @@ impl LatencyProxy {
                     .enable_all()
                     .build()
                     .expect("the proxy's runtime");
-                rt.block_on(serve(listener, upstream, rtt / 2, counted, stopping));
+                rt.block_on(serve(listener, upstream, rtt / 2, counted, stopping, cuts));
                 // Connections still open end with the runtime.
                 rt.shutdown_background();
             })
@@ -49,7 +56,13 @@ impl LatencyProxy {
             addr,
             flights,
             stop,
+            cut,
         }
+    }
+
+    /// Drops every connection open now, in both directions, without a goodbye.
+    pub fn cut(&self) {
+        self.cut.send_modify(|n| *n += 1);
     }
 
     /// `host:port` to connect to instead of the server.
@@ -75,18 +88,23 @@ async fn serve(
     delay: Duration,
     flights: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    cuts: tokio::sync::watch::Receiver<u64>,
 ) {
     let listener = TcpListener::from_std(listener).expect("a tokio listener");
     while !stop.load(Ordering::SeqCst) {
-        let accepted =
-            tokio::time::timeout(Duration::from_millis(100), listener.accept()).await;
+        let accepted = tokio::time::timeout(Duration::from_millis(100), listener.accept()).await;
         let Ok(Ok((client, _))) = accepted else {
             continue;
         };
-        let (upstream, flights) = (upstream.clone(), flights.clone());
+        let (upstream, flights, mut cuts) = (upstream.clone(), flights.clone(), cuts.clone());
+        cuts.mark_unchanged();
         tokio::spawn(async move {
             if let Ok(server) = TcpStream::connect(&upstream).await {
-                relay(client, server, delay, flights).await;
+                tokio::select! {
+                    _ = relay(client, server, delay, flights) => {}
+                    // Dropping the relay drops both sockets.
+                    _ = cuts.changed() => {}
+                }
             }
         });
     }
@@ -100,7 +118,7 @@ async fn relay(client: TcpStream, server: TcpStream, delay: Duration, flights: A
     let (server_read, server_write) = server.into_split();
     // Whether the server sent something since the client's last burst.
     let answered = Arc::new(AtomicBool::new(true));
-    let up = tokio::spawn(pump(
+    let up = pump(
         client_read,
         server_write,
         delay,
@@ -108,9 +126,9 @@ async fn relay(client: TcpStream, server: TcpStream, delay: Duration, flights: A
             answered: answered.clone(),
             flights,
         },
-    ));
-    let down = tokio::spawn(pump(server_read, client_write, delay, Side::Server { answered }));
-    let _ = tokio::join!(up, down);
+    );
+    let down = pump(server_read, client_write, delay, Side::Server { answered });
+    tokio::join!(up, down);
 }
 
 /// Which side a direction reads from, and what it tells the flight count.
@@ -132,7 +150,7 @@ async fn pump(
     side: Side,
 ) {
     let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
-    let writer = tokio::spawn(async move {
+    let writer = async move {
         while let Some((due, bytes)) = rx.recv().await {
             tokio::time::sleep_until(due.into()).await;
             if to.write_all(&bytes).await.is_err() {
@@ -140,25 +158,30 @@ async fn pump(
             }
         }
         let _ = to.shutdown().await;
-    });
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        match &side {
-            Side::Client { answered, flights } => {
-                if answered.swap(false, Ordering::SeqCst) {
-                    flights.fetch_add(1, Ordering::SeqCst);
+    };
+    let reader = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            match &side {
+                Side::Client { answered, flights } => {
+                    if answered.swap(false, Ordering::SeqCst) {
+                        flights.fetch_add(1, Ordering::SeqCst);
+                    }
                 }
+                Side::Server { answered } => answered.store(true, Ordering::SeqCst),
             }
-            Side::Server { answered } => answered.store(true, Ordering::SeqCst),
+            if tx
+                .send((Instant::now() + delay, buf[..n].to_vec()))
+                .is_err()
+            {
+                break;
+            }
         }
-        if tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
-            break;
-        }
-    }
-    drop(tx);
-    let _ = writer.await;
+        // Dropping the sender ends the writer once it has written what is queued.
+    };
+    tokio::join!(reader, writer);
 }
