@@ -16,6 +16,16 @@ fn through_proxy(db: &TestDb, rtt: Duration) -> Option<(LatencyProxy, String)> {
     Some((proxy, url))
 }
 
+/// Tables of counters (`id` 1..=rows, `n` 0), by name and row count.
+fn counters(db: &TestDb, tables: &[(&str, i64)]) {
+    for (t, rows) in tables {
+        db.exec(&format!(
+            "CREATE TABLE {t} (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
+             INSERT INTO {t} (id) SELECT generate_series(1, {rows});"
+        ));
+    }
+}
+
 /// Runs job `job` to completion through a fresh proxy; returns the client's flights (round trips
 /// waited for, on every connection of the run) and the run's report.
 fn flights_of_run(db: &TestDb, job: &str, rtt: Duration) -> Option<(u64, serde_json::Value)> {
@@ -33,12 +43,7 @@ fn flights_of_run(db: &TestDb, job: &str, rtt: Duration) -> Option<(u64, serde_j
 #[test]
 fn a_chunk_costs_at_most_two_round_trips() {
     let db = TestDb::new();
-    db.exec(
-        "CREATE TABLE small (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
-         CREATE TABLE big (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
-         INSERT INTO small (id) SELECT generate_series(1, 5000);
-         INSERT INTO big (id) SELECT generate_series(1, 25000);",
-    );
+    counters(&db, &[("small", 5000), ("big", 25000)]);
     for t in ["small", "big"] {
         db.write_job(
             t,
@@ -135,12 +140,7 @@ fn every_row_once_through_a_network_across_a_kill_a_terminate_and_a_cut() {
 #[test]
 fn a_remote_database_does_not_shrink_the_chunks_and_a_slow_statement_still_does() {
     let db = TestDb::new();
-    db.exec(
-        "CREATE TABLE fast (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
-         CREATE TABLE slow (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
-         INSERT INTO fast (id) SELECT generate_series(1, 20000);
-         INSERT INTO slow (id) SELECT generate_series(1, 3000);",
-    );
+    counters(&db, &[("fast", 20000), ("slow", 3000)]);
     // Both at the defaults: 1,000 keys to start with, a 10 ms target.
     db.write_job(
         "fast",

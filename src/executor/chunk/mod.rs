@@ -22,7 +22,7 @@
 
 mod plan;
 
-use super::failure::{cached, failed, failed_cached, Failure};
+use super::failure::{cached, failed, failed_cached, Cached, Failure};
 use super::recovery::Problem;
 use crate::db::{self, ErrorClass};
 use crate::error::{ChunkCause, WroteOutside};
@@ -128,8 +128,16 @@ pub(super) async fn run(
     next: Option<NextChunk>,
 ) -> Result<Step, Failure> {
     let started = Instant::now();
-    let mut round_trips = 0;
-    let result = attempt(conn, plan, range, limit, next, &mut round_trips).await;
+    let job = plan.job.name.as_str();
+    let mut tx = ChunkTx {
+        conn,
+        plan,
+        owner: range.owner_params(&job),
+        limit,
+        round_trips: 0,
+    };
+    let result = tx.attempt(next).await;
+    let round_trips = tx.round_trips;
     if result.is_err() && !conn.is_closed() {
         // Nothing of a failed attempt stays (after a COMMIT that rolled back, this is a no-op).
         let _ = conn.batch_execute("ROLLBACK").await;
@@ -142,101 +150,124 @@ pub(super) async fn run(
     Ok(step)
 }
 
-/// [`run`]'s transaction, counting the round trips it waits for; on an error the caller rolls
-/// back.
-async fn attempt(
-    conn: &deadpool_postgres::ClientWrapper,
-    plan: &ChunkPlan<'_>,
-    range: &RangeLease,
+/// One attempt's transaction: the connection, the run's statements, the range's owner (`$1`..`$4`
+/// of the statements on its row), the chunk size, and the round trips waited for so far.
+struct ChunkTx<'a, 'p> {
+    conn: &'a deadpool_postgres::ClientWrapper,
+    plan: &'a ChunkPlan<'p>,
+    owner: [&'a (dyn ToSql + Sync); 4],
     limit: i64,
-    next: Option<NextChunk>,
-    round_trips: &mut u32,
-) -> Result<Step, Failure> {
-    let job = plan.job.name.as_str();
-    let owner = range.owner_params(&job);
-    let lock = cached(conn, &plan.lock_range)
-        .await
-        .map_err(failed("locking the key range", None))?;
-    if let Some(next) = next.filter(|n| n.bounds.keys <= limit) {
+    round_trips: u32,
+}
+
+/// A chunk whose statement ran, not yet committed.
+struct Ran {
+    row: RangeRow,
+    chunk: Chunk,
+    applied: Applied,
+}
+
+impl ChunkTx<'_, '_> {
+    /// [`run`]'s transaction; on an error the caller rolls back.
+    async fn attempt(&mut self, next: Option<NextChunk>) -> Result<Step, Failure> {
+        let limit = self.limit;
+        let mut ran = None;
+        if let Some(next) = next.filter(|n| n.keys() <= limit) {
+            ran = self.on_carried_bounds(next).await?;
+        }
+        let ran = match ran {
+            Some(ran) => ran,
+            None => match self.on_fresh_bounds().await? {
+                Some(ran) => ran,
+                None => return Ok(Step::RangeDone),
+            },
+        };
+        self.finish(ran).await
+    }
+
+    /// The steady state, one round trip: the range locked and the statement run on the bounds
+    /// the previous chunk found. None (rolled back) when the range's row no longer matches them.
+    async fn on_carried_bounds(&mut self, next: NextChunk) -> Result<Option<Ran>, Failure> {
+        let (conn, plan) = (self.conn, self.plan);
+        let lock = self.lock_statement().await?;
         let chunk: Chunk = (
             next.bounds.first.clone(),
             next.bounds.last.clone(),
             next.keys(),
         );
         let statements = plan.apply_statements(conn, &chunk).await?;
-        let (from, to) = plan.keyset.statement_bounds(&chunk.0, &chunk.1);
-        let args: Vec<&(dyn ToSql + Sync)> = from.iter().chain(&to).map(|v| v as _).collect();
-        *round_trips += 1;
+        let args = plan.statement_args(&chunk);
+        let args = args.params();
+        self.round_trips += 1;
         let (begun, locked, applied) = tokio::join!(
             biased;
             conn.batch_execute(&plan.begin),
-            conn.query_opt(&lock.0, &owner),
+            conn.query_opt(&lock.0, &self.owner),
             apply(conn, &statements, &chunk, &args),
         );
         begun.map_err(failed("setting timeouts", None))?;
         let row = read_range(locked)?;
         if row.still_holds(&next) {
             let applied = applied?;
-            return finish(
-                conn,
-                plan,
-                &owner,
-                &row,
+            return Ok(Some(Ran {
+                row,
                 chunk,
-                &args,
                 applied,
-                limit,
-                round_trips,
-            )
-            .await;
+            }));
         }
         // The range's row changed since the bounds were found: the statement ran on bounds that
         // may no longer be this worker's. Undo it and find them afresh under the lock.
-        *round_trips += 1;
+        self.round_trips += 1;
         conn.batch_execute("ROLLBACK")
             .await
             .map_err(failed("starting the chunk again", None))?;
+        Ok(None)
     }
-    *round_trips += 1;
-    let (begun, locked) = tokio::join!(
-        biased;
-        conn.batch_execute(&plan.begin),
-        conn.query_opt(&lock.0, &owner),
-    );
-    begun.map_err(failed("setting timeouts", None))?;
-    let row = read_range(locked)?;
-    let found = if row.done {
-        None
-    } else {
-        *round_trips += 1;
-        match next_bounds(conn, plan, row.cursor.as_ref(), &row.upper, limit).await? {
-            Ok(found) => found,
-            Err(stall) => return Err(Failure::stalled(&stall)),
-        }
-    };
-    let Some(ChunkBounds { keys, first, last }) = found else {
-        *round_trips += 1;
-        close_range(conn, plan, &owner).await?;
-        return Ok(Step::RangeDone);
-    };
-    let chunk: Chunk = (first, last, keys);
-    let statements = plan.apply_statements(conn, &chunk).await?;
-    let (from, to) = plan.keyset.statement_bounds(&chunk.0, &chunk.1);
-    let args: Vec<&(dyn ToSql + Sync)> = from.iter().chain(&to).map(|v| v as _).collect();
-    *round_trips += 1;
-    let applied = apply(conn, &statements, &chunk, &args).await?;
-    finish(
-        conn,
-        plan,
-        &owner,
-        &row,
-        chunk,
-        &args,
-        applied,
-        limit,
-        round_trips,
-    )
-    .await
+
+    /// The range locked, then its next bounds found under the lock, then the statement run on
+    /// them: three round trips. None when no key is left: the range is marked done (committed).
+    async fn on_fresh_bounds(&mut self) -> Result<Option<Ran>, Failure> {
+        let (conn, plan) = (self.conn, self.plan);
+        let lock = self.lock_statement().await?;
+        self.round_trips += 1;
+        let (begun, locked) = tokio::join!(
+            biased;
+            conn.batch_execute(&plan.begin),
+            conn.query_opt(&lock.0, &self.owner),
+        );
+        begun.map_err(failed("setting timeouts", None))?;
+        let row = read_range(locked)?;
+        let found = if row.done {
+            None
+        } else {
+            self.round_trips += 1;
+            match next_bounds(conn, plan, row.cursor.as_ref(), &row.upper, self.limit).await? {
+                Ok(found) => found,
+                Err(stall) => return Err(Failure::stalled(&stall)),
+            }
+        };
+        let Some(ChunkBounds { keys, first, last }) = found else {
+            self.round_trips += 1;
+            close_range(conn, plan, &self.owner).await?;
+            return Ok(None);
+        };
+        let chunk: Chunk = (first, last, keys);
+        let statements = plan.apply_statements(conn, &chunk).await?;
+        let args = plan.statement_args(&chunk);
+        self.round_trips += 1;
+        let applied = apply(conn, &statements, &chunk, &args.params()).await?;
+        Ok(Some(Ran {
+            row,
+            chunk,
+            applied,
+        }))
+    }
+
+    async fn lock_statement(&self) -> Result<Cached, Failure> {
+        cached(self.conn, &self.plan.lock_range)
+            .await
+            .map_err(failed("locking the key range", None))
+    }
 }
 
 /// The range's row from the lock query; the range lost when there is none (the worker no longer
@@ -310,85 +341,82 @@ async fn apply(
 /// The second round trip: the next chunk's bounds, the cursor advance, `COMMIT`. The bounds go
 /// first: if they fail on the server, the advance fails behind them and the COMMIT rolls back,
 /// so the chunk committed exactly when the advance and the COMMIT both answered without error.
-#[allow(clippy::too_many_arguments)]
-async fn finish(
-    conn: &deadpool_postgres::ClientWrapper,
-    plan: &ChunkPlan<'_>,
-    owner: &[&(dyn ToSql + Sync); 4],
-    row: &RangeRow,
-    chunk: Chunk,
-    args: &[&(dyn ToSql + Sync)],
-    applied: Applied,
-    limit: i64,
-    round_trips: &mut u32,
-) -> Result<Step, Failure> {
-    let at = Some(&chunk);
-    if applied.written > chunk.2 {
-        *round_trips += 1;
-        outside_the_chunk(conn, plan, &chunk, args, applied.written).await?;
-    }
-    let advance = cached(conn, &plan.advance)
-        .await
-        .map_err(failed("saving the checkpoint", at))?;
-    let bounds = cached(conn, &plan.next_bounds)
-        .await
-        .map_err(failed("finding the next chunk's bounds", at))?;
-    let chunk_rows = limit.min(i32::MAX as i64) as i32;
-    let moved: [&(dyn ToSql + Sync); 5] = [
-        &row.cursor,
-        &chunk.1,
-        &chunk.2,
-        &applied.affected,
-        &chunk_rows,
-    ];
-    let params: Vec<_> = owner.iter().copied().chain(moved).collect();
-    *round_trips += 1;
-    let (found, advanced, committed) = tokio::join!(
-        biased;
-        plan.keyset.next_chunk(&**conn, &bounds.0, Some(&chunk.1), &row.upper, limit),
-        conn.query_one(&advance.0, &params),
-        conn.batch_execute("COMMIT"),
-    );
-    // Without an answer to the COMMIT (the connection is gone), whether the chunk committed is
-    // unknown: that is what the operator is told, and the worker goes on from the cursor as
-    // committed, whichever it was.
-    if let Err(e) = committed.as_ref() {
-        if e.as_db_error().is_none() {
-            return Err(failed("committing", at)(committed.unwrap_err()));
+impl ChunkTx<'_, '_> {
+    async fn finish(&mut self, ran: Ran) -> Result<Step, Failure> {
+        let (conn, plan, limit) = (self.conn, self.plan, self.limit);
+        let Ran {
+            row,
+            chunk,
+            applied,
+        } = ran;
+        let at = Some(&chunk);
+        if applied.written > chunk.2 {
+            self.round_trips += 1;
+            outside_the_chunk(conn, plan, &chunk, applied.written).await?;
         }
-    }
-    if let Err(e) = advanced {
-        if let Err(NextChunkError::Query(first)) = found {
-            return Err(failed_cached(
-                "finding the next chunk's bounds",
-                None,
-                bounds.1,
-                conn,
-            )(first));
+        let advance = cached(conn, &plan.advance)
+            .await
+            .map_err(failed("saving the checkpoint", at))?;
+        let bounds = cached(conn, &plan.next_bounds)
+            .await
+            .map_err(failed("finding the next chunk's bounds", at))?;
+        let chunk_rows = limit.min(i32::MAX as i64) as i32;
+        let moved: [&(dyn ToSql + Sync); 5] = [
+            &row.cursor,
+            &chunk.1,
+            &chunk.2,
+            &applied.affected,
+            &chunk_rows,
+        ];
+        let params: Vec<_> = self.owner.iter().copied().chain(moved).collect();
+        self.round_trips += 1;
+        let (found, advanced, committed) = tokio::join!(
+            biased;
+            plan.keyset.next_chunk(&**conn, &bounds.0, Some(&chunk.1), &row.upper, limit),
+            conn.query_one(&advance.0, &params),
+            conn.batch_execute("COMMIT"),
+        );
+        // Without an answer to the COMMIT (the connection is gone), whether the chunk committed is
+        // unknown: that is what the operator is told, and the worker goes on from the cursor as
+        // committed, whichever it was.
+        if let Err(e) = committed.as_ref() {
+            if e.as_db_error().is_none() {
+                return Err(failed("committing", at)(committed.unwrap_err()));
+            }
         }
-        return Err(match db::sqlstate(&e) {
-            Some(NOTHING_MOVED) => Failure::lost("saving the checkpoint"),
-            _ => failed("saving the checkpoint", at)(e),
+        if let Err(e) = advanced {
+            if let Err(NextChunkError::Query(first)) = found {
+                return Err(failed_cached(
+                    "finding the next chunk's bounds",
+                    None,
+                    bounds.1,
+                    conn,
+                )(first));
+            }
+            return Err(match db::sqlstate(&e) {
+                Some(NOTHING_MOVED) => Failure::lost("saving the checkpoint"),
+                _ => failed("saving the checkpoint", at)(e),
+            });
+        }
+        committed.map_err(failed("committing", at))?;
+        // A walk that would not move forward is found again, and stopped, by the next chunk.
+        let next = found.ok().flatten().map(|bounds| NextChunk {
+            after: Some(chunk.1.clone()),
+            upper: row.upper.clone(),
+            bounds,
         });
+        Ok(Step::Committed(ChunkDone {
+            last: chunk.1,
+            keys: chunk.2,
+            affected: applied.affected,
+            took: Duration::ZERO,
+            work: applied.work,
+            asked: limit,
+            blocked: applied.blocked,
+            round_trips: 0,
+            next,
+        }))
     }
-    committed.map_err(failed("committing", at))?;
-    // A walk that would not move forward is found again, and stopped, by the next chunk.
-    let next = found.ok().flatten().map(|bounds| NextChunk {
-        after: Some(chunk.1.clone()),
-        upper: row.upper.clone(),
-        bounds,
-    });
-    Ok(Step::Committed(ChunkDone {
-        last: chunk.1,
-        keys: chunk.2,
-        affected: applied.affected,
-        took: Duration::ZERO,
-        work: applied.work,
-        asked: limit,
-        blocked: applied.blocked,
-        round_trips: 0,
-        next,
-    }))
 }
 
 /// Marks the range done and commits, in one round trip (the COMMIT rolls back if the mark
@@ -490,16 +518,16 @@ pub(super) async fn skip_key(
 async fn outside_the_chunk(
     conn: &deadpool_postgres::ClientWrapper,
     plan: &ChunkPlan<'_>,
-    chunk: &(KeyValue, KeyValue, i64),
-    args: &[&(dyn ToSql + Sync)],
+    chunk: &Chunk,
     written: i64,
 ) -> Result<(), Failure> {
     let at = Some(chunk);
+    let args = plan.statement_args(chunk);
     let count = cached(conn, &plan.count_chunk)
         .await
         .map_err(failed("counting the chunk's rows", at))?;
     let now: i64 = conn
-        .query_one(&count.0, args)
+        .query_one(&count.0, &args.params())
         .await
         .map_err(failed("counting the chunk's rows", at))?
         .get(0);

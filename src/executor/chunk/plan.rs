@@ -9,6 +9,7 @@ use crate::job::JobSpec;
 use crate::keyset::{KeyValue, Keyset};
 use crate::store::{self, Store};
 use std::time::Duration;
+use tokio_postgres::types::ToSql;
 
 /// A chunk's first and last key and its key count.
 pub(super) type Chunk = (KeyValue, KeyValue, i64);
@@ -177,3 +178,23 @@ impl ChunkPlan<'_> {
 
 /// The server's clock, in seconds: around the statement, the chunk's work as the server saw it.
 const STAMP_SQL: &str = "SELECT extract(epoch FROM clock_timestamp())::float8";
+
+/// The job statement's parameters for a chunk: its first and last key, as the statement binds
+/// them (pages become tids for the page walk).
+pub(super) struct StatementArgs {
+    from: KeyValue,
+    to: KeyValue,
+}
+
+impl StatementArgs {
+    pub(super) fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        self.from.iter().chain(&self.to).map(|v| v as _).collect()
+    }
+}
+
+impl ChunkPlan<'_> {
+    pub(super) fn statement_args(&self, chunk: &Chunk) -> StatementArgs {
+        let (from, to) = self.keyset.statement_bounds(&chunk.0, &chunk.1);
+        StatementArgs { from, to }
+    }
+}
