@@ -28,6 +28,8 @@ pub enum ChunkCause {
     Stalled(String),
     /// The job's statement wrote rows of its table outside the chunk's bounds.
     WroteOutside(Box<WroteOutside>),
+    /// Not sent: a request before it in the same round trip could not be sent.
+    NotSent,
     /// No connection from the run's pool, for a reason of the pool's own (a timeout, a closed
     /// pool; a server's refusal is [`ChunkCause::Database`]).
     Pool(String),
@@ -89,6 +91,7 @@ impl ChunkCause {
             ChunkCause::RangeLost
             | ChunkCause::Stalled(_)
             | ChunkCause::WroteOutside(_)
+            | ChunkCause::NotSent
             | ChunkCause::Pool(_) => None,
         }
     }
@@ -111,6 +114,9 @@ impl std::fmt::Display for ChunkCause {
             ),
             ChunkCause::Database { error, .. } => write!(f, "{error}"),
             ChunkCause::RangeLost => f.write_str("the key range is no longer this run's"),
+            ChunkCause::NotSent => f.write_str(
+                "not sent, because a request before it in the same round trip could not be",
+            ),
             ChunkCause::Stalled(why) | ChunkCause::Pool(why) => f.write_str(why),
             ChunkCause::WroteOutside(w) => write!(f, "{w}"),
         }

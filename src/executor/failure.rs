@@ -34,6 +34,18 @@ impl Failure {
         }
     }
 
+    /// A request that its round trip could not send, because one before it could not be
+    /// (that one's failure is read first, so this is only a backstop).
+    pub(super) fn not_sent(stage: &'static str) -> Self {
+        Failure {
+            problem: Problem::Db(ErrorClass::Fatal),
+            cause: ChunkCause::NotSent,
+            stage,
+            range: None,
+            keys: None,
+        }
+    }
+
     /// The walk would not move forward (see [`keyset::Stall`]): fatal, never retried.
     pub(super) fn stalled(stall: &keyset::Stall) -> Self {
         Failure {

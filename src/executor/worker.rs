@@ -135,6 +135,8 @@ impl<'s, 'a> Worker<'s, 'a> {
                 }
             }
             if self.hold_while_unhealthy().await? {
+                // Bounds found before a hold may be far behind the table by its end.
+                self.next = None;
                 continue;
             }
             self.sample_replication_lag().await;
@@ -182,6 +184,8 @@ impl<'s, 'a> Worker<'s, 'a> {
     pub(super) async fn connection(&mut self) -> Result<&mut deadpool_postgres::Object, Failure> {
         if self.conn.as_ref().is_none_or(|c| c.is_closed()) {
             self.conn = None;
+            // Found on the connection that is gone: its statements are prepared anew.
+            self.next = None;
             let conn = self.shared.pool.get().await.map_err(|e| Failure {
                 problem: Problem::Db(ErrorClass::Connection),
                 cause: match e {
@@ -238,7 +242,7 @@ impl<'s, 'a> Worker<'s, 'a> {
     }
 
     /// Books a committed chunk and adapts the pace; returns the rest to take before the next.
-    pub(super) async fn committed(&mut self, mut done: ChunkDone) -> Duration {
+    pub(super) async fn committed(&mut self, mut done: Box<ChunkDone>) -> Duration {
         let shared = self.shared;
         self.next = done.next.take();
         self.attempt = 0;

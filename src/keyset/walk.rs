@@ -153,6 +153,23 @@ impl Keyset {
         }))
     }
 
+    /// A condition true when no key of the table lies strictly between the key bound at
+    /// parameters `$first…` (a cursor) and the one bound after it (a chunk's first key): bounds
+    /// found earlier still start at the first key after the cursor. Always true for the page
+    /// walk, whose chunk starts at the page after the cursor's.
+    pub fn nothing_between_sql(&self, first: usize) -> String {
+        match self.walk {
+            Walk::Pages { .. } => "true".into(),
+            Walk::Index => format!(
+                "NOT EXISTS (SELECT 1 FROM {table} WHERE {row} > {cursor} AND {row} < {next})",
+                table = self.table.quoted(),
+                row = self.row(),
+                cursor = self.bind_expr(first),
+                next = self.bind_expr(first + self.columns.len()),
+            ),
+        }
+    }
+
     fn next_keys_sql(&self, after_cursor: bool) -> String {
         let (lower, upper_at) = self.after_cursor(after_cursor);
         let limit_at = upper_at + self.columns.len();

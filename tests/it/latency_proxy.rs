@@ -7,62 +7,52 @@
 //! [`LatencyProxy::cut`] drops every open connection at once, as a failing network does: the
 //! engine sees an I/O error (no SQLSTATE), possibly with a COMMIT sent and its answer lost.
 //!
-//! A fixture of the integration tests and of `cargo bench` (which includes this file by path);
-//! not part of the product. It runs on a thread of its own, so sync tests can use it.
+//! Plain threads and blocking sockets, because the delay must be precise: a tokio timer rounds
+//! to whole milliseconds, which turned a 1 ms round trip into 3.5 ms. A fixture of the
+//! integration tests and of `cargo bench` (which includes this file by path); not part of the
+//! product.
 
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 
-/// A running proxy; it stops accepting (and its thread ends) when dropped.
+/// A running proxy; it stops accepting when dropped (open connections run on until closed).
 pub struct LatencyProxy {
     addr: SocketAddr,
-    flights: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    cut: tokio::sync::watch::Sender<u64>,
+    shared: Arc<Shared>,
+}
+
+/// What the proxy's threads share.
+struct Shared {
+    flights: AtomicU64,
+    stop: AtomicBool,
+    /// Both ends of every connection open now, for `cut`.
+    open: Mutex<Vec<TcpStream>>,
 }
 
 impl LatencyProxy {
     /// Listens on a free loopback port and forwards each connection to `upstream`
     /// (`host:port`), delaying each direction by `rtt / 2`.
     pub fn start(upstream: &str, rtt: Duration) -> LatencyProxy {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
         listener
             .set_nonblocking(true)
             .expect("a non-blocking listener");
         let addr = listener.local_addr().expect("the proxy's address");
-        let flights = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (upstream, counted, stopping) = (upstream.to_string(), flights.clone(), stop.clone());
-        let (cut, cuts) = tokio::sync::watch::channel(0u64);
+        let shared = Arc::new(Shared {
+            flights: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            open: Mutex::new(Vec::new()),
+        });
+        let (upstream, serving) = (upstream.to_string(), shared.clone());
         std::thread::Builder::new()
             .name("latency-proxy".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .expect("the proxy's runtime");
-                rt.block_on(serve(listener, upstream, rtt / 2, counted, stopping, cuts));
-                // Connections still open end with the runtime.
-                rt.shutdown_background();
-            })
+            .spawn(move || serve(listener, &upstream, rtt / 2, serving))
             .expect("the proxy's thread");
-        LatencyProxy {
-            addr,
-            flights,
-            stop,
-            cut,
-        }
-    }
-
-    /// Drops every connection open now, in both directions, without a goodbye.
-    pub fn cut(&self) {
-        self.cut.send_modify(|n| *n += 1);
+        LatencyProxy { addr, shared }
     }
 
     /// `host:port` to connect to instead of the server.
@@ -72,63 +62,50 @@ impl LatencyProxy {
 
     /// Client flights (round trips waited for) over every connection so far.
     pub fn flights(&self) -> u64 {
-        self.flights.load(Ordering::SeqCst)
+        self.shared.flights.load(Ordering::SeqCst)
+    }
+
+    /// Drops every connection open now, in both directions, without a goodbye.
+    pub fn cut(&self) {
+        for stream in self.shared.open.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
     }
 }
 
 impl Drop for LatencyProxy {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.shared.stop.store(true, Ordering::SeqCst);
     }
 }
 
-async fn serve(
-    listener: std::net::TcpListener,
-    upstream: String,
-    delay: Duration,
-    flights: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    cuts: tokio::sync::watch::Receiver<u64>,
-) {
-    let listener = TcpListener::from_std(listener).expect("a tokio listener");
-    while !stop.load(Ordering::SeqCst) {
-        let accepted = tokio::time::timeout(Duration::from_millis(100), listener.accept()).await;
-        let Ok(Ok((client, _))) = accepted else {
+fn serve(listener: TcpListener, upstream: &str, delay: Duration, shared: Arc<Shared>) {
+    while !shared.stop.load(Ordering::SeqCst) {
+        let client = match listener.accept() {
+            Ok((client, _)) => client,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+        };
+        let Ok(server) = TcpStream::connect(upstream) else {
             continue;
         };
-        let (upstream, flights, mut cuts) = (upstream.clone(), flights.clone(), cuts.clone());
-        cuts.mark_unchanged();
-        tokio::spawn(async move {
-            if let Ok(server) = TcpStream::connect(&upstream).await {
-                tokio::select! {
-                    _ = relay(client, server, delay, flights) => {}
-                    // Dropping the relay drops both sockets.
-                    _ = cuts.changed() => {}
-                }
-            }
-        });
-    }
-}
-
-/// Forwards both directions of one connection until either side closes.
-async fn relay(client: TcpStream, server: TcpStream, delay: Duration, flights: Arc<AtomicU64>) {
-    let _ = client.set_nodelay(true);
-    let _ = server.set_nodelay(true);
-    let (client_read, client_write) = client.into_split();
-    let (server_read, server_write) = server.into_split();
-    // Whether the server sent something since the client's last burst.
-    let answered = Arc::new(AtomicBool::new(true));
-    let up = pump(
-        client_read,
-        server_write,
-        delay,
-        Side::Client {
+        let _ = client.set_nonblocking(false);
+        let _ = client.set_nodelay(true);
+        let _ = server.set_nodelay(true);
+        if let (Ok(c), Ok(s)) = (client.try_clone(), server.try_clone()) {
+            shared.open.lock().unwrap().extend([c, s]);
+        }
+        // Whether the server sent something since the client's last burst.
+        let answered = Arc::new(AtomicBool::new(true));
+        let up = Side::Client {
             answered: answered.clone(),
-            flights,
-        },
-    );
-    let down = pump(server_read, client_write, delay, Side::Server { answered });
-    tokio::join!(up, down);
+            shared: shared.clone(),
+        };
+        relay(&client, &server, delay, up);
+        relay(&server, &client, delay, Side::Server { answered });
+    }
 }
 
 /// Which side a direction reads from, and what it tells the flight count.
@@ -136,40 +113,30 @@ enum Side {
     /// A burst from the client after an answer is a new flight.
     Client {
         answered: Arc<AtomicBool>,
-        flights: Arc<AtomicU64>,
+        shared: Arc<Shared>,
     },
     /// Anything from the server answers the client's last flight.
     Server { answered: Arc<AtomicBool> },
 }
 
-/// One direction: reads what arrives, and writes each piece `delay` after it arrived, in order.
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    delay: Duration,
-    side: Side,
-) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
-    let writer = async move {
-        while let Some((due, bytes)) = rx.recv().await {
-            tokio::time::sleep_until(due.into()).await;
-            if to.write_all(&bytes).await.is_err() {
-                break;
-            }
-        }
-        let _ = to.shutdown().await;
+/// One direction, on two threads: one reads what arrives and stamps it, the other writes each
+/// piece `delay` after it arrived, in order.
+fn relay(from: &TcpStream, to: &TcpStream, delay: Duration, side: Side) {
+    let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
+        return;
     };
-    let reader = async move {
+    let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
+    std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let n = match from.read(&mut buf).await {
+            let n = match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
             match &side {
-                Side::Client { answered, flights } => {
+                Side::Client { answered, shared } => {
                     if answered.swap(false, Ordering::SeqCst) {
-                        flights.fetch_add(1, Ordering::SeqCst);
+                        shared.flights.fetch_add(1, Ordering::SeqCst);
                     }
                 }
                 Side::Server { answered } => answered.store(true, Ordering::SeqCst),
@@ -181,7 +148,17 @@ async fn pump(
                 break;
             }
         }
-        // Dropping the sender ends the writer once it has written what is queued.
-    };
-    tokio::join!(reader, writer);
+    });
+    std::thread::spawn(move || {
+        while let Ok((due, bytes)) = rx.recv() {
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            if to.write_all(&bytes).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(Shutdown::Write);
+    });
 }

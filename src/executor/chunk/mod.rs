@@ -20,9 +20,12 @@
 //! saying what failed where. Owns only the transaction; it must not decide what a failure means
 //! (that is `recovery`'s), format operator text, sleep, or touch the run's pace.
 
+mod flight;
 mod plan;
 
-use super::failure::{cached, failed, failed_cached, Cached, Failure};
+use flight::Flight;
+
+use super::failure::{cached, failed, failed_cached, Failure};
 use super::recovery::Problem;
 use crate::db::{self, ErrorClass};
 use crate::error::{ChunkCause, WroteOutside};
@@ -35,7 +38,7 @@ use tokio_postgres::types::ToSql;
 
 /// What one chunk attempt came to.
 pub(super) enum Step {
-    Committed(ChunkDone),
+    Committed(Box<ChunkDone>),
     /// No keys left in the range: it is marked done and let go.
     RangeDone,
 }
@@ -61,20 +64,16 @@ pub(super) struct ChunkDone {
 
 /// The next chunk's bounds, found in the transaction of the chunk before it, so that the next
 /// chunk's statement goes out together with its range lock, in one round trip. They hold only
-/// while the range's row still says what it said then: the cursor they follow and the upper
-/// bound they stop at (a split lowers it; a takeover moves the cursor).
+/// while the range's row still says what it said then — the cursor they follow and the upper
+/// bound they stop at (a split lowers it; a takeover moves the cursor) — and no key was inserted
+/// between that cursor and their first key since: the chunk's claim checks all of it.
 #[derive(Debug, Clone)]
 pub(super) struct NextChunk {
-    after: Option<KeyValue>,
+    after: KeyValue,
     upper: KeyValue,
     bounds: ChunkBounds,
-}
-
-impl NextChunk {
-    /// Keys in the chunk.
-    pub fn keys(&self) -> i64 {
-        self.bounds.keys
-    }
+    /// The chunk size they were found for.
+    asked: i64,
 }
 
 /// The range's row as read under its lock.
@@ -82,13 +81,6 @@ struct RangeRow {
     cursor: Option<KeyValue>,
     upper: KeyValue,
     done: bool,
-}
-
-impl RangeRow {
-    /// Whether bounds found earlier still follow this cursor and stop at this upper bound.
-    fn still_holds(&self, next: &NextChunk) -> bool {
-        !self.done && self.cursor == next.after && self.upper == next.upper
-    }
 }
 
 /// What the statement did, read in the same round trip.
@@ -102,24 +94,25 @@ struct Applied {
 /// Runs one chunk of at most `limit` keys of `range` in one transaction, in two round trips when
 /// `next` (the bounds the previous chunk found) still holds:
 ///
-/// 1. `BEGIN` with the timeouts; lock the range's row, checking the owner; the undo copy and the
-///    job's statement on `next`'s bounds; the blocked sessions and the rows written;
-/// 2. the bounds of the chunk after this one; advance the cursor; `COMMIT`.
+/// 1. `BEGIN` with the timeouts; the claim (lock the range's row, checking the owner, the cursor
+///    and upper bound `next` was found for, and that no key lies before its first); the undo
+///    copy and the job's statement on `next`'s bounds; the blocked sessions and rows written;
+/// 2. the bounds of the chunk after this one (inside a savepoint: a failure there only loses
+///    them); advance the cursor; `COMMIT`.
 ///
-/// Without bounds that hold (the range's first chunk, after a failure, a split or a smaller
-/// chunk size), the bounds are found under the lock first, then the statement runs: four round
-/// trips, once.
+/// Without bounds, or when the claim fails (the range's first chunk, after a failure, a split,
+/// a smaller chunk size), the range's row is locked and read, the bounds are found under the
+/// lock, then the statement runs: two more round trips, once.
 ///
 /// Exactly once: the statement and its cursor advance commit in this one transaction, or neither
-/// does. The statement runs only after the range's row is locked with its owner checked, and the
-/// second round trip — the only one with a `COMMIT` — is sent only once the first showed that
-/// the chunk's bounds follow the cursor read under that lock and stay under its upper bound.
-/// The advance moves the cursor only from that value and only while this worker owns the range;
-/// if it moved nothing, it raises (`NOTHING_MOVED`), so the `COMMIT` behind it rolls back. A
-/// failed statement makes everything after it in the transaction fail, `COMMIT` included. So no
-/// crash, kill, retry, split or takeover around a chunk can make it apply twice, and after any
-/// failure the worker simply goes on from the cursor as committed (a COMMIT whose answer was lost
-/// may still have happened).
+/// does. The statement runs only behind a lock of the range's row that checked the owner and the
+/// bounds (a failed claim makes the statement behind it fail unrun); the advance moves the cursor
+/// only from the value the bounds follow and only while this worker owns the range, and if it
+/// moved nothing, it raises (`NOTHING_MOVED`), so the `COMMIT` behind it rolls back. A request a
+/// round trip could not send stops every request behind it (`Flight`), so a `COMMIT` never goes
+/// out without the statements before it. So no crash, kill, retry, split or takeover around a
+/// chunk can make it apply twice, and after any failure the worker simply goes on from the
+/// cursor as committed (a COMMIT whose answer was lost may still have happened).
 pub(super) async fn run(
     conn: &mut deadpool_postgres::Object,
     plan: &ChunkPlan<'_>,
@@ -165,6 +158,8 @@ struct Ran {
     row: RangeRow,
     chunk: Chunk,
     applied: Applied,
+    /// The chunk size its bounds were found for.
+    asked: i64,
 }
 
 impl ChunkTx<'_, '_> {
@@ -172,7 +167,7 @@ impl ChunkTx<'_, '_> {
     async fn attempt(&mut self, next: Option<NextChunk>) -> Result<Step, Failure> {
         let limit = self.limit;
         let mut ran = None;
-        if let Some(next) = next.filter(|n| n.keys() <= limit) {
+        if let Some(next) = next.filter(|n| n.asked <= limit) {
             ran = self.on_carried_bounds(next).await?;
         }
         let ran = match ran {
@@ -185,58 +180,91 @@ impl ChunkTx<'_, '_> {
         self.finish(ran).await
     }
 
-    /// The steady state, one round trip: the range locked and the statement run on the bounds
-    /// the previous chunk found. None (rolled back) when the range's row no longer matches them.
+    /// The steady state, one round trip: the claim, and behind it the statement on the bounds
+    /// the previous chunk found. None (rolled back, nothing of the statement run) when the claim
+    /// finds that they no longer hold.
     async fn on_carried_bounds(&mut self, next: NextChunk) -> Result<Option<Ran>, Failure> {
         let (conn, plan) = (self.conn, self.plan);
-        let lock = self.lock_statement().await?;
+        let claim = cached(conn, &plan.claim)
+            .await
+            .map_err(failed("locking the key range", None))?;
         let chunk: Chunk = (
             next.bounds.first.clone(),
             next.bounds.last.clone(),
-            next.keys(),
+            next.bounds.keys,
         );
-        let statements = plan.apply_statements(conn, &chunk).await?;
+        let mut statements = plan.apply_statements(conn, &chunk).await?;
+        // Prepared before this transaction began: a table changed since would show as a stale
+        // plan, which these may have as much as statements from an earlier chunk.
+        statements.prepared_earlier();
         let args = plan.statement_args(&chunk);
         let args = args.params();
-        self.round_trips += 1;
-        let (begun, locked, applied) = tokio::join!(
-            biased;
-            conn.batch_execute(&plan.begin),
-            conn.query_opt(&lock.0, &self.owner),
-            apply(conn, &statements, &chunk, &args),
-        );
-        begun.map_err(failed("setting timeouts", None))?;
-        let row = read_range(locked)?;
-        if row.still_holds(&next) {
-            let applied = applied?;
-            return Ok(Some(Ran {
-                row,
-                chunk,
-                applied,
-            }));
+        let mut claimed: Vec<&(dyn ToSql + Sync)> = self.owner.to_vec();
+        claimed.extend([&next.after as &(dyn ToSql + Sync), &next.upper]);
+        if !plan.keyset.is_ctid() {
+            claimed.extend(next.after.iter().map(|v| v as &(dyn ToSql + Sync)));
+            claimed.extend(next.bounds.first.iter().map(|v| v as &(dyn ToSql + Sync)));
         }
-        // The range's row changed since the bounds were found: the statement ran on bounds that
-        // may no longer be this worker's. Undo it and find them afresh under the lock.
+        let flight = Flight::default();
         self.round_trips += 1;
-        conn.batch_execute("ROLLBACK")
-            .await
-            .map_err(failed("starting the chunk again", None))?;
-        Ok(None)
+        let (begun, held, applied) = tokio::join!(
+            biased;
+            flight.send(conn.batch_execute(&plan.begin)),
+            flight.send(conn.query_one(&claim.0, &claimed)),
+            apply(conn, &flight, &statements, &chunk, &args),
+        );
+        sent(begun, "setting timeouts", None)?;
+        match held {
+            Some(Ok(_)) => {}
+            Some(Err(e)) if db::sqlstate(&e) == Some(NOTHING_MOVED) => {
+                // The bounds no longer hold (or the range is no longer this worker's): nothing of
+                // the statement ran. Find them afresh under the lock.
+                self.round_trips += 1;
+                conn.batch_execute("ROLLBACK")
+                    .await
+                    .map_err(failed("starting the chunk again", None))?;
+                return Ok(None);
+            }
+            other => {
+                sent(other, "locking the key range", None)?;
+            }
+        }
+        Ok(Some(Ran {
+            row: RangeRow {
+                cursor: Some(next.after),
+                upper: next.upper,
+                done: false,
+            },
+            chunk,
+            applied: applied?,
+            asked: next.asked,
+        }))
     }
 
-    /// The range locked, then its next bounds found under the lock, then the statement run on
-    /// them: three round trips. None when no key is left: the range is marked done (committed).
+    /// The range locked and read, then its next bounds found under the lock, then the statement
+    /// run on them: three round trips. None when no key is left: the range is marked done
+    /// (committed).
     async fn on_fresh_bounds(&mut self) -> Result<Option<Ran>, Failure> {
         let (conn, plan) = (self.conn, self.plan);
-        let lock = self.lock_statement().await?;
+        let lock = cached(conn, &plan.lock_range)
+            .await
+            .map_err(failed("locking the key range", None))?;
+        let flight = Flight::default();
         self.round_trips += 1;
         let (begun, locked) = tokio::join!(
             biased;
-            conn.batch_execute(&plan.begin),
-            conn.query_opt(&lock.0, &self.owner),
+            flight.send(conn.batch_execute(&plan.begin)),
+            flight.send(conn.query_opt(&lock.0, &self.owner)),
         );
-        begun.map_err(failed("setting timeouts", None))?;
-        let row = read_range(locked)?;
+        sent(begun, "setting timeouts", None)?;
+        let row = match sent(locked, "locking the key range", None)? {
+            Some(row) => RangeRow {
+                cursor: row.get(0),
+                upper: row.get(1),
+                done: row.get(2),
+            },
+            None => return Err(Failure::lost("locking the key range")),
+        };
         let found = if row.done {
             None
         } else {
@@ -255,99 +283,32 @@ impl ChunkTx<'_, '_> {
         let statements = plan.apply_statements(conn, &chunk).await?;
         let args = plan.statement_args(&chunk);
         self.round_trips += 1;
-        let applied = apply(conn, &statements, &chunk, &args.params()).await?;
+        let applied = apply(
+            conn,
+            &Flight::default(),
+            &statements,
+            &chunk,
+            &args.params(),
+        )
+        .await?;
         Ok(Some(Ran {
             row,
             chunk,
             applied,
+            asked: self.limit,
         }))
     }
 
-    async fn lock_statement(&self) -> Result<Cached, Failure> {
-        cached(self.conn, &self.plan.lock_range)
-            .await
-            .map_err(failed("locking the key range", None))
-    }
-}
-
-/// The range's row from the lock query; the range lost when there is none (the worker no longer
-/// owns it).
-fn read_range(
-    locked: Result<Option<tokio_postgres::Row>, tokio_postgres::Error>,
-) -> Result<RangeRow, Failure> {
-    match locked.map_err(failed("locking the key range", None))? {
-        Some(row) => Ok(RangeRow {
-            cursor: row.get(0),
-            upper: row.get(1),
-            done: row.get(2),
-        }),
-        None => Err(Failure::lost("locking the key range")),
-    }
-}
-
-/// Sends, in one round trip: the server's clock, the undo copy (jobs with `undo`), the job's
-/// statement on the chunk's bounds, and what came after it (blocked sessions, rows written, the
-/// clock again).
-async fn apply(
-    conn: &deadpool_postgres::ClientWrapper,
-    s: &ApplyStatements,
-    chunk: &Chunk,
-    args: &[&(dyn ToSql + Sync)],
-) -> Result<Applied, Failure> {
-    let at = Some(chunk);
-    let (stamped, copied, ran, after) = tokio::join!(
-        biased;
-        conn.query_one(&s.stamp.0, &[]),
-        async {
-            match &s.undo_copy {
-                Some(copy) => Some(conn.execute(&copy.0, args).await),
-                None => None,
-            }
-        },
-        conn.execute(&s.statement.0, args),
-        conn.query_one(&s.after.0, &[]),
-    );
-    let began: f64 = stamped
-        .map_err(failed("running the job's statement", at))?
-        .get(0);
-    if let (Some(copied), Some(copy)) = (copied, &s.undo_copy) {
-        copied.map_err(failed_cached(
-            "copying the rows' old values to the undo table",
-            at,
-            copy.1,
-            conn,
-        ))?;
-    }
-    let affected = ran.map_err(failed_cached(
-        "running the job's statement",
-        at,
-        s.statement.1,
-        conn,
-    ))?;
-    // Application sessions queued behind this chunk's row locks: the chunk commits now (which
-    // releases them) and tells the caller, which yields by shrinking the next chunks. The same
-    // round trip reads how many rows of the job's table the statement wrote (`affected` counts
-    // the rows of whatever table the statement targets).
-    let after = after.map_err(failed("looking for blocked sessions", at))?;
-    let ended: f64 = after.get(2);
-    Ok(Applied {
-        affected: affected as i64,
-        blocked: after.get(0),
-        written: after.get(1),
-        work: Duration::from_secs_f64((ended - began).max(0.0)),
-    })
-}
-
-/// The second round trip: the next chunk's bounds, the cursor advance, `COMMIT`. The bounds go
-/// first: if they fail on the server, the advance fails behind them and the COMMIT rolls back,
-/// so the chunk committed exactly when the advance and the COMMIT both answered without error.
-impl ChunkTx<'_, '_> {
+    /// The second round trip: the next chunk's bounds (inside a savepoint, so that a failure
+    /// there loses only them), the cursor advance, `COMMIT`. The chunk committed exactly when
+    /// the advance and the COMMIT both answered without error.
     async fn finish(&mut self, ran: Ran) -> Result<Step, Failure> {
         let (conn, plan, limit) = (self.conn, self.plan, self.limit);
         let Ran {
             row,
             chunk,
             applied,
+            asked,
         } = ran;
         let at = Some(&chunk);
         if applied.written > chunk.2 {
@@ -369,54 +330,158 @@ impl ChunkTx<'_, '_> {
             &chunk_rows,
         ];
         let params: Vec<_> = self.owner.iter().copied().chain(moved).collect();
+        let keyset = plan.keyset;
+        let flight = Flight::default();
         self.round_trips += 1;
-        let (found, advanced, committed) = tokio::join!(
+        let (saved, found, restored, advanced, committed) = tokio::join!(
             biased;
-            plan.keyset.next_chunk(&**conn, &bounds.0, Some(&chunk.1), &row.upper, limit),
-            conn.query_one(&advance.0, &params),
-            conn.batch_execute("COMMIT"),
+            flight.send(conn.batch_execute("SAVEPOINT next_bounds")),
+            flight.send(keyset.next_chunk(&**conn, &bounds.0, Some(&chunk.1), &row.upper, limit)),
+            flight.send(conn.batch_execute("ROLLBACK TO SAVEPOINT next_bounds")),
+            flight.send(conn.query_one(&advance.0, &params)),
+            flight.send(conn.batch_execute("COMMIT")),
         );
-        // Without an answer to the COMMIT (the connection is gone), whether the chunk committed is
-        // unknown: that is what the operator is told, and the worker goes on from the cursor as
-        // committed, whichever it was.
-        if let Err(e) = committed.as_ref() {
-            if e.as_db_error().is_none() {
-                return Err(failed("committing", at)(committed.unwrap_err()));
+        // Without an answer to the COMMIT (the connection is gone), whether the chunk committed
+        // is unknown: that is what the operator is told, and the worker goes on from the cursor
+        // as committed, whichever it was.
+        // Which failure decides, in this order: an error from the server (the transaction is
+        // certainly not committed: nothing behind it ran) — the bounds' own only when it took
+        // the transaction down with it, past the savepoint; then the COMMIT's, whose outcome is
+        // unknown when the connection went away before its answer (the worker goes on from the
+        // cursor as committed, whichever it was); then a request that could not be sent.
+        let bounds = "finding the next chunk's bounds";
+        let (found, bounds_error) = match found {
+            Some(Ok(found)) => (found, None),
+            Some(Err(NextChunkError::Query(e))) => (None, Some(e)),
+            Some(Err(NextChunkError::Stalled(_))) | None => (None, None),
+        };
+        if from_server(&saved) {
+            return Err(failure_of(saved, bounds, at));
+        }
+        if !matches!(restored, Some(Ok(()))) {
+            if let Some(e) =
+                bounds_error.filter(|e| e.as_db_error().is_some() || restored.is_none())
+            {
+                return Err(failed(bounds, at)(e));
             }
         }
-        if let Err(e) = advanced {
-            if let Err(NextChunkError::Query(first)) = found {
-                return Err(failed_cached(
-                    "finding the next chunk's bounds",
-                    None,
-                    bounds.1,
-                    conn,
-                )(first));
-            }
-            return Err(match db::sqlstate(&e) {
-                Some(NOTHING_MOVED) => Failure::lost("saving the checkpoint"),
-                _ => failed("saving the checkpoint", at)(e),
+        if from_server(&restored) {
+            return Err(failure_of(restored, bounds, at));
+        }
+        if from_server(&advanced) {
+            return Err(match advanced {
+                Some(Err(e)) if db::sqlstate(&e) == Some(NOTHING_MOVED) => {
+                    Failure::lost("saving the checkpoint")
+                }
+                other => failure_of(other, "saving the checkpoint", at),
             });
         }
-        committed.map_err(failed("committing", at))?;
-        // A walk that would not move forward is found again, and stopped, by the next chunk.
-        let next = found.ok().flatten().map(|bounds| NextChunk {
-            after: Some(chunk.1.clone()),
-            upper: row.upper.clone(),
+        if matches!(committed, Some(Err(_))) {
+            return Err(failure_of(committed, "committing", at));
+        }
+        sent(saved, bounds, at)?;
+        sent(restored, bounds, at)?;
+        sent(advanced, "saving the checkpoint", at)?;
+        sent(committed, "committing", at)?;
+        // A walk that would not move forward, or bounds that failed, are found again (and
+        // reported) by the next chunk, under its lock.
+        let next = found.map(|bounds| NextChunk {
+            after: chunk.1.clone(),
+            upper: row.upper,
             bounds,
+            asked: limit,
         });
-        Ok(Step::Committed(ChunkDone {
+        Ok(Step::Committed(Box::new(ChunkDone {
             last: chunk.1,
             keys: chunk.2,
             affected: applied.affected,
             took: Duration::ZERO,
             work: applied.work,
-            asked: limit,
+            asked,
             blocked: applied.blocked,
             round_trips: 0,
             next,
-        }))
+        })))
     }
+}
+
+/// Whether a request's answer is an error the server sent.
+fn from_server<T>(answer: &Option<Result<T, tokio_postgres::Error>>) -> bool {
+    matches!(answer, Some(Err(e)) if e.as_db_error().is_some())
+}
+
+/// The failure of a request known to have failed (or not been sent) at `stage`.
+fn failure_of<T>(
+    answer: Option<Result<T, tokio_postgres::Error>>,
+    stage: &'static str,
+    chunk: Option<&Chunk>,
+) -> Failure {
+    match answer {
+        Some(Err(e)) => failed(stage, chunk)(e),
+        Some(Ok(_)) | None => Failure::not_sent(stage),
+    }
+}
+
+/// A request's answer from its flight, as a [`Failure`] at `stage` when it failed or could not
+/// be sent (a request before it in its round trip could not be: that one's failure is read
+/// first).
+fn sent<T>(
+    answer: Option<Result<T, tokio_postgres::Error>>,
+    stage: &'static str,
+    chunk: Option<&Chunk>,
+) -> Result<T, Failure> {
+    match answer {
+        Some(answer) => answer.map_err(failed(stage, chunk)),
+        None => Err(Failure::not_sent(stage)),
+    }
+}
+
+/// Sends, in one round trip (on `flight`): the server's clock, the undo copy (jobs with `undo`),
+/// the job's statement on the chunk's bounds, and what came after it (the clock again, blocked
+/// sessions, rows written).
+async fn apply(
+    conn: &deadpool_postgres::ClientWrapper,
+    flight: &Flight,
+    s: &ApplyStatements,
+    chunk: &Chunk,
+    args: &[&(dyn ToSql + Sync)],
+) -> Result<Applied, Failure> {
+    let at = Some(chunk);
+    let (stamped, copied, ran, after) = tokio::join!(
+        biased;
+        flight.send(conn.query_one(&s.stamp.0, &[])),
+        async {
+            match &s.undo_copy {
+                Some(copy) => Some(flight.send(conn.execute(&copy.0, args)).await),
+                None => None,
+            }
+        },
+        flight.send(conn.execute(&s.statement.0, args)),
+        flight.send(conn.query_one(&s.after.0, &[])),
+    );
+    let began: f64 = sent(stamped, "running the job's statement", at)?.get(0);
+    if let (Some(copied), Some(copy)) = (copied, &s.undo_copy) {
+        let stage = "copying the rows' old values to the undo table";
+        copied
+            .ok_or_else(|| Failure::not_sent(stage))?
+            .map_err(failed_cached(stage, at, copy.1, conn))?;
+    }
+    let stage = "running the job's statement";
+    let affected = ran
+        .ok_or_else(|| Failure::not_sent(stage))?
+        .map_err(failed_cached(stage, at, s.statement.1, conn))?;
+    // Application sessions queued behind this chunk's row locks: the chunk commits now (which
+    // releases them) and tells the caller, which yields by shrinking the next chunks. The same
+    // round trip reads how many rows of the job's table the statement wrote (`affected` counts
+    // the rows of whatever table the statement targets).
+    let after = sent(after, "looking for blocked sessions", at)?;
+    let ended: f64 = after.get(0);
+    Ok(Applied {
+        affected: affected as i64,
+        blocked: after.get(1),
+        written: after.get(2),
+        work: Duration::from_secs_f64((ended - began).max(0.0)),
+    })
 }
 
 /// Marks the range done and commits, in one round trip (the COMMIT rolls back if the mark
@@ -426,16 +491,18 @@ async fn close_range(
     plan: &ChunkPlan<'_>,
     owner: &[&(dyn ToSql + Sync); 4],
 ) -> Result<(), Failure> {
+    let stage = "closing the key range";
     let done = cached(conn, &plan.range_done)
         .await
-        .map_err(failed("closing the key range", None))?;
+        .map_err(failed(stage, None))?;
+    let flight = Flight::default();
     let (closed, committed) = tokio::join!(
         biased;
-        conn.execute(&done.0, owner),
-        conn.batch_execute("COMMIT"),
+        flight.send(conn.execute(&done.0, owner)),
+        flight.send(conn.batch_execute("COMMIT")),
     );
-    closed.map_err(failed("closing the key range", None))?;
-    committed.map_err(failed("closing the key range", None))?;
+    sent(closed, stage, None)?;
+    sent(committed, stage, None)?;
     Ok(())
 }
 

@@ -41,13 +41,16 @@ pub(in crate::executor) struct ChunkPlan<'a> {
     /// one message: `after_statement` subtracts it.
     pub(super) begin: String,
     pub(super) lock_range: String,
+    /// Locks the range's row for a chunk on bounds found earlier, and fails ([`NOTHING_MOVED`])
+    /// unless they still hold (see [`claim_sql`]).
+    pub(super) claim: String,
     pub(super) first_bounds: String,
     pub(super) next_bounds: String,
     /// Copies the chunk's old values of the job's undo columns (same parameters as `statement`).
     pub(super) undo_copy: Option<String>,
     pub(super) statement: String,
-    /// After the statement: sessions blocked on the chunk's locks, the rows of the job's table
-    /// the statement wrote, and the server's clock.
+    /// After the statement: the server's clock, sessions blocked on the chunk's locks, and the
+    /// rows of the job's table the statement wrote.
     pub(super) after_statement: String,
     /// The rows in the chunk's bounds now (parameters as `statement`'s).
     pub(super) count_chunk: String,
@@ -72,13 +75,14 @@ impl<'a> ChunkPlan<'a> {
                 keyset.written_sql()
             ),
             lock_range: lock_range_sql(store.quoted_schema()),
+            claim: claim_sql(store.quoted_schema(), keyset),
             first_bounds: keyset.next_chunk_sql(false),
             next_bounds: keyset.next_chunk_sql(true),
             undo_copy: crate::undo::copy_sql(store, job, keyset),
             statement: keyset.render(&job.sql),
             after_statement: format!(
-                "SELECT ({BLOCKED_SQL}), {} - current_setting('{WRITTEN_BEFORE}')::bigint,
-                        extract(epoch FROM clock_timestamp())::float8",
+                "SELECT extract(epoch FROM clock_timestamp())::float8, ({BLOCKED_SQL}),
+                        {} - current_setting('{WRITTEN_BEFORE}')::bigint",
                 keyset.written_sql()
             ),
             count_chunk: keyset.count_between_sql(),
@@ -97,6 +101,25 @@ fn lock_range_sql(s: &str) -> String {
     format!(
         "SELECT cursor, upper_bound, done FROM {s}.ranges
           WHERE job = $1 AND id = $2 AND owner_run = $3 AND owner_worker = $4 FOR UPDATE"
+    )
+}
+
+/// Locks an owned range's row for a chunk whose bounds were found by the chunk before (with
+/// `$5` the cursor and `$6` the upper bound they were found for, `$7…` that cursor and then the
+/// chunk's first key, one parameter per key column): one row when the range still has that
+/// cursor and upper bound and no key of the table lies between the cursor and the first key
+/// (one inserted there since would be skipped). Otherwise it fails with [`NOTHING_MOVED`], so
+/// the statements sent behind it in the same round trip fail too and nothing of them runs.
+/// (The page walk's first page always follows its cursor: nothing to look for.)
+fn claim_sql(s: &str, keyset: &Keyset) -> String {
+    format!(
+        "SELECT 1 / count(*)::int
+           FROM (SELECT 1 FROM {s}.ranges
+                  WHERE job = $1 AND id = $2 AND owner_run = $3 AND owner_worker = $4
+                    AND NOT done AND cursor IS NOT DISTINCT FROM $5 AND upper_bound = $6
+                  FOR UPDATE) owned
+          WHERE {}",
+        keyset.nothing_between_sql(7)
     )
 }
 
@@ -144,6 +167,16 @@ pub(super) struct ApplyStatements {
     pub(super) undo_copy: Option<Cached>,
     pub(super) statement: Cached,
     pub(super) after: Cached,
+}
+
+impl ApplyStatements {
+    /// Marks the statements as prepared by an earlier transaction (see `failure::cached`).
+    pub(super) fn prepared_earlier(&mut self) {
+        let all = [&mut self.stamp, &mut self.statement, &mut self.after];
+        for (_, reused) in all.into_iter().chain(self.undo_copy.as_mut()) {
+            *reused = true;
+        }
+    }
 }
 
 impl ChunkPlan<'_> {
