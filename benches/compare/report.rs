@@ -370,7 +370,7 @@ impl Report {
     /// The engine's average chunk and round trips per chunk, by route, from its own counters;
     /// the proxy's count on the wire beside them.
     fn chunks_md(&self, r: &RemoteReport, who: &[Contender], s: &mut String) {
-        push_line(s, "The engine's chunks, from its own counters (`--json`: rows, chunks, round_trips), median of the rounds; on the wire: the proxy's count of round trips the client waited for, over the whole run (start-up and the lease connection included) divided by its chunks:");
+        push_line(s, "The engine's chunks, from its own counters (`--json`: rows, chunks, round_trips), median of the rounds; on the wire: the proxy's count of round trips the client waited for, over the whole run (start-up and the lease connection included) divided by its chunks; a run stopped at the budget (SIGINT) counts up to its stop:");
         push_line(s, "");
         push_line(s, "| engine | route | average chunk (rows) | round trips per chunk | on the wire, per chunk |");
         push_line(s, "|---|---|---:|---:|---:|");
