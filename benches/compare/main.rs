@@ -229,6 +229,7 @@ fn main() {
         rt.block_on(refuse_to_overwrite(&server));
     }
     let mut report = rt.block_on(report::Report::new(&server));
+    report.budget = args.budget;
     if !args.impact_only {
         eprintln!(
             "bench: throughput at {} rows, {} round(s)",

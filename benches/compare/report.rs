@@ -24,6 +24,8 @@ pub struct Report {
     pub impact: Vec<ImpactRow>,
     /// The "remote database" section, or why it did not run.
     pub remote: Result<RemoteReport, String>,
+    /// `--budget`: a contender that ran out of it took at least that long.
+    pub budget: Duration,
 }
 
 /// The "remote database" section's measurements.
@@ -132,6 +134,7 @@ impl Report {
             impact_rounds: 0,
             impact: Vec::new(),
             remote: Err("not run (--impact-only)".into()),
+            budget: Duration::ZERO,
         }
     }
 

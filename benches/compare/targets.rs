@@ -7,7 +7,7 @@
 //! Ratios in the report only: a missed target never fails the bench (timings move with the
 //! machine; CI runs the bench to keep it working, not to judge it).
 
-use crate::measured::{Contender, Scenario};
+use crate::measured::{Contender, Measured, Scenario};
 use crate::network::Route;
 use crate::report::{median_time, push_line, Report};
 use std::time::Duration;
@@ -16,23 +16,49 @@ use std::time::Duration;
 struct Line {
     what: String,
     value: Option<f64>,
+    /// The value is an upper bound (a contender ran out of budget: its time is at least that).
+    bound: bool,
     unit: &'static str,
     target: String,
     met: Option<bool>,
 }
 
-fn ratio(num: Option<Duration>, den: Option<Duration>) -> Option<f64> {
-    // Throughput ratio of `num`'s contender to `den`'s: the inverse of their times.
-    Some(den?.as_secs_f64() / num?.as_secs_f64())
+/// A contender's median time over the rounds, or a lower bound of it (true) when some rounds
+/// ran out of budget: those count as the budget.
+fn time_at_least(ms: &[Measured], budget: Duration) -> Option<(Duration, bool)> {
+    if ms.is_empty() {
+        return None;
+    }
+    if let Some(t) = median_time(ms) {
+        return Some((t, false));
+    }
+    let mut times: Vec<Duration> = ms.iter().map(|m| m.time.unwrap_or(budget)).collect();
+    times.sort();
+    Some((times[times.len() / 2], true))
 }
 
-fn at_least(what: &str, value: Option<f64>, target: f64) -> Line {
+/// Throughput ratio of `num`'s contender to `den`'s (the inverse of their times); an upper
+/// bound (true) when `num` ran out of budget; None when `den` did.
+fn ratio(num: Option<(Duration, bool)>, den: Option<(Duration, bool)>) -> Option<(f64, bool)> {
+    let (den, den_bound) = den?;
+    let (num, bound) = num?;
+    (!den_bound).then(|| (den.as_secs_f64() / num.as_secs_f64(), bound))
+}
+
+fn at_least(what: &str, value: Option<(f64, bool)>, target: f64) -> Line {
+    let bound = value.is_some_and(|(_, b)| b);
+    let value = value.map(|(v, _)| v);
     Line {
         what: what.into(),
         value,
+        bound,
         unit: "×",
         target: format!("≥ {target:.2}×"),
-        met: value.map(|v| v >= target),
+        // Below an upper bound under the target is a miss; above it, unknown.
+        met: value.and_then(|v| match (bound, v >= target) {
+            (true, true) => None,
+            (_, met) => Some(met),
+        }),
     }
 }
 
@@ -40,8 +66,12 @@ fn at_most(what: String, value: Option<f64>, unit: &'static str, target: f64) ->
     Line {
         what,
         value,
+        bound: false,
         unit,
-        target: format!("≤ {target}{unit}"),
+        target: match unit {
+            "" => format!("= {target}"),
+            _ => format!("≤ {target}{unit}"),
+        },
         met: value.map(|v| v <= target),
     }
 }
@@ -49,8 +79,9 @@ fn at_most(what: String, value: Option<f64>, unit: &'static str, target: f64) ->
 /// The throughput targets, through the proxy and at loopback.
 fn throughput(report: &Report) -> Vec<Line> {
     let mut lines = Vec::new();
+    let budget = report.budget;
     if let Ok(r) = &report.remote {
-        let t = |c, route| median_time(r.of(c, route));
+        let t = |c, route| time_at_least(r.of(c, route), budget);
         let e = t(Contender::Engine, Route::Proxy);
         lines.push(at_least(
             "through the proxy: engine (1 worker, defaults) ÷ its own loopback throughput",
@@ -68,7 +99,7 @@ fn throughput(report: &Report) -> Vec<Line> {
             .throughput
             .iter()
             .find(|(x, _)| *x == c)
-            .and_then(|(_, m)| median_time(m))
+            .and_then(|(_, m)| time_at_least(m, budget))
     };
     let (e1, e2) = (t(Contender::Engine), t(Contender::Engine2));
     let targets = [
@@ -142,13 +173,14 @@ pub fn markdown(report: &Report, s: &mut String) {
     push_line(s, "");
     push_line(
         s,
-        "**Targets** (issue 18), medians of the rounds above; throughput ratios are rows/s over rows/s:",
+        "**Targets** (issue 18), medians of the rounds above; throughput ratios are rows/s over rows/s (\"<\": the engine ran out of budget, so at most that):",
     );
     push_line(s, "");
     push_line(s, "| target | value | needed | |");
     push_line(s, "|---|---:|---:|---|");
     for l in &lines {
         let value = match l.value {
+            Some(v) if l.bound => format!("< {v:.2}×"),
             Some(v) if l.unit == "×" => format!("{v:.2}×"),
             Some(v) if l.unit.is_empty() => format!("{v:.0}"),
             Some(v) => format!("{v:.1}{}", l.unit),
@@ -157,7 +189,7 @@ pub fn markdown(report: &Report, s: &mut String) {
         let met = match l.met {
             Some(true) => "✓ met",
             Some(false) => "✗ missed",
-            None => "– not measured",
+            None => "– not measured (over budget)",
         };
         push_line(
             s,
