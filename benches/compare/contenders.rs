@@ -2,13 +2,18 @@
 //! change): one UPDATE, the loops migration guides show, the best hand-written loop, and the
 //! engine itself (the real binary, so its start-up, catalog checks and checkpoints are counted).
 //!
+//! Each contender reaches the database on a route: straight, or through the latency proxy (the
+//! "remote database" section); the table is prepared and checked straight.
+//!
 //! Measures; never prints the report (that is `report`) and never asserts a speed.
 
 use crate::engine::{self, EngineRun};
-use crate::measured::{Contender, Measured};
+use crate::measured::{Contender, Measured, RouteResults};
+use crate::network::Route;
 use crate::report::Report;
 use crate::{connect, Args, Server};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 const EXPR: &str = "CASE legacy_status WHEN 'P' THEN 'pending' WHEN 'S' THEN 'shipped' \
@@ -42,7 +47,7 @@ END $$";
 
 /// A fresh `orders` table of `rows` rows, brought to the steady state every contender meets
 /// (one full rewrite behind it, vacuumed), with the keyset procedure in place.
-async fn fresh_orders(server: &Server, rows: u64) {
+pub async fn fresh_orders(server: &Server, rows: u64) {
     let c = connect(&server.url).await;
     c.batch_execute("DROP TABLE IF EXISTS orders")
         .await
@@ -74,22 +79,27 @@ async fn max_id(c: &tokio_postgres::Client) -> i64 {
         .get(0)
 }
 
-/// Times one contender filling a new column; the column is checked complete, then dropped.
+/// Times one contender filling a new column on `route`; the column is checked complete, then
+/// dropped.
 async fn measure(
     server: &Server,
-    who: Contender,
+    (who, route): (Contender, Route),
     col: &str,
     budget: Duration,
     jobs: &Path,
 ) -> Measured {
-    let c = connect(&server.url).await;
-    c.batch_execute(&format!("ALTER TABLE orders ADD COLUMN {col} text"))
+    let admin = connect(&server.url).await;
+    admin
+        .batch_execute(&format!("ALTER TABLE orders ADD COLUMN {col} text"))
         .await
         .unwrap();
-    c.batch_execute("VACUUM orders").await.unwrap();
-    c.batch_execute("CHECKPOINT").await.unwrap();
+    admin.batch_execute("VACUUM orders").await.unwrap();
+    admin.batch_execute("CHECKPOINT").await.unwrap();
+    let url = server.url_for(route);
+    let c = connect(url).await;
     let fill = Fill {
         server,
+        url,
         c: &c,
         col,
         budget,
@@ -109,7 +119,7 @@ async fn measure(
     };
     if finished {
         m.time = Some(fill.started.elapsed());
-        let left: i64 = c
+        let left: i64 = admin
             .query_one(
                 &format!("SELECT count(*) FROM orders WHERE {col} IS NULL"),
                 &[],
@@ -119,7 +129,9 @@ async fn measure(
             .get(0);
         assert_eq!(left, 0, "{} left {left} rows undone", who.label());
     }
-    c.batch_execute(&format!("ALTER TABLE orders DROP COLUMN {col}"))
+    drop(c);
+    admin
+        .batch_execute(&format!("ALTER TABLE orders DROP COLUMN {col}"))
         .await
         .unwrap();
     m
@@ -129,6 +141,8 @@ async fn measure(
 /// it finished within the budget.
 struct Fill<'a> {
     server: &'a Server,
+    /// The database URL on the contender's route.
+    url: &'a str,
     c: &'a tokio_postgres::Client,
     col: &'a str,
     budget: Duration,
@@ -206,7 +220,7 @@ impl Fill<'_> {
         let (c, col) = (self.c, self.col);
         let last = max_id(c).await;
         let half = last / 2;
-        let other = connect(&self.server.url).await;
+        let other = connect(self.url).await;
         for s in [c, &other] {
             self.bounded(s).await;
         }
@@ -225,14 +239,27 @@ impl Fill<'_> {
         );
         std::fs::write(jobs.join(format!("{col}.toml")), job).unwrap();
         let workers = who.workers().expect("an engine contender");
-        let cmd = engine::command(self.server, jobs, &["run", col, "--workers", workers]);
-        match engine::run_measured(cmd, self.budget) {
+        let cmd = engine::command(
+            self.url,
+            jobs,
+            &["run", col, "--workers", workers, "--json"],
+        );
+        let flights = self.server.flights();
+        let run = engine::run_measured(cmd, self.budget);
+        if self.url != self.server.url {
+            m.flights = Some(self.server.flights() - flights);
+        }
+        match run {
             Ok(usage) => {
                 m.cpu = Some(usage.cpu);
                 m.rss_kb = Some(usage.max_rss_kb);
+                m.counters = usage.counters;
                 true
             }
-            Err(EngineRun::OverBudget) => false,
+            Err(EngineRun::OverBudget(counters)) => {
+                m.counters = counters;
+                false
+            }
             Err(EngineRun::Failed(status)) => {
                 panic!(
                     "{} failed (exit status {status}): the bench measures only runs that succeed",
@@ -243,7 +270,7 @@ impl Fill<'_> {
     }
 }
 
-/// Every contender, `rounds` times at `rows`, in a rotating order.
+/// Every contender straight to the database, `rounds` times at `rows`, in a rotating order.
 async fn rounds_at(
     server: &Server,
     rows: u64,
@@ -252,18 +279,38 @@ async fn rounds_at(
     jobs: &Path,
 ) -> Vec<(Contender, Vec<Measured>)> {
     fresh_orders(server, rows).await;
-    let mut out: Vec<(Contender, Vec<Measured>)> = who.iter().map(|c| (*c, Vec::new())).collect();
-    let mut n = 0;
+    let who: Vec<_> = who.iter().map(|c| (*c, Route::Loopback)).collect();
+    rounds_on_routes(server, rows, &who, args, jobs)
+        .await
+        .into_iter()
+        .map(|((c, _), ms)| (c, ms))
+        .collect()
+}
+
+/// Every (contender, route), `rounds` times on the `orders` table in place (of `rows` rows), in
+/// a rotating order.
+pub async fn rounds_on_routes(
+    server: &Server,
+    rows: u64,
+    who: &[(Contender, Route)],
+    args: &Args,
+    jobs: &Path,
+) -> RouteResults {
+    // Column names (and the engine's job names) are unique over the whole bench run: a job
+    // name already done would not run again.
+    static FILLS: AtomicUsize = AtomicUsize::new(0);
+    let mut out: RouteResults = who.iter().map(|c| (*c, Vec::new())).collect();
     for round in 0..args.rounds {
         for i in 0..who.len() {
             let k = (i + round) % who.len();
-            n += 1;
+            let n = FILLS.fetch_add(1, Ordering::Relaxed) + 1;
             let col = format!("c{rows}_{n}");
             let m = measure(server, who[k], &col, args.budget, jobs).await;
             eprintln!(
-                "bench: {rows} rows, round {}: {} {:?}",
+                "bench: {rows} rows, round {}: {} ({:?}) {:?}",
                 round + 1,
-                who[k].label(),
+                who[k].0.label(),
+                who[k].1,
                 m.time
             );
             out[k].1.push(m);
@@ -275,7 +322,7 @@ async fn rounds_at(
 pub async fn throughput(server: &Server, args: &Args, report: &mut Report) {
     let jobs = report.jobs_dir();
     // The engine's own schema exists before the first measured run, so no run pays for it.
-    engine::init(server, &jobs);
+    engine::init(&server.url, &jobs);
     let results = rounds_at(server, args.rows, &ALL, args, &jobs).await;
     report.throughput_rows = args.rows;
     report.throughput = results;

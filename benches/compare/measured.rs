@@ -5,6 +5,7 @@
 //! Plain data shared by the sections that measure (`contenders`, `impact`) and the one that
 //! prints (`report`); it measures and prints nothing itself.
 
+use crate::network::Route;
 use std::time::Duration;
 
 /// A way of filling a new column of `orders`, in the throughput and scaling sections.
@@ -60,6 +61,8 @@ pub enum Scenario {
     NoBackfill,
     SingleUpdate,
     EngineDefaults,
+    /// The engine at defaults through the latency proxy (pgbench stays on loopback).
+    EngineDefaultsProxied,
     EngineCeiling(u32),
     EngineTarget(u32),
 }
@@ -70,6 +73,9 @@ impl Scenario {
             Scenario::NoBackfill => "(i) no backfill".into(),
             Scenario::SingleUpdate => "(ii) single UPDATE".into(),
             Scenario::EngineDefaults => "(iii) backfill run, default settings".into(),
+            Scenario::EngineDefaultsProxied => {
+                "(vi) backfill run, default settings, through the proxy".into()
+            }
             Scenario::EngineCeiling(r) => format!("(iv) backfill run, rows_per_second = {r}"),
             Scenario::EngineTarget(ms) => {
                 format!("(v) backfill run, target_chunk_time = {ms}ms")
@@ -86,10 +92,26 @@ pub struct Measured {
     /// The engine's own CPU time (user + system) and peak RSS.
     pub cpu: Option<Duration>,
     pub rss_kb: Option<i64>,
+    /// The engine's own counters, from its JSON report.
+    pub counters: Option<Counters>,
+    /// Round trips the proxy counted on the wire during the fill (through the proxy only).
+    pub flights: Option<u64>,
+}
+
+/// An engine run's own counters (its `--json` report).
+#[derive(Debug, Clone, Copy)]
+pub struct Counters {
+    pub rows: i64,
+    pub chunks: i64,
+    /// Round trips spent by the run's chunk transactions; None when the engine does not say.
+    pub round_trips: Option<i64>,
 }
 
 /// Each contender's measurements over the rounds, at one table size.
 pub type Results = Vec<(Contender, Vec<Measured>)>;
+
+/// The "remote database" section's measurements: each contender by route, over the rounds.
+pub type RouteResults = Vec<((Contender, Route), Vec<Measured>)>;
 
 /// pgbench's figures over the time one scenario's backfill ran (or their medians over rounds).
 pub struct ImpactRow {

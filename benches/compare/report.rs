@@ -1,10 +1,13 @@
 //! The report: the sections' measurements, collected, and their markdown: medians, ratios,
-//! growth factors, the engine's own CPU and peak memory, and the machine it ran on.
+//! growth factors, the engine's own CPU and peak memory, the remote database side by side with
+//! loopback, and the machine and server settings (as `SHOW` reports them) it ran on. The
+//! targets that follow these sections are `targets`'.
 //!
-//! Depends only on the measured data (`measured`); the sections that measure fill it in, and it
-//! never runs anything but the one query for the server's settings.
+//! Depends only on the measured data (`measured`, `network`'s routes); the sections that measure
+//! fill it in, and it never runs anything but the queries for the server's settings.
 
-use crate::measured::{Contender, ImpactRow, Measured, Results};
+use crate::measured::{Contender, ImpactRow, Measured, Results, RouteResults};
+use crate::network::Route;
 use crate::Server;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -19,6 +22,32 @@ pub struct Report {
     pub pgbench_accounts: u64,
     pub impact_rounds: usize,
     pub impact: Vec<ImpactRow>,
+    /// The "remote database" section, or why it did not run.
+    pub remote: Result<RemoteReport, String>,
+    /// `--budget`: a contender that ran out of it took at least that long.
+    pub budget: Duration,
+}
+
+/// The "remote database" section's measurements.
+pub struct RemoteReport {
+    /// The round trip the proxy adds (`--rtt`).
+    pub rtt: Duration,
+    /// `SELECT 1` straight to the server and through the proxy, as measured.
+    pub loopback_rtt: Duration,
+    pub proxied_rtt: Duration,
+    pub rows: u64,
+    pub results: RouteResults,
+}
+
+impl RemoteReport {
+    /// The measurements of a contender on a route.
+    pub fn of(&self, c: Contender, r: Route) -> &[Measured] {
+        self.results
+            .iter()
+            .find(|(x, _)| *x == (c, r))
+            .map(|(_, m)| m.as_slice())
+            .unwrap_or(&[])
+    }
 }
 
 fn median(mut v: Vec<Duration>) -> Option<Duration> {
@@ -26,8 +55,17 @@ fn median(mut v: Vec<Duration>) -> Option<Duration> {
     v.get(v.len() / 2).copied()
 }
 
+fn median_f64(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied()
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
 /// Median time over the rounds; None when any round ran out of budget.
-fn median_time(ms: &[Measured]) -> Option<Duration> {
+pub fn median_time(ms: &[Measured]) -> Option<Duration> {
     let times: Option<Vec<Duration>> = ms.iter().map(|m| m.time).collect();
     median(times?)
 }
@@ -60,22 +98,33 @@ impl Report {
             .map(|n| n.get())
             .unwrap_or(1);
         let c = crate::connect(&server.url).await;
-        let row = c
-            .query_one(
-                "SELECT current_setting('server_version'), current_setting('fsync'),
-                        current_setting('synchronous_commit'), current_setting('shared_buffers')",
-                &[],
-            )
-            .await
-            .unwrap();
-        let (v, fsync, sync, sb): (String, String, String, String) =
-            (row.get(0), row.get(1), row.get(2), row.get(3));
+        let mut shown = Vec::new();
+        for name in [
+            "server_version",
+            "fsync",
+            "synchronous_commit",
+            "full_page_writes",
+            "shared_buffers",
+        ] {
+            let rows = c.simple_query(&format!("SHOW {name}")).await.unwrap();
+            let value = rows.iter().find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            });
+            shown.push(value.unwrap_or_default());
+        }
+        let [v, fsync, sync, fpw, sb] = <[String; 5]>::try_from(shown).unwrap();
+        let place = if server.is_external() {
+            "at BACKFILL_BENCH_DATABASE_URL"
+        } else {
+            "on the same machine, a throwaway cluster"
+        };
         let dir = std::env::temp_dir().join(format!("backfill-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         Report {
             machine: format!("{cores} cores ({cpu}), {mem_gib:.0} GiB RAM"),
             server: format!(
-                "PostgreSQL {v} on the same machine (fsync={fsync}, synchronous_commit={sync}, shared_buffers={sb})"
+                "PostgreSQL {v} {place}, settings as SHOW reports them: fsync={fsync}, synchronous_commit={sync}, full_page_writes={fpw}, shared_buffers={sb}"
             ),
             dir,
             throughput_rows: 0,
@@ -84,6 +133,8 @@ impl Report {
             pgbench_accounts: 0,
             impact_rounds: 0,
             impact: Vec::new(),
+            remote: Err("not run (--impact-only)".into()),
+            budget: Duration::ZERO,
         }
     }
 
@@ -98,6 +149,7 @@ impl Report {
         self.throughput_md(&mut s);
         self.scaling_md(&mut s);
         self.overhead_md(&mut s);
+        self.remote_md(&mut s);
         self.impact_md(&mut s);
         s
     }
@@ -246,9 +298,11 @@ impl Report {
                 &format!(
                     "| {} | {} | {:.0} | {:.1} ms{rel} | {:.1} ms | {} |",
                     r.scenario.label(),
-                    r.backfill_seconds
-                        .map(|t| format!("{t:.1} s"))
-                        .unwrap_or_else(|| "–".into()),
+                    match r.backfill_seconds {
+                        Some(t) if t.is_infinite() => "> budget".into(),
+                        Some(t) => format!("{t:.1} s"),
+                        None => "–".into(),
+                    },
                     r.tps,
                     r.p99_ms,
                     r.max_ms,
@@ -259,8 +313,103 @@ impl Report {
     }
 }
 
+impl Report {
+    /// The remote database section: each contender straight and through the proxy, then the
+    /// engine's chunk size and round trips per chunk on each route.
+    fn remote_md(&self, s: &mut String) {
+        let r = match &self.remote {
+            Ok(r) => r,
+            Err(why) => {
+                push_line(s, &format!("**Remote database**: not measured: {why}."));
+                push_line(s, "");
+                return;
+            }
+        };
+        let rounds = r.results.first().map(|(_, m)| m.len()).unwrap_or(0);
+        push_line(s, &format!(
+            "**Remote database**: a latency proxy on loopback adds {} per round trip (`SELECT 1`: {} straight, {} through the proxy); {} rows, straight and through the proxy alternating, median of {rounds} round(s):",
+            ms(r.rtt), ms(r.loopback_rtt), ms(r.proxied_rtt), r.rows
+        ));
+        push_line(s, "");
+        push_line(
+            s,
+            "| contender | straight | rows/s | through the proxy | rows/s | proxy ÷ straight |",
+        );
+        push_line(s, "|---|---:|---:|---:|---:|---:|");
+        let rate = |t: Option<Duration>| {
+            t.map(|t| format!("{:.0}", r.rows as f64 / t.as_secs_f64()))
+                .unwrap_or_else(|| "–".into())
+        };
+        let mut seen = Vec::new();
+        for ((c, _), _) in &r.results {
+            if seen.contains(c) {
+                continue;
+            }
+            seen.push(*c);
+            let (l, p) = (
+                median_time(r.of(*c, Route::Loopback)),
+                median_time(r.of(*c, Route::Proxy)),
+            );
+            let ratio = match (l, p) {
+                (Some(l), Some(p)) => format!("{:.2}", l.as_secs_f64() / p.as_secs_f64()),
+                _ => "–".into(),
+            };
+            push_line(
+                s,
+                &format!(
+                    "| {} | {} | {} | {} | {} | {ratio} |",
+                    c.label(),
+                    secs(l, "budget"),
+                    rate(l),
+                    secs(p, "budget"),
+                    rate(p)
+                ),
+            );
+        }
+        push_line(s, "");
+        self.chunks_md(r, &seen, s);
+    }
+
+    /// The engine's average chunk and round trips per chunk, by route, from its own counters;
+    /// the proxy's count on the wire beside them.
+    fn chunks_md(&self, r: &RemoteReport, who: &[Contender], s: &mut String) {
+        push_line(s, "The engine's chunks, from its own counters (`--json`: rows, chunks, round_trips), median of the rounds; on the wire: the proxy's count of round trips the client waited for, over the whole run (start-up and the lease connection included) divided by its chunks; a run stopped at the budget (SIGINT) counts up to its stop:");
+        push_line(s, "");
+        push_line(s, "| engine | route | average chunk (rows) | round trips per chunk | on the wire, per chunk |");
+        push_line(s, "|---|---|---:|---:|---:|");
+        for c in who.iter().filter(|c| c.workers().is_some()) {
+            for (route, name) in [(Route::Loopback, "straight"), (Route::Proxy, "proxy")] {
+                let runs = r.of(*c, route);
+                let per_chunk = |f: &dyn Fn(&Measured) -> Option<f64>| {
+                    median_f64(runs.iter().filter_map(f).collect())
+                };
+                let chunks = |m: &Measured| m.counters.filter(|k| k.chunks > 0);
+                let avg = per_chunk(&|m| chunks(m).map(|k| k.rows as f64 / k.chunks as f64));
+                let trips = per_chunk(&|m| {
+                    chunks(m).and_then(|k| Some(k.round_trips? as f64 / k.chunks as f64))
+                });
+                let wire = per_chunk(&|m| Some(m.flights? as f64 / chunks(m)?.chunks as f64));
+                let show = |v: Option<f64>, none: &str| {
+                    v.map(|v| format!("{v:.1}")).unwrap_or_else(|| none.into())
+                };
+                push_line(
+                    s,
+                    &format!(
+                        "| {} | {name} | {} | {} | {} |",
+                        c.label(),
+                        show(avg, "–"),
+                        show(trips, "n/a"),
+                        show(wire, "–")
+                    ),
+                );
+            }
+        }
+        push_line(s, "");
+    }
+}
+
 /// Appends one line of markdown.
-fn push_line(s: &mut String, l: &str) {
+pub fn push_line(s: &mut String, l: &str) {
     s.push_str(l);
     s.push('\n');
 }
