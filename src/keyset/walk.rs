@@ -53,7 +53,10 @@ impl Keyset {
     /// limit.
     ///
     /// Each part is a plain walk of the key's index, with nothing materialised or sorted: the
-    /// first key is the first entry, and the last is the entry `limit - 1` further on. Only when
+    /// first key is the first entry, and the last is the entry `limit - 1` further on. Only that
+    /// entry is turned into text: the walk past the others reads the key columns alone (turning
+    /// every skipped key into a text array cost three times the walk itself), and only once
+    /// (`OFFSET 0` keeps the planner from copying the walk into each place that reads it). Only when
     /// fewer than `limit` keys are left (the final chunk) are they counted and the greatest taken.
     pub fn next_chunk_sql(&self, after_cursor: bool) -> String {
         let found = match self.walk {
@@ -184,8 +187,9 @@ impl Keyset {
                          ELSE (SELECT count(*) {range}) END,
                     (SELECT {arr} {range} ORDER BY {cols} LIMIT 1),
                     coalesce(w.nth, (SELECT {arr} {range} ORDER BY {desc} LIMIT 1))
-               FROM (SELECT (SELECT {arr} {range} ORDER BY {cols}
-                              OFFSET ${limit_at}::bigint - 1 LIMIT 1) AS nth) w",
+               FROM (SELECT (SELECT {arr} FROM (SELECT {cols} {range} ORDER BY {cols}
+                                                 OFFSET ${limit_at}::bigint - 1 LIMIT 1) k) AS nth
+                      OFFSET 0) w",
             cols = self.cols(""),
             arr = self.text_array(),
             desc = self.cols(" DESC"),
