@@ -1,6 +1,6 @@
 //! A failed chunk attempt ([`Failure`]: what failed, at which stage, on which keys) and how a
-//! driver error becomes one, including the statement cache's stale-plan rule ([`cached`],
-//! [`failed_cached`]). Must not decide what a failure means (that is `recovery`'s) nor send a
+//! driver error, or a request a round trip could not send ([`sent`]), becomes one, including the
+//! statement cache's stale-plan rule ([`cached`], [`failed_cached`]). Must not decide what a failure means (that is `recovery`'s) nor send a
 //! chunk's statements (that is `chunk`'s).
 
 use super::recovery::Problem;
@@ -132,5 +132,36 @@ pub(super) fn failed_cached(
             }
         }
         error
+    }
+}
+
+/// Whether a request's answer is an error the server sent.
+pub(super) fn from_server<T>(answer: &Option<Result<T, tokio_postgres::Error>>) -> bool {
+    matches!(answer, Some(Err(e)) if e.as_db_error().is_some())
+}
+
+/// The failure of a request known to have failed (or not been sent) at `stage`.
+pub(super) fn failure_of<T>(
+    answer: Option<Result<T, tokio_postgres::Error>>,
+    stage: &'static str,
+    chunk: Option<&(KeyValue, KeyValue, i64)>,
+) -> Failure {
+    match answer {
+        Some(Err(e)) => failed(stage, chunk)(e),
+        Some(Ok(_)) | None => Failure::not_sent(stage),
+    }
+}
+
+/// A request's answer from its flight, as a [`Failure`] at `stage` when it failed or could not
+/// be sent (a request before it in its round trip could not be: that one's failure is read
+/// first).
+pub(super) fn sent<T>(
+    answer: Option<Result<T, tokio_postgres::Error>>,
+    stage: &'static str,
+    chunk: Option<&(KeyValue, KeyValue, i64)>,
+) -> Result<T, Failure> {
+    match answer {
+        Some(answer) => answer.map_err(failed(stage, chunk)),
+        None => Err(Failure::not_sent(stage)),
     }
 }

@@ -22,17 +22,19 @@
 
 mod flight;
 mod plan;
+mod skip;
 
 use flight::Flight;
 
-use super::failure::{cached, failed, failed_cached, Failure};
+use super::failure::{cached, failed, failed_cached, failure_of, from_server, sent, Failure};
 use super::recovery::Problem;
 use crate::db::{self, ErrorClass};
 use crate::error::{ChunkCause, WroteOutside};
 use crate::keyset::{self, ChunkBounds, KeyValue, NextChunkError};
-use crate::store::{Poison, RangeLease, Store};
+use crate::store::RangeLease;
 pub(super) use plan::{chunk_timeouts, ChunkPlan};
 use plan::{ApplyStatements, Chunk, NOTHING_MOVED};
+pub(super) use skip::skip_key;
 use std::time::{Duration, Instant};
 use tokio_postgres::types::ToSql;
 
@@ -405,37 +407,6 @@ impl ChunkTx<'_, '_> {
     }
 }
 
-/// Whether a request's answer is an error the server sent.
-fn from_server<T>(answer: &Option<Result<T, tokio_postgres::Error>>) -> bool {
-    matches!(answer, Some(Err(e)) if e.as_db_error().is_some())
-}
-
-/// The failure of a request known to have failed (or not been sent) at `stage`.
-fn failure_of<T>(
-    answer: Option<Result<T, tokio_postgres::Error>>,
-    stage: &'static str,
-    chunk: Option<&Chunk>,
-) -> Failure {
-    match answer {
-        Some(Err(e)) => failed(stage, chunk)(e),
-        Some(Ok(_)) | None => Failure::not_sent(stage),
-    }
-}
-
-/// A request's answer from its flight, as a [`Failure`] at `stage` when it failed or could not
-/// be sent (a request before it in its round trip could not be: that one's failure is read
-/// first).
-fn sent<T>(
-    answer: Option<Result<T, tokio_postgres::Error>>,
-    stage: &'static str,
-    chunk: Option<&Chunk>,
-) -> Result<T, Failure> {
-    match answer {
-        Some(answer) => answer.map_err(failed(stage, chunk)),
-        None => Err(Failure::not_sent(stage)),
-    }
-}
-
 /// Sends, in one round trip (on `flight`): the server's clock, the undo copy (jobs with `undo`),
 /// the job's statement on the chunk's bounds, and what came after it (the clock again, blocked
 /// sessions, rows written).
@@ -536,44 +507,6 @@ async fn next_bounds(
             conn,
         )(e)),
     }
-}
-
-/// Records a poison key as skipped and moves the range's cursor past it, in one transaction
-/// under the chunk's timeouts and range lock (so the key is skipped exactly once). False: the
-/// range is no longer this worker's.
-pub(super) async fn skip_key(
-    conn: &mut deadpool_postgres::Object,
-    plan: &ChunkPlan<'_>,
-    store: &Store,
-    range: &RangeLease,
-    poison: &Poison<'_>,
-) -> Result<bool, tokio_postgres::Error> {
-    let job = plan.job.name.as_str();
-    let tx = conn.transaction().await?;
-    tx.batch_execute(&plan.timeouts.set_local()).await?;
-    let Some(locked) = tx
-        .query_opt(&plan.lock_range, &range.owner_params(&job))
-        .await?
-    else {
-        return Ok(false);
-    };
-    let cursor: Option<KeyValue> = locked.get(0);
-    store
-        .record_failure(&*tx, job, Some(range.run_id), poison)
-        .await?;
-    let skipped: [&(dyn ToSql + Sync); 5] = [&cursor, poison.key, &1i64, &0i64, &1i32];
-    let advance: Vec<_> = range
-        .owner_params(&job)
-        .into_iter()
-        .chain(skipped)
-        .collect();
-    match tx.execute(&plan.advance, &advance).await {
-        Ok(_) => {}
-        Err(e) if db::sqlstate(&e) == Some(NOTHING_MOVED) => return Ok(false),
-        Err(e) => return Err(e),
-    }
-    tx.commit().await?;
-    Ok(true)
 }
 
 /// A statement that wrote more rows of the job's table than the chunk holds writes outside the
