@@ -584,3 +584,33 @@ fn two_processes_share_the_jobs_rate_ceiling() {
     // each at the full ceiling would have taken 4 s.
     assert!(took >= Duration::from_millis(7500), "{took:?}");
 }
+
+/// The rate ceiling holds from the first second: the bucket starts empty, so no window from the
+/// start sees more than the ceiling (a full bucket let the first second run at twice it).
+#[test]
+fn the_rate_ceiling_holds_from_the_first_second() {
+    let db = polled_db(TestDb::new());
+    const RATE: f64 = 1000.0;
+    counter_table(&db, 3000);
+    db.write_job("f", &job("", "rows_per_second = 1000\n"));
+    let t = Instant::now();
+    let child = db.spawn(&["run", "f"]);
+    let mut samples = Vec::new();
+    while samples.last().is_none_or(|(_, n)| *n < 3000) {
+        samples.push((t.elapsed(), rows_done(&db, "f")));
+        assert!(t.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    wait_out(child, Duration::from_secs(30)).expect(0);
+    for (at, n) in &samples {
+        let ceiling = 1.1 * RATE * at.as_secs_f64();
+        assert!(
+            *n as f64 <= ceiling,
+            "{n} rows after {at:?}: more than the ceiling allows"
+        );
+    }
+    // 3,000 keys at 1,000 a second from an empty bucket: the last chunk is admitted at 3 s.
+    let took = samples.last().unwrap().0;
+    assert!(took >= Duration::from_millis(2700), "{took:?}");
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+}
