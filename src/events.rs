@@ -25,12 +25,15 @@ pub enum Event<'a> {
         upper: Option<&'a str>,
         rows: Option<i64>,
     },
-    /// The run starts walking: rows already done, rows in all, the chunk size, its workers.
+    /// The run starts walking: rows already done, rows in all, the chunk size, its workers, the
+    /// failing keys already recorded.
     RunStarted {
         done: u64,
         total: Option<u64>,
         chunk_size: u64,
         workers: u32,
+        /// The job's failing keys not yet resolved, as the store counted them at the start.
+        failing_keys: u64,
     },
     /// A job with a single range resumes after this key.
     ResumingAfter { key: &'a str, rows_done: i64 },
@@ -122,7 +125,12 @@ pub enum Event<'a> {
     /// Recording a poison key as skipped was interrupted; it is tried again.
     SkipInterrupted { key: &'a str, error: &'a str },
     /// A poison key was recorded in the failures table and passed.
-    Skipped { key: &'a str, error: &'a str },
+    Skipped {
+        key: &'a str,
+        error: &'a str,
+        /// Not already recorded as failing: the job has one failing key more.
+        newly_failing: bool,
+    },
     /// Something happened to the job's finishing steps.
     Finishing(Finishing<'a>),
 }

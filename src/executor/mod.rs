@@ -180,6 +180,7 @@ pub async fn run(
         run_id,
         checkpoint,
         total,
+        failing_keys,
     } = joined;
     let lease_state = Arc::new(LeaseState::new());
     let heartbeat = tokio::spawn(store.clone().keep_lease(
@@ -191,7 +192,7 @@ pub async fn run(
         lease_state.clone(),
     ));
     let chunk_rows = opts.chunk_rows.unwrap_or(job.chunk_rows);
-    announce(&cx, &checkpoint, total, chunk_rows);
+    announce(&cx, &checkpoint, total, chunk_rows, failing_keys);
     // The workers, then verify and sweep.
     let shared = Shared::new(&cx, run_id, &lease_state, &keyset, chunk_rows)?;
     let passes = shared.walk_and_verify(chunk_rows as i64).await;
@@ -202,13 +203,20 @@ pub async fn run(
 }
 
 /// Shows the run starting: the progress display, and where a resumed job goes on.
-fn announce(cx: &Context<'_>, checkpoint: &store::Checkpoint, total: Option<i64>, chunk_rows: u32) {
+fn announce(
+    cx: &Context<'_>,
+    checkpoint: &store::Checkpoint,
+    total: Option<i64>,
+    chunk_rows: u32,
+    failing_keys: i64,
+) {
     let events = cx.events;
     events.on(Event::RunStarted {
         done: checkpoint.rows_done.max(0) as u64,
         total: total.map(|t| t.max(0) as u64),
         chunk_size: chunk_rows as u64,
         workers: cx.workers,
+        failing_keys: failing_keys.max(0) as u64,
     });
     if let Some(c) = &checkpoint.cursor {
         events.on(Event::ResumingAfter {

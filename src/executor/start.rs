@@ -30,6 +30,8 @@ pub(super) struct Started {
     pub(super) checkpoint: store::Checkpoint,
     /// The job's row estimate.
     pub(super) total: Option<i64>,
+    /// The job's unresolved failing keys when the run joined.
+    pub(super) failing_keys: i64,
 }
 
 pub(super) enum Start {
@@ -138,6 +140,7 @@ pub(super) async fn start_once(
         }
     };
     *joined = Some((run_id, checkpoint.clone()));
+    let failing_keys = store.failing_keys(&lease, name).await?;
     match key_range(&mut lease, store, job, &keyset, events).await {
         Ok(total) => Ok(Start::Owned(Box::new(Started {
             lease,
@@ -145,6 +148,7 @@ pub(super) async fn start_once(
             run_id,
             checkpoint,
             total,
+            failing_keys,
         }))),
         // Waited out by the caller, which comes back with the same run.
         Err(e @ Error::Unavailable(_)) => Err(e),

@@ -465,33 +465,35 @@ impl<'s, 'a> Worker<'s, 'a> {
             Ok(c) => c,
             Err(_) => return Ok(()), // retried from the top once the database answers
         };
-        match chunk::skip_key(conn, &shared.chunk, shared.store, &range, &poison).await {
-            Ok(true) => {}
-            Ok(false) => return Err(Error::run_lost(&name)),
-            // Nothing was committed: the chunk is tried again from the cursor (and
-            // narrowed to this key again) once the lock or the database is back.
-            Err(e)
-                if matches!(
-                    db::classify(&e),
-                    ErrorClass::Contention | ErrorClass::Connection
-                ) =>
-            {
-                shared.emit(Event::SkipInterrupted {
-                    key: &show_key(key),
-                    error: &db::describe(&e),
-                });
-                return Ok(());
-            }
-            Err(e) => {
-                return Err(db::error(
-                    e,
-                    format!("job {name}: recording the failure at key {}", show_key(key)),
-                ))
-            }
-        }
+        let newly_failing =
+            match chunk::skip_key(conn, &shared.chunk, shared.store, &range, &poison).await {
+                Ok(chunk::Skip::Skipped { newly_failing }) => newly_failing,
+                Ok(chunk::Skip::RangeLost) => return Err(Error::run_lost(&name)),
+                // Nothing was committed: the chunk is tried again from the cursor (and
+                // narrowed to this key again) once the lock or the database is back.
+                Err(e)
+                    if matches!(
+                        db::classify(&e),
+                        ErrorClass::Contention | ErrorClass::Connection
+                    ) =>
+                {
+                    shared.emit(Event::SkipInterrupted {
+                        key: &show_key(key),
+                        error: &db::describe(&e),
+                    });
+                    return Ok(());
+                }
+                Err(e) => {
+                    return Err(db::error(
+                        e,
+                        format!("job {name}: recording the failure at key {}", show_key(key)),
+                    ))
+                }
+            };
         shared.emit(Event::Skipped {
             key: &show_key(key),
             error: &message,
+            newly_failing,
         });
         self.cursor = Some(key.clone());
         self.tally.skipped += 1;

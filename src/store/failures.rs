@@ -30,27 +30,30 @@ pub struct Poison<'a> {
 }
 
 impl Store {
-    /// Records (or re-records) a failing key as unresolved.
+    /// Records (or re-records) a failing key as unresolved. True when it was not already
+    /// unresolved (the job has one failing key more).
     pub async fn record_failure(
         &self,
         client: &impl GenericClient,
         job: &str,
         run_id: Option<i64>,
         poison: &Poison<'_>,
-    ) -> Result<(), tokio_postgres::Error> {
-        client
-            .execute(
+    ) -> Result<bool, tokio_postgres::Error> {
+        let row = client
+            .query_one(
                 &format!(
-                    "INSERT INTO {s}.failures (job, key, sqlstate, message, run_id) VALUES ($1, $2, $3, $4, $5)
+                    "WITH failing AS (SELECT 1 FROM {s}.failures WHERE job = $1 AND key = $2 AND resolved_at IS NULL)
+                     INSERT INTO {s}.failures (job, key, sqlstate, message, run_id) VALUES ($1, $2, $3, $4, $5)
                      ON CONFLICT (job, key) DO UPDATE SET sqlstate = EXCLUDED.sqlstate, message = EXCLUDED.message,
                          run_id = EXCLUDED.run_id, attempts = {s}.failures.attempts + 1,
-                         last_seen = now(), resolved_at = NULL",
+                         last_seen = now(), resolved_at = NULL
+                     RETURNING NOT EXISTS (SELECT 1 FROM failing)",
                     s = self.q
                 ),
                 &[&job, poison.key, &poison.sqlstate, &poison.message, &run_id],
             )
             .await?;
-        Ok(())
+        Ok(row.get(0))
     }
 
     /// The job's failing keys (unresolved only, unless `all`), oldest first.
@@ -90,6 +93,24 @@ impl Store {
                 resolved_at: r.get(7),
             })
             .collect())
+    }
+
+    /// How many of the job's failing keys are unresolved (0 before the schema exists).
+    pub async fn failing_keys(&self, client: &impl GenericClient, job: &str) -> Result<i64> {
+        if !self.readable(client).await? {
+            return Ok(0);
+        }
+        let row = client
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {s}.failures WHERE job = $1 AND resolved_at IS NULL",
+                    s = self.q
+                ),
+                &[&job],
+            )
+            .await
+            .map_err(|e| db::error(e, format!("job {job}: counting its failing keys")))?;
+        Ok(row.get(0))
     }
 
     /// Locks one unresolved failure for a retry (skipping one another retrier holds).

@@ -29,6 +29,7 @@ impl Progress {
             )),
             Event::BackWhileStarting => {
                 self.set_held(None);
+                self.set_hold_reason(None);
                 self.log(&format!("{name}: database is back; starting"));
             }
             Event::Rejoining { run_id } => self.log(&format!(
@@ -51,8 +52,9 @@ impl Progress {
                 total,
                 chunk_size,
                 workers,
+                failing_keys,
             } => {
-                self.start(done, total, chunk_size);
+                self.start(done, total, chunk_size, failing_keys);
                 self.set_workers(workers);
             }
             Event::ResumingAfter { key, rows_done } => self.log(&format!(
@@ -78,7 +80,8 @@ impl Progress {
             )),
             Event::RunEnded(state) => self.finish(state),
             Event::FailureResolved { key } => {
-                self.log(&format!("{name}: key {key} now succeeds; resolved"))
+                self.log(&format!("{name}: key {key} now succeeds; resolved"));
+                self.key_resolved();
             }
             Event::FailureRemains { key, error } => {
                 self.log(&format!("{name}: key {key} still fails: {error}"))
@@ -114,13 +117,14 @@ impl Progress {
             )),
             Event::ReplicationLag(lag) => self.replication_lag(lag),
             Event::Held { reason, time } => self.held(reason, time),
-            Event::HoldChanged(shown) => {
-                let shown = shown.map(Shown::to_string);
+            Event::HoldChanged(hold) => {
+                let shown = hold.map(Shown::to_string);
                 match &shown {
                     Some(d) => self.log(&format!("{name}: holding: {d}")),
                     None => self.log(&format!("{name}: no longer held; continuing")),
                 }
                 self.set_held(shown.as_deref());
+                self.set_hold_reason(hold.map(|h| h.hold.reason()));
             }
             Event::WaitingForDatabase => self.show_hold(&Hold::WaitingForDatabase),
             Event::AttemptFailed { class } => self.chunk_failed(class),
@@ -179,19 +183,28 @@ impl Progress {
             Event::SkipInterrupted { key, error } => self.log(&format!(
                 "{name}: recording the failure at key {key} was interrupted ({error}); trying again"
             )),
-            Event::Skipped { key, error } => {
-                self.log(&format!(
-                    "{name}: skipped key {key} ({error}); recorded in the failures table — `backfill failures {name}` lists it, `backfill retry-failures {name}` retries it"
-                ));
-                self.key_skipped();
-            }
+            Event::Skipped {
+                key,
+                error,
+                newly_failing,
+            } => self.skipped(key, error, newly_failing),
             _ => self.run_event_missed(event),
         }
+    }
+
+    /// A poison key was recorded and passed: the log line, and the counts.
+    fn skipped(&self, key: &str, error: &str, newly_failing: bool) {
+        let name = self.job.as_str();
+        self.log(&format!(
+            "{name}: skipped key {key} ({error}); recorded in the failures table — `backfill failures {name}` lists it, `backfill retry-failures {name}` retries it"
+        ));
+        self.key_skipped(newly_failing);
     }
 
     /// Shows a hold the run's row does not store on the progress line.
     fn show_hold(&self, hold: &Hold) {
         self.set_held(Some(&hold.to_string()));
+        self.set_hold_reason(Some(hold.reason()));
     }
 
     /// Every event is either the run's or the walk's: a new one must be added to one of them.

@@ -8,9 +8,14 @@
 //! `suspend`, so they never break it. Metrics use the `metrics` facade; the exporter is installed
 //! (by [`serve_metrics`]) before any handle is created, or the handles would stay no-ops.
 
+mod export;
 mod finishing;
 mod listen;
 
+pub use export::{
+    parse_metrics_addr, serve_metrics, CHUNK_DURATION_BUCKETS, CHUNK_OUTCOMES, ERROR_CLASSES,
+    METRICS, PAUSED_STATE, STATES,
+};
 pub use listen::describe_controls;
 
 use crate::hold::HoldReason;
@@ -18,146 +23,11 @@ use crate::state::JobState;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use std::io::IsTerminal;
-use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 /// Default interval of the plain (non-terminal) progress line.
 pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
-
-/// Buckets of the chunk duration histogram, in seconds (a chunk aims well under a second).
-pub const CHUNK_DURATION_BUCKETS: &[f64] = &[
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-];
-
-/// Every metric the engine exports: name, type, help. The README's metric table lists the same.
-pub const METRICS: &[(&str, &str, &str)] = &[
-    (
-        "backfill_rows_processed_total",
-        "counter",
-        "Keys processed (committed chunks, and skipped poison keys)",
-    ),
-    (
-        "backfill_rows_changed_total",
-        "counter",
-        "Rows the job's statement reported changing",
-    ),
-    (
-        "backfill_chunks_total",
-        "counter",
-        "Chunk attempts by outcome: committed, failed, skipped",
-    ),
-    (
-        "backfill_chunk_duration_seconds",
-        "histogram",
-        "Duration of committed chunks",
-    ),
-    (
-        "backfill_round_trips_total",
-        "counter",
-        "Round trips to the database that committed chunks waited for (two per chunk in the steady state)",
-    ),
-    (
-        "backfill_chunk_size_rows",
-        "gauge",
-        "Keys per chunk right now",
-    ),
-    (
-        "backfill_rate_limit_rows_per_second",
-        "gauge",
-        "Rate ceiling in force (0: none)",
-    ),
-    (
-        "backfill_held_seconds_total",
-        "counter",
-        "Seconds the run was held, by reason",
-    ),
-    (
-        "backfill_retries_total",
-        "counter",
-        "Chunk retries by error class",
-    ),
-    (
-        "backfill_replication_lag_seconds",
-        "gauge",
-        "Largest replay lag of the streaming standbys (0 without standbys)",
-    ),
-    (
-        "backfill_progress_ratio",
-        "gauge",
-        "Keys done over the estimated total, 0..1",
-    ),
-    (
-        "backfill_eta_seconds",
-        "gauge",
-        "Estimated seconds to completion at the rate of all runs together",
-    ),
-    (
-        "backfill_rows_done",
-        "gauge",
-        "Keys done by all runs of the job (read from the database every second while several run)",
-    ),
-    (
-        "backfill_rows_total_estimate",
-        "gauge",
-        "Estimated keys in the job's range",
-    ),
-    (
-        "backfill_active_workers",
-        "gauge",
-        "Workers of this process (`--workers`); sum over instances for the job's total",
-    ),
-    (
-        "backfill_state",
-        "gauge",
-        "1 for the job's current state, 0 for the others",
-    ),
-];
-
-pub const ERROR_CLASSES: &[&str] = &["contention", "timeout", "connection", "data"];
-pub const CHUNK_OUTCOMES: &[&str] = &["committed", "failed", "skipped"];
-/// The job states the `backfill_state` gauge reports (a run's own: running, then how it ended).
-pub const STATES: &[JobState] = &[
-    JobState::Running,
-    JobState::Stopped,
-    JobState::Cancelled,
-    JobState::Failed,
-    JobState::Done,
-    JobState::Incomplete,
-];
-
-/// Serves Prometheus metrics on `addr` until the process exits. Call before creating a
-/// [`Progress`]. A bare port binds 127.0.0.1.
-pub fn serve_metrics(addr: &str) -> Result<SocketAddr, String> {
-    let addr = parse_metrics_addr(addr)?;
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .set_buckets_for_metric(
-            metrics_exporter_prometheus::Matcher::Full("backfill_chunk_duration_seconds".into()),
-            CHUNK_DURATION_BUCKETS,
-        )
-        .map_err(|e| e.to_string())?
-        .install()
-        .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
-    for (name, kind, help) in METRICS {
-        match *kind {
-            "counter" => metrics::describe_counter!(*name, *help),
-            "histogram" => metrics::describe_histogram!(*name, metrics::Unit::Seconds, *help),
-            _ => metrics::describe_gauge!(*name, *help),
-        }
-    }
-    Ok(addr)
-}
-
-/// `9187` → 127.0.0.1:9187; `HOST:PORT` as given.
-pub fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
-    if let Ok(port) = s.parse::<u16>() {
-        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
-    }
-    s.parse().map_err(|_| {
-        format!("invalid --metrics-addr `{s}`: give a port (binds 127.0.0.1) or HOST:PORT")
-    })
-}
 
 /// How progress is shown when stderr is not a terminal, and how log lines are written.
 #[derive(Debug, Clone, Copy)]
@@ -187,6 +57,7 @@ struct Handles {
     total: Gauge,
     workers: Gauge,
     lag: Gauge,
+    failing: Gauge,
 }
 
 struct State {
@@ -199,6 +70,12 @@ struct State {
     workers: u32,
     held: Option<String>,
     held_carry: [f64; HoldReason::ALL.len()],
+    /// Why the run is held now, as the `backfill_held` gauge shows it.
+    hold: Option<HoldReason>,
+    /// Between the run's start and its end (a pause shows as a state only then).
+    running: bool,
+    /// The job's unresolved failing keys: the store's count at the start, plus this run's.
+    failing: u64,
 }
 
 fn workers(n: u32) -> String {
@@ -234,30 +111,37 @@ impl Progress {
         });
         let j = job.to_string();
         let m = Handles {
-            rows: counter!("backfill_rows_processed_total", "job" => j.clone()),
-            changed: counter!("backfill_rows_changed_total", "job" => j.clone()),
-            round_trips: counter!("backfill_round_trips_total", "job" => j.clone()),
-            duration: histogram!("backfill_chunk_duration_seconds", "job" => j.clone()),
-            chunk_size: gauge!("backfill_chunk_size_rows", "job" => j.clone()),
-            ratio: gauge!("backfill_progress_ratio", "job" => j.clone()),
-            eta: gauge!("backfill_eta_seconds", "job" => j.clone()),
-            rows_done: gauge!("backfill_rows_done", "job" => j.clone()),
-            total: gauge!("backfill_rows_total_estimate", "job" => j.clone()),
-            workers: gauge!("backfill_active_workers", "job" => j.clone()),
-            lag: gauge!("backfill_replication_lag_seconds", "job" => j.clone()),
+            rows: counter!("backfill_rows_processed_total", "backfill_job" => j.clone()),
+            changed: counter!("backfill_rows_changed_total", "backfill_job" => j.clone()),
+            round_trips: counter!("backfill_round_trips_total", "backfill_job" => j.clone()),
+            duration: histogram!("backfill_chunk_duration_seconds", "backfill_job" => j.clone()),
+            chunk_size: gauge!("backfill_chunk_size_rows", "backfill_job" => j.clone()),
+            ratio: gauge!("backfill_progress_ratio", "backfill_job" => j.clone()),
+            eta: gauge!("backfill_eta_seconds", "backfill_job" => j.clone()),
+            rows_done: gauge!("backfill_rows_done", "backfill_job" => j.clone()),
+            total: gauge!("backfill_rows_total_estimate", "backfill_job" => j.clone()),
+            workers: gauge!("backfill_active_workers", "backfill_job" => j.clone()),
+            lag: gauge!("backfill_replication_lag_seconds", "backfill_job" => j.clone()),
+            failing: gauge!("backfill_failing_keys", "backfill_job" => j.clone()),
         };
         // Register every labelled series at zero, so dashboards and alerts see 0, not "no data".
         for o in CHUNK_OUTCOMES {
-            counter!("backfill_chunks_total", "job" => j.clone(), "outcome" => *o).increment(0);
+            counter!("backfill_chunks_total", "backfill_job" => j.clone(), "outcome" => *o)
+                .increment(0);
         }
         for r in HoldReason::ALL {
-            counter!("backfill_held_seconds_total", "job" => j.clone(), "reason" => r.label())
+            counter!("backfill_held_seconds_total", "backfill_job" => j.clone(), "reason" => r.label())
                 .increment(0);
         }
         for c in ERROR_CLASSES {
-            counter!("backfill_retries_total", "job" => j.clone(), "class" => *c).increment(0);
+            counter!("backfill_retries_total", "backfill_job" => j.clone(), "class" => *c)
+                .increment(0);
         }
-        gauge!("backfill_rate_limit_rows_per_second", "job" => j.clone()).set(0.0);
+        gauge!("backfill_rate_limit_rows_per_second", "backfill_job" => j.clone()).set(0.0);
+        for r in HoldReason::ALL {
+            gauge!("backfill_held", "backfill_job" => j.clone(), "reason" => r.label()).set(0.0);
+        }
+        m.failing.set(0.0);
         Progress {
             job: j,
             bar,
@@ -273,6 +157,9 @@ impl Progress {
                 workers: 1,
                 held: None,
                 held_carry: [0.0; HoldReason::ALL.len()],
+                hold: None,
+                running: false,
+                failing: 0,
             }),
             m,
         }
@@ -289,7 +176,7 @@ impl Progress {
 
     /// Starts (or resumes) at `done` keys of an estimated `total`. Restored keys are not counted
     /// as this run's progress, so rate and ETA stay honest after a resume.
-    pub fn start(&self, done: u64, total: Option<u64>, chunk_size: u64) {
+    pub fn start(&self, done: u64, total: Option<u64>, chunk_size: u64, failing_keys: u64) {
         let total = total.map(|t| t.max(done));
         if let Some(bar) = &self.bar {
             if let Some(t) = total {
@@ -305,7 +192,10 @@ impl Progress {
             s.total = total;
             s.started = Instant::now();
             s.last_line = Instant::now();
+            s.running = true;
+            s.failing = failing_keys;
         }
+        self.m.failing.set(failing_keys as f64);
         self.set_state(JobState::Running);
         self.m.workers.set(1.0);
         self.m.total.set(total.unwrap_or(0) as f64);
@@ -316,27 +206,41 @@ impl Progress {
 
     /// A chunk committed: `keys` processed, `changed` rows changed, in `took`.
     pub fn chunk_committed(&self, keys: u64, changed: u64, took: Duration, round_trips: u32) {
-        counter!("backfill_chunks_total", "job" => self.job.clone(), "outcome" => "committed")
+        counter!("backfill_chunks_total", "backfill_job" => self.job.clone(), "outcome" => "committed")
             .increment(1);
         self.m.changed.increment(changed);
         self.m.round_trips.increment(u64::from(round_trips));
         self.m.duration.record(took.as_secs_f64());
         self.set_held(None);
+        self.set_hold_reason(None);
         self.update(keys);
     }
 
-    /// A poison key was recorded and passed (`on_error = "skip"`).
-    pub fn key_skipped(&self) {
-        counter!("backfill_chunks_total", "job" => self.job.clone(), "outcome" => "skipped")
+    /// A poison key was recorded and passed (`on_error = "skip"`); `newly_failing` when it was
+    /// not already recorded as failing.
+    pub fn key_skipped(&self, newly_failing: bool) {
+        counter!("backfill_chunks_total", "backfill_job" => self.job.clone(), "outcome" => "skipped")
             .increment(1);
+        self.failing_keys_moved(|n| n + u64::from(newly_failing));
         self.update(1);
+    }
+
+    /// A failing key now succeeds (`retry-failures`).
+    pub fn key_resolved(&self) {
+        self.failing_keys_moved(|n| n.saturating_sub(1));
+    }
+
+    fn failing_keys_moved(&self, change: impl FnOnce(u64) -> u64) {
+        let mut s = self.state.lock().unwrap();
+        s.failing = change(s.failing);
+        self.m.failing.set(s.failing as f64);
     }
 
     /// A chunk attempt failed with an error of `class` and will be retried (or narrowed).
     pub fn chunk_failed(&self, class: &'static str) {
-        counter!("backfill_chunks_total", "job" => self.job.clone(), "outcome" => "failed")
+        counter!("backfill_chunks_total", "backfill_job" => self.job.clone(), "outcome" => "failed")
             .increment(1);
-        counter!("backfill_retries_total", "job" => self.job.clone(), "class" => class)
+        counter!("backfill_retries_total", "backfill_job" => self.job.clone(), "class" => class)
             .increment(1);
     }
 
@@ -365,7 +269,7 @@ impl Progress {
             eprintln!("{line}");
         }
         if whole > 0 {
-            counter!("backfill_held_seconds_total", "job" => self.job.clone(), "reason" => reason.label())
+            counter!("backfill_held_seconds_total", "backfill_job" => self.job.clone(), "reason" => reason.label())
                 .increment(whole);
         }
     }
@@ -404,7 +308,7 @@ impl Progress {
 
     /// The rate ceiling in force (None: none).
     pub fn set_rate_limit(&self, rows_per_second: Option<u32>) {
-        gauge!("backfill_rate_limit_rows_per_second", "job" => self.job.clone())
+        gauge!("backfill_rate_limit_rows_per_second", "backfill_job" => self.job.clone())
             .set(rows_per_second.unwrap_or(0) as f64);
     }
 
@@ -412,11 +316,39 @@ impl Progress {
         self.m.lag.set(seconds);
     }
 
-    fn set_state(&self, state: JobState) {
-        for s in STATES {
-            gauge!("backfill_state", "job" => self.job.clone(), "state" => s.as_sql())
-                .set(if *s == state { 1.0 } else { 0.0 });
+    /// Why the run is held now (None: it is not), for the `backfill_held` gauge; a pause also
+    /// shows as the state `paused` instead of `running`. Only a change touches the gauges.
+    pub fn set_hold_reason(&self, reason: Option<HoldReason>) {
+        let running = {
+            let mut s = self.state.lock().unwrap();
+            if s.hold == reason {
+                return;
+            }
+            s.hold = reason;
+            s.running
+        };
+        self.set_held_gauges(reason);
+        if running {
+            self.set_state(JobState::Running);
         }
+    }
+
+    fn set_held_gauges(&self, reason: Option<HoldReason>) {
+        for r in HoldReason::ALL {
+            gauge!("backfill_held", "backfill_job" => self.job.clone(), "reason" => r.label())
+                .set(if Some(r) == reason { 1.0 } else { 0.0 });
+        }
+    }
+
+    fn set_state(&self, state: JobState) {
+        let paused = state == JobState::Running
+            && self.state.lock().unwrap().hold == Some(HoldReason::Paused);
+        for s in STATES {
+            gauge!("backfill_state", "backfill_job" => self.job.clone(), "state" => s.as_sql())
+                .set(if *s == state && !paused { 1.0 } else { 0.0 });
+        }
+        gauge!("backfill_state", "backfill_job" => self.job.clone(), "state" => PAUSED_STATE)
+            .set(if paused { 1.0 } else { 0.0 });
     }
 
     /// Changes what the bar's message shows, then redraws it (outside the lock).
@@ -537,6 +469,12 @@ impl Progress {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
+        {
+            let mut s = self.state.lock().unwrap();
+            s.running = false;
+            s.hold = None;
+        }
+        self.set_held_gauges(None);
         self.set_state(state);
         self.m.workers.set(0.0);
         if state == JobState::Done {
@@ -569,19 +507,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn metrics_addr_binds_loopback_for_a_bare_port() {
-        assert_eq!(
-            parse_metrics_addr("9187").unwrap().to_string(),
-            "127.0.0.1:9187"
-        );
-        assert_eq!(
-            parse_metrics_addr("0.0.0.0:9187").unwrap().to_string(),
-            "0.0.0.0:9187"
-        );
-        assert!(parse_metrics_addr("localhost").is_err());
-    }
-
-    #[test]
     fn figures_never_exceed_one_and_ignore_restored_rows() {
         let s = State {
             last_line: Instant::now(),
@@ -593,6 +518,9 @@ mod tests {
             workers: 1,
             held: None,
             held_carry: [0.0; HoldReason::ALL.len()],
+            hold: None,
+            running: true,
+            failing: 0,
         };
         let (ratio, eta, rate) = figures(&s);
         assert_eq!(ratio, Some(1.0));

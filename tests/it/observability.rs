@@ -67,7 +67,7 @@ fn dashboard_queries() -> Vec<String> {
         .map(|v| v["name"].as_str().unwrap())
         .collect();
     assert!(
-        vars.contains(&"datasource") && vars.contains(&"job"),
+        vars.contains(&"datasource") && vars.contains(&"backfill_job"),
         "dashboard variables: {vars:?}"
     );
     d["panels"]
@@ -106,7 +106,7 @@ fn start_prometheus(target_port: u16) -> Prometheus {
     std::fs::write(
         dir.join("prometheus.yml"),
         format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: backfill\n    honor_labels: true\n    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n"
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: backfill\n    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n"
         ),
     )
     .unwrap();
@@ -172,7 +172,7 @@ fn prometheus_scrapes_a_real_run_and_every_dashboard_query_returns_data() {
     ]);
     // Hold the run there until Prometheus scrapes it, so the series cover the whole run.
     let t = Instant::now();
-    while prom_query(&prom, "backfill_rows_done{job=\"obs\"}")
+    while prom_query(&prom, "backfill_rows_done{backfill_job=\"obs\"}")
         .as_array()
         .unwrap()
         .is_empty()
@@ -207,30 +207,36 @@ fn prometheus_scrapes_a_real_run_and_every_dashboard_query_returns_data() {
         "{rendered}"
     );
     assert!(
-        rendered.contains("backfill_chunk_duration_seconds_bucket{job=\"obs\",le=\"0.05\"}"),
+        rendered
+            .contains("backfill_chunk_duration_seconds_bucket{backfill_job=\"obs\",le=\"0.05\"}"),
         "{rendered}"
     );
     assert!(
-        rendered.contains("backfill_state{job=\"obs\",state=\"done\"} 1"),
+        rendered.contains("backfill_state{backfill_job=\"obs\",state=\"done\"} 1"),
         "{rendered}"
     );
     let retries: f64 = rendered
         .lines()
-        .find(|l| l.starts_with("backfill_retries_total{job=\"obs\",class=\"contention\"}"))
+        .find(|l| {
+            l.starts_with("backfill_retries_total{backfill_job=\"obs\",class=\"contention\"}")
+        })
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap();
     assert!(retries >= 1.0, "{rendered}");
     assert!(
-        rendered.contains("backfill_rows_processed_total{job=\"obs\"} 3000"),
+        rendered.contains("backfill_rows_processed_total{backfill_job=\"obs\"} 3000"),
         "{rendered}"
     );
 
     // Prometheus saw the final values, and every dashboard query has data.
     let t = Instant::now();
-    while prom_query(&prom, "backfill_state{job=\"obs\",state=\"done\"} == 1")
-        .as_array()
-        .unwrap()
-        .is_empty()
+    while prom_query(
+        &prom,
+        "backfill_state{backfill_job=\"obs\",state=\"done\"} == 1",
+    )
+    .as_array()
+    .unwrap()
+    .is_empty()
     {
         assert!(
             t.elapsed() < Duration::from_secs(20),
@@ -238,10 +244,29 @@ fn prometheus_scrapes_a_real_run_and_every_dashboard_query_returns_data() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // The engine's label survives a scrape without `honor_labels`, next to the scrape job's own.
+    let series = prom_query(&prom, "backfill_rows_processed_total");
+    assert_eq!(series[0]["metric"]["backfill_job"], "obs", "{series}");
+    assert_eq!(series[0]["metric"]["job"], "backfill", "{series}");
+    assert!(
+        series[0]["metric"].get("exported_job").is_none(),
+        "{series}"
+    );
+    // Never held at the end, no failing key, not paused.
+    for line in [
+        "backfill_held{backfill_job=\"obs\",reason=\"paused\"} 0",
+        "backfill_held{backfill_job=\"obs\",reason=\"replication_lag\"} 0",
+        "backfill_failing_keys{backfill_job=\"obs\"} 0",
+        "backfill_state{backfill_job=\"obs\",state=\"paused\"} 0",
+    ] {
+        assert!(rendered.contains(line), "{line} missing:\n{rendered}");
+    }
     let queries = dashboard_queries();
     assert!(queries.len() >= 12);
     for q in &queries {
-        let expr = q.replace("$job", "obs").replace("$__rate_interval", "1m");
+        let expr = q
+            .replace("$backfill_job", "obs")
+            .replace("$__rate_interval", "1m");
         let result = prom_query(&prom, &expr);
         let raw = prom_query(&prom, "{__name__=~\"backfill_rows.*\"}[1m]");
         assert!(
@@ -372,5 +397,128 @@ fn status_json_and_history_match_the_table() {
     assert!(
         out.stdout.lines().count() == 3 && out.stdout.contains("done"),
         "{out:?}"
+    );
+}
+
+/// The shipped alert rules are valid, and their unit tests (grafana/alerts_test.yml: each rule
+/// firing for the jobs it must, and not for a held, paused or progressing one) pass.
+#[test]
+fn the_alert_rules_pass_promtool_check_and_their_unit_tests() {
+    let grafana = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("grafana");
+    let promtool = crate::tools::system_tool("promtool");
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts_test.yml"],
+    ] {
+        let out = Command::new(&promtool)
+            .args(args)
+            .current_dir(&grafana)
+            .output()
+            .expect("promtool runs");
+        assert!(
+            out.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let rules = std::fs::read_to_string(grafana.join("alerts.yml")).unwrap();
+    for alert in [
+        "BackfillStalled",
+        "BackfillHeldTooLong",
+        "BackfillFailingKeys",
+        "BackfillFailed",
+    ] {
+        assert!(rules.contains(&format!("- alert: {alert}\n")), "{alert}");
+    }
+}
+
+/// The value of one rendered series (`name{labels}`), if the endpoint has it.
+fn series_value(rendered: &str, series: &str) -> Option<f64> {
+    rendered
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Polls the metrics endpoint until `series` has `value`; returns the page.
+fn wait_for_series(port: u16, series: &str, value: f64) -> String {
+    let t = Instant::now();
+    loop {
+        let page = http_get(port, "/metrics").unwrap_or_default();
+        if series_value(&page, series) == Some(value) {
+            return page;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{series} never became {value}:\n{page}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_paused_run_and_the_jobs_failing_keys_show_in_its_metrics() {
+    let db = TestDb::new();
+    counter_table(&db, 600);
+    // Key 301 fails with a data error (division by zero) and is skipped.
+    db.write_job(
+        "m",
+        &counter_job("on_error = \"skip\"\n").replace("n = n + 1", "n = n + 1 + 0 / (id - 301)"),
+    );
+    assert_eq!(db.run(&["run", "m"]).code, 1, "verify still counts key 301");
+    db.exec("UPDATE t SET n = 0");
+    db.run(&["reset", "m", "--yes"]).expect(0);
+    db.run(&["pause", "m"]).expect(0);
+    let port = free_port();
+    let child = db.spawn(&[
+        "run",
+        "m",
+        "--metrics-addr",
+        &port.to_string(),
+        "--metrics-linger",
+        "5s",
+    ]);
+    let paused = "backfill_state{backfill_job=\"m\",state=\"paused\"}";
+    let page = wait_for_series(port, paused, 1.0);
+    for (series, value) in [
+        ("backfill_state{backfill_job=\"m\",state=\"running\"}", 0.0),
+        ("backfill_held{backfill_job=\"m\",reason=\"paused\"}", 1.0),
+        (
+            "backfill_held{backfill_job=\"m\",reason=\"replication_lag\"}",
+            0.0,
+        ),
+        // The key the first run recorded, counted from the store at the start.
+        ("backfill_failing_keys{backfill_job=\"m\"}", 1.0),
+    ] {
+        assert_eq!(
+            series_value(&page, series),
+            Some(value),
+            "{series}:\n{page}"
+        );
+    }
+    db.run(&["resume", "m"]).expect(0);
+    let page = wait_for_series(
+        port,
+        "backfill_state{backfill_job=\"m\",state=\"incomplete\"}",
+        1.0,
+    );
+    for (series, value) in [
+        (paused, 0.0),
+        ("backfill_state{backfill_job=\"m\",state=\"running\"}", 0.0),
+        ("backfill_held{backfill_job=\"m\",reason=\"paused\"}", 0.0),
+        // Key 301 failed again: still one failing key, not two.
+        ("backfill_failing_keys{backfill_job=\"m\"}", 1.0),
+    ] {
+        assert_eq!(
+            series_value(&page, series),
+            Some(value),
+            "{series}:\n{page}"
+        );
+    }
+    assert_eq!(wait_out(child, Duration::from_secs(60)).code, 1);
+    assert_eq!(
+        db.i64("SELECT count(*) FROM backfill.failures WHERE job = 'm'"),
+        1
     );
 }

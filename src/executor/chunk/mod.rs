@@ -34,7 +34,7 @@ use crate::keyset::{self, ChunkBounds, KeyValue, NextChunkError};
 use crate::store::RangeLease;
 pub(super) use plan::{chunk_timeouts, ChunkPlan};
 use plan::{ApplyStatements, Chunk, NOTHING_MOVED};
-pub(super) use skip::skip_key;
+pub(super) use skip::{skip_key, Skip};
 use std::time::{Duration, Instant};
 use tokio_postgres::types::ToSql;
 

@@ -8,16 +8,23 @@ use crate::keyset::KeyValue;
 use crate::store::{Poison, RangeLease, Store};
 use tokio_postgres::types::ToSql;
 
+/// What became of a poison key.
+pub(in crate::executor) enum Skip {
+    /// Recorded and passed; `newly_failing` when it was not already recorded as failing.
+    Skipped { newly_failing: bool },
+    /// The range is no longer this worker's: nothing was recorded.
+    RangeLost,
+}
+
 /// Records a poison key as skipped and moves the range's cursor past it, in one transaction
-/// under the chunk's timeouts and range lock (so the key is skipped exactly once). False: the
-/// range is no longer this worker's.
+/// under the chunk's timeouts and range lock (so the key is skipped exactly once).
 pub(in crate::executor) async fn skip_key(
     conn: &mut deadpool_postgres::Object,
     plan: &ChunkPlan<'_>,
     store: &Store,
     range: &RangeLease,
     poison: &Poison<'_>,
-) -> Result<bool, tokio_postgres::Error> {
+) -> Result<Skip, tokio_postgres::Error> {
     let job = plan.job.name.as_str();
     let tx = conn.transaction().await?;
     tx.batch_execute(&plan.timeouts.set_local()).await?;
@@ -25,10 +32,10 @@ pub(in crate::executor) async fn skip_key(
         .query_opt(&plan.lock_range, &range.owner_params(&job))
         .await?
     else {
-        return Ok(false);
+        return Ok(Skip::RangeLost);
     };
     let cursor: Option<KeyValue> = locked.get(0);
-    store
+    let newly_failing = store
         .record_failure(&*tx, job, Some(range.run_id), poison)
         .await?;
     let skipped: [&(dyn ToSql + Sync); 5] = [&cursor, poison.key, &1i64, &0i64, &1i32];
@@ -39,9 +46,9 @@ pub(in crate::executor) async fn skip_key(
         .collect();
     match tx.execute(&plan.advance, &advance).await {
         Ok(_) => {}
-        Err(e) if db::sqlstate(&e) == Some(NOTHING_MOVED) => return Ok(false),
+        Err(e) if db::sqlstate(&e) == Some(NOTHING_MOVED) => return Ok(Skip::RangeLost),
         Err(e) => return Err(e),
     }
     tx.commit().await?;
-    Ok(true)
+    Ok(Skip::Skipped { newly_failing })
 }
