@@ -324,7 +324,7 @@ fn lock_contention_longer_than_a_few_retries_is_outlasted_and_shown_as_held() {
             m.lines()
                 .find(|l| {
                     l.starts_with(
-                        "backfill_held_seconds_total{job=\"h\",reason=\"lock_contention\"}",
+                        "backfill_held_seconds_total{backfill_job=\"h\",reason=\"lock_contention\"}",
                     )
                 })
                 .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

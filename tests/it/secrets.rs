@@ -201,7 +201,7 @@ fn passwords_checked_by_the_server_never_appear_in_any_output() {
     );
     let metrics = http_get(mport, "/metrics").expect("the metrics endpoint answers");
     assert!(
-        metrics.contains("backfill_rows_done{job=\"k\"}"),
+        metrics.contains("backfill_rows_done{backfill_job=\"k\"}"),
         "{metrics}"
     );
     assert_no_secret("the metrics endpoint", &metrics);
