@@ -172,6 +172,29 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The job a command is about, if it is about one (named in its final log line).
+    pub fn job_name(&self) -> Option<&str> {
+        match self {
+            Command::Run(a) | Command::Revert(a) => Some(&a.name),
+            Command::Set(a) => Some(&a.name),
+            Command::Status { name, .. } | Command::Check { name } => name.as_deref(),
+            Command::Gate { name, .. }
+            | Command::Plan { name, .. }
+            | Command::Pause { name }
+            | Command::Resume { name }
+            | Command::Cancel { name }
+            | Command::History { name, .. }
+            | Command::Failures { name, .. }
+            | Command::RetryFailures { name }
+            | Command::DropUndo { name, .. }
+            | Command::Reset { name, .. } => Some(name),
+            Command::List { .. } | Command::Init { .. } => None,
+            Command::Demo { .. } => Some("demo"),
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Job name: the file stem of jobs/<name>.toml.

@@ -24,10 +24,11 @@ use status::state_of;
 use std::path::Path;
 
 /// The whole process after parsing: runs the command on a runtime of its own, and turns its
-/// outcome into the exit code, printing an error on stderr (a JSON line with `--log-format
-/// json`).
+/// outcome into the exit code, printing an error (or a deliberate stop) on stderr (a JSON line
+/// with `--log-format json`).
 pub fn main(cli: Cli) -> std::process::ExitCode {
     let json = cli.global.log_format == LogFormat::Json;
+    let job = cli.command.job_name().map(str::to_string);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -43,16 +44,32 @@ pub fn main(cli: Cli) -> std::process::ExitCode {
     match result {
         Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {
-            if json {
-                crate::out::stderr(format_args!(
-                    "{}\n",
-                    serde_json::json!({ "level": "error", "msg": e.to_string(), "exit_code": e.exit_code() })
-                ));
-            } else {
-                crate::out::stderr(format_args!("error: {e}\n"));
-            }
+            crate::out::stderr(format_args!("{}\n", final_line(&e, job.as_deref(), json)));
             e.process_exit_code()
         }
+    }
+}
+
+/// The last line of a command that ended in an error. A deliberate stop (a signal, `backfill
+/// cancel`) is no failure: it says where the next run resumes, without `error:`, and its JSON
+/// level is `info`. As a JSON object it carries `ts`, `level` and `job` like every log line.
+fn final_line(e: &Error, job: Option<&str>, json: bool) -> String {
+    let stopped = e.kind() == crate::error::ErrorKind::Interrupted;
+    if json {
+        let ts = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        let level = if stopped { "info" } else { "error" };
+        serde_json::json!({
+            "ts": ts,
+            "level": level,
+            "job": job,
+            "msg": e.to_string(),
+            "exit_code": e.exit_code(),
+        })
+        .to_string()
+    } else if stopped {
+        e.to_string()
+    } else {
+        format!("error: {e}")
     }
 }
 

@@ -194,10 +194,10 @@ fn conclude(job: &JobSpec, report: executor::Report, progress: &Progress) -> Res
             )))
         }
         Outcome::Cancelled => Err(Error::Interrupted(format!(
-            "{name}: cancelled by `backfill cancel`: {summary}; progress is saved — `backfill run {name}` {resume}"
+            "{name}: cancelled; the next run {resume} (`backfill run {name}`; progress is saved). Cancelled by `backfill cancel`: {summary}"
         ))),
         Outcome::Stopped => Err(Error::Interrupted(format!(
-            "{name}: stopped: {summary}; progress is saved — `backfill run {name}` {resume}"
+            "{name}: stopped; the next run {resume} (`backfill run {name}`; progress is saved). {summary}"
         ))),
     }
 }
