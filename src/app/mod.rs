@@ -9,6 +9,7 @@
 
 mod run;
 mod status;
+mod tables;
 
 use crate::cli::{Cli, Command, LogFormat, SetArgs};
 use crate::db::Target;
@@ -16,7 +17,6 @@ use crate::error::{exit, Error, Result};
 use crate::executor::{self, RunOptions};
 use crate::job;
 use crate::keyset::show_key;
-use crate::state::{JobState, RunOutcome};
 use crate::store::{self, ControlChange, Store};
 use crate::telemetry::{Progress, ProgressOptions};
 use run::Mode;
@@ -257,12 +257,12 @@ async fn list(url: Option<&str>, store: &Store, jobs: &Path, json: bool) -> Resu
             serde_json::to_string_pretty(&v).expect("serializable")
         );
     } else {
-        for (n, s) in &specs {
-            let what = match s {
-                Ok(s) => format!("{}  {}", s.table, s.description.as_deref().unwrap_or("")),
-                Err(e) => format!("INVALID: {e}"),
-            };
-            println!("{n:<24} {:<12} {what}", state(n));
+        let rows = specs.iter().map(|(n, s)| {
+            let spec = s.as_ref().map_err(|e| e.to_string());
+            (n.as_str(), spec, state(n).to_string())
+        });
+        for line in tables::jobs(rows) {
+            println!("{line}");
         }
     }
     Ok(exit::SUCCESS)
@@ -399,27 +399,8 @@ async fn history(target: &Target, store: &Store, name: &str, json: bool) -> Resu
         println!("job {name}: no runs");
         return Ok(exit::SUCCESS);
     }
-    println!(
-        "{:>5}  {:<20}  {:<20}  {:<24} {:>7} {:>10} {:>8}  OUTCOME",
-        "RUN", "STARTED", "ENDED", "HOST", "PID", "ROWS", "CHUNKS"
-    );
-    for r in &runs {
-        println!(
-            "{:>5}  {:<20}  {:<20}  {:<24} {:>7} {:>10} {:>8}  {}{}",
-            r.id,
-            r.started_at,
-            r.ended_at.as_deref().unwrap_or("-"),
-            r.host,
-            r.pid,
-            r.rows_done,
-            r.chunks_done,
-            r.outcome
-                .map_or(JobState::Running.as_sql(), RunOutcome::as_sql),
-            r.last_error
-                .as_deref()
-                .map(|e| format!(": {e}"))
-                .unwrap_or_default()
-        );
+    for line in tables::runs(&runs) {
+        println!("{line}");
     }
     Ok(exit::SUCCESS)
 }
@@ -439,20 +420,10 @@ async fn failures(target: &Target, store: &Store, name: &str, all: bool, json: b
             "job {name}: no {}failing keys",
             if all { "" } else { "unresolved " }
         );
-    }
-    for f in &list {
-        println!(
-            "{:<24} {:<8} attempts {:<3} last {}{}  {}",
-            show_key(&f.key),
-            f.sqlstate.as_deref().unwrap_or("-"),
-            f.attempts,
-            f.last_seen,
-            f.resolved_at
-                .as_deref()
-                .map(|r| format!(" resolved {r}"))
-                .unwrap_or_default(),
-            f.message
-        );
+    } else {
+        for line in tables::failed_keys(&list) {
+            println!("{line}");
+        }
     }
     Ok(exit::SUCCESS)
 }
