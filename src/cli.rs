@@ -77,12 +77,13 @@ pub enum Command {
     Status {
         /// One job (default: every job with a checkpoint or a file).
         name: Option<String>,
-        /// Machine-readable output.
+        /// Machine-readable output: JSON on stdout.
         #[arg(long)]
         json: bool,
     },
     /// List the jobs under --jobs with their state.
     List {
+        /// Machine-readable output: JSON on stdout.
         #[arg(long)]
         json: bool,
     },
@@ -94,6 +95,7 @@ pub enum Command {
     /// Exit 0 only when the job is done and its verify query returns 0 now; else exit 3.
     Gate {
         name: String,
+        /// Machine-readable output: JSON on stdout.
         #[arg(long)]
         json: bool,
         /// Longest the verify query may run.
@@ -104,6 +106,7 @@ pub enum Command {
     /// idempotency, indexes, triggers, long transactions). Rolls back everything; exit 2 on errors.
     Plan {
         name: String,
+        /// Machine-readable output: JSON on stdout.
         #[arg(long)]
         json: bool,
         /// Longest the verify query may run for the estimate of rows to do.
@@ -121,18 +124,22 @@ pub enum Command {
     Cancel { name: String },
     /// Change a job's throttle while it runs (kept for its later runs until --clear).
     Set(SetArgs),
-    /// List a job's runs: host, pid, engine version, start and end, rows, outcome.
+    /// List a job's runs: start and end, host, pid, rows, chunks, outcome, and the run's error.
     History {
         name: String,
+        /// Machine-readable output: JSON on stdout.
         #[arg(long)]
         json: bool,
     },
-    /// List the keys a job recorded as failing (on_error = "skip", or the key a run stopped at).
+    /// List the keys a job skipped as failing (on_error = "skip"), with their errors. A run that
+    /// stops at a failing key (on_error = "stop") records none here: its error, also shown by
+    /// `backfill history NAME`, names the key.
     Failures {
         name: String,
         /// Include resolved failures.
         #[arg(long)]
         all: bool,
+        /// Machine-readable output: JSON on stdout.
         #[arg(long)]
         json: bool,
     },
@@ -170,6 +177,29 @@ pub enum Command {
         #[arg(long, default_value_t = 1_000_000)]
         rows: u64,
     },
+}
+
+impl Command {
+    /// The job a command is about, if it is about one (named in its final log line).
+    pub fn job_name(&self) -> Option<&str> {
+        match self {
+            Command::Run(a) | Command::Revert(a) => Some(&a.name),
+            Command::Set(a) => Some(&a.name),
+            Command::Status { name, .. } | Command::Check { name } => name.as_deref(),
+            Command::Gate { name, .. }
+            | Command::Plan { name, .. }
+            | Command::Pause { name }
+            | Command::Resume { name }
+            | Command::Cancel { name }
+            | Command::History { name, .. }
+            | Command::Failures { name, .. }
+            | Command::RetryFailures { name }
+            | Command::DropUndo { name, .. }
+            | Command::Reset { name, .. } => Some(name),
+            Command::List { .. } | Command::Init { .. } => None,
+            Command::Demo { .. } => Some("demo"),
+        }
+    }
 }
 
 #[derive(Debug, Args)]

@@ -1,6 +1,7 @@
 //! `backfill demo`: the whole product on one screen. Starts a throwaway PostgreSQL from the
 //! installed binaries (unless a database URL is given), creates and fills `orders`, runs the
-//! sample job `orders_status` with progress, prints its status, and removes the server again.
+//! sample job `orders_status` with progress, prints its status and what to try next, and removes
+//! the server again.
 //! Touches only the throwaway server or the database it is given, and its own `orders` table.
 
 use crate::db::Target;
@@ -59,7 +60,26 @@ pub async fn run(url: Option<&str>, store: &Store, jobs: &Path, rows: u64) -> Re
             eprintln!("warning: demo: {e}");
         }
     }
+    if result.is_ok() {
+        println!("{}", next_steps(url.is_none()));
+    }
     result
+}
+
+/// What to try after the demo: the commands an operator uses next, then a job of their own.
+fn next_steps(throwaway: bool) -> String {
+    let on = if throwaway {
+        "  (the throwaway server is gone: run `backfill demo --database-url URL` on a server that stays to look at it)\n"
+    } else {
+        ""
+    };
+    format!(
+        "next:\n{on}\
+         \x20 backfill status orders_status    # progress, rate, chunk size, why it is held, last error\n\
+         \x20 backfill plan orders_status      # review a job before it runs: first chunk's SQL, estimates, findings\n\
+         \x20 a job of your own: jobs/NAME.toml with table, key, sql (:start/:end) and verify, then\n\
+         \x20 backfill plan NAME, backfill run NAME, backfill gate NAME (see \"Quick start\" in the README)"
+    )
 }
 
 /// The demo's `orders` table: `rows` rows with gaps in the ids, `status` NULL, analyzed.
@@ -144,5 +164,25 @@ async fn demo(target: &Target, store: &Store, job: &JobSpec, rows: u64) -> Resul
         Outcome::Done { .. } | Outcome::AlreadyDone => Ok(exit::SUCCESS),
         Outcome::Stopped | Outcome::Cancelled => Err(Error::Interrupted("demo: stopped".into())),
         Outcome::Incomplete { why, .. } => Err(Error::Runtime(format!("demo: {why}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The README's quick start job is a valid job file of five lines (the demo points there).
+    #[test]
+    fn the_readme_quick_start_job_is_valid() {
+        let readme = include_str!("../README.md");
+        let start = readme.find("### Quick start").expect("a quick start");
+        let toml = readme[start..]
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|b| b.split("```").next())
+            .expect("a job file in the quick start");
+        assert_eq!(toml.lines().count(), 5, "{toml}");
+        let job = JobSpec::parse("users_email_lower", Path::new("README.md"), toml).unwrap();
+        assert_eq!(job.table.to_string(), "users");
     }
 }

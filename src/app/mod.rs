@@ -9,6 +9,7 @@
 
 mod run;
 mod status;
+mod tables;
 
 use crate::cli::{Cli, Command, LogFormat, SetArgs};
 use crate::db::Target;
@@ -16,7 +17,6 @@ use crate::error::{exit, Error, Result};
 use crate::executor::{self, RunOptions};
 use crate::job;
 use crate::keyset::show_key;
-use crate::state::{JobState, RunOutcome};
 use crate::store::{self, ControlChange, Store};
 use crate::telemetry::{Progress, ProgressOptions};
 use run::Mode;
@@ -24,10 +24,11 @@ use status::state_of;
 use std::path::Path;
 
 /// The whole process after parsing: runs the command on a runtime of its own, and turns its
-/// outcome into the exit code, printing an error on stderr (a JSON line with `--log-format
-/// json`).
+/// outcome into the exit code, printing an error (or a deliberate stop) on stderr (a JSON line
+/// with `--log-format json`).
 pub fn main(cli: Cli) -> std::process::ExitCode {
     let json = cli.global.log_format == LogFormat::Json;
+    let job = cli.command.job_name().map(str::to_string);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -43,16 +44,32 @@ pub fn main(cli: Cli) -> std::process::ExitCode {
     match result {
         Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {
-            if json {
-                crate::out::stderr(format_args!(
-                    "{}\n",
-                    serde_json::json!({ "level": "error", "msg": e.to_string(), "exit_code": e.exit_code() })
-                ));
-            } else {
-                crate::out::stderr(format_args!("error: {e}\n"));
-            }
+            crate::out::stderr(format_args!("{}\n", final_line(&e, job.as_deref(), json)));
             e.process_exit_code()
         }
+    }
+}
+
+/// The last line of a command that ended in an error. A deliberate stop (a signal, `backfill
+/// cancel`) is no failure: it says where the next run resumes, without `error:`, and its JSON
+/// level is `info`. As a JSON object it carries `ts`, `level` and `job` like every log line.
+fn final_line(e: &Error, job: Option<&str>, json: bool) -> String {
+    let stopped = e.kind() == crate::error::ErrorKind::Interrupted;
+    if json {
+        let ts = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        let level = if stopped { "info" } else { "error" };
+        serde_json::json!({
+            "ts": ts,
+            "level": level,
+            "job": job,
+            "msg": e.to_string(),
+            "exit_code": e.exit_code(),
+        })
+        .to_string()
+    } else if stopped {
+        e.to_string()
+    } else {
+        format!("error: {e}")
     }
 }
 
@@ -240,12 +257,12 @@ async fn list(url: Option<&str>, store: &Store, jobs: &Path, json: bool) -> Resu
             serde_json::to_string_pretty(&v).expect("serializable")
         );
     } else {
-        for (n, s) in &specs {
-            let what = match s {
-                Ok(s) => format!("{}  {}", s.table, s.description.as_deref().unwrap_or("")),
-                Err(e) => format!("INVALID: {e}"),
-            };
-            println!("{n:<24} {:<12} {what}", state(n));
+        let rows = specs.iter().map(|(n, s)| {
+            let spec = s.as_ref().map_err(|e| e.to_string());
+            (n.as_str(), spec, state(n).to_string())
+        });
+        for line in tables::jobs(rows) {
+            println!("{line}");
         }
     }
     Ok(exit::SUCCESS)
@@ -382,27 +399,8 @@ async fn history(target: &Target, store: &Store, name: &str, json: bool) -> Resu
         println!("job {name}: no runs");
         return Ok(exit::SUCCESS);
     }
-    println!(
-        "{:>5}  {:<20}  {:<20}  {:<24} {:>7} {:>10} {:>8}  OUTCOME",
-        "RUN", "STARTED", "ENDED", "HOST", "PID", "ROWS", "CHUNKS"
-    );
-    for r in &runs {
-        println!(
-            "{:>5}  {:<20}  {:<20}  {:<24} {:>7} {:>10} {:>8}  {}{}",
-            r.id,
-            r.started_at,
-            r.ended_at.as_deref().unwrap_or("-"),
-            r.host,
-            r.pid,
-            r.rows_done,
-            r.chunks_done,
-            r.outcome
-                .map_or(JobState::Running.as_sql(), RunOutcome::as_sql),
-            r.last_error
-                .as_deref()
-                .map(|e| format!(": {e}"))
-                .unwrap_or_default()
-        );
+    for line in tables::runs(&runs) {
+        println!("{line}");
     }
     Ok(exit::SUCCESS)
 }
@@ -422,20 +420,10 @@ async fn failures(target: &Target, store: &Store, name: &str, all: bool, json: b
             "job {name}: no {}failing keys",
             if all { "" } else { "unresolved " }
         );
-    }
-    for f in &list {
-        println!(
-            "{:<24} {:<8} attempts {:<3} last {}{}  {}",
-            show_key(&f.key),
-            f.sqlstate.as_deref().unwrap_or("-"),
-            f.attempts,
-            f.last_seen,
-            f.resolved_at
-                .as_deref()
-                .map(|r| format!(" resolved {r}"))
-                .unwrap_or_default(),
-            f.message
-        );
+    } else {
+        for line in tables::failed_keys(&list) {
+            println!("{line}");
+        }
     }
     Ok(exit::SUCCESS)
 }

@@ -160,6 +160,11 @@ fn conclude(job: &JobSpec, report: executor::Report, progress: &Progress) -> Res
         report.rows_done_total
     );
     let name = &job.name;
+    // A revert (`JOB:revert`) goes on with `backfill revert JOB`, not with `run`.
+    let again = match name.strip_suffix(":revert") {
+        Some(forward) => format!("backfill revert {forward}"),
+        None => format!("backfill run {name}"),
+    };
     match report.outcome {
         Outcome::Done { verify_remaining } => {
             let verified = match verify_remaining {
@@ -194,10 +199,10 @@ fn conclude(job: &JobSpec, report: executor::Report, progress: &Progress) -> Res
             )))
         }
         Outcome::Cancelled => Err(Error::Interrupted(format!(
-            "{name}: cancelled by `backfill cancel`: {summary}; progress is saved — `backfill run {name}` {resume}"
+            "{name}: cancelled; the next run {resume} (`{again}`; progress is saved). Cancelled by `backfill cancel`: {summary}"
         ))),
         Outcome::Stopped => Err(Error::Interrupted(format!(
-            "{name}: stopped: {summary}; progress is saved — `backfill run {name}` {resume}"
+            "{name}: stopped; the next run {resume} (`{again}`; progress is saved). {summary}"
         ))),
     }
 }

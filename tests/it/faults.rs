@@ -585,3 +585,88 @@ fn a_key_that_keeps_timing_out_stops_the_run_after_max_attempts() {
         250
     );
 }
+
+/// The cell under `column` in `line` of a table whose header is `header` (columns line up).
+fn cell<'a>(header: &str, line: &'a str, column: &str, next: Option<&str>) -> &'a str {
+    let from = header.find(column).unwrap_or_else(|| panic!("{header}"));
+    let to = next.map_or(line.len(), |n| header.find(n).unwrap());
+    line.get(from..to.min(line.len())).unwrap_or("").trim()
+}
+
+#[test]
+fn list_history_and_failures_print_header_rows_and_history_keeps_the_error_apart() {
+    let db = TestDb::new();
+    counter_table(&db, 2000);
+    db.exec(BOOM);
+    db.write_job("p", &counter_job(""));
+    db.write_job("s", &counter_job("on_error = \"skip\"\n"));
+    assert_eq!(db.run(&["run", "p"]).code, 1);
+    assert_eq!(db.run(&["run", "s"]).code, 1);
+
+    let out = db.run(&["list"]);
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert!(
+        lines[0]
+            .split_whitespace()
+            .eq(["JOB", "STATE", "TABLE", "DESCRIPTION"]),
+        "{out:?}"
+    );
+    assert_eq!(cell(lines[0], lines[1], "JOB", Some("STATE")), "p");
+    assert_eq!(cell(lines[0], lines[1], "TABLE", Some("DESCRIPTION")), "t");
+
+    let out = db.run(&["history", "p"]);
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert!(
+        lines[0]
+            .split_whitespace()
+            .eq(["RUN", "STARTED", "ENDED", "HOST", "PID", "ROWS", "CHUNKS", "OUTCOME", "ERROR"]),
+        "{out:?}"
+    );
+    assert_eq!(lines.len(), 2, "{out:?}");
+    assert_eq!(
+        cell(lines[0], lines[1], "OUTCOME", Some("ERROR")),
+        "failed",
+        "{out:?}"
+    );
+    assert!(
+        cell(lines[0], lines[1], "ERROR", None).contains("key 301"),
+        "{out:?}"
+    );
+
+    let out = db.run(&["failures", "s"]);
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert!(
+        lines[0].split_whitespace().eq([
+            "KEY",
+            "SQLSTATE",
+            "ATTEMPTS",
+            "LAST_SEEN",
+            "RESOLVED",
+            "ERROR"
+        ]),
+        "{out:?}"
+    );
+    assert_eq!(lines.len(), 3, "{out:?}");
+    assert_eq!(cell(lines[0], lines[1], "KEY", Some("SQLSTATE")), "301");
+    assert_eq!(
+        cell(lines[0], lines[1], "SQLSTATE", Some("ATTEMPTS")),
+        "P0001"
+    );
+    assert!(cell(lines[0], lines[1], "ERROR", None).contains("bad row 301"));
+
+    // Every --json flag says what it does.
+    for command in [
+        "status", "list", "gate", "plan", "history", "failures", "run",
+    ] {
+        let help = db.run(&[command, "--help"]).stdout;
+        // The description follows the flag, on its line or the next (a wide help wraps).
+        let after = help.split("--json").nth(1).unwrap();
+        let described = after.split("\n      -").next().unwrap();
+        assert!(described.contains("JSON"), "{command}: {help}");
+    }
+    let help = db.run(&["failures", "--help"]).stdout;
+    assert!(
+        help.contains("on_error = \"stop\") records none here"),
+        "{help}"
+    );
+}

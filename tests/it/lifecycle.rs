@@ -222,6 +222,19 @@ fn demo_runs_on_its_own_throwaway_server_and_cleans_up() {
         out.stdout.contains("state done, 20000 rows done"),
         "{out:?}"
     );
+    // It ends with what to try next: status, plan, a job of one's own.
+    let next = out
+        .stdout
+        .split("\nnext:\n")
+        .nth(1)
+        .expect("a `next:` block");
+    assert!(
+        next.contains("backfill status orders_status")
+            && next.contains("backfill plan orders_status")
+            && next.contains("a job of your own: jobs/NAME.toml")
+            && next.contains("--database-url"),
+        "{out:?}"
+    );
     let dir = out
         .stderr
         .lines()
@@ -242,6 +255,12 @@ fn demo_uses_a_given_database() {
         0
     );
     assert_eq!(db.i64("SELECT count(*) FROM orders"), 5000);
+    assert!(
+        out.stdout
+            .contains("\nnext:\n  backfill status orders_status")
+            && !out.stdout.contains("throwaway server is gone"),
+        "{out:?}"
+    );
     let out = db.run(&["demo", "--rows", "5000"]);
     out.expect(0);
     assert!(out.stderr.contains("already exists"), "{out:?}");

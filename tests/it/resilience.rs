@@ -106,8 +106,12 @@ fn sigint_stops_with_130_and_the_next_run_resumes() {
     signal(&child, libc::SIGINT);
     let out = wait_out(child, Duration::from_secs(10));
     assert_eq!(out.code, 130, "{out:?}");
+    // A deliberate stop is no error: a calm line with where the next run resumes.
     assert!(
-        out.stderr.contains("progress is saved") && out.stderr.contains("resumes after key"),
+        out.stderr
+            .contains("s: stopped; the next run resumes after key")
+            && out.stderr.contains("progress is saved")
+            && !out.stderr.contains("error:"),
         "{out:?}"
     );
     assert_eq!(
@@ -394,4 +398,43 @@ fn lock_contention_beyond_the_budget_fails_saying_where_it_resumes() {
     );
     db.run(&["run", "b"]).expect(0);
     assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 1"), 0);
+}
+
+#[test]
+fn json_final_lines_carry_ts_level_and_job_and_a_stop_is_not_an_error() {
+    let db = TestDb::new();
+    counter_table(&db, 2000);
+    db.write_job("s", &slow_counter_job("0.02", 20));
+    // A real failure's last line: a job with no file.
+    let out = db.run(&["--log-format", "json", "run", "nope"]);
+    assert_eq!(out.code, 2, "{out:?}");
+    let last: serde_json::Value = serde_json::from_str(out.stderr.lines().last().unwrap()).unwrap();
+    assert!(last["ts"].is_string(), "{last}");
+    assert_eq!(last["level"], "error", "{last}");
+    assert_eq!(last["job"], "nope", "{last}");
+
+    // A stop by a signal: every line JSON with ts and job, the last one not an error.
+    let child = db.spawn(&["--log-format", "json", "run", "s"]);
+    db.wait_for(
+        "SELECT coalesce((SELECT rows_done >= 100 FROM backfill.progress WHERE job = 's'), false)",
+        Duration::from_secs(30),
+    );
+    signal(&child, libc::SIGINT);
+    let out = wait_out(child, Duration::from_secs(10));
+    assert_eq!(out.code, 130, "{out:?}");
+    for l in out.stderr.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v["ts"].is_string(), "{l}");
+        assert_eq!(v["job"], "s", "{l}");
+    }
+    let last: serde_json::Value = serde_json::from_str(out.stderr.lines().last().unwrap()).unwrap();
+    assert_eq!(last["level"], "info", "{last}");
+    assert!(
+        last["msg"]
+            .as_str()
+            .unwrap()
+            .starts_with("s: stopped; the next run resumes after key"),
+        "{last}"
+    );
 }

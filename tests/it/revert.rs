@@ -109,6 +109,14 @@ fn undo_restores_the_original_values_exactly_even_after_kills() {
     let out = wait_out(child, Duration::from_secs(30));
     assert_eq!(out.code, 130, "{out:?}");
     assert!(
+        out.stderr.contains("j:revert: stopped; the next run")
+            && out
+                .stderr
+                .contains("(`backfill revert j`; progress is saved)")
+            && !out.stderr.contains("error:"),
+        "{out:?}"
+    );
+    assert!(
         db.i64("SELECT count(*) FROM t WHERE status LIKE 'code-%'") > 0,
         "stopped part-way"
     );

@@ -425,7 +425,9 @@ fn pause_resume_set_and_cancel_from_another_process() {
     let out = wait_out(child, Duration::from_secs(30));
     assert_eq!(out.code, 130, "{out:?}");
     assert!(
-        out.stderr.contains("cancelled by `backfill cancel`")
+        out.stderr
+            .contains("c: cancelled; the next run resumes after key")
+            && !out.stderr.contains("error:")
             && out.stderr.contains("new settings from `backfill set`"),
         "{out:?}"
     );
@@ -543,7 +545,7 @@ fn a_cancel_in_force_when_a_run_starts_is_honoured_before_any_write() {
     let second = wait_out(db.spawn(&["run", "z"]), Duration::from_secs(30));
     assert_eq!(second.code, 130, "{second:?}");
     assert!(
-        second.stderr.contains("cancelled by `backfill cancel`"),
+        second.stderr.contains("z: cancelled; the next run") && !second.stderr.contains("error:"),
         "{second:?}"
     );
     assert_eq!(
