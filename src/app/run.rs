@@ -111,6 +111,7 @@ fn run_options(args: &RunArgs) -> RunOptions {
         target_chunk_time: args.target_chunk_time,
         pause: args.pause,
         workers: args.workers,
+        limit: args.limit,
     }
 }
 
@@ -196,6 +197,17 @@ fn conclude(job: &JobSpec, report: executor::Report, progress: &Progress) -> Res
         Outcome::Cancelled => Err(Error::Interrupted(format!(
             "{name}: cancelled by `backfill cancel`: {summary}; progress is saved — `backfill run {name}` {resume}"
         ))),
+        Outcome::LimitReached { limit } => {
+            let next = match (&report.cursor, report.ranges) {
+                (Some(c), _) => format!("resumes after key {}", show_key(c)),
+                _ => "resumes where it stopped".into(),
+            };
+            progress.log(&format!(
+                "{name}: canary: {} rows done (--limit {limit}), next run {next}; `backfill run {name}` does the rest",
+                report.rows
+            ));
+            Ok(exit::SUCCESS)
+        }
         Outcome::Stopped => Err(Error::Interrupted(format!(
             "{name}: stopped: {summary}; progress is saved — `backfill run {name}` {resume}"
         ))),
