@@ -196,6 +196,10 @@ pub struct RunArgs {
     /// whole chunks, counted over all of its workers.
     #[arg(long, value_name = "ROWS", value_parser = clap::value_parser!(u64).range(1..))]
     pub limit: Option<u64>,
+    /// Run even while another job's live run is walking the same table (refused by default,
+    /// exit 3).
+    #[arg(long)]
+    pub allow_shared_table: bool,
     /// Attempts per chunk when a single key exceeds statement_timeout.
     #[arg(long, default_value_t = crate::executor::DEFAULT_MAX_ATTEMPTS, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub max_attempts: u32,

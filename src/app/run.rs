@@ -68,6 +68,12 @@ pub(super) async fn run(
     };
     let result =
         match preconditions(target, store, &forward, mode, args, &shutdown, &progress).await {
+            Ok(()) if !args.allow_shared_table => match refuse_shared_table(target, store, &job)
+                .await
+            {
+                Ok(()) => executor::run(target, store, &job, &opts, &shutdown, &*progress).await,
+                Err(e) => Err(e),
+            },
             Ok(()) => executor::run(target, store, &job, &opts, &shutdown, &*progress).await,
             Err(e) => Err(e),
         };
@@ -94,6 +100,24 @@ pub(super) async fn run(
         );
     }
     conclude(&job, report, &progress)
+}
+
+/// Refuses to start while another job's live run walks the same table: two jobs writing one
+/// table contend for its rows and double its write load. The same job run by several processes
+/// is the way to add workers, and stays allowed.
+async fn refuse_shared_table(target: &Target, store: &Store, job: &JobSpec) -> Result<()> {
+    let client = target.connect().await?;
+    let table = job.table.to_string();
+    match store.other_job_on_table(&client, &job.name, &table).await? {
+        None => Ok(()),
+        Some(other) => Err(Error::NotSatisfied(format!(
+            "job {name} not started: job {other_job} is running on the same table {table} (runner on host {host}, pid {pid}); wait for it to end (`backfill status {other_job}`), or pass --allow-shared-table to run both at once",
+            name = job.name,
+            other_job = other.job,
+            host = other.host,
+            pid = other.pid,
+        ))),
+    }
 }
 
 /// The run's options from its command line.

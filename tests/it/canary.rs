@@ -2,6 +2,7 @@
 //! job's live run is walking (`--allow-shared-table`).
 
 use crate::support::*;
+use std::time::Duration;
 
 #[test]
 fn a_canary_stops_after_its_rows_and_the_next_run_finishes_exactly_once() {
@@ -74,4 +75,53 @@ fn a_canary_of_zero_rows_is_a_usage_error() {
     out.expect(2);
     assert!(out.stderr.contains("--limit"), "{out:?}");
     assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 0"), 0);
+}
+
+#[test]
+fn a_second_job_on_a_table_another_job_is_walking_is_refused_unless_allowed() {
+    let db = TestDb::new();
+    counter_table(&db, 1000);
+    db.write_job("a", &counter_job("lock_timeout = \"60s\""));
+    db.write_job("b", &counter_job("lock_timeout = \"60s\""));
+    let held = hold_row(&db, "t", "id", 500);
+    let a = spawn_part_way(&db, &["run", "a"], "a", Duration::from_secs(30));
+
+    let out = db.run(&["run", "b"]);
+    out.expect(3);
+    let host = db
+        .text("SELECT host FROM backfill.runs WHERE job = 'a'")
+        .unwrap();
+    assert!(
+        out.stderr.contains(&format!(
+            "job b not started: job a is running on the same table t (runner on host {host}, pid {})",
+            a.id()
+        )) && out.stderr.contains("--allow-shared-table"),
+        "{out:?}"
+    );
+    assert_eq!(
+        db.i64("SELECT count(*) FROM backfill.runs WHERE job = 'b'"),
+        0
+    );
+
+    // The same job in a second process joins it: that is how workers are added.
+    let mut a2 = db.spawn(&["run", "a"]);
+    db.wait_for_child(
+        &mut a2,
+        "SELECT count(*) = 2 FROM backfill.runs WHERE job = 'a' AND outcome IS NULL",
+        Duration::from_secs(30),
+    );
+    // Told to, the second job runs alongside.
+    let b = spawn_part_way(
+        &db,
+        &["run", "b", "--allow-shared-table"],
+        "b",
+        Duration::from_secs(30),
+    );
+
+    held.exec("COMMIT");
+    for child in [a, a2, b] {
+        wait_out(child, Duration::from_secs(60)).expect(0);
+    }
+    // Both jobs touched every row exactly once.
+    assert_eq!(db.i64("SELECT count(*) FROM t WHERE n <> 2"), 0);
 }
