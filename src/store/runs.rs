@@ -16,28 +16,29 @@ pub struct TableRunner {
 }
 
 impl Store {
-    /// A live run of another job than `job` on the same table as `table` (both names resolved
+    /// A live run of a job other than `jobs` on the same table as `table` (both names resolved
     /// the way this session resolves them, so `orders` and `public.orders` are one table; a
-    /// table that does not exist matches nothing).
+    /// table that does not exist matches nothing). `jobs[0]` names the job in errors.
     pub async fn other_job_on_table(
         &self,
         client: &impl GenericClient,
-        job: &str,
+        jobs: &[String],
         table: &str,
     ) -> Result<Option<TableRunner>> {
+        let job = jobs.first().map(String::as_str).unwrap_or_default();
         let row = client
             .query_opt(
                 &format!(
                     "SELECT r.job, r.host, r.pid FROM {s}.runs r
                        JOIN {s}.checkpoints c ON c.job = r.job
-                      WHERE r.job <> $1
+                      WHERE r.job <> ALL($1)
                         AND to_regclass(c.table_name) = to_regclass($2)
                         AND {alive}
                       ORDER BY r.id LIMIT 1",
                     s = self.q,
                     alive = Self::run_alive_sql("r"),
                 ),
-                &[&job, &table],
+                &[&jobs, &table],
             )
             .await
             .map_err(|e| db::error(e, format!("job {job}: looking for other jobs on {table}")))?;
