@@ -222,6 +222,14 @@ pub struct RunArgs {
     /// on any host, may run the same job at once).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=crate::executor::MAX_WORKERS as i64))]
     pub workers: u32,
+    /// A canary run: stop (resumable, exit 0) once this run has committed about ROWS keys —
+    /// whole chunks, counted over all of its workers.
+    #[arg(long, value_name = "ROWS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub limit: Option<u64>,
+    /// Run even while another job's live run is walking the same table (refused by default,
+    /// exit 3).
+    #[arg(long)]
+    pub allow_shared_table: bool,
     /// Attempts per chunk when a single key exceeds statement_timeout.
     #[arg(long, default_value_t = crate::executor::DEFAULT_MAX_ATTEMPTS, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub max_attempts: u32,

@@ -162,7 +162,9 @@ async fn demo(target: &Target, store: &Store, job: &JobSpec, rows: u64) -> Resul
     }
     match report.outcome {
         Outcome::Done { .. } | Outcome::AlreadyDone => Ok(exit::SUCCESS),
-        Outcome::Stopped | Outcome::Cancelled => Err(Error::Interrupted("demo: stopped".into())),
+        Outcome::Stopped | Outcome::LimitReached { .. } | Outcome::Cancelled => {
+            Err(Error::Interrupted("demo: stopped".into()))
+        }
         Outcome::Incomplete { why, .. } => Err(Error::Runtime(format!("demo: {why}"))),
     }
 }

@@ -66,11 +66,18 @@ pub(super) async fn run(
         Mode::Revert => Some(hold_job_lock(target, store, &forward, &shutdown, &progress).await?),
         Mode::Forward => None,
     };
-    let result =
-        match preconditions(target, store, &forward, mode, args, &shutdown, &progress).await {
-            Ok(()) => executor::run(target, store, &job, &opts, &shutdown, &*progress).await,
-            Err(e) => Err(e),
-        };
+    let result = match preconditions(target, store, &forward, mode, args, &shutdown, &progress)
+        .await
+    {
+        Ok(()) if !args.allow_shared_table => {
+            match refuse_shared_table(target, store, &forward, &job).await {
+                Ok(()) => executor::run(target, store, &job, &opts, &shutdown, &*progress).await,
+                Err(e) => Err(e),
+            }
+        }
+        Ok(()) => executor::run(target, store, &job, &opts, &shutdown, &*progress).await,
+        Err(e) => Err(e),
+    };
     if metrics.is_some() && !args.metrics_linger.is_zero() {
         progress.log(&format!(
             "{}: keeping the metrics endpoint up for {}s",
@@ -96,6 +103,35 @@ pub(super) async fn run(
     conclude(&job, report, &progress)
 }
 
+/// Refuses to start while another job's live run walks the same table: two jobs writing one
+/// table contend for its rows and double its write load. The same job run by several processes
+/// is the way to add workers, and stays allowed; a job and its own revert refuse each other
+/// with their own, more precise, errors.
+async fn refuse_shared_table(
+    target: &Target,
+    store: &Store,
+    forward: &JobSpec,
+    job: &JobSpec,
+) -> Result<()> {
+    let client = target.connect().await?;
+    let table = job.table.to_string();
+    let this = [
+        job.name.clone(),
+        forward.name.clone(),
+        crate::store::revert_name(&forward.name),
+    ];
+    match store.other_job_on_table(&client, &this, &table).await? {
+        None => Ok(()),
+        Some(other) => Err(Error::NotSatisfied(format!(
+            "job {name} not started: job {other_job} is running on the same table {table} (runner on host {host}, pid {pid}); wait for it to end (`backfill status {other_job}`), or pass --allow-shared-table to run both at once",
+            name = job.name,
+            other_job = other.job,
+            host = other.host,
+            pid = other.pid,
+        ))),
+    }
+}
+
 /// The run's options from its command line.
 fn run_options(args: &RunArgs) -> RunOptions {
     RunOptions {
@@ -111,6 +147,7 @@ fn run_options(args: &RunArgs) -> RunOptions {
         target_chunk_time: args.target_chunk_time,
         pause: args.pause,
         workers: args.workers,
+        limit: args.limit,
     }
 }
 
@@ -201,6 +238,17 @@ fn conclude(job: &JobSpec, report: executor::Report, progress: &Progress) -> Res
         Outcome::Cancelled => Err(Error::Interrupted(format!(
             "{name}: cancelled; the next run {resume} (`{again}`; progress is saved). Cancelled by `backfill cancel`: {summary}"
         ))),
+        Outcome::LimitReached { limit } => {
+            let next = match (&report.cursor, report.ranges) {
+                (Some(c), _) => format!("resumes after key {}", show_key(c)),
+                _ => "resumes where it stopped".into(),
+            };
+            progress.log(&format!(
+                "{name}: canary: {} rows done (--limit {limit}), next run {next}; `backfill run {name}` does the rest",
+                report.rows
+            ));
+            Ok(exit::SUCCESS)
+        }
         Outcome::Stopped => Err(Error::Interrupted(format!(
             "{name}: stopped; the next run {resume} (`{again}`; progress is saved). {summary}"
         ))),

@@ -53,7 +53,7 @@ use crate::throttle::Throttle;
 use chunk::ChunkPlan;
 use pace::Pace;
 use start::{connect_patiently, start, stopped_unrecorded, Start, Started};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use verify::AfterPass;
@@ -74,6 +74,10 @@ pub enum Outcome {
     },
     /// Stopped by a signal; the next run resumes from the cursor.
     Stopped,
+    /// A canary run (`--limit`) committed its rows and stopped; recorded as `stopped`, so the
+    /// next run resumes from the cursor.
+    #[serde(rename = "stopped")]
+    LimitReached { limit: u64 },
     /// Stopped by `backfill cancel`; the next run resumes from the cursor.
     Cancelled,
 }
@@ -259,26 +263,27 @@ async fn record_end(
         verified,
         mut tally,
     } = passes;
-    let finisher =
-        match connect_patiently(cx.target, cx.opts.reconnect_for, events, cx.shutdown).await {
-            Ok(c) => c,
-            Err(e) => {
-                heartbeat.abort();
-                if let Ok(LoopEnd::Stopped | LoopEnd::Cancelled) = result {
-                    events.on(Event::RunEnded(JobState::Stopped));
-                    return Err(stopped_unrecorded(
-                        cx.job, e, &tally, checkpoint, cx.workers,
-                    ));
-                }
-                // A run that failed (e.g. gave up waiting for the database) says why and where the
-                // next run resumes; that its end could not be recorded as well changes neither.
-                if let Err(failed) = result {
-                    events.on(Event::RunEnded(JobState::Failed));
-                    return Err(failed);
-                }
-                return Err(e);
+    let finisher = match connect_patiently(cx.target, cx.opts.reconnect_for, events, cx.shutdown)
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            heartbeat.abort();
+            if let Ok(LoopEnd::Stopped | LoopEnd::LimitReached(_) | LoopEnd::Cancelled) = result {
+                events.on(Event::RunEnded(JobState::Stopped));
+                return Err(stopped_unrecorded(
+                    cx.job, e, &tally, checkpoint, cx.workers,
+                ));
             }
-        };
+            // A run that failed (e.g. gave up waiting for the database) says why and where the
+            // next run resumes; that its end could not be recorded as well changes neither.
+            if let Err(failed) = result {
+                events.on(Event::RunEnded(JobState::Failed));
+                return Err(failed);
+            }
+            return Err(e);
+        }
+    };
     let name = cx.job.name.as_str();
     let (state, error, remaining, outcome) = ending(result, verified);
     events.on(Event::RunEnded(state.state()));
@@ -307,6 +312,12 @@ fn ending(
     match result {
         Ok(LoopEnd::Cancelled) => (RunEnd::Cancelled, None, None, Ok(Outcome::Cancelled)),
         Ok(LoopEnd::Stopped) => (RunEnd::Stopped, None, None, Ok(Outcome::Stopped)),
+        Ok(LoopEnd::LimitReached(limit)) => (
+            RunEnd::Stopped,
+            None,
+            None,
+            Ok(Outcome::LimitReached { limit }),
+        ),
         Ok(LoopEnd::Finished) => match verified {
             Some(Err((n, why, not_swept))) => (
                 RunEnd::Incomplete,
@@ -344,6 +355,8 @@ fn ending(
 enum LoopEnd {
     Finished,
     Stopped,
+    /// This run committed the keys its `--limit` asked for (a canary run).
+    LimitReached(u64),
     /// `backfill cancel`.
     Cancelled,
 }
@@ -390,6 +403,8 @@ struct Shared<'a> {
     pace: tokio::sync::Mutex<Pace>,
     /// A worker failed: the others stop after their chunk in flight.
     aborted: AtomicBool,
+    /// Keys this run's workers committed, for `--limit`.
+    committed_keys: AtomicI64,
     /// A range was finished: idle workers look again at once (the job may be done).
     range_finished: tokio::sync::Notify,
 }
@@ -443,6 +458,7 @@ impl<'a> Shared<'a> {
                 rate_shown: false,
             }),
             aborted: AtomicBool::new(false),
+            committed_keys: AtomicI64::new(0),
             range_finished: tokio::sync::Notify::new(),
         })
     }
@@ -476,6 +492,14 @@ impl<'a> Shared<'a> {
         }
     }
 
+    /// The canary's limit, once this run's committed keys have reached it: no chunk is started
+    /// after that.
+    fn limit_reached(&self) -> Option<u64> {
+        let limit = self.opts.limit?;
+        let done = self.committed_keys.load(Ordering::SeqCst).max(0) as u64;
+        (done >= limit).then_some(limit)
+    }
+
     /// Tells the run's listeners (the progress display, the log, the metrics) what happened.
     fn emit(&self, event: Event<'_>) {
         self.events.on(event);
@@ -504,6 +528,9 @@ impl<'a> Shared<'a> {
                     Ok(LoopEnd::Cancelled)
                 }
                 (Ok(LoopEnd::Stopped), _) | (Ok(_), Ok(LoopEnd::Stopped)) => Ok(LoopEnd::Stopped),
+                (Ok(LoopEnd::LimitReached(n)), _) | (Ok(_), Ok(LoopEnd::LimitReached(n))) => {
+                    Ok(LoopEnd::LimitReached(n))
+                }
                 (Ok(LoopEnd::Finished), Ok(LoopEnd::Finished)) => Ok(LoopEnd::Finished),
             };
         }
@@ -526,6 +553,13 @@ mod tests {
             (
                 Ok(LoopEnd::Stopped),
                 Some(Ok(())),
+                RunEnd::Stopped,
+                None,
+                false,
+            ),
+            (
+                Ok(LoopEnd::LimitReached(250)),
+                None,
                 RunEnd::Stopped,
                 None,
                 false,
@@ -563,7 +597,8 @@ mod tests {
             match (s, outcome) {
                 (RunEnd::Failed, Err(_)) => {}
                 (RunEnd::Cancelled, Ok(Outcome::Cancelled))
-                | (RunEnd::Stopped, Ok(Outcome::Stopped)) => {}
+                | (RunEnd::Stopped, Ok(Outcome::Stopped))
+                | (RunEnd::Stopped, Ok(Outcome::LimitReached { limit: 250 })) => {}
                 (RunEnd::Done, Ok(Outcome::Done { verify_remaining })) => {
                     assert_eq!(verify_remaining, remaining)
                 }

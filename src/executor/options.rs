@@ -25,6 +25,8 @@ pub struct RunOptions {
     pub pause: Option<Duration>,
     /// Workers of this run, each with its own connection and key range.
     pub workers: u32,
+    /// A canary run: stop starting chunks once this run's committed keys reach this many.
+    pub limit: Option<u64>,
 }
 
 impl Default for RunOptions {
@@ -42,6 +44,7 @@ impl Default for RunOptions {
             target_chunk_time: None,
             pause: None,
             workers: 1,
+            limit: None,
         }
     }
 }

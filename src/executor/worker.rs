@@ -134,6 +134,10 @@ impl<'s, 'a> Worker<'s, 'a> {
                     }
                 }
             }
+            // Checked once a range is held: when every range is done the run finishes instead.
+            if let Some(limit) = self.shared.limit_reached() {
+                return Ok(LoopEnd::LimitReached(limit));
+            }
             if self.hold_while_unhealthy().await? {
                 // Bounds found before a hold may be far behind the table by its end.
                 self.next = None;
@@ -251,6 +255,7 @@ impl<'s, 'a> Worker<'s, 'a> {
             shared.emit(Event::DatabaseBack);
         }
         self.tally.rows += done.keys;
+        shared.committed_keys.fetch_add(done.keys, Ordering::SeqCst);
         self.tally.affected += done.affected;
         self.tally.chunks += 1;
         self.tally.round_trips += i64::from(done.round_trips);

@@ -39,7 +39,7 @@ pub use join::{Claim, Runner};
 pub use lease::LeaseState;
 pub use phases::{revert_name, Sweep};
 pub use ranges::{Acquired, RangeInfo, RangeLease, Splitter};
-pub use runs::RunRecord;
+pub use runs::{RunRecord, TableRunner};
 pub use schema::{
     gate_grants, gate_privileges_missing, grants, installed_version, migrate, migrate_up_to,
     LATEST as SCHEMA_VERSION,

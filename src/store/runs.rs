@@ -7,7 +7,48 @@ use crate::error::Result;
 use crate::state::{JobState, RunEnd, RunOutcome};
 use tokio_postgres::GenericClient;
 
+/// Another job's live run on the same table: the job, and where its runner is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableRunner {
+    pub job: String,
+    pub host: String,
+    pub pid: i32,
+}
+
 impl Store {
+    /// A live run of a job other than `jobs` on the same table as `table` (both names resolved
+    /// the way this session resolves them, so `orders` and `public.orders` are one table; a
+    /// table that does not exist matches nothing). `jobs[0]` names the job in errors.
+    pub async fn other_job_on_table(
+        &self,
+        client: &impl GenericClient,
+        jobs: &[String],
+        table: &str,
+    ) -> Result<Option<TableRunner>> {
+        let job = jobs.first().map(String::as_str).unwrap_or_default();
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT r.job, r.host, r.pid FROM {s}.runs r
+                       JOIN {s}.checkpoints c ON c.job = r.job
+                      WHERE r.job <> ALL($1)
+                        AND to_regclass(c.table_name) = to_regclass($2)
+                        AND {alive}
+                      ORDER BY r.id LIMIT 1",
+                    s = self.q,
+                    alive = Self::run_alive_sql("r"),
+                ),
+                &[&jobs, &table],
+            )
+            .await
+            .map_err(|e| db::error(e, format!("job {job}: looking for other jobs on {table}")))?;
+        Ok(row.map(|r| TableRunner {
+            job: r.get(0),
+            host: r.get(1),
+            pid: r.get(2),
+        }))
+    }
+
     /// `SET` assignments of a run row's counters from what its workers counted in their chunks'
     /// transactions (`run` is the SQL expression of the run's id).
     pub(super) fn run_counts_sql(&self, run: &str) -> String {

@@ -5,6 +5,7 @@ mod support;
 mod tools;
 
 mod alembic_graph;
+mod canary;
 mod definitions;
 mod errors;
 mod faults;
