@@ -346,45 +346,7 @@ impl ChunkTx<'_, '_> {
         // Without an answer to the COMMIT (the connection is gone), whether the chunk committed
         // is unknown: that is what the operator is told, and the worker goes on from the cursor
         // as committed, whichever it was.
-        // Which failure decides, in this order: an error from the server (the transaction is
-        // certainly not committed: nothing behind it ran) — the bounds' own only when it took
-        // the transaction down with it, past the savepoint; then the COMMIT's, whose outcome is
-        // unknown when the connection went away before its answer (the worker goes on from the
-        // cursor as committed, whichever it was); then a request that could not be sent.
-        let bounds = "finding the next chunk's bounds";
-        let (found, bounds_error) = match found {
-            Some(Ok(found)) => (found, None),
-            Some(Err(NextChunkError::Query(e))) => (None, Some(e)),
-            Some(Err(NextChunkError::Stalled(_))) | None => (None, None),
-        };
-        if from_server(&saved) {
-            return Err(failure_of(saved, bounds, at));
-        }
-        if !matches!(restored, Some(Ok(()))) {
-            if let Some(e) =
-                bounds_error.filter(|e| e.as_db_error().is_some() || restored.is_none())
-            {
-                return Err(failed(bounds, at)(e));
-            }
-        }
-        if from_server(&restored) {
-            return Err(failure_of(restored, bounds, at));
-        }
-        if from_server(&advanced) {
-            return Err(match advanced {
-                Some(Err(e)) if db::sqlstate(&e) == Some(NOTHING_MOVED) => {
-                    Failure::lost("saving the checkpoint")
-                }
-                other => failure_of(other, "saving the checkpoint", at),
-            });
-        }
-        if matches!(committed, Some(Err(_))) {
-            return Err(failure_of(committed, "committing", at));
-        }
-        sent(saved, bounds, at)?;
-        sent(restored, bounds, at)?;
-        sent(advanced, "saving the checkpoint", at)?;
-        sent(committed, "committing", at)?;
+        let found = settle(saved, found, restored, advanced, committed, at)?;
         // A walk that would not move forward, or bounds that failed, are found again (and
         // reported) by the next chunk, under its lock.
         let next = found.map(|bounds| NextChunk {
@@ -406,6 +368,60 @@ impl ChunkTx<'_, '_> {
         })))
     }
 }
+
+/// What the second round trip's answers say: the next chunk's bounds when the chunk committed
+/// (None when they could not be found: the next chunk finds them afresh), or the failure that
+/// decides.
+fn settle(
+    saved: Answer<()>,
+    found: Option<Result<Option<ChunkBounds>, NextChunkError>>,
+    restored: Answer<()>,
+    advanced: Answer<tokio_postgres::Row>,
+    committed: Answer<()>,
+    at: Option<&Chunk>,
+) -> Result<Option<ChunkBounds>, Failure> {
+    // Which failure decides, in this order: an error from the server (the transaction is
+    // certainly not committed: nothing behind it ran) — the bounds' own only when it took
+    // the transaction down with it, past the savepoint; then the COMMIT's, whose outcome is
+    // unknown when the connection went away before its answer (the worker goes on from the
+    // cursor as committed, whichever it was); then a request that could not be sent.
+    let bounds = "finding the next chunk's bounds";
+    let (found, bounds_error) = match found {
+        Some(Ok(found)) => (found, None),
+        Some(Err(NextChunkError::Query(e))) => (None, Some(e)),
+        Some(Err(NextChunkError::Stalled(_))) | None => (None, None),
+    };
+    if from_server(&saved) {
+        return Err(failure_of(saved, bounds, at));
+    }
+    if !matches!(restored, Some(Ok(()))) {
+        if let Some(e) = bounds_error.filter(|e| e.as_db_error().is_some() || restored.is_none()) {
+            return Err(failed(bounds, at)(e));
+        }
+    }
+    if from_server(&restored) {
+        return Err(failure_of(restored, bounds, at));
+    }
+    if from_server(&advanced) {
+        return Err(match advanced {
+            Some(Err(e)) if db::sqlstate(&e) == Some(NOTHING_MOVED) => {
+                Failure::lost("saving the checkpoint")
+            }
+            other => failure_of(other, "saving the checkpoint", at),
+        });
+    }
+    if matches!(committed, Some(Err(_))) {
+        return Err(failure_of(committed, "committing", at));
+    }
+    sent(saved, bounds, at)?;
+    sent(restored, bounds, at)?;
+    sent(advanced, "saving the checkpoint", at)?;
+    sent(committed, "committing", at)?;
+    Ok(found)
+}
+
+/// A request's answer from its flight (None: not sent).
+type Answer<T> = Option<Result<T, tokio_postgres::Error>>;
 
 /// Sends, in one round trip (on `flight`): the server's clock, the undo copy (jobs with `undo`),
 /// the job's statement on the chunk's bounds, and what came after it (the clock again, blocked
