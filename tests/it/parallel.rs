@@ -417,15 +417,21 @@ fn progress_saved_before_key_ranges_resumes_after_the_upgrade() {
 fn a_run_ending_during_a_split_never_deadlocks_with_it() {
     let db = TestDb::new();
     counter_table(&db, 3000);
-    // After its first chunk the run holds (throttle_sql): it is running, between chunks, until
-    // it is stopped.
+    // After its first chunks the run holds (throttle_sql): it is running, between chunks, until
+    // it is stopped. Each chunk takes 20 ms, so the run is still walking at the next signal read
+    // (a run of 30 fast chunks can end before check_interval has passed once).
     db.write_job(
         "j",
-        &counter_job("").replace(
-            "target_chunk_time = \"0s\" }",
-            "target_chunk_time = \"0s\", check_interval = \"100ms\", \
-             throttle_sql = \"SELECT coalesce((SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j'), false)\" }",
-        ),
+        &counter_job("")
+            .replace(
+                "target_chunk_time = \"0s\" }",
+                "target_chunk_time = \"0s\", check_interval = \"100ms\", \
+                 throttle_sql = \"SELECT coalesce((SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j'), false)\" }",
+            )
+            .replace(
+                ":end\"",
+                ":end AND (SELECT pg_sleep(0.02)) IS NOT NULL\"",
+            ),
     );
     let mut child = db.spawn(&["run", "j"]);
     db.wait_for_child(
