@@ -88,21 +88,12 @@ pub async fn measured_rtt(url: &str) -> Duration {
     times[times.len() / 2]
 }
 
-/// `1ms`, `250us`, `0.5ms`, `0`: a round trip for `--rtt`.
+/// `1ms`, `250us`, `2ms`, `0`: a round trip for `--rtt`, in the engine's own duration syntax.
 pub fn parse_rtt(s: &str) -> Duration {
-    let s = s.trim();
-    let (num, unit) = s
-        .find(|c: char| c.is_ascii_alphabetic())
-        .map(|i| s.split_at(i))
-        .unwrap_or((s, "ms"));
-    let n: f64 = num
-        .parse()
-        .unwrap_or_else(|_| panic!("--rtt needs a duration such as 1ms, got {s:?}"));
-    let scale = match unit {
-        "s" => 1.0,
-        "ms" => 1e-3,
-        "us" | "µs" => 1e-6,
-        _ => panic!("--rtt: unit {unit:?} (use s, ms or us)"),
-    };
-    Duration::from_secs_f64(n * scale)
+    match s.trim() {
+        "0" => Duration::ZERO,
+        text => humantime::parse_duration(text).unwrap_or_else(|e| {
+            panic!("--rtt needs a duration such as 1ms or 250us, got {s:?}: {e}")
+        }),
+    }
 }
