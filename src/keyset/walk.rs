@@ -173,6 +173,23 @@ impl Keyset {
         }
     }
 
+    /// What [`Keyset::nothing_between_sql`] binds, in its order: the cursor's key columns, then
+    /// the first key's (nothing for the page walk, whose condition binds none).
+    pub fn nothing_between_params<'a>(
+        &self,
+        cursor: &'a KeyValue,
+        first: &'a KeyValue,
+    ) -> Vec<&'a (dyn ToSql + Sync)> {
+        match self.walk {
+            Walk::Pages { .. } => Vec::new(),
+            Walk::Index => cursor
+                .iter()
+                .chain(first)
+                .map(|v| v as &(dyn ToSql + Sync))
+                .collect(),
+        }
+    }
+
     fn next_keys_sql(&self, after_cursor: bool) -> String {
         let (lower, upper_at) = self.after_cursor(after_cursor);
         let limit_at = upper_at + self.columns.len();

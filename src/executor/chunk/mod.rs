@@ -203,10 +203,10 @@ impl ChunkTx<'_, '_> {
         let args = args.params();
         let mut claimed: Vec<&(dyn ToSql + Sync)> = self.owner.to_vec();
         claimed.extend([&next.after as &(dyn ToSql + Sync), &next.upper]);
-        if !plan.keyset.is_ctid() {
-            claimed.extend(next.after.iter().map(|v| v as &(dyn ToSql + Sync)));
-            claimed.extend(next.bounds.first.iter().map(|v| v as &(dyn ToSql + Sync)));
-        }
+        claimed.extend(
+            plan.keyset
+                .nothing_between_params(&next.after, &next.bounds.first),
+        );
         let flight = Flight::default();
         self.round_trips += 1;
         let (begun, held, applied) = tokio::join!(
