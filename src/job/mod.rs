@@ -5,7 +5,7 @@
 //! project around the job (finishing steps, migrator revisions) in `crate::resolve`.
 
 mod duration;
-mod locate;
+pub(crate) mod locate;
 mod migration;
 mod phases;
 pub mod raw;

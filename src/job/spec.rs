@@ -5,7 +5,7 @@
 use super::duration::{parse_duration, parse_server_timeout};
 use super::locate::Locator;
 use super::raw::RawJob;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::sql::TableName;
 use crate::sql::{SqlTemplate, CTID};
 use sha2::{Digest, Sha256};
@@ -85,8 +85,12 @@ impl JobSpec {
 
 impl JobSpec {
     pub fn parse(name: &str, path: &Path, text: &str) -> Result<JobSpec> {
-        let raw = parse_raw(path, text)?;
-        let at = Locator { path, text };
+        let at = Locator {
+            kind: "job file",
+            path,
+            text,
+        };
+        let raw: RawJob = at.parse()?;
         reject_nul(&at, &raw)?;
 
         let table = TableName::parse(raw.table.get_ref()).map_err(|m| {
@@ -157,31 +161,6 @@ impl JobSpec {
             lines,
         })
     }
-}
-
-/// The job file as written, or an error naming the file, the line and (for a wrong type) the key.
-fn parse_raw(path: &Path, text: &str) -> Result<RawJob> {
-    toml::from_str(text).map_err(|e| {
-        let msg = e.message().trim_end().to_string();
-        let Some(span) = e.span() else {
-            return Error::Usage(format!("invalid job file {}: {msg}", path.display()));
-        };
-        let start = span.start.min(text.len());
-        let line = text[..start].matches('\n').count() + 1;
-        // Type errors point at the value; name the key written before it on that line.
-        let line_start = text[..start].rfind('\n').map(|i| i + 1).unwrap_or(0);
-        let key = text[line_start..start]
-            .split_once('=')
-            .map(|(k, _)| k.trim().trim_matches('"'))
-            .filter(|k| !k.is_empty() && !msg.contains(&format!("`{k}`")));
-        match key {
-            Some(k) => Error::Usage(format!(
-                "invalid job file {}:{line}: key `{k}`: {msg}",
-                path.display()
-            )),
-            None => Error::Usage(format!("invalid job file {}:{line}: {msg}", path.display())),
-        }
-    })
 }
 
 /// The key columns: one name or a list, none empty or repeated, `ctid` only alone.
