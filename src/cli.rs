@@ -24,6 +24,16 @@ pub struct Global {
     /// (PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE, PGSSLMODE, PGSSLROOTCERT).
     #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// A fleet file: the command runs on every shard (database) it lists, see the README's
+    /// "Fleets". Excludes --database-url.
+    #[arg(
+        long,
+        global = true,
+        env = "BACKFILL_FLEET",
+        value_name = "FILE",
+        conflicts_with = "database_url"
+    )]
+    pub fleet: Option<PathBuf>,
     /// Directory holding the job files (<name>.toml).
     #[arg(long, global = true, default_value = "jobs", env = "BACKFILL_JOBS")]
     pub jobs: PathBuf,
@@ -198,6 +208,32 @@ impl Command {
             | Command::Reset { name, .. } => Some(name),
             Command::List { .. } | Command::Init { .. } => None,
             Command::Demo { .. } => Some("demo"),
+        }
+    }
+}
+
+impl Command {
+    /// The subcommand as typed, for messages.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Command::Run(_) => "run",
+            Command::Status { .. } => "status",
+            Command::List { .. } => "list",
+            Command::Check { .. } => "check",
+            Command::Gate { .. } => "gate",
+            Command::Plan { .. } => "plan",
+            Command::Pause { .. } => "pause",
+            Command::Resume { .. } => "resume",
+            Command::Cancel { .. } => "cancel",
+            Command::Set(_) => "set",
+            Command::History { .. } => "history",
+            Command::Failures { .. } => "failures",
+            Command::RetryFailures { .. } => "retry-failures",
+            Command::Revert(_) => "revert",
+            Command::DropUndo { .. } => "drop-undo",
+            Command::Reset { .. } => "reset",
+            Command::Init { .. } => "init",
+            Command::Demo { .. } => "demo",
         }
     }
 }

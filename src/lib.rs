@@ -72,6 +72,7 @@ pub mod error;
 pub mod events;
 pub mod executor;
 pub mod finish;
+pub mod fleet;
 pub mod hold;
 pub mod job;
 pub mod keyset;

@@ -7,6 +7,7 @@
 //! what follows a run's outcome (a complete revert is recorded, a complete run's finishing steps
 //! run) and the operator's text. Must not write SQL on the engine's schema itself (the store does).
 
+mod fleet;
 mod run;
 mod status;
 mod tables;
@@ -77,6 +78,9 @@ fn final_line(e: &Error, job: Option<&str>, json: bool) -> String {
 pub async fn execute(cli: Cli) -> Result<u8> {
     let g = &cli.global;
     let store = Store::new(&g.schema);
+    if let Some(path) = &g.fleet {
+        return fleet::execute(path, &cli).await;
+    }
     let target = || Target::resolve(g.database_url.as_deref());
     match cli.command {
         Command::Run(args) => {

@@ -255,6 +255,15 @@ impl Target {
 
     /// `user@host:port/database`, never the password.
     pub fn describe(&self) -> String {
+        format!(
+            "{}@{}",
+            self.config.get_user().unwrap_or("?"),
+            self.database()
+        )
+    }
+
+    /// `host:port/database`: which database, whoever connects to it.
+    pub fn database(&self) -> String {
         let c = &self.config;
         let hosts: Vec<String> = c
             .get_hosts()
@@ -266,8 +275,7 @@ impl Target {
             .collect();
         let ports: Vec<String> = c.get_ports().iter().map(|p| p.to_string()).collect();
         format!(
-            "{}@{}:{}/{}",
-            c.get_user().unwrap_or("?"),
+            "{}:{}/{}",
             hosts.join(","),
             if ports.is_empty() {
                 "5432".into()
@@ -276,6 +284,12 @@ impl Target {
             },
             c.get_dbname().unwrap_or("?")
         )
+    }
+
+    /// Whether both name the same database (same hosts, ports and database name, as written
+    /// once the libpq variables have filled what was left out; the user does not matter).
+    pub fn same_database(&self, other: &Target) -> bool {
+        self.database() == other.database()
     }
 
     pub fn ssl_mode(&self) -> SslMode {

@@ -10,6 +10,7 @@ mod definitions;
 mod errors;
 mod faults;
 mod finish;
+mod fleet;
 mod gate;
 mod keys;
 mod lifecycle;
