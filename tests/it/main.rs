@@ -19,6 +19,7 @@ mod migrators;
 mod network;
 mod observability;
 mod parallel;
+mod partitions;
 mod plan;
 mod privileges;
 mod recovery;
