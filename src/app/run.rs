@@ -30,15 +30,8 @@ pub(super) async fn run(
     log_json: bool,
     mode: Mode,
 ) -> Result<u8> {
-    let forward = crate::resolve::load(jobs, &args.name)?;
-    let job = match mode {
-        Mode::Forward => forward.clone(),
-        Mode::Revert => crate::undo::revert_job(store, &forward)?,
-    };
-    let metrics = match &args.metrics_addr {
-        Some(addr) => Some(crate::telemetry::serve_metrics(addr).map_err(Error::Usage)?),
-        None => None,
-    };
+    let (forward, job) = load(jobs, store, &args.name, mode)?;
+    let metrics = serve_metrics(args)?;
     let popts = ProgressOptions {
         interval: args.progress_interval,
         json: log_json,
@@ -53,6 +46,70 @@ pub(super) async fn run(
     let p = progress.clone();
     let shutdown = Shutdown::install(move |line| p.log(line))
         .map_err(|e| Error::Runtime(format!("cannot install signal handlers: {e}")))?;
+    let result = run_on(
+        target,
+        store,
+        (&forward, &job),
+        args,
+        mode,
+        &shutdown,
+        &progress,
+    )
+    .await;
+    if metrics.is_some() && !args.metrics_linger.is_zero() {
+        progress.log(&format!(
+            "{}: keeping the metrics endpoint up for {}s",
+            job.name,
+            args.metrics_linger.as_secs()
+        ));
+        shutdown.sleep(args.metrics_linger).await;
+    }
+    let report = result?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("serializable")
+        );
+    }
+    conclude(&job, report, &progress)
+}
+
+/// The job a run walks: the job file's, and for a revert the revert job made from it.
+pub(super) fn load(
+    jobs: &Path,
+    store: &Store,
+    name: &str,
+    mode: Mode,
+) -> Result<(JobSpec, JobSpec)> {
+    let forward = crate::resolve::load(jobs, name)?;
+    let job = match mode {
+        Mode::Forward => forward.clone(),
+        Mode::Revert => crate::undo::revert_job(store, &forward)?,
+    };
+    Ok((forward, job))
+}
+
+/// The metrics endpoint `--metrics-addr` asks for, serving from now on.
+pub(super) fn serve_metrics(args: &RunArgs) -> Result<Option<std::net::SocketAddr>> {
+    match &args.metrics_addr {
+        Some(addr) => Ok(Some(
+            crate::telemetry::serve_metrics(addr).map_err(Error::Usage)?,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// One database's run, from its preconditions to its finishing steps: what `run` does once its
+/// reporter and signal handlers are up (a fleet runs this once per shard).
+pub(super) async fn run_on(
+    target: &Target,
+    store: &Store,
+    (forward, job): (&JobSpec, &JobSpec),
+    args: &RunArgs,
+    mode: Mode,
+    shutdown: &Shutdown,
+    progress: &Progress,
+) -> Result<executor::Report> {
     let opts = run_options(args);
     progress.log(&format!(
         "{}: running on {} ({})",
@@ -63,44 +120,22 @@ pub(super) async fn run(
     // A revert holds the job's lock for its whole run: a contract migration calling the SQL gate
     // waits for it (and then finds the job reverted), and it waits for one already past the gate.
     let _job_lock = match mode {
-        Mode::Revert => Some(hold_job_lock(target, store, &forward, &shutdown, &progress).await?),
+        Mode::Revert => Some(hold_job_lock(target, store, forward, shutdown, progress).await?),
         Mode::Forward => None,
     };
-    let result = match preconditions(target, store, &forward, mode, args, &shutdown, &progress)
-        .await
-    {
-        Ok(()) if !args.allow_shared_table => {
-            match refuse_shared_table(target, store, &forward, &job).await {
-                Ok(()) => executor::run(target, store, &job, &opts, &shutdown, &*progress).await,
-                Err(e) => Err(e),
-            }
-        }
-        Ok(()) => executor::run(target, store, &job, &opts, &shutdown, &*progress).await,
-        Err(e) => Err(e),
-    };
-    if metrics.is_some() && !args.metrics_linger.is_zero() {
-        progress.log(&format!(
-            "{}: keeping the metrics endpoint up for {}s",
-            job.name,
-            args.metrics_linger.as_secs()
-        ));
-        shutdown.sleep(args.metrics_linger).await;
+    preconditions(target, store, forward, mode, args, shutdown, progress).await?;
+    if !args.allow_shared_table {
+        refuse_shared_table(target, store, forward, job).await?;
     }
-    let report = result?;
+    let report = executor::run(target, store, job, &opts, shutdown, progress).await?;
     let complete = matches!(report.outcome, Outcome::Done { .. } | Outcome::AlreadyDone);
     if mode == Mode::Revert && complete {
-        record_revert(target, store, &forward, &job, &progress).await?;
+        record_revert(target, store, forward, job, progress).await?;
     }
     if mode == Mode::Forward && complete && !job.finish_sql.is_empty() {
-        finish(target, store, &job, &progress).await?;
+        finish(target, store, job, progress).await?;
     }
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("serializable")
-        );
-    }
-    conclude(&job, report, &progress)
+    Ok(report)
 }
 
 /// Refuses to start while another job's live run walks the same table: two jobs writing one
@@ -174,7 +209,7 @@ async fn record_revert(
 }
 
 /// The operator's summary of a finished run, and its exit code (or the error it ends with).
-fn conclude(job: &JobSpec, report: executor::Report, progress: &Progress) -> Result<u8> {
+pub(super) fn conclude(job: &JobSpec, report: executor::Report, progress: &Progress) -> Result<u8> {
     let rate = report.rows as f64 / report.elapsed_seconds.max(0.001);
     let resume = match (&report.cursor, report.ranges) {
         (Some(c), _) => format!("resumes after key {}", show_key(c)),
