@@ -55,15 +55,6 @@ fn timeout(s: &str) -> Result<Duration, String> {
     crate::job::parse_server_timeout(s)
 }
 
-/// A duration `backfill set` stores in milliseconds: at most the same limit.
-fn stored(s: &str) -> Result<Duration, String> {
-    crate::job::check_stored_duration(s, duration(s)?)
-}
-
-fn stored_or_zero(s: &str) -> Result<Duration, String> {
-    crate::job::check_stored_duration(s, duration_or_zero(s)?)
-}
-
 fn duration_or_zero(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim())
         .map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. \"0s\", \"15s\""))
@@ -275,16 +266,50 @@ pub struct RunArgs {
 #[derive(Debug, Args)]
 pub struct SetArgs {
     pub name: String,
-    /// Rate ceiling in keys per second.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
-    pub rows_per_second: Option<u32>,
-    /// Chunk time the chunk size adapts toward (e.g. 10ms).
-    #[arg(long, value_parser = stored)]
-    pub target_chunk_time: Option<Duration>,
-    /// Fixed pause between chunks (0s for none).
-    #[arg(long, value_parser = stored_or_zero)]
-    pub pause: Option<Duration>,
+    /// Rate ceiling in keys per second; `none` drops this override.
+    #[arg(long, value_name = "N|none", value_parser = rate_setting)]
+    pub rows_per_second: Option<Setting<u32>>,
+    /// Chunk time the chunk size adapts toward (e.g. 10ms); 0s keeps the chunk size fixed;
+    /// `none` drops this override.
+    #[arg(long, value_name = "D|none", value_parser = duration_setting)]
+    pub target_chunk_time: Option<Setting<Duration>>,
+    /// Fixed pause between chunks (0s for none); `none` drops this override.
+    #[arg(long, value_name = "D|none", value_parser = duration_setting)]
+    pub pause: Option<Setting<Duration>>,
     /// Drop every override: the job file and run flags apply again.
     #[arg(long, conflicts_with_all = ["rows_per_second", "target_chunk_time", "pause"])]
     pub clear: bool,
+}
+
+/// What `backfill set` does to one setting: override it with a value, or drop its override.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Setting<T> {
+    To(T),
+    /// `none`: the job file (or a run flag) applies again.
+    Clear,
+}
+
+const NONE: &str = "none";
+
+fn rate_setting(s: &str) -> Result<Setting<u32>, String> {
+    if s.trim() == NONE {
+        return Ok(Setting::Clear);
+    }
+    match s.trim().parse::<u32>() {
+        Ok(n) if n >= 1 => Ok(Setting::To(n)),
+        _ => Err(format!(
+            "`{s}` is not a rate: write keys per second (1 or more), or `none` to drop the override"
+        )),
+    }
+}
+
+/// A duration `backfill set` stores in milliseconds (at most PostgreSQL's limit), 0s included.
+fn duration_setting(s: &str) -> Result<Setting<Duration>, String> {
+    if s.trim() == NONE {
+        return Ok(Setting::Clear);
+    }
+    duration_or_zero(s)
+        .and_then(|d| crate::job::check_stored_duration(s, d))
+        .map(Setting::To)
+        .map_err(|e| format!("{e}; or `none` to drop the override"))
 }

@@ -88,6 +88,9 @@ pub(super) async fn run(
     }
     let report = result?;
     let complete = matches!(report.outcome, Outcome::Done { .. } | Outcome::AlreadyDone);
+    if matches!(report.outcome, Outcome::Done { .. }) {
+        super::control::end_overrides_at_completion(target, store, &job.name, &progress).await;
+    }
     if mode == Mode::Revert && complete {
         record_revert(target, store, &forward, &job, &progress).await?;
     }
