@@ -11,7 +11,8 @@ use crate::db::Target;
 use crate::error::{exit, Error, Result};
 use crate::job::{self, JobSpec};
 use crate::store::{
-    ControlAction, ControlChange, ControlEvent, Controls, RunRecord, Runner, Store,
+    ControlAction, ControlChange, ControlEvent, Controls, LiveRunFlags, RunRecord, Runner, Store,
+    ThrottleFlags,
 };
 use crate::telemetry::Progress;
 use std::path::Path;
@@ -126,7 +127,8 @@ pub(super) async fn control(
             let stem = name.strip_suffix(":revert").unwrap_or(name);
             let file = known_here.then(|| crate::resolve::load(jobs, stem));
             println!("job {name}: overrides saved; {applies}. In effect now:");
-            for line in in_effect(&controls, &change, file.as_ref(), jobs) {
+            let runs = store.live_run_flags(&client, name).await?;
+            for line in in_effect(&controls, &change, file.as_ref(), jobs, &runs) {
                 println!("  {line}");
             }
             Ok(exit::SUCCESS)
@@ -153,59 +155,117 @@ fn pause_text(p: Duration) -> String {
     humantime::format_duration(p).to_string()
 }
 
-/// One line per setting: the value in force for the job and where it comes from. A run flag is
-/// known only to the process that was given it, so it is named as a possibility, not a fact.
+/// What is known here of one setting: its live override, the job file's value (or why it is not
+/// known), and the live runners that were given it as a run flag (who, value).
+struct Known {
+    setting: &'static str,
+    live: Option<String>,
+    cleared: bool,
+    file: std::result::Result<String, String>,
+    flags: Vec<(String, String)>,
+    runners: usize,
+}
+
+impl Known {
+    /// The setting's line: the value in force and where it comes from. With no live runner, the
+    /// next run's flags are not known, and the line says so.
+    fn line(&self) -> String {
+        let Known { setting, .. } = self;
+        let cleared = if self.cleared {
+            "override cleared; "
+        } else {
+            ""
+        };
+        let flags = self
+            .flags
+            .iter()
+            .map(|(who, v)| format!("{v} of {who}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let file = match &self.file {
+            Ok(f) => format!("job file: {f}"),
+            Err(why) => why.clone(),
+        };
+        match (&self.live, self.flags.is_empty(), self.runners) {
+            (Some(v), _, 0) => format!(
+                "{setting} {v}: live override ({file}; a run flag, if any, is overridden)"
+            ),
+            (Some(v), true, _) => format!("{setting} {v}: live override ({file}; no run flag)"),
+            (Some(v), false, _) => format!(
+                "{setting} {v}: live override ({file}; overrides the run flag {flags})"
+            ),
+            (None, false, _) => format!("{setting} {flags}: run flag ({cleared}{file})"),
+            (None, true, runners) => match &self.file {
+                Ok(f) if runners == 0 => {
+                    format!("{setting} {f}: job file ({cleared}a run flag, if any, applies)")
+                }
+                Ok(f) => format!("{setting} {f}: job file ({cleared}no run flag)"),
+                Err(why) => format!(
+                    "{setting}: the runner's job file{} ({cleared}{why}, so its value is not known here)",
+                    if runners == 0 { " or run flag" } else { "" }
+                ),
+            },
+        }
+    }
+}
+
+/// One line per setting: the value in force for the job and where it comes from. The flags of
+/// live runs are read from their published `throttle_flags`.
 fn in_effect(
     c: &Controls,
     change: &ControlChange,
     file: Option<&Result<JobSpec>>,
     jobs: &Path,
+    runs: &[LiveRunFlags],
 ) -> Vec<String> {
     let spec = match file {
         Some(Ok(spec)) => Ok(&spec.throttle),
         Some(Err(e)) => Err(format!("the job file is invalid: {e}")),
         None => Err(format!("no job file under {}", jobs.display())),
     };
-    let settings = [
-        (
-            "rows_per_second",
-            c.rows_per_second.map(|r| rate_text(Some(r))),
-            change.rows_per_second == Some(None),
-            spec.as_ref().map(|t| rate_text(t.rows_per_second)),
-        ),
-        (
-            "target_chunk_time",
-            c.target_chunk_time.map(|t| target_text(Some(t))),
-            change.target_chunk_time == Some(None),
-            spec.as_ref().map(|t| target_text(t.target_chunk_time)),
-        ),
-        (
-            "pause",
-            c.pause.map(pause_text),
-            change.pause == Some(None),
-            spec.as_ref().map(|t| pause_text(t.pause)),
-        ),
+    let ms = |v: Option<u64>| v.map(Duration::from_millis);
+    let who = |r: &LiveRunFlags| format!("the runner on host {} (pid {})", r.host, r.pid);
+    let flags = |of: &dyn Fn(&ThrottleFlags) -> Option<String>| -> Vec<(String, String)> {
+        runs.iter()
+            .filter_map(|r| of(&r.flags).map(|v| (who(r), v)))
+            .collect()
+    };
+    let known = [
+        Known {
+            setting: "rows_per_second",
+            live: c.rows_per_second.map(|r| rate_text(Some(r))),
+            cleared: change.rows_per_second == Some(None),
+            file: spec
+                .as_ref()
+                .map(|t| rate_text(t.rows_per_second))
+                .map_err(Clone::clone),
+            flags: flags(&|f| f.rows_per_second.map(|r| rate_text(Some(r)))),
+            runners: runs.len(),
+        },
+        Known {
+            setting: "target_chunk_time",
+            live: c.target_chunk_time.map(|t| target_text(Some(t))),
+            cleared: change.target_chunk_time == Some(None),
+            file: spec
+                .as_ref()
+                .map(|t| target_text(t.target_chunk_time))
+                .map_err(Clone::clone),
+            flags: flags(&|f| ms(f.target_chunk_time_ms).map(|t| target_text(Some(t)))),
+            runners: runs.len(),
+        },
+        Known {
+            setting: "pause",
+            live: c.pause.map(pause_text),
+            cleared: change.pause == Some(None),
+            file: spec
+                .as_ref()
+                .map(|t| pause_text(t.pause))
+                .map_err(Clone::clone),
+            flags: flags(&|f| ms(f.pause_ms).map(pause_text)),
+            runners: runs.len(),
+        },
     ];
-    settings
-        .into_iter()
-        .map(|(setting, live, cleared, file)| {
-            let cleared = if cleared { "override cleared; " } else { "" };
-            match (live, file) {
-                (Some(v), Ok(f)) => format!(
-                    "{setting} {v}: live override (job file: {f}; a run flag, if any, is overridden)"
-                ),
-                (Some(v), Err(why)) => format!(
-                    "{setting} {v}: live override ({why}; a run flag, if any, is overridden)"
-                ),
-                (None, Ok(f)) => {
-                    format!("{setting} {f}: job file ({cleared}a run flag, if any, applies)")
-                }
-                (None, Err(why)) => format!(
-                    "{setting}: the runner's job file or run flag ({cleared}{why}, so its value is not known here)"
-                ),
-            }
-        })
-        .collect()
+    known.iter().map(Known::line).collect()
 }
 
 /// Ends the job's live overrides once it completed, so a later run of the job (after `reset`)

@@ -154,6 +154,39 @@ impl Store {
     }
 }
 
+/// The throttle flags a run was started with (`run --rows-per-second|--target-chunk-time|--pause`),
+/// published on its `runs` row, so `set` can say which value a live runner is using. None: not
+/// given (the job file applies).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ThrottleFlags {
+    pub rows_per_second: Option<u32>,
+    pub target_chunk_time_ms: Option<u64>,
+    pub pause_ms: Option<u64>,
+}
+
+impl ThrottleFlags {
+    pub fn given(
+        rows_per_second: Option<u32>,
+        target_chunk_time: Option<Duration>,
+        pause: Option<Duration>,
+    ) -> ThrottleFlags {
+        let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
+        ThrottleFlags {
+            rows_per_second,
+            target_chunk_time_ms: ms(target_chunk_time),
+            pause_ms: ms(pause),
+        }
+    }
+}
+
+/// A live run of a job and the throttle flags it was given.
+#[derive(Debug, Clone)]
+pub struct LiveRunFlags {
+    pub host: String,
+    pub pid: i32,
+    pub flags: ThrottleFlags,
+}
+
 /// What a recorded control event did; the `action` column of `control_events`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -356,5 +389,56 @@ impl Store {
                 })
             })
             .collect()
+    }
+}
+
+impl Store {
+    /// Publishes the throttle flags of run `run_id` on its row (see [`ThrottleFlags`]).
+    pub async fn publish_throttle_flags(
+        &self,
+        client: &impl GenericClient,
+        run_id: i64,
+        flags: &ThrottleFlags,
+    ) -> Result<()> {
+        let flags = serde_json::to_string(flags).expect("serializable");
+        client
+            .execute(
+                &format!(
+                    "UPDATE {s}.runs SET throttle_flags = $2::text::jsonb WHERE id = $1",
+                    s = self.q
+                ),
+                &[&run_id, &flags],
+            )
+            .await
+            .map_err(|e| db::error(e, format!("run {run_id}: publishing its throttle flags")))?;
+        Ok(())
+    }
+
+    /// The job's live runs with the throttle flags each was given, oldest first.
+    pub async fn live_run_flags(
+        &self,
+        client: &impl GenericClient,
+        job: &str,
+    ) -> Result<Vec<LiveRunFlags>> {
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT r.host, r.pid, coalesce(r.throttle_flags, '{{}}')::text FROM {s}.runs r
+                      WHERE r.job = $1 AND {alive} ORDER BY r.id",
+                    s = self.q,
+                    alive = Store::run_alive_sql("r")
+                ),
+                &[&job],
+            )
+            .await
+            .map_err(|e| db::error(e, format!("job {job}: reading its live runs' flags")))?;
+        Ok(rows
+            .iter()
+            .map(|r| LiveRunFlags {
+                host: r.get(0),
+                pid: r.get(1),
+                flags: serde_json::from_str(r.get(2)).unwrap_or_default(),
+            })
+            .collect())
     }
 }

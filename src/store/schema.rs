@@ -386,6 +386,7 @@ CREATE TABLE {s}.control_events (
     pid          integer NOT NULL
 );
 CREATE INDEX control_events_job ON {s}.control_events (job, id);
+ALTER TABLE {s}.runs ADD COLUMN throttle_flags jsonb;
 "#,
     ),
 ];

@@ -79,6 +79,45 @@ fn set_clears_one_override_and_says_what_is_in_effect_and_from_where() {
 }
 
 #[test]
+fn set_names_the_run_flag_a_live_runner_was_given() {
+    let db = TestDb::new();
+    counter_table(&db, 1000);
+    db.write_job("j", &counter_job(""));
+    let mut child = db.spawn(&["run", "j", "--rows-per-second", "20"]);
+    db.wait_for_child(
+        &mut child,
+        "SELECT coalesce((SELECT rows_done > 0 FROM backfill.progress WHERE job = 'j'), false)",
+        Duration::from_secs(30),
+    );
+    let pid = child.id();
+    let out = db.run(&["set", "j", "--pause", "1ms"]);
+    out.expect(0);
+    assert!(
+        out.stdout.contains(&format!(
+            "rows_per_second 20 of the runner on host {host} (pid {pid}): run flag (job file: none (no ceiling))",
+            host = runner_host(&db)
+        )) && out.stdout.contains("pause 1ms: live override (job file: 0s; no run flag)"),
+        "{out:?}"
+    );
+    let out = db.run(&["set", "j", "--rows-per-second", "500"]);
+    out.expect(0);
+    assert!(
+        out.stdout.contains(&format!(
+            "rows_per_second 500: live override (job file: none (no ceiling); overrides the run flag 20 of the runner on host {host} (pid {pid}))",
+            host = runner_host(&db)
+        )),
+        "{out:?}"
+    );
+    db.run(&["cancel", "j"]).expect(0);
+    assert_eq!(wait_out(child, Duration::from_secs(30)).code, 130);
+}
+
+fn runner_host(db: &TestDb) -> String {
+    db.text("SELECT host FROM backfill.runs ORDER BY id DESC LIMIT 1")
+        .unwrap()
+}
+
+#[test]
 fn overrides_end_with_the_jobs_completion() {
     let db = TestDb::new();
     counter_table(&db, 300);
