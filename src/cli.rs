@@ -113,9 +113,11 @@ pub enum Command {
     Resume { name: String },
     /// Stop a running job after its current chunk; state `cancelled`, progress kept.
     Cancel { name: String },
-    /// Change a job's throttle while it runs (kept for its later runs until --clear).
+    /// Change a job's throttle while it runs (kept for its later runs until dropped or until the
+    /// job completes); prints each setting's value in effect and where it comes from.
     Set(SetArgs),
-    /// List a job's runs: start and end, host, pid, rows, chunks, outcome, and the run's error.
+    /// List a job's runs (start and end, host, pid, rows, chunks, outcome, and the run's error),
+    /// then who paused, resumed, cancelled or set the job, from where, when, and what.
     History {
         name: String,
         /// Machine-readable output: JSON on stdout.
@@ -273,7 +275,7 @@ pub struct SetArgs {
     /// `none` drops this override.
     #[arg(long, value_name = "D|none", value_parser = duration_setting)]
     pub target_chunk_time: Option<Setting<Duration>>,
-    /// Fixed pause between chunks (0s for none); `none` drops this override.
+    /// Fixed pause between chunks (0s: no pause); `none` drops this override.
     #[arg(long, value_name = "D|none", value_parser = duration_setting)]
     pub pause: Option<Setting<Duration>>,
     /// Drop every override: the job file and run flags apply again.

@@ -238,5 +238,19 @@ fn a_runner_role_granted_by_init_can_use_and_see_the_controls() {
         2,
         "a set, and the end of its override at completion"
     );
+    // A role granted by an init older than the record: its change is refused whole.
+    db.exec(&format!(
+        "REVOKE INSERT ON backfill.control_events FROM {runner}"
+    ));
+    let out = as_runner(&["pause", "j"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("42501") && out.stderr.contains("control_events"),
+        "{out:?}"
+    );
+    assert_eq!(
+        db.i64("SELECT count(*) FROM backfill.controls WHERE paused"),
+        0
+    );
     db.exec(&format!("DROP OWNED BY {runner}; DROP ROLE {runner}"));
 }
