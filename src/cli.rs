@@ -315,3 +315,24 @@ fn duration_setting(s: &str) -> Result<Setting<Duration>, String> {
         .map(Setting::To)
         .map_err(|e| format!("{e}; or `none` to drop the override"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_takes_a_value_or_none_for_each_setting() {
+        assert_eq!(rate_setting("500"), Ok(Setting::To(500)));
+        assert_eq!(rate_setting("none"), Ok(Setting::Clear));
+        assert!(rate_setting("0").unwrap_err().contains("`none`"));
+        assert_eq!(duration_setting("0s"), Ok(Setting::To(Duration::ZERO)));
+        assert_eq!(
+            duration_setting("15ms"),
+            Ok(Setting::To(Duration::from_millis(15)))
+        );
+        assert_eq!(duration_setting("none"), Ok(Setting::Clear));
+        assert!(duration_setting("30days")
+            .unwrap_err()
+            .contains("2147483647ms"));
+    }
+}

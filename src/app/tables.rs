@@ -224,4 +224,17 @@ mod tests {
             ["   ID  NAME    NOTE", "    7  a       x", "12345  longer",]
         );
     }
+
+    #[test]
+    fn a_recorded_change_reads_as_settings_with_durations_and_none() {
+        let change = serde_json::json!({
+            "pause_ms": 1500, "rows_per_second": null, "target_chunk_time_ms": 0
+        });
+        assert_eq!(
+            changed(&change),
+            "pause=1s 500ms, rows_per_second=none, target_chunk_time=0s"
+        );
+        assert_eq!(changed(&serde_json::json!({"paused": true})), "paused=true");
+        assert_eq!(changed(&serde_json::json!({})), "-");
+    }
 }
