@@ -120,13 +120,13 @@ pub(super) async fn control(
         ))),
         ControlAction::Set => {
             let applies = match &runner {
-                Some(r) => format!("{r} applies them before its next chunk"),
-                None => "they apply when the job next runs".into(),
+                Some(r) => format!("{r} applies them before its next chunk. In effect now:"),
+                None => "they apply when the job next runs. For that run:".into(),
             };
             // A revert (`NAME:revert`) is paced by its job's file.
             let stem = name.strip_suffix(":revert").unwrap_or(name);
             let file = known_here.then(|| crate::resolve::load(jobs, stem));
-            println!("job {name}: overrides saved; {applies}. In effect now:");
+            println!("job {name}: overrides saved; {applies}");
             let runs = store.live_run_flags(&client, name).await?;
             for line in in_effect(&controls, &change, file.as_ref(), jobs, &runs) {
                 println!("  {line}");

@@ -1,11 +1,12 @@
 //! The commands: each turns parsed arguments into calls on the library and prints the result.
 //! Data goes to stdout (JSON with `--json`); progress and logs go to stderr. `run`/`revert` live
-//! in `run`, `status` in `status`; the smaller commands here. A command decides nothing about
-//! states, classes or what "done" means: it asks `state` (finished, a finished run's phase, the
-//! state a job shows), `migrator` (the gate, the contract applied) and the executor's outcome,
-//! then prints and returns an exit code or a typed error for `main` to map. What it does own is
-//! what follows a run's outcome (a complete revert is recorded, a complete run's finishing steps
-//! run) and the operator's text. Must not write SQL on the engine's schema itself (the store does).
+//! in `run`, `status` in `status`, the live controls and `history` in `control`; the smaller
+//! commands here. A command decides nothing about states, classes or what "done" means: it asks
+//! `state` (finished, a finished run's phase, the state a job shows), `migrator` (the gate, the
+//! contract applied) and the executor's outcome, then prints and returns an exit code or a typed
+//! error for `main` to map. What it does own is what follows a run's outcome (a complete revert
+//! is recorded, a complete run's finishing steps run) and the operator's text. Must not write
+//! SQL on the engine's schema itself (the store does).
 
 mod control;
 mod run;
