@@ -65,15 +65,6 @@ fn timeout(s: &str) -> Result<Duration, String> {
     crate::job::parse_server_timeout(s)
 }
 
-/// A duration `backfill set` stores in milliseconds: at most the same limit.
-fn stored(s: &str) -> Result<Duration, String> {
-    crate::job::check_stored_duration(s, duration(s)?)
-}
-
-fn stored_or_zero(s: &str) -> Result<Duration, String> {
-    crate::job::check_stored_duration(s, duration_or_zero(s)?)
-}
-
 fn duration_or_zero(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim())
         .map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. \"0s\", \"15s\""))
@@ -132,9 +123,11 @@ pub enum Command {
     Resume { name: String },
     /// Stop a running job after its current chunk; state `cancelled`, progress kept.
     Cancel { name: String },
-    /// Change a job's throttle while it runs (kept for its later runs until --clear).
+    /// Change a job's throttle while it runs (kept for its later runs until dropped or until the
+    /// job completes); prints each setting's value in effect and where it comes from.
     Set(SetArgs),
-    /// List a job's runs: start and end, host, pid, rows, chunks, outcome, and the run's error.
+    /// List a job's runs (start and end, host, pid, rows, chunks, outcome, and the run's error),
+    /// then who paused, resumed, cancelled or set the job, from where, when, and what.
     History {
         name: String,
         /// Machine-readable output: JSON on stdout.
@@ -311,16 +304,71 @@ pub struct RunArgs {
 #[derive(Debug, Args)]
 pub struct SetArgs {
     pub name: String,
-    /// Rate ceiling in keys per second.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
-    pub rows_per_second: Option<u32>,
-    /// Chunk time the chunk size adapts toward (e.g. 10ms).
-    #[arg(long, value_parser = stored)]
-    pub target_chunk_time: Option<Duration>,
-    /// Fixed pause between chunks (0s for none).
-    #[arg(long, value_parser = stored_or_zero)]
-    pub pause: Option<Duration>,
+    /// Rate ceiling in keys per second; `none` drops this override.
+    #[arg(long, value_name = "N|none", value_parser = rate_setting)]
+    pub rows_per_second: Option<Setting<u32>>,
+    /// Chunk time the chunk size adapts toward (e.g. 10ms); 0s keeps the chunk size fixed;
+    /// `none` drops this override.
+    #[arg(long, value_name = "D|none", value_parser = duration_setting)]
+    pub target_chunk_time: Option<Setting<Duration>>,
+    /// Fixed pause between chunks (0s: no pause); `none` drops this override.
+    #[arg(long, value_name = "D|none", value_parser = duration_setting)]
+    pub pause: Option<Setting<Duration>>,
     /// Drop every override: the job file and run flags apply again.
     #[arg(long, conflicts_with_all = ["rows_per_second", "target_chunk_time", "pause"])]
     pub clear: bool,
+}
+
+/// What `backfill set` does to one setting: override it with a value, or drop its override.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Setting<T> {
+    To(T),
+    /// `none`: the job file (or a run flag) applies again.
+    Clear,
+}
+
+const NONE: &str = "none";
+
+fn rate_setting(s: &str) -> Result<Setting<u32>, String> {
+    if s.trim() == NONE {
+        return Ok(Setting::Clear);
+    }
+    match s.trim().parse::<u32>() {
+        Ok(n) if n >= 1 => Ok(Setting::To(n)),
+        _ => Err(format!(
+            "`{s}` is not a rate: write keys per second (1 or more), or `none` to drop the override"
+        )),
+    }
+}
+
+/// A duration `backfill set` stores in milliseconds (at most PostgreSQL's limit), 0s included.
+fn duration_setting(s: &str) -> Result<Setting<Duration>, String> {
+    if s.trim() == NONE {
+        return Ok(Setting::Clear);
+    }
+    duration_or_zero(s)
+        .and_then(|d| crate::job::check_stored_duration(s, d))
+        .map(Setting::To)
+        .map_err(|e| format!("{e}; or `none` to drop the override"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_takes_a_value_or_none_for_each_setting() {
+        assert_eq!(rate_setting("500"), Ok(Setting::To(500)));
+        assert_eq!(rate_setting("none"), Ok(Setting::Clear));
+        assert!(rate_setting("0").unwrap_err().contains("`none`"));
+        assert_eq!(duration_setting("0s"), Ok(Setting::To(Duration::ZERO)));
+        assert_eq!(
+            duration_setting("15ms"),
+            Ok(Setting::To(Duration::from_millis(15)))
+        );
+        assert_eq!(duration_setting("none"), Ok(Setting::Clear));
+        assert!(duration_setting("30days")
+            .unwrap_err()
+            .contains("2147483647ms"));
+    }
 }

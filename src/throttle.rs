@@ -118,7 +118,8 @@ impl Throttle {
             spec.rows_per_second = Some(r);
         }
         if let Some(t) = c.target_chunk_time {
-            spec.target_chunk_time = Some(t);
+            // `backfill set --target-chunk-time 0s` fixes the size, as `0s` does in a job file.
+            spec.target_chunk_time = (!t.is_zero()).then_some(t);
         }
         if let Some(p) = c.pause {
             spec.pause = p;

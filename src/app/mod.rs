@@ -1,25 +1,27 @@
 //! The commands: each turns parsed arguments into calls on the library and prints the result.
 //! Data goes to stdout (JSON with `--json`); progress and logs go to stderr. `run`/`revert` live
-//! in `run`, `status` in `status`; the smaller commands here. A command decides nothing about
-//! states, classes or what "done" means: it asks `state` (finished, a finished run's phase, the
-//! state a job shows), `migrator` (the gate, the contract applied) and the executor's outcome,
-//! then prints and returns an exit code or a typed error for `main` to map. What it does own is
-//! what follows a run's outcome (a complete revert is recorded, a complete run's finishing steps
-//! run) and the operator's text. Must not write SQL on the engine's schema itself (the store does).
+//! in `run`, `status` in `status`, the live controls and `history` in `control`; the smaller
+//! commands here. A command decides nothing about states, classes or what "done" means: it asks
+//! `state` (finished, a finished run's phase, the state a job shows), `migrator` (the gate, the
+//! contract applied) and the executor's outcome, then prints and returns an exit code or a typed
+//! error for `main` to map. What it does own is what follows a run's outcome (a complete revert
+//! is recorded, a complete run's finishing steps run) and the operator's text. Must not write
+//! SQL on the engine's schema itself (the store does).
 
+mod control;
 mod fleet;
 mod run;
 mod status;
 mod tables;
 
-use crate::cli::{Cli, Command, LogFormat, SetArgs};
+use crate::cli::{Cli, Command, LogFormat};
 use crate::db::Target;
 use crate::error::{exit, Error, Result};
 use crate::executor::{self, RunOptions};
-use crate::job;
 use crate::keyset::show_key;
-use crate::store::{self, ControlChange, Store};
+use crate::store::{self, Store};
 use crate::telemetry::{Progress, ProgressOptions};
+use control::{control, control_change, history, Control};
 use run::Mode;
 use status::state_of;
 use std::path::Path;
@@ -201,30 +203,6 @@ async fn gate(
     })
 }
 
-/// The overrides `backfill set` asks for: each one given, or all cleared.
-fn control_change(args: &SetArgs) -> Result<ControlChange> {
-    if args.clear {
-        return Ok(ControlChange {
-            rows_per_second: Some(None),
-            target_chunk_time: Some(None),
-            pause: Some(None),
-            ..ControlChange::default()
-        });
-    }
-    if args.rows_per_second.is_none() && args.target_chunk_time.is_none() && args.pause.is_none() {
-        return Err(Error::Usage(
-            "nothing to set: give --rows-per-second, --target-chunk-time, --pause, or --clear"
-                .into(),
-        ));
-    }
-    Ok(ControlChange {
-        rows_per_second: args.rows_per_second.map(Some),
-        target_chunk_time: args.target_chunk_time.map(Some),
-        pause: args.pause.map(Some),
-        ..ControlChange::default()
-    })
-}
-
 async fn list(url: Option<&str>, store: &Store, jobs: &Path, json: bool) -> Result<u8> {
     let specs = crate::resolve::load_all(jobs)?;
     let checkpoints = match Target::resolve(url) {
@@ -304,107 +282,6 @@ fn check(jobs: &Path, name: Option<&str>) -> Result<u8> {
             "{bad} of {} job files are invalid",
             results.len()
         )));
-    }
-    Ok(exit::SUCCESS)
-}
-
-enum Control {
-    Pause,
-    Resume,
-    Cancel,
-    Set(ControlChange),
-}
-
-async fn control(
-    target: &Target,
-    store: &Store,
-    jobs: &Path,
-    name: &str,
-    what: Control,
-) -> Result<u8> {
-    let known_here = job::file_exists(jobs, name)?;
-    let mut client = target.connect().await?;
-    // A mistyped name must not "pause" a job that does not exist while the real one runs on:
-    // the job needs a file here or progress in the engine's schema (a job run from another
-    // host's jobs directory). Checked before anything is written, the schema included.
-    if !known_here && store.load(&client, name).await?.is_none() {
-        return Err(Error::Usage(format!(
-            "job `{name}` not found: no file {} and no progress in schema {} ({}); nothing was changed. Check the name, or pass --jobs DIR if the jobs live elsewhere",
-            job::path_for(jobs, name).display(),
-            store.schema(),
-            job::known_jobs(jobs)
-        )));
-    }
-    store.ensure(&mut client).await?;
-    let running = store
-        .load(&client, name)
-        .await?
-        .and_then(|c| c.owner)
-        .filter(|o| o.alive);
-    let runner = running
-        .as_ref()
-        .map(|o| format!("the runner on host {} (pid {})", o.host, o.pid));
-    let (change, done) = match what {
-        Control::Pause => (
-            ControlChange { paused: Some(true), ..ControlChange::default() },
-            match &runner {
-                Some(r) => format!("job {name}: paused; {r} holds before its next chunk. `backfill resume {name}` lets it go on"),
-                None => format!("job {name}: paused; no runner is active, so the next `backfill run {name}` will start held until `backfill resume {name}`"),
-            },
-        ),
-        Control::Resume => (ControlChange { paused: Some(false), ..ControlChange::default() }, match &runner {
-            Some(r) => format!("job {name}: resumed; {r} goes on"),
-            None => String::new(),
-        }),
-        Control::Cancel => {
-            let Some(r) = &runner else {
-                return Err(Error::NotSatisfied(format!("job {name} is not running; nothing to cancel")));
-            };
-            (
-                ControlChange { cancel: Some(true), ..ControlChange::default() },
-                format!("job {name}: cancel requested; {r} stops after its current chunk (progress kept; `backfill run {name}` resumes)"),
-            )
-        }
-        Control::Set(change) => (change, String::new()),
-    };
-    let controls = store.change_controls(&client, name, &change).await?;
-    if done.is_empty() {
-        // resume without a runner, or set
-        if change.paused == Some(false) {
-            return Err(Error::NotSatisfied(format!(
-                "job {name}: no runner is active (the pause flag is cleared); start it with `backfill run {name}`"
-            )));
-        }
-        let applies = match &runner {
-            Some(r) => format!("{r} applies them before its next chunk"),
-            None => "they apply when the job next runs".into(),
-        };
-        println!(
-            "job {name}: overrides now {}; {applies}",
-            crate::telemetry::describe_controls(&controls)
-        );
-    } else {
-        println!("{done}");
-    }
-    Ok(exit::SUCCESS)
-}
-
-async fn history(target: &Target, store: &Store, name: &str, json: bool) -> Result<u8> {
-    let client = target.connect().await?;
-    let runs = store.history(&client, name).await?;
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&runs).expect("serializable")
-        );
-        return Ok(exit::SUCCESS);
-    }
-    if runs.is_empty() {
-        println!("job {name}: no runs");
-        return Ok(exit::SUCCESS);
-    }
-    for line in tables::runs(&runs) {
-        println!("{line}");
     }
     Ok(exit::SUCCESS)
 }

@@ -129,6 +129,9 @@ pub(super) async fn run_on(
     }
     let report = executor::run(target, store, job, &opts, shutdown, progress).await?;
     let complete = matches!(report.outcome, Outcome::Done { .. } | Outcome::AlreadyDone);
+    if matches!(report.outcome, Outcome::Done { .. }) {
+        super::control::end_overrides_at_completion(target, store, &job.name, progress).await;
+    }
     if mode == Mode::Revert && complete {
         record_revert(target, store, forward, job, progress).await?;
     }

@@ -5,7 +5,7 @@
 use crate::job::JobSpec;
 use crate::keyset::show_key;
 use crate::state::{JobState, RunOutcome};
-use crate::store::{FailedKey, RunRecord};
+use crate::store::{ControlEvent, FailedKey, RunRecord};
 
 /// How a column's cells line up: numbers to the right, text to the left.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -114,6 +114,68 @@ pub(super) fn runs(runs: &[RunRecord]) -> Vec<String> {
     )
 }
 
+/// `history`, below the runs: one recorded control a line — when, what, who (the database role,
+/// with the login role when they differ), from which host and process, and what it changed.
+pub(super) fn control_events(events: &[ControlEvent]) -> Vec<String> {
+    let rows: Vec<Vec<String>> = events
+        .iter()
+        .map(|e| {
+            let role = if e.role == e.session_role {
+                e.role.clone()
+            } else {
+                format!("{} (login {})", e.role, e.session_role)
+            };
+            let host = match &e.client_addr {
+                Some(addr) => format!("{} ({addr})", e.host),
+                None => e.host.clone(),
+            };
+            vec![
+                e.at.clone(),
+                e.action.literal().to_string(),
+                role,
+                host,
+                e.pid.to_string(),
+                changed(&e.change),
+            ]
+        })
+        .collect();
+    use Align::{Left, Right};
+    layout(
+        &[
+            ("AT", Left),
+            ("ACTION", Left),
+            ("ROLE", Left),
+            ("HOST", Left),
+            ("PID", Right),
+            ("CHANGE", Left),
+        ],
+        &rows,
+    )
+}
+
+/// A recorded change as `name=value` pairs: stored milliseconds as durations, a dropped
+/// override as `none`.
+fn changed(change: &serde_json::Value) -> String {
+    let Some(fields) = change.as_object().filter(|m| !m.is_empty()) else {
+        return "-".into();
+    };
+    fields
+        .iter()
+        .map(|(k, v)| match (k.strip_suffix("_ms"), v) {
+            (_, serde_json::Value::Null) => format!("{}=none", k.trim_end_matches("_ms")),
+            (Some(name), v) => match v.as_u64() {
+                Some(ms) => format!(
+                    "{name}={}",
+                    humantime::format_duration(std::time::Duration::from_millis(ms))
+                ),
+                None => format!("{name}={v}"),
+            },
+            (None, v) => format!("{k}={v}"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// `failures`: one failing key a line, its error message last.
 pub(super) fn failed_keys(keys: &[FailedKey]) -> Vec<String> {
     let rows: Vec<Vec<String>> = keys
@@ -161,5 +223,18 @@ mod tests {
             lines,
             ["   ID  NAME    NOTE", "    7  a       x", "12345  longer",]
         );
+    }
+
+    #[test]
+    fn a_recorded_change_reads_as_settings_with_durations_and_none() {
+        let change = serde_json::json!({
+            "pause_ms": 1500, "rows_per_second": null, "target_chunk_time_ms": 0
+        });
+        assert_eq!(
+            changed(&change),
+            "pause=1s 500ms, rows_per_second=none, target_chunk_time=0s"
+        );
+        assert_eq!(changed(&serde_json::json!({"paused": true})), "paused=true");
+        assert_eq!(changed(&serde_json::json!({})), "-");
     }
 }

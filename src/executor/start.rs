@@ -140,6 +140,13 @@ pub(super) async fn start_once(
         }
     };
     *joined = Some((run_id, checkpoint.clone()));
+    store
+        .publish_throttle_flags(
+            &lease,
+            run_id,
+            &store::ThrottleFlags::given(opts.rows_per_second, opts.target_chunk_time, opts.pause),
+        )
+        .await?;
     let failing_keys = store.failing_keys(&lease, name).await?;
     match key_range(&mut lease, store, job, &keyset, events).await {
         Ok(total) => Ok(Start::Owned(Box::new(Started {

@@ -33,7 +33,9 @@ mod schema;
 
 pub use checkpoint::{Checkpoint, Incomplete, Owner};
 
-pub use control::{ControlChange, Controls};
+pub use control::{
+    ControlAction, ControlChange, ControlEvent, Controls, LiveRunFlags, ThrottleFlags,
+};
 pub use failures::{FailedKey, Poison};
 pub use join::{Claim, Runner};
 pub use lease::LeaseState;

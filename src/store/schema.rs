@@ -369,6 +369,26 @@ END
 $fn$;
 "#,
     ),
+    (
+        10,
+        r#"
+CREATE TABLE {s}.control_events (
+    id           bigserial PRIMARY KEY,
+    job          text NOT NULL,
+    at           timestamptz NOT NULL DEFAULT now(),
+    action       text NOT NULL
+                 CHECK (action IN ('pause', 'resume', 'cancel', 'set', 'overrides_ended')),
+    change       jsonb NOT NULL,
+    role         text NOT NULL DEFAULT current_user,
+    session_role text NOT NULL DEFAULT session_user,
+    client_addr  inet DEFAULT inet_client_addr(),
+    host         text NOT NULL,
+    pid          integer NOT NULL
+);
+CREATE INDEX control_events_job ON {s}.control_events (job, id);
+ALTER TABLE {s}.runs ADD COLUMN throttle_flags jsonb;
+"#,
+    ),
 ];
 
 pub const LATEST: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -541,7 +561,8 @@ pub fn grants(schema: &str, role: &str) -> String {
          GRANT SELECT ON {s}.schema_version TO {r};
          GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.checkpoints, {s}.runs, {s}.failures, {s}.controls, {s}.ranges, {s}.finish_steps, {s}.run_workers TO {r};
          GRANT SELECT ON {s}.progress TO {r};
-         GRANT USAGE ON SEQUENCE {s}.runs_id_seq, {s}.failures_id_seq TO {r};"
+         GRANT SELECT, INSERT ON {s}.control_events TO {r};
+         GRANT USAGE ON SEQUENCE {s}.runs_id_seq, {s}.failures_id_seq, {s}.control_events_id_seq TO {r};"
     )
 }
 
@@ -608,5 +629,24 @@ mod tests {
                 "assert_done names {gap}"
             );
         }
+    }
+
+    #[test]
+    fn the_schema_allows_exactly_the_control_actions_the_engine_records() {
+        let sql = MIGRATIONS
+            .iter()
+            .map(|(_, sql)| *sql)
+            .rfind(|sql| sql.contains("CHECK (action IN ("))
+            .expect("control_events.action is checked");
+        let list = &sql[sql.find("CHECK (action IN (").unwrap() + "CHECK (action IN (".len()..];
+        let allowed: Vec<&str> = list[..list.find("))").unwrap()]
+            .split(',')
+            .map(|t| t.trim().trim_matches('\''))
+            .collect();
+        let known: Vec<&str> = crate::store::ControlAction::ALL
+            .iter()
+            .map(|a| a.literal())
+            .collect();
+        assert_eq!(allowed, known);
     }
 }

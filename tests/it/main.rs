@@ -6,6 +6,7 @@ mod tools;
 
 mod alembic_graph;
 mod canary;
+mod controls;
 mod definitions;
 mod errors;
 mod faults;
