@@ -7,6 +7,7 @@
 //! what follows a run's outcome (a complete revert is recorded, a complete run's finishing steps
 //! run) and the operator's text. Must not write SQL on the engine's schema itself (the store does).
 
+mod outlook;
 mod run;
 mod status;
 mod tables;

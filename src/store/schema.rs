@@ -369,6 +369,15 @@ END
 $fn$;
 "#,
     ),
+    (
+        11,
+        // The rows per second each live run committed recently, measured by its lease task
+        // over its last 30 s and written with its heartbeat (never by a chunk): `status` sums it
+        // over the live runs for the job's rate and ETA.
+        r#"
+ALTER TABLE {s}.runs ADD COLUMN recent_rows_per_second float8;
+"#,
+    ),
 ];
 
 pub const LATEST: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;

@@ -1,0 +1,154 @@
+//! `status` while a run is going: the ETA from the recent rate, the time of the last committed
+//! chunk, whether the job is paused or held and since when (in the detail and in the overview),
+//! and a cancel that no longer shows once it has taken effect.
+
+use crate::support::*;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+/// A slow job over `t`: 10 keys a chunk, each chunk sleeping 20 ms, so a run of a few thousand
+/// keys lasts long enough to be looked at.
+fn slow_job() -> String {
+    "table = \"t\"\nkey = [\"id\"]\nchunk_rows = 10\n\
+     sql = \"UPDATE t SET n = n + 1 FROM (SELECT pg_sleep(0.02)) s WHERE id BETWEEN :start AND :end\"\n\
+     verify = \"SELECT count(*) FROM t WHERE n = 0\"\n\
+     [throttle]\ntarget_chunk_time = \"0s\"\n"
+        .to_string()
+}
+
+fn status_json(db: &TestDb, name: &str) -> Value {
+    let out = db.run(&["status", name, "--json"]);
+    out.expect(0);
+    serde_json::from_str(&out.stdout).unwrap()
+}
+
+/// Polls `status NAME --json` until `ok` holds, or panics with the last answer after `limit`.
+fn status_until(db: &TestDb, name: &str, limit: Duration, ok: impl Fn(&Value) -> bool) -> Value {
+    let t = Instant::now();
+    loop {
+        let v = status_json(db, name);
+        if ok(&v) {
+            return v;
+        }
+        assert!(
+            t.elapsed() < limit,
+            "never satisfied within {limit:?}: {v:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The overview's line for job `name`.
+fn overview_line(db: &TestDb, name: &str) -> String {
+    let out = db.run(&["status"]);
+    out.expect(0);
+    out.stdout
+        .lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no line for {name}: {out:?}"))
+        .to_string()
+}
+
+#[test]
+fn a_running_job_shows_its_eta_and_when_it_last_committed_then_paused_and_held_since() {
+    let db = TestDb::new();
+    db.run(&["init"]).expect(0);
+    counter_table(&db, 20_000);
+    db.write_job("s", &slow_job());
+    let mut child = db.spawn(&["run", "s"]);
+    db.wait_for_child(
+        &mut child,
+        "SELECT coalesce((SELECT rows_done > 0 FROM backfill.progress WHERE job = 's'), false)",
+        Duration::from_secs(30),
+    );
+
+    // The recent rate is measured over a few seconds first; then the ETA is a number.
+    let v = status_until(&db, "s", Duration::from_secs(30), |v| {
+        v["eta_seconds"].is_u64()
+    });
+    assert!(v["recent_rows_per_second"].as_f64().unwrap() > 0.0, "{v:#}");
+    assert_eq!(v["eta_unknown"], Value::Null, "{v:#}");
+    assert_eq!(v["paused"], false, "{v:#}");
+    assert_eq!(v["hold_reason"], Value::Null, "{v:#}");
+    let started = v["checkpoint"]["started_at"].as_str().unwrap().to_string();
+    let updated = v["checkpoint"]["updated_at"].as_str().unwrap().to_string();
+    assert!(
+        updated > started,
+        "updated {updated} never past the start {started}"
+    );
+    // And it keeps advancing while chunks commit (times are shown to the second).
+    status_until(&db, "s", Duration::from_secs(10), |v| {
+        v["checkpoint"]["updated_at"].as_str().unwrap() > updated.as_str()
+    });
+    let detail = db.run(&["status", "s"]);
+    assert!(
+        detail
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("eta ") && l.contains("rows/s over the last")),
+        "{detail:?}"
+    );
+    let line = overview_line(&db, "s");
+    assert!(
+        line.contains("running") && !line.contains("unknown"),
+        "{line}"
+    );
+
+    db.run(&["pause", "s"]).expect(0);
+    let v = status_until(&db, "s", Duration::from_secs(30), |v| {
+        v["hold_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("paused"))
+    });
+    assert_eq!(v["paused"], true, "{v:#}");
+    assert_eq!(v["eta_seconds"], Value::Null, "{v:#}");
+    assert_eq!(v["eta_unknown"], "paused", "{v:#}");
+    assert!(v["held_since"].is_string(), "{v:#}");
+    let detail = db.run(&["status", "s"]);
+    assert!(
+        detail
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("eta ") && l.contains("unknown")),
+        "{detail:?}"
+    );
+    // The overview says so too, and shows no rate for a job that does nothing on purpose.
+    let line = overview_line(&db, "s");
+    assert!(
+        line.contains("paused") && line.contains("unknown") && line.contains("since"),
+        "{line}"
+    );
+    assert!(!line.contains("rows/s"), "{line}");
+
+    db.run(&["cancel", "s"]).expect(0);
+    let out = wait_out(child, Duration::from_secs(30));
+    assert_eq!(out.code, 130, "{out:?}");
+}
+
+#[test]
+fn a_cancel_that_took_effect_is_no_longer_shown_as_requested() {
+    let db = TestDb::new();
+    db.run(&["init"]).expect(0);
+    counter_table(&db, 20_000);
+    db.write_job("c", &slow_job());
+    let mut child = db.spawn(&["run", "c"]);
+    db.wait_for_child(
+        &mut child,
+        "SELECT coalesce((SELECT rows_done > 0 FROM backfill.progress WHERE job = 'c'), false)",
+        Duration::from_secs(30),
+    );
+    db.run(&["cancel", "c"]).expect(0);
+    let out = wait_out(child, Duration::from_secs(30));
+    assert_eq!(out.code, 130, "{out:?}");
+
+    let detail = db.run(&["status", "c"]);
+    detail.expect(0);
+    assert!(
+        detail.stdout.contains("cancelled") && !detail.stdout.contains("requested"),
+        "{detail:?}"
+    );
+    let v = status_json(&db, "c");
+    assert_eq!(v["controls"]["cancel"], false, "{v:#}");
+    assert_eq!(v["state"], "cancelled", "{v:#}");
+    assert_eq!(v["eta_unknown"], "not_running", "{v:#}");
+}
