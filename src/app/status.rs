@@ -221,7 +221,7 @@ fn print_status(
     };
     print_progress(c, &line);
     line("eta", &outlook.eta_text(name));
-    print_activity(c, &line);
+    print_activity(c, outlook, &line);
     print_problems(name, spec, c, &line);
 }
 
@@ -292,19 +292,21 @@ fn print_progress(c: &Checkpoint, line: &impl Fn(&str, &str)) {
 
 /// What the job is doing and did: rate, chunk size, hold, sweeps, finishing steps, verify, times
 /// and runners.
-fn print_activity(c: &Checkpoint, line: &impl Fn(&str, &str)) {
+fn print_activity(c: &Checkpoint, outlook: &Outlook, line: &impl Fn(&str, &str)) {
     let live = c.runners.iter().filter(|o| o.alive).count();
+    // The window still holds what committed before a pause or hold began: say that it ended.
+    let now = match (live, outlook.paused, outlook.flowing()) {
+        (_, true, _) => "paused now".to_string(),
+        (_, false, false) => "held now".to_string(),
+        (1, _, _) => "now".to_string(),
+        (n, _, _) => format!("now, {n} runs together"),
+    };
     match (c.recent_rows_per_second, c.rate_rows_per_second) {
         (Some(recent), average) if live > 0 => line(
             "rate",
             &format!(
-                "{recent:.0} rows/s over the last {}s ({}){}",
+                "{recent:.0} rows/s over the last {}s ({now}){}",
                 crate::store::RECENT_RATE_WINDOW.as_secs(),
-                if live == 1 {
-                    "now".to_string()
-                } else {
-                    format!("now, {live} runs together")
-                },
                 average
                     .map(|a| format!("; {a:.0} rows/s on average since the run started"))
                     .unwrap_or_default()

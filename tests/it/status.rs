@@ -115,10 +115,12 @@ fn a_running_job_shows_its_eta_and_when_it_last_committed_then_paused_and_held_s
     // The overview says so too, and shows no rate for a job that does nothing on purpose.
     let line = overview_line(&db, "s");
     assert!(
-        line.contains("paused") && line.contains("unknown") && line.contains("since"),
+        line.contains("paused since") && line.contains("unknown"),
         "{line}"
     );
-    assert!(!line.contains("rows/s"), "{line}");
+    let all: Value = serde_json::from_str(&db.run(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(all[0]["paused"], true, "{all:#}");
+    assert_eq!(all[0]["eta_unknown"], "paused", "{all:#}");
 
     db.run(&["cancel", "s"]).expect(0);
     let out = wait_out(child, Duration::from_secs(30));
@@ -151,4 +153,56 @@ fn a_cancel_that_took_effect_is_no_longer_shown_as_requested() {
     assert_eq!(v["controls"]["cancel"], false, "{v:#}");
     assert_eq!(v["state"], "cancelled", "{v:#}");
     assert_eq!(v["eta_unknown"], "not_running", "{v:#}");
+}
+
+#[test]
+fn a_run_held_by_a_health_signal_shows_the_reason_and_since_when_instead_of_an_eta() {
+    let db = TestDb::new();
+    db.run(&["init"]).expect(0);
+    counter_table(&db, 20_000);
+    db.exec("CREATE TABLE flag (hold boolean NOT NULL); INSERT INTO flag VALUES (false)");
+    db.write_job(
+        "h",
+        &format!(
+            "{}throttle_sql = \"SELECT hold FROM flag\"\ncheck_interval = \"100ms\"\n",
+            slow_job()
+        ),
+    );
+    let mut child = db.spawn(&["run", "h"]);
+    db.wait_for_child(
+        &mut child,
+        "SELECT coalesce((SELECT rows_done > 0 FROM backfill.progress WHERE job = 'h'), false)",
+        Duration::from_secs(30),
+    );
+    db.exec("UPDATE flag SET hold = true");
+    let v = status_until(&db, "h", Duration::from_secs(30), |v| {
+        v["hold_reason"] == "throttle_sql returned true"
+    });
+    assert_eq!(v["paused"], false, "{v:#}");
+    assert_eq!(v["eta_seconds"], Value::Null, "{v:#}");
+    assert_eq!(v["eta_unknown"], "held", "{v:#}");
+    let since = v["held_since"].as_str().unwrap().to_string();
+    let detail = db.run(&["status", "h"]);
+    assert!(
+        detail
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("eta ")
+                && l.ends_with("unknown (held: throttle_sql returned true)")),
+        "{detail:?}"
+    );
+    let line = overview_line(&db, "h");
+    assert!(
+        line.contains(&format!("held since {since}: throttle_sql returned true"))
+            && line.contains("unknown"),
+        "{line}"
+    );
+    let all: Value = serde_json::from_str(&db.run(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(all[0]["job"], "h", "{all:#}");
+    assert_eq!(all[0]["eta_unknown"], "held", "{all:#}");
+    assert_eq!(all[0]["held_since"], since.as_str(), "{all:#}");
+
+    db.run(&["cancel", "h"]).expect(0);
+    let out = wait_out(child, Duration::from_secs(30));
+    assert_eq!(out.code, 130, "{out:?}");
 }
