@@ -80,6 +80,16 @@ fn a_running_job_shows_its_eta_and_when_it_last_committed_then_paused_and_held_s
     status_until(&db, "s", Duration::from_secs(10), |v| {
         v["checkpoint"]["updated_at"].as_str().unwrap() > updated.as_str()
     });
+    // The engine's view `progress` says the same.
+    let seen = db
+        .text("SELECT updated_at::text FROM backfill.progress WHERE job = 's'")
+        .unwrap();
+    db.wait_for(
+        &format!(
+            "SELECT (SELECT updated_at > '{seen}'::timestamptz FROM backfill.progress WHERE job = 's')"
+        ),
+        Duration::from_secs(10),
+    );
     let detail = db.run(&["status", "s"]);
     assert!(
         detail
