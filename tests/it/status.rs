@@ -216,3 +216,52 @@ fn a_run_held_by_a_health_signal_shows_the_reason_and_since_when_instead_of_an_e
     let out = wait_out(child, Duration::from_secs(30));
     assert_eq!(out.code, 130, "{out:?}");
 }
+
+#[test]
+fn the_recent_rate_and_eta_are_summed_over_every_live_run_of_the_job() {
+    let db = TestDb::new();
+    db.run(&["init"]).expect(0);
+    counter_table(&db, 20_000);
+    db.write_job("p", &slow_job());
+    let mut first = db.spawn(&["run", "p"]);
+    db.wait_for_child(
+        &mut first,
+        "SELECT coalesce((SELECT rows_done > 0 FROM backfill.progress WHERE job = 'p'), false)",
+        Duration::from_secs(30),
+    );
+    let mut second = db.spawn(&["run", "p"]);
+    db.wait_for_child(
+        &mut second,
+        "SELECT count(*) = 2 FROM backfill.runs
+          WHERE job = 'p' AND outcome IS NULL AND recent_rows_per_second > 0",
+        Duration::from_secs(30),
+    );
+    // Frozen, both stay alive (their sessions open, their heartbeats young) and their rates
+    // stay put, so what status sums can be compared with what each run wrote.
+    signal(&first, libc::SIGSTOP);
+    signal(&second, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(300));
+    let each = db
+        .text("SELECT string_agg(recent_rows_per_second::text, ' ') FROM backfill.runs WHERE job = 'p' AND outcome IS NULL")
+        .unwrap();
+    let sum: f64 = each.split(' ').map(|r| r.parse::<f64>().unwrap()).sum();
+    let v = status_json(&db, "p");
+    let recent = v["recent_rows_per_second"].as_f64().unwrap();
+    assert!((recent - sum).abs() < 1e-6, "{recent} vs {each}: {v:#}");
+    let to_go = v["rows_to_go"].as_f64().unwrap();
+    assert_eq!(v["eta_seconds"], (to_go / sum).ceil() as u64, "{v:#}");
+    let detail = db.run(&["status", "p"]);
+    assert!(
+        detail
+            .stdout
+            .contains("over the last 30s (now, 2 runs together)"),
+        "{detail:?}"
+    );
+    signal(&first, libc::SIGCONT);
+    signal(&second, libc::SIGCONT);
+    db.run(&["cancel", "p"]).expect(0);
+    for child in [first, second] {
+        let out = wait_out(child, Duration::from_secs(30));
+        assert_eq!(out.code, 130, "{out:?}");
+    }
+}
