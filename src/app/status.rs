@@ -290,9 +290,8 @@ fn print_progress(c: &Checkpoint, line: &impl Fn(&str, &str)) {
     );
 }
 
-/// What the job is doing and did: rate, chunk size, hold, sweeps, finishing steps, verify, times
-/// and runners.
-fn print_activity(c: &Checkpoint, outlook: &Outlook, line: &impl Fn(&str, &str)) {
+/// The rate line: the live runs' recent rate (and their average), or the last run's average.
+fn rate_text(c: &Checkpoint, outlook: &Outlook) -> Option<String> {
     let live = c.runners.iter().filter(|o| o.alive).count();
     // The window still holds what committed before a pause or hold began: say that it ended.
     let now = match (live, outlook.paused, outlook.flowing()) {
@@ -301,26 +300,25 @@ fn print_activity(c: &Checkpoint, outlook: &Outlook, line: &impl Fn(&str, &str))
         (1, _, _) => "now".to_string(),
         (n, _, _) => format!("now, {n} runs together"),
     };
+    let average = "on average since the run started";
     match (c.recent_rows_per_second, c.rate_rows_per_second) {
-        (Some(recent), average) if live > 0 => line(
-            "rate",
-            &format!(
-                "{recent:.0} rows/s over the last {}s ({now}){}",
-                crate::store::RECENT_RATE_WINDOW.as_secs(),
-                average
-                    .map(|a| format!("; {a:.0} rows/s on average since the run started"))
-                    .unwrap_or_default()
-            ),
-        ),
-        (_, Some(r)) => {
-            let of = if live > 0 {
-                "on average since the run started"
-            } else {
-                "last run"
-            };
-            line("rate", &format!("{r:.0} rows/s ({of})"));
-        }
-        (_, None) => {}
+        (Some(recent), a) if live > 0 => Some(format!(
+            "{recent:.0} rows/s over the last {}s ({now}){}",
+            crate::store::RECENT_RATE_WINDOW.as_secs(),
+            a.map(|a| format!("; {a:.0} rows/s {average}"))
+                .unwrap_or_default()
+        )),
+        (_, Some(r)) if live > 0 => Some(format!("{r:.0} rows/s ({average})")),
+        (_, Some(r)) => Some(format!("{r:.0} rows/s (last run)")),
+        (_, None) => None,
+    }
+}
+
+/// What the job is doing and did: rate, chunk size, hold, sweeps, finishing steps, verify, times
+/// and runners.
+fn print_activity(c: &Checkpoint, outlook: &Outlook, line: &impl Fn(&str, &str)) {
+    if let Some(rate) = rate_text(c, outlook) {
+        line("rate", &rate);
     }
     if let Some(n) = c.chunk_rows_now {
         line("chunk size", &format!("{n} keys (last chunk)"));
