@@ -10,6 +10,7 @@
 
 mod control;
 mod fleet;
+mod outlook;
 mod run;
 mod status;
 mod tables;

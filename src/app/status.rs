@@ -1,6 +1,8 @@
-//! `status`: one job in detail (state, phase, progress, ranges, runners, controls) or every job
-//! in a table; text or JSON.
+//! `status`: one job in detail (state, phase, progress, ETA, ranges, runners, controls) or every
+//! job in a table; text or JSON. What the job's near future is (paused, held, ETA) is `outlook`'s
+//! to decide; this module reads and prints.
 
+use super::outlook::Outlook;
 use crate::db::Target;
 use crate::error::{exit, Error, Result};
 use crate::job::{self, JobSpec};
@@ -20,6 +22,25 @@ fn job_names(jobs: &Path, checkpoints: &[Checkpoint]) -> Vec<String> {
     names
 }
 
+/// One job as `status --json` shows it: the checkpoint and controls as read, and the outlook
+/// (paused, held since, recent rate, ETA) as top-level fields.
+#[derive(serde::Serialize)]
+struct Shown<'a> {
+    job: &'a str,
+    state: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    phase: Option<&'a str>,
+    #[serde(flatten)]
+    outlook: &'a Outlook,
+    checkpoint: Option<&'a Checkpoint>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    controls: Option<&'a Controls>,
+}
+
+fn print_json(v: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
+}
+
 pub(super) async fn status(
     target: &Target,
     store: &Store,
@@ -29,68 +50,108 @@ pub(super) async fn status(
 ) -> Result<u8> {
     let client = target.connect().await?;
     match name {
-        Some(name) => {
-            let c = store.load(&client, name).await?;
-            let controls = store.controls_for_status(&client, name).await?;
-            let spec = crate::resolve::load(jobs, name).ok();
-            if c.is_none() && spec.is_none() {
-                return Err(Error::Usage(format!(
-                    "job `{name}`: no checkpoint in schema {} and no file {}",
-                    store.schema(),
-                    job::path_for(jobs, name).display()
-                )));
-            }
-            let phase = phase_of(&client, spec.as_ref(), c.as_ref()).await;
-            if json {
-                let v = serde_json::json!({ "job": name, "state": state_of(c.as_ref()), "phase": phase, "checkpoint": c, "controls": controls });
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&v).expect("serializable")
-                );
-            } else {
-                print_status(name, spec.as_ref(), c.as_ref(), &controls, &phase);
-            }
-        }
-        None => {
-            let all = store.load_all(&client).await?;
-            let names = job_names(jobs, &all);
-            if json {
-                let v: Vec<_> = names
-                    .iter()
-                    .map(|n| {
-                        let c = all.iter().find(|c| &c.job == n);
-                        serde_json::json!({ "job": n, "state": state_of(c), "checkpoint": c })
-                    })
-                    .collect();
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&v).expect("serializable")
-                );
-            } else {
-                println!(
-                    "{:<24} {:<12} {:<20} {:>24} {:>9} {:>12}  UPDATED",
-                    "JOB", "STATE", "PHASE", "ROWS DONE", "CHUNKS", "ROWS/S"
-                );
-                for n in &names {
-                    let c = all.iter().find(|c| &c.job == n);
-                    println!(
-                        "{:<24} {:<12} {:<20} {:>24} {:>9} {:>12}  {}",
-                        n,
-                        state_of(c),
-                        recorded_phase(c),
-                        c.map(progress_text).unwrap_or_else(|| "-".into()),
-                        c.map(|c| c.chunks_done.to_string())
-                            .unwrap_or_else(|| "-".into()),
-                        c.and_then(|c| c.rate_rows_per_second)
-                            .map(|r| format!("{r:.0}"))
-                            .unwrap_or_else(|| "-".into()),
-                        c.map(|c| c.updated_at.as_str()).unwrap_or("-"),
-                    );
-                }
-            }
-        }
+        Some(name) => one(&client, store, jobs, name, json).await?,
+        None => overview(&client, store, jobs, json).await?,
     }
     Ok(exit::SUCCESS)
+}
+
+/// `status NAME`: one job in detail.
+async fn one(
+    client: &tokio_postgres::Client,
+    store: &Store,
+    jobs: &Path,
+    name: &str,
+    json: bool,
+) -> Result<()> {
+    let c = store.load(client, name).await?;
+    let controls = store.controls_for_status(client, name).await?;
+    let spec = crate::resolve::load(jobs, name).ok();
+    if c.is_none() && spec.is_none() {
+        return Err(Error::Usage(format!(
+            "job `{name}`: no checkpoint in schema {} and no file {}",
+            store.schema(),
+            job::path_for(jobs, name).display()
+        )));
+    }
+    let phase = phase_of(client, spec.as_ref(), c.as_ref()).await;
+    let outlook = Outlook::of(c.as_ref(), &controls);
+    if json {
+        print_json(&Shown {
+            job: name,
+            state: state_of(c.as_ref()),
+            phase: Some(&phase),
+            outlook: &outlook,
+            checkpoint: c.as_ref(),
+            controls: Some(&controls),
+        });
+    } else {
+        print_status(name, spec.as_ref(), c.as_ref(), &controls, &phase, &outlook);
+    }
+    Ok(())
+}
+
+/// `status`: every job, one line each.
+async fn overview(
+    client: &tokio_postgres::Client,
+    store: &Store,
+    jobs: &Path,
+    json: bool,
+) -> Result<()> {
+    let all = store.load_all(client).await?;
+    let mut rows = Vec::new();
+    for n in job_names(jobs, &all) {
+        let controls = store.controls_for_status(client, &n).await?;
+        let c = all.iter().find(|c| c.job == n);
+        let outlook = Outlook::of(c, &controls);
+        rows.push((n, c, outlook));
+    }
+    if json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|(n, c, outlook)| Shown {
+                job: n,
+                state: state_of(*c),
+                phase: None,
+                outlook,
+                checkpoint: *c,
+                controls: None,
+            })
+            .collect();
+        print_json(&v);
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<12} {:<20} {:>24} {:>9} {:>12} {:>12}  {:<20}  HELD",
+        "JOB", "STATE", "PHASE", "ROWS DONE", "CHUNKS", "ROWS/S", "ETA", "UPDATED"
+    );
+    for (n, c, outlook) in &rows {
+        println!(
+            "{:<24} {:<12} {:<20} {:>24} {:>9} {:>12} {:>12}  {:<20}  {}",
+            n,
+            state_of(*c),
+            recorded_phase(*c),
+            c.map(progress_text).unwrap_or_else(|| "-".into()),
+            c.map(|c| c.chunks_done.to_string())
+                .unwrap_or_else(|| "-".into()),
+            c.and_then(|c| overview_rate(c, outlook))
+                .map(|r| format!("{r:.0}"))
+                .unwrap_or_else(|| "-".into()),
+            outlook.eta_cell(),
+            c.map(|c| c.updated_at.as_str()).unwrap_or("-"),
+            outlook.hold_cell(),
+        );
+    }
+    Ok(())
+}
+
+/// The overview's rate: the live runs' recent one (none while paused or held: rows stop on
+/// purpose, and a 30 s window would still show the rate before), else the last run's average.
+fn overview_rate(c: &Checkpoint, outlook: &Outlook) -> Option<f64> {
+    if !c.runners.iter().any(|o| o.alive) {
+        return c.rate_rows_per_second;
+    }
+    outlook.recent_rows_per_second.filter(|_| outlook.flowing())
 }
 
 pub(super) fn state_of(c: Option<&Checkpoint>) -> &'static str {
@@ -144,6 +205,7 @@ fn print_status(
     c: Option<&Checkpoint>,
     controls: &Controls,
     phase: &str,
+    outlook: &Outlook,
 ) {
     let line = |k: &str, v: &str| println!("{k:<18} {v}");
     line("job", name);
@@ -158,7 +220,8 @@ fn print_status(
         return;
     };
     print_progress(c, &line);
-    print_activity(c, &line);
+    line("eta", &outlook.eta_text(name));
+    print_activity(c, outlook, &line);
     print_problems(name, spec, c, &line);
 }
 
@@ -227,16 +290,35 @@ fn print_progress(c: &Checkpoint, line: &impl Fn(&str, &str)) {
     );
 }
 
+/// The rate line: the live runs' recent rate (and their average), or the last run's average.
+fn rate_text(c: &Checkpoint, outlook: &Outlook) -> Option<String> {
+    let live = c.runners.iter().filter(|o| o.alive).count();
+    // The window still holds what committed before a pause or hold began: say that it ended.
+    let now = match (live, outlook.paused, outlook.flowing()) {
+        (_, true, _) => "paused now".to_string(),
+        (_, false, false) => "held now".to_string(),
+        (1, _, _) => "now".to_string(),
+        (n, _, _) => format!("now, {n} runs together"),
+    };
+    let average = "on average since the run started";
+    match (c.recent_rows_per_second, c.rate_rows_per_second) {
+        (Some(recent), a) if live > 0 => Some(format!(
+            "{recent:.0} rows/s over the last {}s ({now}){}",
+            crate::store::RECENT_RATE_WINDOW.as_secs(),
+            a.map(|a| format!("; {a:.0} rows/s {average}"))
+                .unwrap_or_default()
+        )),
+        (_, Some(r)) if live > 0 => Some(format!("{r:.0} rows/s ({average})")),
+        (_, Some(r)) => Some(format!("{r:.0} rows/s (last run)")),
+        (_, None) => None,
+    }
+}
+
 /// What the job is doing and did: rate, chunk size, hold, sweeps, finishing steps, verify, times
 /// and runners.
-fn print_activity(c: &Checkpoint, line: &impl Fn(&str, &str)) {
-    if let Some(r) = c.rate_rows_per_second {
-        let of = match c.runners.iter().filter(|o| o.alive).count() {
-            0 => "last run".to_string(),
-            1 => "now".to_string(),
-            n => format!("now, {n} runs together"),
-        };
-        line("rate", &format!("{r:.0} rows/s ({of})"));
+fn print_activity(c: &Checkpoint, outlook: &Outlook, line: &impl Fn(&str, &str)) {
+    if let Some(rate) = rate_text(c, outlook) {
+        line("rate", &rate);
     }
     if let Some(n) = c.chunk_rows_now {
         line("chunk size", &format!("{n} keys (last chunk)"));
@@ -330,7 +412,8 @@ fn print_controls(name: &str, c: &Controls, line: &impl Fn(&str, &str)) {
             &format!("yes (`backfill resume {name}` lets it go on)"),
         );
     }
-    if c.cancel {
+    // A cancel with no live run left has taken effect (or its run died): nothing to stop.
+    if c.cancel && c.live_runs > 0 {
         line(
             "cancel",
             "requested; the runner stops before its next chunk",

@@ -292,6 +292,10 @@ async fn record_end(
         .await;
     // The lease is kept until the outcome is saved: a run verifying for minutes is alive.
     heartbeat.abort();
+    if saved.is_ok() && state == RunEnd::Cancelled {
+        // Best effort: `status` hides a cancel with no live run to stop anyway.
+        let _ = store.clear_spent_cancel(&finisher, name).await;
+    }
     let outcome = outcome?;
     saved?;
     // What this run did, as its chunks counted it when they committed: the tally kept here

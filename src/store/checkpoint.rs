@@ -34,6 +34,8 @@ pub struct Checkpoint {
     pub verified_at: Option<String>,
     pub created_at: String,
     pub started_at: Option<String>,
+    /// When the job's row or one of its key ranges last changed: while a run goes, the time its
+    /// last chunk committed.
     pub updated_at: String,
     pub finished_at: Option<String>,
     pub last_error: Option<String>,
@@ -42,8 +44,12 @@ pub struct Checkpoint {
     /// Every unfinished run, alive or not.
     pub runners: Vec<Owner>,
     pub ranges: Vec<RangeInfo>,
-    /// Rows per second over all live runs (or of the last run), all processes together.
+    /// Rows per second over all live runs (or of the last run), all processes together, on
+    /// average since the first live run started.
     pub rate_rows_per_second: Option<f64>,
+    /// Rows per second the live runs committed over their last 30 s, summed (see
+    /// `lease::RecentRate`); None while no live run has measured one yet, or none is alive.
+    pub recent_rows_per_second: Option<f64>,
     /// Keys recorded as failing and not yet resolved (`backfill failures`).
     pub failed_keys: i64,
     /// Keys per chunk of the last committed chunk.
@@ -80,7 +86,9 @@ impl Store {
                     coalesce(g.rows_done, 0) AS rows_done, coalesce(g.rows_affected, 0) AS rows_affected,
                     coalesce(g.chunks_done, 0) AS chunks_done, c.total_estimate, c.verify_remaining,
                     {verified} AS verified_at, {created} AS created_at, {started} AS started_at,
-                    {updated} AS updated_at, {finished} AS finished_at, c.last_error,
+                    {updated} AS updated_at,
+                    (SELECT sum(r.recent_rows_per_second) FROM {s}.runs r
+                      WHERE r.job = c.job AND {alive_r}) AS recent_rate, {finished} AS finished_at, c.last_error,
                     o.id AS owner_run, coalesce(o.alive, false) AS alive,
                     coalesce(
                       (SELECT (coalesce(g.rows_done, 0) - r.start_rows)::float8
@@ -110,7 +118,11 @@ impl Store {
             verified = ts("c.verified_at"),
             created = ts("c.created_at"),
             started = ts("c.started_at"),
-            updated = ts("c.updated_at"),
+            // A chunk moves its range's row, never the job's: its commit time is the range's.
+            updated = ts(&format!(
+                "greatest(c.updated_at, (SELECT max(x.updated_at) FROM {}.ranges x WHERE x.job = c.job))",
+                self.q
+            )),
             finished = ts("c.finished_at"),
             held_since = ts("o.held_since"),
             alive_r = Self::run_alive_sql("r"),
@@ -151,6 +163,7 @@ impl Store {
             runners: Vec::new(),
             ranges: Vec::new(),
             rate_rows_per_second: r.get("rate"),
+            recent_rows_per_second: r.get("recent_rate"),
             failed_keys: r.get("failed_keys"),
             total_exact: r.get("total_exact"),
             chunk_rows_now: r.get("chunk_rows_now"),

@@ -132,6 +132,31 @@ impl Store {
             .map_err(|e| db::error(e, format!("job {job}: reading its controls")))
     }
 
+    /// Clears a cancel that has taken effect: once no run of the job is alive, every run it was
+    /// meant for has stopped, and `status` must not say it is still requested. While another
+    /// run is alive the cancel stays, for that run to honour.
+    pub async fn clear_spent_cancel(&self, client: &impl GenericClient, job: &str) -> Result<()> {
+        client
+            .execute(
+                &format!(
+                    "UPDATE {s}.controls SET cancel = false
+                      WHERE job = $1 AND cancel
+                        AND NOT EXISTS (SELECT 1 FROM {s}.runs r WHERE r.job = $1 AND {alive})",
+                    s = self.q,
+                    alive = Store::run_alive_sql("r")
+                ),
+                &[&job],
+            )
+            .await
+            .map_err(|e| {
+                db::error(
+                    e,
+                    format!("job {job}: clearing its cancel, which took effect"),
+                )
+            })?;
+        Ok(())
+    }
+
     /// Records why the run is held (None: it is not), for `status`.
     pub async fn set_hold(
         &self,

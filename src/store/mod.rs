@@ -38,7 +38,7 @@ pub use control::{
 };
 pub use failures::{FailedKey, Poison};
 pub use join::{Claim, Runner};
-pub use lease::LeaseState;
+pub use lease::{LeaseState, RECENT_RATE_WINDOW};
 pub use phases::{revert_name, Sweep};
 pub use ranges::{Acquired, RangeInfo, RangeLease, Splitter};
 pub use runs::{RunRecord, TableRunner};

@@ -81,15 +81,22 @@ impl Store {
         Ok((row.get(0), row.get(1), row.get(2)))
     }
 
-    /// Renews the run's lease. Returns false when the run was declared gone meanwhile.
-    pub async fn heartbeat(&self, client: &impl GenericClient, run_id: i64) -> Result<bool> {
+    /// Renews the run's lease, and records its recent rate (see `RecentRate`; None: not
+    /// measured yet). Returns false when the run was declared gone meanwhile.
+    pub async fn heartbeat(
+        &self,
+        client: &impl GenericClient,
+        run_id: i64,
+        recent_rows_per_second: Option<f64>,
+    ) -> Result<bool> {
         let n = client
             .execute(
                 &format!(
-                    "UPDATE {s}.runs SET heartbeat_at = now() WHERE id = $1 AND outcome IS NULL",
+                    "UPDATE {s}.runs SET heartbeat_at = now(), recent_rows_per_second = $2
+                      WHERE id = $1 AND outcome IS NULL",
                     s = self.q
                 ),
-                &[&run_id],
+                &[&run_id, &recent_rows_per_second],
             )
             .await
             .map_err(|e| db::error(e, format!("run {run_id}: renewing the lease")))?;

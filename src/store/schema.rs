@@ -389,6 +389,35 @@ CREATE INDEX control_events_job ON {s}.control_events (job, id);
 ALTER TABLE {s}.runs ADD COLUMN throttle_flags jsonb;
 "#,
     ),
+    (
+        11,
+        // The rows per second each live run committed recently, measured by its lease task
+        // over its last 30 s and written with its heartbeat (never by a chunk): `status` sums it
+        // over the live runs for the job's rate and ETA.
+        // And the view's `updated_at`, like `status`'s: the last change to the job's row or to
+        // one of its ranges, which each chunk moves (the job's row only at a run's start and end).
+        r#"
+ALTER TABLE {s}.runs ADD COLUMN recent_rows_per_second float8;
+CREATE OR REPLACE VIEW {s}.progress AS
+SELECT c.job, c.state, c.table_name, c.upper_bound, c.total_estimate,
+       coalesce(g.rows_done, 0) AS rows_done, coalesce(g.rows_affected, 0) AS rows_affected,
+       coalesce(g.chunks_done, 0) AS chunks_done, coalesce(g.ranges, 0) AS ranges,
+       coalesce(g.ranges_done, 0) AS ranges_done, g.chunk_rows_now, h.hold_reason, h.held_since,
+       c.verify_remaining, greatest(c.updated_at, g.updated_at) AS updated_at
+  FROM {s}.checkpoints c
+  LEFT JOIN LATERAL (
+       SELECT sum(rows_done)::bigint AS rows_done, sum(rows_affected)::bigint AS rows_affected,
+              sum(chunks_done)::bigint AS chunks_done, count(*) AS ranges,
+              count(*) FILTER (WHERE done) AS ranges_done, max(updated_at) AS updated_at,
+              (SELECT x.chunk_rows_now FROM {s}.ranges x WHERE x.job = c.job
+                ORDER BY x.updated_at DESC LIMIT 1) AS chunk_rows_now
+         FROM {s}.ranges r WHERE r.job = c.job) g ON true
+  LEFT JOIN LATERAL (
+       SELECT hold_reason, held_since FROM {s}.runs
+        WHERE job = c.job AND outcome IS NULL AND hold_reason IS NOT NULL
+        ORDER BY id LIMIT 1) h ON true;
+"#,
+    ),
 ];
 
 pub const LATEST: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;

@@ -27,6 +27,7 @@ mod recovery;
 mod resilience;
 mod revert;
 mod secrets;
+mod status;
 mod sweep;
 mod throttling;
 mod tls;
