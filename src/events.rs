@@ -59,6 +59,8 @@ pub enum Event<'a> {
     RangeTaken { worker: i32, range: i32 },
     /// A chunk committed with its checkpoint.
     ChunkCommitted {
+        /// The chunk size it was run with (what its checkpoint records and `status` shows).
+        size: u64,
         keys: u64,
         changed: u64,
         took: Duration,

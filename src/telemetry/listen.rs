@@ -72,9 +72,12 @@ impl Progress {
                 remaining,
                 pass,
                 max,
-            } => self.log(&format!(
-                "{name}: verify counts {remaining} rows still to do (written behind the cursor?); sweep {pass} of at most {max}: walking every key again (the statement's guard skips rows already done)"
-            )),
+            } => {
+                self.log(&format!(
+                    "{name}: verify counts {remaining} rows still to do (written behind the cursor?); sweep {pass} of at most {max}: walking every key again (the statement's guard skips rows already done)"
+                ));
+                self.sweep_started(pass);
+            }
             Event::CompletedElsewhere => self.log(&format!(
                 "{name}: another run completed the job meanwhile (its verify returned 0)"
             )),
@@ -100,11 +103,12 @@ impl Progress {
                 self.log(&format!("{name}: worker {worker} took range {range}"))
             }
             Event::ChunkCommitted {
+                size,
                 keys,
                 changed,
                 took,
                 round_trips,
-            } => self.chunk_committed(keys, changed, took, round_trips),
+            } => self.chunk_committed(size, keys, changed, took, round_trips),
             Event::JobRowsDone(n) => self.sync_job_rows(n),
             Event::Yielded { blocked, size } => self.log(&format!(
                 "{name}: {blocked} application session(s) waited on this chunk's locks; chunks shrink to {size} keys"

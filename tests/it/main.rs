@@ -20,6 +20,7 @@ mod observability;
 mod parallel;
 mod plan;
 mod privileges;
+mod progress_bar;
 mod recovery;
 mod resilience;
 mod revert;
