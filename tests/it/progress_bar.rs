@@ -134,13 +134,19 @@ struct Frame {
 
 impl Frame {
     fn parse(line: &str) -> Option<Frame> {
-        let words: Vec<&str> = line.split_whitespace().collect();
+        // Tolerant of other layouts (`[00:00:01]`, `1,000/3,000`), so that a test fails on
+        // what it asserts, not on parsing.
+        let plain = line.replace(['[', ']', ','], " ");
+        let words: Vec<&str> = plain.split_whitespace().collect();
         let elapsed = words
             .iter()
             .find(|w| w.len() == 8 && w.as_bytes()[2] == b':' && w.as_bytes()[5] == b':')?;
         let counts = words.iter().find(|w| {
             w.split_once('/').is_some_and(|(a, b)| {
-                !a.is_empty() && !b.is_empty() && a.bytes().all(|c| c.is_ascii_digit())
+                !a.is_empty()
+                    && !b.is_empty()
+                    && a.bytes().all(|c| c.is_ascii_digit())
+                    && b.bytes().all(|c| c.is_ascii_digit())
             })
         })?;
         let (done, total) = counts.split_once('/')?;
