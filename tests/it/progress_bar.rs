@@ -363,7 +363,7 @@ fn progress_lines_carry_the_bars_facts_and_every_json_line_has_ts_level_and_job(
     let line = out
         .stderr
         .lines()
-        .find(|l| l.starts_with("j: ") && l.contains("rows/s"))
+        .find(|l| l.starts_with("j: ") && l.contains(" of ~") && l.contains("rows/s"))
         .unwrap_or_else(|| panic!("no progress line: {out:?}"));
     let rate = line
         .split(", ")
@@ -371,4 +371,31 @@ fn progress_lines_carry_the_bars_facts_and_every_json_line_has_ts_level_and_job(
         .unwrap_or_else(|| panic!("{line}"));
     assert!(readable(rate), "{line}");
     assert!(line.contains("elapsed "), "{line}");
+}
+
+/// Every line `retry-failures` logs with `--log-format json` is a JSON object with `ts`, `level`
+/// and `job`, like a run's.
+#[test]
+fn retry_failures_logs_json_lines_when_asked() {
+    let db = TestDb::new();
+    counter_table(&db, 300);
+    db.exec(
+        "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN IF NEW.id = 31 THEN RAISE EXCEPTION 'bad row %', NEW.id; END IF; RETURN NEW; END $$;
+         CREATE TRIGGER boom BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION boom();",
+    );
+    db.write_job("s", &counter_job("on_error = \"skip\"\n"));
+    assert_eq!(db.run(&["run", "s"]).code, 1);
+    db.exec("DROP TRIGGER boom ON t");
+    let out = db.run(&["--log-format", "json", "retry-failures", "s"]);
+    out.expect(0);
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert!(lines.iter().any(|l| l.contains("now succeeds")), "{out:?}");
+    for line in lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        for key in ["ts", "level", "job"] {
+            assert!(!v[key].is_null(), "no {key}: {line}");
+        }
+    }
 }
