@@ -3,9 +3,11 @@
 //! the engine formats none of it; it must not reach back into the engine.
 //!
 //! On a terminal: a progress bar on stderr (rows of the estimated total, percent, rate, ETA, chunk
-//! size, workers, and why the run is held, if it is). Otherwise: one plain line every
+//! size, workers, and why the run is held, if it is), redrawn on a steady tick so its timer runs
+//! while nothing commits; its text and layout are `bar`'s. Otherwise: one plain line every
 //! `--progress-interval`, as text or JSON (`--log-format json`). Log lines go through the bar's
-//! `suspend`, so they never break it. Metrics use the `metrics` facade; the exporter is installed
+//! `suspend`, so they never break it. This module owns the reporter's state (which the bar reads
+//! at each draw: the bar is never called while that state is locked). Metrics use the `metrics` facade; the exporter is installed
 //! (by [`serve_metrics`]) before any handle is created, or the handles would stay no-ops.
 
 mod bar;
