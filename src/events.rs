@@ -29,6 +29,10 @@ pub enum Event<'a> {
     /// failing keys already recorded.
     RunStarted {
         done: u64,
+        /// The sweep pass the run resumes or joins (None: the first pass), and the keys done in
+        /// that pass (of `done`, which counts every pass).
+        sweep: Option<i32>,
+        pass_done: u64,
         total: Option<u64>,
         chunk_size: u64,
         workers: u32,

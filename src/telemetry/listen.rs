@@ -49,12 +49,14 @@ impl Progress {
             },
             Event::RunStarted {
                 done,
+                sweep,
+                pass_done,
                 total,
                 chunk_size,
                 workers,
                 failing_keys,
             } => {
-                self.start(done, total, chunk_size, failing_keys);
+                self.start(done, (sweep, pass_done), total, chunk_size, failing_keys);
                 self.set_workers(workers);
             }
             Event::ResumingAfter { key, rows_done } => self.log(&format!(

@@ -219,12 +219,24 @@ impl Progress {
         }
     }
 
-    /// Starts (or resumes) at `done` keys of an estimated `total`. Restored keys are not counted
-    /// as this run's progress, so rate and ETA stay honest after a resume.
-    pub fn start(&self, done: u64, total: Option<u64>, chunk_size: u64, failing_keys: u64) {
-        let total = total.map(|t| t.max(done));
+    /// Starts (or resumes) at `done` keys of an estimated `total`, `pass_done` of them in the
+    /// pass over the keys the job is in (`sweep`: a sweep pass; None: the first pass), which the
+    /// bar counts. Restored keys are not counted as this run's progress, so rate and ETA stay
+    /// honest after a resume.
+    pub fn start(
+        &self,
+        done: u64,
+        pass: (Option<i32>, u64),
+        total: Option<u64>,
+        chunk_size: u64,
+        failing_keys: u64,
+    ) {
+        let (sweep, pass_done) = pass;
+        let total = total.map(|t| t.max(pass_done));
         {
             let mut s = self.state.lock().unwrap();
+            s.sweep = sweep;
+            s.pass_base = done.saturating_sub(pass_done);
             s.chunk_size = chunk_size;
             s.start_rows = done;
             s.rows = done;

@@ -399,3 +399,31 @@ fn retry_failures_logs_json_lines_when_asked() {
         }
     }
 }
+
+/// A run stopped part-way through a sweep, then run again: the new run's bar counts the sweep's
+/// own pass (not the keys of every pass so far) against the table's rows.
+#[test]
+fn a_run_resuming_a_sweep_shows_the_sweeps_own_pass() {
+    let db = TestDb::new();
+    job_that_sweeps(&db);
+    let mut child = db.spawn(&["run", "j"]);
+    db.wait_for_child(
+        &mut child,
+        "SELECT phase = 'sweeping' AND rows_done >= 360 FROM backfill.checkpoints c
+           JOIN backfill.progress p USING (job) WHERE job = 'j'",
+        Duration::from_secs(60),
+    );
+    signal(&child, libc::SIGINT);
+    let out = wait_out(child, Duration::from_secs(60));
+    assert_eq!(out.code, 130, "{out:?}");
+    let run = Terminal::run(&db, 80, &["run", "j"]);
+    let (code, raw) = run.wait(Duration::from_secs(120));
+    assert_eq!(code, 1, "verify still counts the blocked row:\n{raw}");
+    let all = frames(&shown_lines(&raw), "j");
+    assert!(!all.is_empty(), "no frames:\n{raw}");
+    assert!(all[0].line.contains("sweep 1"), "{:?}\n{raw}", all[0]);
+    for f in &all {
+        assert_eq!(f.total, 300, "{f:?}\n{raw}");
+        assert!(f.done <= 300 && f.done >= 60, "{f:?}\n{raw}");
+    }
+}
