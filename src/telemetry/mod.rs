@@ -7,8 +7,9 @@
 //! while nothing commits; its text and layout are `bar`'s. Otherwise: one plain line every
 //! `--progress-interval`, as text or JSON (`--log-format json`). Log lines go through the bar's
 //! `suspend`, so they never break it. This module owns the reporter's state (which the bar reads
-//! at each draw: the bar is never called while that state is locked). Metrics use the `metrics` facade; the exporter is installed
-//! (by [`serve_metrics`]) before any handle is created, or the handles would stay no-ops.
+//! at each draw: the bar is never called while that state is locked). Metrics use the `metrics`
+//! facade; the exporter is installed (by [`serve_metrics`]) before any handle is created, or the
+//! handles would stay no-ops.
 
 mod bar;
 mod export;
