@@ -125,12 +125,13 @@ impl Progress {
             Event::Held { reason, time } => self.held(reason, time),
             Event::HoldChanged(hold) => {
                 let shown = hold.map(Shown::to_string);
+                // The bar redrawn under the log line already says it.
+                self.set_held(shown.as_deref());
+                self.set_hold_reason(hold.map(|h| h.hold.reason()));
                 match &shown {
                     Some(d) => self.log(&format!("{name}: holding: {d}")),
                     None => self.log(&format!("{name}: no longer held; continuing")),
                 }
-                self.set_held(shown.as_deref());
-                self.set_hold_reason(hold.map(|h| h.hold.reason()));
             }
             Event::WaitingForDatabase => self.show_hold(&Hold::WaitingForDatabase),
             Event::AttemptFailed { class } => self.chunk_failed(class),
