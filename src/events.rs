@@ -29,6 +29,10 @@ pub enum Event<'a> {
     /// failing keys already recorded.
     RunStarted {
         done: u64,
+        /// The sweep pass the run resumes or joins (None: the first pass), and the keys done in
+        /// that pass (of `done`, which counts every pass).
+        sweep: Option<i32>,
+        pass_done: u64,
         total: Option<u64>,
         chunk_size: u64,
         workers: u32,
@@ -59,6 +63,8 @@ pub enum Event<'a> {
     RangeTaken { worker: i32, range: i32 },
     /// A chunk committed with its checkpoint.
     ChunkCommitted {
+        /// The chunk size it was run with (what its checkpoint records and `status` shows).
+        size: u64,
         keys: u64,
         changed: u64,
         took: Duration,

@@ -141,7 +141,10 @@ pub async fn execute(cli: Cli) -> Result<u8> {
         Command::Failures { name, all, json } => {
             failures(&target()?, &store, &name, all, json).await
         }
-        Command::RetryFailures { name } => retry_failures(&target()?, &store, &g.jobs, &name).await,
+        Command::RetryFailures { name } => {
+            let json = g.log_format == LogFormat::Json;
+            retry_failures(&target()?, &store, &g.jobs, &name, json).await
+        }
         Command::Reset { name, yes } => reset(&target()?, &store, &g.jobs, &name, yes).await,
         Command::Init {
             grant_to,
@@ -310,9 +313,20 @@ async fn failures(target: &Target, store: &Store, name: &str, all: bool, json: b
     Ok(exit::SUCCESS)
 }
 
-async fn retry_failures(target: &Target, store: &Store, jobs: &Path, name: &str) -> Result<u8> {
+/// Retries the job's failing keys; its log lines follow `--log-format` (`json`) like a run's.
+async fn retry_failures(
+    target: &Target,
+    store: &Store,
+    jobs: &Path,
+    name: &str,
+    json: bool,
+) -> Result<u8> {
     let job = crate::resolve::load(jobs, name)?;
-    let progress = Progress::new(name, ProgressOptions::default());
+    let opts = ProgressOptions {
+        json,
+        ..ProgressOptions::default()
+    };
+    let progress = Progress::new(name, opts);
     let (fixed, still) =
         executor::retry_failures(target, store, &job, &RunOptions::default(), &progress).await?;
     println!("job {name}: {fixed} failing keys now succeed, {still} still fail");

@@ -215,8 +215,11 @@ fn announce(
     failing_keys: i64,
 ) {
     let events = cx.events;
+    let (sweep, pass_done) = current_pass(checkpoint);
     events.on(Event::RunStarted {
         done: checkpoint.rows_done.max(0) as u64,
+        sweep,
+        pass_done: pass_done.max(0) as u64,
         total: total.map(|t| t.max(0) as u64),
         chunk_size: chunk_rows as u64,
         workers: cx.workers,
@@ -233,6 +236,29 @@ fn announce(
             finished: checkpoint.ranges.iter().filter(|r| r.done).count(),
             ranges: checkpoint.ranges.len(),
         });
+    }
+}
+
+/// The pass over the keys the job is in when the run starts: its sweep number (None: the first
+/// pass) and the keys done in it. Every pass starts with one range without a lower bound (a
+/// split's upper part has one, and gets a higher id), so the current pass is the last such range
+/// and every range made after it.
+fn current_pass(checkpoint: &store::Checkpoint) -> (Option<i32>, i64) {
+    let ranges = &checkpoint.ranges;
+    let start = ranges
+        .iter()
+        .filter(|r| r.lower_bound.is_none())
+        .map(|r| r.id)
+        .max()
+        .unwrap_or(0);
+    let done = ranges
+        .iter()
+        .filter(|r| r.id >= start)
+        .map(|r| r.rows_done)
+        .sum();
+    match start {
+        0 => (None, checkpoint.rows_done),
+        _ => (Some(checkpoint.sweeps.max(1)), done),
     }
 }
 

@@ -248,6 +248,8 @@ impl<'s, 'a> Worker<'s, 'a> {
     /// Books a committed chunk and adapts the pace; returns the rest to take before the next.
     pub(super) async fn committed(&mut self, mut done: Box<ChunkDone>) -> Duration {
         let shared = self.shared;
+        // The size this chunk ran with, before `passed` may restore the configured one.
+        let size = self.limit.max(0) as u64;
         self.next = done.next.take();
         self.attempt = 0;
         self.contention_over().await;
@@ -275,6 +277,7 @@ impl<'s, 'a> Worker<'s, 'a> {
         self.cursor = Some(done.last);
         self.passed(done.keys).await;
         shared.emit(Event::ChunkCommitted {
+            size,
             keys: done.keys as u64,
             changed: done.affected.max(0) as u64,
             took: done.took,

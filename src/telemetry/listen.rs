@@ -49,12 +49,14 @@ impl Progress {
             },
             Event::RunStarted {
                 done,
+                sweep,
+                pass_done,
                 total,
                 chunk_size,
                 workers,
                 failing_keys,
             } => {
-                self.start(done, total, chunk_size, failing_keys);
+                self.start(done, (sweep, pass_done), total, chunk_size, failing_keys);
                 self.set_workers(workers);
             }
             Event::ResumingAfter { key, rows_done } => self.log(&format!(
@@ -72,9 +74,12 @@ impl Progress {
                 remaining,
                 pass,
                 max,
-            } => self.log(&format!(
-                "{name}: verify counts {remaining} rows still to do (written behind the cursor?); sweep {pass} of at most {max}: walking every key again (the statement's guard skips rows already done)"
-            )),
+            } => {
+                self.log(&format!(
+                    "{name}: verify counts {remaining} rows still to do (written behind the cursor?); sweep {pass} of at most {max}: walking every key again (the statement's guard skips rows already done)"
+                ));
+                self.sweep_started(pass);
+            }
             Event::CompletedElsewhere => self.log(&format!(
                 "{name}: another run completed the job meanwhile (its verify returned 0)"
             )),
@@ -100,11 +105,12 @@ impl Progress {
                 self.log(&format!("{name}: worker {worker} took range {range}"))
             }
             Event::ChunkCommitted {
+                size,
                 keys,
                 changed,
                 took,
                 round_trips,
-            } => self.chunk_committed(keys, changed, took, round_trips),
+            } => self.chunk_committed(size, keys, changed, took, round_trips),
             Event::JobRowsDone(n) => self.sync_job_rows(n),
             Event::Yielded { blocked, size } => self.log(&format!(
                 "{name}: {blocked} application session(s) waited on this chunk's locks; chunks shrink to {size} keys"
@@ -119,12 +125,13 @@ impl Progress {
             Event::Held { reason, time } => self.held(reason, time),
             Event::HoldChanged(hold) => {
                 let shown = hold.map(Shown::to_string);
+                // The bar redrawn under the log line already says it.
+                self.set_held(shown.as_deref());
+                self.set_hold_reason(hold.map(|h| h.hold.reason()));
                 match &shown {
                     Some(d) => self.log(&format!("{name}: holding: {d}")),
                     None => self.log(&format!("{name}: no longer held; continuing")),
                 }
-                self.set_held(shown.as_deref());
-                self.set_hold_reason(hold.map(|h| h.hold.reason()));
             }
             Event::WaitingForDatabase => self.show_hold(&Hold::WaitingForDatabase),
             Event::AttemptFailed { class } => self.chunk_failed(class),

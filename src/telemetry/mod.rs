@@ -3,11 +3,15 @@
 //! the engine formats none of it; it must not reach back into the engine.
 //!
 //! On a terminal: a progress bar on stderr (rows of the estimated total, percent, rate, ETA, chunk
-//! size, workers, and why the run is held, if it is). Otherwise: one plain line every
+//! size, workers, and why the run is held, if it is), redrawn on a steady tick so its timer runs
+//! while nothing commits; its text and layout are `bar`'s. Otherwise: one plain line every
 //! `--progress-interval`, as text or JSON (`--log-format json`). Log lines go through the bar's
-//! `suspend`, so they never break it. Metrics use the `metrics` facade; the exporter is installed
-//! (by [`serve_metrics`]) before any handle is created, or the handles would stay no-ops.
+//! `suspend`, so they never break it. This module owns the reporter's state (which the bar reads
+//! at each draw: the bar is never called while that state is locked). Metrics use the `metrics`
+//! facade; the exporter is installed (by [`serve_metrics`]) before any handle is created, or the
+//! handles would stay no-ops.
 
+mod bar;
 mod export;
 mod finishing;
 mod listen;
@@ -20,10 +24,10 @@ pub use listen::describe_controls;
 
 use crate::hold::HoldReason;
 use crate::state::JobState;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use std::io::IsTerminal;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 /// Default interval of the plain (non-terminal) progress line.
@@ -76,13 +80,73 @@ struct State {
     running: bool,
     /// The job's unresolved failing keys: the store's count at the start, plus this run's.
     failing: u64,
+    /// The sweep pass being walked (None: the first pass).
+    sweep: Option<i32>,
+    /// The job's keys done when the current pass started: a sweep walks every key again, and
+    /// its progress is counted from zero against the same total.
+    pass_base: u64,
 }
 
-fn workers(n: u32) -> String {
-    match n {
-        1 => "1 worker".into(),
-        n => format!("{n} workers"),
+impl State {
+    fn new() -> State {
+        State {
+            last_line: Instant::now(),
+            started: Instant::now(),
+            start_rows: 0,
+            rows: 0,
+            total: None,
+            chunk_size: 0,
+            workers: 1,
+            held: None,
+            held_carry: [0.0; HoldReason::ALL.len()],
+            hold: None,
+            running: false,
+            failing: 0,
+            sweep: None,
+            pass_base: 0,
+        }
     }
+
+    /// Keys done in the current pass.
+    fn pass_rows(&self) -> u64 {
+        self.rows.saturating_sub(self.pass_base)
+    }
+
+    /// What the bar and the progress line show now.
+    fn frame<'a>(&'a self, job: &'a str) -> bar::Frame<'a> {
+        let (_, eta, rate) = figures(self);
+        bar::Frame {
+            job,
+            sweep: self.sweep,
+            done: self.pass_rows(),
+            total: self.total,
+            rate,
+            eta,
+            held: self.held.as_deref(),
+            chunk: self.chunk_size,
+            workers: self.workers,
+            elapsed: self.started.elapsed(),
+        }
+    }
+}
+
+/// How often the bar is redrawn while nothing else happens, so its timer runs while held.
+const STEADY_TICK: Duration = Duration::from_millis(200);
+
+/// A bar that draws nothing until the run starts (`start` points it at stderr); its one line
+/// is rendered from the reporter's state at each draw, fitted to the terminal's width.
+fn terminal_bar(job: &str, state: &Arc<Mutex<State>>) -> ProgressBar {
+    let (job, state) = (job.to_string(), state.clone());
+    let line = move |_: &ProgressState, w: &mut dyn std::fmt::Write| {
+        let s = state.lock().unwrap();
+        let _ = w.write_str(&bar::render(&s.frame(&job), bar::terminal_width()));
+    };
+    let style = ProgressStyle::with_template("{line}")
+        .expect("valid template")
+        .with_key("line", line);
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden());
+    bar.set_style(style);
+    bar
 }
 
 /// The run's reporter: progress display, log lines and metrics for one job.
@@ -91,24 +155,20 @@ pub struct Progress {
     bar: Option<ProgressBar>,
     opts: ProgressOptions,
     quiet: bool,
-    state: Mutex<State>,
+    /// Shared with the bar, which reads it at each draw: never call the bar while holding it.
+    state: Arc<Mutex<State>>,
     m: Handles,
 }
 
 impl Progress {
     /// A bar when stderr is a terminal, plain lines otherwise.
     pub fn new(job: &str, opts: ProgressOptions) -> Progress {
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{prefix} [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} rows ({percent}%) {per_sec} eta {eta} {msg}",
-                )
-                .expect("valid template"),
-            );
-            bar.set_prefix(job.to_string());
-            bar
-        });
+        Progress::build(job, opts, std::io::stderr().is_terminal())
+    }
+
+    fn build(job: &str, opts: ProgressOptions, terminal: bool) -> Progress {
+        let state = Arc::new(Mutex::new(State::new()));
+        let bar = terminal.then(|| terminal_bar(job, &state));
         let j = job.to_string();
         let m = Handles {
             rows: counter!("backfill_rows_processed_total", "backfill_job" => j.clone()),
@@ -147,20 +207,7 @@ impl Progress {
             bar,
             opts,
             quiet: false,
-            state: Mutex::new(State {
-                last_line: Instant::now(),
-                started: Instant::now(),
-                start_rows: 0,
-                rows: 0,
-                total: None,
-                chunk_size: 0,
-                workers: 1,
-                held: None,
-                held_carry: [0.0; HoldReason::ALL.len()],
-                hold: None,
-                running: false,
-                failing: 0,
-            }),
+            state,
             m,
         }
     }
@@ -169,24 +216,29 @@ impl Progress {
     pub fn hidden(job: &str) -> Progress {
         Progress {
             quiet: true,
-            bar: None,
-            ..Progress::new(job, ProgressOptions::default())
+            ..Progress::build(job, ProgressOptions::default(), false)
         }
     }
 
-    /// Starts (or resumes) at `done` keys of an estimated `total`. Restored keys are not counted
-    /// as this run's progress, so rate and ETA stay honest after a resume.
-    pub fn start(&self, done: u64, total: Option<u64>, chunk_size: u64, failing_keys: u64) {
-        let total = total.map(|t| t.max(done));
-        if let Some(bar) = &self.bar {
-            if let Some(t) = total {
-                bar.set_length(t);
-            }
-            bar.set_position(done);
-            bar.reset_eta();
-        }
+    /// Starts (or resumes) at `done` keys of an estimated `total`, `pass_done` of them in the
+    /// pass over the keys the job is in (`sweep`: a sweep pass; None: the first pass), which the
+    /// bar counts. Restored keys are not counted as this run's progress, so rate and ETA stay
+    /// honest after a resume.
+    pub fn start(
+        &self,
+        done: u64,
+        pass: (Option<i32>, u64),
+        total: Option<u64>,
+        chunk_size: u64,
+        failing_keys: u64,
+    ) {
+        let (sweep, pass_done) = pass;
+        let total = total.map(|t| t.max(pass_done));
         {
             let mut s = self.state.lock().unwrap();
+            s.sweep = sweep;
+            s.pass_base = done.saturating_sub(pass_done);
+            s.chunk_size = chunk_size;
             s.start_rows = done;
             s.rows = done;
             s.total = total;
@@ -202,16 +254,39 @@ impl Progress {
         self.m.rows_done.set(done as f64);
         self.set_chunk_size(chunk_size);
         self.update(0);
+        if let Some(bar) = &self.bar {
+            bar.set_draw_target(ProgressDrawTarget::stderr());
+            bar.enable_steady_tick(STEADY_TICK);
+        }
     }
 
-    /// A chunk committed: `keys` processed, `changed` rows changed, in `took`.
-    pub fn chunk_committed(&self, keys: u64, changed: u64, took: Duration, round_trips: u32) {
+    /// A sweep pass starts walking every key again: its progress counts from zero.
+    pub fn sweep_started(&self, pass: i32) {
+        self.change_state(|s| {
+            s.sweep = Some(pass);
+            s.pass_base = s.rows;
+        });
+    }
+
+    /// A chunk of `size` keys at most committed (the size `status` shows as the last chunk's):
+    /// `keys` processed, `changed` rows changed, in `took`.
+    pub fn chunk_committed(
+        &self,
+        size: u64,
+        keys: u64,
+        changed: u64,
+        took: Duration,
+        round_trips: u32,
+    ) {
         counter!("backfill_chunks_total", "backfill_job" => self.job.clone(), "outcome" => "committed")
             .increment(1);
         self.m.changed.increment(changed);
         self.m.round_trips.increment(u64::from(round_trips));
         self.m.duration.record(took.as_secs_f64());
-        self.set_held(None);
+        self.change_state(|s| {
+            s.held = None;
+            s.chunk_size = size;
+        });
         self.set_hold_reason(None);
         self.update(keys);
     }
@@ -276,13 +351,13 @@ impl Progress {
 
     /// Shows why the run is not making progress right now (None: it is).
     pub fn set_held(&self, reason: Option<&str>) {
-        self.update_message(|s| s.held = reason.map(str::to_string));
+        self.change_state(|s| s.held = reason.map(str::to_string));
     }
 
     /// Workers of this run.
     pub fn set_workers(&self, n: u32) {
         self.m.workers.set(n as f64);
-        self.update_message(|s| s.workers = n);
+        self.change_state(|s| s.workers = n);
     }
 
     /// The job's keys done by all its runs together (read from the database), so that progress,
@@ -292,18 +367,15 @@ impl Progress {
         if done <= s.rows {
             return;
         }
-        let more = done - s.rows;
         s.rows = done;
         self.rows_moved(&mut s);
         drop(s);
-        if let Some(bar) = &self.bar {
-            bar.inc(more);
-        }
+        self.redraw();
     }
 
+    /// The chunk size now in use, for the gauge (the bar shows the last committed chunk's).
     pub fn set_chunk_size(&self, rows: u64) {
         self.m.chunk_size.set(rows as f64);
-        self.update_message(|s| s.chunk_size = rows);
     }
 
     /// The rate ceiling in force (None: none).
@@ -351,30 +423,22 @@ impl Progress {
             .set(if paused { 1.0 } else { 0.0 });
     }
 
-    /// Changes what the bar's message shows, then redraws it (outside the lock).
-    fn update_message(&self, change: impl FnOnce(&mut State)) {
-        let mut s = self.state.lock().unwrap();
-        change(&mut s);
-        let msg = self.bar_message(&s);
-        drop(s);
-        if let Some(bar) = &self.bar {
-            bar.set_message(msg);
-        }
+    /// Changes what the bar and the progress line show, then redraws the bar (outside the lock).
+    fn change_state(&self, change: impl FnOnce(&mut State)) {
+        change(&mut self.state.lock().unwrap());
+        self.redraw();
     }
 
-    fn bar_message(&self, s: &State) -> String {
-        let held = s
-            .held
-            .as_deref()
-            .map(|h| format!(" · held: {h}"))
-            .unwrap_or_default();
-        format!("chunk {} · {}{held}", s.chunk_size, workers(s.workers))
+    fn redraw(&self) {
+        if let Some(bar) = &self.bar {
+            bar.tick();
+        }
     }
 
     /// After the rows done changed: the total is at least that, and the gauges follow.
     fn rows_moved(&self, s: &mut State) {
         if let Some(t) = s.total {
-            s.total = Some(t.max(s.rows));
+            s.total = Some(t.max(s.pass_rows()));
         }
         let (ratio, eta, _) = figures(s);
         self.m.rows_done.set(s.rows as f64);
@@ -384,62 +448,27 @@ impl Progress {
 
     fn update(&self, keys: u64) {
         self.m.rows.increment(keys);
-        let mut s = self.state.lock().unwrap();
-        s.rows += keys;
-        self.rows_moved(&mut s);
-        if let Some(bar) = &self.bar {
-            bar.inc(keys);
-            if bar.length().is_some_and(|l| bar.position() > l) {
-                bar.set_length(bar.position());
-            }
-            return;
-        }
-        if !self.quiet && keys > 0 && s.last_line.elapsed() >= self.opts.interval {
-            s.last_line = Instant::now();
-            let line = self.progress_line(&s);
-            drop(s);
-            eprintln!("{line}");
+        let line = {
+            let mut s = self.state.lock().unwrap();
+            s.rows += keys;
+            self.rows_moved(&mut s);
+            let due = self.bar.is_none()
+                && !self.quiet
+                && keys > 0
+                && s.last_line.elapsed() >= self.opts.interval;
+            due.then(|| {
+                s.last_line = Instant::now();
+                self.progress_line(&s)
+            })
+        };
+        match line {
+            Some(line) => eprintln!("{line}"),
+            None => self.redraw(),
         }
     }
 
     fn progress_line(&self, s: &State) -> String {
-        let (ratio, eta, rate) = figures(s);
-        if self.opts.json {
-            return serde_json::json!({
-                "ts": now(),
-                "level": "info",
-                "job": self.job,
-                "event": "progress",
-                "rows_done": s.rows,
-                "rows_total_estimate": s.total,
-                "percent": ratio.map(|r| (r * 1000.0).round() / 10.0),
-                "rows_per_second": rate.round(),
-                "eta_seconds": eta.map(f64::round),
-                "chunk_rows": s.chunk_size,
-                "workers": s.workers,
-                "held": s.held,
-            })
-            .to_string();
-        }
-        let of = s.total.map(|t| format!(" of ~{t}")).unwrap_or_default();
-        let pct = ratio
-            .map(|r| format!(" ({:.1}%)", r * 100.0))
-            .unwrap_or_default();
-        let eta = eta
-            .map(|e| format!("{}s", e.round() as u64))
-            .unwrap_or_else(|| "unknown".into());
-        let held = s
-            .held
-            .as_deref()
-            .map(|h| format!(", held: {h}"))
-            .unwrap_or_default();
-        format!(
-            "{}: {}{of} rows{pct}, {rate:.0} rows/s, eta {eta}, chunk {} rows, {}{held}",
-            self.job,
-            s.rows,
-            s.chunk_size,
-            workers(s.workers)
-        )
+        bar::progress_line(&s.frame(&self.job), self.opts.json)
     }
 
     /// A log line on stderr that does not break the bar.
@@ -487,17 +516,19 @@ impl Progress {
 fn figures(s: &State) -> (Option<f64>, Option<f64>, f64) {
     let secs = s.started.elapsed().as_secs_f64().max(0.001);
     let rate = (s.rows - s.start_rows) as f64 / secs;
+    let done = s.pass_rows();
     let ratio = s
         .total
         .filter(|t| *t > 0)
-        .map(|t| (s.rows as f64 / t as f64).min(1.0));
+        .map(|t| (done as f64 / t as f64).min(1.0));
     let eta = s
         .total
         .filter(|_| rate > 0.0)
-        .map(|t| t.saturating_sub(s.rows) as f64 / rate);
+        .map(|t| t.saturating_sub(done) as f64 / rate);
     (ratio, eta, rate)
 }
 
+/// Now, as the `ts` of a JSON log line.
 fn now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
@@ -507,20 +538,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_sweep_counts_its_own_pass_against_the_same_total() {
+        let s = State {
+            rows: 450,
+            pass_base: 300,
+            total: Some(300),
+            ..State::new()
+        };
+        let (ratio, _, _) = figures(&s);
+        assert_eq!(ratio, Some(0.5));
+        assert_eq!(s.frame("j").done, 150);
+    }
+
+    #[test]
     fn figures_never_exceed_one_and_ignore_restored_rows() {
         let s = State {
-            last_line: Instant::now(),
             started: Instant::now() - Duration::from_secs(10),
             start_rows: 900,
             rows: 1000,
             total: Some(950),
             chunk_size: 10,
-            workers: 1,
-            held: None,
-            held_carry: [0.0; HoldReason::ALL.len()],
-            hold: None,
-            running: true,
-            failing: 0,
+            ..State::new()
         };
         let (ratio, eta, rate) = figures(&s);
         assert_eq!(ratio, Some(1.0));

@@ -23,6 +23,7 @@ mod parallel;
 mod partitions;
 mod plan;
 mod privileges;
+mod progress_bar;
 mod recovery;
 mod resilience;
 mod revert;

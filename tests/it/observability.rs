@@ -300,7 +300,7 @@ fn progress_lines_when_stderr_is_not_a_terminal() {
         .collect();
     assert!(lines.len() >= 5, "{out:?}");
     for l in &lines {
-        // p: 150 of ~600 rows (25.0%), 5000 rows/s, eta 0s, chunk 50 rows, 1 worker
+        // p: 150 of ~600 rows (25.0%), 5.0k rows/s, eta 0s, chunk 50 rows, 1 worker, elapsed 00:00:00
         let rest = l.strip_prefix("p: ").unwrap();
         let (done, rest) = rest
             .split_once(" of ~600 rows (")
@@ -309,7 +309,7 @@ fn progress_lines_when_stderr_is_not_a_terminal() {
         let (pct, rest) = rest.split_once("%), ").unwrap();
         assert!(pct.parse::<f64>().unwrap() <= 100.0, "{l}");
         assert!(
-            rest.contains(" rows/s, eta ") && rest.ends_with(", chunk 50 rows, 1 worker"),
+            rest.contains(" rows/s, eta ") && rest.contains(", chunk 50 rows, 1 worker, elapsed "),
             "{l}"
         );
     }
