@@ -231,7 +231,7 @@ impl Command {
     }
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// Job name: the file stem of jobs/<name>.toml.
     pub name: String,

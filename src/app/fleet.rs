@@ -4,14 +4,13 @@
 //! others. Owns the per-shard tables and the fleet's exit code; what a command does on one shard
 //! is the single-database code's (migrator, status), never repeated here.
 
-use crate::cli::{Cli, Command};
+use super::run::Mode;
+use crate::cli::{Cli, Command, LogFormat};
 use crate::error::{exit, Error, Result};
-use crate::fleet::{Fleet, Shard};
+use crate::fleet::Fleet;
 use crate::job::JobSpec;
 use crate::migrator::GateReport;
 use crate::store::Store;
-use futures_util::stream::{self, StreamExt};
-use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
@@ -19,6 +18,7 @@ pub(super) async fn execute(path: &Path, cli: &Cli) -> Result<u8> {
     let fleet = crate::fleet::load(path)?;
     let store = Store::new(&cli.global.schema);
     let jobs = &cli.global.jobs;
+    let log_json = cli.global.log_format == LogFormat::Json;
     match &cli.command {
         Command::Check { name } => check(&fleet, jobs, name.as_deref()),
         Command::Gate {
@@ -29,27 +29,67 @@ pub(super) async fn execute(path: &Path, cli: &Cli) -> Result<u8> {
             let job = crate::resolve::load(jobs, name)?;
             gate(&fleet, &store, &job, *verify_timeout, *json).await
         }
-        other => Err(Error::Usage(format!(
-            "`backfill {}` does not take --fleet yet: run it once per shard with --database-url (fleet commands: check, gate)",
-            other.verb()
+        Command::Status {
+            name: Some(name),
+            json,
+        } => super::fleet_status::status(&fleet, &store, name, *json).await,
+        Command::Run(args) => super::fleet_run::run(&fleet, &store, jobs, args, log_json, Mode::Forward).await,
+        Command::Revert(args) => super::fleet_run::run(&fleet, &store, jobs, args, log_json, Mode::Revert).await,
+        Command::List { .. } | Command::Demo { .. } | Command::Status { name: None, .. } => {
+            Err(Error::Usage(format!(
+                "`backfill {}` does not take --fleet{}",
+                cli.command.verb(),
+                match &cli.command {
+                    Command::Status { .. } => ": name the job (`backfill status NAME --fleet FILE`)",
+                    _ => "",
+                }
+            )))
+        }
+        Command::Plan { json: true, .. }
+        | Command::History { json: true, .. }
+        | Command::Failures { json: true, .. } => Err(Error::Usage(format!(
+            "`backfill {} --json` does not take --fleet: run it once per shard with --database-url (with --fleet, --json is for status, gate and run)",
+            cli.command.verb()
         ))),
+        _ => each_shard(&fleet, cli).await,
     }
 }
 
-/// The command on every shard, `max_parallel` at a time, answers in the file's order.
-async fn on_every_shard<'a, T, F, Fut>(fleet: &'a Fleet, each: F) -> Vec<(&'a Shard, T)>
-where
-    F: Fn(&'a Shard) -> Fut,
-    Fut: Future<Output = T> + 'a,
-{
-    stream::iter(&fleet.shards)
-        .map(|shard| {
-            let answer = each(shard);
-            async move { (shard, answer.await) }
-        })
-        .buffered(fleet.max_parallel as usize)
-        .collect()
-        .await
+/// A command with nothing fleet-wide to add, on one shard after another in the file's order,
+/// each shard's output under a line naming it; a shard whose command fails does not stop the
+/// next. Exits with the fleet's code over the shards' (see [`crate::fleet::exit_code`]).
+async fn each_shard(fleet: &Fleet, cli: &Cli) -> Result<u8> {
+    let job = cli.command.job_name();
+    let log_json = cli.global.log_format == LogFormat::Json;
+    let mut codes = Vec::with_capacity(fleet.shards.len());
+    let mut failed = Vec::new();
+    for shard in &fleet.shards {
+        println!("== shard {} ({})", shard.name, shard.target.describe());
+        let code = match super::on_database(cli, || Ok(shard.target.clone())).await {
+            Ok(code) => code,
+            Err(e) => {
+                let line = super::final_line(&e, job, log_json);
+                crate::out::stderr(format_args!("{}: {line}\n", shard.name));
+                e.exit_code()
+            }
+        };
+        if code != exit::SUCCESS {
+            failed.push(format!("{} (exit {code})", shard.name));
+        }
+        codes.push(code);
+    }
+    let verb = cli.command.verb();
+    let total = fleet.shards.len();
+    if failed.is_empty() {
+        println!("`{verb}` succeeded on every shard ({total})");
+    } else {
+        println!(
+            "`{verb}` did not succeed on {} of {total} shards: {}",
+            failed.len(),
+            failed.join(", ")
+        );
+    }
+    Ok(crate::fleet::exit_code(codes.into_iter()))
 }
 
 /// The fleet file and the job files, offline, like `check` on one database.
@@ -87,7 +127,7 @@ async fn gate(
     verify_timeout: Duration,
     json: bool,
 ) -> Result<u8> {
-    let answers = on_every_shard(fleet, |shard| async move {
+    let answers = crate::fleet::on_every_shard(fleet, |shard| async move {
         let report: Result<GateReport> = async {
             let mut client = shard.target.connect().await?;
             crate::migrator::gate(&mut client, store, job, verify_timeout).await

@@ -10,6 +10,8 @@
 
 mod control;
 mod fleet;
+mod fleet_run;
+mod fleet_status;
 mod outlook;
 mod run;
 mod status;
@@ -79,26 +81,30 @@ fn final_line(e: &Error, job: Option<&str>, json: bool) -> String {
 
 /// Runs one command; returns the exit code for outcomes that are not errors.
 pub async fn execute(cli: Cli) -> Result<u8> {
-    let g = &cli.global;
-    let store = Store::new(&g.schema);
-    if let Some(path) = &g.fleet {
+    if let Some(path) = &cli.global.fleet {
         return fleet::execute(path, &cli).await;
     }
-    let target = || Target::resolve(g.database_url.as_deref());
-    match cli.command {
+    on_database(&cli, || Target::resolve(cli.global.database_url.as_deref())).await
+}
+
+/// The command on one database, which `target` gives when the command needs one (a fleet calls
+/// this once per shard).
+async fn on_database(cli: &Cli, target: impl Fn() -> Result<Target>) -> Result<u8> {
+    let g = &cli.global;
+    let store = Store::new(&g.schema);
+    let log_json = g.log_format == LogFormat::Json;
+    match &cli.command {
         Command::Run(args) => {
-            let json = g.log_format == LogFormat::Json;
-            run::run(&target()?, &store, &g.jobs, &args, json, Mode::Forward).await
+            run::run(&target()?, &store, &g.jobs, args, log_json, Mode::Forward).await
         }
         Command::Revert(args) => {
-            let json = g.log_format == LogFormat::Json;
-            run::run(&target()?, &store, &g.jobs, &args, json, Mode::Revert).await
+            run::run(&target()?, &store, &g.jobs, args, log_json, Mode::Revert).await
         }
-        Command::DropUndo { name, yes } => run::drop_undo(&target()?, &store, &name, yes).await,
+        Command::DropUndo { name, yes } => run::drop_undo(&target()?, &store, name, *yes).await,
         Command::Status { name, json } => {
-            status::status(&target()?, &store, &g.jobs, name.as_deref(), json).await
+            status::status(&target()?, &store, &g.jobs, name.as_deref(), *json).await
         }
-        Command::List { json } => list(g.database_url.as_deref(), &store, &g.jobs, json).await,
+        Command::List { json } => list(g.database_url.as_deref(), &store, &g.jobs, *json).await,
         Command::Check { name } => check(&g.jobs, name.as_deref()),
         Command::Plan {
             name,
@@ -107,27 +113,25 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             long_transaction,
         } => {
             let opts = crate::plan::PlanOptions {
-                verify_timeout,
-                long_transaction,
+                verify_timeout: *verify_timeout,
+                long_transaction: *long_transaction,
             };
-            plan(&target()?, &store, &g.jobs, &name, &opts, json).await
+            plan(&target()?, &store, &g.jobs, name, &opts, *json).await
         }
         Command::Gate {
             name,
             json,
             verify_timeout,
-        } => gate(&target()?, &store, &g.jobs, &name, verify_timeout, json).await,
-        Command::Pause { name } => {
-            control(&target()?, &store, &g.jobs, &name, Control::Pause).await
-        }
+        } => gate(&target()?, &store, &g.jobs, name, *verify_timeout, *json).await,
+        Command::Pause { name } => control(&target()?, &store, &g.jobs, name, Control::Pause).await,
         Command::Resume { name } => {
-            control(&target()?, &store, &g.jobs, &name, Control::Resume).await
+            control(&target()?, &store, &g.jobs, name, Control::Resume).await
         }
         Command::Cancel { name } => {
-            control(&target()?, &store, &g.jobs, &name, Control::Cancel).await
+            control(&target()?, &store, &g.jobs, name, Control::Cancel).await
         }
         Command::Set(args) => {
-            let change = control_change(&args)?;
+            let change = control_change(args)?;
             control(
                 &target()?,
                 &store,
@@ -137,21 +141,20 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             )
             .await
         }
-        Command::History { name, json } => history(&target()?, &store, &name, json).await,
+        Command::History { name, json } => history(&target()?, &store, name, *json).await,
         Command::Failures { name, all, json } => {
-            failures(&target()?, &store, &name, all, json).await
+            failures(&target()?, &store, name, *all, *json).await
         }
         Command::RetryFailures { name } => {
-            let json = g.log_format == LogFormat::Json;
-            retry_failures(&target()?, &store, &g.jobs, &name, json).await
+            retry_failures(&target()?, &store, &g.jobs, name, log_json).await
         }
-        Command::Reset { name, yes } => reset(&target()?, &store, &g.jobs, &name, yes).await,
+        Command::Reset { name, yes } => reset(&target()?, &store, &g.jobs, name, *yes).await,
         Command::Init {
             grant_to,
             grant_gate_to,
-        } => init(&target()?, &store, &grant_to, &grant_gate_to).await,
+        } => init(&target()?, &store, grant_to, grant_gate_to).await,
         Command::Demo { rows } => {
-            crate::demo::run(g.database_url.as_deref(), &store, &g.jobs, rows).await
+            crate::demo::run(g.database_url.as_deref(), &store, &g.jobs, *rows).await
         }
     }
 }

@@ -147,7 +147,7 @@ async fn overview(
 
 /// The overview's rate: the live runs' recent one (none while paused or held: rows stop on
 /// purpose, and a 30 s window would still show the rate before), else the last run's average.
-fn overview_rate(c: &Checkpoint, outlook: &Outlook) -> Option<f64> {
+pub(super) fn overview_rate(c: &Checkpoint, outlook: &Outlook) -> Option<f64> {
     if !c.runners.iter().any(|o| o.alive) {
         return c.rate_rows_per_second;
     }
@@ -158,7 +158,7 @@ pub(super) fn state_of(c: Option<&Checkpoint>) -> &'static str {
     c.map_or(JobState::New.as_sql(), |c| c.state.as_str())
 }
 
-fn progress_text(c: &Checkpoint) -> String {
+pub(super) fn progress_text(c: &Checkpoint) -> String {
     match c.total_estimate {
         Some(t) if t > 0 => {
             let t = t.max(c.rows_done);
@@ -171,7 +171,7 @@ fn progress_text(c: &Checkpoint) -> String {
 }
 
 /// The phase the engine last recorded for a job.
-fn recorded_phase(c: Option<&Checkpoint>) -> String {
+pub(super) fn recorded_phase(c: Option<&Checkpoint>) -> String {
     match c {
         None => "not started".to_string(),
         Some(c) if c.state == ShownState::Interrupted => "interrupted (no live runner)".to_string(),

@@ -147,6 +147,11 @@ fn in_range(at: &Locator<'_>, key: &str, n: &Spanned<i64>, max: i64) -> Result<u
 
 /// Shard names appear in metrics labels, tables and file names: letters, digits, `_` and `-`.
 fn check_shard_name(name: &str) -> std::result::Result<(), String> {
+    if name == crate::telemetry::FLEET_TOTAL {
+        return Err(format!(
+            "`{name}` names the fleet's total in progress lines: choose another shard name"
+        ));
+    }
     let ok = !name.is_empty()
         && name.len() <= 63
         && name
@@ -283,6 +288,8 @@ mod tests {
         assert!(m.contains("batch"), "{m}");
         let m = usage("[shards]\n\"a b\" = \"postgresql://u@h/a\"\n");
         assert!(m.contains("key `shards.a b`: a shard name is"), "{m}");
+        let m = usage("[shards]\nall = \"postgresql://u@h/a\"\n");
+        assert!(m.contains("names the fleet's total"), "{m}");
         let m = usage("[shards]\na = \"postgresql://u@h/${1X}\"\n");
         assert!(m.contains("not a variable name"), "{m}");
     }

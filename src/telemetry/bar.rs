@@ -14,6 +14,8 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 pub(super) struct Frame<'a> {
     pub job: &'a str,
+    /// The fleet's shard the run is on (None: not a fleet run).
+    pub shard: Option<&'a str>,
     /// The sweep pass being walked (None: the first pass over the keys).
     pub sweep: Option<i32>,
     /// Keys done in this pass.
@@ -51,9 +53,13 @@ enum Slot {
 /// that reaches the last column makes some terminals wrap).
 pub(super) fn render(f: &Frame<'_>, width: usize) -> String {
     let limit = width.max(20) - 1;
-    let name = match f.sweep {
-        Some(pass) => format!("{} sweep {pass}", f.job),
+    let job = match f.shard {
+        Some(shard) => format!("{shard} {}", f.job),
         None => f.job.to_string(),
+    };
+    let name = match f.sweep {
+        Some(pass) => format!("{job} sweep {pass}"),
+        None => job,
     };
     let mut parts = vec![
         (Slot::Name, name),
@@ -66,7 +72,10 @@ pub(super) fn render(f: &Frame<'_>, width: usize) -> String {
     }
     // Numbers keep their width from frame to frame, so the bar does not jitter.
     parts.push((Slot::Rate, format!("{:>5} rows/s", rate(f.rate))));
-    parts.push((Slot::Chunk, format!("chunk {}", f.chunk)));
+    // A fleet's total line has no chunk of its own.
+    if f.chunk > 0 {
+        parts.push((Slot::Chunk, format!("chunk {}", f.chunk)));
+    }
     parts.push((Slot::Workers, workers(f.workers)));
     // Optional parts go, least useful first, until the rest fits; the bar's narrowest form is
     // reserved until its turn comes.
@@ -212,7 +221,7 @@ pub(super) fn progress_line(f: &Frame<'_>, json: bool) -> String {
         .filter(|t| *t > 0)
         .map(|t| (f.done as f64 / t as f64).min(1.0));
     if json {
-        return serde_json::json!({
+        let mut line = serde_json::json!({
             "ts": super::now(),
             "level": "info",
             "job": f.job,
@@ -227,8 +236,11 @@ pub(super) fn progress_line(f: &Frame<'_>, json: bool) -> String {
             "chunk_rows": f.chunk,
             "workers": f.workers,
             "held": f.held,
-        })
-        .to_string();
+        });
+        if let Some(shard) = f.shard {
+            line["shard"] = shard.into();
+        }
+        return line.to_string();
     }
     let sweep = f.sweep.map(|p| format!("sweep {p}: ")).unwrap_or_default();
     let of = f.total.map(|t| format!(" of ~{t}")).unwrap_or_default();
@@ -241,15 +253,43 @@ pub(super) fn progress_line(f: &Frame<'_>, json: bool) -> String {
         (None, None) => ", eta unknown".into(),
     };
     let held = f.held.map(|h| format!(", held: {h}")).unwrap_or_default();
+    let shard = f.shard.map(|s| format!("{s}: ")).unwrap_or_default();
+    // A fleet's total line has no chunk of its own.
+    let chunk = match f.chunk {
+        0 => String::new(),
+        n => format!(", chunk {n} rows"),
+    };
     format!(
-        "{}: {sweep}{}{of} rows{pct}, {} rows/s{eta}, chunk {} rows, {}, elapsed {}{held}",
+        "{shard}{}: {sweep}{}{of} rows{pct}, {} rows/s{eta}{chunk}, {}, elapsed {}{held}",
         f.job,
         f.done,
         rate(f.rate),
-        f.chunk,
         workers(f.workers),
         clock(f.elapsed)
     )
+}
+
+/// A log line as printed: `line` itself (after `SHARD: ` on a fleet's shard), or a JSON object
+/// with `ts`, `level`, `job`, `msg` (and `shard`).
+pub(super) fn log_line(job: &str, shard: Option<&str>, json: bool, line: &str) -> String {
+    if json {
+        let level = if line.starts_with("warning") {
+            "warn"
+        } else {
+            "info"
+        };
+        let mut json =
+            serde_json::json!({ "ts": super::now(), "level": level, "job": job, "msg": line });
+        if let Some(shard) = shard {
+            json["shard"] = shard.into();
+        }
+        json.to_string()
+    } else {
+        match shard {
+            Some(shard) => format!("{shard}: {line}"),
+            None => line.to_string(),
+        }
+    }
 }
 
 /// The terminal's width in columns (80 when it cannot be read).
@@ -271,6 +311,7 @@ mod tests {
     fn frame(held: Option<&'static str>) -> Frame<'static> {
         Frame {
             job: "orders_status",
+            shard: None,
             sweep: None,
             done: 174_206,
             total: Some(300_000),

@@ -14,18 +14,20 @@
 mod bar;
 mod export;
 mod finishing;
+mod fleet;
 mod listen;
 
 pub use export::{
     parse_metrics_addr, serve_metrics, CHUNK_DURATION_BUCKETS, CHUNK_OUTCOMES, ERROR_CLASSES,
     METRICS, PAUSED_STATE, STATES,
 };
+pub use fleet::{FleetDisplay, TOTAL as FLEET_TOTAL};
 pub use listen::describe_controls;
 
 use crate::hold::HoldReason;
 use crate::state::JobState;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
-use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram, Label};
 use std::io::IsTerminal;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -113,10 +115,11 @@ impl State {
     }
 
     /// What the bar and the progress line show now.
-    fn frame<'a>(&'a self, job: &'a str) -> bar::Frame<'a> {
+    fn frame<'a>(&'a self, job: &'a str, shard: Option<&'a str>) -> bar::Frame<'a> {
         let (_, eta, rate) = figures(self);
         bar::Frame {
             job,
+            shard,
             sweep: self.sweep,
             done: self.pass_rows(),
             total: self.total,
@@ -135,11 +138,12 @@ const STEADY_TICK: Duration = Duration::from_millis(200);
 
 /// A bar that draws nothing until the run starts (`start` points it at stderr); its one line
 /// is rendered from the reporter's state at each draw, fitted to the terminal's width.
-fn terminal_bar(job: &str, state: &Arc<Mutex<State>>) -> ProgressBar {
-    let (job, state) = (job.to_string(), state.clone());
+fn terminal_bar(job: &str, shard: Option<&str>, state: &Arc<Mutex<State>>) -> ProgressBar {
+    let (job, shard, state) = (job.to_string(), shard.map(str::to_string), state.clone());
     let line = move |_: &ProgressState, w: &mut dyn std::fmt::Write| {
         let s = state.lock().unwrap();
-        let _ = w.write_str(&bar::render(&s.frame(&job), bar::terminal_width()));
+        let frame = s.frame(&job, shard.as_deref());
+        let _ = w.write_str(&bar::render(&frame, bar::terminal_width()));
     };
     let style = ProgressStyle::with_template("{line}")
         .expect("valid template")
@@ -149,10 +153,24 @@ fn terminal_bar(job: &str, state: &Arc<Mutex<State>>) -> ProgressBar {
     bar
 }
 
-/// The run's reporter: progress display, log lines and metrics for one job.
+/// Where a reporter draws its bar: nowhere (plain lines), alone on the terminal, or as one line
+/// of a fleet's display.
+enum Screen {
+    Plain,
+    Terminal,
+    Fleet(MultiProgress),
+}
+
+/// The run's reporter: progress display, log lines and metrics for one job (on one shard of a
+/// fleet, when `shard` is set: its log lines name it, its metrics carry a `shard` label).
 pub struct Progress {
     job: String,
+    shard: Option<String>,
+    /// `backfill_job`, and `shard` on a fleet: every series carries them.
+    labels: Vec<Label>,
     bar: Option<ProgressBar>,
+    /// The fleet's display the bar is a line of.
+    multi: Option<MultiProgress>,
     opts: ProgressOptions,
     quiet: bool,
     /// Shared with the bar, which reads it at each draw: never call the bar while holding it.
@@ -163,48 +181,65 @@ pub struct Progress {
 impl Progress {
     /// A bar when stderr is a terminal, plain lines otherwise.
     pub fn new(job: &str, opts: ProgressOptions) -> Progress {
-        Progress::build(job, opts, std::io::stderr().is_terminal())
+        let screen = match std::io::stderr().is_terminal() {
+            true => Screen::Terminal,
+            false => Screen::Plain,
+        };
+        Progress::build(job, None, opts, screen)
     }
 
-    fn build(job: &str, opts: ProgressOptions, terminal: bool) -> Progress {
+    fn build(job: &str, shard: Option<&str>, opts: ProgressOptions, screen: Screen) -> Progress {
         let state = Arc::new(Mutex::new(State::new()));
-        let bar = terminal.then(|| terminal_bar(job, &state));
-        let j = job.to_string();
+        let (bar, multi) = match screen {
+            Screen::Plain => (None, None),
+            Screen::Terminal => (Some(terminal_bar(job, shard, &state)), None),
+            Screen::Fleet(m) => (Some(terminal_bar(job, shard, &state)), Some(m)),
+        };
+        let mut labels = vec![Label::new("backfill_job", job.to_string())];
+        if let Some(shard) = shard {
+            labels.push(Label::new("shard", shard.to_string()));
+        }
+        let with = |k: &'static str, v: &'static str| {
+            let mut l = labels.clone();
+            l.push(Label::new(k, v));
+            l
+        };
+        let j = labels.clone();
         let m = Handles {
-            rows: counter!("backfill_rows_processed_total", "backfill_job" => j.clone()),
-            changed: counter!("backfill_rows_changed_total", "backfill_job" => j.clone()),
-            round_trips: counter!("backfill_round_trips_total", "backfill_job" => j.clone()),
-            duration: histogram!("backfill_chunk_duration_seconds", "backfill_job" => j.clone()),
-            chunk_size: gauge!("backfill_chunk_size_rows", "backfill_job" => j.clone()),
-            ratio: gauge!("backfill_progress_ratio", "backfill_job" => j.clone()),
-            eta: gauge!("backfill_eta_seconds", "backfill_job" => j.clone()),
-            rows_done: gauge!("backfill_rows_done", "backfill_job" => j.clone()),
-            total: gauge!("backfill_rows_total_estimate", "backfill_job" => j.clone()),
-            workers: gauge!("backfill_active_workers", "backfill_job" => j.clone()),
-            lag: gauge!("backfill_replication_lag_seconds", "backfill_job" => j.clone()),
-            failing: gauge!("backfill_failing_keys", "backfill_job" => j.clone()),
+            rows: counter!("backfill_rows_processed_total", j.clone()),
+            changed: counter!("backfill_rows_changed_total", j.clone()),
+            round_trips: counter!("backfill_round_trips_total", j.clone()),
+            duration: histogram!("backfill_chunk_duration_seconds", j.clone()),
+            chunk_size: gauge!("backfill_chunk_size_rows", j.clone()),
+            ratio: gauge!("backfill_progress_ratio", j.clone()),
+            eta: gauge!("backfill_eta_seconds", j.clone()),
+            rows_done: gauge!("backfill_rows_done", j.clone()),
+            total: gauge!("backfill_rows_total_estimate", j.clone()),
+            workers: gauge!("backfill_active_workers", j.clone()),
+            lag: gauge!("backfill_replication_lag_seconds", j.clone()),
+            failing: gauge!("backfill_failing_keys", j.clone()),
         };
         // Register every labelled series at zero, so dashboards and alerts see 0, not "no data".
         for o in CHUNK_OUTCOMES {
-            counter!("backfill_chunks_total", "backfill_job" => j.clone(), "outcome" => *o)
-                .increment(0);
+            counter!("backfill_chunks_total", with("outcome", o)).increment(0);
         }
         for r in HoldReason::ALL {
-            counter!("backfill_held_seconds_total", "backfill_job" => j.clone(), "reason" => r.label())
-                .increment(0);
+            counter!("backfill_held_seconds_total", with("reason", r.label())).increment(0);
         }
         for c in ERROR_CLASSES {
-            counter!("backfill_retries_total", "backfill_job" => j.clone(), "class" => *c)
-                .increment(0);
+            counter!("backfill_retries_total", with("class", c)).increment(0);
         }
-        gauge!("backfill_rate_limit_rows_per_second", "backfill_job" => j.clone()).set(0.0);
+        gauge!("backfill_rate_limit_rows_per_second", j.clone()).set(0.0);
         for r in HoldReason::ALL {
-            gauge!("backfill_held", "backfill_job" => j.clone(), "reason" => r.label()).set(0.0);
+            gauge!("backfill_held", with("reason", r.label())).set(0.0);
         }
         m.failing.set(0.0);
         Progress {
-            job: j,
+            job: job.to_string(),
+            shard: shard.map(str::to_string),
+            labels,
             bar,
+            multi,
             opts,
             quiet: false,
             state,
@@ -216,7 +251,7 @@ impl Progress {
     pub fn hidden(job: &str) -> Progress {
         Progress {
             quiet: true,
-            ..Progress::build(job, ProgressOptions::default(), false)
+            ..Progress::build(job, None, ProgressOptions::default(), Screen::Plain)
         }
     }
 
@@ -255,7 +290,12 @@ impl Progress {
         self.set_chunk_size(chunk_size);
         self.update(0);
         if let Some(bar) = &self.bar {
-            bar.set_draw_target(ProgressDrawTarget::stderr());
+            match &self.multi {
+                Some(multi) => {
+                    multi.add(bar.clone());
+                }
+                None => bar.set_draw_target(ProgressDrawTarget::stderr()),
+            }
             bar.enable_steady_tick(STEADY_TICK);
         }
     }
@@ -278,8 +318,7 @@ impl Progress {
         took: Duration,
         round_trips: u32,
     ) {
-        counter!("backfill_chunks_total", "backfill_job" => self.job.clone(), "outcome" => "committed")
-            .increment(1);
+        counter!("backfill_chunks_total", self.with("outcome", "committed")).increment(1);
         self.m.changed.increment(changed);
         self.m.round_trips.increment(u64::from(round_trips));
         self.m.duration.record(took.as_secs_f64());
@@ -294,8 +333,7 @@ impl Progress {
     /// A poison key was recorded and passed (`on_error = "skip"`); `newly_failing` when it was
     /// not already recorded as failing.
     pub fn key_skipped(&self, newly_failing: bool) {
-        counter!("backfill_chunks_total", "backfill_job" => self.job.clone(), "outcome" => "skipped")
-            .increment(1);
+        counter!("backfill_chunks_total", self.with("outcome", "skipped")).increment(1);
         self.failing_keys_moved(|n| n + u64::from(newly_failing));
         self.update(1);
     }
@@ -313,10 +351,8 @@ impl Progress {
 
     /// A chunk attempt failed with an error of `class` and will be retried (or narrowed).
     pub fn chunk_failed(&self, class: &'static str) {
-        counter!("backfill_chunks_total", "backfill_job" => self.job.clone(), "outcome" => "failed")
-            .increment(1);
-        counter!("backfill_retries_total", "backfill_job" => self.job.clone(), "class" => class)
-            .increment(1);
+        counter!("backfill_chunks_total", self.with("outcome", "failed")).increment(1);
+        counter!("backfill_retries_total", self.with("class", class)).increment(1);
     }
 
     /// The run was held for `d` for `reason`. Prometheus counters are
@@ -344,8 +380,11 @@ impl Progress {
             eprintln!("{line}");
         }
         if whole > 0 {
-            counter!("backfill_held_seconds_total", "backfill_job" => self.job.clone(), "reason" => reason.label())
-                .increment(whole);
+            counter!(
+                "backfill_held_seconds_total",
+                self.with("reason", reason.label())
+            )
+            .increment(whole);
         }
     }
 
@@ -380,7 +419,7 @@ impl Progress {
 
     /// The rate ceiling in force (None: none).
     pub fn set_rate_limit(&self, rows_per_second: Option<u32>) {
-        gauge!("backfill_rate_limit_rows_per_second", "backfill_job" => self.job.clone())
+        gauge!("backfill_rate_limit_rows_per_second", self.labels.clone())
             .set(rows_per_second.unwrap_or(0) as f64);
     }
 
@@ -407,8 +446,11 @@ impl Progress {
 
     fn set_held_gauges(&self, reason: Option<HoldReason>) {
         for r in HoldReason::ALL {
-            gauge!("backfill_held", "backfill_job" => self.job.clone(), "reason" => r.label())
-                .set(if Some(r) == reason { 1.0 } else { 0.0 });
+            gauge!("backfill_held", self.with("reason", r.label())).set(if Some(r) == reason {
+                1.0
+            } else {
+                0.0
+            });
         }
     }
 
@@ -416,11 +458,14 @@ impl Progress {
         let paused = state == JobState::Running
             && self.state.lock().unwrap().hold == Some(HoldReason::Paused);
         for s in STATES {
-            gauge!("backfill_state", "backfill_job" => self.job.clone(), "state" => s.as_sql())
+            gauge!("backfill_state", self.with("state", s.as_sql()))
                 .set(if *s == state && !paused { 1.0 } else { 0.0 });
         }
-        gauge!("backfill_state", "backfill_job" => self.job.clone(), "state" => PAUSED_STATE)
-            .set(if paused { 1.0 } else { 0.0 });
+        gauge!("backfill_state", self.with("state", PAUSED_STATE)).set(if paused {
+            1.0
+        } else {
+            0.0
+        });
     }
 
     /// Changes what the bar and the progress line show, then redraws the bar (outside the lock).
@@ -468,7 +513,7 @@ impl Progress {
     }
 
     fn progress_line(&self, s: &State) -> String {
-        bar::progress_line(&s.frame(&self.job), self.opts.json)
+        bar::progress_line(&s.frame(&self.job, self.shard.as_deref()), self.opts.json)
     }
 
     /// A log line on stderr that does not break the bar.
@@ -476,27 +521,28 @@ impl Progress {
         if self.quiet {
             return;
         }
-        let line = if self.opts.json {
-            let level = if line.starts_with("warning") {
-                "warn"
-            } else {
-                "info"
-            };
-            serde_json::json!({ "ts": now(), "level": level, "job": self.job, "msg": line })
-                .to_string()
-        } else {
-            line.to_string()
-        };
-        match &self.bar {
-            Some(bar) => bar.suspend(|| eprintln!("{line}")),
-            None => eprintln!("{line}"),
+        let line = bar::log_line(&self.job, self.shard.as_deref(), self.opts.json, line);
+        match (&self.multi, &self.bar) {
+            (Some(multi), _) => multi.suspend(|| eprintln!("{line}")),
+            (None, Some(bar)) => bar.suspend(|| eprintln!("{line}")),
+            (None, None) => eprintln!("{line}"),
         }
+    }
+
+    /// The series' labels with one more.
+    fn with(&self, key: &'static str, value: &'static str) -> Vec<Label> {
+        let mut labels = self.labels.clone();
+        labels.push(Label::new(key, value));
+        labels
     }
 
     /// Ends the display and records the final state.
     pub fn finish(&self, state: JobState) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
+            if let Some(multi) = &self.multi {
+                multi.remove(bar);
+            }
         }
         {
             let mut s = self.state.lock().unwrap();
@@ -547,7 +593,7 @@ mod tests {
         };
         let (ratio, _, _) = figures(&s);
         assert_eq!(ratio, Some(0.5));
-        assert_eq!(s.frame("j").done, 150);
+        assert_eq!(s.frame("j", None).done, 150);
     }
 
     #[test]

@@ -1,0 +1,241 @@
+//! `run --fleet` and `revert --fleet`: the job on every shard, at most `max_parallel` shards at
+//! once, the next starting as one ends. A shard that fails, is refused or cannot be reached is
+//! reported and the others go on; one Ctrl-C stops every shard after its in-flight chunk. Owns
+//! the scheduling, the per-shard summary and the fleet's exit code; what a run does on one
+//! shard is `run::run_on`'s (each shard keeps its own exactly-once checkpoint).
+
+use super::run::{self, Mode};
+use crate::cli::RunArgs;
+use crate::error::{exit, Error, ErrorKind, Result};
+use crate::executor::Report;
+use crate::fleet::{Fleet, Shard};
+use crate::signals::Shutdown;
+use crate::store::Store;
+use crate::telemetry::{FleetDisplay, Progress, ProgressOptions};
+use futures_util::stream::{self, StreamExt};
+use std::path::Path;
+use std::sync::Arc;
+
+/// How one shard's run ended.
+struct ShardEnd {
+    shard: String,
+    /// The exit code its run alone would have had.
+    code: u8,
+    report: Option<Report>,
+    /// The line its run ended with (the error, or the stop and where it resumes).
+    error: Option<String>,
+}
+
+pub(super) async fn run(
+    fleet: &Fleet,
+    store: &Store,
+    jobs: &Path,
+    args: &RunArgs,
+    log_json: bool,
+    mode: Mode,
+) -> Result<u8> {
+    let (forward, job) = run::load(jobs, store, &args.name, mode)?;
+    let metrics = run::serve_metrics(args)?;
+    let popts = ProgressOptions {
+        interval: args.progress_interval,
+        json: log_json,
+    };
+    let log = Arc::new(FleetDisplay::new(&job.name, fleet.shards.len(), popts));
+    if let Some(a) = metrics {
+        log.log(&format!(
+            "{}: serving metrics on http://{a}/metrics",
+            job.name
+        ));
+    }
+    let l = log.clone();
+    let shutdown = Shutdown::install(move |line| l.log(line))
+        .map_err(|e| Error::Runtime(format!("cannot install signal handlers: {e}")))?;
+    log.log(&format!(
+        "{}: fleet {}: {} shards, {} at once",
+        job.name,
+        fleet.path.display(),
+        fleet.shards.len(),
+        fleet.max_parallel.min(fleet.shards.len() as u32)
+    ));
+    let runs = stream::iter(&fleet.shards)
+        .map(|shard| {
+            let (forward, job, shutdown, log) = (&forward, &job, &shutdown, &log);
+            async move {
+                if shutdown.stop_requested() {
+                    return not_started(shard, &job.name);
+                }
+                let progress = log.shard(&shard.name);
+                let args = shard_args(args, shard);
+                let result = run::run_on(
+                    &shard.target,
+                    store,
+                    (forward, job),
+                    &args,
+                    mode,
+                    shutdown,
+                    &progress,
+                )
+                .await;
+                end_of(shard, job, result, &progress)
+            }
+        })
+        .buffer_unordered(fleet.max_parallel as usize)
+        .collect::<Vec<ShardEnd>>();
+    tokio::pin!(runs);
+    // Without a terminal, the fleet's total every --progress-interval, among the shards' lines.
+    let mut every = tokio::time::interval(args.progress_interval);
+    every.tick().await;
+    let ends = loop {
+        tokio::select! {
+            ends = &mut runs => break ends,
+            _ = every.tick() => {
+                if let Some(line) = log.total_line() {
+                    crate::out::stderr(format_args!("{line}\n"));
+                }
+            }
+        }
+    };
+    log.finish();
+    if metrics.is_some() && !args.metrics_linger.is_zero() {
+        shutdown.sleep(args.metrics_linger).await;
+    }
+    summarize(fleet, &job.name, ends, args.json, &log)
+}
+
+/// The shard's run flags: its `[shard_settings]` take the place of the run's flags.
+fn shard_args(args: &RunArgs, shard: &Shard) -> RunArgs {
+    let mut mine = args.clone();
+    if let Some(r) = shard.settings.rows_per_second {
+        mine.rows_per_second = Some(r);
+    }
+    if let Some(w) = shard.settings.workers {
+        mine.workers = w;
+    }
+    // One endpoint for the fleet, served above.
+    mine.metrics_addr = None;
+    mine
+}
+
+fn not_started(shard: &Shard, job: &str) -> ShardEnd {
+    ShardEnd {
+        shard: shard.name.clone(),
+        code: exit::INTERRUPTED,
+        report: None,
+        error: Some(format!(
+            "{job}: not started: the fleet run was stopped first"
+        )),
+    }
+}
+
+fn end_of(
+    shard: &Shard,
+    job: &crate::job::JobSpec,
+    result: Result<Report>,
+    progress: &Progress,
+) -> ShardEnd {
+    let (report, concluded) = match result {
+        Ok(report) => (Some(report.clone()), run::conclude(job, report, progress)),
+        Err(e) => (None, Err(e)),
+    };
+    let (code, error) = match concluded {
+        Ok(code) => (code, None),
+        Err(e) => {
+            let code = e.exit_code();
+            let line = e.to_string();
+            if e.kind() != ErrorKind::Interrupted {
+                progress.log(&format!("error: {line}"));
+            }
+            (code, Some(line))
+        }
+    };
+    ShardEnd {
+        shard: shard.name.clone(),
+        code,
+        report,
+        error,
+    }
+}
+
+fn summarize(
+    fleet: &Fleet,
+    job: &str,
+    mut ends: Vec<ShardEnd>,
+    json: bool,
+    log: &FleetDisplay,
+) -> Result<u8> {
+    // In the file's order, whatever order they ended in.
+    let order = |name: &str| fleet.shards.iter().position(|s| s.name == name);
+    ends.sort_by_key(|e| order(&e.shard));
+    let code = crate::fleet::exit_code(ends.iter().map(|e| e.code));
+    if json {
+        let shards: Vec<serde_json::Value> = ends
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "shard": e.shard,
+                    "exit_code": e.code,
+                    "report": e.report,
+                    "error": e.error,
+                })
+            })
+            .collect();
+        let out = serde_json::json!({ "job": job, "exit_code": code, "shards": shards });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).expect("serializable")
+        );
+    }
+    let width = ends.iter().map(|e| e.shard.len()).max().unwrap_or(5).max(5);
+    log.log(&format!(
+        "{:<width$}  {:<11}  {:>10}  NOTE",
+        "SHARD", "OUTCOME", "ROWS"
+    ));
+    for e in &ends {
+        let outcome = match (e.code, &e.report) {
+            (exit::SUCCESS, Some(r)) => match r.outcome {
+                crate::executor::Outcome::AlreadyDone => "already done",
+                crate::executor::Outcome::LimitReached { .. } => "canary",
+                _ => "done",
+            },
+            (exit::INTERRUPTED, _) => "stopped",
+            (exit::NOT_SATISFIED, _) => "not ready",
+            (exit::USAGE, _) => "refused",
+            _ => "failed",
+        };
+        let rows = e
+            .report
+            .as_ref()
+            .map(|r| r.rows.to_string())
+            .unwrap_or_else(|| "-".into());
+        let note = e.error.as_deref().unwrap_or("-");
+        log.log(&format!(
+            "{:<width$}  {outcome:<11}  {rows:>10}  {note}",
+            e.shard
+        ));
+    }
+    let unfinished: Vec<&str> = ends
+        .iter()
+        .filter(|e| e.code != exit::SUCCESS)
+        .map(|e| e.shard.as_str())
+        .collect();
+    let total = ends.len();
+    if unfinished.is_empty() {
+        log.log(&format!("{job}: every shard ({total}) done"));
+        return Ok(code);
+    }
+    let again = format!(
+        "`backfill run {job} --fleet {}` again redoes only the unfinished shards",
+        fleet.path.display()
+    );
+    let line = format!(
+        "{job}: {} of {total} shards not done: {}; {again}",
+        unfinished.len(),
+        unfinished.join(", ")
+    );
+    Err(match code {
+        exit::INTERRUPTED => Error::Interrupted(line),
+        exit::USAGE => Error::Usage(line),
+        exit::NOT_SATISFIED => Error::NotSatisfied(line),
+        _ => Error::Runtime(line),
+    })
+}
