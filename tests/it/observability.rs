@@ -266,6 +266,7 @@ fn prometheus_scrapes_a_real_run_and_every_dashboard_query_returns_data() {
     for q in &queries {
         let expr = q
             .replace("$backfill_job", "obs")
+            .replace("$shard", ".*")
             .replace("$__rate_interval", "1m");
         let result = prom_query(&prom, &expr);
         let raw = prom_query(&prom, "{__name__=~\"backfill_rows.*\"}[1m]");
