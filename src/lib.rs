@@ -15,7 +15,7 @@
 //! Dependency order, each layer using only those before it (no import circles):
 //! `sql`, `error`, `state`, `backoff`, `hold`, `out`, `pgtemp` → `job` → `db` → `keyset` →
 //! `store` → `events` → `undo`, `migrator`, `finish` → `resolve`, `plan`, `throttle`, `signals` →
-//! `telemetry`, `executor` → `demo`, `cli` → `app`.
+//! `telemetry`, `executor` → `fleet`, `demo`, `cli` → `app`.
 //!
 //! - [`sql`]: identifier quoting, table names, the one SQL tokenizer, the `:start`/`:end` template.
 //! - [`error`]: the error type (kind → exit code; a database error keeps its class, SQLSTATE,
@@ -35,7 +35,8 @@
 //!   typed, with the one sentence `status` and the log show for it. [`throttle`]: rate, chunk
 //!   size, health signals. [`signals`]: the clean stop.
 //! - [`executor`]: a run (join → key range → workers → verify/sweep → record), its workers, the
-//!   chunk and the recovery policy. [`app`] and [`cli`]: the commands. [`demo`], [`pgtemp`]:
+//!   chunk and the recovery policy. [`fleet`]: one job over many databases (the fleet file, a
+//!   command on every shard). [`app`] and [`cli`]: the commands. [`demo`], [`pgtemp`]:
 //!   throwaway servers. [`out`]: stdout and stderr (a closed pipe is a normal end, never a panic).
 
 // The library's `println!` and friends: a closed stdout (`backfill status | head -1`) ends the

@@ -285,6 +285,11 @@ fn a_shard_not_ready_does_not_stop_the_others_and_the_next_run_does_only_it() {
     assert_eq!(s.b.i64("SELECT count(*) FROM t WHERE n <> 0"), 0);
 
     s.b.exec("CREATE TABLE ready ()");
+    // b's own settings: two workers and a rate ceiling in place of the run's flags.
+    let fleet = s.fleet_file(&format!(
+        "[shards]\nsh_a = \"{}\"\nsh_b = \"{}\"\n[shard_settings.sh_b]\nworkers = 2\nrows_per_second = 100000\n",
+        s.a.url, s.b.url
+    ));
     let out = s.fleet(&fleet, &["run", "j", "--json"]);
     out.expect(0);
     let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
@@ -296,6 +301,12 @@ fn a_shard_not_ready_does_not_stop_the_others_and_the_next_run_does_only_it() {
     );
     assert_eq!(report["shards"][1]["report"]["outcome"], "done", "{out:?}");
     assert_eq!(report["shards"][1]["report"]["rows"], 400, "{out:?}");
+    assert_eq!(report["shards"][1]["report"]["workers"], 2, "{out:?}");
+    assert_eq!(
+        s.b.i64("SELECT (throttle_flags->>'rows_per_second')::bigint FROM backfill.runs ORDER BY id DESC LIMIT 1"),
+        100000,
+        "{out:?}"
+    );
     for url in [&s.a.url, &s.b.url] {
         assert_eq!(not_once(url), 0);
     }
@@ -451,6 +462,17 @@ fn status_and_the_other_commands_work_on_every_shard() {
     assert_eq!(v["shards"][1]["state"], "new", "{out:?}");
     assert_eq!(v["total"]["shards_done"], 1, "{out:?}");
     assert_eq!(v["total"]["rows_done"], 200, "{out:?}");
+
+    let out = s.fleet(&fleet, &["plan", "j"]);
+    out.expect(0);
+    assert!(
+        out.stdout.contains("== shard sh_b (") && out.stdout.contains("first chunk"),
+        "{out:?}"
+    );
+    assert!(
+        out.stdout.contains("`plan` succeeded on every shard (2)"),
+        "{out:?}"
+    );
 
     let out = s.fleet(&fleet, &["pause", "j"]);
     out.expect(0);
