@@ -20,16 +20,16 @@ pub struct Cli {
 
 #[derive(Debug, Args)]
 pub struct Global {
-    /// PostgreSQL URL or key=value string; else DATABASE_URL; else the libpq variables
-    /// (PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE, PGSSLMODE, PGSSLROOTCERT).
-    #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
+    /// PostgreSQL URL or key=value string; else DATABASE_URL (unless --fleet is given); else
+    /// the libpq variables (PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE, PGSSLMODE,
+    /// PGSSLROOTCERT).
+    #[arg(long, global = true)]
     pub database_url: Option<String>,
     /// A fleet file: the command runs on every shard (database) it lists, see the README's
-    /// "Fleets". Excludes --database-url.
+    /// "Fleets"; else BACKFILL_FLEET (unless --database-url is given). Excludes --database-url.
     #[arg(
         long,
         global = true,
-        env = "BACKFILL_FLEET",
         value_name = "FILE",
         conflicts_with = "database_url"
     )]
@@ -180,6 +180,33 @@ pub enum Command {
         #[arg(long, default_value_t = 1_000_000)]
         rows: u64,
     },
+}
+
+/// Where a command runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Place {
+    /// One database: this URL, else the libpq variables.
+    Database(Option<String>),
+    /// Every shard of this fleet file.
+    Fleet(PathBuf),
+}
+
+impl Global {
+    /// The command line first, then the environment: a `--fleet` or `--database-url` given
+    /// wins over the other's variable (`DATABASE_URL` exported for other tools does not stand
+    /// in the way of `--fleet`); both variables set and neither flag is ambiguous.
+    pub fn place(&self) -> Result<Place, String> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        match (&self.fleet, &self.database_url) {
+            (Some(fleet), _) => Ok(Place::Fleet(fleet.clone())),
+            (None, Some(url)) => Ok(Place::Database(Some(url.clone()))),
+            (None, None) => match (var("BACKFILL_FLEET"), var("DATABASE_URL")) {
+                (Some(_), Some(_)) => Err("both BACKFILL_FLEET and DATABASE_URL are set: pass --fleet FILE or --database-url URL to say which".into()),
+                (Some(fleet), None) => Ok(Place::Fleet(PathBuf::from(fleet))),
+                (None, url) => Ok(Place::Database(url)),
+            },
+        }
+    }
 }
 
 impl Command {

@@ -32,7 +32,7 @@ pub(super) async fn execute(path: &Path, cli: &Cli) -> Result<u8> {
         Command::Status {
             name: Some(name),
             json,
-        } => super::fleet_status::status(&fleet, &store, name, *json).await,
+        } => super::fleet_status::status(&fleet, &store, jobs, name, *json).await,
         Command::Run(args) => super::fleet_run::run(&fleet, &store, jobs, args, log_json, Mode::Forward).await,
         Command::Revert(args) => super::fleet_run::run(&fleet, &store, jobs, args, log_json, Mode::Revert).await,
         Command::List { .. } | Command::Demo { .. } | Command::Status { name: None, .. } => {
@@ -65,7 +65,7 @@ async fn each_shard(fleet: &Fleet, cli: &Cli) -> Result<u8> {
     let mut failed = Vec::new();
     for shard in &fleet.shards {
         println!("== shard {} ({})", shard.name, shard.target.describe());
-        let code = match super::on_database(cli, || Ok(shard.target.clone())).await {
+        let code = match super::on_database(cli, None, || Ok(shard.target.clone())).await {
             Ok(code) => code,
             Err(e) => {
                 let line = super::final_line(&e, job, log_json);

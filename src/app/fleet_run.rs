@@ -7,14 +7,14 @@
 use super::run::{self, Mode};
 use crate::cli::RunArgs;
 use crate::error::{exit, Error, ErrorKind, Result};
-use crate::executor::Report;
+use crate::executor::{Outcome, Report};
 use crate::fleet::{Fleet, Shard};
-use crate::signals::Shutdown;
 use crate::store::Store;
 use crate::telemetry::{FleetDisplay, Progress, ProgressOptions};
 use futures_util::stream::{self, StreamExt};
+use futures_util::FutureExt;
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
-use std::sync::Arc;
 
 /// How one shard's run ended.
 struct ShardEnd {
@@ -35,21 +35,13 @@ pub(super) async fn run(
     mode: Mode,
 ) -> Result<u8> {
     let (forward, job) = run::load(jobs, store, &args.name, mode)?;
-    let metrics = run::serve_metrics(args)?;
     let popts = ProgressOptions {
         interval: args.progress_interval,
         json: log_json,
     };
-    let log = Arc::new(FleetDisplay::new(&job.name, fleet.shards.len(), popts));
-    if let Some(a) = metrics {
-        log.log(&format!(
-            "{}: serving metrics on http://{a}/metrics",
-            job.name
-        ));
-    }
-    let l = log.clone();
-    let shutdown = Shutdown::install(move |line| l.log(line))
-        .map_err(|e| Error::Runtime(format!("cannot install signal handlers: {e}")))?;
+    let (metrics, log, shutdown) = run::start_reporting(args, &job.name, || {
+        FleetDisplay::new(&job.name, fleet.shards.len(), popts)
+    })?;
     log.log(&format!(
         "{}: fleet {}: {} shards, {} at once",
         job.name,
@@ -66,7 +58,7 @@ pub(super) async fn run(
                 }
                 let progress = log.shard(&shard.name);
                 let args = shard_args(args, shard);
-                let result = run::run_on(
+                let run = run::run_on(
                     &shard.target,
                     store,
                     (forward, job),
@@ -74,8 +66,20 @@ pub(super) async fn run(
                     mode,
                     shutdown,
                     &progress,
-                )
-                .await;
+                );
+                // A bug that panics on one shard ends that shard's run (its open transaction
+                // rolls back with its connection), not the others'.
+                let result = AssertUnwindSafe(run).catch_unwind().await.unwrap_or_else(|panic| {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    Err(Error::Runtime(format!(
+                        "{}: the run on this shard panicked ({what}); a bug: please report it. Its committed chunks are kept; `backfill run {} --fleet FILE` resumes it",
+                        job.name, job.name
+                    )))
+                });
                 end_of(shard, job, result, &progress)
             }
         })
@@ -193,8 +197,8 @@ fn summarize(
     for e in &ends {
         let outcome = match (e.code, &e.report) {
             (exit::SUCCESS, Some(r)) => match r.outcome {
-                crate::executor::Outcome::AlreadyDone => "already done",
-                crate::executor::Outcome::LimitReached { .. } => "canary",
+                Outcome::AlreadyDone => "already done",
+                Outcome::LimitReached { .. } => "canary",
                 _ => "done",
             },
             (exit::INTERRUPTED, _) => "stopped",
@@ -213,25 +217,40 @@ fn summarize(
             e.shard
         ));
     }
+    // A canary (`--limit`) ends with exit 0 and the job not done.
+    let canary = |e: &ShardEnd| {
+        e.report
+            .as_ref()
+            .is_some_and(|r| matches!(r.outcome, Outcome::LimitReached { .. }))
+    };
     let unfinished: Vec<&str> = ends
         .iter()
-        .filter(|e| e.code != exit::SUCCESS)
+        .filter(|e| e.code != exit::SUCCESS || canary(e))
         .map(|e| e.shard.as_str())
         .collect();
     let total = ends.len();
+    // A revert (`JOB:revert`) goes on with `backfill revert JOB`.
+    let again = match job.strip_suffix(":revert") {
+        Some(forward) => format!("backfill revert {forward}"),
+        None => format!("backfill run {job}"),
+    };
+    let again = format!(
+        "`{again} --fleet {}` again does only the shards not done",
+        fleet.path.display()
+    );
     if unfinished.is_empty() {
         log.log(&format!("{job}: every shard ({total}) done"));
         return Ok(code);
     }
-    let again = format!(
-        "`backfill run {job} --fleet {}` again redoes only the unfinished shards",
-        fleet.path.display()
-    );
     let line = format!(
         "{job}: {} of {total} shards not done: {}; {again}",
         unfinished.len(),
         unfinished.join(", ")
     );
+    if code == exit::SUCCESS {
+        log.log(&line);
+        return Ok(code);
+    }
     Err(match code {
         exit::INTERRUPTED => Error::Interrupted(line),
         exit::USAGE => Error::Usage(line),

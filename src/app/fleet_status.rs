@@ -5,17 +5,21 @@
 
 use super::outlook::Outlook;
 use super::status::{overview_rate, progress_text, recorded_phase, state_of};
-use crate::error::{exit, Result};
+use crate::error::{exit, Error, Result};
 use crate::fleet::on_every_shard;
 use crate::fleet::Fleet;
 use crate::store::{Checkpoint, Controls, Store};
+use std::path::Path;
 use std::time::Duration;
 
 /// One shard's status, or why it could not be read.
 #[derive(serde::Serialize)]
 struct ShardStatus {
     shard: String,
+    job: String,
     state: String,
+    /// What the engine last recorded (`status NAME`'s phase, without asking the migrator).
+    phase: String,
     #[serde(flatten)]
     outlook: Option<Outlook>,
     checkpoint: Option<Checkpoint>,
@@ -36,7 +40,13 @@ struct FleetTotal {
     eta_seconds: Option<u64>,
 }
 
-pub(super) async fn status(fleet: &Fleet, store: &Store, name: &str, json: bool) -> Result<u8> {
+pub(super) async fn status(
+    fleet: &Fleet,
+    store: &Store,
+    jobs: &Path,
+    name: &str,
+    json: bool,
+) -> Result<u8> {
     let rows = on_every_shard(fleet, |shard| async move {
         let read: Result<(Option<Checkpoint>, Controls)> = async {
             let client = shard.target.connect().await?;
@@ -48,7 +58,9 @@ pub(super) async fn status(fleet: &Fleet, store: &Store, name: &str, json: bool)
         match read {
             Ok((c, controls)) => ShardStatus {
                 shard: shard.name.clone(),
+                job: name.to_string(),
                 state: state_of(c.as_ref()).to_string(),
+                phase: recorded_phase(c.as_ref()),
                 outlook: Some(Outlook::of(c.as_ref(), &controls)),
                 checkpoint: c,
                 controls: Some(controls),
@@ -56,7 +68,9 @@ pub(super) async fn status(fleet: &Fleet, store: &Store, name: &str, json: bool)
             },
             Err(e) => ShardStatus {
                 shard: shard.name.clone(),
+                job: name.to_string(),
                 state: "unknown".into(),
+                phase: "cannot be read".into(),
                 outlook: None,
                 checkpoint: None,
                 controls: None,
@@ -66,6 +80,16 @@ pub(super) async fn status(fleet: &Fleet, store: &Store, name: &str, json: bool)
     })
     .await;
     let shards: Vec<ShardStatus> = rows.into_iter().map(|(_, s)| s).collect();
+    // A mistyped name would show every shard "new": refused, as `status NAME` refuses it.
+    let known = shards.iter().any(|s| s.checkpoint.is_some())
+        || crate::job::file_exists(jobs, name).unwrap_or(false);
+    if !known && shards.iter().all(|s| s.error.is_none()) {
+        return Err(Error::Usage(format!(
+            "job `{name}`: no checkpoint on any shard of {} and no file {}",
+            fleet.path.display(),
+            crate::job::path_for(jobs, name).display()
+        )));
+    }
     let total = total(&shards);
     if json {
         let out = serde_json::json!({ "job": name, "shards": shards, "total": total });
@@ -116,9 +140,11 @@ fn total(shards: &[ShardStatus]) -> FleetTotal {
         shards_done,
         rows_done: read.iter().map(|(c, _)| c.rows_done).sum(),
         total_estimate,
+        // Only the live runs' recent rate: a stopped shard's last average is not flowing now.
         recent_rows_per_second: read
             .iter()
-            .filter_map(|(c, o)| overview_rate(c, o).filter(|_| !done(c)))
+            .filter(|(_, o)| o.flowing())
+            .filter_map(|(_, o)| o.recent_rows_per_second)
             .fold(0.0, |sum, r| sum + r),
         eta_seconds,
     }
@@ -154,10 +180,7 @@ fn print_table(name: &str, shards: &[ShardStatus], total: &FleetTotal) {
             }
             None => ("-".into(), "-".into(), s.error.clone().unwrap_or_default()),
         };
-        let phase = match &s.error {
-            Some(_) => "cannot be read".to_string(),
-            None => recorded_phase(c),
-        };
+        let phase = &s.phase;
         println!(
             "{:<width$} {:<12} {:<20} {:>24} {:>10} {:>10}  {note}",
             s.shard,

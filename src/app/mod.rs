@@ -17,7 +17,7 @@ mod run;
 mod status;
 mod tables;
 
-use crate::cli::{Cli, Command, LogFormat};
+use crate::cli::{Cli, Command, LogFormat, Place};
 use crate::db::Target;
 use crate::error::{exit, Error, Result};
 use crate::executor::{self, RunOptions};
@@ -81,15 +81,21 @@ fn final_line(e: &Error, job: Option<&str>, json: bool) -> String {
 
 /// Runs one command; returns the exit code for outcomes that are not errors.
 pub async fn execute(cli: Cli) -> Result<u8> {
-    if let Some(path) = &cli.global.fleet {
-        return fleet::execute(path, &cli).await;
+    match cli.global.place().map_err(Error::Usage)? {
+        Place::Fleet(path) => fleet::execute(&path, &cli).await,
+        Place::Database(url) => {
+            on_database(&cli, url.as_deref(), || Target::resolve(url.as_deref())).await
+        }
     }
-    on_database(&cli, || Target::resolve(cli.global.database_url.as_deref())).await
 }
 
 /// The command on one database, which `target` gives when the command needs one (a fleet calls
 /// this once per shard).
-async fn on_database(cli: &Cli, target: impl Fn() -> Result<Target>) -> Result<u8> {
+async fn on_database(
+    cli: &Cli,
+    url: Option<&str>,
+    target: impl Fn() -> Result<Target>,
+) -> Result<u8> {
     let g = &cli.global;
     let store = Store::new(&g.schema);
     let log_json = g.log_format == LogFormat::Json;
@@ -104,7 +110,7 @@ async fn on_database(cli: &Cli, target: impl Fn() -> Result<Target>) -> Result<u
         Command::Status { name, json } => {
             status::status(&target()?, &store, &g.jobs, name.as_deref(), *json).await
         }
-        Command::List { json } => list(g.database_url.as_deref(), &store, &g.jobs, *json).await,
+        Command::List { json } => list(url, &store, &g.jobs, *json).await,
         Command::Check { name } => check(&g.jobs, name.as_deref()),
         Command::Plan {
             name,
@@ -153,9 +159,7 @@ async fn on_database(cli: &Cli, target: impl Fn() -> Result<Target>) -> Result<u
             grant_to,
             grant_gate_to,
         } => init(&target()?, &store, grant_to, grant_gate_to).await,
-        Command::Demo { rows } => {
-            crate::demo::run(g.database_url.as_deref(), &store, &g.jobs, *rows).await
-        }
+        Command::Demo { rows } => crate::demo::run(url, &store, &g.jobs, *rows).await,
     }
 }
 

@@ -14,6 +14,7 @@ use crate::state::Phase;
 use crate::store::Store;
 use crate::telemetry::{Progress, ProgressOptions};
 use std::path::Path;
+use std::sync::Arc;
 
 /// A run walks the job forward, or reverts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,21 +32,12 @@ pub(super) async fn run(
     mode: Mode,
 ) -> Result<u8> {
     let (forward, job) = load(jobs, store, &args.name, mode)?;
-    let metrics = serve_metrics(args)?;
     let popts = ProgressOptions {
         interval: args.progress_interval,
         json: log_json,
     };
-    let progress = std::sync::Arc::new(Progress::new(&job.name, popts));
-    if let Some(a) = metrics {
-        progress.log(&format!(
-            "{}: serving metrics on http://{a}/metrics",
-            job.name
-        ));
-    }
-    let p = progress.clone();
-    let shutdown = Shutdown::install(move |line| p.log(line))
-        .map_err(|e| Error::Runtime(format!("cannot install signal handlers: {e}")))?;
+    let (metrics, progress, shutdown) =
+        start_reporting(args, &job.name, || Progress::new(&job.name, popts))?;
     let result = run_on(
         target,
         store,
@@ -89,14 +81,43 @@ pub(super) fn load(
     Ok((forward, job))
 }
 
-/// The metrics endpoint `--metrics-addr` asks for, serving from now on.
-pub(super) fn serve_metrics(args: &RunArgs) -> Result<Option<std::net::SocketAddr>> {
-    match &args.metrics_addr {
-        Some(addr) => Ok(Some(
-            crate::telemetry::serve_metrics(addr).map_err(Error::Usage)?,
-        )),
-        None => Ok(None),
+/// What a run reports through: one job's reporter, or a fleet's display.
+pub(super) trait Reporter: Send + Sync + 'static {
+    fn log(&self, line: &str);
+}
+
+impl Reporter for Progress {
+    fn log(&self, line: &str) {
+        Progress::log(self, line)
     }
+}
+
+impl Reporter for crate::telemetry::FleetDisplay {
+    fn log(&self, line: &str) {
+        crate::telemetry::FleetDisplay::log(self, line)
+    }
+}
+
+/// What a run starts with: the metrics endpoint `--metrics-addr` asks for, then the reporter
+/// `make` builds (after the endpoint: metric handles made before it would count nowhere), then
+/// the signal handlers, which log through it.
+pub(super) fn start_reporting<R: Reporter>(
+    args: &RunArgs,
+    job: &str,
+    make: impl FnOnce() -> R,
+) -> Result<(Option<std::net::SocketAddr>, Arc<R>, Arc<Shutdown>)> {
+    let metrics = match &args.metrics_addr {
+        Some(addr) => Some(crate::telemetry::serve_metrics(addr).map_err(Error::Usage)?),
+        None => None,
+    };
+    let reporter = Arc::new(make());
+    if let Some(a) = metrics {
+        reporter.log(&format!("{job}: serving metrics on http://{a}/metrics"));
+    }
+    let r = reporter.clone();
+    let shutdown = Shutdown::install(move |line| r.log(line))
+        .map_err(|e| Error::Runtime(format!("cannot install signal handlers: {e}")))?;
+    Ok((metrics, reporter, shutdown))
 }
 
 /// One database's run, from its preconditions to its finishing steps: what `run` does once its

@@ -286,10 +286,32 @@ impl Target {
         )
     }
 
-    /// Whether both name the same database (same hosts, ports and database name, as written
-    /// once the libpq variables have filled what was left out; the user does not matter).
+    /// Whether both name the same database: the same hosts (a host name in any case; several
+    /// hosts in any order) with the same ports, and the same database name, once the libpq
+    /// variables have filled what was left out; the user does not matter. Names are not
+    /// resolved: `localhost` and `127.0.0.1` are different hosts here.
     pub fn same_database(&self, other: &Target) -> bool {
-        self.database() == other.database()
+        let identity = |t: &Target| {
+            let c = &t.config;
+            let ports = c.get_ports();
+            let mut hosts: Vec<(String, u16)> = c
+                .get_hosts()
+                .iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    let host = match h {
+                        Host::Tcp(h) => h.to_lowercase(),
+                        Host::Unix(p) => p.display().to_string(),
+                    };
+                    // One port for all hosts, or one each; libpq's default otherwise.
+                    let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+                    (host, port)
+                })
+                .collect();
+            hosts.sort();
+            (hosts, c.get_dbname().map(str::to_string))
+        };
+        identity(self) == identity(other)
     }
 
     pub fn ssl_mode(&self) -> SslMode {

@@ -33,8 +33,8 @@ pub struct Shard {
     pub settings: ShardSettings,
 }
 
-/// What `[shard_settings.NAME]` sets for one shard: it takes the place of the job file's value;
-/// a run flag still applies to every shard.
+/// What `[shard_settings.NAME]` sets for one shard: it takes the place of the job file's value
+/// and of the run's flag, on that shard.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ShardSettings {
     pub rows_per_second: Option<u32>,
@@ -164,37 +164,64 @@ fn check_shard_name(name: &str) -> std::result::Result<(), String> {
     }
 }
 
-/// Replaces each `${NAME}` by the variable's value; a `$` not followed by `{` is kept as is.
-/// An unset or empty variable is an error that names it (its value is never shown).
+/// Replaces each `${NAME}` by the variable's value (`$$` is a `$`; a `$` before anything else
+/// stays as it is). Inside a URL (`postgresql://…`) that is more than the variable, the value is
+/// percent-encoded, so a password holding `@`, `/` or `:` stays a password; in a key=value
+/// string, such a value must be the whole string or a whole quoted value. An unset or empty
+/// variable is an error that names it (its value is never shown).
 fn expand_vars(
     s: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> std::result::Result<String, String> {
+    let whole = s.starts_with("${") && s.ends_with('}') && s[2..].find('}') == Some(s.len() - 3);
+    let in_url = !whole && (s.starts_with("postgresql://") || s.starts_with("postgres://"));
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
-    while let Some(at) = rest.find("${") {
+    while let Some(at) = rest.find('$') {
         out.push_str(&rest[..at]);
-        let after = &rest[at + 2..];
-        let Some(end) = after.find('}') else {
-            return Err("`${` without a closing `}`".into());
+        let after = &rest[at + 1..];
+        if let Some(more) = after.strip_prefix('$') {
+            out.push('$');
+            rest = more;
+            continue;
+        }
+        let Some(inner) = after.strip_prefix('{') else {
+            out.push('$');
+            rest = after;
+            continue;
         };
-        let name = &after[..end];
+        let Some(end) = inner.find('}') else {
+            return Err("`${` without a closing `}` (write `$$` for a `$`)".into());
+        };
+        let name = &inner[..end];
         let valid = !name.is_empty()
             && !name.starts_with(|c: char| c.is_ascii_digit())
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid {
-            return Err(format!(
-                "`${{{name}}}` is not a variable name (letters, digits and `_`)"
-            ));
+            // Not shown: it may be part of a password written in the file.
+            return Err("a `${…}` that is not a variable name (letters, digits and `_`; write `$$` for a `$`)".into());
         }
         match env(name).filter(|v| !v.is_empty()) {
+            Some(v) if in_url => out.push_str(&percent_encode(&v)),
             Some(v) => out.push_str(&v),
             None => return Err(format!("environment variable {name} is not set")),
         }
-        rest = &after[end + 1..];
+        rest = &inner[end + 1..];
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// Every byte but RFC 3986's unreserved ones as `%XX`.
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -291,7 +318,26 @@ mod tests {
         let m = usage("[shards]\nall = \"postgresql://u@h/a\"\n");
         assert!(m.contains("names the fleet's total"), "{m}");
         let m = usage("[shards]\na = \"postgresql://u@h/${1X}\"\n");
-        assert!(m.contains("not a variable name"), "{m}");
+        assert!(
+            m.contains("not a variable name") && !m.contains("1X"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn a_variable_inside_a_url_is_percent_encoded_and_dollars_are_escaped() {
+        let env = |name: &str| match name {
+            "PW" => Some("p@ss/w:rd".to_string()),
+            _ => None,
+        };
+        let f = parse(
+            Path::new("f.toml"),
+            "[shards]\na = \"postgresql://app:${PW}@db.internal/app\"\nb = \"postgresql://app:pa$$word@db.internal/b\"\n",
+            &env,
+        )
+        .unwrap();
+        assert_eq!(f.shards[0].target.describe(), "app@db.internal:5432/app");
+        assert_eq!(f.shards[1].target.describe(), "app@db.internal:5432/b");
     }
 
     #[test]
@@ -303,6 +349,10 @@ mod tests {
             m,
             "invalid fleet file fleets/prod.toml:3: key `shards.eu2`: the same database as shard `eu1` (db.internal:5432/app): each shard must be a database of its own"
         );
+        let m = usage(
+            "[shards]\na = \"postgresql://app@DB.internal/app\"\nb = \"host=db.INTERNAL dbname=app user=app\"\n",
+        );
+        assert!(m.contains("the same database as shard `a`"), "{m}");
         // Another database on the same server is another shard.
         fleet("[shards]\na = \"postgresql://app@db.internal/app_a\"\nb = \"postgresql://app@db.internal/app_b\"\n")
             .unwrap();

@@ -58,7 +58,13 @@ impl Locator<'_> {
             let key = text[line_start..start]
                 .split_once('=')
                 .map(|(k, _)| k.trim().trim_matches('"'))
-                .filter(|k| !k.is_empty() && !msg.contains(&format!("`{k}`")));
+                // Only a bare key: never text from inside a value (a URL may hold a password).
+                .filter(|k| {
+                    !k.is_empty()
+                        && k.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+                        && !msg.contains(&format!("`{k}`"))
+                });
             match key {
                 Some(k) => Error::Usage(format!("invalid {kind} {path}:{line}: key `{k}`: {msg}")),
                 None => Error::Usage(format!("invalid {kind} {path}:{line}: {msg}")),

@@ -5,7 +5,7 @@
 
 use super::bar::{self, log_line};
 use super::{Progress, ProgressOptions, Screen, State, STEADY_TICK};
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget};
 use std::io::IsTerminal;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -97,21 +97,15 @@ fn total_bar(
     since: Instant,
 ) -> ProgressBar {
     let (job, started) = (job.to_string(), started.clone());
-    let line = move |_: &ProgressState, w: &mut dyn std::fmt::Write| {
+    super::line_bar(move |width| {
         let states = started.lock().unwrap();
-        let total = Total::of(&states, shards, since);
-        let _ = w.write_str(&bar::render(&total.frame(&job), bar::terminal_width()));
-    };
-    let style = ProgressStyle::with_template("{line}")
-        .expect("valid template")
-        .with_key("line", line);
-    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden());
-    bar.set_style(style);
-    bar
+        bar::render(&Total::of(&states, shards, since).frame(&job), width)
+    })
 }
 
 /// The fleet's figures: keys done on every shard started so far, of their totals once every
-/// shard has started; the rate of the shards running now.
+/// shard has started (a shard that ended without walking, e.g. already done, counts for
+/// nothing); the rate of the shards running now.
 struct Total {
     done: u64,
     total: Option<u64>,
@@ -131,6 +125,11 @@ impl Total {
         };
         for state in states {
             let s = state.lock().unwrap();
+            // A shard whose run ended before it walked (already done, refused, unreachable)
+            // has nothing to add to the total, and must not keep it unknown.
+            if !s.running && s.total.is_none() && s.rows == 0 {
+                continue;
+            }
             let (_, _, rate) = super::figures(&s);
             t.done += s.pass_rows();
             t.total = t.total.zip(s.total).map(|(a, b)| a + b);

@@ -140,14 +140,21 @@ const STEADY_TICK: Duration = Duration::from_millis(200);
 /// is rendered from the reporter's state at each draw, fitted to the terminal's width.
 fn terminal_bar(job: &str, shard: Option<&str>, state: &Arc<Mutex<State>>) -> ProgressBar {
     let (job, shard, state) = (job.to_string(), shard.map(str::to_string), state.clone());
-    let line = move |_: &ProgressState, w: &mut dyn std::fmt::Write| {
+    line_bar(move |width| {
         let s = state.lock().unwrap();
-        let frame = s.frame(&job, shard.as_deref());
-        let _ = w.write_str(&bar::render(&frame, bar::terminal_width()));
+        bar::render(&s.frame(&job, shard.as_deref()), width)
+    })
+}
+
+/// A bar that draws nothing until it is given a target, whose one line is `line(width)` at each
+/// draw.
+fn line_bar(line: impl Fn(usize) -> String + Clone + Send + Sync + 'static) -> ProgressBar {
+    let key = move |_: &ProgressState, w: &mut dyn std::fmt::Write| {
+        let _ = w.write_str(&line(bar::terminal_width()));
     };
     let style = ProgressStyle::with_template("{line}")
         .expect("valid template")
-        .with_key("line", line);
+        .with_key("line", key);
     let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden());
     bar.set_style(style);
     bar

@@ -198,6 +198,49 @@ fn a_bad_fleet_file_or_fleet_with_a_database_url_is_a_usage_error() {
     }
     assert_eq!(s.a.i64("SELECT count(*) FROM t WHERE n <> 0"), 0);
 
+    // The command line wins over the other's variable; both variables alone are ambiguous.
+    let with_env = |vars: &[(&str, &str)], args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_backfill"));
+        for (k, _) in std::env::vars() {
+            if k.starts_with("PG") || k == "DATABASE_URL" || k.starts_with("BACKFILL_") {
+                c.env_remove(k);
+            }
+        }
+        c.arg("--jobs")
+            .arg(&s.a.jobs)
+            .args(args)
+            .stdin(Stdio::null());
+        c.envs(vars.iter().copied());
+        Out::from(c.output().unwrap())
+    };
+    let fleet_path = fleet.to_str().unwrap();
+    let elsewhere = "postgresql://nobody@127.0.0.1:9/none";
+    let out = with_env(
+        &[("DATABASE_URL", elsewhere)],
+        &["--fleet", fleet_path, "gate", "j"],
+    );
+    out.expect(3);
+    assert!(out.stdout.contains("2 of 2 shards not ready"), "{out:?}");
+    let out = with_env(&[("BACKFILL_FLEET", fleet_path)], &["gate", "j"]);
+    out.expect(3);
+    assert!(out.stdout.contains("2 of 2 shards not ready"), "{out:?}");
+    let out = with_env(
+        &[("BACKFILL_FLEET", fleet_path)],
+        &["--database-url", &s.a.url, "gate", "j"],
+    );
+    out.expect(3);
+    assert!(out.stdout.contains("job j has never run"), "{out:?}");
+    let out = with_env(
+        &[("BACKFILL_FLEET", fleet_path), ("DATABASE_URL", elsewhere)],
+        &["gate", "j"],
+    );
+    out.expect(2);
+    assert!(
+        out.stderr
+            .contains("both BACKFILL_FLEET and DATABASE_URL are set"),
+        "{out:?}"
+    );
+
     let out = s.fleet(&fleet, &["check", "j"]);
     out.expect(0);
     assert!(out.stdout.contains("2 shards, max_parallel 2"), "{out:?}");
@@ -505,8 +548,26 @@ fn status_and_the_other_commands_work_on_every_shard() {
         "{out:?}"
     );
 
+    let out = s.fleet(&fleet, &["status", "nosuch"]);
+    out.expect(2);
+    assert!(
+        out.stderr
+            .contains("job `nosuch`: no checkpoint on any shard"),
+        "{out:?}"
+    );
+
     s.fleet(&fleet, &["reset", "j", "--yes"]).expect(0);
+    // A canary on every shard: exit 0, and the job is not called done.
+    let out = s.fleet(&fleet, &["run", "j", "--limit", "100"]);
+    out.expect(0);
+    assert!(
+        out.stderr.contains("j: 2 of 2 shards not done: sh_a, sh_b"),
+        "{out:?}"
+    );
+    assert!(out.stderr.contains("canary"), "{out:?}");
     let out = s.fleet(&fleet, &["status", "j", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
-    assert_eq!(v["total"]["rows_done"], 0, "{out:?}");
+    assert_eq!(v["total"]["rows_done"], 200, "{out:?}");
+    assert_eq!(v["shards"][1]["job"], "j", "{out:?}");
+    assert_eq!(v["shards"][1]["phase"], "stopped", "{out:?}");
 }
