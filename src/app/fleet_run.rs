@@ -100,14 +100,7 @@ pub(super) async fn run(
         }
     };
     log.finish();
-    if metrics.is_some() && !args.metrics_linger.is_zero() {
-        log.log(&format!(
-            "{}: keeping the metrics endpoint up for {}s",
-            job.name,
-            args.metrics_linger.as_secs()
-        ));
-        shutdown.sleep(args.metrics_linger).await;
-    }
+    run::linger(args, metrics, &job.name, &*log, &shutdown).await;
     summarize(fleet, &job.name, ends, args.json, &log)
 }
 

@@ -48,14 +48,7 @@ pub(super) async fn run(
         &progress,
     )
     .await;
-    if metrics.is_some() && !args.metrics_linger.is_zero() {
-        progress.log(&format!(
-            "{}: keeping the metrics endpoint up for {}s",
-            job.name,
-            args.metrics_linger.as_secs()
-        ));
-        shutdown.sleep(args.metrics_linger).await;
-    }
+    linger(args, metrics, &job.name, &*progress, &shutdown).await;
     let report = result?;
     if args.json {
         println!(
@@ -118,6 +111,24 @@ pub(super) fn start_reporting<R: Reporter>(
     let shutdown = Shutdown::install(move |line| r.log(line))
         .map_err(|e| Error::Runtime(format!("cannot install signal handlers: {e}")))?;
     Ok((metrics, reporter, shutdown))
+}
+
+/// Keeps the metrics endpoint up for `--metrics-linger` after the run, for a last scrape (a
+/// signal ends the wait).
+pub(super) async fn linger(
+    args: &RunArgs,
+    metrics: Option<std::net::SocketAddr>,
+    job: &str,
+    reporter: &impl Reporter,
+    shutdown: &Shutdown,
+) {
+    if metrics.is_some() && !args.metrics_linger.is_zero() {
+        reporter.log(&format!(
+            "{job}: keeping the metrics endpoint up for {}s",
+            args.metrics_linger.as_secs()
+        ));
+        shutdown.sleep(args.metrics_linger).await;
+    }
 }
 
 /// One database's run, from its preconditions to its finishing steps: what `run` does once its
