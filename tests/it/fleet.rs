@@ -615,3 +615,42 @@ fn two_processes_running_one_fleet_share_each_shards_work() {
     }
     s.fleet(&fleet, &["gate", "j"]).expect(0);
 }
+
+/// The fleet as a least-privileged role: `init --grant-to ROLE --fleet` grants it on every shard
+/// (as the owner), then the role runs, watches and gates the fleet with no other privilege than
+/// its table's.
+#[test]
+fn a_role_granted_by_init_on_every_shard_runs_and_gates_the_fleet() {
+    let s = Shards::new(300);
+    let runner = format!("fleet_runner_{}", s.a.name);
+    s.a.exec(&format!("CREATE ROLE {runner} LOGIN"));
+    for db in [&s.a, &s.b] {
+        db.exec(&format!("GRANT SELECT, UPDATE ON t TO {runner}"));
+    }
+    let owner_fleet = s.two_shards();
+    let out = s.fleet(&owner_fleet, &["init", "--grant-to", &runner]);
+    out.expect(0);
+    assert!(
+        out.stdout.contains("`init` succeeded on every shard (2)"),
+        "{out:?}"
+    );
+    let fleet = s.fleet_file(&format!(
+        "[shards]\nsh_a = \"{}\"\nsh_b = \"{}\"\n",
+        s.a.url_as(&runner),
+        s.b.url_as(&runner)
+    ));
+    let out = s.fleet(&fleet, &["run", "j"]);
+    out.expect(0);
+    assert!(out.stderr.contains("j: every shard (2) done"), "{out:?}");
+    s.fleet(&fleet, &["status", "j"]).expect(0);
+    s.fleet(&fleet, &["gate", "j"]).expect(0);
+    for db in [&s.a, &s.b] {
+        assert_eq!(not_once(&db.url), 0);
+        assert_eq!(
+            db.i64(&format!(
+                "SELECT count(*) FROM pg_roles WHERE rolname = '{runner}' AND (rolsuper OR rolcreatedb)"
+            )),
+            0
+        );
+    }
+}
