@@ -314,11 +314,7 @@ pub(super) async fn history(target: &Target, store: &Store, name: &str, json: bo
     let runs = store.history(&client, name).await?;
     let events = store.control_events(&client, name).await?;
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&runs_with_controls(&runs, &events))
-                .expect("serializable")
-        );
+        super::print_json(&runs_with_controls(&runs, &events));
         return Ok(exit::SUCCESS);
     }
     if runs.is_empty() {

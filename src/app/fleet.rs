@@ -165,10 +165,7 @@ async fn gate(
             "not_ready": not_ready,
             "shards": gates,
         });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&out).expect("serializable")
-        );
+        super::print_json(&out);
     } else {
         for g in &gates {
             let verdict = match (g.passed, g.error) {

@@ -182,10 +182,7 @@ fn summarize(
             })
             .collect();
         let out = serde_json::json!({ "job": job, "exit_code": code, "shards": shards });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&out).expect("serializable")
-        );
+        super::print_json(&out);
     }
     let width = ends.iter().map(|e| e.shard.len()).max().unwrap_or(5).max(5);
     log.log(&format!(

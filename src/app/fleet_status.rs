@@ -93,10 +93,7 @@ pub(super) async fn status(
     let total = total(&shards);
     if json {
         let out = serde_json::json!({ "job": name, "shards": shards, "total": total });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&out).expect("serializable")
-        );
+        super::print_json(&out);
     } else {
         print_table(name, &shards, &total);
     }

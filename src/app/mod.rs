@@ -79,6 +79,11 @@ fn final_line(e: &Error, job: Option<&str>, json: bool) -> String {
     }
 }
 
+/// A command's `--json` answer on stdout.
+fn print_json(v: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
+}
+
 /// Runs one command; returns the exit code for outcomes that are not errors.
 pub async fn execute(cli: Cli) -> Result<u8> {
     match cli.global.place().map_err(Error::Usage)? {
@@ -174,10 +179,7 @@ async fn plan(
     let job = crate::resolve::load(jobs, name)?;
     let plan = crate::plan::plan(target, store, &job, opts).await?;
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&plan).expect("serializable")
-        );
+        print_json(&plan);
     } else {
         crate::plan::print_text(&plan);
     }
@@ -200,10 +202,7 @@ async fn gate(
     let mut client = target.connect().await?;
     let report = crate::migrator::gate(&mut client, store, &job, verify_timeout).await?;
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("serializable")
-        );
+        print_json(&report);
     } else {
         println!("{}", report.reason);
     }
@@ -245,10 +244,7 @@ async fn list(url: Option<&str>, store: &Store, jobs: &Path, json: bool) -> Resu
                 })
             })
             .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&v).expect("serializable")
-        );
+        print_json(&v);
     } else {
         let rows = specs.iter().map(|(n, s)| {
             let spec = s.as_ref().map_err(|e| e.to_string());
@@ -301,10 +297,7 @@ async fn failures(target: &Target, store: &Store, name: &str, all: bool, json: b
     let client = target.connect().await?;
     let list = store.failures(&client, name, all).await?;
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&list).expect("serializable")
-        );
+        print_json(&list);
         return Ok(exit::SUCCESS);
     }
     if list.is_empty() {

@@ -51,10 +51,7 @@ pub(super) async fn run(
     linger(args, metrics, &job.name, &*progress, &shutdown).await;
     let report = result?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("serializable")
-        );
+        super::print_json(&report);
     }
     conclude(&job, report, &progress)
 }

@@ -37,10 +37,6 @@ struct Shown<'a> {
     controls: Option<&'a Controls>,
 }
 
-fn print_json(v: &impl serde::Serialize) {
-    println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
-}
-
 pub(super) async fn status(
     target: &Target,
     store: &Store,
@@ -77,7 +73,7 @@ async fn one(
     let phase = phase_of(client, spec.as_ref(), c.as_ref()).await;
     let outlook = Outlook::of(c.as_ref(), &controls);
     if json {
-        print_json(&Shown {
+        super::print_json(&Shown {
             job: name,
             state: state_of(c.as_ref()),
             phase: Some(&phase),
@@ -118,7 +114,7 @@ async fn overview(
                 controls: None,
             })
             .collect();
-        print_json(&v);
+        super::print_json(&v);
         return Ok(());
     }
     println!(
