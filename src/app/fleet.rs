@@ -118,6 +118,17 @@ struct ShardGate {
     error: bool,
 }
 
+impl ShardGate {
+    /// What the gate on this shard alone would exit with.
+    fn code(&self) -> u8 {
+        match (self.passed, self.error) {
+            (true, _) => exit::SUCCESS,
+            (false, false) => exit::NOT_SATISFIED,
+            (false, true) => exit::FAILURE,
+        }
+    }
+}
+
 /// Exit 0 only when every shard's gate passes; else 1 when a shard could not be asked, else 3.
 /// The shards that are not ready are listed, each with its reason.
 async fn gate(
@@ -168,10 +179,10 @@ async fn gate(
         super::print_json(&out);
     } else {
         for g in &gates {
-            let verdict = match (g.passed, g.error) {
-                (true, _) => "ready",
-                (false, false) => "not ready",
-                (false, true) => "error",
+            let verdict = match g.code() {
+                exit::SUCCESS => "ready",
+                exit::NOT_SATISFIED => "not ready",
+                _ => "error",
             };
             println!("{:<12} {verdict:<9}  {}", g.shard, g.reason);
         }
@@ -187,11 +198,5 @@ async fn gate(
             );
         }
     }
-    Ok(if passed {
-        exit::SUCCESS
-    } else if gates.iter().any(|g| g.error) {
-        exit::FAILURE
-    } else {
-        exit::NOT_SATISFIED
-    })
+    Ok(crate::fleet::exit_code(gates.iter().map(ShardGate::code)))
 }

@@ -11,12 +11,11 @@ use crate::executor::{Outcome, Report};
 use crate::fleet::{Fleet, Shard};
 use crate::store::Store;
 use crate::telemetry::{FleetDisplay, Progress, ProgressOptions};
-use futures_util::stream::{self, StreamExt};
 use futures_util::FutureExt;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 
-/// How one shard's run ended.
+/// How one shard's run ended (the fleet's summary lists them in the file's order).
 struct ShardEnd {
     shard: String,
     /// The exit code its run alone would have had.
@@ -49,27 +48,26 @@ pub(super) async fn run(
         fleet.shards.len(),
         fleet.max_parallel.min(fleet.shards.len() as u32)
     ));
-    let runs = stream::iter(&fleet.shards)
-        .map(|shard| {
-            let (forward, job, shutdown, log) = (&forward, &job, &shutdown, &log);
-            async move {
-                if shutdown.stop_requested() {
-                    return not_started(shard, &job.name);
-                }
-                let progress = log.shard(&shard.name);
-                let args = shard_args(args, shard);
-                let run = run::run_on(
-                    &shard.target,
-                    store,
-                    (forward, job),
-                    &args,
-                    mode,
-                    shutdown,
-                    &progress,
-                );
-                // A bug that panics on one shard ends that shard's run (its open transaction
-                // rolls back with its connection), not the others'.
-                let result = AssertUnwindSafe(run).catch_unwind().await.unwrap_or_else(|panic| {
+    let runs = crate::fleet::on_every_shard(fleet, |shard| {
+        let (forward, job, shutdown, log) = (&forward, &job, &shutdown, &log);
+        async move {
+            if shutdown.stop_requested() {
+                return not_started(shard, &job.name);
+            }
+            let progress = log.shard(&shard.name);
+            let args = shard_args(args, shard);
+            let run = run::run_on(
+                &shard.target,
+                store,
+                (forward, job),
+                &args,
+                mode,
+                shutdown,
+                &progress,
+            );
+            // A bug that panics on one shard ends that shard's run (its open transaction
+            // rolls back with its connection), not the others'.
+            let result = AssertUnwindSafe(run).catch_unwind().await.unwrap_or_else(|panic| {
                     let what = panic
                         .downcast_ref::<&str>()
                         .map(|s| s.to_string())
@@ -80,18 +78,16 @@ pub(super) async fn run(
                         job.name, job.name
                     )))
                 });
-                end_of(shard, job, result, &progress)
-            }
-        })
-        .buffer_unordered(fleet.max_parallel as usize)
-        .collect::<Vec<ShardEnd>>();
+            end_of(shard, job, result, &progress)
+        }
+    });
     tokio::pin!(runs);
     // Without a terminal, the fleet's total every --progress-interval, among the shards' lines.
     let mut every = tokio::time::interval(args.progress_interval);
     every.tick().await;
     let ends = loop {
         tokio::select! {
-            ends = &mut runs => break ends,
+            ends = &mut runs => break ends.into_iter().map(|(_, end)| end).collect(),
             _ = every.tick() => {
                 if let Some(line) = log.total_line() {
                     crate::out::stderr(format_args!("{line}\n"));
@@ -161,13 +157,10 @@ fn end_of(
 fn summarize(
     fleet: &Fleet,
     job: &str,
-    mut ends: Vec<ShardEnd>,
+    ends: Vec<ShardEnd>,
     json: bool,
     log: &FleetDisplay,
 ) -> Result<u8> {
-    // In the file's order, whatever order they ended in.
-    let order = |name: &str| fleet.shards.iter().position(|s| s.name == name);
-    ends.sort_by_key(|e| order(&e.shard));
     let code = crate::fleet::exit_code(ends.iter().map(|e| e.code));
     if json {
         let shards: Vec<serde_json::Value> = ends

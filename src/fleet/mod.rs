@@ -10,20 +10,26 @@ use crate::error::exit;
 use futures_util::stream::{self, StreamExt};
 use std::future::Future;
 
-/// The command on every shard, `max_parallel` at a time, answers in the file's order.
+/// The command on every shard, at most `max_parallel` at a time, the next starting as soon as
+/// one ends (a slow or unreachable shard holds only its own place); answers in the file's order.
 pub async fn on_every_shard<'a, T, F, Fut>(fleet: &'a Fleet, each: F) -> Vec<(&'a Shard, T)>
 where
     F: Fn(&'a Shard) -> Fut,
-    Fut: Future<Output = T> + 'a,
+    Fut: Future<Output = T>,
 {
-    stream::iter(&fleet.shards)
-        .map(|shard| {
+    let mut answers: Vec<(usize, &Shard, T)> = stream::iter(fleet.shards.iter().enumerate())
+        .map(|(i, shard)| {
             let answer = each(shard);
-            async move { (shard, answer.await) }
+            async move { (i, shard, answer.await) }
         })
-        .buffered(fleet.max_parallel as usize)
+        .buffer_unordered(fleet.max_parallel as usize)
         .collect()
-        .await
+        .await;
+    answers.sort_by_key(|(i, ..)| *i);
+    answers
+        .into_iter()
+        .map(|(_, shard, answer)| (shard, answer))
+        .collect()
 }
 
 /// The fleet's exit code from its shards': 130 when one was stopped, else 1 when one failed,
